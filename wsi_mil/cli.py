@@ -1,0 +1,183 @@
+"""`wsi-mil` entry point: one sub-command per verb. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from wsi_mil import __version__
+
+EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
+logger = logging.getLogger("wsi_mil")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per dataclass field, help and default taken from the field."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} options (also settable in a YAML recipe)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=base, default=None, choices=f.metadata.get("choices"),
+                               metavar=f.name.upper() if "choices" not in f.metadata else None, help=help_text)
+
+
+def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+
+
+def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
+    root = logging.getLogger("wsi_mil")
+    root.setLevel(logging.DEBUG)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsi_mil.config import TileConfig
+
+    parser = argparse.ArgumentParser(prog="wsi-mil", description="Weakly supervised whole-slide image classification (MIL).")
+    parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tile = sub.add_parser(
+        "tile", help="find tissue and extract patch coordinates (and optionally pixels) from slides",
+        description="Find tissue on each slide and write one patch store per slide (coordinates in level-0 "
+                    "pixels, optional JPEG pixels), a QC PNG per slide and a run report. Finished slides are "
+                    "skipped on re-run; an interrupted run resumes. Exit status: 0 all slides done, 1 some "
+                    "slides failed (see the report), 2 bad options or manifest.",
+    )
+    tile.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders of slides, or manifest CSVs (see slides_manifest/)")
+    tile.add_argument("--out", required=True, type=Path, help="output folder (patches/, qc/, run_report.json, tile.log)")
+    tile.add_argument("--config", type=Path, help="YAML recipe with a 'tile:' section (see pipelines/); flags override it")
+    tile.add_argument("--workers", type=int, default=_default_workers(), help=f"worker processes of the local Dask cluster (default: {_default_workers()})")
+    tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
+    tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
+    tile.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    tile.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug; default: info)")
+    tile.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
+    _add_config_options(tile, TileConfig)
+
+    synth = sub.add_parser(
+        "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",
+        description="Build pyramidal JPEG-tiled TIFF slides by laying out real H&E tissue on glass, planting "
+                    "tumour regions (from a different real tissue source) in a fraction of them, with a "
+                    "ground-truth mask and a manifest CSV.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    synth.add_argument("--out", required=True, type=Path, help="output folder for slides, masks and manifest.csv")
+    synth.add_argument("--n-slides", type=int, default=8, help="number of slides")
+    synth.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of slides with tumour")
+    synth.add_argument("--size", type=int, default=8192, help="slide side in level-0 pixels")
+    synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
+    synth.add_argument("--tumour-size-um", type=float, nargs=2, default=(300.0, 1200.0), metavar=("MIN", "MAX"), help="tumour region diameter range")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
+
+    demo = sub.add_parser(
+        "demo", help="run the pipeline on the built-in sample cohort (offline)",
+        description="Builds a small labelled cohort from the bundled real tissue, tiles it together with the "
+                    "bundled real slide, and prints the run summary and where the QC images are.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="output folder")
+    demo.add_argument("--workers", type=int, default=_default_workers(), help="worker processes")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.tile import run_tile
+    from wsi_mil.config import TileConfig, build_config, load_recipe
+    from wsi_mil.data.manifest import resolve_inputs
+    from wsi_mil.io.atomic import write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(args.verbose, args.out / "tile.log")
+    recipe = load_recipe(args.config, "tile") if args.config else None
+    config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
+    entries = resolve_inputs(args.inputs)
+    _write_resolved_config(args.out / "tile_config.yaml", config, args, write_text)
+    logger.info("tiling %d slide(s) into %s", len(entries), args.out)
+    report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
+                      overwrite=args.overwrite, progress=not args.no_progress)
+    print(report.table())
+    d = report.to_dict()
+    print(f"\n{len(entries)} slide(s): {d['counts']}; {d['n_patches']} patches in {report.seconds:.1f} s")
+    print(f"stores: {args.out / 'patches'}   QC images: {args.out / 'qc'}   report: {args.out / 'run_report.json'}")
+    if not report.ok:
+        print(f"{report.n_failed} slide(s) failed; see the messages above and {args.out / 'tile.log'}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
+
+
+def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, write_text: Any) -> None:
+    import yaml
+
+    body = {"wsi_mil_version": __version__, "command": "tile", "inputs": [str(i) for i in args.inputs],
+            "workers": args.workers, "scheduler": args.scheduler, "tile": config.to_dict()}
+    write_text(path, yaml.safe_dump(body, sort_keys=False))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from wsi_mil.synth.cohort import make_cohort
+
+    _setup_logging(1)
+    manifest = make_cohort(args.out, n_slides=args.n_slides, positive_fraction=args.positive_fraction,
+                           size_px=args.size, mpp=args.mpp, tumour_size_um=tuple(args.tumour_size_um), seed=args.seed)
+    print(f"cohort of {args.n_slides} slides written; manifest: {manifest}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.demo import run_demo
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(1, args.out / "demo.log")
+    return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsi_mil.errors import WsiMilError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"tile": _cmd_tile, "synth": _cmd_synth, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except WsiMilError as exc:
+        print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; finished slides are kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

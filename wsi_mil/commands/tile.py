@@ -1,0 +1,257 @@
+"""`wsi-mil tile`: the batch loop over slides, on a Dask cluster, with progress and a run report.
+
+Phase 1 (per slide, in parallel): tissue detection and the patch grid; stores without
+pixels are finished here. Phase 2 (``--save-patches``): each slide's coordinates are cut
+into chunks that workers read and JPEG-encode; this process appends the chunks in order
+to the slide's store and publishes it atomically when the last chunk is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.config import TileConfig
+from wsi_mil.data.manifest import SlideEntry
+from wsi_mil.errors import SlideError
+from wsi_mil.io.atomic import write_json
+from wsi_mil.io.store import PARTIAL, SUFFIX, read_complete_attrs, store_path
+from wsi_mil.tiling.tile_slide import SlidePlan, config_fingerprint, open_store_writer, tile_slide_coords
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideOutcome:
+    """One row of the run report."""
+
+    slide_id: str
+    path: str
+    status: str  # ok | cached | no_tissue | failed
+    n_patches: int = 0
+    seconds: float = 0.0
+    mpp: float | None = None
+    mpp_source: str | None = None
+    store: str | None = None
+    qc_png: str | None = None
+    message: str = ""
+
+
+@dataclass
+class RunReport:
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return sum(o.status == "failed" for o in self.outcomes)
+
+    @property
+    def ok(self) -> bool:
+        return self.n_failed == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        return {
+            "ok": self.ok, "seconds": round(self.seconds, 3), "counts": counts,
+            "n_patches": sum(o.n_patches for o in self.outcomes),
+            "slides": [asdict(o) for o in self.outcomes],
+        }
+
+    def table(self) -> str:
+        rows = [("slide", "status", "patches", "sec", "mpp (source)", "note")]
+        for o in self.outcomes:
+            mpp = f"{o.mpp:.3f} ({o.mpp_source})" if o.mpp else "-"
+            rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, o.message.splitlines()[0][:90] if o.message else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _clean_partials(stores_dir: Path) -> None:
+    for leftover in stores_dir.glob(f"*{PARTIAL}"):
+        logger.info("removing unfinished store from an interrupted run: %s", leftover.name)
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_dir: Path, overwrite: bool) -> SlideOutcome | str | None:
+    """An outcome for a finished store, a failure message for a conflicting one, or None to (re)build."""
+    final = store_path(stores_dir, entry.slide_id, config.format)  # type: ignore[arg-type]
+    attrs = read_complete_attrs(final)
+    if attrs is None or overwrite:
+        return None
+    if attrs.get("config_fingerprint") != config_fingerprint(config, entry):
+        return (f"{final} exists from a run with different settings (or a changed slide file); "
+                "use --overwrite to rebuild it or choose another --out")
+    qc = qc_dir / f"{entry.slide_id}.png"
+    return SlideOutcome(
+        entry.slide_id, str(entry.path), "cached" if attrs.get("n_patches", 0) else "no_tissue",
+        n_patches=int(attrs.get("n_patches", 0)), mpp=attrs.get("slide_mpp"), mpp_source=attrs.get("mpp_source"),
+        store=str(final), qc_png=str(qc) if qc.exists() else None, message="already tiled (cached)",
+    )
+
+
+def _failure(entry: SlideEntry, exc: BaseException) -> SlideOutcome:
+    if isinstance(exc, SlideError):
+        message = str(exc)
+    else:  # an unexpected error: keep the type and the last frame for the bug report
+        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
+        message = f"{entry.slide_id}: unexpected {type(exc).__name__}: {exc}{where}"
+    logger.error("%s", message)
+    return SlideOutcome(entry.slide_id, str(entry.path), "failed", message=message)
+
+
+def _outcome_from_plan(plan: SlidePlan, seconds: float) -> SlideOutcome:
+    status = "ok" if plan.n_patches else "no_tissue"
+    return SlideOutcome(
+        plan.slide_id, plan.slide_path, status, n_patches=plan.n_patches, seconds=seconds,
+        mpp=plan.mpp, mpp_source=plan.mpp_source, store=plan.store, qc_png=plan.qc_path,
+        message="; ".join(plan.warnings),
+    )
+
+
+def run_tile(
+    entries: list[SlideEntry],
+    *,
+    out_dir: Path,
+    config: TileConfig,
+    workers: int = 1,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunReport:
+    """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``."""
+    from tqdm import tqdm
+
+    from wsi_mil.parallel import dask_client
+
+    t_start = time.perf_counter()
+    stores_dir, qc_dir = out_dir / "patches", out_dir / "qc"
+    stores_dir.mkdir(parents=True, exist_ok=True)
+    qc_dir.mkdir(parents=True, exist_ok=True)
+    _clean_partials(stores_dir)
+
+    outcomes: dict[str, SlideOutcome] = {}
+    todo: list[SlideEntry] = []
+    for entry in entries:
+        cached = _cached_outcome(entry, config, stores_dir, qc_dir, overwrite)
+        if isinstance(cached, SlideOutcome):
+            outcomes[entry.slide_id] = cached
+        elif isinstance(cached, str):
+            outcomes[entry.slide_id] = SlideOutcome(entry.slide_id, str(entry.path), "failed", message=cached)
+        else:
+            todo.append(entry)
+    if len(todo) < len(entries):
+        logger.info("%d of %d slides already done; processing %d", len(entries) - len(todo), len(entries), len(todo))
+
+    if todo:
+        with dask_client(workers=workers, scheduler=scheduler) as client:
+            plans = _coordinate_phase(client, todo, config, stores_dir, qc_dir, outcomes, progress)
+            if config.save_patches and plans:
+                _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
+
+    report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start)
+    write_json(out_dir / "run_report.json", report.to_dict())
+    return report
+
+
+def _coordinate_phase(client: Any, todo: list[SlideEntry], config: TileConfig, stores_dir: Path,
+                      qc_dir: Path, outcomes: dict[str, SlideOutcome], progress: bool) -> list[SlidePlan]:
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    by_future = {client.submit(tile_slide_coords, e, config, stores_dir, qc_dir, pure=False): e for e in todo}
+    plans: list[SlidePlan] = []
+    with tqdm(total=len(todo), desc="tissue + grid", unit="slide", disable=not progress) as bar:
+        for future in as_completed(by_future):
+            entry = by_future[future]
+            try:
+                plan: SlidePlan = future.result()
+            except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch
+                outcomes[entry.slide_id] = _failure(entry, exc)
+            else:
+                for warning in plan.warnings:
+                    logger.warning("%s", warning)
+                if config.save_patches and plan.n_patches:
+                    plans.append(plan)
+                outcomes[entry.slide_id] = _outcome_from_plan(plan, plan.seconds)
+            bar.update(1)
+    order = {e.slide_id: i for i, e in enumerate(todo)}
+    return sorted(plans, key=lambda p: order[p.slide_id])
+
+
+def _chunks(plans: list[SlidePlan], size: int) -> Iterator[tuple[SlidePlan, int, int, bool]]:
+    for plan in plans:
+        n = plan.n_patches
+        for start in range(0, n, size):
+            yield plan, start, min(n, start + size), start + size >= n
+
+
+def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores_dir: Path,
+                 outcomes: dict[str, SlideOutcome], progress: bool) -> None:
+    """Stream chunks through the workers, at most a few per worker in flight, written in order."""
+    from tqdm import tqdm
+
+    from wsi_mil.parallel import worker_count
+    from wsi_mil.tiling.patches import extract_jpeg_chunk
+
+    window = 3 * worker_count(client)
+    pending: deque[tuple[Any, SlidePlan, int, bool]] = deque()
+    chunk_iter = _chunks(plans, config.chunk_patches)
+    writers: dict[str, Any] = {}
+    started: dict[str, float] = {}
+    failed: set[str] = set()
+
+    def submit_next() -> bool:
+        for plan, a, b, last in chunk_iter:
+            if plan.slide_id in failed:
+                continue
+            fut = client.submit(extract_jpeg_chunk, plan.slide_path, plan.coords_px[a:b], plan.geometry,
+                                config.jpeg_quality, pure=False)
+            pending.append((fut, plan, b - a, last))
+            return True
+        return False
+
+    total = sum(p.n_patches for p in plans)
+    with tqdm(total=total, desc="patch pixels", unit="patch", unit_scale=True, disable=not progress) as bar:
+        while len(pending) < window and submit_next():
+            pass
+        while pending:
+            fut, plan, n, last = pending.popleft()
+            sid = plan.slide_id
+            try:
+                flat, lengths = fut.result()
+                if sid in failed:
+                    continue
+                if sid not in writers:
+                    started[sid] = time.perf_counter()
+                    writers[sid] = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]
+                    writers[sid].begin_patches()
+                writers[sid].append_patches(flat, lengths)
+                if last:
+                    writer = writers.pop(sid)
+                    writer.end_patches()
+                    store = str(writer.commit())
+                    plan.store = store
+                    outcomes[sid] = _outcome_from_plan(plan, plan.seconds + time.perf_counter() - started[sid])
+            except Exception as exc:  # noqa: BLE001 - a failing slide must not stop the others
+                failed.add(sid)
+                if sid in writers:
+                    writers.pop(sid).abort()
+                entry = SlideEntry(sid, Path(plan.slide_path))
+                outcomes[sid] = _failure(entry, exc)
+            finally:
+                bar.update(n)
+                while len(pending) < window and submit_next():
+                    pass

@@ -1,0 +1,113 @@
+"""Per-stage configuration: dataclasses with defaults and help, loaded from YAML recipes.
+
+Precedence: dataclass defaults < recipe file (``--config pipelines/x.yaml``) < flags
+given on the command line. Unknown keys are refused so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.errors import ConfigError
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Settings of ``wsi-mil tile``."""
+
+    mpp: float = _opt(0.5, "target resolution in µm/px of the patches (0.5 ≈ 20x, 0.25 ≈ 40x, 1.0 ≈ 10x)")
+    patch_size: int = _opt(256, "patch side in pixels at the target resolution")
+    stride: int | None = _opt(None, "grid step in pixels at the target resolution (default: patch size, no overlap)")
+    overlap: float = _opt(0.0, "overlap between neighbouring patches as a fraction of the patch size (alternative to --stride)")
+    min_tissue: float = _opt(0.5, "keep a patch when at least this fraction of it is tissue")
+    slide_mpp: float | None = _opt(None, "override every slide's level-0 µm/px (for slides without it in their metadata)")
+    tissue_mpp: float = _opt(8.0, "resolution (µm/px) of the thumbnail used for tissue detection")
+    saturation_min: float = _opt(0.06, "lowest HSV-saturation threshold for tissue (Otsu is clamped to [min, max])")
+    saturation_max: float = _opt(0.15, "highest HSV-saturation threshold for tissue")
+    min_tissue_area_um2: float = _opt(20_000.0, "drop tissue pieces smaller than this (µm²)")
+    max_hole_area_um2: float = _opt(100_000.0, "fill holes inside tissue smaller than this (µm²)")
+    reject_pen: bool = _opt(True, "exclude pen/marker ink and its blurred fringe from tissue")
+    save_patches: bool = _opt(False, "also store JPEG-compressed patch pixels")
+    jpeg_quality: int = _opt(90, "JPEG quality of stored patches (1-100)")
+    format: str = _opt("h5", "store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
+    chunk_patches: int = _opt(512, "patches per pixel-extraction task sent to a worker")
+    qc: bool = _opt(True, "write a QC PNG per slide (thumbnail, tissue outline, patch grid)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mpp > 0, "--mpp must be positive"),
+            (self.patch_size >= 8, "--patch-size must be at least 8"),
+            (self.stride is None or self.stride >= 1, "--stride must be positive"),
+            (0.0 <= self.overlap < 1.0, "--overlap must be in [0, 1)"),
+            (self.stride is None or self.overlap == 0.0, "give --stride or --overlap, not both"),
+            (0.0 <= self.min_tissue <= 1.0, "--min-tissue must be in [0, 1]"),
+            (self.slide_mpp is None or self.slide_mpp > 0, "--slide-mpp must be positive"),
+            (self.tissue_mpp > 0, "--tissue-mpp must be positive"),
+            (0 <= self.saturation_min <= self.saturation_max <= 1, "need 0 <= saturation-min <= saturation-max <= 1"),
+            (1 <= self.jpeg_quality <= 100, "--jpeg-quality must be in 1..100"),
+            (self.format in ("h5", "zarr"), "--format must be h5 or zarr"),
+            (self.chunk_patches >= 1, "--chunk-patches must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def stride_px(self) -> int:
+        if self.stride is not None:
+            return self.stride
+        return max(1, int(round(self.patch_size * (1.0 - self.overlap))))
+
+    def tissue_params(self) -> Any:
+        from wsi_mil.tiling.tissue import TissueParams
+
+        return TissueParams(
+            saturation_min=self.saturation_min,
+            saturation_max=self.saturation_max,
+            reject_pen=self.reject_pen,
+            min_tissue_area_um2=self.min_tissue_area_um2,
+            max_hole_area_um2=self.max_hole_area_um2,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
+    """Read one stage's section (e.g. ``tile``) of a YAML recipe."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"recipe {path}: cannot read it ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping with a '{section}:' section")
+    body = data.get(section, {})
+    if not isinstance(body, dict):
+        raise ConfigError(f"recipe {path}: '{section}' must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in body.items()}
+
+
+def build_config(cls: type, *, recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Instantiate a config dataclass from a recipe and CLI overrides, refusing unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for source, mapping in (("recipe", recipe or {}), ("command line", overrides or {})):
+        unknown = sorted(set(mapping) - names)
+        if unknown:
+            raise ConfigError(f"unknown {source} option(s) {unknown}; valid options are {sorted(names)}")
+        values.update({k: v for k, v in mapping.items() if v is not None})
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,171 @@
+"""Open a slide and resolve its resolution (microns per pixel) with provenance.
+
+All coordinates are level-0 pixels. The mpp of a slide is never guessed: it comes
+from the slide's metadata, a manifest column or an explicit override, and where it
+came from travels with every output (``mpp_source``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.errors import MissingMppError, SlideOpenError
+
+logger = logging.getLogger(__name__)
+
+MppSource = Literal["override", "manifest", "metadata"]
+
+#: Largest relative difference between two mpp values that still counts as "the same
+#: magnification" (0.499 µm/px scanned is read as 0.5 µm/px without resampling).
+MPP_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class SlideMpp:
+    """Microns per pixel at level 0 and where that number came from."""
+
+    mpp: float
+    source: MppSource
+
+
+@contextmanager
+def open_slide(path: str | Path) -> Iterator[object]:
+    """Open a slide with OpenSlide (plain TIFF/PNG/JPEG through its image fallback).
+
+    Args:
+        path: Slide file.
+
+    Yields:
+        An ``openslide.OpenSlide`` or ``openslide.ImageSlide``; closed on exit.
+
+    Raises:
+        SlideOpenError: missing file, not a slide, or an unreadable/truncated file.
+    """
+    import openslide
+    from PIL import UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise SlideOpenError(f"{path}: file not found. Check the path (or the manifest's 'path' column).")
+    if not path.is_file():
+        raise SlideOpenError(f"{path}: not a file. Give slide files, a folder of slides or a manifest CSV.")
+    try:
+        slide = openslide.open_slide(str(path))
+    except (openslide.OpenSlideUnsupportedFormatError, UnidentifiedImageError) as exc:
+        raise SlideOpenError(
+            f"{path}: not a slide format OpenSlide or Pillow can read ({exc}). "
+            "Convert it to a pyramidal TIFF/SVS or remove it from the input."
+        ) from exc
+    except Exception as exc:  # openslide raises OpenSlideError / PIL raises OSError on damaged files
+        raise SlideOpenError(
+            f"{path}: the file is damaged or truncated ({type(exc).__name__}: {exc}). "
+            "Re-copy or re-export the slide."
+        ) from exc
+    try:
+        _probe_readable(slide, path)
+        yield slide
+    finally:
+        slide.close()
+
+
+def _probe_readable(slide: object, path: Path) -> None:
+    """Read a pixel from each corner of the coarsest level to catch truncated files early."""
+    import openslide
+
+    level = slide.level_count - 1  # type: ignore[attr-defined]
+    w, h = slide.level_dimensions[level]  # type: ignore[attr-defined]
+    ds = slide.level_downsamples[level]  # type: ignore[attr-defined]
+    try:
+        for x, y in ((0, 0), (w - 1, h - 1)):
+            slide.read_region((int(x * ds), int(y * ds)), level, (1, 1))  # type: ignore[attr-defined]
+    except (openslide.OpenSlideError, OSError) as exc:
+        raise SlideOpenError(
+            f"{path}: the slide opens but its pixels cannot be read ({exc}); the file is "
+            "probably truncated. Re-copy or re-export the slide."
+        ) from exc
+
+
+def metadata_mpp(slide: object) -> float | None:
+    """The slide's level-0 mpp from its metadata, or None when absent/invalid."""
+    import openslide
+
+    props = slide.properties  # type: ignore[attr-defined]
+    values = []
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        try:
+            value = float(props[key])
+        except (KeyError, ValueError):
+            return None
+        if not np.isfinite(value) or value <= 0:
+            return None
+        values.append(value)
+    return float(np.mean(values))
+
+
+def resolve_mpp(
+    slide: object,
+    *,
+    slide_name: str,
+    override_mpp: float | None = None,
+    manifest_mpp: float | None = None,
+) -> SlideMpp:
+    """Decide the level-0 mpp of a slide, most explicit source first.
+
+    Order: ``--mpp-override`` > manifest ``mpp`` column > slide metadata.
+
+    Raises:
+        MissingMppError: none of the three is available.
+    """
+    if override_mpp is not None:
+        meta = metadata_mpp(slide)
+        if meta is not None and abs(meta / override_mpp - 1) > MPP_TOLERANCE:
+            logger.warning(
+                "%s: --mpp-override %.4g differs from the slide's metadata mpp %.4g; using the override",
+                slide_name, override_mpp, meta,
+            )
+        return SlideMpp(float(override_mpp), "override")
+    if manifest_mpp is not None:
+        return SlideMpp(float(manifest_mpp), "manifest")
+    meta = metadata_mpp(slide)
+    if meta is not None:
+        return SlideMpp(meta, "metadata")
+    raise MissingMppError(
+        f"{slide_name}: the slide has no microns-per-pixel in its metadata. Give it with "
+        "--slide-mpp MPP (e.g. 0.25 for a 40x scan, 0.5 for 20x) or an 'mpp' column in the "
+        "manifest; wsi-mil never assumes a resolution."
+    )
+
+
+def file_sha256(path: str | Path, *, chunk_bytes: int = 8 << 20) -> str:
+    """SHA-256 of a file's bytes (streamed; constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_region_rgb(
+    slide: object, *, x_px: int, y_px: int, level: int, width: int, height: int
+) -> npt.NDArray[np.uint8]:
+    """Read a region as an RGB uint8 array, compositing transparent pixels on white.
+
+    ``x_px``/``y_px`` are level-0 coordinates; ``width``/``height`` are at ``level``.
+    """
+    region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
+    rgba = np.asarray(region)
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() < 255:  # outside the scanned area: OpenSlide returns transparent pixels
+        a = alpha[..., None].astype(np.uint16)
+        rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb)

@@ -1,0 +1,47 @@
+"""Read a low-resolution RGB image of a whole slide in bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.io.slide import read_region_rgb
+
+#: Longest side of a thumbnail; keeps tissue detection memory flat for any slide size.
+MAX_THUMBNAIL_SIDE_PX = 4096
+_BAND_BYTES = 64 << 20
+
+
+def read_thumbnail(
+    slide: object, *, slide_mpp: float, pixel_um: float, max_side_px: int = MAX_THUMBNAIL_SIDE_PX
+) -> tuple[npt.NDArray[np.uint8], tuple[float, float], float]:
+    """Thumbnail at about ``pixel_um`` µm per pixel (coarser if it would exceed ``max_side_px``).
+
+    Reads the coarsest pyramid level that is at least as fine as the thumbnail, in
+    horizontal bands, and downsamples each band, so memory stays bounded even for a
+    single-level 100k-pixel slide.
+
+    Returns:
+        (rgb, (downsample_x, downsample_y), thumbnail µm/px) where the downsamples map
+        thumbnail pixels to level-0 pixels.
+    """
+    from PIL import Image
+
+    w0, h0 = slide.dimensions  # type: ignore[attr-defined]
+    ds_target = max(pixel_um / slide_mpp, max(w0, h0) / max_side_px, 1.0)
+    tw, th = max(1, int(round(w0 / ds_target))), max(1, int(round(h0 / ds_target)))
+    downsamples = [float(d) for d in slide.level_downsamples]  # type: ignore[attr-defined]
+    level = max((i for i, d in enumerate(downsamples) if d <= ds_target * 1.01), key=lambda i: downsamples[i])
+    lw, lh = slide.level_dimensions[level]  # type: ignore[attr-defined]
+    ds_level = downsamples[level]
+    rows_per_band = max(1, int(_BAND_BYTES // max(1, lw * 4)))
+    # make bands map onto whole thumbnail rows so resizing does not leave seams
+    thumb_rows_per_band = max(1, int(rows_per_band * th / lh))
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    for ty0 in range(0, th, thumb_rows_per_band):
+        ty1 = min(th, ty0 + thumb_rows_per_band)
+        ly0 = int(np.floor(ty0 * lh / th))
+        ly1 = min(lh, int(np.ceil(ty1 * lh / th)))
+        band = read_region_rgb(slide, x_px=0, y_px=int(ly0 * ds_level), level=level, width=lw, height=ly1 - ly0)
+        out[ty0:ty1] = np.asarray(Image.fromarray(band).resize((tw, ty1 - ty0), Image.Resampling.BOX))
+    return out, (w0 / tw, h0 / th), float(slide_mpp * w0 / tw)

@@ -1,0 +1,231 @@
+"""Generate a realistic large pyramidal slide (tiled JPEG TIFF) from real tissue textures.
+
+The slide is described by two smooth fields on a coarse grid (``LAYOUT_PX`` level-0 px
+per cell): *tissue* (where tissue lies on the glass) and *tumour* (planted regions).
+Every tile of every pyramid level is rendered on demand from those fields and from the
+textures downsampled to that level, so memory stays bounded for any slide size and the
+levels agree with each other. The ground-truth tumour mask is saved beside the slide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.io.atomic import atomic_path, write_json
+from wsi_mil.synth.textures import ALIGN_PX, Texture
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_PX = 32
+TILE_PX = 256
+LEVEL_FACTOR = 4
+_EDGE = 0.08  # width of the soft tissue edge in field units
+
+
+@dataclass
+class SlideSpec:
+    """Everything that determines a generated slide (same spec, same bytes)."""
+
+    width_px: int
+    height_px: int
+    mpp: float = 0.5
+    seed: int = 0
+    tissue_cover: float = 0.35
+    n_pieces: int = 3
+    tumour_regions: int = 0
+    tumour_size_um: tuple[float, float] = (300.0, 1200.0)
+    jpeg_quality: int = 85
+    background_rgb: tuple[int, int, int] = (241, 240, 238)
+
+
+@dataclass
+class SlideTruth:
+    """Ground truth written beside a generated slide (``<stem>.json``)."""
+
+    slide: str
+    label: int
+    mpp: float
+    width_px: int
+    height_px: int
+    mask: str
+    mask_downsample: float
+    tumour_regions: list[dict[str, float]] = field(default_factory=list)
+    tumour_area_mm2: float = 0.0
+    tissue_area_mm2: float = 0.0
+    spec: dict[str, object] = field(default_factory=dict)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> npt.NDArray[np.float32]:
+    from scipy import ndimage
+
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=sigma, mode="wrap")
+    n -= n.mean()
+    return n / (n.std() + 1e-6)
+
+
+def make_layout(spec: SlideSpec) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], list[dict[str, float]]]:
+    """Coarse tissue and tumour fields (values > 0.5 are inside) and the tumour regions."""
+    rng = np.random.default_rng(spec.seed)
+    gh, gw = -(-spec.height_px // LAYOUT_PX) + 1, -(-spec.width_px // LAYOUT_PX) + 1
+    yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+    envelope = np.full((gh, gw), -np.inf, dtype=np.float32)
+    scale = np.sqrt(spec.tissue_cover / spec.n_pieces / np.pi) * min(gh, gw)
+    for _ in range(spec.n_pieces):  # elliptical tissue pieces with random orientation
+        cy, cx = rng.uniform(0.25, 0.75) * gh, rng.uniform(0.2, 0.8) * gw
+        a, b = scale * rng.uniform(0.9, 1.5), scale * rng.uniform(0.6, 1.0)
+        t = rng.uniform(0, np.pi)
+        u = ((xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)) / a
+        v = (-(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)) / b
+        envelope = np.maximum(envelope, 1.0 - (u * u + v * v))
+    wobble = _smooth_noise(rng, (gh, gw), sigma=max(2.0, min(gh, gw) / 40))
+    tissue = (0.5 + np.maximum(envelope, -1.0) + 0.12 * wobble).astype(np.float32)
+
+    tumour = np.zeros((gh, gw), dtype=np.float32)
+    regions: list[dict[str, float]] = []
+    inside = np.argwhere(tissue > 0.75)
+    for _ in range(spec.tumour_regions if len(inside) else 0):
+        cy, cx = inside[rng.integers(len(inside))]
+        diameter_um = float(rng.uniform(*spec.tumour_size_um))
+        r = diameter_um / 2 / spec.mpp / LAYOUT_PX
+        angle = np.arctan2(yy - cy, xx - cx)
+        k = rng.uniform(0.1, 0.25, size=3)
+        ph = rng.uniform(0, 2 * np.pi, size=3)
+        radius = r * (1 + k[0] * np.sin(2 * angle + ph[0]) + k[1] * np.sin(3 * angle + ph[1]) + k[2] * np.sin(5 * angle + ph[2]))
+        dist = np.hypot(yy - cy, xx - cx)
+        tumour = np.maximum(tumour, np.clip(0.5 + (radius - dist) / max(r, 1.0), 0, 1).astype(np.float32))
+        regions.append({"x_px": float(cx * LAYOUT_PX), "y_px": float(cy * LAYOUT_PX), "diameter_um": diameter_um})
+    tumour = np.where(tissue > 0.5, tumour, 0).astype(np.float32)
+    return tissue, tumour, regions
+
+
+def _bilinear(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+    """Sample a coarse field at level-0 pixel centres ``ys`` (rows) × ``xs`` (cols)."""
+    gy, gx = ys / LAYOUT_PX, xs / LAYOUT_PX
+    y0 = np.clip(np.floor(gy).astype(np.int64), 0, field_.shape[0] - 2)
+    x0 = np.clip(np.floor(gx).astype(np.int64), 0, field_.shape[1] - 2)
+    wy = (gy - y0).astype(np.float32)[:, None]
+    wx = (gx - x0).astype(np.float32)[None, :]
+    f00 = field_[np.ix_(y0, x0)]
+    f01 = field_[np.ix_(y0, x0 + 1)]
+    f10 = field_[np.ix_(y0 + 1, x0)]
+    f11 = field_[np.ix_(y0 + 1, x0 + 1)]
+    return (f00 * (1 - wx) + f01 * wx) * (1 - wy) + (f10 * (1 - wx) + f11 * wx) * wy
+
+
+class _LevelTextures:
+    """A texture mirrored (seamless) and downsampled to one pyramid level."""
+
+    def __init__(self, texture: Texture, *, slide_mpp: float, downsample: float, gain: npt.NDArray[np.float32], offset: tuple[int, int]) -> None:
+        from PIL import Image
+
+        # stain variation scales absorbance, so glass stays white
+        rgb = np.clip(255 - (255 - texture.rgb.astype(np.float32)) * gain, 0, 255).astype(np.uint8)
+        mirrored = np.concatenate([rgb, rgb[:, ::-1]], axis=1)
+        mirrored = np.concatenate([mirrored, mirrored[::-1]], axis=0)
+        # texture pixels per level pixel: physical scale, then pyramid downsample
+        factor = slide_mpp * downsample / texture.mpp
+        h, w = mirrored.shape[:2]
+        nh, nw = max(2, int(round(h / factor))), max(2, int(round(w / factor)))
+        self.rgb = np.asarray(Image.fromarray(mirrored).resize((nw, nh), Image.Resampling.BOX))
+        self.offset = (int(offset[0] / factor) % nh, int(offset[1] / factor) % nw)
+
+    def sample(self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        h, w = self.rgb.shape[:2]
+        return self.rgb[np.ix_((rows + self.offset[0]) % h, (cols + self.offset[1]) % w)]
+
+
+def level_downsamples(width_px: int, height_px: int) -> list[int]:
+    ds = [1]
+    while max(width_px, height_px) / ds[-1] > 2048:
+        ds.append(ds[-1] * LEVEL_FACTOR)
+    return ds
+
+
+def _render_level(spec: SlideSpec, tissue: npt.NDArray[np.float32], tumour: npt.NDArray[np.float32],
+                  normal: _LevelTextures, tumour_tex: _LevelTextures | None, ds: int) -> Iterator[npt.NDArray[np.uint8]]:
+    lw, lh = -(-spec.width_px // ds), -(-spec.height_px // ds)
+    bg = np.array(spec.background_rgb, dtype=np.float32)
+    blank = np.broadcast_to(np.array(spec.background_rgb, dtype=np.uint8), (TILE_PX, TILE_PX, 3))
+    for ty in range(0, lh, TILE_PX):
+        rows = np.arange(ty, ty + TILE_PX, dtype=np.int64)
+        ys = (rows + 0.5) * ds
+        for tx in range(0, lw, TILE_PX):
+            cols = np.arange(tx, tx + TILE_PX, dtype=np.int64)
+            xs = (cols + 0.5) * ds
+            a_tissue = np.clip((_bilinear(tissue, ys, xs) - 0.5) / _EDGE + 0.5, 0, 1)
+            if a_tissue.max() <= 0:
+                yield blank
+                continue
+            rgb = normal.sample(rows, cols).astype(np.float32)
+            if tumour_tex is not None:
+                a_tum = np.clip((_bilinear(tumour, ys, xs) - 0.5) / 0.05 + 0.5, 0, 1)
+                if a_tum.max() > 0:
+                    a = a_tum[..., None]
+                    rgb = rgb * (1 - a) + tumour_tex.sample(rows, cols).astype(np.float32) * a
+            a = a_tissue[..., None]
+            yield (rgb * a + bg * (1 - a)).astype(np.uint8)
+
+
+def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture, tumour: Texture | None = None) -> SlideTruth:
+    """Write a pyramidal tiled JPEG TIFF that OpenSlide reads (mpp in the resolution tags).
+
+    Writes ``<stem>.json`` (ground truth and spec) and, for slides with tumour regions,
+    ``<stem>.tumour.png`` (tumour mask at ``LAYOUT_PX`` downsample) next to it.
+    """
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    tissue, tumour_field, regions = make_layout(spec)
+    rng = np.random.default_rng(spec.seed + 7919)
+    gain = rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-slide stain variation
+    offsets = [(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))) for _ in range(2)]
+    if spec.tumour_regions and tumour is None:
+        raise ValueError("tumour regions requested but no tumour texture given")
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        for i, ds in enumerate(level_downsamples(spec.width_px, spec.height_px)):
+            normal_l = _LevelTextures(normal, slide_mpp=spec.mpp, downsample=ds, gain=gain, offset=offsets[0])
+            tumour_l = (_LevelTextures(tumour, slide_mpp=spec.mpp, downsample=ds, gain=gain, offset=offsets[1])
+                        if tumour is not None and regions else None)
+            shape = (-(-spec.height_px // ds), -(-spec.width_px // ds), 3)
+            px_per_cm = 1e4 / (spec.mpp * ds)
+            tif.write(
+                _render_level(spec, tissue, tumour_field, normal_l, tumour_l, ds), shape=shape, dtype=np.uint8,
+                tile=(TILE_PX, TILE_PX), photometric="rgb", compression="jpeg",
+                compressionargs={"level": spec.jpeg_quality}, subfiletype=0 if i == 0 else 1,
+                resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+                description=f"wsi-mil synthetic slide; mpp={spec.mpp}" if i == 0 else None,
+                metadata=None, software="wsi-mil",
+            )
+
+    tumour_mask = tumour_field > 0.5
+    mask_path = path.with_name(path.stem + ".tumour.png")
+    with atomic_path(mask_path) as tmp:
+        Image.fromarray((tumour_mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+    cell_mm2 = (LAYOUT_PX * spec.mpp / 1000) ** 2
+    truth = SlideTruth(
+        slide=path.name, label=int(bool(regions)), mpp=spec.mpp, width_px=spec.width_px, height_px=spec.height_px,
+        mask=mask_path.name, mask_downsample=float(LAYOUT_PX), tumour_regions=regions,
+        tumour_area_mm2=float(tumour_mask.sum() * cell_mm2), tissue_area_mm2=float((tissue > 0.5).sum() * cell_mm2),
+        spec=json.loads(json.dumps(asdict(spec))),
+    )
+    write_json(path.with_name(path.stem + ".json"), asdict(truth))
+    return truth
+
+
+def read_truth_mask(slide_path: str | Path) -> tuple[npt.NDArray[np.bool_], float]:
+    """The ground-truth tumour mask of a generated slide and its downsample to level 0."""
+    from PIL import Image
+
+    slide_path = Path(slide_path)
+    meta = json.loads(slide_path.with_name(slide_path.stem + ".json").read_text())
+    mask = np.asarray(Image.open(slide_path.with_name(meta["mask"]))) > 127
+    return mask, float(meta["mask_downsample"])

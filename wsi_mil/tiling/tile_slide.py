@@ -1,0 +1,181 @@
+"""One slide's coordinate phase: mpp → thumbnail → tissue mask → grid → kept patches.
+
+Runs inside a Dask worker; everything it needs travels as plain arguments and it opens
+its own slide handle. Without ``save_patches`` it also writes the finished store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil import __version__
+from wsi_mil.config import TileConfig
+from wsi_mil.data.manifest import SlideEntry
+from wsi_mil.errors import NoTissueError
+from wsi_mil.io.slide import file_sha256, open_slide, resolve_mpp
+from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
+from wsi_mil.io.thumbnail import read_thumbnail
+from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
+from wsi_mil.tiling.qc import write_qc_png
+from wsi_mil.tiling.tissue import tissue_mask
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+#: Settings that do not change a store's content (so changing them keeps the cache valid).
+_NON_CONTENT_KEYS = {"qc", "chunk_patches"}
+
+
+def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
+    """Hash of everything that determines a store's content, for cache validation."""
+    content = {k: v for k, v in config.to_dict().items() if k not in _NON_CONTENT_KEYS}
+    content["manifest_mpp"] = entry.mpp
+    content["slide_size_bytes"] = entry.path.stat().st_size if entry.path.exists() else None
+    content["store_format_version"] = STORE_FORMAT_VERSION
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SlidePlan:
+    """What the coordinate phase found for one slide."""
+
+    slide_id: str
+    slide_path: str
+    geometry: PatchGeometry
+    coords_px: npt.NDArray[np.int64]
+    tissue_fraction: npt.NDArray[np.float32]
+    root_attrs: dict[str, Any]
+    clam_attrs: dict[str, Any]
+    mpp: float
+    mpp_source: str
+    seconds: float
+    qc_path: str | None = None
+    store: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_patches(self) -> int:
+        return int(len(self.coords_px))
+
+
+def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) -> SlidePlan:
+    """Find the tissue patches of one slide (no store written).
+
+    Raises:
+        SlideOpenError, MissingMppError, ResolutionError: per-slide failures.
+    """
+    t0 = time.perf_counter()
+    with open_slide(entry.path) as slide:
+        smpp = resolve_mpp(slide, slide_name=entry.slide_id, override_mpp=config.slide_mpp, manifest_mpp=entry.mpp)
+        w0, h0 = slide.dimensions  # type: ignore[attr-defined]
+        geometry = patch_geometry(
+            slide_mpp=smpp.mpp, level_downsamples=tuple(slide.level_downsamples),  # type: ignore[attr-defined]
+            target_mpp=config.mpp, patch_size_px=config.patch_size, stride_px=config.stride_px,
+            slide_name=entry.slide_id,
+        )
+        thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp)
+        level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
+        level_count = int(slide.level_count)  # type: ignore[attr-defined]
+    params = config.tissue_params()
+    mask = tissue_mask(thumb, pixel_um=thumb_um, params=params)
+    candidates = grid_coords(width_px=w0, height_px=h0, geometry=geometry)
+    fractions = tissue_fractions(mask, mask_downsample=thumb_ds, coords_px=candidates, extent_level0_px=geometry.extent_level0_px)
+    keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(candidates), dtype=bool)
+    coords, kept_fraction = candidates[keep], fractions[keep]
+
+    qc_path = None
+    if qc_dir is not None and config.qc:
+        title = f"{entry.slide_id}  {len(coords)} patches  {geometry.effective_mpp:.3f} um/px ({smpp.source} mpp)"
+        qc_path = str(write_qc_png(
+            qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
+            coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
+        ))
+    root_attrs = {
+        "format_version": STORE_FORMAT_VERSION,
+        "wsi_mil_version": __version__,
+        "created_by": "wsi-mil tile",
+        "slide_id": entry.slide_id,
+        "slide_file": entry.path.name,
+        "slide_sha256": file_sha256(entry.path),
+        "slide_size_bytes": entry.path.stat().st_size,
+        "slide_width_px": int(w0),
+        "slide_height_px": int(h0),
+        "slide_level_count": level_count,
+        "slide_mpp": smpp.mpp,
+        "mpp_source": smpp.source,
+        "target_mpp": config.mpp,
+        "effective_mpp": geometry.effective_mpp,
+        "patch_size_px": config.patch_size,
+        "stride_px": config.stride_px,
+        "patch_level": geometry.level,
+        "level_downsample": geometry.level_downsample,
+        "read_size_px": geometry.read_size_px,
+        "extent_level0_px": geometry.extent_level0_px,
+        "min_tissue": config.min_tissue,
+        "tissue_params": params.to_dict(),
+        "tissue_mask_um_per_px": thumb_um,
+        "n_patches": int(len(coords)),
+        "n_grid_candidates": int(len(candidates)),
+        "tissue_area_mm2": float(mask.sum() * thumb_um * thumb_um / 1e6),
+        "has_patches": bool(config.save_patches),
+        "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
+        "config_fingerprint": config_fingerprint(config, entry),
+    }
+    clam_attrs = {
+        "patch_size": geometry.read_size_px,
+        "patch_level": geometry.level,
+        "downsample": [geometry.level_downsample, geometry.level_downsample],
+        "level_dim": level_dim,
+        "downsampled_level_dim": level_dim,
+        "name": entry.slide_id,
+        "target_patch_size": geometry.patch_size_px,
+    }
+    plan = SlidePlan(
+        slide_id=entry.slide_id, slide_path=str(entry.path), geometry=geometry, coords_px=coords,
+        tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
+        mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path,
+    )
+    plan.seconds = time.perf_counter() - t0
+    return plan
+
+
+def open_store_writer(plan: SlidePlan, *, stores_dir: Path, fmt: StoreFormat) -> StoreWriter:
+    """Start a store for ``plan`` (coordinates and provenance written, not yet committed)."""
+    writer = StoreWriter(store_path(stores_dir, plan.slide_id, fmt), fmt)
+    try:
+        writer.write_coords(plan.coords_px, plan.tissue_fraction, plan.clam_attrs)
+        writer.set_attrs(plan.root_attrs)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_dir: Path | None) -> SlidePlan:
+    """Worker task: plan a slide and, unless pixels are wanted, write its finished store.
+
+    A slide without tissue still gets a (zero-patch) store so a re-run skips it; the
+    plan carries a warning instead of raising, and callers report it as ``no_tissue``.
+    """
+    plan = plan_slide(entry, config, qc_dir=qc_dir)
+    if plan.n_patches == 0:
+        plan.warnings.append(str(NoTissueError(
+            f"{entry.slide_id}: no patch reached --min-tissue {config.min_tissue}; check the QC image, "
+            "or lower --min-tissue / --saturation-min for faint stains"
+        )))
+    if not config.save_patches or plan.n_patches == 0:
+        writer = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]
+        if config.save_patches:  # zero patches: keep the layout of a pixel store
+            writer.begin_patches()
+            writer.end_patches()
+        plan.store = str(writer.commit())
+    return plan

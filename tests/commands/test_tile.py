@@ -1,0 +1,146 @@
+"""`wsi-mil tile` end to end: bad input, stores, caching, Dask scheduler, SIGKILL resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import WSI_MIL
+from wsi_mil.commands.tile import run_tile
+from wsi_mil.config import TileConfig
+from wsi_mil.data.manifest import read_manifest
+from wsi_mil.io.slide import open_slide
+from wsi_mil.io.store import PatchStore
+from wsi_mil.tiling.grid import PatchGeometry
+from wsi_mil.tiling.patches import read_patch
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(WSI_MIL + args, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_batch_continues_past_bad_slides_and_reports_each(tmp_path, cmu_slide, kidney_slide, truncated_slide) -> None:
+    (tmp_path / "notes.svs").write_text("not a slide")
+    Image.new("RGB", (3000, 2000), (243, 242, 240)).save(tmp_path / "glass.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "slide_id,path,patient_id,mpp\n"
+        f"cmu,{cmu_slide},p1,\n"
+        f"kidney-no-mpp,{kidney_slide},p2,\n"
+        f"kidney,{kidney_slide},p2,0.5\n"
+        f"truncated,{truncated_slide},p3,\n"
+        f"missing,{tmp_path / 'missing.svs'},p4,\n"
+        f"notes,{tmp_path / 'notes.svs'},p5,\n"
+        f"glass,{tmp_path / 'glass.png'},p6,0.5\n"
+    )
+    out = tmp_path / "out"
+    proc = _run(["tile", str(manifest), "--out", str(out), "--workers", "2", "--no-progress"])
+    assert proc.returncode == 1, proc.stderr  # some slides failed
+    report = json.loads((out / "run_report.json").read_text())
+    status = {s["slide_id"]: s for s in report["slides"]}
+    assert {k: v["status"] for k, v in status.items()} == {
+        "cmu": "ok", "kidney-no-mpp": "failed", "kidney": "no_tissue", "truncated": "failed",
+        "missing": "failed", "notes": "failed", "glass": "no_tissue",
+    }
+    assert "--slide-mpp" in status["kidney-no-mpp"]["message"]
+    assert "truncated" in status["truncated"]["message"] or "damaged" in status["truncated"]["message"]
+    assert "not found" in status["missing"]["message"] and "not a slide" in status["notes"]["message"]
+    assert status["cmu"]["n_patches"] > 20 and status["cmu"]["mpp_source"] == "metadata"
+    assert status["kidney"]["mpp_source"] == "manifest"
+    for sid in ("cmu", "kidney-no-mpp", "missing"):
+        assert sid in proc.stdout  # the printed table lists every slide
+    assert Path(status["cmu"]["qc_png"]).exists()
+    with PatchStore(out / "patches" / "cmu.h5") as store:
+        attrs = store.attrs
+        assert attrs["mpp_source"] == "metadata" and attrs["slide_mpp"] == pytest.approx(0.499)
+        assert len(attrs["slide_sha256"]) == 64 and attrs["n_patches"] == len(store)
+        assert (store.tissue_fraction >= 0.5).all()
+    with PatchStore(out / "patches" / "glass.h5") as store:  # zero-patch store, so re-runs skip it
+        assert len(store) == 0
+    again = _run(["tile", str(manifest), "--out", str(out), "--workers", "1", "--no-progress"])
+    report2 = json.loads((out / "run_report.json").read_text())
+    assert {s["slide_id"]: s["status"] for s in report2["slides"]}["cmu"] == "cached", again.stderr
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_saved_patches_equal_direct_reads(tmp_path, cohort, fmt) -> None:
+    entries = read_manifest(cohort)[:1]
+    config = TileConfig(save_patches=True, format=fmt, chunk_patches=7, mpp=1.0, patch_size=128)
+    report = run_tile(entries, out_dir=tmp_path, config=config, workers=2, progress=False)
+    (outcome,) = report.outcomes
+    assert outcome.status == "ok" and outcome.n_patches > 20
+    with PatchStore(outcome.store) as store, open_slide(entries[0].path) as slide:
+        assert store.has_patches and len(store) == outcome.n_patches
+        a = store.attrs
+        geom = PatchGeometry(a["target_mpp"], a["effective_mpp"], a["patch_size_px"], a["stride_px"], a["patch_level"],
+                             a["level_downsample"], a["read_size_px"], a["extent_level0_px"], a["extent_level0_px"])
+        for i in (0, len(store) // 2, len(store) - 1):
+            x, y = store.coords[i]
+            direct = read_patch(slide, x_px=int(x), y_px=int(y), geometry=geom).astype(int)
+            assert np.abs(store.patch(i).astype(int) - direct).mean() < 3
+
+
+def test_changed_settings_are_refused_unless_overwrite(tmp_path, cmu_slide) -> None:
+    out = tmp_path / "o"
+    assert _run(["tile", str(cmu_slide), "--out", str(out), "--workers", "1", "--no-progress"]).returncode == 0
+    proc = _run(["tile", str(cmu_slide), "--out", str(out), "--patch-size", "128", "--workers", "1", "--no-progress"])
+    assert proc.returncode == 1 and "--overwrite" in proc.stdout
+    proc = _run(["tile", str(cmu_slide), "--out", str(out), "--patch-size", "128", "--overwrite", "--workers", "1", "--no-progress"])
+    assert proc.returncode == 0
+    with PatchStore(out / "patches" / "cmu-1-small-region.h5") as store:
+        assert store.attrs["patch_size_px"] == 128
+
+
+def test_existing_scheduler_gives_same_result_as_local_cluster(tmp_path, cmu_slide) -> None:
+    from distributed import LocalCluster
+
+    from wsi_mil.data.manifest import resolve_inputs
+
+    entries = resolve_inputs([cmu_slide])
+    local = run_tile(entries, out_dir=tmp_path / "local", config=TileConfig(), workers=1, progress=False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = run_tile(entries, out_dir=tmp_path / "remote", config=TileConfig(), scheduler=cluster.scheduler_address, progress=False)
+    with PatchStore(local.outcomes[0].store) as a, PatchStore(remote.outcomes[0].store) as b:
+        np.testing.assert_array_equal(a.coords, b.coords)
+        assert a.attrs == b.attrs
+
+
+def _store_snapshot(out: Path) -> dict[str, tuple]:
+    snap = {}
+    for path in sorted((out / "patches").glob("*.h5")):
+        with PatchStore(path) as s:
+            snap[path.name] = (s.coords.tobytes(), [s.patch_jpeg(i) for i in range(len(s))], s.attrs)
+    return snap
+
+
+def test_sigkilled_run_resumes_to_identical_stores(tmp_path, cohort) -> None:
+    args = ["tile", str(cohort), "--save-patches", "--patch-size", "64", "--workers", "1",
+            "--chunk-patches", "64", "--no-progress", "-q"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(WSI_MIL + args + ["--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((killed / "patches").glob("*.h5")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: CLI process and its Dask workers
+    proc.wait()
+    done_before = list((killed / "patches").glob("*.h5"))
+    assert 1 <= len(done_before) < 4, "the kill must land mid-run"
+    assert not (killed / "run_report.json").exists()
+    resumed = _run(args + ["--out", str(killed)])
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((killed / "run_report.json").read_text())
+    assert sum(s["status"] == "cached" for s in report["slides"]) == len(done_before)
+    assert not list((killed / "patches").glob("*.partial"))
+
+    clean = tmp_path / "clean"
+    assert _run(args + ["--out", str(clean)]).returncode == 0
+    assert _store_snapshot(killed) == _store_snapshot(clean)

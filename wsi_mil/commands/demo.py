@@ -11,8 +11,7 @@ import logging
 from pathlib import Path
 
 from wsi_mil.config import TileConfig
-from wsi_mil.data.manifest import read_manifest
-from wsi_mil.io.atomic import atomic_path
+from wsi_mil.data.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +29,7 @@ def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
         row["path"] = str((cohort_manifest.parent / row["path"]).resolve())
     rows.append({"slide_id": "cmu-1-small-region", "path": str(sample_path(NORMAL_SOURCE)),
                  "patient_id": "cmu-1", "label": "0"})
-    path = out_dir / "demo_manifest.csv"
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide_id", "path", "patient_id", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_manifest(out_dir / "demo_manifest.csv", rows)
 
 
 def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool) -> int:

@@ -22,7 +22,7 @@ from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import SlideError
 from wsi_mil.io.atomic import write_json
-from wsi_mil.io.store import PARTIAL, SUFFIX, read_complete_attrs, store_path
+from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
 from wsi_mil.tiling.tile_slide import SlidePlan, config_fingerprint, open_store_writer, tile_slide_coords
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class SlideOutcome:
 class RunReport:
     outcomes: list[SlideOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
@@ -63,6 +64,7 @@ class RunReport:
             counts[o.status] = counts.get(o.status, 0) + 1
         return {
             "ok": self.ok, "seconds": round(self.seconds, 3), "counts": counts,
+            "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "n_patches": sum(o.n_patches for o in self.outcomes),
             "slides": [asdict(o) for o in self.outcomes],
         }
@@ -73,7 +75,7 @@ class RunReport:
             mpp = f"{o.mpp:.3f} ({o.mpp_source})" if o.mpp else "-"
             rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, o.message.splitlines()[0][:90] if o.message else ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         problems = [o for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
         if problems:
@@ -135,8 +137,6 @@ def run_tile(
     progress: bool = True,
 ) -> RunReport:
     """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``."""
-    from tqdm import tqdm
-
     from wsi_mil.parallel import dask_client
 
     t_start = time.perf_counter()
@@ -159,13 +159,20 @@ def run_tile(
     if len(todo) < len(entries):
         logger.info("%d of %d slides already done; processing %d", len(entries) - len(todo), len(entries), len(todo))
 
+    phases: dict[str, float] = {}
     if todo:
+        t = time.perf_counter()
         with dask_client(workers=workers, scheduler=scheduler) as client:
+            phases["cluster_start"] = time.perf_counter() - t
+            t = time.perf_counter()
             plans = _coordinate_phase(client, todo, config, stores_dir, qc_dir, outcomes, progress)
+            phases["tissue_and_grid"] = time.perf_counter() - t
             if config.save_patches and plans:
+                t = time.perf_counter()
                 _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
+                phases["patch_pixels"] = time.perf_counter() - t
 
-    report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start)
+    report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases)
     write_json(out_dir / "run_report.json", report.to_dict())
     return report
 

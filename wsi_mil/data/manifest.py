@@ -135,6 +135,18 @@ def _check_duplicates(entries: list[SlideEntry], where: str, problems: list[str]
         problems.append(f"duplicate slide_id(s) {dups}: every slide needs a unique id")
 
 
+def write_manifest(path: str | Path, rows: list[dict[str, object]]) -> Path:
+    """Write a manifest CSV atomically (columns in the order of the first row)."""
+    from wsi_mil.io.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def resolve_inputs(inputs: list[str | Path]) -> list[SlideEntry]:
     """Slides from a mix of slide files, folders (non-recursive) and manifest CSVs."""
     entries: list[SlideEntry] = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import asdict
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_mil.io.atomic import atomic_path
+from wsi_mil.data.manifest import write_manifest
 from wsi_mil.synth.slide import SlideSpec, write_slide
 from wsi_mil.synth.textures import Texture, default_textures
 
@@ -62,12 +61,7 @@ def make_cohort(
             write_slide(path, spec, normal=normal, tumour=tumour)
         rows.append({"slide_id": slide_id, "path": path.name, "patient_id": f"patient-{seed:03d}-{i:04d}",
                      "label": int(positive[i])})
-    manifest = out_dir / "manifest.csv"
-    with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide_id", "path", "patient_id", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(out_dir / "manifest.csv", rows)
 
 
 def _up_to_date(path: Path, spec: SlideSpec) -> bool:

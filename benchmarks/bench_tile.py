@@ -1,0 +1,168 @@
+"""Tiling benchmark: coordinates-only scaling with slide size, and pixel extraction vs a plain loop.
+
+Slides are generated from real tissue (wsi_mil.synth) at 0.5 µm/px and cached in
+benchmarks/.cache. Everything is measured side by side in one run; results go to
+benchmarks/results/tile.json and tile.md (quoted in the README).
+
+    .venv/bin/python benchmarks/bench_tile.py [--sizes 20000 50000 100000] [--pixel-size 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+
+
+def make_slide(size: int) -> Path:
+    from wsi_mil.synth.slide import SlideSpec, write_slide
+    from wsi_mil.synth.textures import default_textures
+
+    path = CACHE / f"bench-{size}.tiff"
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        normal, tumour = default_textures()
+        write_slide(path, SlideSpec(size, size, seed=size, tissue_cover=0.35, n_pieces=3, tumour_regions=2),
+                    normal=normal, tumour=tumour)
+        print(f"generated {path.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+class RssSampler:
+    """Peak RSS of a process tree (sum, and the largest single process), sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak_total = self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+                rss = []
+                for p in procs:
+                    try:
+                        rss.append(p.memory_info().rss)
+                    except psutil.Error:
+                        pass
+                self.peak_total = max(self.peak_total, sum(rss))
+                self.peak_single = max(self.peak_single, max(rss, default=0))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tile_cli(slide: Path, out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "wsi_mil.cli", "tile", str(slide), "--out", str(out), "--no-progress", "-q", *extra]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = RssSampler(proc.pid)
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t
+    sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {err.decode()[-2000:]}")
+    report = json.loads((out / "run_report.json").read_text())
+    return {"wall_s": wall, "report": report, "peak_rss_total_mb": sampler.peak_total / 2**20,
+            "peak_rss_single_process_mb": sampler.peak_single / 2**20}
+
+
+def plain_loop(slide: Path, store: Path, quality: int) -> tuple[int, float]:
+    """Single process: read_region of the same coordinates + the same JPEG encoding."""
+    import openslide
+
+    from wsi_mil.io.store import PatchStore
+    from wsi_mil.tiling.grid import PatchGeometry
+    from wsi_mil.tiling.patches import encode_jpeg, read_patch
+
+    with PatchStore(store) as s:
+        coords, a = s.coords, s.attrs
+    geom = PatchGeometry(a["target_mpp"], a["effective_mpp"], a["patch_size_px"], a["stride_px"], a["patch_level"],
+                         a["level_downsample"], a["read_size_px"], a["extent_level0_px"], a["extent_level0_px"])
+    slide_h = openslide.open_slide(str(slide))
+    t = time.perf_counter()
+    n_bytes = 0
+    for x, y in coords:
+        n_bytes += len(encode_jpeg(read_patch(slide_h, x_px=int(x), y_px=int(y), geometry=geom), quality=quality))
+    return len(coords), time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 50000, 100000])
+    parser.add_argument("--pixel-size", type=int, default=50000, help="slide side for the pixel-extraction comparison")
+    args = parser.parse_args()
+
+    slides = {s: make_slide(s) for s in sorted(set(args.sizes) | {args.pixel_size})}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "platform": platform.platform()}, "coordinates": [], "pixels": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            r = tile_cli(slides[size], Path(tmp) / f"c{size}", "--workers", "1")
+            row = r["report"]["slides"][0]
+            results["coordinates"].append({
+                "side_px": size, "patches": row["n_patches"], "slide_s": row["seconds"], "wall_s": r["wall_s"],
+                "patches_per_s": row["n_patches"] / row["seconds"],
+                "peak_rss_worker_mb": r["peak_rss_single_process_mb"], "peak_rss_tree_mb": r["peak_rss_total_mb"],
+            })
+            print(results["coordinates"][-1], flush=True)
+
+        slide = slides[args.pixel_size]
+        coords_run = tile_cli(slide, Path(tmp) / "px-coords", "--workers", "1")
+        store = Path(tmp) / "px-coords" / "patches" / f"{slide.stem}.h5"
+        n, loop_s = plain_loop(slide, store, quality=90)
+        pix = {"side_px": args.pixel_size, "patches": n, "plain_loop_s": loop_s, "plain_loop_patches_per_s": n / loop_s}
+        for workers in (1, 2):
+            r = tile_cli(slide, Path(tmp) / f"px{workers}", "--workers", str(workers), "--save-patches")
+            phase = r["report"]["phase_seconds"]["patch_pixels"]
+            pix[f"workers_{workers}"] = {
+                "pixel_phase_s": phase, "patches_per_s": n / phase, "ratio_vs_plain_loop": (n / phase) / (n / loop_s),
+                "end_to_end_wall_s": r["wall_s"], "peak_rss_tree_mb": r["peak_rss_total_mb"],
+            }
+            print(workers, pix[f"workers_{workers}"], flush=True)
+        results["pixels"] = pix
+        del coords_run
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tile.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = ["| slide side (px) | patches | seconds / slide | patches/s | peak RSS, worker (MB) | peak RSS, all processes (MB) |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for c in results["coordinates"]:
+        md.append(f"| {c['side_px']:,} | {c['patches']:,} | {c['slide_s']:.1f} | {c['patches_per_s']:,.0f} | "
+                  f"{c['peak_rss_worker_mb']:.0f} | {c['peak_rss_tree_mb']:.0f} |")
+    p = results["pixels"]
+    md += ["", f"Pixel extraction (`--save-patches`, JPEG q90) on the {p['side_px']:,} px slide, {p['patches']:,} patches:", "",
+           "| method | patches/s | ratio vs plain loop |", "|---|---:|---:|",
+           f"| plain single-process loop (read_region + encode) | {p['plain_loop_patches_per_s']:.0f} | 1.00 |"]
+    for w in (1, 2):
+        q = p[f"workers_{w}"]
+        md.append(f"| wsi-mil tile, {w} worker{'s' if w > 1 else ''} (pixel phase) | {q['patches_per_s']:.0f} | {q['ratio_vs_plain_loop']:.2f} |")
+    md += ["", f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}. "
+           "Command: `.venv/bin/python benchmarks/bench_tile.py`."]
+    (RESULTS / "tile.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

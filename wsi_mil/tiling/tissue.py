@@ -73,12 +73,35 @@ def pen_mask(rgb: npt.NDArray[np.uint8]) -> BoolMask:
     return green_blue | red | dark_red
 
 
-def _otsu_clamped(s: npt.NDArray[np.float32], params: TissueParams) -> float:
+_STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 byte/pixel
+
+
+def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask]:
+    """Saturation (uint8, 0-255), artefact (ink / near-black) and glass masks, strip by strip."""
+    h = rgb.shape[0]
+    sat = np.empty(rgb.shape[:2], dtype=np.uint8)
+    artefact = np.empty(rgb.shape[:2], dtype=bool)
+    background = np.empty(rgb.shape[:2], dtype=bool)
+    for y0 in range(0, h, _STRIP_ROWS):
+        strip = rgb[y0 : y0 + _STRIP_ROWS]
+        _, s, v = _hsv(strip)
+        sat[y0 : y0 + _STRIP_ROWS] = np.round(s * 255).astype(np.uint8)
+        art = v < params.dark_value
+        if params.reject_pen:
+            art |= pen_mask(strip)
+        artefact[y0 : y0 + _STRIP_ROWS] = art
+        background[y0 : y0 + _STRIP_ROWS] = (v > params.background_value) & (s < params.saturation_min)
+    return sat, artefact, background
+
+
+def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams) -> float:
+    """Otsu threshold of saturation (from its 256-bin histogram), clamped to the configured range."""
     from skimage.filters import threshold_otsu
 
-    if s.size == 0 or float(s.max()) == float(s.min()):
+    counts = np.bincount(sat_u8, minlength=256)
+    if np.count_nonzero(counts) < 2:
         return params.saturation_max
-    t = float(threshold_otsu(s))
+    t = float(threshold_otsu(hist=(counts, np.arange(256)))) / 255.0
     return float(np.clip(t, params.saturation_min, params.saturation_max))
 
 
@@ -109,14 +132,10 @@ def tissue_mask(
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    _, s, v = _hsv(rgb)
-    artefact = v < params.dark_value
-    if params.reject_pen:
-        artefact |= pen_mask(rgb)
-    background = (v > params.background_value) & (s < params.saturation_min)
+    sat, artefact, background = _classify(rgb, params)
     candidates = ~(artefact | background)
-    threshold = _otsu_clamped(s[candidates], params)
-    mask = candidates & (s > threshold)
+    threshold = _otsu_clamped(sat[candidates], params)
+    mask = candidates & (sat > round(threshold * 255))
 
     px_area = pixel_um * pixel_um
     radius = int(round(params.closing_radius_um / pixel_um))

@@ -98,8 +98,7 @@ def plain_loop(slide: Path, store: Path, quality: int) -> tuple[int, float]:
 
     with PatchStore(store) as s:
         coords, a = s.coords, s.attrs
-    geom = PatchGeometry(a["target_mpp"], a["effective_mpp"], a["patch_size_px"], a["stride_px"], a["patch_level"],
-                         a["level_downsample"], a["read_size_px"], a["extent_level0_px"], a["extent_level0_px"])
+    geom = PatchGeometry.from_store_attrs(a)
     slide_h = openslide.open_slide(str(slide))
     t = time.perf_counter()
     n_bytes = 0

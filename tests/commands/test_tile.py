@@ -80,8 +80,7 @@ def test_saved_patches_equal_direct_reads(tmp_path, cohort, fmt) -> None:
     with PatchStore(outcome.store) as store, open_slide(entries[0].path) as slide:
         assert store.has_patches and len(store) == outcome.n_patches
         a = store.attrs
-        geom = PatchGeometry(a["target_mpp"], a["effective_mpp"], a["patch_size_px"], a["stride_px"], a["patch_level"],
-                             a["level_downsample"], a["read_size_px"], a["extent_level0_px"], a["extent_level0_px"])
+        geom = PatchGeometry.from_store_attrs(a)
         for i in (0, len(store) // 2, len(store) - 1):
             x, y = store.coords[i]
             direct = read_patch(slide, x_px=int(x), y_px=int(y), geometry=geom).astype(int)

@@ -8,6 +8,7 @@ size there (``patch_size_px``); *level* = the pyramid level pixels are read from
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,18 @@ class PatchGeometry:
     @property
     def resized(self) -> bool:
         return self.read_size_px != self.patch_size_px
+
+    @classmethod
+    def from_store_attrs(cls, attrs: dict[str, Any]) -> PatchGeometry:
+        """The geometry a store was tiled with (its root attributes, see ``wsi-mil tile``)."""
+        extent = float(attrs["extent_level0_px"])
+        return cls(
+            target_mpp=float(attrs["target_mpp"]), effective_mpp=float(attrs["effective_mpp"]),
+            patch_size_px=int(attrs["patch_size_px"]), stride_px=int(attrs["stride_px"]),
+            level=int(attrs["patch_level"]), level_downsample=float(attrs["level_downsample"]),
+            read_size_px=int(attrs["read_size_px"]), extent_level0_px=extent,
+            step_level0_px=extent * int(attrs["stride_px"]) / int(attrs["patch_size_px"]),
+        )
 
     def to_dict(self) -> dict[str, float | int | bool]:
         d: dict[str, float | int | bool] = asdict(self)

@@ -65,7 +65,10 @@ def _hsv(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], ...]:
 
 def pen_mask(rgb: npt.NDArray[np.uint8]) -> BoolMask:
     """Pixels that look like marker ink (green, blue, red, black)."""
-    h, s, v = _hsv(rgb)
+    return _ink(*_hsv(rgb))
+
+
+def _ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> BoolMask:
     green_blue = (h >= 65) & (h <= 250) & (s > 0.25) & (v > 0.15)
     reddish = (h >= 320) | (h <= 15)
     red = ((h >= 345) | (h <= 15)) & (s > 0.65) & (v > 0.55)
@@ -84,11 +87,11 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt.NDA
     background = np.empty(rgb.shape[:2], dtype=bool)
     for y0 in range(0, h, _STRIP_ROWS):
         strip = rgb[y0 : y0 + _STRIP_ROWS]
-        _, s, v = _hsv(strip)
+        hue, s, v = _hsv(strip)
         sat[y0 : y0 + _STRIP_ROWS] = np.round(s * 255).astype(np.uint8)
         art = v < params.dark_value
         if params.reject_pen:
-            art |= pen_mask(strip)
+            art |= _ink(hue, s, v)
         artefact[y0 : y0 + _STRIP_ROWS] = art
         background[y0 : y0 + _STRIP_ROWS] = (v > params.background_value) & (s < params.saturation_min)
     return sat, artefact, background

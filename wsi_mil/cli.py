@@ -61,7 +61,7 @@ def _default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_mil.config import TileConfig
+    from wsi_mil.config import ExtractConfig, TileConfig
 
     parser = argparse.ArgumentParser(prog="wsi-mil", description="Weakly supervised whole-slide image classification (MIL).")
     parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
@@ -84,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug; default: info)")
     tile.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
     _add_config_options(tile, TileConfig)
+
+    ext = sub.add_parser(
+        "extract-features", help="embed the tiled patches with a frozen encoder into feature stores",
+        description="Read each slide's patches (from the slide by coordinates, or the pixels saved by "
+                    "`tile --save-patches`) in background reader processes, embed them with a frozen encoder "
+                    "(default: ImageNet EfficientNet-Lite0, offline) and write one feature store per slide "
+                    "(features + coords, CLAM-compatible HDF5 or Zarr) under OUT/features/. Work is saved in "
+                    "chunks: a killed run resumes mid-slide. Exit status: 0 all slides done, 1 some failed, "
+                    "2 bad options.",
+    )
+    ext.add_argument("inputs", nargs="+", metavar="INPUT", help="tile output folders (with patches/), folders of patch stores, or store files")
+    ext.add_argument("--out", required=True, type=Path, help="output folder (features/, features_report.json, extract.log)")
+    ext.add_argument("--config", type=Path, help="YAML recipe with an 'extract_features:' section (see pipelines/); flags override it")
+    ext.add_argument("--slides", type=Path, action="append", default=[], help="folder holding the slides, when they moved since tiling (repeatable)")
+    ext.add_argument("--overwrite", action="store_true", help="replace existing feature stores (needed to switch encoder)")
+    ext.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
+    ext.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ext.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug)")
+    ext.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
+    _add_config_options(ext, ExtractConfig)
 
     synth = sub.add_parser(
         "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",
@@ -137,12 +157,45 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
 
 
-def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, write_text: Any) -> None:
+def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, write_text: Any,
+                           section: str = "tile", extra: dict[str, Any] | None = None) -> None:
     import yaml
 
-    body = {"wsi_mil_version": __version__, "command": "tile", "inputs": [str(i) for i in args.inputs],
-            "workers": args.workers, "scheduler": args.scheduler, "tile": config.to_dict()}
+    if extra is None:
+        extra = {"workers": args.workers, "scheduler": args.scheduler}
+    body = {"wsi_mil_version": __version__, "command": args.command, "inputs": [str(i) for i in args.inputs],
+            **extra, section: config.to_dict()}
     write_text(path, yaml.safe_dump(body, sort_keys=False))
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.extract_features import run_extract
+    from wsi_mil.config import ExtractConfig, build_config, load_recipe
+    from wsi_mil.io.atomic import write_text
+
+    if args.list_encoders:
+        from wsi_mil.encoders import available
+
+        for name, desc in available().items():
+            print(f"{name:24s} {desc}")
+        return EXIT_OK
+    args.out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(args.verbose, args.out / "extract.log")
+    recipe = load_recipe(args.config, "extract_features") if args.config else None
+    config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
+    _write_resolved_config(args.out / "extract_config.yaml", config, args, write_text, "extract_features",
+                           {"slides": [str(s) for s in args.slides]})
+    report = run_extract(args.inputs, out_dir=args.out, config=config, overwrite=args.overwrite,
+                         slide_dirs=args.slides, progress=not args.no_progress)
+    print(report.table())
+    d = report.to_dict()
+    rate = f", {d['patches_per_s']:.1f} patches/s while embedding" if d["patches_per_s"] else ""
+    print(f"\n{len(report.outcomes)} slide(s): {d['counts']}; {d['n_features']} features "
+          f"({report.encoder['encoder']}, {report.encoder['dim']}-d) in {report.seconds:.1f} s{rate}")
+    print(f"feature stores: {args.out / 'features'}   report: {args.out / 'features_report.json'}")
+    if not report.ok:
+        print(f"some slides failed; see the messages above and {args.out / 'extract.log'}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -168,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"tile": _cmd_tile, "synth": _cmd_synth, "demo": _cmd_demo}
+    commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except WsiMilError as exc:

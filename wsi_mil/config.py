@@ -111,3 +111,65 @@ def build_config(cls: type, *, recipe: dict[str, Any] | None = None, overrides: 
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of ``wsi-mil extract-features``."""
+
+    encoder: str = _opt("efficientnet_lite0", "encoder: a registered name (efficientnet_lite0: offline ImageNet weights) or any timm model name, e.g. resnet50.a1_in1k")
+    weights: str | None = _opt(None, "local weights file (.safetensors or .pth state dict) for the encoder; loaded as weights only")
+    random_init: bool = _opt(False, "allow a randomly initialised encoder (tests and debugging only; recorded in every store)")
+    source: str = _opt("auto", "where pixels come from: slide (read by coordinates), store (JPEG pixels saved by tile --save-patches), auto", choices=("auto", "slide", "store"))
+    batch_size: int = _opt(32, "patches per forward pass")
+    readers: int = _opt(1, "background reader processes (each with its own slide handle); 0 reads in the main process")
+    prefetch: int = _opt(4, "batches each reader prepares ahead")
+    precision: str = _opt("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _opt(True, "run the encoder in channels-last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = _opt(False, "torch.compile the encoder (slow start, faster steady state on GPU)")
+    threads: int | None = _opt(None, "intra-op threads of the encoder on CPU (default: PyTorch's choice, one per core)")
+    devices: str = _opt("auto", "auto (every CUDA GPU, else cpu), cpu, cuda, or a list such as cuda:0,cuda:1; slides are sharded across devices, one process each")
+    chunk_batches: int = _opt(8, "batches per resumable chunk written to disk")
+    format: str = _opt("h5", "feature store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
+    tta_flips: bool = _opt(False, "test-time augmentation: average features over the patch and its horizontal and vertical flips")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be positive"),
+            (self.readers >= 0, "--readers must be 0 or more"),
+            (self.prefetch >= 1, "--prefetch must be positive"),
+            (self.threads is None or self.threads >= 1, "--threads must be positive"),
+            (self.chunk_batches >= 1, "--chunk-batches must be positive"),
+            (self.source in ("auto", "slide", "store"), "--source must be auto, slide or store"),
+            (self.format in ("h5", "zarr"), "--format must be h5 or zarr"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def device_list(self) -> list[str]:
+        """The devices to shard slides over."""
+        import torch
+
+        spec = self.devices.strip().lower()
+        if spec == "auto":
+            n = torch.cuda.device_count()
+            return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+        if spec == "cuda":
+            n = torch.cuda.device_count()
+            if not n:
+                raise ConfigError("--devices cuda: no CUDA GPU is visible; use --devices cpu")
+            return [f"cuda:{i}" for i in range(n)]
+        devices = [d.strip() for d in spec.split(",") if d.strip()]
+        for d in devices:
+            if d == "cpu":
+                continue
+            if not d.startswith("cuda:") or not d[5:].isdigit():
+                raise ConfigError(f"--devices: {d!r} is not cpu, cuda or cuda:N")
+            if int(d[5:]) >= torch.cuda.device_count():
+                raise ConfigError(f"--devices: {d} is not available ({torch.cuda.device_count()} CUDA GPU(s) visible)")
+        return devices
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

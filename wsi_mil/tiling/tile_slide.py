@@ -105,6 +105,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "created_by": "wsi-mil tile",
         "slide_id": entry.slide_id,
         "slide_file": entry.path.name,
+        "slide_path": str(entry.path.resolve()),
         "slide_sha256": file_sha256(entry.path),
         "slide_size_bytes": entry.path.stat().st_size,
         "slide_width_px": int(w0),

@@ -1,0 +1,300 @@
+"""`wsi-mil extract-features`: tiler stores -> frozen encoder -> one feature store per slide.
+
+Slides are sharded across devices (one process per device; a single device runs in
+this process). Per slide: a finished store with the same encoder and coordinates is
+skipped; one from another encoder is refused unless ``--overwrite``; unfinished chunks
+from an earlier run are continued. A bad slide is reported and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_mil import __version__
+from wsi_mil.config import ExtractConfig
+from wsi_mil.errors import StoreError, WsiMilError
+from wsi_mil.io.atomic import write_json
+from wsi_mil.io.features import FeatureWriter, coords_sha256
+from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureOutcome:
+    slide_id: str
+    status: str  # ok | cached | empty | failed
+    n_patches: int = 0
+    n_features: int = 0
+    n_unreadable: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    device: str = ""
+    store: str | None = None
+    message: str = ""
+
+
+@dataclass
+class ExtractReport:
+    outcomes: list[FeatureOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    encoder: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(o.status == "failed" for o in self.outcomes)
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        embedded = sum(o.n_features for o in self.outcomes if o.status == "ok")
+        busy = sum(o.seconds for o in self.outcomes if o.status == "ok")
+        return {"ok": self.ok, "seconds": round(self.seconds, 3), "counts": counts, "encoder": self.encoder,
+                "n_features": sum(o.n_features for o in self.outcomes),
+                "patches_per_s": round(embedded / busy, 2) if busy else None,
+                "slides": [asdict(o) for o in self.outcomes]}
+
+    def table(self) -> str:
+        rows = [("slide", "status", "patches", "features", "unreadable", "sec", "patches/s", "note")]
+        for o in self.outcomes:
+            rate = f"{(o.n_features - o.resumed_from) / o.seconds:.1f}" if o.status == "ok" and o.seconds else "-"
+            rows.append((o.slide_id, o.status, str(o.n_patches), str(o.n_features), str(o.n_unreadable),
+                         f"{o.seconds:.1f}", rate, o.message.splitlines()[0][:80] if o.message else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        problems = [o for o in self.outcomes if o.status == "failed" or o.n_unreadable]
+        if problems:
+            lines += ["", "problems (full messages):"] + [f"  [{o.status}] {o.slide_id}: {o.message}" for o in problems]
+        return "\n".join(lines)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def find_stores(inputs: list[str | Path]) -> list[Path]:
+    """Patch stores from tile run folders (``patches/`` inside), folders of stores, or store paths."""
+    stores: list[Path] = []
+    for item in map(Path, inputs):
+        if item.suffix in (".h5", ".zarr") and item.exists():
+            stores.append(item)
+        elif item.is_dir():
+            folder = item / "patches" if (item / "patches").is_dir() else item
+            found = sorted(p for p in folder.iterdir() if p.suffix in (".h5", ".zarr") and not p.name.endswith((".partial", ".parts")))
+            if not found:
+                raise WsiMilError(f"{item}: no patch stores (*.h5 / *.zarr) found; run `wsi-mil tile` first")
+            stores += found
+        else:
+            raise WsiMilError(f"{item}: not a patch store or a folder of them")
+    ids = [s.stem for s in stores]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise WsiMilError(f"slide id(s) {dupes} appear in more than one input store; give each slide once")
+    return stores
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """What a shard process needs to embed one slide (small and picklable)."""
+
+    slide_id: str
+    store: str
+    out: str
+    n_patches: int
+
+
+def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: str, overwrite: bool,
+          slide_dirs: list[Path]) -> SlideSpec | FeatureOutcome:
+    attrs = read_complete_attrs(store)
+    sid = store.stem
+    if attrs is None:
+        return FeatureOutcome(sid, "failed", message=f"{store}: not a finished patch store (re-run `wsi-mil tile`)")
+    n = int(attrs.get("n_patches", 0))
+    out = features_dir / f"{sid}{SUFFIX[config.format]}"
+    done = read_complete_attrs(out)
+    if done is not None and not overwrite:
+        if done.get("encoder_fingerprint") != encoder_fp:
+            return FeatureOutcome(sid, "failed", n, store=str(out), message=(
+                f"{out} holds features from another encoder ({done.get('encoder')}, weights "
+                f"{str(done.get('weights_sha256'))[:12]}) or other settings; features of two encoders are never mixed "
+                "in one store. Use --overwrite to replace them, or another --out"))
+        with PatchStore(store) as s:
+            if done.get("coords_sha256") != coords_sha256(s.coords):
+                return FeatureOutcome(sid, "failed", n, store=str(out), message=(
+                    f"{out} was computed from other patch coordinates (the slide was re-tiled); use --overwrite"))
+        return FeatureOutcome(sid, "cached", n, int(done.get("n_features", 0)), int(done.get("n_unreadable", 0)),
+                              store=str(out), message="already embedded (cached)")
+    if overwrite:
+        _remove(out)
+        _remove(out.with_name(out.name + ".parts"))
+    return SlideSpec(sid, str(store), str(out), n)
+
+
+def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path]) -> str:
+    recorded = attrs.get("slide_path")
+    if recorded and Path(recorded).exists():
+        return str(recorded)
+    name = attrs.get("slide_file")
+    for d in slide_dirs:
+        if name and (d / name).exists():
+            return str(d / name)
+    raise WsiMilError(f"{sid}: the slide file {recorded or name} is not there any more; pass --slides DIR with the "
+                      "slides, or tile with --save-patches and use --source store")
+
+
+# -- one device -----------------------------------------------------------------------------
+def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_dirs: list[str],
+              progress: bool = False, position: int = 0) -> list[FeatureOutcome]:
+    """Embed ``specs`` on ``device``; runs in this process or in a per-device process."""
+    from tqdm import tqdm
+
+    from wsi_mil.encoders import build_encoder
+    from wsi_mil.encoders.extract import embed_jobs
+    from wsi_mil.encoders.loader import SlideJob
+    from wsi_mil.tiling.grid import PatchGeometry
+
+    encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
+    encoder.tta_flips = config.tta_flips
+    desc = encoder.describe()
+    outcomes: dict[str, FeatureOutcome] = {}
+    jobs, writers, finals = [], [], []
+    for spec in specs:
+        try:
+            with PatchStore(spec.store) as s:
+                attrs, coords, clam = s.attrs, s.coords, s.coords_attrs
+                has_pixels = s.has_patches
+            source = config.source if config.source != "auto" else ("store" if has_pixels else "slide")
+            if source == "store" and not has_pixels:
+                raise WsiMilError(f"{spec.slide_id}: --source store, but the store has no pixels (tile with --save-patches)")
+            slide_path = _slide_path(attrs, spec.slide_id, [Path(d) for d in slide_dirs]) if source == "slide" else None
+            if slide_path is not None and Path(slide_path).stat().st_size != attrs.get("slide_size_bytes"):
+                raise WsiMilError(f"{spec.slide_id}: {slide_path} changed since it was tiled (size differs); re-run `wsi-mil tile`")
+            c_sha = coords_sha256(coords)
+            meta = {**desc, "dim": encoder.dim, "encoder_fingerprint": encoder.fingerprint(), "coords_sha256": c_sha,
+                    "fingerprint": f"{encoder.fingerprint()}-{c_sha[:16]}",
+                    "chunk_patches": config.batch_size * config.chunk_batches, "batch_size": config.batch_size}
+            writer = FeatureWriter(Path(spec.out), config.format, meta, len(coords))  # type: ignore[arg-type]
+            start = writer.start()
+            geometry = PatchGeometry.from_store_attrs(attrs)
+            jobs.append(SlideJob(spec.slide_id, source, slide_path, spec.store, geometry, coords, start))
+            writers.append(writer)
+            final_attrs = {
+                "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
+                "slide_sha256": attrs.get("slide_sha256"), "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
+                "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
+                "patch_level": attrs.get("patch_level"), "source_store": str(Path(spec.store).resolve()),
+                "pixel_source": source, "n_patches": len(coords), "device": device,
+                "precision": config.precision, "channels_last": config.channels_last,
+            }
+            finals.append((coords, clam, final_attrs))
+            outcomes[spec.slide_id] = FeatureOutcome(spec.slide_id, "ok", len(coords), resumed_from=start, device=device)
+            if start:
+                logger.info("%s: resuming after %d of %d patches", spec.slide_id, start, len(coords))
+        except Exception as exc:  # noqa: BLE001 - a bad slide is reported; the batch goes on
+            outcomes[spec.slide_id] = _failed(spec, exc)
+
+    settings = _settings(config, device)
+    total = sum(j.n_patches - j.start for j in jobs)
+    with tqdm(total=total, desc=f"embed [{device}]", unit="patch", unit_scale=True, disable=not progress, position=position) as bar:
+        try:
+            for j, seconds in embed_jobs(jobs, writers, encoder, settings, on_batch=bar.update):
+                sid = jobs[j].slide_id
+                try:
+                    coords, clam, final_attrs = finals[j]
+                    path, bad = writers[j].finish(coords, clam, final_attrs)
+                    o = outcomes[sid]
+                    with PatchStore(path) as fs:
+                        o.n_features = int(fs.attrs["n_features"])
+                    o.n_unreadable, o.seconds, o.store = len(bad), seconds, str(path)
+                    o.status = "ok" if o.n_features else "empty"
+                    if bad:
+                        o.message = (f"{len(bad)} unreadable patch(es) left out, e.g. level-0 ({bad[0]['x']}, {bad[0]['y']}): "
+                                     f"{bad[0]['error']}; all listed in the store's 'unreadable_patches' attribute")
+                except Exception as exc:  # noqa: BLE001
+                    outcomes[sid] = _failed(SlideSpec(sid, "", "", jobs[j].n_patches), exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. the device failed; unfinished slides resume next run
+            for job in jobs:
+                if outcomes[job.slide_id].status == "ok" and outcomes[job.slide_id].store is None:
+                    outcomes[job.slide_id] = _failed(SlideSpec(job.slide_id, "", "", job.n_patches), exc)
+    return [outcomes[s.slide_id] for s in specs]
+
+
+def _settings(config: ExtractConfig, device: str) -> Any:
+    from wsi_mil.encoders.extract import RunSettings
+
+    return RunSettings(device=device, precision=config.precision, batch_size=config.batch_size, num_workers=config.readers,
+                       prefetch=config.prefetch, channels_last=config.channels_last, compile=config.compile,
+                       threads=config.threads, chunk_batches=config.chunk_batches)
+
+
+def _failed(spec: SlideSpec, exc: BaseException) -> FeatureOutcome:
+    if isinstance(exc, (WsiMilError, StoreError)):
+        message = str(exc)
+    else:
+        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
+        message = f"unexpected {type(exc).__name__}: {exc}{where}"
+    logger.error("%s: %s", spec.slide_id, message)
+    return FeatureOutcome(spec.slide_id, "failed", spec.n_patches, message=message)
+
+
+# -- sharding ---------------------------------------------------------------------------------
+def shard(specs: list[SlideSpec], n_devices: int) -> list[list[SlideSpec]]:
+    """Balance slides over devices by patch count (largest first onto the least loaded)."""
+    shards: list[list[SlideSpec]] = [[] for _ in range(n_devices)]
+    load = [0] * n_devices
+    for spec in sorted(specs, key=lambda s: (-s.n_patches, s.slide_id)):
+        k = min(range(n_devices), key=lambda i: (load[i], i))
+        shards[k].append(spec)
+        load[k] += spec.n_patches
+    return shards
+
+
+def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfig, overwrite: bool = False,
+                slide_dirs: list[Path] | None = None, progress: bool = True) -> ExtractReport:
+    """Embed every slide of ``inputs``; writes ``features/`` and ``features_report.json`` in ``out_dir``."""
+    from wsi_mil.encoders import build_encoder
+
+    t0 = time.perf_counter()
+    stores = find_stores(inputs)
+    devices = config.device_list()
+    features_dir = out_dir / "features"
+    features_dir.mkdir(parents=True, exist_ok=True)
+    probe = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
+    probe.tta_flips = config.tta_flips
+    encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
+    del probe
+    planned = [_plan(s, features_dir, config, encoder_fp, overwrite, slide_dirs or []) for s in stores]
+    todo = [p for p in planned if isinstance(p, SlideSpec)]
+    results: dict[str, FeatureOutcome] = {p.slide_id: p for p in planned if isinstance(p, FeatureOutcome)}
+    for o in results.values():
+        if o.status == "failed":
+            logger.error("%s: %s", o.slide_id, o.message)
+    dirs = [str(d) for d in slide_dirs or []]
+    if todo:
+        logger.info("embedding %d slide(s) with %s on %s", len(todo), config.encoder, ", ".join(devices))
+        if len(devices) == 1:
+            for o in run_shard(todo, config, devices[0], dirs, progress):
+                results[o.slide_id] = o
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            shards = shard(todo, len(devices))
+            with ProcessPoolExecutor(len(devices), mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(run_shard, part, config, dev, dirs, progress, i)
+                           for i, (part, dev) in enumerate(zip(shards, devices, strict=True)) if part]
+                for fut, part in zip(futures, [p for p in shards if p], strict=True):
+                    try:
+                        outs = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - a crashed device process fails its slides only
+                        outs = [_failed(s, exc) for s in part]
+                    for o in outs:
+                        results[o.slide_id] = o
+    report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)
+    write_json(out_dir / "features_report.json", report.to_dict())
+    return report

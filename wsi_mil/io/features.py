@@ -1,0 +1,208 @@
+"""Per-slide feature stores, written incrementally so a killed run resumes mid-slide.
+
+Final layout (HDF5, readable by CLAM-style tools, or Zarr; same names)::
+
+    features      (N, D) float32, chunked along patches
+    coords        (N, 2) int64 level-0 (x, y), with the patch store's CLAM attributes
+    patch_index   (N,) int64, row of each feature in the slide's patch store
+    root attrs    provenance: encoder, weights hash, transform, mpp, patch size, source
+                  store, coordinates hash, unreadable patches, package version, "complete"
+
+While a slide is in progress its finished chunks live in ``<store>.parts/`` as one
+``.npz`` per chunk (each written to a temporary name and renamed), plus ``meta.json``
+naming the encoder and the coordinates they belong to. A re-run continues after the
+last finished chunk; when all chunks are in, the final store is assembled into
+``<store>.partial`` and renamed into place, and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.errors import StoreError
+from wsi_mil.io.atomic import write_json
+from wsi_mil.io.store import PARTIAL, PatchStore, StoreFormat, _attr_value, _remove, read_complete_attrs
+
+PARTS = ".parts"
+_PART_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.npz$")
+
+
+def coords_sha256(coords: npt.NDArray[np.int64]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).tobytes()).hexdigest()
+
+
+class FeatureWriter:
+    """Chunked, resumable writer of one slide's feature store.
+
+    Args:
+        final_path: where the finished store goes (``.h5`` or ``.zarr``).
+        meta: provenance; must contain ``fingerprint`` (encoder + coordinates), which
+            decides whether existing parts may be continued.
+        n_total: number of patches in the slide's patch store.
+    """
+
+    def __init__(self, final_path: Path, fmt: StoreFormat, meta: Mapping[str, Any], n_total: int) -> None:
+        self.final_path = final_path
+        self.fmt = fmt
+        self.meta = dict(meta)
+        self.n_total = n_total
+        self.parts_dir = final_path.with_name(final_path.name + PARTS)
+
+    # -- resume -------------------------------------------------------------------------
+    def existing_fingerprint(self) -> str | None:
+        meta = self.parts_dir / "meta.json"
+        if not meta.exists():
+            return None
+        try:
+            return str(json.loads(meta.read_text())["fingerprint"])
+        except (OSError, ValueError, KeyError):
+            return "unreadable"
+
+    def start(self, *, discard: bool = False) -> int:
+        """Prepare the parts folder and return the patch index to continue from.
+
+        Raises:
+            StoreError: parts from another encoder or other coordinates are present and
+                ``discard`` is False.
+        """
+        found = self.existing_fingerprint()
+        if found is not None and found != self.meta["fingerprint"]:
+            if not discard:
+                raise StoreError(
+                    f"{self.parts_dir} holds unfinished features from another encoder or other coordinates "
+                    f"(fingerprint {found}, this run {self.meta['fingerprint']}); features of two encoders are "
+                    "never mixed in one store. Use --overwrite to discard them, or another --out"
+                )
+            shutil.rmtree(self.parts_dir)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.parts_dir / "meta.json", self.meta)
+        for tmp in self.parts_dir.glob("*.tmp*"):
+            tmp.unlink()
+        return self._done_until()
+
+    def _parts(self) -> list[tuple[int, int, Path]]:
+        parts = []
+        for p in self.parts_dir.iterdir():
+            m = _PART_RE.match(p.name)
+            if m:
+                parts.append((int(m.group(1)), int(m.group(2)), p))
+        return sorted(parts)
+
+    def _done_until(self) -> int:
+        done = 0
+        for a, b, p in self._parts():
+            if a != done:  # a gap: keep only the contiguous prefix
+                p.unlink()
+                continue
+            done = b
+        return done
+
+    # -- chunks ---------------------------------------------------------------------------
+    def write_chunk(self, start: int, end: int, features: npt.NDArray[np.float32],
+                    patch_index: npt.NDArray[np.int64], bad: list[dict[str, Any]]) -> None:
+        """Persist the features of input patches ``[start, end)`` (unreadable ones left out)."""
+        if len(features) != len(patch_index):
+            raise ValueError("features and patch_index differ in length")
+        final = self.parts_dir / f"chunk-{start:010d}-{end:010d}.npz"
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, features=features.astype(np.float32, copy=False), patch_index=patch_index.astype(np.int64),
+                     bad=np.frombuffer(json.dumps(bad).encode(), dtype=np.uint8))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+
+    # -- assembly ---------------------------------------------------------------------------
+    def finish(self, coords: npt.NDArray[np.int64], clam_attrs: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+        """Assemble all chunks into the final store (atomically); returns it and the unreadable patches."""
+        parts = self._parts()
+        if self._done_until() != self.n_total:
+            raise StoreError(f"{self.final_path}: chunks cover {self._done_until()} of {self.n_total} patches")
+        loaded = []
+        n_rows, dim, bad = 0, int(self.meta["dim"]), []
+        for _, _, p in parts:
+            with np.load(p) as z:
+                idx = z["patch_index"]
+                bad += json.loads(z["bad"].tobytes().decode() or "[]")
+            loaded.append((p, len(idx)))
+            n_rows += len(idx)
+        tmp = self.final_path.with_name(self.final_path.name + PARTIAL)
+        _remove(tmp)
+        chunk_rows = max(1, min(max(n_rows, 1), max(1, (1 << 22) // (4 * dim))))  # about 4 MB per chunk
+        if self.fmt == "h5":
+            import h5py
+
+            root: Any = h5py.File(tmp, "w")
+            feats = root.create_dataset("features", shape=(n_rows, dim), dtype=np.float32,
+                                        chunks=(chunk_rows, dim) if n_rows else None)
+            index = root.create_dataset("patch_index", shape=(n_rows,), dtype=np.int64)
+        else:
+            import zarr
+
+            root = zarr.open_group(str(tmp), mode="w")
+            feats = root.create_array("features", shape=(n_rows, dim), dtype=np.float32, chunks=(chunk_rows, dim))
+            index = root.create_array("patch_index", shape=(n_rows,), dtype=np.int64, chunks=(max(1, n_rows),))
+        try:
+            row = 0
+            all_index = np.zeros(n_rows, dtype=np.int64)
+            for p, k in loaded:
+                if not k:
+                    continue
+                with np.load(p) as z:
+                    feats[row:row + k] = z["features"]
+                    all_index[row:row + k] = z["patch_index"]
+                row += k
+            if n_rows:
+                index[...] = all_index
+            kept = np.asarray(coords, dtype=np.int64)[all_index].reshape(n_rows, 2)
+            if self.fmt == "h5":
+                c = root.create_dataset("coords", data=kept)
+            else:
+                c = root.create_array("coords", shape=kept.shape, dtype=np.int64, chunks=(max(1, n_rows), 2))
+                if n_rows:
+                    c[...] = kept
+            for key, value in clam_attrs.items():
+                c.attrs[key] = _attr_value(value)
+            for key, value in {**self.meta, **attrs, "n_features": n_rows, "n_unreadable": len(bad),
+                               "unreadable_patches": bad, "complete": True}.items():
+                root.attrs[key] = _attr_value(value)
+        finally:
+            if self.fmt == "h5":
+                root.close()
+        _remove(self.final_path)
+        os.replace(tmp, self.final_path)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return self.final_path, bad
+
+
+class FeatureStore(PatchStore):
+    """Read access to a finished feature store."""
+
+    @property
+    def features(self) -> npt.NDArray[np.float32]:
+        return np.asarray(self._root["features"][...], dtype=np.float32)
+
+    @property
+    def patch_index(self) -> npt.NDArray[np.int64]:
+        return np.asarray(self._root["patch_index"][...], dtype=np.int64)
+
+    @property
+    def dim(self) -> int:
+        return int(self._root["features"].shape[1])
+
+    def __len__(self) -> int:
+        return int(self._root["features"].shape[0])
+
+
+def finished_feature_attrs(path: Path) -> dict[str, Any] | None:
+    return read_complete_attrs(path)

@@ -169,6 +169,9 @@ def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, wr
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    # Before torch loads OpenMP: idle encoder threads sleep instead of spinning, so the
+    # reader processes can use those cycles (on 2 cores: about +10 % end to end).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from wsi_mil.commands.extract_features import run_extract
     from wsi_mil.config import ExtractConfig, build_config, load_recipe
     from wsi_mil.io.atomic import write_text

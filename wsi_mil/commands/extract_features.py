@@ -148,7 +148,7 @@ def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path]) -> str:
 
 # -- one device -----------------------------------------------------------------------------
 def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_dirs: list[str],
-              progress: bool = False, position: int = 0) -> list[FeatureOutcome]:
+              progress: bool = False, position: int = 0, encoder: Any = None) -> list[FeatureOutcome]:
     """Embed ``specs`` on ``device``; runs in this process or in a per-device process."""
     from tqdm import tqdm
 
@@ -157,8 +157,9 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
     from wsi_mil.encoders.loader import SlideJob
     from wsi_mil.tiling.grid import PatchGeometry
 
-    encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
-    encoder.tta_flips = config.tta_flips
+    if encoder is None:
+        encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
+        encoder.tta_flips = config.tta_flips
     desc = encoder.describe()
     outcomes: dict[str, FeatureOutcome] = {}
     jobs, writers, finals = [], [], []
@@ -267,7 +268,6 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     probe = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
     probe.tta_flips = config.tta_flips
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
-    del probe
     planned = [_plan(s, features_dir, config, encoder_fp, overwrite, slide_dirs or []) for s in stores]
     todo = [p for p in planned if isinstance(p, SlideSpec)]
     results: dict[str, FeatureOutcome] = {p.slide_id: p for p in planned if isinstance(p, FeatureOutcome)}
@@ -278,7 +278,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     if todo:
         logger.info("embedding %d slide(s) with %s on %s", len(todo), config.encoder, ", ".join(devices))
         if len(devices) == 1:
-            for o in run_shard(todo, config, devices[0], dirs, progress):
+            for o in run_shard(todo, config, devices[0], dirs, progress, encoder=probe):
                 results[o.slide_id] = o
         else:
             import multiprocessing as mp

@@ -37,7 +37,7 @@ class SlideJob:
 
     @property
     def n_patches(self) -> int:
-        return int(len(self.coords))
+        return len(self.coords)
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,7 +112,8 @@ class BatchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # readers decode and resize; the encoder owns the other cores
+    torch.set_num_threads(1)  # readers decode and resize; the encoder owns the cores
+
 
 
 def make_loader(dataset: BatchDataset, *, num_workers: int, prefetch: int, pin_memory: bool) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]

@@ -31,7 +31,14 @@ import numpy.typing as npt
 
 from wsi_mil.errors import StoreError
 from wsi_mil.io.atomic import write_json
-from wsi_mil.io.store import PARTIAL, PatchStore, StoreFormat, _attr_value, _remove, read_complete_attrs
+from wsi_mil.io.store import (
+    PARTIAL,
+    PatchStore,
+    StoreFormat,
+    _attr_value,
+    _remove,
+    read_complete_attrs,
+)
 
 PARTS = ".parts"
 _PART_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.npz$")

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run the pipeline on the built-in sample cohort (offline)",
         description="Builds a small labelled cohort from the bundled real tissue, tiles it together with the "
-                    "bundled real slide, and prints the run summary and where the QC images are.",
+                    "bundled real slide, embeds every patch with the offline ImageNet EfficientNet-Lite0, and "
+                    "prints the run summaries and where the QC images and feature stores are.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="output folder")
@@ -168,10 +169,14 @@ def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, wr
     write_text(path, yaml.safe_dump(body, sort_keys=False))
 
 
-def _cmd_extract(args: argparse.Namespace) -> int:
-    # Before torch loads OpenMP: idle encoder threads sleep instead of spinning, so the
-    # reader processes can use those cycles (on 2 cores: about +10 % end to end).
+def _prefer_passive_omp() -> None:
+    """Before torch loads OpenMP: idle encoder threads sleep instead of spinning, so the
+    patch readers can use those cycles (see benchmarks/results/extract.md)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    _prefer_passive_omp()
     from wsi_mil.commands.extract_features import run_extract
     from wsi_mil.config import ExtractConfig, build_config, load_recipe
     from wsi_mil.io.atomic import write_text
@@ -212,6 +217,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,10 @@ def test_pickled_code_is_not_loaded(tmp_path) -> None:
 
 
 def test_no_silent_random_init(monkeypatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on the offline machines: the hub cannot be reached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(ConfigError, match="--weights FILE"):
         build_encoder("resnet18")
     enc = build_encoder("resnet18", allow_random_init=True)

@@ -1,7 +1,8 @@
 """`wsi-mil demo`: the README's main command — the whole pipeline so far on the built-in sample.
 
 Today the pipeline is: generate a small labelled cohort from the bundled real tissue,
-then tile it together with the bundled real slide (CMU-1-Small-Region).
+tile it together with the bundled real slide (CMU-1-Small-Region), then embed every
+patch with the offline pretrained encoder (ImageNet EfficientNet-Lite0).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import csv
 import logging
 from pathlib import Path
 
-from wsi_mil.config import TileConfig
+from wsi_mil.config import ExtractConfig, TileConfig
 from wsi_mil.data.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool) -> int:
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.synth.cohort import make_cohort
 
-    print(f"[1/2] generating {DEMO_SLIDES} slides ({DEMO_SIZE_PX} px, real H&E tissue, tumour in half) ...")
+    print(f"[1/3] generating {DEMO_SLIDES} slides ({DEMO_SIZE_PX} px, real H&E tissue, tumour in half) ...")
     cohort = make_cohort(out_dir / "slides", n_slides=DEMO_SLIDES, positive_fraction=0.5, size_px=DEMO_SIZE_PX,
                          tumour_size_um=(400.0, 1200.0), seed=seed, progress=progress)
     manifest = _demo_manifest(out_dir, cohort)
-    print(f"[2/2] tiling {DEMO_SLIDES + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
+    print(f"[2/3] tiling {DEMO_SLIDES + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=TileConfig(),
                       workers=workers, progress=progress)
     print()
@@ -51,4 +52,17 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool) -> int:
     print(f"stores:      {out_dir / 'tiles' / 'patches'}")
     print(f"QC images:   {out_dir / 'tiles' / 'qc'}  (e.g. {report.outcomes[-1].qc_png})")
     print(f"run report:  {out_dir / 'tiles' / 'run_report.json'}")
-    return 0 if report.ok else 1
+
+    from wsi_mil.commands.extract_features import run_extract
+
+    config = ExtractConfig()
+    print(f"\n[3/3] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
+    features = run_extract([out_dir / "tiles"], out_dir=out_dir / "tiles", config=config, progress=progress)
+    print()
+    print(features.table())
+    f = features.to_dict()
+    rate = f", {f['patches_per_s']:.1f} patches/s" if f["patches_per_s"] else ""
+    print(f"\n{f['n_features']} features ({features.encoder['dim']}-d) in {features.seconds:.1f} s{rate}: {f['counts']}")
+    print(f"feature stores: {out_dir / 'tiles' / 'features'}")
+    print(f"report:         {out_dir / 'tiles' / 'features_report.json'}")
+    return 0 if report.ok and features.ok else 1

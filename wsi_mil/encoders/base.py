@@ -32,15 +32,16 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # Pillow filter used to resize the patch (antialiased)
 
-    def resize_uint8(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-        """(H, W, 3) uint8 -> (S, S, 3) uint8; a no-op when the patch already has the input size."""
-        if rgb.shape[0] == self.input_size and rgb.shape[1] == self.input_size:
-            return rgb
+    def resize_uint8(self, rgb: npt.NDArray[np.uint8] | Any) -> npt.NDArray[np.uint8]:
+        """(H, W, 3) uint8 array or RGB Pillow image -> (S, S, 3) uint8 (antialiased resize;
+        no resize when the patch already has the input size)."""
         from PIL import Image
 
-        filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-        size = (self.input_size, self.input_size)
-        return np.asarray(Image.fromarray(rgb).resize(size, filters.get(self.interpolation, Image.Resampling.BILINEAR)))
+        img = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
+        if img.size != (self.input_size, self.input_size):
+            filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+            img = img.resize((self.input_size, self.input_size), filters.get(self.interpolation, Image.Resampling.BILINEAR))
+        return np.asarray(img)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

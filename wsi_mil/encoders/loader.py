@@ -54,14 +54,15 @@ def _store_handle(path: str) -> Any:
     return PatchStore(path)
 
 
-def _read_one(job: SlideJob, i: int) -> npt.NDArray[np.uint8]:
-    from wsi_mil.tiling.patches import decode_jpeg, read_patch
+def _read_one(job: SlideJob, i: int) -> Any:
+    """Patch ``i`` as an RGB Pillow image."""
+    from wsi_mil.tiling.patches import decode_jpeg_image, read_patch_image
 
     if job.source == "store":
-        return decode_jpeg(_store_handle(job.store_path).patch_jpeg(i))
+        return decode_jpeg_image(_store_handle(job.store_path).patch_jpeg(i))
     x, y = job.coords[i]
     assert job.slide_path is not None
-    return read_patch(_slide_handle(job.slide_path), x_px=int(x), y_px=int(y), geometry=job.geometry)
+    return read_patch_image(_slide_handle(job.slide_path), x_px=int(x), y_px=int(y), geometry=job.geometry)
 
 
 def read_batch(job: SlideJob, start: int, end: int, pre: Preprocess) -> dict[str, Any]:

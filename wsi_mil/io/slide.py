@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -154,18 +154,26 @@ def file_sha256(path: str | Path, *, chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_region_image(slide: object, *, x_px: int, y_px: int, level: int, width: int, height: int) -> Any:
+    """Read a region as an RGB Pillow image, compositing transparent pixels on white.
+
+    ``x_px``/``y_px`` are level-0 coordinates; ``width``/``height`` are at ``level``. The
+    common, fully opaque case stays in Pillow (no numpy round trip).
+    """
+    from PIL import Image
+
+    region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
+    if region.mode != "RGBA" or region.getextrema()[3][0] == 255:
+        return region.convert("RGB")
+    # outside the scanned area OpenSlide returns transparent pixels (straight alpha)
+    rgba = np.asarray(region)
+    a = rgba[..., 3:4].astype(np.uint16)
+    rgb = ((rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
 def read_region_rgb(
     slide: object, *, x_px: int, y_px: int, level: int, width: int, height: int
 ) -> npt.NDArray[np.uint8]:
-    """Read a region as an RGB uint8 array, compositing transparent pixels on white.
-
-    ``x_px``/``y_px`` are level-0 coordinates; ``width``/``height`` are at ``level``.
-    """
-    region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
-    rgba = np.asarray(region)
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3]
-    if alpha.min() < 255:  # outside the scanned area: OpenSlide returns transparent pixels
-        a = alpha[..., None].astype(np.uint16)
-        rgb = ((rgb.astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb)
+    """Like :func:`read_region_image`, as an (H, W, 3) uint8 array."""
+    return np.asarray(read_region_image(slide, x_px=x_px, y_px=y_px, level=level, width=width, height=height))

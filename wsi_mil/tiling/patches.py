@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from wsi_mil.io.slide import read_region_rgb
+from wsi_mil.io.slide import read_region_image
 from wsi_mil.tiling.grid import PatchGeometry
 
 
@@ -21,44 +22,54 @@ def _cached_handle(path: str) -> object:
     return openslide.open_slide(path)
 
 
-def read_patch(slide: object, *, x_px: int, y_px: int, geometry: PatchGeometry) -> npt.NDArray[np.uint8]:
-    """Read one patch at the target resolution as (P, P, 3) uint8."""
+def read_patch_image(slide: object, *, x_px: int, y_px: int, geometry: PatchGeometry) -> Any:
+    """Read one patch at the target resolution as an RGB Pillow image."""
     from PIL import Image
 
-    rgb = read_region_rgb(
+    img = read_region_image(
         slide, x_px=x_px, y_px=y_px, level=geometry.level,
         width=geometry.read_size_px, height=geometry.read_size_px,
     )
     if geometry.resized:  # Pillow's resize is antialiased when downscaling
-        size = (geometry.patch_size_px, geometry.patch_size_px)
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-    return rgb
+        img = img.resize((geometry.patch_size_px, geometry.patch_size_px), Image.Resampling.BILINEAR)
+    return img
 
 
-def encode_jpeg(rgb: npt.NDArray[np.uint8], *, quality: int) -> bytes:
-    """JPEG-encode an RGB patch (4:4:4 chroma, so thin stain detail survives)."""
+def read_patch(slide: object, *, x_px: int, y_px: int, geometry: PatchGeometry) -> npt.NDArray[np.uint8]:
+    """Read one patch at the target resolution as (P, P, 3) uint8."""
+    return np.asarray(read_patch_image(slide, x_px=x_px, y_px=y_px, geometry=geometry))
+
+
+def encode_jpeg(rgb: npt.NDArray[np.uint8] | Any, *, quality: int) -> bytes:
+    """JPEG-encode an RGB patch, array or Pillow image (4:4:4 chroma, so thin stain detail survives)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=0)
+    img = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
+    img.save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
+
+
+def decode_jpeg_image(data: bytes | npt.NDArray[np.uint8]) -> Any:
+    """Decode a stored patch to an RGB Pillow image."""
+    from PIL import Image
+
+    raw = data.tobytes() if isinstance(data, np.ndarray) else data
+    return Image.open(io.BytesIO(raw)).convert("RGB")
 
 
 def decode_jpeg(data: bytes | npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """Decode a stored patch back to (P, P, 3) uint8."""
-    from PIL import Image
-
-    raw = data.tobytes() if isinstance(data, np.ndarray) else data
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    return np.asarray(decode_jpeg_image(data))
 
 
 def iter_patches(
     slide_path: str, coords_px: npt.NDArray[np.int64], geometry: PatchGeometry
-) -> Iterator[npt.NDArray[np.uint8]]:
-    """Yield patches for ``coords_px`` read from a per-process handle of ``slide_path``."""
+) -> Iterator[Any]:
+    """Yield patches (RGB Pillow images) for ``coords_px`` read from a per-process handle of ``slide_path``."""
     slide = _cached_handle(slide_path)
     for x, y in coords_px:
-        yield read_patch(slide, x_px=int(x), y_px=int(y), geometry=geometry)
+        yield read_patch_image(slide, x_px=int(x), y_px=int(y), geometry=geometry)
 
 
 def extract_jpeg_chunk(

@@ -39,7 +39,7 @@ from wsi_mil.encoders import build_encoder
 from wsi_mil.encoders.extract import RunSettings, prepare
 a = json.loads(sys.argv[1])
 enc = build_encoder(a["encoder"], allow_random_init=a["random_init"])
-run, dev, _ = prepare(enc, RunSettings(device=a["device"], precision=a["precision"], batch_size=a["batch_size"],
+run, dev = prepare(enc, RunSettings(device=a["device"], precision=a["precision"], batch_size=a["batch_size"],
                                        channels_last=a["channels_last"], compile=a["compile"], threads=a["threads"]))
 s = enc.preprocess.input_size
 g = torch.Generator().manual_seed(0)

@@ -60,6 +60,13 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Progress and log verbosity, the same for every batch command."""
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug; default: info)")
+    parser.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from wsi_mil.config import ExtractConfig, TileConfig
 
@@ -80,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--workers", type=int, default=_default_workers(), help=f"worker processes of the local Dask cluster (default: {_default_workers()})")
     tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
-    tile.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    tile.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug; default: info)")
-    tile.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
+    _add_output_options(tile)
     _add_config_options(tile, TileConfig)
 
     ext = sub.add_parser(
@@ -100,9 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--slides", type=Path, action="append", default=[], help="folder holding the slides, when they moved since tiling (repeatable)")
     ext.add_argument("--overwrite", action="store_true", help="replace existing feature stores (needed to switch encoder)")
     ext.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
-    ext.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    ext.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug)")
-    ext.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
+    _add_output_options(ext)
     _add_config_options(ext, ExtractConfig)
 
     synth = sub.add_parser(

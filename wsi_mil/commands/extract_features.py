@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsi_mil import __version__
+from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import ExtractConfig
-from wsi_mil.errors import StoreError, WsiMilError
+from wsi_mil.errors import WsiMilError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
 from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
@@ -50,9 +50,7 @@ class ExtractReport:
         return not any(o.status == "failed" for o in self.outcomes)
 
     def to_dict(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for o in self.outcomes:
-            counts[o.status] = counts.get(o.status, 0) + 1
+        counts = status_counts(o.status for o in self.outcomes)
         embedded = sum(o.n_features for o in self.outcomes if o.status == "ok")
         busy = sum(o.seconds for o in self.outcomes if o.status == "ok")
         return {"ok": self.ok, "seconds": round(self.seconds, 3), "counts": counts, "encoder": self.encoder,
@@ -66,13 +64,8 @@ class ExtractReport:
             rate = f"{(o.n_features - o.resumed_from) / o.seconds:.1f}" if o.status == "ok" and o.seconds else "-"
             rows.append((o.slide_id, o.status, str(o.n_patches), str(o.n_features), str(o.n_unreadable),
                          f"{o.seconds:.1f}", rate, o.message.splitlines()[0][:80] if o.message else ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        problems = [o for o in self.outcomes if o.status == "failed" or o.n_unreadable]
-        if problems:
-            lines += ["", "problems (full messages):"] + [f"  [{o.status}] {o.slide_id}: {o.message}" for o in problems]
-        return "\n".join(lines)
+        problems = [f"[{o.status}] {o.slide_id}: {o.message}" for o in self.outcomes if o.status == "failed" or o.n_unreadable]
+        return format_table(rows, problems)
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -107,8 +100,8 @@ class SlideSpec:
     n_patches: int
 
 
-def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: str, overwrite: bool,
-          slide_dirs: list[Path]) -> SlideSpec | FeatureOutcome:
+def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: str,
+          overwrite: bool) -> SlideSpec | FeatureOutcome:
     attrs = read_complete_attrs(store)
     sid = store.stem
     if attrs is None:
@@ -161,6 +154,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
         encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
         encoder.tta_flips = config.tta_flips
     desc = encoder.describe()
+    settings = _settings(config, device)
     outcomes: dict[str, FeatureOutcome] = {}
     jobs, writers, finals = [], [], []
     for spec in specs:
@@ -177,7 +171,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             c_sha = coords_sha256(coords)
             meta = {**desc, "dim": encoder.dim, "encoder_fingerprint": encoder.fingerprint(), "coords_sha256": c_sha,
                     "fingerprint": f"{encoder.fingerprint()}-{c_sha[:16]}",
-                    "chunk_patches": config.batch_size * config.chunk_batches, "batch_size": config.batch_size}
+                    "chunk_patches": settings.chunk_patches, "batch_size": settings.batch_size}
             writer = FeatureWriter(Path(spec.out), config.format, meta, len(coords))  # type: ignore[arg-type]
             start = writer.start()
             geometry = PatchGeometry.from_store_attrs(attrs)
@@ -196,9 +190,8 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             if start:
                 logger.info("%s: resuming after %d of %d patches", spec.slide_id, start, len(coords))
         except Exception as exc:  # noqa: BLE001 - a bad slide is reported; the batch goes on
-            outcomes[spec.slide_id] = _failed(spec, exc)
+            outcomes[spec.slide_id] = _failed(spec.slide_id, spec.n_patches, exc)
 
-    settings = _settings(config, device)
     total = sum(j.n_patches - j.start for j in jobs)
     with tqdm(total=total, desc=f"embed [{device}]", unit="patch", unit_scale=True, disable=not progress, position=position) as bar:
         try:
@@ -206,21 +199,19 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                 sid = jobs[j].slide_id
                 try:
                     coords, clam, final_attrs = finals[j]
-                    path, bad = writers[j].finish(coords, clam, final_attrs)
+                    path, n_rows, bad = writers[j].finish(coords, clam, final_attrs)
                     o = outcomes[sid]
-                    with PatchStore(path) as fs:
-                        o.n_features = int(fs.attrs["n_features"])
-                    o.n_unreadable, o.seconds, o.store = len(bad), seconds, str(path)
+                    o.n_features, o.n_unreadable, o.seconds, o.store = n_rows, len(bad), seconds, str(path)
                     o.status = "ok" if o.n_features else "empty"
                     if bad:
                         o.message = (f"{len(bad)} unreadable patch(es) left out, e.g. level-0 ({bad[0]['x']}, {bad[0]['y']}): "
                                      f"{bad[0]['error']}; all listed in the store's 'unreadable_patches' attribute")
                 except Exception as exc:  # noqa: BLE001
-                    outcomes[sid] = _failed(SlideSpec(sid, "", "", jobs[j].n_patches), exc)
+                    outcomes[sid] = _failed(sid, jobs[j].n_patches, exc)
         except Exception as exc:  # noqa: BLE001 - e.g. the device failed; unfinished slides resume next run
             for job in jobs:
                 if outcomes[job.slide_id].status == "ok" and outcomes[job.slide_id].store is None:
-                    outcomes[job.slide_id] = _failed(SlideSpec(job.slide_id, "", "", job.n_patches), exc)
+                    outcomes[job.slide_id] = _failed(job.slide_id, job.n_patches, exc)
     return [outcomes[s.slide_id] for s in specs]
 
 
@@ -232,15 +223,10 @@ def _settings(config: ExtractConfig, device: str) -> Any:
                        threads=config.threads, chunk_batches=config.chunk_batches)
 
 
-def _failed(spec: SlideSpec, exc: BaseException) -> FeatureOutcome:
-    if isinstance(exc, (WsiMilError, StoreError)):
-        message = str(exc)
-    else:
-        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
-        message = f"unexpected {type(exc).__name__}: {exc}{where}"
-    logger.error("%s: %s", spec.slide_id, message)
-    return FeatureOutcome(spec.slide_id, "failed", spec.n_patches, message=message)
+def _failed(slide_id: str, n_patches: int, exc: BaseException) -> FeatureOutcome:
+    message = failure_message(exc)
+    logger.error("%s: %s", slide_id, message)
+    return FeatureOutcome(slide_id, "failed", n_patches, message=message)
 
 
 # -- sharding ---------------------------------------------------------------------------------
@@ -268,7 +254,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     probe = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
     probe.tta_flips = config.tta_flips
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
-    planned = [_plan(s, features_dir, config, encoder_fp, overwrite, slide_dirs or []) for s in stores]
+    planned = [_plan(s, features_dir, config, encoder_fp, overwrite) for s in stores]
     todo = [p for p in planned if isinstance(p, SlideSpec)]
     results: dict[str, FeatureOutcome] = {p.slide_id: p for p in planned if isinstance(p, FeatureOutcome)}
     for o in results.values():
@@ -292,7 +278,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
                     try:
                         outs = fut.result()
                     except Exception as exc:  # noqa: BLE001 - a crashed device process fails its slides only
-                        outs = [_failed(s, exc) for s in part]
+                        outs = [_failed(s.slide_id, s.n_patches, exc) for s in part]
                     for o in outs:
                         results[o.slide_id] = o
     report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)

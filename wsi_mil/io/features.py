@@ -37,7 +37,6 @@ from wsi_mil.io.store import (
     StoreFormat,
     _attr_value,
     _remove,
-    read_complete_attrs,
 )
 
 PARTS = ".parts"
@@ -75,22 +74,20 @@ class FeatureWriter:
         except (OSError, ValueError, KeyError):
             return "unreadable"
 
-    def start(self, *, discard: bool = False) -> int:
+    def start(self) -> int:
         """Prepare the parts folder and return the patch index to continue from.
 
         Raises:
-            StoreError: parts from another encoder or other coordinates are present and
-                ``discard`` is False.
+            StoreError: parts from another encoder or other coordinates are present
+                (``--overwrite`` removes them before this is called).
         """
         found = self.existing_fingerprint()
         if found is not None and found != self.meta["fingerprint"]:
-            if not discard:
-                raise StoreError(
-                    f"{self.parts_dir} holds unfinished features from another encoder or other coordinates "
-                    f"(fingerprint {found}, this run {self.meta['fingerprint']}); features of two encoders are "
-                    "never mixed in one store. Use --overwrite to discard them, or another --out"
-                )
-            shutil.rmtree(self.parts_dir)
+            raise StoreError(
+                f"{self.parts_dir} holds unfinished features from another encoder or other coordinates "
+                f"(fingerprint {found}, this run {self.meta['fingerprint']}); features of two encoders are "
+                "never mixed in one store. Use --overwrite to discard them, or another --out"
+            )
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.parts_dir / "meta.json", self.meta)
         for tmp in self.parts_dir.glob("*.tmp*"):
@@ -130,22 +127,27 @@ class FeatureWriter:
         os.replace(tmp, final)
 
     # -- assembly ---------------------------------------------------------------------------
-    def finish(self, coords: npt.NDArray[np.int64], clam_attrs: Mapping[str, Any], attrs: Mapping[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
-        """Assemble all chunks into the final store (atomically); returns it and the unreadable patches."""
-        parts = self._parts()
-        if self._done_until() != self.n_total:
-            raise StoreError(f"{self.final_path}: chunks cover {self._done_until()} of {self.n_total} patches")
-        loaded = []
-        n_rows, dim, bad = 0, int(self.meta["dim"]), []
-        for _, _, p in parts:
+    def finish(self, coords: npt.NDArray[np.int64], clam_attrs: Mapping[str, Any],
+               attrs: Mapping[str, Any]) -> tuple[Path, int, list[dict[str, Any]]]:
+        """Assemble all chunks into the final store (atomically).
+
+        Returns:
+            The store, its number of feature rows, and the unreadable patches.
+        """
+        done = self._done_until()
+        if done != self.n_total:
+            raise StoreError(f"{self.final_path}: chunks cover {done} of {self.n_total} patches")
+        parts, indices, bad = [], [], []
+        for _, _, p in self._parts():
             with np.load(p) as z:
-                idx = z["patch_index"]
+                indices.append(z["patch_index"])
                 bad += json.loads(z["bad"].tobytes().decode() or "[]")
-            loaded.append((p, len(idx)))
-            n_rows += len(idx)
+            parts.append(p)
+        all_index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        n_rows, dim = len(all_index), int(self.meta["dim"])
         tmp = self.final_path.with_name(self.final_path.name + PARTIAL)
         _remove(tmp)
-        chunk_rows = max(1, min(max(n_rows, 1), max(1, (1 << 22) // (4 * dim))))  # about 4 MB per chunk
+        chunk_rows = max(1, min(n_rows, (1 << 22) // (4 * dim)))  # about 4 MB per chunk
         if self.fmt == "h5":
             import h5py
 
@@ -161,14 +163,11 @@ class FeatureWriter:
             index = root.create_array("patch_index", shape=(n_rows,), dtype=np.int64, chunks=(max(1, n_rows),))
         try:
             row = 0
-            all_index = np.zeros(n_rows, dtype=np.int64)
-            for p, k in loaded:
-                if not k:
-                    continue
-                with np.load(p) as z:
-                    feats[row:row + k] = z["features"]
-                    all_index[row:row + k] = z["patch_index"]
-                row += k
+            for p, idx in zip(parts, indices, strict=True):
+                if len(idx):
+                    with np.load(p) as z:
+                        feats[row:row + len(idx)] = z["features"]
+                    row += len(idx)
             if n_rows:
                 index[...] = all_index
             kept = np.asarray(coords, dtype=np.int64)[all_index].reshape(n_rows, 2)
@@ -189,7 +188,7 @@ class FeatureWriter:
         _remove(self.final_path)
         os.replace(tmp, self.final_path)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
-        return self.final_path, bad
+        return self.final_path, n_rows, bad
 
 
 class FeatureStore(PatchStore):
@@ -209,7 +208,3 @@ class FeatureStore(PatchStore):
 
     def __len__(self) -> int:
         return int(self._root["features"].shape[0])
-
-
-def finished_feature_attrs(path: Path) -> dict[str, Any] | None:
-    return read_complete_attrs(path)

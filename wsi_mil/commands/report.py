@@ -1,0 +1,36 @@
+"""Pieces shared by the batch commands' run reports: status counts, tables, failure messages."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Sequence
+
+from wsi_mil.errors import WsiMilError
+
+
+def status_counts(statuses: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def format_table(rows: Sequence[Sequence[str]], problems: Sequence[str] = ()) -> str:
+    """Left-aligned columns under a dashed rule (``rows[0]`` is the header), then the full
+    text of every problem, which the table's note column only starts."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if problems:
+        lines += ["", "problems (full messages):"] + [f"  {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def failure_message(exc: BaseException, expected: tuple[type[BaseException], ...] = (WsiMilError,)) -> str:
+    """Expected errors speak for themselves; anything else keeps its type and the last
+    frame, for the bug report."""
+    if isinstance(exc, expected):
+        return str(exc)
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
+    return f"unexpected {type(exc).__name__}: {exc}{where}"

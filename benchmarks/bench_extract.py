@@ -60,12 +60,21 @@ print(json.dumps({"patches_per_s": n / el, "patches": n, "warmup_s": warm, "thre
 """
 
 
-def limit(args: argparse.Namespace, *, channels_last: bool = True, threads: int | None = None,
-          omp_wait: str | None = "PASSIVE", compile: bool = False, seconds: float = 20.0) -> dict:
+def _env(omp_wait: str | None, glibc_default: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
+    env.pop("WSI_MIL_GLIBC_MMAP", None)
     if omp_wait:
         env["OMP_WAIT_POLICY"] = omp_wait
+    if glibc_default:
+        env["WSI_MIL_GLIBC_MMAP"] = "default"
+    return env
+
+
+def limit(args: argparse.Namespace, *, channels_last: bool = True, threads: int | None = None,
+          omp_wait: str | None = "", compile: bool = False, glibc_default: bool = False,
+          seconds: float = 20.0) -> dict:
+    env = _env(omp_wait if omp_wait != "" else args.omp_wait, glibc_default)
     spec = {"encoder": args.encoder, "random_init": args.random_init, "device": args.device, "precision": args.precision,
             "batch_size": args.batch_size, "channels_last": channels_last, "compile": compile, "threads": threads,
             "seconds": seconds}
@@ -82,7 +91,7 @@ def end_to_end(args: argparse.Namespace, tiles: Path, out: Path, source: str) ->
     if args.random_init:
         cmd.append("--random-init")
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=_env(args.omp_wait))
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(res.stdout[-1500:] + res.stderr[-1500:])
@@ -105,6 +114,7 @@ def main() -> None:
     p.add_argument("--readers", type=int, default=1)
     p.add_argument("--size", type=int, default=20000, help="side of the generated slide")
     p.add_argument("--skip-variants", action="store_true", help="skip the CPU-limit variants")
+    p.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for all runs (the CLI's default is PASSIVE)")
     p.add_argument("--tag", default="", help="suffix of the results files (e.g. _h100)")
     args = p.parse_args()
 
@@ -130,10 +140,12 @@ def main() -> None:
     res["end_to_end"] = [{**r, "ratio_vs_limit": r["patches_per_s"] / ref} for r in e2e]
     if not args.skip_variants and args.device == "cpu":
         variants = {
-            "reference: channels-last, OMP passive wait, default threads": {},
+            f"reference: channels-last, OMP {args.omp_wait.lower()} wait, glibc heap reuse, default threads": {},
+            "glibc's default mmap for large blocks (page faults every batch)": {"glibc_default": True},
             "contiguous (NCHW) instead of channels-last": {"channels_last": False},
             "1 thread": {"threads": 1},
-            "OpenMP default (active spin) wait": {"omp_wait": None},
+            "OpenMP passive wait": {"omp_wait": "PASSIVE"},
+            "OpenMP active (spin) wait": {"omp_wait": "ACTIVE"},
             "torch.compile": {"compile": True},
         }
         res["cpu_limit_variants"] = {}

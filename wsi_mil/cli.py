@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil import __version__
+from wsi_mil.runtime import prefer_passive_omp
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
 logger = logging.getLogger("wsi_mil")
@@ -172,14 +173,8 @@ def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, wr
     write_text(path, yaml.safe_dump(body, sort_keys=False))
 
 
-def _prefer_passive_omp() -> None:
-    """Before torch loads OpenMP: idle encoder threads sleep instead of spinning, so the
-    patch readers can use those cycles (see benchmarks/results/extract.md)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
-    _prefer_passive_omp()
+    prefer_passive_omp()
     from wsi_mil.commands.extract_features import run_extract
     from wsi_mil.config import ExtractConfig, build_config, load_recipe
     from wsi_mil.io.atomic import write_text
@@ -220,7 +215,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _prefer_passive_omp()
+    prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,7 @@ class ExtractConfig:
     chunk_batches: int = _opt(8, "batches per resumable chunk written to disk")
     format: str = _opt("h5", "feature store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
     tta_flips: bool = _opt(False, "test-time augmentation: average features over the patch and its horizontal and vertical flips")
+    stain_norm: str = _opt("none", "test-time stain normalisation on the device, in the same pass: none or macenko (to a reference H&E)", choices=("none", "macenko"))
 
     def __post_init__(self) -> None:
         checks = [

@@ -87,6 +87,20 @@ def test_stored_pixels_give_nearly_the_same_features(cmu_tiles, cmu_features, tm
     assert not np.array_equal(fa, fb)
 
 
+def test_stain_normalisation_runs_in_the_pipeline_and_is_part_of_the_provenance(cmu_tiles, cmu_features, tmp_path) -> None:
+    cfg = ExtractConfig(source="slide", stain_norm="macenko", **FAST)
+    assert run_extract([cmu_tiles], out_dir=tmp_path, config=cfg, progress=False).ok
+    with FeatureStore(cmu_features[0] / "features" / "cmu-1-small-region.h5") as a, \
+            FeatureStore(tmp_path / "features" / "cmu-1-small-region.h5") as b:
+        fa, fb, transforms = a.features, b.features, b.attrs["transforms"]
+    assert list(transforms) == ["stain_norm:macenko"]
+    assert fa.shape == fb.shape and np.isfinite(fb).all()
+    cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
+    assert cos.mean() < 0.99  # the patches were recoloured before the encoder saw them
+    plain = run_extract([cmu_tiles], out_dir=tmp_path, config=ExtractConfig(source="slide", **FAST), progress=False)
+    assert not plain.ok and "never mixed" in plain.outcomes[0].message
+
+
 def test_rerun_is_cached_and_another_encoder_is_refused_unless_overwrite(cmu_tiles, tmp_path) -> None:
     cfg = ExtractConfig(source="store", **FAST)
     assert run_extract([cmu_tiles], out_dir=tmp_path, config=cfg, progress=False).ok

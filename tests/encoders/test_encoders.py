@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wsi_mil.encoders import available, build_encoder
-from wsi_mil.encoders.base import state_dict_sha256
+from wsi_mil.encoders.base import Preprocess, state_dict_sha256
 from wsi_mil.encoders.registry import imagenet_classifier_lite0
 from wsi_mil.errors import ConfigError
 
@@ -144,3 +144,38 @@ def test_no_silent_random_init(monkeypatch) -> None:
 def test_unknown_encoder_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="not a registered encoder"):
         build_encoder("no_such_net_v9")
+
+
+def test_reader_strips_equal_patch_by_patch_reads_on_a_real_slide(cmu_slide, tmp_path) -> None:
+    """Adjacent patches read as one strip (and stored JPEGs read as one range) give the
+    same pixels as reading every patch alone; the batch resize matches Pillow's."""
+    import openslide
+    from PIL import Image
+
+    from wsi_mil.commands.tile import run_tile
+    from wsi_mil.config import TileConfig
+    from wsi_mil.data.manifest import resolve_inputs
+    from wsi_mil.encoders.loader import SlideJob, _runs, read_batch
+    from wsi_mil.io.store import PatchStore
+    from wsi_mil.tiling.grid import PatchGeometry
+    from wsi_mil.tiling.patches import decode_jpeg, read_patch
+
+    run_tile(resolve_inputs([cmu_slide]), out_dir=tmp_path, config=TileConfig(save_patches=True), workers=1, progress=False)
+    with PatchStore(tmp_path / "patches" / "cmu-1-small-region.h5") as ps:
+        coords = ps.coords
+        geometry = PatchGeometry.from_store_attrs(ps.attrs)
+        jpegs = [ps.patch_jpeg(i) for i in range(len(ps))]
+        assert ps.patch_jpegs(3, 11) == jpegs[3:11]
+    job = SlideJob("cmu", "slide", str(cmu_slide), str(tmp_path / "patches" / "cmu-1-small-region.h5"), geometry, coords)
+    runs = _runs(job, 0, len(coords))
+    assert max(b - a for a, b in runs) > 1 and sum(b - a for a, b in runs) == len(coords)
+    pre = Preprocess(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    n = min(len(coords), 40)
+    got = read_batch(job, 0, n, pre)
+    slide = openslide.open_slide(str(cmu_slide))
+    want = np.stack([pre.resize_uint8(read_patch(slide, x_px=int(x), y_px=int(y), geometry=geometry)) for x, y in coords[:n]])
+    np.testing.assert_array_equal(got["images"].permute(0, 2, 3, 1).numpy(), want)
+    assert got["images"].is_contiguous(memory_format=torch.channels_last)
+    pil = np.stack([np.asarray(Image.fromarray(decode_jpeg(j)).resize((224, 224), Image.Resampling.BILINEAR)) for j in jpegs[:n]])
+    stored = read_batch(SlideJob("cmu", "store", None, job.store_path, geometry, coords), 0, n, pre)["images"]
+    assert np.abs(stored.permute(0, 2, 3, 1).numpy().astype(int) - pil).max() <= 1

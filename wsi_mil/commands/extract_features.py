@@ -140,19 +140,29 @@ def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path]) -> str:
 
 
 # -- one device -----------------------------------------------------------------------------
+def _build(config: ExtractConfig) -> Any:
+    """The encoder with the run's test-time transforms (part of its fingerprint)."""
+    from wsi_mil.encoders import build_encoder
+    from wsi_mil.encoders.stain import STAIN_METHODS
+
+    encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
+    encoder.tta_flips = config.tta_flips
+    if config.stain_norm != "none":
+        encoder.add_transform(f"stain_norm:{config.stain_norm}", STAIN_METHODS[config.stain_norm])
+    return encoder
+
+
 def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_dirs: list[str],
               progress: bool = False, position: int = 0, encoder: Any = None) -> list[FeatureOutcome]:
     """Embed ``specs`` on ``device``; runs in this process or in a per-device process."""
     from tqdm import tqdm
 
-    from wsi_mil.encoders import build_encoder
     from wsi_mil.encoders.extract import embed_jobs
     from wsi_mil.encoders.loader import SlideJob
     from wsi_mil.tiling.grid import PatchGeometry
 
     if encoder is None:
-        encoder = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
-        encoder.tta_flips = config.tta_flips
+        encoder = _build(config)
     desc = encoder.describe()
     settings = _settings(config, device)
     outcomes: dict[str, FeatureOutcome] = {}
@@ -244,15 +254,12 @@ def shard(specs: list[SlideSpec], n_devices: int) -> list[list[SlideSpec]]:
 def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfig, overwrite: bool = False,
                 slide_dirs: list[Path] | None = None, progress: bool = True) -> ExtractReport:
     """Embed every slide of ``inputs``; writes ``features/`` and ``features_report.json`` in ``out_dir``."""
-    from wsi_mil.encoders import build_encoder
-
     t0 = time.perf_counter()
     stores = find_stores(inputs)
     devices = config.device_list()
     features_dir = out_dir / "features"
     features_dir.mkdir(parents=True, exist_ok=True)
-    probe = build_encoder(config.encoder, weights=config.weights, allow_random_init=config.random_init)
-    probe.tta_flips = config.tta_flips
+    probe = _build(config)
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
     planned = [_plan(s, features_dir, config, encoder_fp, overwrite) for s in stores]
     todo = [p for p in planned if isinstance(p, SlideSpec)]

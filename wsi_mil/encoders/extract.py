@@ -21,6 +21,7 @@ import torch
 from wsi_mil.encoders.base import Encoder
 from wsi_mil.encoders.loader import BatchDataset, SlideJob, make_loader
 from wsi_mil.io.features import FeatureWriter
+from wsi_mil.runtime import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def prepare(encoder: Encoder, settings: RunSettings) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.device]:
     """Move the encoder to its device and return the batch function to call."""
     device = torch.device(settings.device)
-    if device.type == "cpu" and settings.threads:
-        torch.set_num_threads(settings.threads)
+    if device.type == "cpu":
+        reuse_freed_memory()  # no page faults per layer per batch (wsi_mil/runtime.py)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -117,7 +120,7 @@ def embed_jobs(
     run, device = prepare(encoder, settings)
     dataset = BatchDataset(jobs, encoder.preprocess, settings.batch_size)
     loader = make_loader(dataset, num_workers=settings.num_workers, prefetch=settings.prefetch,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", low_priority=device.type == "cpu")
     progress = {j: SlideProgress(job, writers[j], chunk_start=job.start) for j, job in enumerate(jobs)}
     for j, job in enumerate(jobs):  # nothing left to embed (all chunks done, or no patches)
         if job.start >= job.n_patches:

@@ -163,7 +163,7 @@ def read_region_image(slide: object, *, x_px: int, y_px: int, level: int, width:
     from PIL import Image
 
     region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
-    if region.mode != "RGBA" or region.getextrema()[3][0] == 255:
+    if region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255:
         return region.convert("RGB")
     # outside the scanned area OpenSlide returns transparent pixels (straight alpha)
     rgba = np.asarray(region)

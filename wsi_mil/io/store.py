@@ -190,6 +190,15 @@ class PatchStore:
         a, b = int(off[i]), int(off[i + 1])
         return bytes(np.asarray(self._root["patch_jpeg"][a:b], dtype=np.uint8).tobytes())
 
+    def patch_jpegs(self, start: int, end: int) -> list[bytes]:
+        """The JPEG bytes of patches ``[start, end)`` in one read."""
+        if not self.has_patches:
+            raise StoreError(f"{self.path}: no stored pixels; tile with --save-patches")
+        off = np.asarray(self._root["patch_offsets"][start:end + 1], dtype=np.int64)
+        flat = np.asarray(self._root["patch_jpeg"][int(off[0]):int(off[-1])], dtype=np.uint8).tobytes()
+        rel = off - off[0]
+        return [flat[int(rel[k]):int(rel[k + 1])] for k in range(len(rel) - 1)]
+
     def patch(self, i: int) -> npt.NDArray[np.uint8]:
         from wsi_mil.tiling.patches import decode_jpeg
 

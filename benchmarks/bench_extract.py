@@ -3,13 +3,14 @@
 Side by side in one run, with the same encoder, batch size and precision:
 
 * the limit: the encoder's pure forward throughput on in-memory uint8 batches (normalise
-  + network, as in the pipeline), measured in a fresh process before and after the
-  end-to-end runs (their mean is the reference);
+  + network, as in the pipeline), measured in a fresh process between rounds of the
+  end-to-end runs (each run is set against the mean of the limits either side, and the
+  median over rounds is reported; this 2-core machine drifts by up to 10 %);
 * end to end: ``wsi-mil extract-features`` on a generated 20k px slide (real tissue),
   reading patches from the slide by coordinates, and from the JPEG pixels the tiler
   stored; patches/s over the embedding loop, and over the whole command;
-* what the CPU limit gains from channels-last, thread settings, OpenMP's wait policy
-  and torch.compile.
+* what the CPU limit gains from glibc's heap reuse (wsi_mil/runtime.py), channels-last,
+  thread settings, OpenMP's wait policy and torch.compile.
 
 Results: benchmarks/results/extract.json and extract.md (quoted in the README).
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +115,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--readers", type=int, default=1)
     p.add_argument("--size", type=int, default=20000, help="side of the generated slide")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the end-to-end runs")
     p.add_argument("--skip-variants", action="store_true", help="skip the CPU-limit variants")
     p.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for all runs (the CLI's default is PASSIVE)")
     p.add_argument("--tag", default="", help="suffix of the results files (e.g. _h100)")
@@ -128,16 +131,32 @@ def main() -> None:
         tiles = Path(tmp) / "tiles"
         subprocess.run([sys.executable, "-m", "wsi_mil.cli", "tile", str(slide), "--out", str(tiles), "--save-patches",
                         "--workers", "2", "--no-progress", "-q"], check=True, capture_output=True)
-        before = limit(args)
-        print("limit (before)", before, flush=True)
-        e2e = [end_to_end(args, tiles, Path(tmp) / f"f-{src}", src) for src in ("slide", "store")]
-        for r in e2e:
-            print("end to end", r, flush=True)
-        after = limit(args)
-        print("limit (after)", after, flush=True)
-    ref = (before["patches_per_s"] + after["patches_per_s"]) / 2
-    res["limit"] = {"before": before, "after": after, "mean_patches_per_s": ref}
-    res["end_to_end"] = [{**r, "ratio_vs_limit": r["patches_per_s"] / ref} for r in e2e]
+        # interleaved rounds: limit, slide, store, limit, slide, store, ..., limit; the
+        # machine's speed drifts, so each end-to-end run is set against its neighbouring limits
+        limits = [limit(args)]
+        print("limit", limits[-1], flush=True)
+        runs: dict[str, list[dict]] = {"slide": [], "store": []}
+        for rnd in range(args.rounds):
+            for src in ("slide", "store"):
+                r = end_to_end(args, tiles, Path(tmp) / f"f-{src}-{rnd}", src)
+                r["ratio_vs_limit"] = r["patches_per_s"] / ((limits[-1]["patches_per_s"]))
+                runs[src].append(r)
+                print("end to end", r, flush=True)
+            limits.append(limit(args))
+            print("limit", limits[-1], flush=True)
+            for src in ("slide", "store"):  # against the mean of the limits either side
+                r = runs[src][-1]
+                r["ratio_vs_limit"] = r["patches_per_s"] / ((limits[-2]["patches_per_s"] + limits[-1]["patches_per_s"]) / 2)
+    rates = [x["patches_per_s"] for x in limits]
+    ref = statistics.mean(rates)
+    res["limit"] = {"runs": limits, "mean_patches_per_s": ref}
+    e2e = []
+    for src, rs in runs.items():
+        e2e.append({"source": src, "patches": rs[0]["patches"], "runs": rs,
+                    "patches_per_s": statistics.median(r["patches_per_s"] for r in rs),
+                    "ratio_vs_limit": statistics.median(r["ratio_vs_limit"] for r in rs),
+                    "command_patches_per_s": statistics.median(r["command_patches_per_s"] for r in rs)})
+    res["end_to_end"] = e2e
     if not args.skip_variants and args.device == "cpu":
         variants = {
             f"reference: channels-last, OMP {args.omp_wait.lower()} wait, glibc heap reuse, default threads": {},
@@ -160,12 +179,13 @@ def main() -> None:
     md = [f"Encoder `{args.encoder}`, batch {args.batch_size}, {args.precision}, {args.readers} reader(s), on {dev}; "
           f"{e2e[0]['patches']:,} patches of a generated {args.size:,} px slide (real tissue).", "",
           "| run | patches/s | × pure-forward limit |", "|---|---:|---:|",
-          f"| pure forward, in-memory batches (limit; mean of before/after: {before['patches_per_s']:.1f} / {after['patches_per_s']:.1f}) | {ref:.1f} | 1.00 |"]
+          f"| pure forward, in-memory batches (limit; mean of {len(rates)} runs interleaved with the others: {' / '.join(f'{v:.1f}' for v in rates)}) | {ref:.1f} | 1.00 |"]
     for r in res["end_to_end"]:
-        md.append(f"| end to end, pixels from the {'slide (read by coordinates)' if r['source'] == 'slide' else 'stored JPEGs'} | "
-                  f"{r['patches_per_s']:.1f} | {r['ratio_vs_limit']:.2f} |")
+        each = ", ".join(f"{x['ratio_vs_limit']:.2f}" for x in r["runs"])
+        md.append(f"| end to end, pixels from the {'slide (read by coordinates)' if r['source'] == 'slide' else 'stored JPEGs'} "
+                  f"(median of {len(r['runs'])}; each vs its neighbouring limits: {each}) | {r['patches_per_s']:.1f} | {r['ratio_vs_limit']:.2f} |")
     for r in res["end_to_end"]:
-        md.append(f"| whole command incl. start-up ({r['source']}) | {r['command_patches_per_s']:.1f} | {r['command_patches_per_s'] / ref:.2f} |")
+        md.append(f"| whole command incl. start-up and writing ({r['source']}) | {r['command_patches_per_s']:.1f} | {r['command_patches_per_s'] / ref:.2f} |")
     if "cpu_limit_variants" in res:
         base = next(iter(res["cpu_limit_variants"].values())).get("patches_per_s")
         md += ["", "What the CPU limit gains from each setting (pure forward, fresh process each):", "",

@@ -69,7 +69,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_mil.config import ExtractConfig, TileConfig
+    from wsi_mil.config import ExtractConfig, TileConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="wsi-mil", description="Weakly supervised whole-slide image classification (MIL).")
     parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
@@ -108,6 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
     _add_output_options(ext)
     _add_config_options(ext, ExtractConfig)
+
+    tr = sub.add_parser(
+        "train-mil", help="train an attention-MIL model on slide labels, with patient-level splits and evaluation",
+        description="Join the manifest's slide labels with the feature stores, split by patient (held-out test "
+                    "set + stratified group k-fold, or the manifest's split column, checked for patients in two "
+                    "sets), train one model per fold with early stopping on validation, choose the decision "
+                    "threshold on validation and report test metrics per fold, across folds and for the fold "
+                    "ensemble (AUC with bootstrap CI, sensitivity, specificity, PPV, NPV, F1, confusion matrix). "
+                    "Writes weights-only models, metrics.json, report.md, predictions.csv, ROC / confusion / "
+                    "training-curve PNGs and per-slide attention for heatmaps. A re-run resumes at the next "
+                    "untrained fold. Exit status: 0 done, 2 bad options or manifest.",
+    )
+    tr.add_argument("manifest", type=Path, help="manifest CSV with slide_id, patient_id and label column(s) (see slides_manifest/)")
+    tr.add_argument("--features", type=Path, action="append", required=True, help="features/ folder of extract-features (repeatable)")
+    tr.add_argument("--out", required=True, type=Path, help="output folder of the run")
+    tr.add_argument("--config", type=Path, help="YAML recipe with a 'train_mil:' section (see pipelines/); flags override it")
+    tr.add_argument("--list-models", action="store_true", help="print the registered MIL models and exit")
+    _add_output_options(tr)
+    _add_config_options(tr, TrainConfig)
+
+    pr = sub.add_parser(
+        "predict", help="apply a trained run (ensemble of its fold models) to new slides' feature stores",
+        description="Predict slide labels with the fold models of a train-mil run (probabilities averaged; "
+                    "threshold = the mean of the folds' validation thresholds). Writes predictions.csv, "
+                    "attention/<slide>.h5 and predict_report.json. Exit status: 0 all predicted, 1 some "
+                    "stores failed, 2 bad options.",
+    )
+    pr.add_argument("run", type=Path, help="output folder of train-mil")
+    pr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="feature stores, or folders of them (extract-features output)")
+    pr.add_argument("--out", required=True, type=Path, help="output folder")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
     synth = sub.add_parser(
         "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",
@@ -204,6 +235,65 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from wsi_mil.config import TrainConfig, build_config, load_recipe
+
+    if args.list_models:
+        from wsi_mil.mil import available
+
+        for name, desc in available().items():
+            print(f"{name:14s} {desc}")
+        return EXIT_OK
+    import torch
+
+    from wsi_mil.commands.train_mil import require_features, run_train
+    from wsi_mil.io.atomic import write_text
+    from wsi_mil.runtime import reuse_freed_memory
+
+    reuse_freed_memory()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    require_features(args.features)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(args.verbose, args.out / "train.log")
+    recipe = load_recipe(args.config, "train_mil") if args.config else None
+    config = build_config(TrainConfig, recipe=recipe, overrides=_config_overrides(args, TrainConfig))
+    args.inputs = [args.manifest]
+    _write_resolved_config(args.out / "train_config.yaml", config, args, write_text, "train_mil",
+                           {"features": [str(f) for f in args.features]})
+    report = run_train(args.manifest, args.features, out_dir=args.out, config=config, progress=not args.no_progress)
+    print(report_summary(report))
+    return EXIT_OK
+
+
+def report_summary(report: Any) -> str:
+    head = report.headline()
+    where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
+    t = report.task
+    what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
+    lines = [f"task {t.kind} ({what}); {report.metrics['n_slides']} slides; {where}:"]
+    if report.task.kind == "binary":
+        ci = head.get("auc_ci95")
+        auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
+        lines.append(f"  AUC {auc}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                     + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
+    else:
+        lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
+    if report.skipped:
+        lines.append(f"  {len(report.skipped)} slide(s) skipped (no feature store); see train.log")
+    lines.append(f"report: {report.out_dir / 'report.md'}   metrics: {report.out_dir / 'metrics.json'}   models: {report.out_dir / 'models'}")
+    return "\n".join(lines)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.predict import run_predict
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(1, args.out / "predict.log")
+    report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
+    print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
+    return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from wsi_mil.synth.cohort import make_cohort
 
@@ -228,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "demo": _cmd_demo}
+    commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "train-mil": _cmd_train, "predict": _cmd_predict, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except WsiMilError as exc:

@@ -174,3 +174,68 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MIL_MODELS = ("abmil", "gated_abmil", "clam_sb", "transmil", "mean", "max")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of ``wsi-mil train-mil``."""
+
+    model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max", choices=MIL_MODELS)
+    task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=("auto", "binary", "multiclass", "multilabel"))
+    label: str | None = _opt(None, "label column to use when the manifest has several (default: all label columns)")
+    folds: int = _opt(5, "cross-validation folds over the development set (patient-level, stratified); 1 = one train/val split")
+    test_fraction: float = _opt(0.2, "share of patients held out as the test set (0 = none; ignored with a manifest split column)")
+    min_minority_share: float | None = _opt(None, "sample the test set so the minority class is at least this share (e.g. 0.5); metrics also at the true prevalence")
+    epochs: int = _opt(50, "maximum epochs per fold")
+    patience: int = _opt(10, "early stopping: epochs without validation improvement")
+    monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=("auc", "loss"))
+    lr: float = _opt(2e-4, "AdamW learning rate (1 warm-up epoch, then cosine decay)")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay")
+    bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")
+    max_instances: int | None = _opt(4096, "random subset of at most this many instances per bag in training (full bags at evaluation)")
+    imbalance: str = _opt("weighted", "class-imbalance handling: weighted loss, sampler (weighted sampling), focal, none", choices=("weighted", "sampler", "focal", "none"))
+    focal_gamma: float = _opt(2.0, "focal-loss gamma (with --imbalance focal)")
+    hidden: int = _opt(256, "width of the instance embedding")
+    dropout: float = _opt(0.25, "dropout in the instance embedding")
+    threshold: str = _opt("youden", "decision threshold chosen on validation: youden, or sensitivity (see --target-sensitivity)", choices=("youden", "sensitivity"))
+    target_sensitivity: float = _opt(0.9, "with --threshold sensitivity: the lowest validation sensitivity accepted")
+    bootstrap: int = _opt(1000, "bootstrap resamples for the AUC confidence intervals")
+    seed: int = _opt(0, "random seed (splits, initialisation, sampling)")
+    device: str = _opt("auto", "auto (cuda when present), cpu, cuda or cuda:N")
+    cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.folds >= 1, "--folds must be 1 or more"),
+            (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
+            (self.min_minority_share is None or 0 < self.min_minority_share <= 0.5, "--min-minority-share must be in (0, 0.5]"),
+            (self.epochs >= 1, "--epochs must be positive"),
+            (self.patience >= 1, "--patience must be positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
+            (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
+            (0 < self.target_sensitivity <= 1, "--target-sensitivity must be in (0, 1]"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: no CUDA GPU is visible; use --device cpu")
+        return self.device
+
+    def model_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"hidden": self.hidden, "dropout": self.dropout}
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

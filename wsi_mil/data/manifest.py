@@ -43,6 +43,7 @@ class SlideEntry:
     patient_id: str | None = None
     mpp: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    split: str | None = None
 
 
 def slide_id_from_path(path: Path) -> str:
@@ -112,7 +113,8 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if not slide_path.is_absolute():
             slide_path = path.parent / slide_path
         labels = {k: v for k, v in row.items() if LABEL_PATTERN.match(k)}
-        entries.append(SlideEntry(sid, slide_path, row.get("patient_id") or None, mpp, labels))
+        entries.append(SlideEntry(sid, slide_path, row.get("patient_id") or None, mpp, labels,
+                                  (row.get("split") or "").lower() or None))
     _check_duplicates(entries, where, problems)
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))

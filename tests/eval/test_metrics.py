@@ -1,0 +1,54 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_mil.data.splits import prevalence_weights
+from wsi_mil.eval.metrics import binary_metrics, bootstrap_auc_ci, choose_threshold, multiclass_metrics
+
+
+def test_binary_metrics_by_hand() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.3, 0.7, 0.2, 0.1, 0.4, 0.05])
+    m = binary_metrics(y, p, 0.5, n_boot=200)
+    # predicted positive: 0.9, 0.6 (TP), 0.7 (FP); FN: 0.3
+    assert m["confusion"] == [[4, 1], [1, 2]]
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(4 / 5)
+    assert m["ppv"] == pytest.approx(2 / 3) and m["npv"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1)) and m["accuracy"] == pytest.approx(6 / 8)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # AUC: pairs (pos > neg) = 0.9 beats 5, 0.6 beats 4, 0.3 beats 3 -> 12/15
+    assert m["auc"] == pytest.approx(12 / 15)
+    lo, hi = m["auc_ci95"]
+    assert lo <= m["auc"] <= hi and hi - lo > 0.05
+
+
+def test_thresholds_from_validation() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.5, 0.45, 0.3, 0.8, 0.9])
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.8)  # 2/3 sensitivity, no false positive
+    t = choose_threshold(y, p, "sensitivity", target_sensitivity=1.0)
+    assert t == pytest.approx(0.3) and binary_metrics(y, p, t, ci=False)["sensitivity"] == 1.0
+
+
+def test_prevalence_reweighting_changes_ppv_not_sensitivity() -> None:
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 50 + [0] * 50)
+    p = np.clip(y * 0.3 + rng.random(100) * 0.7, 0, 1)
+    enriched = binary_metrics(y, p, 0.5, ci=False)
+    w = prevalence_weights(y, 0.1, 1)
+    true = binary_metrics(y, p, 0.5, weights=w, ci=False)
+    assert true["prevalence"] == pytest.approx(0.1)
+    assert true["sensitivity"] == pytest.approx(enriched["sensitivity"]) and true["specificity"] == pytest.approx(enriched["specificity"])
+    assert true["ppv"] < enriched["ppv"] and true["npv"] > enriched["npv"]
+
+
+def test_multiclass_and_bootstrap_edge_cases() -> None:
+    y = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.8 + 0.2 / 3
+    m = multiclass_metrics(y, probs, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["confusion"][2] == [0, 1, 1]
+    assert m["per_class"]["c"]["sensitivity"] == pytest.approx(0.5)
+    assert bootstrap_auc_ci(np.array([1, 1, 1]), np.array([0.2, 0.3, 0.4])) is None

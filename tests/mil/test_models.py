@@ -1,0 +1,76 @@
+"""The aggregator contract, parametrised over the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.mil import available, build_model
+
+MODELS = sorted(available())
+ATTENTION_MODELS = {"abmil", "gated_abmil", "clam_sb", "transmil"}
+
+
+def _bag(n: int, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, d, generator=g)
+    coords = torch.stack([torch.arange(n) % 7, torch.arange(n) // 7], dim=-1)[None].float()
+    return x, coords
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_contract_shapes_attention_and_padding(name: str, n_outputs: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 32, n_outputs).eval()
+    xa, ca = _bag(9, seed=1)
+    xb, cb = _bag(5, seed=2)
+    x = torch.zeros(2, 9, 32)
+    coords = torch.zeros(2, 9, 2)
+    x[0], x[1, :5], coords[0], coords[1, :5] = xa[0], xb[0], ca[0], cb[0]
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0], mask[1, :5] = True, True
+    out = model(x, mask, coords)
+    assert out.logits.shape == (2, n_outputs) and out.attention.shape == (2, 9)
+    assert torch.isfinite(out.logits).all()
+    assert (out.attention[1, 5:] == 0).all()  # padding gets no attention
+    if name in ATTENTION_MODELS:
+        torch.testing.assert_close(out.attention.sum(dim=1), torch.ones(2))
+    # a padded bag gives the same result as the bag alone
+    alone = model(xb, torch.ones(1, 5, dtype=torch.bool), cb)
+    torch.testing.assert_close(out.logits[1], alone.logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.attention[1, :5], alone.attention[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_permutation_invariance(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 32, 1).eval()
+    x, c = _bag(12)
+    perm = torch.randperm(12)
+    m = torch.ones(1, 12, dtype=torch.bool)
+    a, b = model(x, m, c), model(x[:, perm], m, c[:, perm])
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.attention[0, perm], b.attention[0], atol=1e-5, rtol=1e-5)
+
+
+def test_transmil_uses_coordinates_and_clam_adds_an_instance_loss() -> None:
+    torch.manual_seed(0)
+    model = build_model("transmil", 32, 1).eval()
+    x, c = _bag(10)
+    m = torch.ones(1, 10, dtype=torch.bool)
+    assert not torch.allclose(model(x, m, c).logits, model(x, m, c * 3).logits)
+    clam = build_model("clam_sb", 32, 1).train()
+    out = clam(x, m, c, labels=torch.ones(1, 1))
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.aux_loss.backward()
+    assert all(h.weight.grad is not None for h in clam.instance_heads[1:])  # the positive class's classifier learns
+    assert clam.eval()(x, m, c, labels=torch.ones(1, 1)).aux_loss is None
+
+
+def test_unknown_model_and_bad_argument_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="choose one of"):
+        build_model("dsmil", 8, 1)
+    with pytest.raises(ConfigError, match="abmil"):
+        build_model("abmil", 8, 1, heads=3)

@@ -1,0 +1,118 @@
+"""train-mil and predict end to end on real MIL bags (MUSK1 imported into feature stores)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import WSI_MIL, shared
+from wsi_mil.data.mil_import import import_classic, load_classic
+from wsi_mil.train.losses import BagLoss, label_weights, sample_weights
+
+FAST = ["--folds", "3", "--test-fraction", "0.25", "--epochs", "25", "--patience", "8", "--bags-per-batch", "4",
+        "--lr", "5e-4", "--bootstrap", "200", "--no-progress", "-q"]
+
+
+@pytest.fixture(scope="module")
+def musk(tmp_path_factory) -> Path:
+    return import_classic("musk1", shared("mil"), tmp_path_factory.mktemp("musk1"))
+
+
+@pytest.fixture(scope="module")
+def musk_run(musk, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("run")
+    res = subprocess.run(WSI_MIL + ["train-mil", str(musk), "--features", str(musk.parent / "features"), "--out", str(out), *FAST],
+                         capture_output=True, text=True, timeout=900)
+    return out, res
+
+
+def test_import_keeps_every_instance_and_bag_label() -> None:
+    bags = load_classic("musk1", shared("mil"))
+    assert len(bags) == 92 and sum(b.target[0] for b in bags) == 47
+    assert sum(len(b.features) for b in bags) == 476 and bags[0].features.shape[1] == 166
+
+
+def test_train_mil_learns_musk1_and_writes_every_output(musk_run) -> None:
+    out, res = musk_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"]["kind"] == "binary" and len(m["folds"]) == 3
+    ens = m["ensemble_test"]
+    assert ens["auc"] > 0.75, ens  # MUSK1 is learnable; chance is 0.5
+    assert ens["auc_ci95"][0] <= ens["auc"] <= ens["auc_ci95"][1]
+    assert {"sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "balanced_accuracy", "confusion"} <= set(ens)
+    splits = json.loads((out / "splits.json").read_text())
+    for f in splits["folds"]:  # one bag per patient here: sets are disjoint
+        assert not set(f["train"]) & set(f["val"]) and not set(f["train"]) & set(splits["test"])
+    for name in ("report.md", "predictions.csv", "roc.png", "confusion.png", "training_curves.png", "train_config.yaml", "train.log"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    ens_rows = [r for r in rows if r["fold"] == "ensemble"]
+    assert len(ens_rows) == len(splits["test"]) and {"prob_1", "prediction", "label"} <= set(rows[0])
+    from wsi_mil.io.attention import read_attention
+
+    coords, att, attrs = read_attention(out / "attention" / "ensemble" / f"{ens_rows[0]['slide_id']}.h5")
+    assert len(coords) == len(att) and abs(att.sum() - 1) < 1e-4 and attrs["split"] == "test"
+    assert "AUC" in res.stdout and "report:" in res.stdout
+
+
+def test_models_are_weights_only_and_predict_reproduces_the_ensemble(musk, musk_run, tmp_path) -> None:
+    out, _ = musk_run
+    from safetensors.torch import load_file
+
+    for k in range(3):
+        assert (out / "models" / f"fold{k}.safetensors").exists()
+        load_file(str(out / "models" / f"fold{k}.safetensors"))  # plain tensors
+    assert not list((out / "models").glob("*.pt*"))
+    splits = json.loads((out / "splits.json").read_text())
+    stores = [musk.parent / "features" / f"{s}.h5" for s in splits["test"]]
+    res = subprocess.run(WSI_MIL + ["predict", str(out), *map(str, stores), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = {r["slide_id"]: float(r["prob_1"]) for r in csv.DictReader(open(tmp_path / "predictions.csv"))}
+    want = {r["slide_id"]: float(r["prob_1"]) for r in csv.DictReader(open(out / "predictions.csv")) if r["fold"] == "ensemble"}
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=1e-5)
+
+
+def test_rerun_resumes_without_retraining(musk, musk_run) -> None:
+    out, _ = musk_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
+    res = subprocess.run(WSI_MIL + ["train-mil", str(musk), "--features", str(musk.parent / "features"), "--out", str(out), *FAST],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()} == before
+    assert "not training again" in (out / "train.log").read_text()
+
+
+def test_manifest_split_leaking_a_patient_is_refused(musk, tmp_path) -> None:
+    rows = list(csv.DictReader(open(musk)))
+    for i, r in enumerate(rows):
+        r["split"] = "test" if i < 10 else "train"
+        r["patient_id"] = "shared-patient" if i in (0, 50) else r["patient_id"]
+    bad = tmp_path / "leaky.csv"
+    with open(bad, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    res = subprocess.run(WSI_MIL + ["train-mil", str(bad), "--features", str(musk.parent / "features"), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "shared-patient in test/train" in res.stderr
+
+
+def test_imbalance_weights_follow_the_class_shares() -> None:
+    y = np.array([[1.0]] * 10 + [[0.0]] * 30, np.float32)
+    w = label_weights(y, "binary")
+    # positive weight = negatives/total = 0.75, negative weight = positives/total = 0.25 (x2)
+    torch.testing.assert_close(w[:, 0], torch.tensor([0.5, 1.5]))
+    p = sample_weights(y, "binary")
+    assert p[:10].sum() == pytest.approx(0.5) and p[10:].sum() == pytest.approx(0.5)
+    logits, target = torch.tensor([[4.0], [-4.0], [0.1]]), torch.tensor([[1.0], [0.0], [1.0]])
+    plain = BagLoss("binary", "none")(logits, target)
+    focal = BagLoss("binary", "focal", None)(logits, target)
+    assert focal < plain  # easy examples are down-weighted

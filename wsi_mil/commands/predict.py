@@ -1,0 +1,105 @@
+"""`wsi-mil predict`: apply a trained run (the ensemble of its fold models) to new slides.
+
+Inputs are feature stores (files or folders) made with the same encoder as the training
+run (checked). Writes ``predictions.csv`` (probability per output, prediction at the
+validation-chosen threshold averaged over folds), ``attention/<slide>.h5`` (ensemble
+attention with coordinates, for heatmaps) and ``predict_report.json``. A store that
+cannot be read is reported and the others are predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.data.bags import Bag, Task
+from wsi_mil.errors import ConfigError
+from wsi_mil.io.atomic import write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictReport:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+def load_run(run_dir: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    from wsi_mil.train.checkpoint import load_model
+
+    stems = sorted(p.with_suffix("") for p in (run_dir / "models").glob("fold*.json"))
+    if not stems:
+        raise ConfigError(f"{run_dir}: no trained models (models/fold*.json); give the --out folder of train-mil")
+    loaded = [load_model(s) for s in stems]
+    return [m for m, _ in loaded], [s for _, s in loaded]
+
+
+def _stores(inputs: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in inputs:
+        if p.is_dir() and p.suffix != ".zarr":
+            base = p / "features" if (p / "features").is_dir() else p
+            out += sorted(q for q in base.iterdir() if q.suffix in (".h5", ".zarr"))
+        else:
+            out.append(p)
+    if not out:
+        raise ConfigError("no feature stores found in the inputs; give extract-features output folders or store files")
+    return out
+
+
+def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
+    from wsi_mil.io.attention import write_attention
+    from wsi_mil.io.store import read_complete_attrs
+    from wsi_mil.train.loop import predict
+
+    models, specs = load_run(run_dir)
+    task = Task.from_dict(specs[0]["task"])
+    enc = specs[0].get("encoder", {})
+    thresholds = [float(np.mean([s["thresholds"][c] for s in specs])) for c in range(len(specs[0]["thresholds"]))]
+    report = PredictReport()
+    for store in _stores(inputs):
+        sid = store.stem
+        try:
+            attrs = read_complete_attrs(store)
+            if attrs is None:
+                raise ConfigError(f"{store} is incomplete or not a feature store")
+            if enc.get("weights_sha256") and attrs.get("weights_sha256") != enc["weights_sha256"]:
+                raise ConfigError(f"encoder mismatch: the store was made with {attrs.get('encoder')} "
+                                  f"(weights {str(attrs.get('weights_sha256'))[:12]}), the model was trained on "
+                                  f"{enc.get('encoder')} (weights {enc['weights_sha256'][:12]}); re-extract with the training encoder")
+            step = float(attrs.get("extent_level0_px", 1.0) or 1.0)
+            bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step).cache()
+            preds = [predict(m, [bag], task, device=device) for m in models]
+            probs = np.mean([p.probs[0] for p in preds], axis=0)
+            att = np.mean([p.attention[0] for p in preds], axis=0)
+        except Exception as exc:  # noqa: BLE001 - one bad store must not stop the batch
+            logger.error("%s: %s", sid, exc)
+            report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        from wsi_mil.commands.train_mil import _prediction
+
+        pred = _prediction(task, probs, thresholds)
+        write_attention(out_dir / "attention" / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
+            "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
+            "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
+            "feature_store": str(store), "run": str(run_dir)})
+        row: dict[str, Any] = {"slide_id": sid}
+        row.update({f"prob_{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
+        row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
+        report.rows.append(row)
+    if report.rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(report.rows[0]))
+        w.writeheader()
+        w.writerows(report.rows)
+        write_text(out_dir / "predictions.csv", buf.getvalue())
+    write_json(out_dir / "predict_report.json", {"run": str(run_dir), "n_models": len(models), "thresholds": thresholds,
+                                                 "task": task.to_dict(), "predicted": len(report.rows), "failed": report.failed})
+    return report

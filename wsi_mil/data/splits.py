@@ -1,0 +1,164 @@
+"""Patient-level splits: nothing of one patient is ever on both sides of a split.
+
+* ``make_plan``: a held-out test set (stratified by label, grouped by patient), then
+  stratified group k-fold over the rest (train / validation per fold). Optionally the
+  test set is sampled so that the minority class makes up at least a given share (the
+  "50 % positives in test" protocol); the true prevalence is kept for re-weighted metrics.
+* ``plan_from_user_split``: the manifest's ``split`` column (train / val / test), refused
+  when a patient appears in two sets (the message names the patients).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.data.bags import Bag
+from wsi_mil.errors import ConfigError, ManifestError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Fold:
+    index: int
+    train: list[str]
+    val: list[str]
+
+
+@dataclass
+class SplitPlan:
+    folds: list[Fold]
+    test: list[str]
+    source: str  # "generated" or "manifest"
+    test_sampling: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "test": self.test, "test_sampling": self.test_sampling,
+                "folds": [{"index": f.index, "train": f.train, "val": f.val} for f in self.folds]}
+
+
+def _strata(bags: list[Bag]) -> np.ndarray:
+    """One stratum per bag: its class (binary / multi-class) or label combination (multi-label)."""
+    keys = ["".join(str(int(v > 0.5)) for v in b.target) if b.label_index < 0 else str(b.label_index) for b in bags]
+    uniq = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return np.asarray([uniq[k] for k in keys])
+
+
+def _group_kfold(bags: list[Bag], n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = np.asarray([b.patient_id for b in bags])
+    n_patients = len(set(groups.tolist()))
+    if n_patients < n_splits:
+        raise ConfigError(f"{n_patients} patient(s) cannot be split {n_splits} ways; use fewer folds or a smaller test fraction")
+    y = _strata(bags)
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(sgkf.split(np.zeros(len(bags)), y, groups))
+
+
+def check_patients(sets: dict[str, list[Bag]]) -> None:
+    """Refuse sets that share a patient; the message names them."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for name, bags in sets.items():
+        for b in bags:
+            where[b.patient_id].add(name)
+    shared = {p: sorted(s) for p, s in where.items() if len(s) > 1}
+    if shared:
+        listing = "; ".join(f"{p} in {'/'.join(s)}" for p, s in sorted(shared.items())[:10])
+        raise ManifestError(f"{len(shared)} patient(s) appear in more than one split ({listing}"
+                            f"{' ...' if len(shared) > 10 else ''}). Every slide of a patient must be in the same "
+                            "split: fix the manifest's split column, or remove it to let wsi-mil split by patient.")
+
+
+def _minority(bags: list[Bag]) -> int | None:
+    labels = [b.label_index for b in bags]
+    if any(v < 0 for v in labels):
+        return None
+    counts = np.bincount(labels)
+    return int(np.argmin(counts))
+
+
+def _enrich_test(test: list[Bag], share: float) -> tuple[list[Bag], list[Bag], dict[str, Any]]:
+    """Move whole majority-class patients out of ``test`` until the minority class makes
+    up at least ``share`` of it; returns (test, moved out, sampling record)."""
+    minority = _minority(test)
+    if minority is None:
+        raise ConfigError("--min-minority-share applies to binary and multi-class tasks")
+    true_share = float(np.mean([b.label_index == minority for b in test])) if test else 0.0
+    by_patient: dict[str, list[Bag]] = defaultdict(list)
+    for b in test:
+        by_patient[b.patient_id].append(b)
+    kept = list(test)
+    moved: list[Bag] = []
+    rng = np.random.default_rng(0)
+    majority_patients = [p for p, bs in by_patient.items() if all(b.label_index != minority for b in bs)]
+    for p in rng.permutation(majority_patients):
+        n_min = sum(b.label_index == minority for b in kept)
+        if n_min >= share * len(kept):
+            break
+        moved += by_patient[p]
+        kept = [b for b in kept if b.patient_id != p]
+    record = {"minority_class": minority, "min_share": share, "true_share": true_share,
+              "sampled_share": float(np.mean([b.label_index == minority for b in kept])) if kept else 0.0,
+              "moved_to_development": [b.slide_id for b in moved]}
+    return kept, moved, record
+
+
+def make_plan(bags: list[Bag], *, folds: int = 5, test_fraction: float = 0.2, seed: int = 0,
+              min_minority_share: float | None = None) -> SplitPlan:
+    """Held-out test (patient-level, stratified) + stratified group k-fold on the rest."""
+    if folds < 1:
+        raise ConfigError("--folds must be 1 or more")
+    if not 0 <= test_fraction < 1:
+        raise ConfigError("--test-fraction must be in [0, 1)")
+    dev, test = list(bags), []
+    if test_fraction > 0:
+        n = max(2, int(round(1 / test_fraction)))
+        _, test_idx = _group_kfold(bags, n, seed)[0]
+        test = [bags[i] for i in test_idx]
+        dev = [b for i, b in enumerate(bags) if i not in set(test_idx.tolist())]
+    sampling: dict[str, Any] = {}
+    if min_minority_share:
+        if not test:
+            raise ConfigError("--min-minority-share needs a held-out test set (--test-fraction > 0)")
+        test, moved, sampling = _enrich_test(test, min_minority_share)
+        dev += moved
+    splits = _group_kfold(dev, max(2, folds), seed + 1)
+    if folds == 1:
+        splits = splits[:1]
+    out = [Fold(k, [dev[i].slide_id for i in tr], [dev[i].slide_id for i in va]) for k, (tr, va) in enumerate(splits)]
+    check_patients({"test": test, "development": dev})
+    return SplitPlan(out, [b.slide_id for b in test], "generated", sampling)
+
+
+def plan_from_user_split(bags: list[Bag], *, seed: int = 0) -> SplitPlan:
+    """The manifest's own train / val / test split (validated); a missing ``val`` set is
+    carved from ``train`` by patient."""
+    bad = sorted({str(b.split) for b in bags if b.split not in SPLITS})
+    if bad:
+        raise ManifestError(f"split column has value(s) {bad}; use train, val or test for every slide (or remove the column)")
+    sets = {s: [b for b in bags if b.split == s] for s in SPLITS}
+    check_patients({k: v for k, v in sets.items() if v})
+    if not sets["train"]:
+        raise ManifestError("the manifest's split column names no 'train' slides")
+    if sets["val"]:
+        fold = Fold(0, [b.slide_id for b in sets["train"]], [b.slide_id for b in sets["val"]])
+    else:
+        tr, va = _group_kfold(sets["train"], 5, seed)[0]
+        fold = Fold(0, [sets["train"][i].slide_id for i in tr], [sets["train"][i].slide_id for i in va])
+    return SplitPlan([fold], [b.slide_id for b in sets["test"]], "manifest")
+
+
+def prevalence_weights(labels: np.ndarray, true_share: float, minority: int) -> np.ndarray:
+    """Per-sample weights that give the minority class its true share again (for metrics
+    of an enriched test set at the true prevalence)."""
+    is_min = labels == minority
+    n_min, n_maj = int(is_min.sum()), int((~is_min).sum())
+    if n_min == 0 or n_maj == 0 or not 0 < true_share < 1:
+        return np.ones(len(labels))
+    w_maj = n_min * (1 - true_share) / (true_share * n_maj)
+    return np.where(is_min, 1.0, w_maj)

@@ -1,0 +1,127 @@
+"""Classification metrics for bag predictions, with bootstrap confidence intervals.
+
+Binary: AUC (95 % CI by stratified bootstrap), sensitivity, specificity, PPV, NPV, F1,
+accuracy, balanced accuracy and the confusion matrix at a threshold chosen on
+validation data (Youden's J, or the highest threshold reaching a target sensitivity).
+Optional per-sample weights give the metrics at another prevalence (an enriched test set
+re-weighted to the cohort's true prevalence); AUC, sensitivity and specificity do not
+depend on prevalence, PPV, NPV, F1 and accuracy do.
+Multi-class: accuracy, balanced accuracy, macro one-vs-rest AUC, confusion matrix and
+per-class sensitivity / specificity / PPV / F1. Multi-label: binary metrics per label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+THRESHOLD_METHODS = ("youden", "sensitivity")
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+def auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float | None:
+    """ROC AUC, or None when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, p))
+
+
+def bootstrap_auc_ci(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile CI of the AUC; resamples positives and negatives separately (stratified)."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) < 2 or len(neg) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        stats[i] = roc_auc_score(y[idx], p[idx])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def choose_threshold(y: npt.ArrayLike, p: npt.ArrayLike, method: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """A decision threshold from validation predictions (0.5 when it cannot be chosen)."""
+    from sklearn.metrics import roc_curve
+
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.clip(thr, 0.0, 1.0)
+    if method == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    if method == "sensitivity":
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        return float(thr[ok[0]]) if len(ok) else float(thr[-1])
+    raise ValueError(f"threshold method {method!r}: choose one of {THRESHOLD_METHODS}")
+
+
+def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float, *, weights: npt.ArrayLike | None = None,
+                   ci: bool = True, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tp = float(w[(pred == 1) & (y == 1)].sum())
+    tn = float(w[(pred == 0) & (y == 0)].sum())
+    fp = float(w[(pred == 1) & (y == 0)].sum())
+    fn = float(w[(pred == 0) & (y == 1)].sum())
+    sens, spec = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp)
+    ppv, npv = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    out: dict[str, Any] = {
+        "n": int(len(y)), "n_positive": int(y.sum()), "threshold": float(threshold),
+        "auc": auc(y, p), "auc_ci95": bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed) if ci else None,
+        "sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": npv, "f1": f1,
+        "accuracy": _safe_div(tp + tn, tp + tn + fp + fn),
+        "balanced_accuracy": (sens + spec) / 2 if sens is not None and spec is not None else None,
+        "confusion": [[tn, fp], [fn, tp]],  # rows: true 0/1, columns: predicted 0/1
+    }
+    if weights is not None:
+        out["prevalence"] = _safe_div(tp + fn, tp + tn + fp + fn)
+    return out
+
+
+def multiclass_metrics(y: npt.ArrayLike, probs: npt.ArrayLike, classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=float)
+    k = len(classes)
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    per_class = {}
+    for c, name in enumerate(classes):
+        tp = cm[c, c]
+        fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        per_class[name] = {"sensitivity": _safe_div(tp, tp + fn), "specificity": _safe_div(tn, tn + fp),
+                           "ppv": _safe_div(tp, tp + fp), "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+                           "auc": auc((y == c).astype(int), probs[:, c])}
+    macro_auc = None
+    if len(np.unique(y)) == k:
+        macro_auc = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(k))))
+    sens = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else None,
+            "balanced_accuracy": float(np.mean(sens)) if sens else None, "auc": macro_auc,
+            "confusion": cm.tolist(), "per_class": per_class}
+
+
+def summarise(values: list[float | None]) -> dict[str, float | None]:
+    """Mean, standard deviation and standard error over folds (None values skipped)."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"mean": None, "sd": None, "se": None, "n": 0}
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "sd": sd, "se": sd / np.sqrt(len(v)), "n": int(len(v))}

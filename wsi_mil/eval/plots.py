@@ -1,0 +1,73 @@
+"""PNG plots for reports: ROC curves, confusion matrix, training curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from wsi_mil.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def roc_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Path:
+    """ROC curves, one per entry ``name -> (labels, scores)``, AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2 if name.startswith("ensemble") else 1, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_plot(path: Path, cm: list[list[float]], classes: list[str], title: str) -> Path:
+    plt = _plt()
+    m = np.asarray(cm, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ax.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:g}", ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
+    """Training loss and validation loss / AUC per epoch, one line per fold."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, hist in histories.items():
+        ep = [h["epoch"] for h in hist]
+        line = axes[0].plot(ep, [h["train_loss"] for h in hist], label=f"{name} train")[0]
+        if any(h.get("val_loss") is not None for h in hist):
+            axes[0].plot(ep, [h.get("val_loss") for h in hist], ls="--", c=line.get_color(), label=f"{name} val")
+            axes[1].plot(ep, [h.get("val_auc") if h.get("val_auc") is not None else np.nan for h in hist], c=line.get_color(), label=name)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)

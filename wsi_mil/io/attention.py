@@ -1,0 +1,45 @@
+"""Per-slide attention stores written by ``train-mil`` and ``predict`` (read by heatmaps).
+
+``<slide_id>.h5``: ``coords`` (N, 2) level-0 px, ``attention`` (N,) the model's instance
+scores (normalised attention for attention models); attributes: slide_id, probability
+per output, prediction, model, fold, split, source feature store. Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+def write_attention(path: Path, *, coords: npt.NDArray[np.int64], attention: npt.NDArray[np.float32],
+                    attrs: dict[str, Any]) -> Path:
+    import h5py
+
+    from wsi_mil.io.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+        f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
+        for k, v in attrs.items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
+    return path
+
+
+def read_attention(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], dict[str, Any]]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs: dict[str, Any] = {}
+        for k, v in f.attrs.items():
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            attrs[k] = v
+        return f["coords"][...], f["attention"][...], attrs

@@ -1,0 +1,255 @@
+"""Aggregators that turn a bag of instance features into bag logits.
+
+The contract, shared by every model in the registry::
+
+    model(x, mask, coords=None, labels=None) -> MILOutput(logits, attention, aux_loss)
+
+* ``x``: (B, N, D) float instance features, zero-padded; ``mask``: (B, N) bool, True for
+  real instances; ``coords``: (B, N, 2) float positions in patch units (used by models
+  with positional information; others ignore them); ``labels``: (B, C) float targets,
+  given only in training, for models with an instance-level loss.
+* ``logits``: (B, C) — one logit for binary, one per class for multi-class (softmax), one
+  per label for multi-label (independent sigmoids).
+* ``attention``: (B, N) one score per instance, 0 at padding. For attention models it is
+  the normalised attention (sums to 1 over the bag); for max pooling the instance's
+  score; for mean pooling uniform.
+* ``aux_loss``: a scalar added to the bag loss in training (CLAM-SB's instance
+  clustering), or None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_mil.errors import ConfigError
+
+NEG_INF = -1e4  # masked scores (finite, so fp16 stays finite)
+
+
+@dataclass
+class MILOutput:
+    logits: torch.Tensor
+    attention: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over instances (last dim) that ignores padding."""
+    return torch.softmax(scores.masked_fill(~mask, NEG_INF), dim=-1) * mask
+
+
+def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+
+
+class MeanPool(nn.Module):
+    """Embedding -> mean over the bag -> classifier (baseline)."""
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.embed = _embed(in_dim, hidden, dropout)
+        self.head = nn.Linear(hidden, n_outputs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        h = self.embed(x)
+        w = mask.float() / mask.float().sum(dim=1, keepdim=True).clamp(min=1)
+        return MILOutput(self.head(torch.einsum("bn,bnd->bd", w, h)), w)
+
+
+class MaxPool(nn.Module):
+    """Instance classifier -> max over the bag per output (mi-Net style baseline)."""
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.embed = _embed(in_dim, hidden, dropout)
+        self.head = nn.Linear(hidden, n_outputs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        inst = self.head(self.embed(x)).masked_fill(~mask[..., None], NEG_INF)  # (B, N, C)
+        logits = inst.max(dim=1).values
+        score = inst.max(dim=2).values if inst.shape[2] > 1 else inst[..., 0]
+        return MILOutput(logits, torch.sigmoid(score) * mask)
+
+
+class AttentionPool(nn.Module):
+    """Attention MIL (Ilse et al. 2018): a = softmax(w^T tanh(V h)), or with the gate
+    ``tanh(V h) * sigmoid(U h)`` (gated attention); bag = sum a_i h_i."""
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, attn_dim: int = 128,
+                 dropout: float = 0.25, gated: bool = False) -> None:
+        super().__init__()
+        self.embed = _embed(in_dim, hidden, dropout)
+        self.attn_v = nn.Linear(hidden, attn_dim)
+        self.attn_u = nn.Linear(hidden, attn_dim) if gated else None
+        self.attn_w = nn.Linear(attn_dim, 1)
+        self.head = nn.Linear(hidden, n_outputs)
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(x)
+        a = torch.tanh(self.attn_v(h))
+        if self.attn_u is not None:
+            a = a * torch.sigmoid(self.attn_u(h))
+        return h, masked_softmax(self.attn_w(a)[..., 0], mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        h, att = self.attend(x, mask)
+        return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, h)), att)
+
+
+class ClamSB(AttentionPool):
+    """CLAM-SB style: gated attention plus instance-level clustering (Lu et al. 2021).
+
+    In training, for every class ``c`` the ``k`` most attended instances of a bag of
+    class ``c`` are pseudo-labelled positive and the ``k`` least attended negative for
+    an instance classifier of ``c`` (in-class); for multi-class bags of another class the
+    most attended instances are pseudo-labelled negative (out-of-class). The mean
+    instance cross-entropy is returned as ``aux_loss`` weighted by ``1 - bag_weight``.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, attn_dim: int = 128,
+                 dropout: float = 0.25, k_sample: int = 8, bag_weight: float = 0.7, multiclass: bool = False) -> None:
+        super().__init__(in_dim, n_outputs, hidden, attn_dim, dropout, gated=True)
+        self.n_classes = 2 if n_outputs == 1 else n_outputs  # binary: a negative and a positive classifier
+        self.instance_heads = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(self.n_classes))
+        self.k_sample = k_sample
+        self.bag_weight = bag_weight
+        self.multiclass = multiclass
+
+    def _class_presence(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, n_classes) bool: which classes each bag has."""
+        if labels.shape[1] == 1:
+            pos = labels[:, 0] > 0.5
+            return torch.stack([~pos, pos], dim=1)
+        return labels > 0.5
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        h, att = self.attend(x, mask)
+        out = MILOutput(self.head(torch.einsum("bn,bnd->bd", att, h)), att)
+        if labels is None or not self.training:
+            return out
+        present = self._class_presence(labels)
+        losses = []
+        for b in range(x.shape[0]):
+            n = int(mask[b].sum())
+            k = min(self.k_sample, n // 2)
+            if k < 1:
+                continue
+            a = att[b, :n]
+            top, bottom = torch.topk(a, k).indices, torch.topk(-a, k).indices
+            for c, head in enumerate(self.instance_heads):
+                if present[b, c]:
+                    inst = h[b, torch.cat([top, bottom])]
+                    target = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(x.device)
+                elif self.multiclass:
+                    inst, target = h[b, top], torch.zeros(k, dtype=torch.long, device=x.device)
+                else:
+                    continue
+                losses.append(F.cross_entropy(head(inst), target))
+        if losses:
+            out.aux_loss = (1.0 - self.bag_weight) / self.bag_weight * torch.stack(losses).mean()
+        return out
+
+
+def coord_encoding(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sinusoidal encoding of (B, N, 2) positions in patch units -> (B, N, dim)."""
+    quarter = dim // 4
+    freq = torch.exp(-math.log(1000.0) * torch.arange(quarter, device=coords.device, dtype=torch.float32) / max(1, quarter))
+    parts = []
+    for axis in range(2):
+        ang = coords[..., axis:axis + 1].float() * freq
+        parts += [torch.sin(ang), torch.cos(ang)]
+    enc = torch.cat(parts, dim=-1)
+    return F.pad(enc, (0, dim - enc.shape[-1]))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block; returns the class token's attention over instances."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.dropout = dropout
+
+    def forward(self, t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, d = t.shape
+        q, k, v = self.qkv(self.norm1(t)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        key_mask = mask[:, None, None, :] if not bool(mask.all()) else None  # no mask: fast kernels
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
+        t = t + self.proj(y.transpose(1, 2).reshape(b, n, d))
+        t = t + self.mlp(self.norm2(t))
+        # class-token attention (row 0), averaged over heads, for the heatmaps
+        scores = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] / math.sqrt(d // self.heads)
+        cls_att = torch.softmax(scores.masked_fill(~mask[:, None, :], NEG_INF), dim=-1).mean(dim=1)
+        return t, cls_att
+
+
+class TransMIL(nn.Module):
+    """TransMIL-style: projected instances plus a 2D sinusoidal encoding of their
+    coordinates, a class token, two transformer blocks; the class token's attention in
+    the last block is the instance score."""
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, heads: int = 4, layers: int = 2,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = _embed(in_dim, hidden, dropout)
+        self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
+        nn.init.normal_(self.cls, std=0.02)
+        self.blocks = nn.ModuleList(_Block(hidden, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, n_outputs)
+        self.hidden = hidden
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        h = self.embed(x)
+        if coords is not None:
+            h = h + coord_encoding(coords, self.hidden)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
+        m = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        att = mask.float()
+        for block in self.blocks:
+            t, cls_att = block(t, m)
+            att = cls_att[:, 1:]
+        att = att * mask
+        att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        return MILOutput(self.head(self.norm(t[:, 0])), att)
+
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=False, **kw), "attention MIL (Ilse et al. 2018)"),
+    "gated_abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=True, **kw), "gated attention MIL (Ilse et al. 2018)"),
+    "clam_sb": (lambda d, c, **kw: ClamSB(d, c, **kw), "CLAM-SB style: gated attention + instance clustering loss"),
+    "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer with coordinate encoding"),
+    "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
+    "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline (instance classifier)"),
+}
+
+
+def available() -> dict[str, str]:
+    return {k: v[1] for k, v in _REGISTRY.items()}
+
+
+def build_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
+    """A registered aggregator; ``kwargs`` are the model's own hyper-parameters."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(_REGISTRY)}")
+    try:
+        return _REGISTRY[name][0](in_dim, n_outputs, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r}: {exc}") from exc

@@ -246,7 +246,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     import torch
 
-    from wsi_mil.commands.train_mil import require_features, run_train
+    from wsi_mil.commands.train_mil import require_features, run_train, summary_text
     from wsi_mil.io.atomic import write_text
     from wsi_mil.runtime import reuse_freed_memory
 
@@ -261,27 +261,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _write_resolved_config(args.out / "train_config.yaml", config, args, write_text, "train_mil",
                            {"features": [str(f) for f in args.features]})
     report = run_train(args.manifest, args.features, out_dir=args.out, config=config, progress=not args.no_progress)
-    print(report_summary(report))
+    print(summary_text(report))
     return EXIT_OK
-
-
-def report_summary(report: Any) -> str:
-    head = report.headline()
-    where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
-    t = report.task
-    what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
-    lines = [f"task {t.kind} ({what}); {report.metrics['n_slides']} slides; {where}:"]
-    if report.task.kind == "binary":
-        ci = head.get("auc_ci95")
-        auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
-        lines.append(f"  AUC {auc}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-                     + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
-    else:
-        lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
-    if report.skipped:
-        lines.append(f"  {len(report.skipped)} slide(s) skipped (no feature store); see train.log")
-    lines.append(f"report: {report.out_dir / 'report.md'}   metrics: {report.out_dir / 'metrics.json'}   models: {report.out_dir / 'models'}")
-    return "\n".join(lines)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

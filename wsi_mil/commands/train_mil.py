@@ -369,3 +369,23 @@ def require_features(features_dirs: list[Path]) -> None:
     for d in features_dirs:
         if not d.is_dir():
             raise ConfigError(f"--features {d}: not a folder; give the features/ folder written by extract-features")
+
+
+def summary_text(report: TrainReport) -> str:
+    """The few lines printed at the end of a run."""
+    head = report.headline()
+    where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
+    t = report.task
+    what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
+    lines = [f"task {t.kind} ({what}); {report.metrics['n_slides']} slides; {where}:"]
+    if report.task.kind == "binary":
+        ci = head.get("auc_ci95")
+        auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
+        lines.append(f"  AUC {auc}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                     + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
+    else:
+        lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
+    if report.skipped:
+        lines.append(f"  {len(report.skipped)} slide(s) skipped (no feature store); see train.log")
+    lines.append(f"report: {report.out_dir / 'report.md'}   metrics: {report.out_dir / 'metrics.json'}   models: {report.out_dir / 'models'}")
+    return "\n".join(lines)

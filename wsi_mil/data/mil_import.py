@@ -48,8 +48,11 @@ def load_classic(name: str, data_dir: Path) -> list[Bag]:
     return bags
 
 
-def import_classic(name: str, data_dir: Path, out_dir: Path) -> Path:
-    """Write ``out_dir/features/<bag>.h5`` and ``out_dir/manifest.csv``; returns the manifest."""
+def import_classic(name: str, data_dir: Path, out_dir: Path, feature_space: str | None = None) -> Path:
+    """Write ``out_dir/features/<bag>.h5`` and ``out_dir/manifest.csv``; returns the manifest.
+
+    ``feature_space`` names the features' origin (recorded as the stores' encoder);
+    sets sharing one (Fox and Elephant: the same 230-d Corel descriptors) can be mixed."""
     import h5py
 
     from wsi_mil.io.atomic import atomic_path
@@ -63,7 +66,8 @@ def import_classic(name: str, data_dir: Path, out_dir: Path) -> Path:
             f.create_dataset("features", data=bag.features)
             f.create_dataset("coords", data=bag.coords)
             f.create_dataset("patch_index", data=np.arange(len(bag.coords)))
-            f.attrs.update({"encoder": f"import:{name}", "weights_sha256": f"import:{name}", "complete": True,
+            space = f"import:{feature_space or name}"
+            f.attrs.update({"encoder": space, "weights_sha256": space, "complete": True,
                             "extent_level0_px": 1.0, "source": str(data_dir / CLASSIC[name])})
         rows.append({"slide_id": bag.slide_id, "path": str(path), "patient_id": bag.patient_id, "label": int(bag.target[0])})
     manifest = out_dir / "manifest.csv"

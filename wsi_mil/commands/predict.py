@@ -74,6 +74,9 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
                 raise ConfigError(f"encoder mismatch: the store was made with {attrs.get('encoder')} "
                                   f"(weights {str(attrs.get('weights_sha256'))[:12]}), the model was trained on "
                                   f"{enc.get('encoder')} (weights {enc['weights_sha256'][:12]}); re-extract with the training encoder")
+            if [str(t) for t in attrs.get("transforms", [])] != enc.get("transforms", []):
+                raise ConfigError(f"test-time transforms differ: store {list(attrs.get('transforms', []))}, "
+                                  f"training run {enc.get('transforms', [])}; re-extract with the training settings")
             step = float(attrs.get("extent_level0_px", 1.0) or 1.0)
             bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step).cache()
             preds = [predict(m, [bag], task, device=device) for m in models]

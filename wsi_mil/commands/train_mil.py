@@ -64,11 +64,13 @@ def encoder_of(bags: list[Bag]) -> dict[str, Any]:
     info: dict[str, Any] = {}
     for b in bags:
         attrs = read_complete_attrs(b.store) if b.store else None
-        key = f"{attrs.get('encoder')} ({attrs.get('encoder_fingerprint', attrs.get('weights_sha256', '?'))})" if attrs else "unknown"
+        transforms = list(attrs.get("transforms", [])) if attrs else []
+        key = (f"{attrs.get('encoder')} (weights {str(attrs.get('weights_sha256', '?'))[:12]}"
+               f"{', ' + '+'.join(transforms) if transforms else ''})") if attrs else "unknown"
         seen.setdefault(key, []).append(b.slide_id)
         if attrs and not info:
             info = {"encoder": attrs.get("encoder"), "weights_sha256": attrs.get("weights_sha256"),
-                    "encoder_fingerprint": attrs.get("encoder_fingerprint")}
+                    "transforms": [str(t) for t in transforms]}
     if len(seen) > 1:
         listing = "; ".join(f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in seen.items())
         raise StoreError(f"the feature stores come from different encoders ({listing}); features of different "

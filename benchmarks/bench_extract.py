@@ -138,10 +138,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"slide": [], "store": []}
         for rnd in range(args.rounds):
             for src in ("slide", "store"):
-                r = end_to_end(args, tiles, Path(tmp) / f"f-{src}-{rnd}", src)
-                r["ratio_vs_limit"] = r["patches_per_s"] / ((limits[-1]["patches_per_s"]))
-                runs[src].append(r)
-                print("end to end", r, flush=True)
+                runs[src].append(end_to_end(args, tiles, Path(tmp) / f"f-{src}-{rnd}", src))
+                print("end to end", runs[src][-1], flush=True)
             limits.append(limit(args))
             print("limit", limits[-1], flush=True)
             for src in ("slide", "store"):  # against the mean of the limits either side

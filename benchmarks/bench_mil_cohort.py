@@ -83,12 +83,9 @@ def main() -> None:
     from wsi_mil.commands.train_mil import run_train
     from wsi_mil.config import ExtractConfig, TileConfig, TrainConfig
     from wsi_mil.data.manifest import read_manifest
-    from wsi_mil.eval.localisation import localisation_summary
-    from wsi_mil.io.attention import read_attention
-    from wsi_mil.runtime import reuse_freed_memory
+    from wsi_mil.eval.localisation import unseen_localisation
     from wsi_mil.synth.cohort import make_cohort
 
-    reuse_freed_memory()
     root = CACHE / f"cohort-{args.slides}-{args.size}-{args.seed}"
     t0 = time.perf_counter()
     manifest = make_cohort(root / "slides", n_slides=args.slides, positive_fraction=args.positive_fraction, size_px=args.size,
@@ -101,13 +98,7 @@ def main() -> None:
     report = run_train(manifest, [feats], out_dir=run_dir, config=TrainConfig(model=args.model, epochs=args.epochs, seed=args.seed),
                        progress=True)
     slides = {e.slide_id: e.path for e in read_manifest(manifest)}
-    extent = {sid: 256.0 for sid in slides}
-    per: dict[str, float] = {}
-    for d in sorted(x for x in (run_dir / "attention").iterdir() if x.is_dir()):
-        for sid, v in localisation_summary(d, slides, extent)["per_slide"].items():
-            split = read_attention(d / f"{sid}.h5")[2].get("split")
-            if (d.name == "ensemble") == (split == "test"):
-                per[f"{d.name}/{sid}"] = v
+    per = unseen_localisation(run_dir, slides)
     m = report.metrics
     zarr_dir = root / "features-zarr"
     to_zarr(feats, zarr_dir)

@@ -244,14 +244,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for name, desc in available().items():
             print(f"{name:14s} {desc}")
         return EXIT_OK
-    import torch
-
     from wsi_mil.commands.train_mil import require_features, run_train, summary_text
     from wsi_mil.io.atomic import write_text
-    from wsi_mil.runtime import reuse_freed_memory
 
-    reuse_freed_memory()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     require_features(args.features)
     args.out.mkdir(parents=True, exist_ok=True)
     _setup_logging(args.verbose, args.out / "train.log")

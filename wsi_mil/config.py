@@ -234,8 +234,7 @@ class TrainConfig:
         return self.device
 
     def model_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"hidden": self.hidden, "dropout": self.dropout}
-        return args
+        return {"hidden": self.hidden, "dropout": self.dropout}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,10 +75,8 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool) -> int:
 def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: bool) -> int:
     from wsi_mil.commands.train_mil import run_train, summary_text
     from wsi_mil.config import TrainConfig
-    from wsi_mil.eval.localisation import localisation_summary
+    from wsi_mil.eval.localisation import unseen_localisation
     from wsi_mil.io.atomic import write_json
-    from wsi_mil.io.attention import read_attention
-    from wsi_mil.io.store import read_complete_attrs
 
     config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed)
     print(f"\n[4/4] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
@@ -87,20 +85,8 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     report = run_train(manifest, [out_dir / "tiles" / "features"], out_dir=run_dir, config=config, progress=progress)
     print(summary_text(report))
     slides = {e.slide_id: e.path for e in read_manifest(manifest)}
-    extent = {}
-    for sid in slides:
-        attrs = read_complete_attrs(out_dir / "tiles" / "features" / f"{sid}.h5") or {}
-        extent[sid] = float(attrs.get("extent_level0_px", 256.0))
-    # localisation on every positive slide the models did not train on: out-of-fold
-    # validation slides (each fold's val set) and the held-out test set (fold ensemble)
-    loc_dirs = sorted(p for p in (run_dir / "attention").iterdir() if p.is_dir())
-    per_slide: dict[str, float] = {}
-    for d in loc_dirs:
-        summary = localisation_summary(d, slides, extent)
-        for sid, value in summary["per_slide"].items():  # type: ignore[union-attr]
-            split = read_attention(d / f"{sid}.h5")[2].get("split")
-            if (d.name == "ensemble") == (split == "test") and split in ("val", "test"):
-                per_slide[f"{d.name}/{sid}"] = value
+    # localisation on every positive slide the models did not train on
+    per_slide = unseen_localisation(run_dir, slides)
     loc = sum(per_slide.values()) / len(per_slide) if per_slide else None
     head = report.headline()
     summary_out = {"slide_auc": head.get("auc"), "slide_auc_set": "ensemble test" if report.metrics.get("ensemble_test") else "pooled validation",

@@ -9,8 +9,6 @@ cannot be read is reported and the others are predicted.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import numpy as np
 
 from wsi_mil.data.bags import Bag, Task
 from wsi_mil.errors import ConfigError
-from wsi_mil.io.atomic import write_json, write_text
+from wsi_mil.io.atomic import write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +53,7 @@ def _stores(inputs: list[Path]) -> list[Path]:
 
 
 def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
+    from wsi_mil.commands.train_mil import _prediction
     from wsi_mil.io.attention import write_attention
     from wsi_mil.io.store import read_complete_attrs
     from wsi_mil.train.loop import predict
@@ -86,23 +85,17 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             logger.error("%s: %s", sid, exc)
             report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})
             continue
-        from wsi_mil.commands.train_mil import _prediction
-
         pred = _prediction(task, probs, thresholds)
         write_attention(out_dir / "attention" / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
-            "feature_store": str(store), "run": str(run_dir)})
+            "feature_store": str(store), "run": str(run_dir), "patch_extent_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
         row.update({f"prob_{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
         report.rows.append(row)
     if report.rows:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(report.rows[0]))
-        w.writeheader()
-        w.writerows(report.rows)
-        write_text(out_dir / "predictions.csv", buf.getvalue())
+        write_csv(out_dir / "predictions.csv", report.rows)
     write_json(out_dir / "predict_report.json", {"run": str(run_dir), "n_models": len(models), "thresholds": thresholds,
                                                  "task": task.to_dict(), "predicted": len(report.rows), "failed": report.failed})
     return report

@@ -20,7 +20,6 @@ interrupted run resumes at the next fold.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from wsi_mil import __version__
 from wsi_mil.config import TrainConfig
 from wsi_mil.data.bags import Bag, Task, bags_from_manifest, infer_task
 from wsi_mil.errors import ConfigError, ManifestError, StoreError
-from wsi_mil.io.atomic import write_json, write_text
+from wsi_mil.io.atomic import write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +56,12 @@ class TrainReport:
 
 
 def encoder_of(bags: list[Bag]) -> dict[str, Any]:
-    """The encoder shared by every feature store; mixing encoders is refused."""
-    from wsi_mil.io.store import read_complete_attrs
-
+    """The encoder shared by every feature store (attributes in ``Bag.meta``); mixing
+    encoders is refused."""
     seen: dict[str, list[str]] = {}
     info: dict[str, Any] = {}
     for b in bags:
-        attrs = read_complete_attrs(b.store) if b.store else None
+        attrs = b.meta
         transforms = list(attrs.get("transforms", [])) if attrs else []
         key = (f"{attrs.get('encoder')} (weights {str(attrs.get('weights_sha256', '?'))[:12]}"
                f"{', ' + '+'.join(transforms) if transforms else ''})") if attrs else "unknown"
@@ -118,6 +116,7 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
             "outputs": list(task.outputs), "probability": [float(v) for v in probs],
             "prediction": _prediction(task, probs, thresholds), "feature_store": str(bag.store),
+            "patch_extent_level0_px": bag.step_px,
             "attention_kind": "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score",
         })
 
@@ -138,7 +137,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
     from wsi_mil.data.splits import make_plan, plan_from_user_split, prevalence_weights
     from wsi_mil.mil import build_model
     from wsi_mil.train.checkpoint import load_model, save_model
-    from wsi_mil.train.loop import FitSettings, fit, predict
+    from wsi_mil.train.loop import FitSettings, Predictions, fit, predict
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +170,6 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
     test_probs, test_atts, thresholds_all = [], [], []
     pooled_y, pooled_p = [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    eval_kw: dict[str, Any] = {"weights": None}
     for fold in plan.folds:
         train, val = [by_id[s] for s in fold.train], [by_id[s] for s in fold.val]
         stem = out_dir / "models" / f"fold{fold.index}"
@@ -181,6 +179,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             model, spec = load_model(stem)
             histories[f"fold{fold.index}"] = spec.get("history", [])
             logger.info("fold %d: trained model found, not training again", fold.index)
+            val_pred = predict(model, val, task, device=device)
         else:
             model = build_model(config.model, dim, task.n_outputs, **config.model_args())
             settings = FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
@@ -197,17 +196,17 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             result = fit(model, train, val, task, settings, log)
             bar.close()
             histories[f"fold{fold.index}"] = result.history
-            val_pred = predict(model, val, task, device=device)
+            val_pred = predict(model, val, task, device=device)  # the selected weights
             spec = {"model": config.model, "in_dim": dim, "n_outputs": task.n_outputs, "model_args": config.model_args(),
                     "task": task.to_dict(), "encoder": encoder, "fold": fold.index, "best_epoch": result.best_epoch,
                     "thresholds": _threshold(task, val_pred.targets, val_pred.probs, config),
                     "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__,
                     "history": result.history}
             save_model(stem, model, spec)
-            _write_history(out_dir / "history" / f"fold{fold.index}.csv", result.history)
+            if result.history:
+                write_csv(out_dir / "history" / f"fold{fold.index}.csv", result.history)
         thresholds = spec["thresholds"]
         thresholds_all.append(thresholds)
-        val_pred = predict(model, val, task, device=device)
         test_pred = predict(model, test, task, device=device)
         pooled_y.append(val_pred.targets)
         pooled_p.append(val_pred.probs)
@@ -245,12 +244,10 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             metrics["ensemble_test_at_true_prevalence"] = evaluate(task, ens_y, mean_p, pooled_thr, config, weights=w)
         ens_att = [np.mean([fa[i] for fa in test_atts], axis=0) for i in range(len(test))]
 
-        class _Ens:
-            probs, attention = mean_p, ens_att
-
-        _write_attention(out_dir / "attention" / "ensemble", test, _Ens, task, fold="ensemble", split="test",
+        ens = Predictions([b.slide_id for b in test], ens_y, mean_p, ens_att)
+        _write_attention(out_dir / "attention" / "ensemble", test, ens, task, fold="ensemble", split="test",
                          thresholds=pooled_thr, model=config.model)
-        rows += _rows(task, test, _Ens, pooled_thr, fold="ensemble", split="test")
+        rows += _rows(task, test, ens, pooled_thr, fold="ensemble", split="test")
         if task.kind == "binary":
             curves["ensemble test"] = (ens_y[:, 0], mean_p[:, 0])
     metrics["across_folds_val"] = _across(folds_out, "val")
@@ -282,20 +279,6 @@ def _rows(task: Task, bags: list[Bag], pred: Any, thresholds: list[float], *, fo
     return rows
 
 
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    if not history:
-        return
-    import io
-
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(history)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, buf.getvalue())
-
-
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -308,16 +291,10 @@ def _binary_line(name: str, m: dict[str, Any]) -> str:
 
 def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[dict[str, Any]],
                    curves: dict[str, tuple[np.ndarray, np.ndarray]], histories: dict[str, list[dict[str, Any]]]) -> None:
-    import io
-
     from wsi_mil.eval.plots import confusion_plot, curves_plot, roc_plot
 
     write_json(out / "metrics.json", metrics)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "predictions.csv", buf.getvalue())
+    write_csv(out / "predictions.csv", rows)
     if curves:
         roc_plot(out / "roc.png", curves, f"{metrics['model']}: ROC")
     head = metrics.get("ensemble_test") or metrics.get("pooled_validation") or {}

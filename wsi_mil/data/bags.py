@@ -146,12 +146,25 @@ def find_feature_store(features: Path, slide_id: str) -> Path | None:
     return None
 
 
+def feature_store_attrs(store: Path) -> dict[str, Any] | None:
+    """Root attributes of a finished feature store (one open), or None when the store is
+    incomplete, unreadable or holds no features."""
+    from wsi_mil.io.features import FeatureStore
+
+    try:
+        with FeatureStore(store) as fs:
+            attrs = fs.attrs
+            has_features = "features" in fs._root
+    except Exception:  # noqa: BLE001 - a damaged store is reported as missing
+        return None
+    return attrs if attrs.get("complete") is True and has_features else None
+
+
 def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], task: Task,
                        split_column: dict[str, str] | None = None) -> tuple[list[Bag], list[dict[str, str]]]:
-    """Bags of every manifest slide whose feature store exists; the others are returned
-    as problems (slide_id, reason) so the run can report them instead of dying."""
-    from wsi_mil.io.store import read_complete_attrs
-
+    """Bags of every manifest slide whose feature store exists (its attributes kept in
+    ``Bag.meta``); the others are returned as problems (slide_id, reason) so the run can
+    report them instead of dying."""
     bags: list[Bag] = []
     missing: list[dict[str, str]] = []
     for e in entries:
@@ -160,21 +173,14 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
             missing.append({"slide_id": e.slide_id, "reason": f"no feature store {e.slide_id}.h5/.zarr in "
                             f"{', '.join(map(str, features_dirs))}; run wsi-mil extract-features"})
             continue
-        attrs = read_complete_attrs(store)
-        if attrs is None or "features" not in _keys(store):
+        attrs = feature_store_attrs(store)
+        if attrs is None:
             missing.append({"slide_id": e.slide_id, "reason": f"{store} is incomplete or not a feature store; re-run extract-features"})
             continue
         step = float(attrs.get("extent_level0_px", attrs.get("step_level0_px", 1.0)) or 1.0)
         bags.append(Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
-                        (split_column or {}).get(e.slide_id), step_px=step))
+                        (split_column or {}).get(e.slide_id), step_px=step, meta=attrs))
     return bags, missing
-
-
-def _keys(store: Path) -> set[str]:
-    from wsi_mil.io.features import FeatureStore
-
-    with FeatureStore(store) as fs:
-        return set(fs._root.keys())
 
 
 def collate(items: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]]

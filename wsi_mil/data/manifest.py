@@ -139,14 +139,9 @@ def _check_duplicates(entries: list[SlideEntry], where: str, problems: list[str]
 
 def write_manifest(path: str | Path, rows: list[dict[str, object]]) -> Path:
     """Write a manifest CSV atomically (columns in the order of the first row)."""
-    from wsi_mil.io.atomic import atomic_path
+    from wsi_mil.io.atomic import write_csv
 
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, rows)  # type: ignore[arg-type]
 
 
 def resolve_inputs(inputs: list[str | Path]) -> list[SlideEntry]:

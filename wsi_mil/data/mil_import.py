@@ -11,12 +11,12 @@ protocol of Ilse et al. uses them as given).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from wsi_mil.data.bags import Bag
+from wsi_mil.data.manifest import write_manifest
 from wsi_mil.errors import ConfigError
 
 CLASSIC = {"musk1": "musk1.csv", "ucsb_breast_cancer": "ucsb_breast_cancer.csv", "fox": "fox.npz", "elephant": "elephant.npz"}
@@ -70,9 +70,4 @@ def import_classic(name: str, data_dir: Path, out_dir: Path, feature_space: str 
             f.attrs.update({"encoder": space, "weights_sha256": space, "complete": True,
                             "extent_level0_px": 1.0, "source": str(data_dir / CLASSIC[name])})
         rows.append({"slide_id": bag.slide_id, "path": str(path), "patient_id": bag.patient_id, "label": int(bag.target[0])})
-    manifest = out_dir / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return manifest
+    return write_manifest(out_dir / "manifest.csv", rows)

@@ -3,8 +3,8 @@
 Each patch's tumour share is read from the slide's ground-truth mask (written beside
 every generated slide); a patch is "tumour" when at least half of it is. The
 localisation AUC is the ROC AUC of the attention scores against those patch labels,
-within each positive slide (attention is only comparable within one bag); the slides'
-AUCs are averaged.
+within each positive slide (attention is only comparable within one bag); callers
+average the slides' AUCs.
 """
 
 from __future__ import annotations
@@ -28,26 +28,34 @@ def patch_tumour_share(coords: npt.NDArray[np.int64], extent_px: float, mask: np
     return out
 
 
-def slide_localisation_auc(attention_h5: Path, slide_path: Path, extent_px: float) -> float | None:
+def slide_localisation_auc(coords: npt.NDArray[np.int64], attention: npt.NDArray[np.float32], slide_path: Path,
+                           extent_px: float) -> float | None:
     """AUC of one slide's attention against its tumour patches (None without both kinds)."""
     from wsi_mil.eval.metrics import auc
-    from wsi_mil.io.attention import read_attention
     from wsi_mil.synth.slide import read_truth_mask
 
-    coords, att, _ = read_attention(attention_h5)
     mask, ds = read_truth_mask(slide_path)
     truth = patch_tumour_share(coords, extent_px, mask, ds) >= 0.5
-    return auc(truth.astype(int), att)
+    return auc(truth.astype(int), attention)
 
 
-def localisation_summary(attention_dir: Path, slides: dict[str, Path], extent_px: dict[str, float]) -> dict[str, object]:
-    """Mean localisation AUC over the slides in ``attention_dir`` that have tumour patches."""
+def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, float]:
+    """Localisation AUC of every generated slide with tumour patches that a train-mil
+    run's models did not train on: each fold's validation slides, and the test set as
+    scored by the fold ensemble. Keys are ``<fold dir>/<slide_id>``."""
+    from wsi_mil.io.attention import read_attention
+
     per: dict[str, float] = {}
-    for h5 in sorted(attention_dir.glob("*.h5")):
-        sid = h5.stem
-        if sid not in slides or not slides[sid].with_name(slides[sid].stem + ".json").exists():
-            continue
-        value = slide_localisation_auc(h5, slides[sid], extent_px[sid])
-        if value is not None:
-            per[sid] = value
-    return {"mean_auc": float(np.mean(list(per.values()))) if per else None, "per_slide": per}
+    for d in sorted(p for p in (run_dir / "attention").iterdir() if p.is_dir()):
+        wanted = "test" if d.name == "ensemble" else "val"
+        for h5 in sorted(d.glob("*.h5")):
+            sid = h5.stem
+            if sid not in slides or not slides[sid].with_name(slides[sid].stem + ".json").exists():
+                continue  # not a generated slide: no ground truth
+            coords, att, attrs = read_attention(h5)
+            if attrs.get("split") != wanted:
+                continue
+            value = slide_localisation_auc(coords, att, slides[sid], float(attrs["patch_extent_level0_px"]))
+            if value is not None:
+                per[f"{d.name}/{sid}"] = value
+    return per

@@ -2,7 +2,8 @@
 
 ``<slide_id>.h5``: ``coords`` (N, 2) level-0 px, ``attention`` (N,) the model's instance
 scores (normalised attention for attention models); attributes: slide_id, probability
-per output, prediction, model, fold, split, source feature store. Written atomically.
+per output, prediction, model, fold, split, source feature store and the patch side in
+level-0 pixels (``patch_extent_level0_px``). Written atomically.
 """
 
 from __future__ import annotations

@@ -49,13 +49,17 @@ def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
 
-class MeanPool(nn.Module):
-    """Embedding -> mean over the bag -> classifier (baseline)."""
+class _InstanceHead(nn.Module):
+    """Instance embedding and a linear head: the shared body of the pooling baselines."""
 
     def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25) -> None:
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
         self.head = nn.Linear(hidden, n_outputs)
+
+
+class MeanPool(_InstanceHead):
+    """Embedding -> mean over the bag -> classifier (baseline)."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
@@ -64,13 +68,8 @@ class MeanPool(nn.Module):
         return MILOutput(self.head(torch.einsum("bn,bnd->bd", w, h)), w)
 
 
-class MaxPool(nn.Module):
+class MaxPool(_InstanceHead):
     """Instance classifier -> max over the bag per output (mi-Net style baseline)."""
-
-    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.embed = _embed(in_dim, hidden, dropout)
-        self.head = nn.Linear(hidden, n_outputs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wsi_mil.data.bags import Bag, Task, bag_item, collate
+from wsi_mil.runtime import reuse_freed_memory
 from wsi_mil.train.checkpoint import state_copy
 from wsi_mil.train.losses import BagLoss, label_weights, sample_weights
 
@@ -81,6 +82,8 @@ def predict(model: nn.Module, bags: list[Bag], task: Task, *, device: str = "cpu
             loss_fn: nn.Module | None = None) -> Predictions:
     """Full bags, one at a time (no subsampling, no padding)."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        reuse_freed_memory()
     model.eval().to(dev)
     probs, att, losses = [], [], []
     for bag in bags:
@@ -120,6 +123,8 @@ def fit(model: nn.Module, train: list[Bag], val: list[Bag], task: Task, s: FitSe
     ``val`` is empty: a fixed number of epochs, the last weights are kept)."""
     seed_everything(s.seed)
     dev = torch.device(s.device)
+    if dev.type == "cpu":
+        reuse_freed_memory()  # no page faults per layer per step (wsi_mil/runtime.py)
     model.to(dev)
     targets = np.stack([b.target for b in train])
     loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma).to(dev)

@@ -137,7 +137,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
     from wsi_mil.data.splits import make_plan, plan_from_user_split, prevalence_weights
     from wsi_mil.mil import build_model
     from wsi_mil.train.checkpoint import load_model, save_model
-    from wsi_mil.train.loop import FitSettings, Predictions, fit, predict
+    from wsi_mil.train.loop import FitSettings, Predictions, fit, predict, seed_everything
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +181,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             logger.info("fold %d: trained model found, not training again", fold.index)
             val_pred = predict(model, val, task, device=device)
         else:
+            seed_everything(config.seed + fold.index)  # the initial weights do not depend on what ran before
             model = build_model(config.model, dim, task.n_outputs, **config.model_args())
             settings = FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
                                    monitor=config.monitor, bags_per_batch=config.bags_per_batch, max_instances=config.max_instances,

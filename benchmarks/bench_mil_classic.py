@@ -94,10 +94,21 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--bags-per-batch", type=int, default=4)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in results/mil_classic.json (same settings) and add or replace "
+                        "only the sets/models run now")
     args = p.parse_args()
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    res = {"settings": vars(args), "results": {}, "seconds": {}}
+    res = {"settings": dict(vars(args)), "results": {}, "seconds": {}}
+    if args.merge and (out / "mil_classic.json").exists():
+        old = json.loads((out / "mil_classic.json").read_text())
+        same = ("repeats", "epochs", "lr", "weight_decay", "hidden", "dropout", "bags_per_batch")
+        if any(old["settings"].get(k) != getattr(args, k) for k in same):
+            raise SystemExit("--merge: the stored results were made with other settings; rerun without --merge")
+        res["results"], res["seconds"] = old["results"], old.get("seconds", {})
+        res["settings"]["sets"] = list(dict.fromkeys(old["settings"]["sets"] + args.sets))
+        res["settings"]["models"] = list(dict.fromkeys(old["settings"]["models"] + args.models))
     for name in args.sets:  # results are written after every set and model, so a long run can be read early
         for m in args.models:
             t0 = time.perf_counter()
@@ -117,7 +128,9 @@ def write(res: dict, args: argparse.Namespace, out: Path) -> None:
         for m, r in by_model.items():
             md.append(f"| {name} | {r['n_bags']} | {m} | {r['accuracy_mean']:.3f} ± {r['accuracy_se_over_repeats']:.3f} "
                       f"({r['fold_accuracy_se']:.3f}) | {PAPER.get(name, {}).get(m, 'n/a')} |")
-    md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_classic.py {' '.join(sys.argv[1:])}`".rstrip() + "."]
+    cmd = " ".join(a for a in sys.argv[1:] if a != "--merge") if not args.merge else ""
+    md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_classic.py {cmd}`".rstrip() + "."
+           + (" Rows were measured in more than one run (`--merge`) with the same settings." if args.merge else "")]
     (out / "mil_classic.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
 

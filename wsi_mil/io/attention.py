@@ -35,12 +35,21 @@ def read_attention(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.fl
     import h5py
 
     with h5py.File(path, "r") as f:
-        attrs: dict[str, Any] = {}
-        for k, v in f.attrs.items():
-            if isinstance(v, str):
-                try:
-                    v = json.loads(v)
-                except json.JSONDecodeError:
-                    pass
-            attrs[k] = v
-        return f["coords"][...], f["attention"][...], attrs
+        return f["coords"][...], f["attention"][...], {k: _attr(v) for k, v in f.attrs.items()}
+
+
+def read_attention_attrs(path: Path) -> dict[str, Any]:
+    """Only the attributes of an attention store (cheap: no arrays read)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: _attr(v) for k, v in f.attrs.items()}
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v

@@ -1,0 +1,281 @@
+"""`wsi-mil heatmap`: viewer-ready attention exports from what train-mil/predict stored.
+
+No re-tiling and no re-extraction: every export is drawn from the attention stores
+(coordinates + per-instance scores) and the slide's pyramid. Per slide, in
+``OUT/<slide_id>/``:
+
+- ``overlay.png``   heatmap over the thumbnail, colour bar, prediction
+- ``heatmap.tif``   pyramidal TIFF, slide's level-0 size and mpp (OpenSlide/QuPath)
+- ``patches.geojson`` patch squares with attention measurements (QuPath import)
+- ``gallery.png``   top-k and bottom-k patches with their scores
+- ``heatmap.json``  what was drawn, how it was normalised, and the settings (resume key)
+
+A run folder gives each slide its out-of-fold map: the fold ensemble's for held-out
+test slides, and for the others the fold in which the slide was validation. A finer map
+is a tiling choice, not a heatmap option: tile with ``--overlap 0.5`` (4× the patches,
+so about 4× the extraction time), extract, ``predict``, then draw — overlapping patches
+average into cells half a patch wide. ``--smooth-um`` blurs within the tissue at no
+extraction cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.commands.report import failure_message, format_table, status_counts
+from wsi_mil.errors import ConfigError, WsiMilError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("png", "tiff", "geojson", "gallery")
+THUMBNAIL_MAX_PX = 1200
+GALLERY_PATCH_PX = 160
+
+
+@dataclass(frozen=True)
+class HeatmapSettings:
+    normalise: str = "rank"
+    cmap: str = "viridis"
+    formats: tuple[str, ...] = FORMATS
+    top_k: int = 8
+    geojson_top_k: int = 0  # 0: every patch
+    smooth_um: float = 0.0
+    opacity: float = 0.5
+
+    def validate(self) -> None:
+        from wsi_mil.viz.scores import COLOURMAPS, NORMALISATIONS
+
+        problems = []
+        if self.normalise not in NORMALISATIONS:
+            problems.append(f"--normalise must be one of {', '.join(NORMALISATIONS)}")
+        if self.cmap not in COLOURMAPS:
+            problems.append(f"--cmap must be a perceptually uniform map: {', '.join(COLOURMAPS)}")
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            problems.append(f"--formats takes some of {', '.join(FORMATS)} (got {', '.join(self.formats) or 'none'})")
+        if self.top_k < 1 or self.geojson_top_k < 0 or self.smooth_um < 0 or not 0 < self.opacity <= 1:
+            problems.append("--top-k ≥ 1, --geojson-top-k ≥ 0, --smooth-um ≥ 0 and 0 < --opacity ≤ 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SlideHeatmap:
+    slide_id: str
+    status: str  # ok | skipped (already drawn) | failed
+    source: str
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class HeatmapReport:
+    out_dir: Path
+    outcomes: list[SlideHeatmap]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status != "failed" for o in self.outcomes)
+
+    def table(self) -> str:
+        rows = [["slide", "status", "s", "note"]]
+        problems = []
+        for o in self.outcomes:
+            rows.append([o.slide_id, o.status, f"{o.seconds:.1f}", o.message[:60]])
+            if o.status == "failed":
+                problems.append(f"{o.slide_id}: {o.message}")
+        return format_table(rows, problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "seconds": self.seconds,
+                "counts": status_counts(o.status for o in self.outcomes),
+                "slides": [asdict(o) for o in self.outcomes]}
+
+
+def attention_sources(inputs: list[Path]) -> dict[str, Path]:
+    """slide_id → attention store. A train-mil run folder gives each slide its
+    out-of-fold store (ensemble for test slides, else the fold where it was validation);
+    a folder of stores (``predict``'s output or one fold) or single files are taken as is."""
+    from wsi_mil.io.attention import read_attention_attrs
+
+    found: dict[str, Path] = {}
+    for inp in inputs:
+        if inp.is_file():
+            found[inp.stem] = inp
+            continue
+        if (inp / "attention").is_dir():
+            ens = inp / "attention" / "ensemble"
+            for h5 in sorted(ens.glob("*.h5")) if ens.is_dir() else []:
+                found[h5.stem] = h5
+            for fold in sorted(p for p in (inp / "attention").iterdir() if p.is_dir() and p.name != "ensemble"):
+                for h5 in sorted(fold.glob("*.h5")):
+                    if h5.stem not in found and read_attention_attrs(h5).get("split") == "val":
+                        found[h5.stem] = h5
+            continue
+        if inp.is_dir():
+            stores = sorted(inp.glob("*.h5")) or sorted((inp / "attention").glob("*.h5"))
+            for h5 in stores:
+                found[h5.stem] = h5
+            if stores:
+                continue
+        raise ConfigError(f"{inp}: no attention stores found. Give a train-mil run folder, a predict output "
+                          "folder, or attention .h5 files.")
+    if not found:
+        raise ConfigError("no attention stores found in " + ", ".join(map(str, inputs)))
+    return found
+
+
+def _slide_path(attrs: dict[str, Any], overrides: dict[str, Path]) -> tuple[Path, float | None]:
+    """The slide file behind an attention store (attention → feature store → patch store,
+    each of which records its source), and the mpp the tiler resolved for it."""
+    from wsi_mil.data.bags import feature_store_attrs
+    from wsi_mil.io.store import PatchStore
+
+    sid = str(attrs.get("slide_id"))
+    store = Path(str(attrs.get("feature_store", "")))
+    fattrs = feature_store_attrs(store) if store.exists() else None
+    mpp = float(fattrs["slide_mpp"]) if fattrs and fattrs.get("slide_mpp") else None
+    if sid in overrides:
+        return overrides[sid], mpp
+    source = Path(str(fattrs.get("source_store", ""))) if fattrs else None
+    if source is not None and source.exists():
+        try:
+            with PatchStore(source) as ps:
+                pattrs = ps.attrs
+        except Exception:  # noqa: BLE001 - reported below as "cannot find"
+            pattrs = {}
+        slide = Path(str(pattrs.get("slide_path", "")))
+        if pattrs.get("slide_path") and slide.exists():
+            if pattrs.get("slide_size_bytes") not in (None, slide.stat().st_size):
+                raise WsiMilError(f"{slide} is not the file that was tiled (size differs from the patch store's "
+                                  "record). Give --slides MANIFEST.csv with the right path.")
+            return slide, mpp
+    raise WsiMilError(f"cannot find the slide file of {sid}: the feature store {store} or its patch store is "
+                      "missing, or the slide moved. Give --slides MANIFEST.csv with the slide's path.")
+
+
+def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: dict[str, Path]) -> dict[str, str]:
+    """All requested exports of one slide; returns {format: file}."""
+    from wsi_mil.io.attention import read_attention
+    from wsi_mil.io.slide import open_slide, resolve_mpp
+    from wsi_mil.io.thumbnail import read_thumbnail
+    from wsi_mil.viz.raster import colourise, score_grid
+    from wsi_mil.viz.scores import normalise
+
+    coords, att, attrs = read_attention(h5)
+    sid = str(attrs.get("slide_id", h5.stem))
+    path, mpp = _slide_path(attrs, overrides)
+    extent = float(attrs.get("patch_extent_level0_px") or 256)
+    scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
+    probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))
+    files: dict[str, str] = {}
+    with open_slide(path) as slide:
+        if mpp is None:
+            mpp = resolve_mpp(slide, slide_name=path.name).mpp
+        w, h = slide.dimensions  # type: ignore[attr-defined]
+        grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h,
+                          smooth_um=settings.smooth_um, mpp=mpp)
+        pred = attrs.get("prediction")
+        prob_txt = ", ".join(f"p({k}) = {v:.3f}" for k, v in probability.items())
+        title = f"{sid} — prediction: {pred} ({prob_txt}) — {attrs.get('model', '')}, fold {attrs.get('fold', '')}"
+        if "png" in settings.formats:
+            from wsi_mil.viz.figures import overlay_png
+
+            thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=mpp * max(w, h) / THUMBNAIL_MAX_PX,
+                                         max_side_px=THUMBNAIL_MAX_PX)
+            files["png"] = str(overlay_png(slide_dir / "overlay.png", thumb, grid, scores, cmap=settings.cmap,
+                                           title=title, opacity=settings.opacity))
+        if "gallery" in settings.formats and len(coords):
+            from wsi_mil.viz.figures import gallery_png
+
+            order = np.argsort(-scores.unit, kind="stable")
+            k = min(settings.top_k, len(order))
+            top = [(_patch(slide, coords[i], extent), float(scores.value[i]), int(i)) for i in order[:k]]
+            bottom = [(_patch(slide, coords[i], extent), float(scores.value[i]), int(i)) for i in order[::-1][:k]]
+            files["gallery"] = str(gallery_png(slide_dir / "gallery.png", top, bottom, method=scores.method,
+                                               title=f"{sid} - prediction: {pred}"))
+    if "tiff" in settings.formats:
+        from wsi_mil.viz.tiff import write_heatmap_tiff
+
+        desc = (f"wsi-mil attention heatmap of {sid}; colours: {settings.cmap} over {scores.description}, "
+                f"{scores.vmin:.4g} to {scores.vmax:.4g}; white: no patch; {attrs.get('model', '')} fold "
+                f"{attrs.get('fold', '')}; prediction {pred}")
+        files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, colourise(grid.values, settings.cmap),
+                                               mpp=mpp, description=desc))
+    if "geojson" in settings.formats:
+        from wsi_mil.viz.geojson import patch_features, write_geojson
+
+        index = None
+        if settings.geojson_top_k:
+            index = np.argsort(-scores.unit, kind="stable")[:settings.geojson_top_k]
+        feats = patch_features(coords, extent, scores, att, probability=probability, index=index)
+        files["geojson"] = str(write_geojson(slide_dir / "patches.geojson", feats))
+    return files
+
+
+def _patch(slide: object, xy: Any, extent: float) -> np.ndarray:
+    from PIL import Image
+
+    from wsi_mil.io.slide import read_region_rgb
+
+    level = slide.get_best_level_for_downsample(extent / GALLERY_PATCH_PX)  # type: ignore[attr-defined]
+    ds = float(slide.level_downsamples[level])  # type: ignore[attr-defined]
+    side = max(1, int(round(extent / ds)))
+    rgb = read_region_rgb(slide, x_px=int(xy[0]), y_px=int(xy[1]), level=level, width=side, height=side)
+    return np.asarray(Image.fromarray(rgb).resize((GALLERY_PATCH_PX, GALLERY_PATCH_PX), Image.Resampling.LANCZOS))
+
+
+def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
+                slides_manifest: Path | None = None, overwrite: bool = False, progress: bool = True) -> HeatmapReport:
+    """Draw every slide's exports; a slide that fails is reported and the rest carry on.
+    A slide already drawn with the same settings from the same store is skipped."""
+    from tqdm import tqdm
+
+    from wsi_mil.io.atomic import write_json
+
+    settings.validate()
+    sources = attention_sources(inputs)
+    overrides: dict[str, Path] = {}
+    if slides_manifest is not None:
+        from wsi_mil.data.manifest import read_manifest
+
+        overrides = {e.slide_id: e.path for e in read_manifest(slides_manifest)}
+    t0 = time.perf_counter()
+    outcomes = []
+    for sid, h5 in tqdm(sources.items(), desc="heatmaps", unit="slide", disable=not progress):
+        slide_dir = out_dir / sid
+        marker = slide_dir / "heatmap.json"
+        stamp = {"settings": asdict(settings), "settings_key": settings.key(), "source": str(h5),
+                 "source_mtime_ns": h5.stat().st_mtime_ns}
+        if not overwrite and marker.exists():
+            done = json.loads(marker.read_text())
+            if {k: done.get(k) for k in stamp} == json.loads(json.dumps(stamp)) and all(
+                    Path(f).exists() for f in done.get("files", {}).values()):
+                outcomes.append(SlideHeatmap(sid, "skipped", str(h5), done["files"], 0.0, "already drawn"))
+                continue
+        s0 = time.perf_counter()
+        try:
+            files = draw_slide(h5, slide_dir, settings, overrides)
+        except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
+            logger.warning("%s: %s", sid, failure_message(exc))
+            outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
+            continue
+        secs = time.perf_counter() - s0
+        write_json(marker, {**stamp, "files": files, "seconds": secs})
+        outcomes.append(SlideHeatmap(sid, "ok", str(h5), files, secs))
+    report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
+    write_json(out_dir / "index.json", report.to_dict())
+    return report

@@ -1,0 +1,93 @@
+"""The heatmap as a pyramidal tiled TIFF with the slide's level-0 geometry and mpp.
+
+OpenSlide opens it as a generic tiled TIFF (so QuPath does, as a second image with the
+slide's size and pixel size — aligned pixel for pixel). Tiles are rendered on demand
+from the score grid, so memory stays flat for any slide size; the heatmap is piecewise
+constant, so tiles are Deflate-compressed (small, exact colours) and every tile that is
+one flat colour (background, or inside one patch) is encoded once and reused. The
+description says what the colours mean; nothing of the source slide's metadata (or its
+label/macro images) is copied.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.viz.raster import ScoreGrid
+
+TILE_PX = 512
+LEVEL_FACTOR = 4
+_TOP_LEVEL_MAX_PX = 1024
+
+
+def level_downsamples(width_px: int, height_px: int) -> list[int]:
+    ds = [1]
+    while max(width_px, height_px) / ds[-1] > _TOP_LEVEL_MAX_PX:
+        ds.append(ds[-1] * LEVEL_FACTOR)
+    return ds
+
+
+def _tiles(grid: ScoreGrid, rgb: npt.NDArray[np.uint8], background: npt.NDArray[np.uint8], ds: int
+           ) -> Iterator[bytes]:
+    lw, lh = -(-grid.slide_width_px // ds), -(-grid.slide_height_px // ds)
+    # colour table with the background appended as the last entry, indexed by cell
+    flat = np.concatenate([rgb.reshape(-1, 3), background.reshape(1, 3)])
+    ny, nx = grid.values.shape
+    bg_index = ny * nx
+    cache: dict[int, bytes] = {}
+    for ty in range(0, lh, TILE_PX):
+        ys = (np.arange(ty, ty + TILE_PX) + 0.5) * ds
+        _, rows = grid.cell_index(np.zeros(1), ys)
+        row_runs, row_len = _runs(rows)
+        for tx in range(0, lw, TILE_PX):
+            xs = (np.arange(tx, tx + TILE_PX) + 0.5) * ds
+            cols, _ = grid.cell_index(xs, np.zeros(1))
+            col_runs, col_len = _runs(cols)
+            # the tile is piecewise constant: colour the few (row run, col run) blocks, then expand
+            idx = row_runs[:, None] * nx + col_runs[None, :]
+            idx[(row_runs[:, None] < 0) | (col_runs[None, :] < 0)] = bg_index
+            if idx.size == 1:
+                key = int(idx[0, 0])
+                if key not in cache:
+                    cache[key] = zlib.compress(np.broadcast_to(flat[key], (TILE_PX, TILE_PX, 3)).tobytes(), 1)
+                yield cache[key]
+            else:
+                block = np.repeat(np.repeat(flat[idx], row_len, axis=0), col_len, axis=1)
+                yield zlib.compress(block.tobytes(), 1)
+
+
+def _runs(index: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Run-length encoding of a 1-D index: (values, lengths)."""
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+    return index[starts], np.diff(np.r_[starts, len(index)])
+
+
+def write_heatmap_tiff(path: Path, grid: ScoreGrid, rgb: npt.NDArray[np.uint8], *, mpp: float | None,
+                       description: str, background: tuple[int, int, int] = (255, 255, 255)) -> Path:
+    """Write ``rgb`` (the colourised grid, one colour per cell) as a pyramidal TIFF of the
+    slide's level-0 size; ``mpp`` goes into the resolution tags (µm/px → px/cm)."""
+    import tifffile
+
+    from wsi_mil.io.atomic import atomic_path
+
+    w, h = grid.slide_width_px, grid.slide_height_px
+    bg = np.asarray(background, np.uint8)
+    # a cell without a score is drawn as background even when rgb holds a colour there
+    rgb = np.where(np.isfinite(grid.values)[..., None], rgb, bg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        for i, ds in enumerate(level_downsamples(w, h)):
+            kw = {}
+            if mpp:
+                px_per_cm = 1e4 / (mpp * ds)
+                kw = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+            tif.write(_tiles(grid, rgb, bg, ds), shape=(-(-h // ds), -(-w // ds), 3), dtype=np.uint8,
+                      tile=(TILE_PX, TILE_PX), photometric="rgb", compression="deflate",
+                      subfiletype=0 if i == 0 else 1, description=description if i == 0 else None,
+                      metadata=None, software="wsi-mil", **kw)
+    return path

@@ -170,6 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--overwrite", action="store_true", help="redraw slides already drawn with the same settings")
     hm.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    rv = sub.add_parser(
+        "review", help="local web page to review a run's attention over the slides (127.0.0.1)",
+        description="Serve a review page: each slide in a deep-zoom viewer (tiles cut by OpenSlide from the "
+                    "slide's pyramid; never its label or macro image), the attention heatmap over it with an "
+                    "opacity control, the top patches as a list that jumps to them, the prediction, and the "
+                    "run's slides to move between. Only the run's slides and exports are reachable. Needs the "
+                    "page's front-end packages: npm ci --prefix wsi_mil/review/web.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rv.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                    help="train-mil run folder, predict output folder, or attention .h5 files")
+    rv.add_argument("--heatmaps", type=Path, default=None,
+                    help="heatmap folder whose exports to offer (default: INPUT/heatmaps when it exists)")
+    rv.add_argument("--slides", type=Path, default=None, metavar="MANIFEST", help="manifest CSV giving slide paths")
+    rv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the slides)")
+    rv.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    rv.add_argument("--normalise", default="rank", choices=["rank", "softmax", "raw"], help="heatmap normalisation")
+    rv.add_argument("--cmap", default="viridis", choices=["viridis", "magma", "inferno", "plasma", "cividis"],
+                    help="colour map")
+
     synth = sub.add_parser(
         "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",
         description="Build pyramidal JPEG-tiled TIFF slides by laying out real H&E tissue on glass, planting "
@@ -195,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="output folder")
     demo.add_argument("--workers", type=int, default=_default_workers(), help="worker processes")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--n-slides", type=int, default=None, help="generated slides (default: the built-in cohort's)")
+    demo.add_argument("--size", type=int, default=None, help="generated slide side in level-0 px (default: built-in)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -330,13 +352,40 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    from wsi_mil.review.server import ReviewSite, make_server
+
+    _setup_logging(1)
+    heatmaps = args.heatmaps
+    if heatmaps is None and len(args.inputs) == 1 and (args.inputs[0] / "heatmaps").is_dir():
+        heatmaps = args.inputs[0] / "heatmaps"
+    site = ReviewSite(args.inputs, slides_manifest=args.slides, heatmaps=heatmaps, normalise=args.normalise,
+                      cmap=args.cmap)
+    for problem in site.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach it can see these slides", file=sys.stderr)
+    server = make_server(site, host=args.host, port=args.port)
+    host, port = server.server_address[:2]
+    print(f"reviewing {len(site.slides)} slide(s): open http://{host}:{port}/ in a browser (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        site.close()
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
     args.out.mkdir(parents=True, exist_ok=True)
     _setup_logging(1, args.out / "demo.log")
-    return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress)
+    sizes = {k: v for k, v in (("n_slides", args.n_slides), ("size_px", args.size)) if v is not None}
+    return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress, **sizes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "train-mil": _cmd_train, "predict": _cmd_predict,
-                "heatmap": _cmd_heatmap, "demo": _cmd_demo}
+                "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo}
     try:
         return commands[args.command](args)
     except WsiMilError as exc:

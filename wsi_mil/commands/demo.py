@@ -35,15 +35,16 @@ def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
     return write_manifest(out_dir / "demo_manifest.csv", rows)
 
 
-def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool) -> int:
+def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides: int = DEMO_SLIDES,
+             size_px: int = DEMO_SIZE_PX) -> int:
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.synth.cohort import make_cohort
 
-    print(f"[1/4] generating {DEMO_SLIDES} slides ({DEMO_SIZE_PX} px, real H&E tissue, tumour in half) ...")
-    cohort = make_cohort(out_dir / "slides", n_slides=DEMO_SLIDES, positive_fraction=0.5, size_px=DEMO_SIZE_PX,
+    print(f"[1/4] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
+    cohort = make_cohort(out_dir / "slides", n_slides=n_slides, positive_fraction=0.5, size_px=size_px,
                          tumour_size_um=(400.0, 1200.0), seed=seed, progress=progress)
     manifest = _demo_manifest(out_dir, cohort)
-    print(f"[2/4] tiling {DEMO_SLIDES + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
+    print(f"[2/4] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=TileConfig(),
                       workers=workers, progress=progress)
     print()

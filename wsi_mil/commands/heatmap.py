@@ -138,7 +138,7 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
     return found
 
 
-def _slide_path(attrs: dict[str, Any], overrides: dict[str, Path]) -> tuple[Path, float | None]:
+def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path]) -> tuple[Path, float | None]:
     """The slide file behind an attention store (attention → feature store → patch store,
     each of which records its source), and the mpp the tiler resolved for it."""
     from wsi_mil.data.bags import feature_store_attrs
@@ -177,7 +177,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
 
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
-    path, mpp = _slide_path(attrs, overrides)
+    path, mpp = slide_for_attention(attrs, overrides)
     extent = float(attrs.get("patch_extent_level0_px") or 256)
     scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
     probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))

@@ -1,0 +1,207 @@
+"""`wsi-mil heatmap` exports on real slides: each one opens in the tool it is made for,
+is aligned to the slide, states its normalisation, and carries nothing identifying."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.conftest import WSI_MIL
+from tests.viz.conftest import EXTENT, source_identity_strings
+from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
+from wsi_mil.viz.raster import colourise, score_grid
+from wsi_mil.viz.scores import normalise
+
+QUPATH_OBJECT_TYPES = {"annotation", "detection", "tile", "cell"}
+
+
+@pytest.fixture(scope="module")
+def drawn(attention_run, tmp_path_factory):
+    attention, manifest, made = attention_run
+    out = tmp_path_factory.mktemp("heatmaps")
+    report = run_heatmap([attention], out_dir=out, settings=HeatmapSettings(top_k=4), slides_manifest=manifest,
+                         progress=False)
+    assert report.ok, report.table()
+    return out, made, report
+
+
+def test_tiff_opens_in_openslide_with_the_slide_geometry_and_mpp_and_aligned_colours(drawn) -> None:
+    import openslide
+
+    out, made, _ = drawn
+    for sid, (coords, att, path) in made.items():
+        with openslide.OpenSlide(str(path)) as src, openslide.OpenSlide(str(out / sid / "heatmap.tif")) as hm:
+            assert hm.dimensions == src.dimensions
+            assert float(hm.properties["openslide.mpp-x"]) == pytest.approx(float(src.properties["openslide.mpp-x"]), rel=1e-4)
+            assert hm.level_count >= 2 and dict(hm.associated_images) == {}
+            w, h = src.dimensions
+        unit = normalise(att, "rank").unit
+        expected = colourise(unit, "viridis")
+        rng = np.random.default_rng(1)
+        with openslide.OpenSlide(str(out / sid / "heatmap.tif")) as hm:
+            for i in rng.choice(len(coords), 25, replace=False):  # centre of a patch = that patch's colour
+                x, y = coords[i] + EXTENT // 2
+                px = np.asarray(hm.read_region((int(x), int(y)), 0, (1, 1)))[0, 0, :3]
+                assert px.tolist() == expected[i].tolist(), (sid, i)
+            # the top-left corner holds no patch (grid offset 37, 53): background
+            assert np.asarray(hm.read_region((5, 5), 0, (1, 1)))[0, 0, :3].tolist() == [255, 255, 255]
+            # a coarser level agrees with level 0 away from cell edges
+            i = int(np.argmax(unit))
+            ds = hm.level_downsamples[1]
+            x, y = coords[i] + EXTENT // 2
+            lvl = np.asarray(hm.read_region((int(x), int(y)), 1, (1, 1)))[0, 0, :3]
+            assert np.abs(lvl.astype(int) - expected[i].astype(int)).max() <= 2 or ds > EXTENT / 2
+
+
+def test_geojson_is_a_qupath_feature_collection_in_level0_pixels(drawn) -> None:
+    out, made, _ = drawn
+    coords, att, path = made["tumour-slide"]
+    doc = json.loads((out / "tumour-slide" / "patches.geojson").read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(coords)
+    rank = normalise(att, "rank")
+    by_name = {}
+    for f in doc["features"]:
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+        ring = f["geometry"]["coordinates"][0]
+        assert len(ring) == 5 and ring[0] == ring[-1]  # closed linear ring
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert max(xs) - min(xs) == EXTENT and max(ys) - min(ys) == EXTENT
+        props = f["properties"]
+        assert props["objectType"] in QUPATH_OBJECT_TYPES
+        m = props["measurements"]
+        assert isinstance(m, dict) and all(isinstance(k, str) and math.isfinite(v) for k, v in m.items())
+        i = int(props["name"].split()[-1])
+        assert (min(xs), min(ys)) == tuple(float(v) for v in coords[i])
+        assert m["attention (rank)"] == pytest.approx(rank.value[i]) and m["attention (stored)"] == pytest.approx(att[i])
+        assert m["slide probability (tumour)"] == pytest.approx(0.91)
+        by_name[i] = m["attention rank"]
+    assert sorted(by_name.values()) == list(range(1, len(coords) + 1))
+    assert doc["features"][0]["properties"]["measurements"]["attention rank"] == 1  # highest first
+
+
+def test_geojson_top_k_keeps_only_the_highest_patches(attention_run, tmp_path) -> None:
+    attention, manifest, made = attention_run
+    run_heatmap([attention / "tumour-slide.h5"], out_dir=tmp_path, slides_manifest=manifest, progress=False,
+                settings=HeatmapSettings(formats=("geojson",), geojson_top_k=5))
+    doc = json.loads((tmp_path / "tumour-slide" / "patches.geojson").read_text())
+    _, att, _ = made["tumour-slide"]
+    top = set(np.argsort(-att)[:5].tolist())
+    assert {int(f["properties"]["name"].split()[-1]) for f in doc["features"]} == top
+    assert not (tmp_path / "tumour-slide" / "heatmap.tif").exists()
+
+
+def test_the_heatmap_is_high_on_the_planted_tumour(drawn) -> None:
+    """The exports are drawn where the attention is: the TIFF is bright over the truth mask."""
+    import openslide
+
+    from wsi_mil.synth.slide import read_truth_mask
+
+    out, made, _ = drawn
+    _, _, path = made["tumour-slide"]
+    mask, ds = read_truth_mask(path)
+    with openslide.OpenSlide(str(out / "tumour-slide" / "heatmap.tif")) as hm:
+        lvl = hm.level_count - 1
+        img = np.asarray(hm.read_region((0, 0), lvl, hm.level_dimensions[lvl]))[..., :3].astype(float)
+        scale = hm.level_downsamples[lvl] / ds
+    ys, xs = np.nonzero(mask)
+    inside = img[np.clip((ys / scale).astype(int), 0, img.shape[0] - 1), np.clip((xs / scale).astype(int), 0, img.shape[1] - 1)]
+    # viridis: bright yellow-green (high) has a high red+green, dark purple (low) a low one
+    tissue = img[(img != 255).any(-1)]
+    assert inside[:, :2].sum(-1).mean() > tissue[:, :2].sum(-1).mean() + 80
+
+
+def test_overlay_and_gallery_pngs(drawn) -> None:
+    from PIL import Image
+
+    out, made, report = drawn
+    for sid in made:
+        ov = Image.open(out / sid / "overlay.png")
+        assert ov.width >= 800 and ov.mode in ("RGB", "RGBA")
+        gal = Image.open(out / sid / "gallery.png")
+        assert gal.width > 4 * 160 and gal.height > 2 * 160
+    index = json.loads((out / "index.json").read_text())
+    assert index["counts"] == {"ok": 2}
+    marker = json.loads((out / "tumour-slide" / "heatmap.json").read_text())
+    assert marker["settings"]["normalise"] == "rank" and set(marker["files"]) == {"png", "tiff", "geojson", "gallery"}
+
+
+def test_no_export_carries_the_label_macro_or_slide_metadata(drawn, cmu_slide) -> None:
+    """CMU-1-Small-Region has a label and a macro image and an Aperio description with
+    the scanner's file name, date and user: none of it may reach any export."""
+    import openslide
+    from PIL import Image
+
+    out, _, _ = drawn
+    with openslide.OpenSlide(str(cmu_slide)) as s:
+        assert {"label", "macro"} <= set(s.associated_images)  # the test is only meaningful with both
+    secrets = source_identity_strings(cmu_slide)
+    assert any("Aperio" in v or "ScanScope" in v for v in secrets) and len(secrets) >= 5
+    files = sorted((out / "cmu-1").iterdir())
+    assert {f.name for f in files} >= {"overlay.png", "heatmap.tif", "patches.geojson", "gallery.png"}
+    for f in files:
+        blob = f.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in blob, (f.name, secret)
+    with openslide.OpenSlide(str(out / "cmu-1" / "heatmap.tif")) as hm:
+        assert dict(hm.associated_images) == {}
+        assert all(not k.startswith("aperio.") for k in hm.properties)
+    for name in ("overlay.png", "gallery.png"):
+        info = Image.open(out / "cmu-1" / name).info
+        assert set(info) <= {"Software", "dpi"}, info
+
+
+def test_rerun_skips_drawn_slides_and_redraws_on_new_settings(attention_run, drawn) -> None:
+    attention, manifest, _ = attention_run
+    out, _, _ = drawn
+    again = run_heatmap([attention], out_dir=out, settings=HeatmapSettings(top_k=4), slides_manifest=manifest,
+                        progress=False)
+    assert {o.status for o in again.outcomes} == {"skipped"}
+
+
+def test_a_slide_that_cannot_be_found_is_reported_and_the_rest_are_drawn(attention_run, tmp_path) -> None:
+    attention, manifest, _ = attention_run
+    bad = tmp_path / "manifest.csv"
+    bad.write_text(manifest.read_text().replace("tumour-slide.tiff", "moved-away.tiff"))
+    res = subprocess.run(WSI_MIL + ["heatmap", str(attention), "--out", str(tmp_path / "hm"), "--slides", str(bad),
+                                    "--formats", "png", "geojson", "--no-progress"], capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "moved-away.tiff" in res.stdout and "file not found" in res.stdout
+    assert (tmp_path / "hm" / "cmu-1" / "overlay.png").exists()
+    assert not (tmp_path / "hm" / "tumour-slide").exists()
+
+
+def test_normalisations_are_what_they_say() -> None:
+    att = np.array([0.1, 0.2, 0.2, 0.5])
+    r = normalise(att, "rank")
+    assert r.value.tolist() == [0.0, 0.5, 0.5, 1.0]  # ties share a rank
+    s = normalise(att, "softmax")
+    assert s.value.sum() == pytest.approx(1.0) and (s.vmin, s.vmax) == (0.0, 0.5)
+    raw = normalise(att, "raw")
+    assert raw.value == pytest.approx(np.log(att)) and raw.unit.min() == 0 and raw.unit.max() == 1
+    scores = normalise(np.array([2.0, 0.0]), "softmax", attention_kind="max score")
+    assert scores.value == pytest.approx(np.exp([2, 0]) / np.exp([2, 0]).sum())
+    with pytest.raises(ValueError, match="rank"):
+        normalise(att, "zscore")
+
+
+def test_overlapping_patches_average_into_finer_cells_and_smoothing_stays_in_tissue() -> None:
+    coords = np.array([[0, 0], [128, 0]])  # 256-px patches with 50 % overlap
+    g = score_grid(coords, np.array([0.0, 1.0]), extent_px=256, slide_width_px=1024, slide_height_px=512)
+    assert g.cell_px == 128
+    assert g.values[0, :3].tolist() == [0.0, 0.5, 1.0] and np.isnan(g.values[0, 3])
+    sm = score_grid(coords, np.array([0.0, 1.0]), extent_px=256, slide_width_px=1024, slide_height_px=512,
+                    smooth_um=64, mpp=0.5)
+    assert np.isnan(sm.values[0, 3]) and 0 < sm.values[0, 0] < 0.5 < sm.values[0, 2] < 1
+
+
+def test_bad_options_are_refused_with_the_choices() -> None:
+    from wsi_mil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="perceptually uniform"):
+        HeatmapSettings(cmap="jet").validate()
+    with pytest.raises(ConfigError, match="--formats"):
+        HeatmapSettings(formats=("pdf",)).validate()

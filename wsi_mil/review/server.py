@@ -1,0 +1,274 @@
+"""`wsi-mil review`: a local web page to review a run's attention next to the tissue.
+
+The slide is shown in OpenSeadragon (installed from the npm registry into
+``wsi_mil/review/web/node_modules``; no CDN) from Deep Zoom tiles that OpenSlide cuts
+from the slide's pyramid levels — never its label or macro image. The heatmap is a
+small RGBA image of the score grid, laid over the slide at its level-0 position.
+
+Only what is listed at start-up can be fetched: the page's own files, OpenSeadragon's
+build files, and for each slide of the run its tiles, heatmap, top patches and exports.
+Every request is looked up by name in those tables, so a path such as
+``/static/../../etc/passwd`` matches nothing and gets 404. Served on 127.0.0.1 unless
+told otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError, WsiMilError
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+OSD_DIR_ENV = "WSI_MIL_OPENSEADRAGON_DIR"
+TOP_K = 12
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css",
+          ".png": "image/png", ".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".svg": "image/svg+xml",
+          ".json": "application/json", ".map": "application/json", ".tif": "image/tiff",
+          ".geojson": "application/geo+json"}
+
+
+def openseadragon_dir() -> Path:
+    """OpenSeadragon's build folder from the npm install (or ``$WSI_MIL_OPENSEADRAGON_DIR``)."""
+    env = os.environ.get(OSD_DIR_ENV)
+    d = Path(env) if env else HERE / "web" / "node_modules" / "openseadragon" / "build" / "openseadragon"
+    if not (d / "openseadragon.min.js").exists():
+        raise ConfigError(f"OpenSeadragon is not installed ({d} has no openseadragon.min.js). Install the review "
+                          "page's front-end packages from the npm registry: npm ci --prefix wsi_mil/review/web "
+                          f"(or point {OSD_DIR_ENV} at an OpenSeadragon build folder).")
+    return d
+
+
+def _file_table(root: Path, prefix: str) -> dict[str, Path]:
+    """URL path → file, for every regular file under ``root`` (no links followed)."""
+    table = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                table[prefix + p.relative_to(root).as_posix()] = p
+    return table
+
+
+@dataclass
+class ReviewSlide:
+    slide_id: str
+    attention: Path
+    slide_path: Path
+    mpp: float | None
+    attrs: dict[str, Any]
+    exports: dict[str, Path] = field(default_factory=dict)
+    _dz: Any = None
+    _slide: Any = None
+    _info: dict[str, Any] | None = None
+    _heat: bytes | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def deepzoom(self) -> Any:
+        from openslide.deepzoom import DeepZoomGenerator
+
+        from wsi_mil.io.slide import open_slide
+
+        with self.lock:
+            if self._dz is None:
+                cm = open_slide(self.slide_path)
+                self._slide = (cm, cm.__enter__())
+                self._dz = DeepZoomGenerator(self._slide[1], tile_size=254, overlap=1, limit_bounds=False)
+            return self._dz
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide[0].__exit__(None, None, None)
+            self._slide = self._dz = None
+
+    def info(self, normalise: str, cmap: str) -> dict[str, Any]:
+        """Geometry, prediction, heatmap placement and the top patches (computed once)."""
+        from wsi_mil.io.attention import read_attention
+        from wsi_mil.viz.raster import colourise, score_grid
+        from wsi_mil.viz.scores import normalise as norm
+
+        with self.lock:
+            if self._info is not None:
+                return self._info
+        dz = self.deepzoom()
+        w, h = dz.level_dimensions[-1]
+        coords, att, attrs = read_attention(self.attention)
+        scores = norm(att, normalise, attention_kind=str(attrs.get("attention_kind", "")))
+        extent = float(attrs.get("patch_extent_level0_px") or 256)
+        grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h)
+        rgba = colourise(grid.values, cmap, alpha=255)
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        order = np.argsort(-scores.unit, kind="stable")[:TOP_K]
+        ny, nx = grid.values.shape
+        stops = colourise(np.linspace(0, 1, 11), cmap)
+        info = {
+            "slide_id": self.slide_id, "width": int(w), "height": int(h), "mpp": self.mpp,
+            "dzi": f"/dzi/{self.slide_id}.dzi",
+            "heatmap": {"url": f"/heatmap/{self.slide_id}.png", "x": grid.origin_x, "y": grid.origin_y,
+                        "width": nx * grid.cell_px, "height": ny * grid.cell_px},
+            "normalisation": scores.description, "vmin": scores.vmin, "vmax": scores.vmax,
+            "colour_stops": ["#%02x%02x%02x" % tuple(int(c) for c in s) for s in stops],
+            "top": [{"index": int(i), "x": float(coords[i][0]), "y": float(coords[i][1]), "size": extent,
+                     "score": float(scores.value[i])} for i in order],
+            "n_patches": int(len(coords)), "prediction": attrs.get("prediction"),
+            "probability": dict(zip(attrs.get("outputs") or [], attrs.get("probability") or [], strict=False)),
+            "model": attrs.get("model"), "fold": attrs.get("fold"), "split": attrs.get("split"),
+            "exports": {k: f"/exports/{self.slide_id}/{p.name}" for k, p in self.exports.items()},
+        }
+        with self.lock:
+            self._info, self._heat = info, buf.getvalue()
+        return info
+
+    def heatmap_png(self, normalise: str, cmap: str) -> bytes:
+        self.info(normalise, cmap)
+        assert self._heat is not None
+        return self._heat
+
+
+class ReviewSite:
+    """Everything the page may serve, fixed at start-up."""
+
+    def __init__(self, inputs: list[Path], *, slides_manifest: Path | None = None, heatmaps: Path | None = None,
+                 normalise: str = "rank", cmap: str = "viridis") -> None:
+        from wsi_mil.commands.heatmap import HeatmapSettings, attention_sources, slide_for_attention
+        from wsi_mil.io.attention import read_attention_attrs
+
+        HeatmapSettings(normalise=normalise, cmap=cmap).validate()
+        self.normalise, self.cmap = normalise, cmap
+        overrides: dict[str, Path] = {}
+        if slides_manifest is not None:
+            from wsi_mil.data.manifest import read_manifest
+
+            overrides = {e.slide_id: e.path for e in read_manifest(slides_manifest)}
+        self.slides: dict[str, ReviewSlide] = {}
+        self.problems: list[str] = []
+        for sid, h5 in attention_sources(inputs).items():
+            attrs = read_attention_attrs(h5)
+            try:
+                path, mpp = slide_for_attention(attrs, overrides)
+            except WsiMilError as exc:
+                self.problems.append(f"{sid}: {exc}")
+                continue
+            exports = {}
+            marker = heatmaps / sid / "heatmap.json" if heatmaps else None
+            if marker is not None and marker.exists():
+                exports = {k: Path(v) for k, v in json.loads(marker.read_text()).get("files", {}).items()
+                           if Path(v).is_file()}
+            self.slides[sid] = ReviewSlide(sid, h5, path, mpp, attrs, exports)
+        if not self.slides:
+            raise ConfigError("no slide of the run can be reviewed: " + "; ".join(self.problems))
+        self.files = {**_file_table(STATIC_DIR, "/static/"), **_file_table(openseadragon_dir(), "/osd/")}
+        self.files["/"] = STATIC_DIR / "index.html"
+
+    def slide_list(self) -> list[dict[str, Any]]:
+        out = []
+        for sid, s in self.slides.items():
+            a = s.attrs
+            out.append({"slide_id": sid, "prediction": a.get("prediction"), "model": a.get("model"),
+                        "fold": a.get("fold"), "split": a.get("split"),
+                        "probability": dict(zip(a.get("outputs") or [], a.get("probability") or [], strict=False))})
+        return out
+
+    def close(self) -> None:
+        for s in self.slides.values():
+            s.close()
+
+
+_DZI = re.compile(r"^/dzi/(?P<sid>[^/]+)\.dzi$")
+_TILE = re.compile(r"^/dzi/(?P<sid>[^/]+)_files/(?P<level>\d+)/(?P<col>\d+)_(?P<row>\d+)\.jpeg$")
+_ONE = re.compile(r"^/(?P<kind>api/slide|heatmap)/(?P<sid>[^/]+?)(?:\.png)?$")
+_EXPORT = re.compile(r"^/exports/(?P<sid>[^/]+)/(?P<name>[^/]+)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    site: ReviewSite
+    server_version = "wsi-mil-review"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, body: bytes, ctype: str, status: int = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data: Any) -> None:
+        self._send(json.dumps(data).encode(), "application/json")
+
+    def _not_found(self) -> None:
+        self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = unquote(urlsplit(self.path).path)
+        site = self.site
+        try:
+            if path in site.files:
+                f = site.files[path]
+                self._send(f.read_bytes(), _TYPES.get(f.suffix, "application/octet-stream"))
+            elif path == "/api/slides":
+                self._json({"slides": site.slide_list(), "problems": site.problems})
+            elif (m := _TILE.match(path)) and m["sid"] in site.slides:
+                self._tile(site.slides[m["sid"]], int(m["level"]), int(m["col"]), int(m["row"]))
+            elif (m := _DZI.match(path)) and m["sid"] in site.slides:
+                self._send(site.slides[m["sid"]].deepzoom().get_dzi("jpeg").encode(), "application/xml")
+            elif (m := _ONE.match(path)) and m["sid"] in site.slides:
+                s = site.slides[m["sid"]]
+                if m["kind"] == "heatmap":
+                    self._send(s.heatmap_png(site.normalise, site.cmap), "image/png")
+                else:
+                    self._json(s.info(site.normalise, site.cmap))
+            elif (m := _EXPORT.match(path)) and m["sid"] in site.slides:
+                files = {p.name: p for p in site.slides[m["sid"]].exports.values()}
+                if m["name"] not in files:
+                    return self._not_found()
+                f = files[m["name"]]
+                self._send(f.read_bytes(), _TYPES.get(f.suffix, "application/octet-stream"))
+            else:
+                self._not_found()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
+            logger.warning("%s: %s", path, exc)
+            self._send(f"error: {exc}\n".encode(), "text/plain", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _tile(self, slide: ReviewSlide, level: int, col: int, row: int) -> None:
+        dz = slide.deepzoom()
+        if level >= dz.level_count or col >= dz.level_tiles[level][0] or row >= dz.level_tiles[level][1]:
+            return self._not_found()
+        img = dz.get_tile(level, (col, row)).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        self._send(buf.getvalue(), "image/jpeg")
+
+
+def make_server(site: ReviewSite, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+    handler = type("ReviewHandler", (_Handler,), {"site": site})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

@@ -39,7 +39,12 @@ def attention_run(tmp_path_factory, cmu_slide, textures):
     for sid, path in (("cmu-1", cmu_slide), ("tumour-slide", synth)):
         with openslide.OpenSlide(str(path)) as s:
             w, h = s.dimensions
+            thumb = np.asarray(s.get_thumbnail((w // 16, h // 16)).convert("L"), float)
         coords = grid_over(w, h, EXTENT)
+        # patches on tissue only, as the tiler would keep them
+        cy = np.clip((coords[:, 1] + EXTENT // 2) * thumb.shape[0] // h, 0, thumb.shape[0] - 1)
+        cx = np.clip((coords[:, 0] + EXTENT // 2) * thumb.shape[1] // w, 0, thumb.shape[1] - 1)
+        coords = coords[thumb[cy, cx] < 225]
         if sid == "tumour-slide":
             mask, ds = read_truth_mask(path)
             share = patch_tumour_share(coords, EXTENT, mask, ds)

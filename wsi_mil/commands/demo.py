@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_SLIDES = 16
 DEMO_SIZE_PX = 4096
+DEMO_TUMOUR_UM = (300.0, 900.0)
 
 
 def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
@@ -40,11 +41,11 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.synth.cohort import make_cohort
 
-    print(f"[1/4] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
+    print(f"[1/5] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
     cohort = make_cohort(out_dir / "slides", n_slides=n_slides, positive_fraction=0.5, size_px=size_px,
-                         tumour_size_um=(400.0, 1200.0), seed=seed, progress=progress)
+                         tumour_size_um=DEMO_TUMOUR_UM, tumour_regions=(1, 2), seed=seed, progress=progress)
     manifest = _demo_manifest(out_dir, cohort)
-    print(f"[2/4] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
+    print(f"[2/5] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=TileConfig(),
                       workers=workers, progress=progress)
     print()
@@ -59,7 +60,7 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
     from wsi_mil.commands.extract_features import run_extract
 
     config = ExtractConfig()
-    print(f"\n[3/4] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
+    print(f"\n[3/5] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
     features = run_extract([out_dir / "tiles"], out_dir=out_dir / "tiles", config=config, progress=progress)
     print()
     print(features.table())
@@ -80,7 +81,7 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     from wsi_mil.io.atomic import write_json
 
     config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed)
-    print(f"\n[4/4] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
+    print(f"\n[4/5] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
           f"+ {config.folds}-fold cross-validation ...")
     run_dir = out_dir / "train"
     report = run_train(manifest, [out_dir / "tiles" / "features"], out_dir=run_dir, config=config, progress=progress)
@@ -99,7 +100,24 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     print(f"localisation AUC of attention vs the planted tumour: {_f(loc)} (mean over {len(per_slide)} unseen positive slides)")
     print(f"training run: {run_dir}  (report.md, metrics.json, roc.png, attention/)")
     print(f"summary:      {out_dir / 'demo_summary.json'}")
-    return 0
+    return _heatmaps(out_dir, run_dir, progress=progress)
+
+
+def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
+    from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
+
+    print("\n[5/5] heatmaps of every slide's out-of-fold attention (PNG overlay, pyramidal TIFF, QuPath GeoJSON, gallery) ...")
+    report = run_heatmap([run_dir], out_dir=run_dir / "heatmaps", settings=HeatmapSettings(), progress=progress)
+    counts = report.to_dict()["counts"]
+    print(f"{len(report.outcomes)} slides in {report.seconds:.1f} s: {counts}")
+    example = next((o for o in report.outcomes if o.status != "failed"), None)
+    print(f"heatmaps:   {run_dir / 'heatmaps'}  (per slide: overlay.png, heatmap.tif, patches.geojson, gallery.png)")
+    if example is not None:
+        print(f"            e.g. {example.files.get('png')}")
+    print("            QuPath: open the slide, then File > Import objects > patches.geojson (colour by a measurement:")
+    print("            Measure > Show measurement maps); heatmap.tif opens as an image aligned to the slide.")
+    print(f"review:     wsi-mil review {run_dir}   then open http://127.0.0.1:8765/")
+    return 0 if report.ok else 1
 
 
 def _f(v: float | None) -> str:

@@ -47,6 +47,8 @@ def read_attention_attrs(path: Path) -> dict[str, Any]:
 
 
 def _attr(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
     if isinstance(v, str):
         try:
             return json.loads(v)

@@ -11,8 +11,11 @@ label/macro images) is copied.
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,31 +37,44 @@ def level_downsamples(width_px: int, height_px: int) -> list[int]:
 
 def _tiles(grid: ScoreGrid, rgb: npt.NDArray[np.uint8], background: npt.NDArray[np.uint8], ds: int
            ) -> Iterator[bytes]:
+    """Deflate-encoded tiles of one level in row-major order (encoded on a few threads:
+    zlib releases the GIL)."""
     lw, lh = -(-grid.slide_width_px // ds), -(-grid.slide_height_px // ds)
     # colour table with the background appended as the last entry, indexed by cell
     flat = np.concatenate([rgb.reshape(-1, 3), background.reshape(1, 3)])
     ny, nx = grid.values.shape
     bg_index = ny * nx
     cache: dict[int, bytes] = {}
-    for ty in range(0, lh, TILE_PX):
-        ys = (np.arange(ty, ty + TILE_PX) + 0.5) * ds
-        _, rows = grid.cell_index(np.zeros(1), ys)
-        row_runs, row_len = _runs(rows)
-        for tx in range(0, lw, TILE_PX):
-            xs = (np.arange(tx, tx + TILE_PX) + 0.5) * ds
-            cols, _ = grid.cell_index(xs, np.zeros(1))
-            col_runs, col_len = _runs(cols)
-            # the tile is piecewise constant: colour the few (row run, col run) blocks, then expand
-            idx = row_runs[:, None] * nx + col_runs[None, :]
-            idx[(row_runs[:, None] < 0) | (col_runs[None, :] < 0)] = bg_index
-            if idx.size == 1:
-                key = int(idx[0, 0])
-                if key not in cache:
-                    cache[key] = zlib.compress(np.broadcast_to(flat[key], (TILE_PX, TILE_PX, 3)).tobytes(), 1)
-                yield cache[key]
-            else:
-                block = np.repeat(np.repeat(flat[idx], row_len, axis=0), col_len, axis=1)
-                yield zlib.compress(block.tobytes(), 1)
+
+    def runs_of(start: int, axis: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        pos = (np.arange(start, start + TILE_PX) + 0.5) * ds
+        cols, rows = grid.cell_index(pos, pos)
+        return _runs(rows if axis == 0 else cols)
+
+    def encode(ty: int, tx: int) -> bytes:
+        row_runs, row_len = runs_of(ty, 0)
+        col_runs, col_len = runs_of(tx, 1)
+        # the tile is piecewise constant: colour the few (row run, col run) blocks, then expand
+        idx = row_runs[:, None] * nx + col_runs[None, :]
+        idx[(row_runs[:, None] < 0) | (col_runs[None, :] < 0)] = bg_index
+        if idx.size == 1:
+            key = int(idx[0, 0])
+            if key not in cache:
+                cache[key] = zlib.compress(np.broadcast_to(flat[key], (TILE_PX, TILE_PX, 3)).tobytes(), 1)
+            return cache[key]
+        block = np.repeat(np.repeat(flat[idx], row_len, axis=0), col_len, axis=1)
+        return zlib.compress(block.tobytes(), 1)
+
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[bytes]] = deque()
+        for ty in range(0, lh, TILE_PX):
+            for tx in range(0, lw, TILE_PX):
+                pending.append(pool.submit(encode, ty, tx))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _runs(index: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

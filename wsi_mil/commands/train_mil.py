@@ -116,7 +116,7 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
             "outputs": list(task.outputs), "probability": [float(v) for v in probs],
             "prediction": _prediction(task, probs, thresholds), "feature_store": str(bag.store),
-            "patch_extent_level0_px": bag.step_px,
+            "patch_extent_level0_px": bag.extent_px, "grid_step_level0_px": bag.step_px,
             "attention_kind": "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score",
         })
 

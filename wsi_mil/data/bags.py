@@ -112,8 +112,9 @@ class Bag:
     split: str | None = None
     features: npt.NDArray[np.float32] | None = None
     coords: npt.NDArray[np.int64] | None = None
-    step_px: float = 1.0
+    step_px: float = 1.0  # tiling grid step, level-0 px (positions for coordinate-aware models)
     meta: dict[str, Any] = field(default_factory=dict)
+    extent_px: float = 1.0  # patch side, level-0 px (what a heatmap draws)
 
     def load(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(features, level-0 coords); read from the store unless held in memory."""
@@ -160,6 +161,42 @@ def feature_store_attrs(store: Path) -> dict[str, Any] | None:
     return attrs if attrs.get("complete") is True and has_features else None
 
 
+def patch_geometry(attrs: dict[str, Any]) -> tuple[float, float]:
+    """(patch extent, grid step) in level-0 px of a feature store. Stores written before
+    these were recorded are resolved through their source patch store; bags without
+    geometry (imported classic MIL sets) get 1.0."""
+    extent, step = attrs.get("extent_level0_px"), attrs.get("step_level0_px")
+    if extent is None and attrs.get("source_store") and Path(str(attrs["source_store"])).exists():
+        from wsi_mil.io.store import PatchStore
+
+        try:
+            with PatchStore(Path(str(attrs["source_store"]))) as ps:
+                pattrs = ps.attrs
+        except Exception:  # noqa: BLE001 - no geometry is not fatal for training
+            pattrs = {}
+        extent = pattrs.get("extent_level0_px")
+        if extent is not None and pattrs.get("patch_size_px"):
+            step = float(extent) * float(pattrs.get("stride_px") or pattrs["patch_size_px"]) / float(pattrs["patch_size_px"])
+    extent_f = float(extent) if extent else 1.0
+    return extent_f, float(step) if step else extent_f
+
+
+def attention_patch_extent(attrs: dict[str, Any]) -> float:
+    """The patch side (level-0 px) of an attention store; stores from before it was
+    recorded correctly (1.0) are resolved through their feature and patch stores."""
+    extent = float(attrs.get("patch_extent_level0_px") or 0.0)
+    if extent > 1.0:
+        return extent
+    store = Path(str(attrs.get("feature_store", "")))
+    fattrs = feature_store_attrs(store) if store.exists() else None
+    if fattrs:
+        extent = patch_geometry(fattrs)[0]
+        if extent > 1.0:
+            return extent
+    raise StoreError(f"the attention store of {attrs.get('slide_id')} does not say how large its patches are, and "
+                      f"its feature store {store} cannot tell either; re-run train-mil or predict")
+
+
 def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], task: Task,
                        split_column: dict[str, str] | None = None) -> tuple[list[Bag], list[dict[str, str]]]:
     """Bags of every manifest slide whose feature store exists (its attributes kept in
@@ -177,9 +214,9 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
         if attrs is None:
             missing.append({"slide_id": e.slide_id, "reason": f"{store} is incomplete or not a feature store; re-run extract-features"})
             continue
-        step = float(attrs.get("extent_level0_px", attrs.get("step_level0_px", 1.0)) or 1.0)
+        extent, step = patch_geometry(attrs)
         bags.append(Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
-                        (split_column or {}).get(e.slide_id), step_px=step, meta=attrs))
+                        (split_column or {}).get(e.slide_id), step_px=step, meta=attrs, extent_px=extent))
     return bags, missing
 
 

@@ -43,6 +43,7 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
     """Localisation AUC of every generated slide with tumour patches that a train-mil
     run's models did not train on: each fold's validation slides, and the test set as
     scored by the fold ensemble. Keys are ``<fold dir>/<slide_id>``."""
+    from wsi_mil.data.bags import attention_patch_extent
     from wsi_mil.io.attention import read_attention
 
     per: dict[str, float] = {}
@@ -55,7 +56,7 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
             coords, att, attrs = read_attention(h5)
             if attrs.get("split") != wanted:
                 continue
-            value = slide_localisation_auc(coords, att, slides[sid], float(attrs["patch_extent_level0_px"]))
+            value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs))
             if value is not None:
                 per[f"{d.name}/{sid}"] = value
     return per

@@ -109,7 +109,9 @@ class ReviewSlide:
         w, h = dz.level_dimensions[-1]
         coords, att, attrs = read_attention(self.attention)
         scores = norm(att, normalise, attention_kind=str(attrs.get("attention_kind", "")))
-        extent = float(attrs.get("patch_extent_level0_px") or 256)
+        from wsi_mil.data.bags import attention_patch_extent
+
+        extent = attention_patch_extent(attrs)
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h)
         rgba = colourise(grid.values, cmap, alpha=255)
         from PIL import Image

@@ -194,3 +194,15 @@ def test_review_page_in_headless_chromium(server) -> None:
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_review_without_the_npm_packages_says_how_to_install_them(attention_run, tmp_path) -> None:
+    import subprocess
+
+    from tests.conftest import WSI_MIL
+
+    attention, manifest, _ = attention_run
+    env = {**os.environ, "WSI_MIL_OPENSEADRAGON_DIR": str(tmp_path)}
+    res = subprocess.run(WSI_MIL + ["review", str(attention), "--slides", str(manifest), "--port", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "npm ci --prefix wsi_mil/review/web" in res.stderr

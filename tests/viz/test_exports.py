@@ -205,3 +205,26 @@ def test_bad_options_are_refused_with_the_choices() -> None:
         HeatmapSettings(cmap="jet").validate()
     with pytest.raises(ConfigError, match="--formats"):
         HeatmapSettings(formats=("pdf",)).validate()
+
+
+def test_attention_sources_give_out_of_fold_maps_for_runs_and_take_predict_outputs(tmp_path) -> None:
+    from wsi_mil.commands.heatmap import attention_sources
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.io.attention import write_attention
+
+    def put(path, split):
+        write_attention(path, coords=np.zeros((1, 2), np.int64), attention=np.ones(1, np.float32),
+                        attrs={"slide_id": path.stem, "split": split})
+
+    run = tmp_path / "run" / "attention"
+    put(run / "ensemble" / "a.h5", "test")
+    put(run / "fold0" / "a.h5", "test")
+    put(run / "fold0" / "b.h5", "val")
+    put(run / "fold1" / "b.h5", "train")
+    put(run / "fold1" / "c.h5", "val")
+    found = attention_sources([tmp_path / "run"])
+    assert found == {"a": run / "ensemble" / "a.h5", "b": run / "fold0" / "b.h5", "c": run / "fold1" / "c.h5"}
+    put(tmp_path / "pred" / "attention" / "d.h5", "predict")  # wsi-mil predict --out pred
+    assert attention_sources([tmp_path / "pred"]) == {"d": tmp_path / "pred" / "attention" / "d.h5"}
+    with pytest.raises(ConfigError, match="no attention stores"):
+        attention_sources([tmp_path / "empty"])

@@ -18,8 +18,8 @@ from wsi_mil.data.manifest import read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
-DEMO_SLIDES = 16
-DEMO_SIZE_PX = 4096
+DEMO_SLIDES = 40
+DEMO_SIZE_PX = 5120
 DEMO_TUMOUR_UM = (300.0, 900.0)
 
 

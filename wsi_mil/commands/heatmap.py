@@ -117,6 +117,9 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
             found[inp.stem] = inp
             continue
         if (inp / "attention").is_dir():
+            before = len(found)
+            for h5 in sorted((inp / "attention").glob("*.h5")):  # predict's output
+                found[h5.stem] = h5
             ens = inp / "attention" / "ensemble"
             for h5 in sorted(ens.glob("*.h5")) if ens.is_dir() else []:
                 found[h5.stem] = h5
@@ -124,9 +127,10 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
                 for h5 in sorted(fold.glob("*.h5")):
                     if h5.stem not in found and read_attention_attrs(h5).get("split") == "val":
                         found[h5.stem] = h5
-            continue
+            if len(found) > before:
+                continue
         if inp.is_dir():
-            stores = sorted(inp.glob("*.h5")) or sorted((inp / "attention").glob("*.h5"))
+            stores = sorted(inp.glob("*.h5"))
             for h5 in stores:
                 found[h5.stem] = h5
             if stores:

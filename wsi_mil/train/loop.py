@@ -1,5 +1,5 @@
 """One readable training loop for bags: AdamW, warm-up + cosine schedule, early stopping
-on a validation metric, the best weights kept, seeds for reproducibility, mixed
+on a validation metric (ties broken by validation loss), the best weights kept, seeds for reproducibility, mixed
 precision on GPU. Also the prediction pass (full bags) used by evaluation and predict."""
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def fit(model: nn.Module, train: list[Bag], val: list[Bag], task: Task, s: FitSe
     rng = np.random.default_rng(s.seed)
     draw = sample_weights(targets, task.kind) if s.imbalance == "sampler" else None
     best: FitResult = FitResult(state_copy(model), 0, None)
-    best_key, stale = -math.inf, 0
+    best_key, stale = (-math.inf, -math.inf), 0
     history: list[dict[str, Any]] = []
     for epoch in range(1, s.epochs + 1):
         model.train()
@@ -175,10 +175,14 @@ def fit(model: nn.Module, train: list[Bag], val: list[Bag], task: Task, s: FitSe
             pred = predict(model, val, task, device=s.device, amp=s.amp, loss_fn=eval_loss)
             metric = score(pred, task)
             row.update(val_loss=pred.loss, val_auc=metric)
-            key = -pred.loss if (s.monitor == "loss" or metric is None) else metric  # type: ignore[operator]
-            if key > best_key + 1e-6:
+            # AUC first, validation loss breaks ties: once AUC saturates (small validation sets
+            # reach 1.0 within a few epochs) the model keeps improving its calibration instead
+            # of stopping at the first, barely trained epoch with that AUC
+            primary = -pred.loss if (s.monitor == "loss" or metric is None) else float(metric)  # type: ignore[arg-type]
+            key = (primary, -pred.loss)
+            if key[0] > best_key[0] + 1e-6 or (abs(key[0] - best_key[0]) <= 1e-6 and key[1] > best_key[1] + 1e-6):
                 best_key, stale = key, 0
-                best = FitResult(state_copy(model), epoch, key)
+                best = FitResult(state_copy(model), epoch, primary)
             else:
                 stale += 1
         history.append(row)

@@ -1,10 +1,11 @@
-"""`wsi-mil demo`: the README's main command — the whole pipeline so far on the built-in sample.
+"""`wsi-mil demo`: the README's main command — the whole pipeline on the built-in sample.
 
-Today the pipeline is: generate a small labelled cohort from the bundled real tissue,
-tile it together with the bundled real slide (CMU-1-Small-Region), embed every patch
-with the offline pretrained encoder (ImageNet EfficientNet-Lite0), then train and
-evaluate attention MIL (patient-level held-out test set + cross-validation) and measure
-how well the attention finds the planted tumour (localisation AUC).
+Generate a small labelled cohort from the bundled real tissue (tumour planted in half
+the slides), tile it together with the bundled real slide (CMU-1-Small-Region), embed
+every patch with the offline pretrained encoder (ImageNet EfficientNet-Lite0), train and
+evaluate attention MIL (patient-level held-out test set + cross-validation), measure how
+well the attention finds the planted tumour (localisation AUC), and draw every slide's
+heatmaps for review. Seeded: the same seed gives the same cohort and the same figures.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 OpenSlide opens it as a generic tiled TIFF (so QuPath does, as a second image with the
 slide's size and pixel size — aligned pixel for pixel). Tiles are rendered on demand
 from the score grid, so memory stays flat for any slide size; the heatmap is piecewise
-constant, so tiles are Deflate-compressed (small, exact colours) and every tile that is
-one flat colour (background, or inside one patch) is encoded once and reused. The
+constant, so tiles are Deflate-compressed (small, exact colours) and tiles that look
+the same (one flat colour: background or inside one patch, or the same few blocks) are
+encoded once and reused. The
 description says what the colours mean; nothing of the source slide's metadata (or its
 label/macro images) is copied.
 """
@@ -13,9 +14,8 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ import numpy.typing as npt
 
 from wsi_mil.viz.raster import ScoreGrid
 
-TILE_PX = 512
+TILE_PX = 256  # the usual patch grid, so that most level-0 tiles are one cell
+_CACHE_ENTRIES = 50_000
 LEVEL_FACTOR = 4
 _TOP_LEVEL_MAX_PX = 1024
 
@@ -37,44 +38,53 @@ def level_downsamples(width_px: int, height_px: int) -> list[int]:
 
 def _tiles(grid: ScoreGrid, rgb: npt.NDArray[np.uint8], background: npt.NDArray[np.uint8], ds: int
            ) -> Iterator[bytes]:
-    """Deflate-encoded tiles of one level in row-major order (encoded on a few threads:
-    zlib releases the GIL)."""
+    """Deflate-encoded tiles of one level in row-major order.
+
+    A tile is a few flat blocks (grid cells cut by the tile's edges), so it is described
+    by a signature — the blocks' colours and sizes — and each distinct signature is
+    encoded once: on a slide tiled on a 256-px grid almost every level-0 tile is one cell,
+    so a slide of any size needs at most a few hundred encodings at level 0.
+    """
     lw, lh = -(-grid.slide_width_px // ds), -(-grid.slide_height_px // ds)
-    # colour table with the background appended as the last entry, indexed by cell
-    flat = np.concatenate([rgb.reshape(-1, 3), background.reshape(1, 3)])
+    # every cell's colour as an id into a small palette; the background is one more colour
+    cells = np.concatenate([rgb.reshape(-1, 3), background.reshape(1, 3)])
+    palette, colour_of = np.unique(cells, axis=0, return_inverse=True)
+    colour_of = colour_of.ravel().astype(np.int32)
     ny, nx = grid.values.shape
     bg_index = ny * nx
-    cache: dict[int, bytes] = {}
+    cache: dict[bytes, bytes] = {}
 
     def runs_of(start: int, axis: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         pos = (np.arange(start, start + TILE_PX) + 0.5) * ds
         cols, rows = grid.cell_index(pos, pos)
         return _runs(rows if axis == 0 else cols)
 
+    row_runs_at = {ty: runs_of(ty, 0) for ty in range(0, lh, TILE_PX)}
+    col_runs_at = {tx: runs_of(tx, 1) for tx in range(0, lw, TILE_PX)}
+
     def encode(ty: int, tx: int) -> bytes:
-        row_runs, row_len = runs_of(ty, 0)
-        col_runs, col_len = runs_of(tx, 1)
-        # the tile is piecewise constant: colour the few (row run, col run) blocks, then expand
+        (row_runs, row_len), (col_runs, col_len) = row_runs_at[ty], col_runs_at[tx]
         idx = row_runs[:, None] * nx + col_runs[None, :]
         idx[(row_runs[:, None] < 0) | (col_runs[None, :] < 0)] = bg_index
-        if idx.size == 1:
-            key = int(idx[0, 0])
-            if key not in cache:
-                cache[key] = zlib.compress(np.broadcast_to(flat[key], (TILE_PX, TILE_PX, 3)).tobytes(), 1)
-            return cache[key]
-        block = np.repeat(np.repeat(flat[idx], row_len, axis=0), col_len, axis=1)
-        return zlib.compress(block.tobytes(), 1)
+        colours = colour_of[idx]
+        if (colours == colours.flat[0]).all():  # one flat colour, whatever the cells
+            colours, row_len, col_len = colours[:1, :1], np.array([TILE_PX]), np.array([TILE_PX])
+        key = colours.tobytes() + row_len.tobytes() + col_len.tobytes()
+        hit = cache.get(key)
+        if hit is None:
+            # widen the few distinct rows first, then repeat whole rows (one memcpy each)
+            rows = np.repeat(palette[colours].astype(np.uint8), col_len, axis=1)
+            block = np.repeat(rows, row_len, axis=0)
+            # flat tiles recur everywhere: squeeze them hard once; the rest quickly
+            hit = zlib.compress(block.tobytes(), 9 if colours.size == 1 else 1)
+            if len(cache) < _CACHE_ENTRIES:
+                cache[key] = hit
+        return hit
 
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque[Future[bytes]] = deque()
+    # zlib releases the GIL: encode each row of tiles on a few threads, in order
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         for ty in range(0, lh, TILE_PX):
-            for tx in range(0, lw, TILE_PX):
-                pending.append(pool.submit(encode, ty, tx))
-                if len(pending) >= 4 * workers:
-                    yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+            yield from pool.map(lambda tx, ty=ty: encode(ty, tx), range(0, lw, TILE_PX))
 
 
 def _runs(index: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

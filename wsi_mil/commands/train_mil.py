@@ -76,8 +76,15 @@ def encoder_of(bags: list[Bag]) -> dict[str, Any]:
     return info
 
 
+#: bumped whenever training itself changes what a fold's model is, so that a resumed run
+#: retrains folds made by older code instead of mixing them in (2: validation loss breaks
+#: AUC ties in model selection)
+TRAINING_REVISION = 2
+
+
 def _settings_hash(config: TrainConfig, fold: Any, dim: int) -> str:
-    body = json.dumps({"config": config.to_dict(), "train": fold.train, "val": fold.val, "dim": dim}, sort_keys=True)
+    body = json.dumps({"config": config.to_dict(), "train": fold.train, "val": fold.val, "dim": dim,
+                       "training_revision": TRAINING_REVISION}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 

@@ -127,10 +127,10 @@ class ReviewSlide:
             "heatmap": {"url": f"/heatmap/{self.slide_id}.png", "x": grid.origin_x, "y": grid.origin_y,
                         "width": nx * grid.cell_px, "height": ny * grid.cell_px},
             "normalisation": scores.description, "vmin": scores.vmin, "vmax": scores.vmax,
-            "colour_stops": ["#%02x%02x%02x" % tuple(int(c) for c in s) for s in stops],
+            "colour_stops": ["#{:02x}{:02x}{:02x}".format(*(int(c) for c in s)) for s in stops],
             "top": [{"index": int(i), "x": float(coords[i][0]), "y": float(coords[i][1]), "size": extent,
                      "score": float(scores.value[i])} for i in order],
-            "n_patches": int(len(coords)), "prediction": attrs.get("prediction"),
+            "n_patches": len(coords), "prediction": attrs.get("prediction"),
             "probability": dict(zip(attrs.get("outputs") or [], attrs.get("probability") or [], strict=False)),
             "model": attrs.get("model"), "fold": attrs.get("fold"), "split": attrs.get("split"),
             "exports": {k: f"/exports/{self.slide_id}/{p.name}" for k, p in self.exports.items()},
@@ -204,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
     site: ReviewSite
     server_version = "wsi-mil-review"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
 
     def _send(self, body: bytes, ctype: str, status: int = HTTPStatus.OK) -> None:
@@ -223,10 +223,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_found(self) -> None:
         self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = unquote(urlsplit(self.path).path)
         site = self.site
         try:

@@ -51,8 +51,8 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     """Thumbnail with the heatmap blended where patches were scored, a colour bar in the
     normalisation's units, and the slide's prediction in the title."""
     plt = _figure_module()
-    from matplotlib.colors import Normalize
     from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     on = grid_on_thumbnail(grid, thumbnail.shape[:2])
     rgb = colourise(on, cmap).astype(np.float32)

@@ -173,7 +173,10 @@ def test_review_page_in_headless_chromium(server) -> None:
         items = driver.find_elements(By.CSS_SELECTOR, "#top-list li")
         assert len(items) == 12
         items[2].click()
-        time.sleep(1.5)  # the fitBounds animation (0.6 s)
+        # the view animates for 0.6 s; wait until the viewport's current and target centres agree
+        _wait(driver, "const v = review.viewer.viewport; return review.state.lastPatch === 2 && "
+                      "v.getCenter(true).distanceTo(v.getCenter(false)) < 1e-6 && "
+                      "Math.abs(v.getZoom(true) - v.getZoom(false)) < 1e-6", timeout=15)
         centre = driver.execute_script("const c = review.viewer.viewport.getCenter(true); return [c.x, c.y]")
         zoom1 = driver.execute_script("return review.viewer.viewport.getZoom(true)")
         info = driver.execute_script("return review.state.info")

@@ -61,6 +61,16 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _add_heatmap_style_options(parser: argparse.ArgumentParser) -> None:
+    # the choices are wsi_mil.viz.scores.NORMALISATIONS / COLOURMAPS, spelled out so that
+    # --help imports nothing heavy
+    parser.add_argument("--normalise", default="rank", choices=["rank", "softmax", "raw"],
+                        help="rank: percentile within the slide; softmax: attention as the model weighs it; "
+                             "raw: log attention")
+    parser.add_argument("--cmap", default="viridis", choices=["viridis", "magma", "inferno", "plasma", "cividis"],
+                        help="perceptually uniform colour map")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """Progress and log verbosity, the same for every batch command."""
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -155,10 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                     help="train-mil run folder, predict output folder, or attention .h5 files")
     hm.add_argument("--out", type=Path, default=None, help="output folder (default: INPUT/heatmaps for one folder)")
-    hm.add_argument("--normalise", default="rank", choices=["rank", "softmax", "raw"],
-                    help="rank: percentile within the slide; softmax: attention as the model weighs it; raw: log attention")
-    hm.add_argument("--cmap", default="viridis", choices=["viridis", "magma", "inferno", "plasma", "cividis"],
-                    help="perceptually uniform colour map")
+    _add_heatmap_style_options(hm)
     hm.add_argument("--formats", nargs="+", default=["png", "tiff", "geojson", "gallery"],
                     choices=["png", "tiff", "geojson", "gallery"], help="exports to write")
     hm.add_argument("--top-k", type=int, default=8, help="patches per row of the gallery")
@@ -186,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--slides", type=Path, default=None, metavar="MANIFEST", help="manifest CSV giving slide paths")
     rv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the slides)")
     rv.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
-    rv.add_argument("--normalise", default="rank", choices=["rank", "softmax", "raw"], help="heatmap normalisation")
-    rv.add_argument("--cmap", default="viridis", choices=["viridis", "magma", "inferno", "plasma", "cividis"],
-                    help="colour map")
+    _add_heatmap_style_options(rv)
 
     synth = sub.add_parser(
         "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",

@@ -192,7 +192,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                 "slide_sha256": attrs.get("slide_sha256"), "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
                 "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
                 "patch_level": attrs.get("patch_level"), "source_store": str(Path(spec.store).resolve()),
-                "extent_level0_px": attrs.get("extent_level0_px"), "step_level0_px": _step_level0(attrs),
+                "extent_level0_px": geometry.extent_level0_px, "step_level0_px": geometry.step_level0_px,
                 "pixel_source": source, "n_patches": len(coords), "device": device,
                 "precision": config.precision, "channels_last": config.channels_last,
             }
@@ -292,11 +292,3 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)
     write_json(out_dir / "features_report.json", report.to_dict())
     return report
-
-
-def _step_level0(attrs: dict[str, Any]) -> float | None:
-    """The tiling grid's step in level-0 pixels (the extent, unless patches overlap)."""
-    extent, size, stride = attrs.get("extent_level0_px"), attrs.get("patch_size_px"), attrs.get("stride_px")
-    if extent is None or not size:
-        return None
-    return float(extent) * float(stride or size) / float(size)

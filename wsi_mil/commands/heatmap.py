@@ -109,7 +109,7 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
     """slide_id → attention store. A train-mil run folder gives each slide its
     out-of-fold store (ensemble for test slides, else the fold where it was validation);
     a folder of stores (``predict``'s output or one fold) or single files are taken as is."""
-    from wsi_mil.io.attention import read_attention_attrs
+    from wsi_mil.io.attention import out_of_fold_stores
 
     found: dict[str, Path] = {}
     for inp in inputs:
@@ -117,17 +117,10 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
             found[inp.stem] = inp
             continue
         if (inp / "attention").is_dir():
-            before = len(found)
-            for h5 in sorted((inp / "attention").glob("*.h5")):  # predict's output
-                found[h5.stem] = h5
-            ens = inp / "attention" / "ensemble"
-            for h5 in sorted(ens.glob("*.h5")) if ens.is_dir() else []:
-                found[h5.stem] = h5
-            for fold in sorted(p for p in (inp / "attention").iterdir() if p.is_dir() and p.name != "ensemble"):
-                for h5 in sorted(fold.glob("*.h5")):
-                    if h5.stem not in found and read_attention_attrs(h5).get("split") == "val":
-                        found[h5.stem] = h5
-            if len(found) > before:
+            here = {h5.stem: h5 for h5 in sorted((inp / "attention").glob("*.h5"))}  # predict's output
+            here.update(out_of_fold_stores(inp))
+            if here:
+                found.update(here)
                 continue
         if inp.is_dir():
             stores = sorted(inp.glob("*.h5"))
@@ -145,8 +138,7 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
 def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path]) -> tuple[Path, float | None]:
     """The slide file behind an attention store (attention → feature store → patch store,
     each of which records its source), and the mpp the tiler resolved for it."""
-    from wsi_mil.data.bags import feature_store_attrs
-    from wsi_mil.io.store import PatchStore
+    from wsi_mil.data.bags import feature_store_attrs, source_patch_store_attrs
 
     sid = str(attrs.get("slide_id"))
     store = Path(str(attrs.get("feature_store", "")))
@@ -154,19 +146,13 @@ def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path]) -> tu
     mpp = float(fattrs["slide_mpp"]) if fattrs and fattrs.get("slide_mpp") else None
     if sid in overrides:
         return overrides[sid], mpp
-    source = Path(str(fattrs.get("source_store", ""))) if fattrs else None
-    if source is not None and source.exists():
-        try:
-            with PatchStore(source) as ps:
-                pattrs = ps.attrs
-        except Exception:  # noqa: BLE001 - reported below as "cannot find"
-            pattrs = {}
-        slide = Path(str(pattrs.get("slide_path", "")))
-        if pattrs.get("slide_path") and slide.exists():
-            if pattrs.get("slide_size_bytes") not in (None, slide.stat().st_size):
-                raise WsiMilError(f"{slide} is not the file that was tiled (size differs from the patch store's "
-                                  "record). Give --slides MANIFEST.csv with the right path.")
-            return slide, mpp
+    pattrs = source_patch_store_attrs(fattrs) if fattrs else {}
+    slide = Path(str(pattrs.get("slide_path", "")))
+    if pattrs.get("slide_path") and slide.exists():
+        if pattrs.get("slide_size_bytes") not in (None, slide.stat().st_size):
+            raise WsiMilError(f"{slide} is not the file that was tiled (size differs from the patch store's "
+                              "record). Give --slides MANIFEST.csv with the right path.")
+        return slide, mpp
     raise WsiMilError(f"cannot find the slide file of {sid}: the feature store {store} or its patch store is "
                       "missing, or the slide moved. Give --slides MANIFEST.csv with the slide's path.")
 
@@ -177,7 +163,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
     from wsi_mil.io.attention import read_attention
     from wsi_mil.io.slide import open_slide, resolve_mpp
     from wsi_mil.io.thumbnail import read_thumbnail
-    from wsi_mil.viz.raster import colourise, score_grid
+    from wsi_mil.viz.raster import score_grid
     from wsi_mil.viz.scores import normalise
 
     coords, att, attrs = read_attention(h5)
@@ -199,8 +185,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
         if "png" in settings.formats:
             from wsi_mil.viz.figures import overlay_png
 
-            thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=mpp * max(w, h) / THUMBNAIL_MAX_PX,
-                                         max_side_px=THUMBNAIL_MAX_PX)
+            thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=mpp, max_side_px=THUMBNAIL_MAX_PX)
             files["png"] = str(overlay_png(slide_dir / "overlay.png", thumb, grid, scores, cmap=settings.cmap,
                                            title=title, opacity=settings.opacity))
         if "gallery" in settings.formats and len(coords):
@@ -218,8 +203,8 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
         desc = (f"wsi-mil attention heatmap of {sid}; colours: {settings.cmap} over {scores.description}, "
                 f"{scores.vmin:.4g} to {scores.vmax:.4g}; white: no patch; {attrs.get('model', '')} fold "
                 f"{attrs.get('fold', '')}; prediction {pred}")
-        files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, colourise(grid.values, settings.cmap),
-                                               mpp=mpp, description=desc))
+        files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, cmap=settings.cmap, mpp=mpp,
+                                               description=desc))
     if "geojson" in settings.formats:
         from wsi_mil.viz.geojson import patch_features, write_geojson
 

@@ -161,22 +161,33 @@ def feature_store_attrs(store: Path) -> dict[str, Any] | None:
     return attrs if attrs.get("complete") is True and has_features else None
 
 
+def source_patch_store_attrs(feature_attrs: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes of the patch store a feature store was made from ({} when it is gone
+    or unreadable)."""
+    from wsi_mil.io.store import PatchStore
+
+    source = Path(str(feature_attrs.get("source_store") or ""))
+    if not feature_attrs.get("source_store") or not source.exists():
+        return {}
+    try:
+        with PatchStore(source) as ps:
+            return ps.attrs
+    except Exception:  # noqa: BLE001 - callers treat a damaged store as missing
+        return {}
+
+
 def patch_geometry(attrs: dict[str, Any]) -> tuple[float, float]:
     """(patch extent, grid step) in level-0 px of a feature store. Stores written before
     these were recorded are resolved through their source patch store; bags without
     geometry (imported classic MIL sets) get 1.0."""
     extent, step = attrs.get("extent_level0_px"), attrs.get("step_level0_px")
-    if extent is None and attrs.get("source_store") and Path(str(attrs["source_store"])).exists():
-        from wsi_mil.io.store import PatchStore
+    if extent is None:
+        from wsi_mil.tiling.grid import PatchGeometry
 
-        try:
-            with PatchStore(Path(str(attrs["source_store"]))) as ps:
-                pattrs = ps.attrs
-        except Exception:  # noqa: BLE001 - no geometry is not fatal for training
-            pattrs = {}
-        extent = pattrs.get("extent_level0_px")
-        if extent is not None and pattrs.get("patch_size_px"):
-            step = float(extent) * float(pattrs.get("stride_px") or pattrs["patch_size_px"]) / float(pattrs["patch_size_px"])
+        pattrs = source_patch_store_attrs(attrs)
+        if pattrs.get("extent_level0_px") is not None:
+            geometry = PatchGeometry.from_store_attrs(pattrs)
+            extent, step = geometry.extent_level0_px, geometry.step_level0_px
     extent_f = float(extent) if extent else 1.0
     return extent_f, float(step) if step else extent_f
 

@@ -44,19 +44,14 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
     run's models did not train on: each fold's validation slides, and the test set as
     scored by the fold ensemble. Keys are ``<fold dir>/<slide_id>``."""
     from wsi_mil.data.bags import attention_patch_extent
-    from wsi_mil.io.attention import read_attention
+    from wsi_mil.io.attention import out_of_fold_stores, read_attention
 
     per: dict[str, float] = {}
-    for d in sorted(p for p in (run_dir / "attention").iterdir() if p.is_dir()):
-        wanted = "test" if d.name == "ensemble" else "val"
-        for h5 in sorted(d.glob("*.h5")):
-            sid = h5.stem
-            if sid not in slides or not slides[sid].with_name(slides[sid].stem + ".json").exists():
-                continue  # not a generated slide: no ground truth
-            coords, att, attrs = read_attention(h5)
-            if attrs.get("split") != wanted:
-                continue
-            value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs))
-            if value is not None:
-                per[f"{d.name}/{sid}"] = value
+    for sid, h5 in out_of_fold_stores(run_dir).items():
+        if sid not in slides or not slides[sid].with_name(slides[sid].stem + ".json").exists():
+            continue  # not a generated slide: no ground truth
+        coords, att, attrs = read_attention(h5)
+        value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs))
+        if value is not None:
+            per[f"{h5.parent.name}/{sid}"] = value
     return per

@@ -38,6 +38,23 @@ def read_attention(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.fl
         return f["coords"][...], f["attention"][...], {k: _attr(v) for k, v in f.attrs.items()}
 
 
+def out_of_fold_stores(run_dir: Path) -> dict[str, Path]:
+    """slide_id → the attention store of a train-mil run whose model did not train on that
+    slide: the fold ensemble's for held-out test slides, otherwise the fold in which the
+    slide was validation. Empty when the run has no ``attention/`` folder."""
+    root = run_dir / "attention"
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    for h5 in sorted((root / "ensemble").glob("*.h5")):
+        found[h5.stem] = h5
+    for fold in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "ensemble"):
+        for h5 in sorted(fold.glob("*.h5")):
+            if h5.stem not in found and read_attention_attrs(h5).get("split") == "val":
+                found[h5.stem] = h5
+    return found
+
+
 def read_attention_attrs(path: Path) -> dict[str, Any]:
     """Only the attributes of an attention store (cheap: no arrays read)."""
     import h5py

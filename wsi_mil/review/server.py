@@ -14,6 +14,7 @@ told otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -74,9 +75,9 @@ class ReviewSlide:
     attrs: dict[str, Any]
     exports: dict[str, Path] = field(default_factory=dict)
     _dz: Any = None
-    _slide: Any = None
+    _open: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _info: dict[str, Any] | None = None
-    _heat: bytes | None = None
+    _heat: bytes = b""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def deepzoom(self) -> Any:
@@ -86,15 +87,13 @@ class ReviewSlide:
 
         with self.lock:
             if self._dz is None:
-                cm = open_slide(self.slide_path)
-                self._slide = (cm, cm.__enter__())
-                self._dz = DeepZoomGenerator(self._slide[1], tile_size=254, overlap=1, limit_bounds=False)
+                slide = self._open.enter_context(open_slide(self.slide_path))
+                self._dz = DeepZoomGenerator(slide, tile_size=254, overlap=1, limit_bounds=False)
             return self._dz
 
     def close(self) -> None:
-        if self._slide is not None:
-            self._slide[0].__exit__(None, None, None)
-            self._slide = self._dz = None
+        self._open.close()
+        self._dz = None
 
     def info(self, normalise: str, cmap: str) -> dict[str, Any]:
         """Geometry, prediction, heatmap placement and the top patches (computed once)."""
@@ -140,8 +139,7 @@ class ReviewSlide:
         return info
 
     def heatmap_png(self, normalise: str, cmap: str) -> bytes:
-        self.info(normalise, cmap)
-        assert self._heat is not None
+        self.info(normalise, cmap)  # draws the heatmap image along with the slide's information
         return self._heat
 
 

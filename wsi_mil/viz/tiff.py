@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from wsi_mil.viz.raster import ScoreGrid
+from wsi_mil.viz.raster import ScoreGrid, colourise
 
 TILE_PX = 256  # the usual patch grid, so that most level-0 tiles are one cell
 _CACHE_ENTRIES = 50_000
@@ -93,18 +93,18 @@ def _runs(index: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDAr
     return index[starts], np.diff(np.r_[starts, len(index)])
 
 
-def write_heatmap_tiff(path: Path, grid: ScoreGrid, rgb: npt.NDArray[np.uint8], *, mpp: float | None,
-                       description: str, background: tuple[int, int, int] = (255, 255, 255)) -> Path:
-    """Write ``rgb`` (the colourised grid, one colour per cell) as a pyramidal TIFF of the
-    slide's level-0 size; ``mpp`` goes into the resolution tags (µm/px → px/cm)."""
+def write_heatmap_tiff(path: Path, grid: ScoreGrid, *, cmap: str, mpp: float | None, description: str,
+                       background: tuple[int, int, int] = (255, 255, 255)) -> Path:
+    """Write the grid (unit scores) in colour map ``cmap`` as a pyramidal TIFF of the
+    slide's level-0 size, ``background`` where no patch was scored; ``mpp`` goes into the
+    resolution tags (µm/px → px/cm)."""
     import tifffile
 
     from wsi_mil.io.atomic import atomic_path
 
     w, h = grid.slide_width_px, grid.slide_height_px
     bg = np.asarray(background, np.uint8)
-    # a cell without a score is drawn as background even when rgb holds a colour there
-    rgb = np.where(np.isfinite(grid.values)[..., None], rgb, bg)
+    rgb = colourise(grid.values, cmap, background=background)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for i, ds in enumerate(level_downsamples(w, h)):

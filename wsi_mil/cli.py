@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil import __version__
+from wsi_mil.io.atomic import ensure_writable
 from wsi_mil.runtime import prefer_passive_omp
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
@@ -234,7 +235,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     from wsi_mil.data.manifest import resolve_inputs
     from wsi_mil.io.atomic import write_text
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "tile.log")
     recipe = load_recipe(args.config, "tile") if args.config else None
     config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
@@ -275,7 +276,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         for name, desc in available().items():
             print(f"{name:24s} {desc}")
         return EXIT_OK
-    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "extract.log")
     recipe = load_recipe(args.config, "extract_features") if args.config else None
     config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
@@ -303,18 +304,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for name, desc in available().items():
             print(f"{name:14s} {desc}")
         return EXIT_OK
-    from wsi_mil.commands.train_mil import require_features, run_train, summary_text
+    from wsi_mil.commands.train_mil import prepare_inputs, run_train, summary_text
     from wsi_mil.io.atomic import write_text
 
-    require_features(args.features)
-    args.out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(args.verbose, args.out / "train.log")
+    _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "train_mil") if args.config else None
     config = build_config(TrainConfig, recipe=recipe, overrides=_config_overrides(args, TrainConfig))
+    # every check of the manifest, the labels and the feature stores comes before the run folder
+    inputs = prepare_inputs(args.manifest, args.features, config, progress=not args.no_progress)
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.manifest]
     _write_resolved_config(args.out / "train_config.yaml", config, args, write_text, "train_mil",
                            {"features": [str(f) for f in args.features]})
-    report = run_train(args.manifest, args.features, out_dir=args.out, config=config, progress=not args.no_progress)
+    report = run_train(args.manifest, args.features, out_dir=args.out, config=config, progress=not args.no_progress,
+                       inputs=inputs)
     print(summary_text(report))
     return EXIT_OK
 
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished slides are kept and a re-run resumes", file=sys.stderr)
         return 130

@@ -185,7 +185,14 @@ class TrainConfig:
 
     model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max", choices=MIL_MODELS)
     task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=("auto", "binary", "multiclass", "multilabel"))
-    label: str | None = _opt(None, "label column to use when the manifest has several (default: all label columns)")
+    label: str | None = _opt(None, "label column to use when the manifest has several (default: every label column)")
+    classes: str | None = _opt(None, "class names in order, comma-separated (negative first for binary), e.g. normal,tumour: "
+                                     "the label values themselves, or names for the codes 0,1,...; any other value is an "
+                                     "error (default: the manifest's '# classes:' line, else the values found)")
+    min_class_slides: int = _opt(5, "fewest slides a class may have; a smaller class is an error naming its slides "
+                                    "(a stray label value is usually a typo)")
+    allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
+                                      "in the report); without it such slides stop the run (exit 1)")
     folds: int = _opt(5, "cross-validation folds over the development set (patient-level, stratified); 1 = one train/val split")
     test_fraction: float = _opt(0.2, "share of patients held out as the test set (0 = none; ignored with a manifest split column)")
     min_minority_share: float | None = _opt(None, "sample the test set so the minority class is at least this share (e.g. 0.5); metrics also at the true prevalence")
@@ -206,6 +213,8 @@ class TrainConfig:
     seed: int = _opt(0, "random seed (splits, initialisation, sampling)")
     device: str = _opt("auto", "auto (cuda when present), cpu, cuda or cuda:N")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
+    threads: int | None = _opt(None, "CPU threads for training and evaluation (default: 1 for bags of up to 4096 "
+                                     "instances, where more threads only contend; else up to 4)")
 
     def __post_init__(self) -> None:
         checks = [
@@ -219,6 +228,8 @@ class TrainConfig:
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
             (0 < self.target_sensitivity <= 1, "--target-sensitivity must be in (0, 1]"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.min_class_slides >= 1, "--min-class-slides must be positive"),
+            (self.threads is None or self.threads >= 1, "--threads must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -235,6 +246,9 @@ class TrainConfig:
 
     def model_args(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "dropout": self.dropout}
+
+    def class_list(self) -> list[str] | None:
+        return [c.strip() for c in self.classes.split(",")] if self.classes else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class WsiMilError(Exception):
-    """Base class for all errors raised on purpose by wsi-mil."""
+    """Base class for all errors raised on purpose by wsi-mil.
+
+    ``exit_code`` is the command's exit status when the error ends it: 2 for bad options
+    or input, 1 where the input was fine but some of the data could not be used."""
+
+    exit_code = 2
 
 
 class ConfigError(WsiMilError):
@@ -37,3 +42,17 @@ class NoTissueError(SlideError):
 
 class StoreError(WsiMilError):
     """A coordinate/feature store is incompatible with the request or damaged."""
+
+
+class NonFiniteFeaturesError(StoreError):
+    """A feature store (or an encoder's output) holds NaN or infinite values."""
+
+
+class MissingDataError(WsiMilError):
+    """Labelled slides have no usable feature store; nothing is dropped silently."""
+
+    exit_code = 1
+
+
+class OutputError(WsiMilError):
+    """The output folder cannot be written (read-only, or the disk is full)."""

@@ -25,12 +25,43 @@ def test_binary_metrics_by_hand() -> None:
     assert lo <= m["auc"] <= hi and hi - lo > 0.05
 
 
+def _logit_mid(a: float, b: float) -> float:
+    la, lb = np.log(a / (1 - a)), np.log(b / (1 - b))
+    return float(1 / (1 + np.exp(-(la + lb) / 2)))
+
+
 def test_thresholds_from_validation() -> None:
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.5, 0.45, 0.3, 0.8, 0.9])
-    assert choose_threshold(y, p, "youden") == pytest.approx(0.8)  # 2/3 sensitivity, no false positive
+    # 2/3 sensitivity, no false positive: between 0.8 (lowest positive call) and 0.5 (highest negative call)
+    assert choose_threshold(y, p, "youden") == pytest.approx(_logit_mid(0.8, 0.5))
     t = choose_threshold(y, p, "sensitivity", target_sensitivity=1.0)
-    assert t == pytest.approx(0.3) and binary_metrics(y, p, t, ci=False)["sensitivity"] == 1.0
+    assert t == pytest.approx(_logit_mid(0.3, 0.1)) and binary_metrics(y, p, t, ci=False)["sensitivity"] == 1.0
+
+
+def test_threshold_of_a_perfectly_separated_validation_set_lies_between_its_classes() -> None:
+    """Regression: Youden's J used to return the lowest positive score itself, so a test
+    positive just below it was called negative although validation separated perfectly."""
+    y_val = np.array([0, 0, 0, 1, 1, 1])
+    p_val = np.array([0.05, 0.1, 0.2, 0.8, 0.85, 0.95])
+    t = choose_threshold(y_val, p_val, "youden")
+    assert 0.2 < t < 0.8 and t == pytest.approx(0.5)
+    # test scores that fall between the validation classes, on either side of the midpoint
+    y_test = np.array([0, 0, 1, 1])
+    p_test = np.array([0.25, 0.4, 0.6, 0.79])
+    m = binary_metrics(y_test, p_test, t, ci=False)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
+    # per-sample thresholds (each fold's own, for the pooled out-of-fold predictions)
+    m2 = binary_metrics(y_test, p_test, np.array([0.3, 0.3, 0.7, 0.7]), ci=False)
+    assert m2["sensitivity"] == 0.5 and m2["specificity"] == 0.5 and m2["threshold"] == "each fold's own"
+
+
+def test_ensemble_threshold_is_the_logit_mean() -> None:
+    from wsi_mil.eval.metrics import ensemble_threshold
+
+    assert ensemble_threshold([0.5, 0.5]) == pytest.approx(0.5)
+    assert ensemble_threshold([0.2, 0.8]) == pytest.approx(0.5)
+    assert ensemble_threshold([0.9, 0.99]) == pytest.approx(_logit_mid(0.9, 0.99))
 
 
 def test_prevalence_reweighting_changes_ppv_not_sensitivity() -> None:

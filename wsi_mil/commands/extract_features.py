@@ -206,8 +206,11 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
     total = sum(j.n_patches - j.start for j in jobs)
     with tqdm(total=total, desc=f"embed [{device}]", unit="patch", unit_scale=True, disable=not progress, position=position) as bar:
         try:
-            for j, seconds in embed_jobs(jobs, writers, encoder, settings, on_batch=bar.update):
+            for j, seconds, error in embed_jobs(jobs, writers, encoder, settings, on_batch=bar.update):
                 sid = jobs[j].slide_id
+                if error is not None:
+                    outcomes[sid] = _failed(sid, jobs[j].n_patches, error)
+                    continue
                 try:
                     coords, clam, final_attrs = finals[j]
                     path, n_rows, bad = writers[j].finish(coords, clam, final_attrs)

@@ -166,8 +166,11 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
     from wsi_mil.viz.raster import score_grid
     from wsi_mil.viz.scores import normalise
 
+    from wsi_mil.io.attention import check_finite_attention
+
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
+    check_finite_attention(str(h5), att, attrs.get("probability"))
     path, mpp = slide_for_attention(attrs, overrides)
     extent = attention_patch_extent(attrs)
     scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))

@@ -2,7 +2,8 @@
 
 Inputs are feature stores (files or folders) made with the same encoder as the training
 run (checked). Writes ``predictions.csv`` (probability per output, prediction at the
-validation-chosen threshold averaged over folds), ``attention/<slide>.h5`` (ensemble
+fold ensemble's threshold: the mean of the folds' validation thresholds in logit
+space), ``attention/<slide>.h5`` (ensemble
 attention with coordinates, for heatmaps) and ``predict_report.json``. A store that
 cannot be read is reported and the others are predicted.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.data.bags import Bag, Task, patch_geometry
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, StoreError
 from wsi_mil.io.atomic import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def _stores(inputs: list[Path]) -> list[Path]:
 
 def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
     from wsi_mil.commands.train_mil import _prediction
+    from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.io.attention import write_attention
     from wsi_mil.io.store import read_complete_attrs
     from wsi_mil.train.loop import predict
@@ -61,7 +63,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
     models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
     enc = specs[0].get("encoder", {})
-    thresholds = [float(np.mean([s["thresholds"][c] for s in specs])) for c in range(len(specs[0]["thresholds"]))]
+    thresholds = [ensemble_threshold([s["thresholds"][c] for s in specs]) for c in range(len(specs[0]["thresholds"]))]
     report = PredictReport()
     for store in _stores(inputs):
         sid = store.stem
@@ -81,6 +83,9 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             preds = [predict(m, [bag], task, device=device) for m in models]
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)
+            if not (np.isfinite(probs).all() and np.isfinite(att).all()):
+                raise StoreError(f"{store}: the models gave a non-finite probability or attention for this slide "
+                                 "(its features are finite, so a model is damaged); retrain the run")
         except Exception as exc:  # noqa: BLE001 - one bad store must not stop the batch
             logger.error("%s: %s", sid, exc)
             report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})

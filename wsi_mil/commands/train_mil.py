@@ -38,6 +38,11 @@ from wsi_mil.io.atomic import write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
+THRESHOLD_RULE = ("each fold's threshold is chosen on its validation slides (Youden's J, or the target "
+                  "sensitivity) halfway, in logit space, between the two validation scores it separates; pooled "
+                  "out-of-fold predictions are judged at their own fold's threshold; the fold ensemble, whose "
+                  "probability is the mean of the folds', at the mean of the folds' thresholds in logit space")
+
 METRIC_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "balanced_accuracy")
 
 
@@ -79,11 +84,15 @@ def encoder_of(bags: list[Bag]) -> dict[str, Any]:
 #: bumped whenever training itself changes what a fold's model is, so that a resumed run
 #: retrains folds made by older code instead of mixing them in (2: validation loss breaks
 #: AUC ties in model selection)
-TRAINING_REVISION = 2
+TRAINING_REVISION = 3  # 3: thresholds between two validation scores (logit midpoint), not on one
+
+#: settings that change how a run is carried out, not what a fold's model is
+_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides")
 
 
 def _settings_hash(config: TrainConfig, fold: Any, dim: int) -> str:
-    body = json.dumps({"config": config.to_dict(), "train": fold.train, "val": fold.val, "dim": dim,
+    model_settings = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY}
+    body = json.dumps({"config": model_settings, "train": fold.train, "val": fold.val, "dim": dim,
                        "training_revision": TRAINING_REVISION}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
@@ -136,38 +145,92 @@ def _prediction(task: Task, probs: np.ndarray, thresholds: list[float]) -> Any:
     return [name for c, name in enumerate(task.outputs) if probs[c] >= thresholds[c]]
 
 
+@dataclass
+class TrainInputs:
+    """The checked inputs of a run: the task and the bags, before anything is written."""
+
+    task: Task
+    task_line: str
+    bags: list[Bag]
+    skipped: list[dict[str, str]]
+    user_split: dict[str, str]
+
+
+def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
+                   progress: bool = False) -> TrainInputs:
+    """Read and check the manifest, infer the task and read every bag (non-finite
+    features included in the check). Labelled slides without a usable feature store stop
+    the run (:class:`MissingDataError`, exit 1) unless ``config.allow_missing``."""
+    from wsi_mil.data.manifest import manifest_classes, read_manifest
+    from wsi_mil.errors import MissingDataError
+
+    require_features(features_dirs)
+    entries = read_manifest(manifest, require_path=False)
+    task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
+                      config.min_class_slides)
+    task_line = task.describe(entries)
+    logger.info("%s", task_line)
+    user_split = {e.slide_id: e.split for e in entries if e.split}
+    bags, skipped = bags_from_manifest(entries, features_dirs, task, user_split, cache=config.cache_bags,
+                                       progress=progress)
+    if skipped:
+        listing = "\n  ".join(f"{x['slide_id']}: {x['reason']}" for x in skipped)
+        if not config.allow_missing:
+            raise MissingDataError(
+                f"{len(skipped)} of {len(entries)} labelled slide(s) have no usable feature store:\n  {listing}\n"
+                "Fix the slide_id(s) or extract their features; or pass --allow-missing to train without them "
+                "(they are then listed in the report).")
+        for x in skipped:
+            logger.warning("%s: left out (--allow-missing): %s", x["slide_id"], x["reason"])
+    if len(bags) < 4:
+        raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
+                            f"({len(skipped)} left out, listed above)")
+    return TrainInputs(task, task_line, bags, skipped, user_split)
+
+
+def cpu_threads(bags: list[Bag], requested: int | None) -> int:
+    """Threads for training on CPU: ``requested``, else 1 for bags of up to 4096 instances
+    (a small MIL model's matrix products are too small to share: more threads only
+    contend, badly so on a busy machine), else up to 4."""
+    import os
+
+    if requested:
+        return requested
+    sizes = [int(b.meta.get("n_features") or (len(b.features) if b.features is not None else 0)) for b in bags]
+    median = float(np.median(sizes)) if sizes else 0.0
+    return 1 if median <= 4096 else max(1, min(4, os.cpu_count() or 1))
+
+
 def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, config: TrainConfig,
-              progress: bool = True) -> TrainReport:
+              progress: bool = True, inputs: TrainInputs | None = None) -> TrainReport:
+    import torch
     from tqdm import tqdm
 
-    from wsi_mil.data.manifest import read_manifest
     from wsi_mil.data.splits import make_plan, plan_from_user_split, prevalence_weights
+    from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.mil import build_model
     from wsi_mil.train.checkpoint import load_model, save_model
     from wsi_mil.train.loop import FitSettings, Predictions, fit, predict, seed_everything
 
     t0 = time.perf_counter()
+    if inputs is None:
+        inputs = prepare_inputs(manifest, features_dirs, config, progress=progress)
+    else:
+        logger.info("%s", inputs.task_line)
+    task, bags, skipped, user_split = inputs.task, inputs.bags, inputs.skipped, inputs.user_split
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = read_manifest(manifest)
-    task = infer_task(entries, config.task, config.label)
-    user_split = {e.slide_id: e.split for e in entries if e.split}
-    bags, skipped = bags_from_manifest(entries, features_dirs, task, user_split)
-    for s in skipped:
-        logger.warning("%s: skipped: %s", s["slide_id"], s["reason"])
-    if len(bags) < 4:
-        raise ManifestError(f"only {len(bags)} slide(s) have feature stores; training needs at least 4 "
-                            f"({len(skipped)} skipped, see the warnings)")
     encoder = encoder_of(bags)
     by_id = {b.slide_id: b for b in bags}
     plan = plan_from_user_split(bags, seed=config.seed) if user_split else make_plan(
         bags, folds=config.folds, test_fraction=config.test_fraction, seed=config.seed,
         min_minority_share=config.min_minority_share)
     write_json(out_dir / "splits.json", plan.to_dict())
-    if config.cache_bags:
-        for b in tqdm(bags, desc="loading bags", unit="bag", disable=not progress):
-            b.cache()
     dim = int(bags[0].load()[0].shape[1])
     device = config.resolved_device()
+    threads = cpu_threads(bags, config.threads)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+        logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
     test = [by_id[s] for s in plan.test]
     logger.info("task %s (%s); %d slides, %d patients; %d fold(s); test set %d slides; device %s",
                 task.kind, ", ".join(task.outputs), len(bags), len({b.patient_id for b in bags}), len(plan.folds), len(test), device)
@@ -175,7 +238,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
     test_probs, test_atts, thresholds_all = [], [], []
-    pooled_y, pooled_p = [], []
+    pooled_y, pooled_p, pooled_t = [], [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for fold in plan.folds:
         train, val = [by_id[s] for s in fold.train], [by_id[s] for s in fold.val]
@@ -218,6 +281,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
         test_pred = predict(model, test, task, device=device)
         pooled_y.append(val_pred.targets)
         pooled_p.append(val_pred.probs)
+        pooled_t.append([np.full(len(val), t) for t in thresholds])  # each fold's own threshold
         entry: dict[str, Any] = {"fold": fold.index, "n_train": len(train), "n_val": len(val), "best_epoch": spec.get("best_epoch"),
                                  "thresholds": thresholds,
                                  "val": evaluate(task, val_pred.targets, val_pred.probs, thresholds, config, ci=False),
@@ -237,8 +301,11 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
                                           "test_sampling": plan.test_sampling},
                                "folds": folds_out}
     py, pp = np.concatenate(pooled_y), np.concatenate(pooled_p)
-    pooled_thr = [float(np.mean([t[c] for t in thresholds_all])) for c in range(len(thresholds_all[0]))] if thresholds_all[0] else []
-    metrics["pooled_validation"] = evaluate(task, py, pp, pooled_thr, config)
+    # out-of-fold predictions are judged at the threshold of the fold that made them; the
+    # fold ensemble (mean probability) at the logit-space mean of the folds' thresholds
+    per_fold_thr = [np.concatenate([t[c] for t in pooled_t]) for c in range(len(thresholds_all[0]))]
+    pooled_thr = [ensemble_threshold([t[c] for t in thresholds_all]) for c in range(len(thresholds_all[0]))]
+    metrics["pooled_validation"] = evaluate(task, py, pp, per_fold_thr, config)  # type: ignore[arg-type]
     if task.kind == "binary":
         curves["pooled validation (out of fold)"] = (py[:, 0], pp[:, 0])
     if test:
@@ -260,6 +327,10 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             curves["ensemble test"] = (ens_y[:, 0], mean_p[:, 0])
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["skipped"] = skipped
+    metrics["threshold_rule"] = THRESHOLD_RULE
+    metrics["task_line"] = inputs.task_line
+    metrics["seed"] = config.seed
+    metrics["threads"] = threads if device == "cpu" else None
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories)
     return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
@@ -317,9 +388,14 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
 
 def report_markdown(task: Task, m: dict[str, Any]) -> str:
     s = m["splits"]
+    how = ("the manifest's split column" if s["source"] == "manifest"
+           else f"stratified patient-level splits made by wsi-mil (seed {m.get('seed', 0)})")
+    test = f"a held-out test set of {s['test']} slides" if s["test"] else "no held-out test set"
     lines = [f"# train-mil report: {m['model']} ({task.kind}: {', '.join(task.outputs)})", "",
-             f"{m['n_slides']} slides of {m['n_patients']} patients; encoder `{m['encoder'].get('encoder')}`; "
-             f"split from the {s['source']}: {s['folds']} fold(s), test set of {s['test']} slides (patient-level).", ""]
+             f"{m['n_slides']} slides of {m['n_patients']} patients; encoder `{m['encoder'].get('encoder')}`.", "",
+             f"Task: {m.get('task_line', task.kind)}.", "",
+             f"Splits: {how}; {s['folds']} cross-validation fold(s) and {test}; no patient is in two sets.", "",
+             f"Decision threshold: {m.get('threshold_rule', '')}.", ""]
     if s.get("test_sampling"):
         t = s["test_sampling"]
         lines += [f"Test set enriched: minority-class share {t['sampled_share']:.2f} (true {t['true_share']:.2f}); "
@@ -347,7 +423,9 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
             lines += ["", f"Across folds ({split}): " + ", ".join(
                 f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in acc.items() if v["mean"] is not None)]
     if m.get("skipped"):
-        lines += ["", f"Skipped slides ({len(m['skipped'])}): " + "; ".join(f"{x['slide_id']}: {x['reason']}" for x in m["skipped"][:20])]
+        lines += ["", f"**Left out with --allow-missing ({len(m['skipped'])} labelled slide(s) without a usable "
+                  "feature store; the figures above do not include them):**", ""]
+        lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
     lines += ["", "Files: metrics.json, predictions.csv, roc.png, confusion.png, training_curves.png, models/, attention/.", ""]
     return "\n".join(lines)
 
@@ -364,7 +442,7 @@ def summary_text(report: TrainReport) -> str:
     where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
     t = report.task
     what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
-    lines = [f"task {t.kind} ({what}); {report.metrics['n_slides']} slides; {where}:"]
+    lines = [f"{report.metrics.get('task_line') or f'task {t.kind} ({what})'}", f"{report.metrics['n_slides']} slides; {where}:"]
     if report.task.kind == "binary":
         ci = head.get("auc_ci95")
         auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
@@ -373,6 +451,7 @@ def summary_text(report: TrainReport) -> str:
     else:
         lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
     if report.skipped:
-        lines.append(f"  {len(report.skipped)} slide(s) skipped (no feature store); see train.log")
+        lines.append(f"  {len(report.skipped)} labelled slide(s) LEFT OUT (--allow-missing; no usable feature store): "
+                     + ", ".join(x["slide_id"] for x in report.skipped[:10]) + "; listed in report.md")
     lines.append(f"report: {report.out_dir / 'report.md'}   metrics: {report.out_dir / 'metrics.json'}   models: {report.out_dir / 'models'}")
     return "\n".join(lines)

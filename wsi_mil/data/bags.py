@@ -25,20 +25,36 @@ from wsi_mil.errors import ConfigError, ManifestError, StoreError
 TASKS = ("auto", "binary", "multiclass", "multilabel")
 _POSITIVE = {"1", "true", "yes", "positive", "pos", "tumour", "tumor"}
 _NEGATIVE = {"0", "false", "no", "negative", "neg", "normal"}
+#: values of a 0/1 label column; a column holding two of these and anything else has a stray value
+_BINARY_CODES = {"0", "1", "true", "false", "yes", "no"}
+#: cell values that mean "no label" in spreadsheets and pandas exports; never a class
+MISSING_TOKENS = {"nan", "na", "n/a", "none", "null", "?", "-", "missing", "unknown", "#n/a"}
+#: fewest slides a class (or a label's positives / negatives) may have; fewer is an error
+MIN_SLIDES_PER_CLASS = 5
 
 
 @dataclass(frozen=True)
 class Task:
-    """What is predicted: ``kind`` and the names of the outputs (one per logit)."""
+    """What is predicted: ``kind`` and the names of the outputs (one per logit).
+
+    ``classes`` are the class names shown in reports, predictions, heatmaps and the review
+    page: (negative, positive) for binary, the classes for multi-class. ``values`` are the
+    label values in the manifest that stand for them, in the same order (they differ when
+    the classes were named with ``--classes`` over a column coded 0/1)."""
 
     kind: str
     outputs: tuple[str, ...]
     label_columns: tuple[str, ...]
-    classes: tuple[str, ...] = ()  # label values: (negative, positive) for binary, the classes for multi-class
+    classes: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
 
     @property
     def n_outputs(self) -> int:
         return len(self.outputs)
+
+    @property
+    def label_values(self) -> tuple[str, ...]:
+        return self.values or self.classes
 
     def target(self, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:
         """The float target vector of one slide (one-hot for multi-class)."""
@@ -51,25 +67,54 @@ class Task:
                 out.append(1.0 if v in _POSITIVE else 0.0)
             return np.asarray(out, np.float32)
         value = labels.get(self.label_columns[0], "").strip()
-        if value not in self.classes:
-            raise ManifestError(f"{where}: label {value!r} is not one of {list(self.classes)}")
+        values = self.label_values
+        if value not in values:
+            raise ManifestError(f"{where}: label {value!r} is not one of {list(values)}")
         if self.kind == "binary":
-            return np.asarray([float(value == self.classes[1])], np.float32)
-        onehot = np.zeros(len(self.classes), np.float32)
-        onehot[self.classes.index(value)] = 1.0
+            return np.asarray([float(value == values[1])], np.float32)
+        onehot = np.zeros(len(values), np.float32)
+        onehot[values.index(value)] = 1.0
         return onehot
+
+    def describe(self, entries: list[SlideEntry] | None = None) -> str:
+        """One line: the task, its classes and (given the entries) slides per class."""
+        if self.kind == "multilabel":
+            counts = ""
+            if entries:
+                counts = ", ".join(f"{name} {sum(e.labels.get(col, '').strip().lower() in _POSITIVE for e in entries)} "
+                                   f"positive" for name, col in zip(self.outputs, self.label_columns, strict=True))
+            return f"multilabel task over {len(self.outputs)} labels ({counts or ', '.join(self.outputs)})"
+        parts = []
+        for name, value in zip(self.classes, self.label_values, strict=True):
+            shown = name if name == value else f"{name} (label {value})"
+            if entries is not None:
+                n = sum(e.labels.get(self.label_columns[0], "").strip() == value for e in entries)
+                shown += f": {n} slide(s)"
+            parts.append(shown)
+        role = "negative, positive: " if self.kind == "binary" else ""
+        return f"{self.kind} task on column {self.label_columns[0]!r}, classes ({role}{'; '.join(parts)})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
-                "classes": list(self.classes)}
+                "classes": list(self.classes), "values": list(self.label_values)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
-        return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())))
+        return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())),
+                   tuple(d.get("values", ())))
 
 
-def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None = None) -> Task:
-    """The task of a labelled manifest (see the module docstring)."""
+def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int = 6) -> str:
+    hits = [f"{e.slide_id}={e.labels.get(column, '')!r}" for e in entries if e.labels.get(column, "").strip() in values]
+    return ", ".join(hits[:n]) + (f", ... ({len(hits)} in all)" if len(hits) > n else "")
+
+
+def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None = None,
+               classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS) -> Task:
+    """The task of a labelled manifest (see the module docstring), with every label value
+    validated: a missing-value token (``NaN``, ``NA`` ...), a stray value in a 0/1 column,
+    a value outside ``classes`` or a class with fewer than ``min_per_class`` slides is an
+    error naming the slides, never a silently different task."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
     columns = sorted({c for e in entries for c in e.labels})
@@ -83,24 +128,88 @@ def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None 
     if unlabelled:
         raise ManifestError(f"{len(unlabelled)} slide(s) have no label ({', '.join(unlabelled[:5])}); "
                             "label them or leave them out of the manifest")
+    for c in columns:
+        tokens = {e.labels[c].strip() for e in entries if e.labels[c].strip().lower() in MISSING_TOKENS}
+        if tokens:
+            raise ManifestError(f"column {c!r} holds missing-value markers instead of labels: "
+                                f"{_rows_with(entries, c, tokens)}. Label these slides or leave them out of the manifest")
+    said_multiclass = kind == "multiclass"
+    if kind == "auto" and classes:
+        kind = "binary" if len(classes) == 2 else "multiclass"
     if kind == "auto":
-        kind = "multilabel" if len(columns) > 1 else ("binary" if len({e.labels[columns[0]] for e in entries}) <= 2 else "multiclass")
+        kind = "multilabel" if len(columns) > 1 else ("binary" if len({e.labels[columns[0]].strip() for e in entries}) <= 2 else "multiclass")
     if kind == "multilabel":
+        if classes:
+            raise ConfigError("--classes names the classes of one label column; a multi-label task takes its "
+                              "label names from the label_<name> columns")
         names = tuple(c.removeprefix("label_") for c in columns)
-        return Task("multilabel", names, tuple(columns))
+        task = Task("multilabel", names, tuple(columns))
+        _check_multilabel_counts(entries, task, min_per_class)
+        return task
     if len(columns) > 1:
         raise ManifestError(f"a {kind} task needs one label column; the manifest has {columns} (pick one with --label)")
-    values = sorted({e.labels[columns[0]].strip() for e in entries})
-    if kind == "binary":
+    col = columns[0]
+    values = sorted({e.labels[col].strip() for e in entries})
+    codes = [v for v in values if v.lower() in _BINARY_CODES]
+    stray = [v for v in values if v.lower() not in _BINARY_CODES]
+    if not classes and len(codes) >= 2 and stray and not said_multiclass:
+        raise ManifestError(f"column {col!r} codes classes as {codes} but also holds {stray}: "
+                            f"{_rows_with(entries, col, set(stray))}. Fix these labels; if the column really has "
+                            f"{len(values)} classes, say so with --task multiclass or name them with --classes")
+    if classes:
+        task = _named_task(entries, kind, col, values, classes)
+    elif kind == "binary":
         if len(values) > 2:
-            raise ManifestError(f"binary task but label has {len(values)} values {values[:6]}")
-        pos = [v for v in values if v.lower() in _POSITIVE]
-        neg = [v for v in values if v != (pos[0] if pos else None)]
+            raise ManifestError(f"--task binary, but column {col!r} has {len(values)} values {values[:6]}: "
+                                f"{_rows_with(entries, col, set(values[2:]))}; a binary task takes exactly two")
         if len(values) == 1:  # a cohort with one class cannot be trained, but say so clearly
             raise ManifestError(f"every slide has label {values[0]!r}; a classifier needs both classes")
-        classes = (neg[0], pos[0]) if pos else (values[0], values[1])
-        return Task("binary", (classes[1],), (columns[0],), classes)
-    return Task("multiclass", tuple(values), (columns[0],), tuple(values))
+        pos = [v for v in values if v.lower() in _POSITIVE]
+        neg = [v for v in values if v != (pos[0] if pos else None)]
+        pair = (neg[0], pos[0]) if pos else (values[0], values[1])
+        task = Task("binary", (pair[1],), (col,), pair)
+    else:
+        task = Task("multiclass", tuple(values), (col,), tuple(values))
+    small = [(name, value) for name, value in zip(task.classes, task.label_values, strict=True)
+             if sum(e.labels[col].strip() == value for e in entries) < min_per_class]
+    if small:
+        listing = "; ".join(f"class {name!r}: {_rows_with(entries, col, {value})}" for name, value in small)
+        raise ManifestError(f"fewer than {min_per_class} slides in {listing}. A class this small cannot be trained "
+                            "or evaluated; fix the labels if these are typos, or add slides of the class")
+    return task
+
+
+def _named_task(entries: list[SlideEntry], kind: str, col: str, values: list[str], classes: list[str]) -> Task:
+    """The task for ``--classes`` (or the manifest's ``# classes:`` line): the names are the
+    label values themselves, in order (negative first for binary), or name the codes 0..k-1."""
+    names = [c.strip() for c in classes]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise ConfigError(f"--classes {','.join(classes)}: class names must be distinct and non-empty")
+    if kind == "binary" and len(names) != 2:
+        raise ConfigError(f"--task binary takes two class names (negative, positive); got {names}")
+    codes = [str(i) for i in range(len(names))]
+    if set(values) <= set(names):
+        label_values = names
+    elif set(values) <= set(codes):
+        label_values = codes
+    else:
+        allowed = set(names) | set(codes)
+        stray = sorted(set(values) - allowed) if set(values) & set(names) else sorted(set(values) - set(codes))
+        raise ManifestError(f"column {col!r} holds {stray} outside the classes {names} (or their codes "
+                            f"{codes}): {_rows_with(entries, col, set(stray))}. Fix these labels or the class list")
+    outputs = (names[1],) if kind == "binary" else tuple(names)
+    return Task(kind, outputs, (col,), tuple(names), tuple(label_values))
+
+
+def _check_multilabel_counts(entries: list[SlideEntry], task: Task, min_per_class: int) -> None:
+    problems = []
+    for name, col in zip(task.outputs, task.label_columns, strict=True):
+        pos = sum(e.labels[col].strip().lower() in _POSITIVE for e in entries)
+        if pos < min_per_class or len(entries) - pos < min_per_class:
+            problems.append(f"{name}: {pos} positive, {len(entries) - pos} negative")
+    if problems:
+        raise ManifestError(f"labels with fewer than {min_per_class} positive or negative slides: "
+                            f"{'; '.join(problems)}. Drop the label column or add slides")
 
 
 @dataclass
@@ -122,10 +231,10 @@ class Bag:
             return self.features, self.coords
         if self.store is None:
             raise StoreError(f"{self.slide_id}: no feature store")
-        from wsi_mil.io.features import FeatureStore
+        from wsi_mil.io.features import FeatureStore, check_finite
 
         with FeatureStore(self.store) as fs:
-            return fs.features, fs.coords
+            return check_finite(self.store, fs.features), fs.coords
 
     def cache(self) -> Bag:
         self.features, self.coords = self.load()
@@ -209,25 +318,39 @@ def attention_patch_extent(attrs: dict[str, Any]) -> float:
 
 
 def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], task: Task,
-                       split_column: dict[str, str] | None = None) -> tuple[list[Bag], list[dict[str, str]]]:
+                       split_column: dict[str, str] | None = None, *, cache: bool = False,
+                       progress: bool = False) -> tuple[list[Bag], list[dict[str, str]]]:
     """Bags of every manifest slide whose feature store exists (its attributes kept in
-    ``Bag.meta``); the others are returned as problems (slide_id, reason) so the run can
-    report them instead of dying."""
+    ``Bag.meta``); the others are returned as problems (slide_id, reason) so the caller
+    can list them: a missing, incomplete or damaged store, or one with non-finite
+    features (every store is read once here to check)."""
     bags: list[Bag] = []
     missing: list[dict[str, str]] = []
-    for e in entries:
+    from tqdm import tqdm
+
+    for e in tqdm(entries, desc="reading bags", unit="slide", disable=not progress):
         store = next((s for d in features_dirs if (s := find_feature_store(d, e.slide_id))), None)
         if store is None:
             missing.append({"slide_id": e.slide_id, "reason": f"no feature store {e.slide_id}.h5/.zarr in "
-                            f"{', '.join(map(str, features_dirs))}; run wsi-mil extract-features"})
+                            f"{', '.join(map(str, features_dirs))}; check the slide_id, or run wsi-mil extract-features"})
             continue
         attrs = feature_store_attrs(store)
         if attrs is None:
             missing.append({"slide_id": e.slide_id, "reason": f"{store} is incomplete or not a feature store; re-run extract-features"})
             continue
         extent, step = patch_geometry(attrs)
-        bags.append(Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
-                        (split_column or {}).get(e.slide_id), step_px=step, meta=attrs, extent_px=extent))
+        bag = Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
+                  (split_column or {}).get(e.slide_id), step_px=step, meta=attrs, extent_px=extent)
+        try:
+            bag.cache() if cache else bag.load()
+        except StoreError as exc:
+            missing.append({"slide_id": e.slide_id, "reason": str(exc)})
+            continue
+        except (OSError, KeyError, ValueError) as exc:
+            missing.append({"slide_id": e.slide_id, "reason": f"{store} cannot be read ({type(exc).__name__}: {exc}); "
+                            "re-run extract-features for this slide"})
+            continue
+        bags.append(bag)
     return bags, missing
 
 

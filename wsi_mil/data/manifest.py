@@ -3,13 +3,18 @@
 Manifest CSV schema (see ``slides_manifest/README.md``):
 
 - ``slide_id`` (required): unique, file-name safe.
-- ``path`` (required): slide file; relative paths are relative to the manifest's folder.
+- ``path`` (required for tiling and ``--slides``; not needed by ``train-mil``): slide
+  file; relative paths are relative to the manifest's folder.
 - ``patient_id`` (recommended): used for patient-level splits by later stages.
 - ``mpp`` (optional): level-0 microns per pixel when the slide's metadata lacks it.
 - ``split`` (optional): train / val / test given by the user.
 - label columns: ``label`` or ``label_<name>`` (one per task / class).
 
 Any other column is refused, so a typo (``patientid``, ``lable``) cannot silently drop data.
+
+Lines before the header that start with ``#`` are directives; ``# classes: normal,tumour``
+names the classes of the label column (negative first for a binary task), as
+``--classes`` does.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class SlideEntry:
     """One slide to process."""
 
     slide_id: str
-    path: Path
+    path: Path | None
     patient_id: str | None = None
     mpp: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
@@ -54,11 +59,36 @@ def slide_id_from_path(path: Path) -> str:
     return path.stem
 
 
-def read_manifest(path: str | Path) -> list[SlideEntry]:
+def _split_directives(text: str) -> tuple[dict[str, str], str]:
+    """``# key: value`` lines before the header → ({key: value}, the CSV text)."""
+    directives: dict[str, str] = {}
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines) and (lines[i].lstrip().startswith("#") or not lines[i].strip()):
+        body = lines[i].strip().lstrip("#").strip()
+        if ":" in body:
+            key, value = body.split(":", 1)
+            directives[key.strip().lower()] = value.strip()
+        i += 1
+    return directives, "".join(lines[i:])
+
+
+def manifest_classes(path: str | Path) -> list[str] | None:
+    """The class names of a manifest's ``# classes: a,b`` line, or None."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    value = _split_directives(text)[0].get("classes")
+    return [c.strip() for c in value.split(",")] if value else None
+
+
+def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideEntry]:
     """Read and validate a manifest CSV.
 
     Missing slide files are *not* an error here: the run reports them per slide and
-    continues with the others.
+    continues with the others. With ``require_path=False`` (training, which reads
+    feature stores by slide_id) the ``path`` column may be absent and is not checked.
 
     Raises:
         ManifestError: missing/unknown columns, empty manifest, duplicate or unsafe ids,
@@ -66,18 +96,21 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     """
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        import io
+
+        _, text = _split_directives(path.read_text(encoding="utf-8-sig"))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc}). It must be a UTF-8 CSV.") from exc
     where = f"manifest {path}"
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    required = REQUIRED_COLUMNS if require_path else ("slide_id",)
+    missing = [c for c in required if c not in columns]
     if missing:
         raise ManifestError(
             f"{where}: missing required column(s) {missing}; found {_preview(columns)}. "
-            "A manifest needs at least 'slide_id' and 'path' (see slides_manifest/README.md)."
+            f"A manifest needs at least {' and '.join(repr(c) for c in required)} (see slides_manifest/README.md)."
         )
     unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS and not LABEL_PATTERN.match(c)]
     if unknown:
@@ -97,7 +130,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
         if not sid or not _SAFE_ID.match(sid):
             problems.append(f"line {line}: slide_id {sid!r} is empty or not file-name safe (use letters, digits, . _ -)")
             continue
-        if not row["path"]:
+        if require_path and not row.get("path"):
             problems.append(f"line {line}: slide {sid!r} has an empty path")
             continue
         mpp = None
@@ -109,8 +142,8 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
             if not mpp > 0:
                 problems.append(f"line {line}: slide {sid!r} has mpp {row['mpp']!r}; give a positive number or leave it empty")
                 continue
-        slide_path = Path(row["path"])
-        if not slide_path.is_absolute():
+        slide_path = Path(row["path"]) if row.get("path") else None
+        if slide_path is not None and not slide_path.is_absolute():
             slide_path = path.parent / slide_path
         labels = {k: v for k, v in row.items() if LABEL_PATTERN.match(k)}
         entries.append(SlideEntry(sid, slide_path, row.get("patient_id") or None, mpp, labels,
@@ -118,9 +151,10 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
     _check_duplicates(entries, where, problems)
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    absent = [e.slide_id for e in entries if not e.path.exists()]
-    if absent:
-        logger.warning("%s: %d slide file(s) not found (%s); they will be reported as failed", where, len(absent), ", ".join(absent[:5]))
+    if require_path:
+        absent = [e.slide_id for e in entries if e.path is not None and not e.path.exists()]
+        if absent:
+            logger.warning("%s: %d slide file(s) not found (%s)", where, len(absent), ", ".join(absent[:5]))
     return entries
 
 

@@ -20,6 +20,7 @@ import torch
 
 from wsi_mil.encoders.base import Encoder
 from wsi_mil.encoders.loader import BatchDataset, SlideJob, make_loader
+from wsi_mil.errors import StoreError
 from wsi_mil.io.features import FeatureWriter
 from wsi_mil.runtime import reuse_freed_memory
 
@@ -111,23 +112,28 @@ class SlideProgress:
 def embed_jobs(
     jobs: list[SlideJob], writers: list[FeatureWriter], encoder: Encoder, settings: RunSettings,
     *, on_batch: Callable[[int], None] | None = None,
-) -> Iterator[tuple[int, float]]:
+) -> Iterator[tuple[int, float, Exception | None]]:
     """Embed every job, writing a chunk whenever ``chunk_patches`` are done.
 
-    Yields ``(job number, seconds)`` as each slide's last chunk is written; the caller
-    then assembles the slide's store.
+    Yields ``(job number, seconds, None)`` as each slide's last chunk is written (the
+    caller then assembles the slide's store), or ``(job number, seconds, error)`` as soon
+    as a slide fails (a chunk the writer refuses, e.g. non-finite features); the other
+    slides go on.
     """
     run, device = prepare(encoder, settings)
     dataset = BatchDataset(jobs, encoder.preprocess, settings.batch_size)
     loader = make_loader(dataset, num_workers=settings.num_workers, prefetch=settings.prefetch,
                          pin_memory=device.type == "cuda", low_priority=device.type == "cpu")
     progress = {j: SlideProgress(job, writers[j], chunk_start=job.start) for j, job in enumerate(jobs)}
+    failed: set[int] = set()
     for j, job in enumerate(jobs):  # nothing left to embed (all chunks done, or no patches)
         if job.start >= job.n_patches:
-            yield j, 0.0
+            yield j, 0.0, None
     t_last = time.perf_counter()
     for batch in loader:
         j = int(batch["job"])
+        if j in failed:
+            continue
         p = progress[j]
         images = batch["images"]
         if len(images):
@@ -144,6 +150,11 @@ def embed_jobs(
         if on_batch is not None:
             on_batch(end - int(batch["start"]))
         if end == p.job.n_patches or end - p.chunk_start >= settings.chunk_patches:
-            p.flush(end)
+            try:
+                p.flush(end)
+            except StoreError as exc:
+                failed.add(j)
+                yield j, p.seconds, exc
+                continue
         if end == p.job.n_patches:
-            yield j, p.seconds
+            yield j, p.seconds, None

@@ -52,28 +52,57 @@ def bootstrap_auc_ci(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, 
     return float(lo), float(hi)
 
 
+def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    q = np.clip(np.asarray(p, dtype=float), _EPS, 1 - _EPS)
+    return np.log(q / (1 - q))
+
+
+def _expit(z: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
+
+
+_EPS = 1e-7
+
+
 def choose_threshold(y: npt.ArrayLike, p: npt.ArrayLike, method: str = "youden", target_sensitivity: float = 0.9) -> float:
-    """A decision threshold from validation predictions (0.5 when it cannot be chosen)."""
+    """A decision threshold from validation predictions (0.5 when it cannot be chosen).
+
+    The ROC picks an operating point between two neighbouring validation scores; the
+    threshold is put halfway between them in logit space, never on a data point, so a
+    test slide scoring just below the lowest validation positive that was called
+    positive is not called negative by construction (a cut on the score itself would
+    sit on that positive)."""
     from sklearn.metrics import roc_curve
 
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
-    thr = np.clip(thr, 0.0, 1.0)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thr: every distinct score, decreasing (thr[0] = inf)
     if method == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
-    if method == "sensitivity":
+        i = int(np.argmax(tpr - fpr))
+    elif method == "sensitivity":
         ok = np.flatnonzero(tpr >= target_sensitivity)
-        return float(thr[ok[0]]) if len(ok) else float(thr[-1])
-    raise ValueError(f"threshold method {method!r}: choose one of {THRESHOLD_METHODS}")
+        i = int(ok[0]) if len(ok) else len(thr) - 1
+    else:
+        raise ValueError(f"threshold method {method!r}: choose one of {THRESHOLD_METHODS}")
+    # scores >= thr[i] are positive; the next lower score (thr[i + 1]) is the highest negative call
+    upper = float(np.clip(thr[i], 0.0, 1.0)) if np.isfinite(thr[i]) else 1.0
+    lower = float(thr[i + 1]) if i + 1 < len(thr) else 0.0
+    return float(_expit((_logit(upper) + _logit(lower)) / 2))
 
 
-def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float, *, weights: npt.ArrayLike | None = None,
+def ensemble_threshold(thresholds: list[float]) -> float:
+    """The decision threshold of a fold ensemble (whose probability is the mean of the
+    folds' probabilities): the mean of the folds' validation thresholds in logit space."""
+    return float(_expit(np.mean(_logit(thresholds))))
+
+
+def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.ArrayLike, *, weights: npt.ArrayLike | None = None,
                    ci: bool = True, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
-    pred = (p >= threshold).astype(int)
+    thr = np.asarray(threshold, dtype=float)  # one threshold, or one per sample (each fold's own)
+    pred = (p >= thr).astype(int)
     tp = float(w[(pred == 1) & (y == 1)].sum())
     tn = float(w[(pred == 0) & (y == 0)].sum())
     fp = float(w[(pred == 1) & (y == 0)].sum())
@@ -82,7 +111,8 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float, *, weig
     ppv, npv = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
     out: dict[str, Any] = {
-        "n": int(len(y)), "n_positive": int(y.sum()), "threshold": float(threshold),
+        "n": int(len(y)), "n_positive": int(y.sum()),
+        "threshold": float(thr) if thr.ndim == 0 else "each fold's own",
         "auc": auc(y, p), "auc_ci95": bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed) if ci else None,
         "sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": npv, "f1": f1,
         "accuracy": _safe_div(tp + tn, tp + tn + fp + fn),

@@ -44,3 +44,60 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return Path(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left on device" (or over quota), wherever in a chain of causes
+    it appears (h5py and zarr wrap the OSError)."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "disk quota exceeded" in text or "errno = 28" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` (and parents) and prove it can be written, before any work starts.
+
+    Raises:
+        OutputError: read-only, permission denied, or the disk is already full; the
+            message says which and what to do (exit status 2).
+    """
+    import errno
+
+    from wsi_mil.errors import OutputError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".wsi-mil-write-test.{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise OutputError(f"{folder}: the disk is full ({free_bytes(folder) or 0} bytes free); free some space "
+                              "or choose another --out") from exc
+        reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
+                  errno.EPERM: "is not writable (permission denied)"}.get(exc.errno or 0, f"cannot be written ({exc})")
+        raise OutputError(f"output folder {folder} {reason}; choose another --out, or make it writable") from exc
+    return folder

@@ -22,6 +22,7 @@ def write_attention(path: Path, *, coords: npt.NDArray[np.int64], attention: npt
 
     from wsi_mil.io.atomic import atomic_path
 
+    check_finite_attention(path.stem, attention, attrs.get("probability"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
@@ -29,6 +30,18 @@ def write_attention(path: Path, *, coords: npt.NDArray[np.int64], attention: npt
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
     return path
+
+
+def check_finite_attention(name: str, attention: npt.ArrayLike, probability: Any) -> None:
+    """No NaN or infinite attention or probability is ever written or drawn."""
+    from wsi_mil.errors import NonFiniteFeaturesError
+
+    att = np.asarray(attention, dtype=float)
+    prob = np.asarray(probability if probability is not None else [], dtype=float)
+    if not np.isfinite(att).all() or not np.isfinite(prob).all():
+        raise NonFiniteFeaturesError(
+            f"{name}: non-finite attention ({int((~np.isfinite(att)).sum())} of {att.size} values) or probability "
+            f"{prob.tolist()}; nothing is drawn from it. Check the slide's features and re-run train-mil or predict")
 
 
 def read_attention(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], dict[str, Any]]:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from wsi_mil.errors import StoreError
+from wsi_mil.errors import NonFiniteFeaturesError, StoreError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.store import (
     PARTIAL,
@@ -41,6 +41,30 @@ from wsi_mil.io.store import (
 
 PARTS = ".parts"
 _PART_RE = re.compile(r"^chunk-(\d{10})-(\d{10})\.npz$")
+
+
+def nonfinite_rows(features: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.int64]:
+    """Indices of the rows of a (N, D) array that hold NaN or infinity."""
+    f = np.asarray(features)
+    if f.size == 0 or np.isfinite(f).all():
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(f.reshape(len(f), -1)).all(axis=1)).astype(np.int64)
+
+
+def _preview_rows(rows: npt.ArrayLike, n: int = 8) -> str:
+    r = [int(v) for v in np.asarray(rows).ravel()]
+    return ", ".join(map(str, r[:n])) + (f", ... ({len(r)} in all)" if len(r) > n else "")
+
+
+def check_finite(store: Path | str, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``features``, or :class:`NonFiniteFeaturesError` naming the store and the rows."""
+    rows = nonfinite_rows(features)
+    if len(rows):
+        raise NonFiniteFeaturesError(
+            f"{store}: {len(rows)} of {len(features)} feature rows are not finite (NaN or inf): rows "
+            f"{_preview_rows(rows)}. The store is damaged or its encoder failed; re-extract the slide "
+            "(wsi-mil extract-features --overwrite) or leave it out")
+    return features
 
 
 def coords_sha256(coords: npt.NDArray[np.int64]) -> str:
@@ -117,6 +141,13 @@ class FeatureWriter:
         """Persist the features of input patches ``[start, end)`` (unreadable ones left out)."""
         if len(features) != len(patch_index):
             raise ValueError("features and patch_index differ in length")
+        bad_rows = nonfinite_rows(features)
+        if len(bad_rows):
+            raise NonFiniteFeaturesError(
+                f"{self.final_path.name}: the encoder returned non-finite values (NaN or inf) for {len(bad_rows)} of "
+                f"{len(features)} patches in patches {start}-{end} (patch rows {_preview_rows(patch_index[bad_rows])}); "
+                "the chunk was not written. Check the encoder weights and --precision (fp16 overflows on some "
+                "models; use bf16 or fp32)")
         final = self.parts_dir / f"chunk-{start:010d}-{end:010d}.npz"
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as fh:

@@ -18,6 +18,7 @@ from wsi_mil import __version__
 from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import ExtractConfig
 from wsi_mil.errors import WsiMilError
+from wsi_mil.io.paths import path_record
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
 from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
@@ -127,10 +128,13 @@ def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: st
     return SlideSpec(sid, str(store), str(out), n)
 
 
-def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path]) -> str:
+def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: Path) -> str:
+    from wsi_mil.io.paths import resolve_recorded
+
     recorded = attrs.get("slide_path")
-    if recorded and Path(recorded).exists():
-        return str(recorded)
+    found = resolve_recorded(attrs, "slide_path", store.parent)
+    if found is not None:
+        return str(found)
     name = attrs.get("slide_file")
     for d in slide_dirs:
         if name and (d / name).exists():
@@ -175,7 +179,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             source = config.source if config.source != "auto" else ("store" if has_pixels else "slide")
             if source == "store" and not has_pixels:
                 raise WsiMilError(f"{spec.slide_id}: --source store, but the store has no pixels (tile with --save-patches)")
-            slide_path = _slide_path(attrs, spec.slide_id, [Path(d) for d in slide_dirs]) if source == "slide" else None
+            slide_path = _slide_path(attrs, spec.slide_id, [Path(d) for d in slide_dirs], Path(spec.store)) if source == "slide" else None
             if slide_path is not None and Path(slide_path).stat().st_size != attrs.get("slide_size_bytes"):
                 raise WsiMilError(f"{spec.slide_id}: {slide_path} changed since it was tiled (size differs); re-run `wsi-mil tile`")
             c_sha = coords_sha256(coords)
@@ -191,7 +195,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                 "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
                 "slide_sha256": attrs.get("slide_sha256"), "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
                 "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
-                "patch_level": attrs.get("patch_level"), "source_store": str(Path(spec.store).resolve()),
+                "patch_level": attrs.get("patch_level"), **path_record("source_store", spec.store, Path(spec.out).parent),
                 "extent_level0_px": geometry.extent_level0_px, "step_level0_px": geometry.step_level0_px,
                 "pixel_source": source, "n_patches": len(coords), "device": device,
                 "precision": config.precision, "channels_last": config.channels_last,

@@ -32,6 +32,7 @@ import numpy as np
 
 from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.errors import ConfigError, WsiMilError
+from wsi_mil.io.paths import path_record
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class HeatmapReport:
         return format_table(rows, problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out_dir": str(self.out_dir), "seconds": self.seconds,
+        return {"out_dir": str(self.out_dir.resolve()), "files_relative_to": "out_dir", "seconds": self.seconds,
                 "counts": status_counts(o.status for o in self.outcomes),
                 "slides": [asdict(o) for o in self.outcomes]}
 
@@ -135,26 +136,42 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
     return found
 
 
-def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path]) -> tuple[Path, float | None]:
+def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path],
+                        attention_store: Path | None = None) -> tuple[Path, float | None]:
     """The slide file behind an attention store (attention → feature store → patch store,
-    each of which records its source), and the mpp the tiler resolved for it."""
-    from wsi_mil.data.bags import feature_store_attrs, source_patch_store_attrs
+    each of which records its source absolutely and relative to itself, so this works
+    from any folder and after the run's tree moved), and the mpp the tiler resolved."""
+    from wsi_mil.data.bags import attention_feature_store, feature_store_attrs
+    from wsi_mil.io.paths import resolve_recorded
+    from wsi_mil.io.store import PatchStore
 
     sid = str(attrs.get("slide_id"))
-    store = Path(str(attrs.get("feature_store", "")))
-    fattrs = feature_store_attrs(store) if store.exists() else None
+    store = attention_feature_store(attrs, attention_store)
+    fattrs = feature_store_attrs(store) if store is not None else None
     mpp = float(fattrs["slide_mpp"]) if fattrs and fattrs.get("slide_mpp") else None
     if sid in overrides:
         return overrides[sid], mpp
-    pattrs = source_patch_store_attrs(fattrs) if fattrs else {}
-    slide = Path(str(pattrs.get("slide_path", "")))
-    if pattrs.get("slide_path") and slide.exists():
+    pattrs: dict[str, Any] = {}
+    patch_store = resolve_recorded(fattrs, "source_store", store.parent) if fattrs and store is not None else None
+    if patch_store is not None:
+        try:
+            with PatchStore(patch_store) as ps:
+                pattrs = ps.attrs
+        except Exception:  # noqa: BLE001 - a damaged patch store is reported below as a missing slide
+            pattrs = {}
+    slide = resolve_recorded(pattrs, "slide_path", patch_store.parent) if patch_store is not None else None
+    if slide is not None:
         if pattrs.get("slide_size_bytes") not in (None, slide.stat().st_size):
             raise WsiMilError(f"{slide} is not the file that was tiled (size differs from the patch store's "
                               "record). Give --slides MANIFEST.csv with the right path.")
         return slide, mpp
-    raise WsiMilError(f"cannot find the slide file of {sid}: the feature store {store} or its patch store is "
-                      "missing, or the slide moved. Give --slides MANIFEST.csv with the slide's path.")
+    if store is None:
+        why = f"its feature store ({attrs.get('feature_store')}) is not there"
+    elif patch_store is None:
+        why = f"the patch store its features came from ({(fattrs or {}).get('source_store')}) is not there"
+    else:
+        why = f"the slide ({pattrs.get('slide_path')}) is not there"
+    raise WsiMilError(f"cannot find the slide file of {sid}: {why}. Give --slides MANIFEST.csv with the slide's path.")
 
 
 def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: dict[str, Path]) -> dict[str, str]:
@@ -171,8 +188,8 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
     check_finite_attention(str(h5), att, attrs.get("probability"))
-    path, mpp = slide_for_attention(attrs, overrides)
-    extent = attention_patch_extent(attrs)
+    path, mpp = slide_for_attention(attrs, overrides, h5)
+    extent = attention_patch_extent(attrs, h5)
     scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
     probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))
     files: dict[str, str] = {}
@@ -251,13 +268,17 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
     for sid, h5 in tqdm(sources.items(), desc="heatmaps", unit="slide", disable=not progress):
         slide_dir = out_dir / sid
         marker = slide_dir / "heatmap.json"
-        stamp = {"settings": asdict(settings), "settings_key": settings.key(), "source": str(h5),
-                 "source_mtime_ns": h5.stat().st_mtime_ns}
+        # paths are recorded relative to the slide's folder (and the source also absolutely),
+        # so the exports are found from any folder and after the tree moved
+        stamp = {"settings": asdict(settings), "settings_key": settings.key(),
+                 **path_record("source", h5, slide_dir), "source_mtime_ns": h5.stat().st_mtime_ns}
+        same = ("settings_key", "source_rel", "source_mtime_ns")
         if not overwrite and marker.exists():
             done = json.loads(marker.read_text())
-            if {k: done.get(k) for k in stamp} == json.loads(json.dumps(stamp)) and all(
-                    Path(f).exists() for f in done.get("files", {}).values()):
-                outcomes.append(SlideHeatmap(sid, "skipped", str(h5), done["files"], 0.0, "already drawn"))
+            if all(done.get(k) == stamp[k] for k in same) and all(
+                    (slide_dir / f).exists() for f in done.get("files", {}).values()):
+                outcomes.append(SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]),
+                                             0.0, "already drawn"))
                 continue
         s0 = time.perf_counter()
         try:
@@ -267,8 +288,28 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
             outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
             continue
         secs = time.perf_counter() - s0
-        write_json(marker, {**stamp, "files": files, "seconds": secs})
-        outcomes.append(SlideHeatmap(sid, "ok", str(h5), files, secs))
+        names = {k: Path(v).name for k, v in files.items()}
+        write_json(marker, {**stamp, "files": names, "seconds": secs})
+        outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
     write_json(out_dir / "index.json", report.to_dict())
     return report
+
+
+def _under(out_dir: Path, slide_dir: Path, names: dict[str, str]) -> dict[str, str]:
+    """Export files as paths relative to the heatmap folder (as index.json lists them)."""
+    return {k: (slide_dir.relative_to(out_dir) / v).as_posix() for k, v in names.items()}
+
+
+def recorded_exports(marker: Path) -> dict[str, Path]:
+    """{format: file} of a slide's heatmap.json (names relative to its folder; absolute
+    paths written by older versions are taken as they are), existing files only."""
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (OSError, ValueError):
+        return {}
+    out = {k: (marker.parent / v) if not Path(v).is_absolute() else Path(v) for k, v in files.items()}
+    found = {k: p for k, p in out.items() if p.is_file()}
+    if not found and out:  # older versions recorded paths relative to the folder they ran in
+        found = {k: marker.parent / Path(v).name for k, v in files.items() if (marker.parent / Path(v).name).is_file()}
+    return found

@@ -20,6 +20,7 @@ import numpy as np
 from wsi_mil.data.bags import Bag, Task, patch_geometry
 from wsi_mil.errors import ConfigError, StoreError
 from wsi_mil.io.atomic import write_csv, write_json
+from wsi_mil.io.paths import path_record
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             if [str(t) for t in attrs.get("transforms", [])] != enc.get("transforms", []):
                 raise ConfigError(f"test-time transforms differ: store {list(attrs.get('transforms', []))}, "
                                   f"training run {enc.get('transforms', [])}; re-extract with the training settings")
-            extent, step = patch_geometry(attrs)
+            extent, step = patch_geometry(attrs, store)
             bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step, extent_px=extent).cache()
             preds = [predict(m, [bag], task, device=device) for m in models]
             probs = np.mean([p.probs[0] for p in preds], axis=0)
@@ -91,10 +92,12 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})
             continue
         pred = _prediction(task, probs, thresholds)
-        write_attention(out_dir / "attention" / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
+        att_dir = out_dir / "attention"
+        write_attention(att_dir / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
-            "feature_store": str(store), "run": str(run_dir), "patch_extent_level0_px": extent,
+            **path_record("feature_store", store, att_dir), **path_record("run", run_dir, att_dir),
+            "patch_extent_level0_px": extent,
             "grid_step_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
         row.update({f"prob_{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})

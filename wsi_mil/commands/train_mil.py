@@ -35,6 +35,7 @@ from wsi_mil.config import TrainConfig
 from wsi_mil.data.bags import Bag, Task, bags_from_manifest, infer_task
 from wsi_mil.errors import ConfigError, ManifestError, StoreError
 from wsi_mil.io.atomic import write_csv, write_json, write_text
+from wsi_mil.io.paths import path_record
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
         write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, attrs={
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
             "outputs": list(task.outputs), "probability": [float(v) for v in probs],
-            "prediction": _prediction(task, probs, thresholds), "feature_store": str(bag.store),
+            "prediction": _prediction(task, probs, thresholds), **path_record("feature_store", bag.store, out),
             "patch_extent_level0_px": bag.extent_px, "grid_step_level0_px": bag.step_px,
             "attention_kind": "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score",
         })

@@ -270,13 +270,14 @@ def feature_store_attrs(store: Path) -> dict[str, Any] | None:
     return attrs if attrs.get("complete") is True and has_features else None
 
 
-def source_patch_store_attrs(feature_attrs: dict[str, Any]) -> dict[str, Any]:
+def source_patch_store_attrs(feature_attrs: dict[str, Any], feature_store: Path | None = None) -> dict[str, Any]:
     """Root attributes of the patch store a feature store was made from ({} when it is gone
-    or unreadable)."""
+    or unreadable); ``feature_store`` (its path) resolves the relative record."""
+    from wsi_mil.io.paths import resolve_recorded
     from wsi_mil.io.store import PatchStore
 
-    source = Path(str(feature_attrs.get("source_store") or ""))
-    if not feature_attrs.get("source_store") or not source.exists():
+    source = resolve_recorded(feature_attrs, "source_store", feature_store.parent if feature_store else Path("."))
+    if source is None:
         return {}
     try:
         with PatchStore(source) as ps:
@@ -285,7 +286,7 @@ def source_patch_store_attrs(feature_attrs: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def patch_geometry(attrs: dict[str, Any]) -> tuple[float, float]:
+def patch_geometry(attrs: dict[str, Any], store: Path | None = None) -> tuple[float, float]:
     """(patch extent, grid step) in level-0 px of a feature store. Stores written before
     these were recorded are resolved through their source patch store; bags without
     geometry (imported classic MIL sets) get 1.0."""
@@ -293,7 +294,7 @@ def patch_geometry(attrs: dict[str, Any]) -> tuple[float, float]:
     if extent is None:
         from wsi_mil.tiling.grid import PatchGeometry
 
-        pattrs = source_patch_store_attrs(attrs)
+        pattrs = source_patch_store_attrs(attrs, store)
         if pattrs.get("extent_level0_px") is not None:
             geometry = PatchGeometry.from_store_attrs(pattrs)
             extent, step = geometry.extent_level0_px, geometry.step_level0_px
@@ -301,16 +302,23 @@ def patch_geometry(attrs: dict[str, Any]) -> tuple[float, float]:
     return extent_f, float(step) if step else extent_f
 
 
-def attention_patch_extent(attrs: dict[str, Any]) -> float:
+def attention_feature_store(attrs: dict[str, Any], attention_store: Path | None) -> Path | None:
+    """The feature store an attention store was computed from, wherever the run now is."""
+    from wsi_mil.io.paths import resolve_recorded
+
+    return resolve_recorded(attrs, "feature_store", attention_store.parent if attention_store else Path("."))
+
+
+def attention_patch_extent(attrs: dict[str, Any], attention_store: Path | None = None) -> float:
     """The patch side (level-0 px) of an attention store; stores from before it was
     recorded correctly (1.0) are resolved through their feature and patch stores."""
     extent = float(attrs.get("patch_extent_level0_px") or 0.0)
     if extent > 1.0:
         return extent
-    store = Path(str(attrs.get("feature_store", "")))
-    fattrs = feature_store_attrs(store) if store.exists() else None
-    if fattrs:
-        extent = patch_geometry(fattrs)[0]
+    store = attention_feature_store(attrs, attention_store)
+    fattrs = feature_store_attrs(store) if store is not None else None
+    if fattrs and store is not None:
+        extent = patch_geometry(fattrs, store)[0]
         if extent > 1.0:
             return extent
     raise StoreError(f"the attention store of {attrs.get('slide_id')} does not say how large its patches are, and "
@@ -338,7 +346,7 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
         if attrs is None:
             missing.append({"slide_id": e.slide_id, "reason": f"{store} is incomplete or not a feature store; re-run extract-features"})
             continue
-        extent, step = patch_geometry(attrs)
+        extent, step = patch_geometry(attrs, store)
         bag = Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
                   (split_column or {}).get(e.slide_id), step_px=step, meta=attrs, extent_px=extent)
         try:

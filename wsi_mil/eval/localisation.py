@@ -51,7 +51,7 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
         if sid not in slides or not slides[sid].with_name(slides[sid].stem + ".json").exists():
             continue  # not a generated slide: no ground truth
         coords, att, attrs = read_attention(h5)
-        value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs))
+        value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs, h5))
         if value is not None:
             per[f"{h5.parent.name}/{sid}"] = value
     return per

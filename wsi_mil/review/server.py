@@ -110,7 +110,7 @@ class ReviewSlide:
         scores = norm(att, normalise, attention_kind=str(attrs.get("attention_kind", "")))
         from wsi_mil.data.bags import attention_patch_extent
 
-        extent = attention_patch_extent(attrs)
+        extent = attention_patch_extent(attrs, self.attention)
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h)
         rgba = colourise(grid.values, cmap, alpha=255)
         from PIL import Image
@@ -148,7 +148,7 @@ class ReviewSite:
 
     def __init__(self, inputs: list[Path], *, slides_manifest: Path | None = None, heatmaps: Path | None = None,
                  normalise: str = "rank", cmap: str = "viridis") -> None:
-        from wsi_mil.commands.heatmap import HeatmapSettings, attention_sources, slide_for_attention
+        from wsi_mil.commands.heatmap import HeatmapSettings, attention_sources, recorded_exports, slide_for_attention
         from wsi_mil.io.attention import read_attention_attrs
 
         HeatmapSettings(normalise=normalise, cmap=cmap).validate()
@@ -163,18 +163,17 @@ class ReviewSite:
         for sid, h5 in attention_sources(inputs).items():
             attrs = read_attention_attrs(h5)
             try:
-                path, mpp = slide_for_attention(attrs, overrides)
+                path, mpp = slide_for_attention(attrs, overrides, h5)
             except WsiMilError as exc:
                 self.problems.append(f"{sid}: {exc}")
                 continue
-            exports = {}
             marker = heatmaps / sid / "heatmap.json" if heatmaps else None
-            if marker is not None and marker.exists():
-                exports = {k: Path(v) for k, v in json.loads(marker.read_text()).get("files", {}).items()
-                           if Path(v).is_file()}
+            exports = recorded_exports(marker) if marker is not None and marker.exists() else {}
             self.slides[sid] = ReviewSlide(sid, h5, path, mpp, attrs, exports)
         if not self.slides:
-            raise ConfigError("no slide of the run can be reviewed: " + "; ".join(self.problems))
+            shown = "\n  ".join(self.problems[:3]) + (f"\n  ... and {len(self.problems) - 3} more slide(s)"
+                                                      if len(self.problems) > 3 else "")
+            raise ConfigError(f"no slide of the run can be reviewed ({len(self.problems)} slide(s)):\n  {shown}")
         self.files = {**_file_table(STATIC_DIR, "/static/"), **_file_table(openseadragon_dir(), "/osd/")}
         self.files["/"] = STATIC_DIR / "index.html"
 

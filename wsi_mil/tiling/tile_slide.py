@@ -20,6 +20,7 @@ import numpy.typing as npt
 from wsi_mil import __version__
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
+from wsi_mil.io.paths import path_record
 from wsi_mil.errors import NoTissueError
 from wsi_mil.io.slide import file_sha256, open_slide, resolve_mpp
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
@@ -152,6 +153,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
 def open_store_writer(plan: SlidePlan, *, stores_dir: Path, fmt: StoreFormat) -> StoreWriter:
     """Start a store for ``plan`` (coordinates and provenance written, not yet committed)."""
     writer = StoreWriter(store_path(stores_dir, plan.slide_id, fmt), fmt)
+    # the slide's path relative to the store as well, so the tree can move (absolute: plan_slide)
+    plan.root_attrs.update(path_record("slide_path", plan.root_attrs["slide_path"], stores_dir))
     try:
         writer.write_coords(plan.coords_px, plan.tissue_fraction, plan.clam_attrs)
         writer.set_attrs(plan.root_attrs)

@@ -232,18 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_tile(args: argparse.Namespace) -> int:
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.config import TileConfig, build_config, load_recipe
-    from wsi_mil.data.manifest import resolve_inputs
+    from wsi_mil.data.manifest import resolve_inputs_reporting
     from wsi_mil.io.atomic import write_text
 
     ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "tile.log")
     recipe = load_recipe(args.config, "tile") if args.config else None
     config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
-    entries = resolve_inputs(args.inputs)
+    resolved = resolve_inputs_reporting(args.inputs)
+    entries = resolved.entries
     _write_resolved_config(args.out / "tile_config.yaml", config, args, write_text)
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
     report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
-                      overwrite=args.overwrite, progress=not args.no_progress)
+                      overwrite=args.overwrite, progress=not args.no_progress, skipped_inputs=resolved.skipped)
     print(report.table())
     d = report.to_dict()
     print(f"\n{len(entries)} slide(s): {d['counts']}; {d['n_patches']} patches in {report.seconds:.1f} s")

@@ -54,6 +54,7 @@ class RunReport:
     outcomes: list[SlideOutcome] = field(default_factory=list)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # files a folder scan left out
 
     @property
     def n_failed(self) -> int:
@@ -69,6 +70,7 @@ class RunReport:
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "n_patches": sum(o.n_patches for o in self.outcomes),
             "slides": [asdict(o) for o in self.outcomes],
+            "skipped_inputs": self.skipped_inputs,
         }
 
     def table(self) -> str:
@@ -77,7 +79,13 @@ class RunReport:
             mpp = f"{o.mpp:.3f} ({o.mpp_source})" if o.mpp else "-"
             rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, o.message.splitlines()[0][:90] if o.message else ""))
         problems = [f"[{o.status}] {o.message}" for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
-        return format_table(rows, problems)
+        text = format_table(rows, problems)
+        if self.skipped_inputs:
+            shown = self.skipped_inputs[:10]
+            text += (f"\n\n{len(self.skipped_inputs)} file(s) in the input folders are not slides and were skipped:\n"
+                     + "\n".join(f"  {Path(s['path']).name}: {s['reason']}" for s in shown)
+                     + (f"\n  ... all listed in run_report.json" if len(self.skipped_inputs) > 10 else ""))
+        return text
 
 
 def _clean_partials(stores_dir: Path) -> None:
@@ -127,6 +135,7 @@ def run_tile(
     scheduler: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    skipped_inputs: list[dict[str, str]] | None = None,
 ) -> RunReport:
     """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``."""
     from wsi_mil.parallel import dask_client
@@ -164,7 +173,8 @@ def run_tile(
                 _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
                 phases["patch_pixels"] = time.perf_counter() - t
 
-    report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases)
+    report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases,
+                       list(skipped_inputs or []))
     write_json(out_dir / "run_report.json", report.to_dict())
     return report
 

@@ -34,7 +34,7 @@ OPTIONAL_COLUMNS = ("patient_id", "mpp", "split")
 LABEL_PATTERN = re.compile(r"^label(_[A-Za-z0-9][A-Za-z0-9_\-]*)?$")
 SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".dcm", ".png", ".jpg", ".jpeg",
+    ".png", ".jpg", ".jpeg",
 }
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
@@ -178,25 +178,144 @@ def write_manifest(path: str | Path, rows: list[dict[str, object]]) -> Path:
     return write_csv(path, rows)  # type: ignore[arg-type]
 
 
+#: files a folder scan never takes for slides: the sidecars of slides and of other tools
+SIDECAR_SUFFIXES = {".json", ".csv", ".txt", ".xml", ".md", ".yaml", ".yml", ".log", ".geojson", ".h5",
+                    ".db", ".ini", ".sha256", ".md5", ".partial"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+#: DICOM VL Whole Slide Microscopy Image Storage
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+@dataclass
+class ResolvedInputs:
+    entries: list[SlideEntry]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+
 def resolve_inputs(inputs: list[str | Path]) -> list[SlideEntry]:
     """Slides from a mix of slide files, folders (non-recursive) and manifest CSVs."""
+    return resolve_inputs_reporting(inputs).entries
+
+
+def resolve_inputs_reporting(inputs: list[str | Path]) -> ResolvedInputs:
+    """Like :func:`resolve_inputs`, with the files a folder scan left out and why.
+
+    DICOM files (``.dcm``/``.dicom``, from folders or given one by one) are grouped by
+    SeriesInstanceUID from their headers: a DICOM whole-slide image is one series of
+    files, one per pyramid level (plus label / overview images), and is one slide.
+    A folder scan skips sidecar files (JSON, CSV, ...) and images that belong to a slide
+    beside them (``<slide>.tumour.png``, ``<slide>.mask.png``)."""
     entries: list[SlideEntry] = []
+    skipped: list[dict[str, str]] = []
+    dicoms: list[Path] = []
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
             if not item.exists():
                 raise ManifestError(f"manifest {item} not found")
             entries.extend(read_manifest(item))
         elif item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            found, left = _scan_folder(item)
+            skipped += left
+            dicoms += [p for p in found if _is_dicom_name(p)]
+            slides = [p for p in found if not _is_dicom_name(p)]
             if not found:
-                logger.warning("%s: no slide files found (looked for %s)", item, ", ".join(sorted(SLIDE_SUFFIXES)))
-            entries.extend(SlideEntry(slide_id_from_path(p), p) for p in found)
+                logger.warning("%s: no slide files found (looked for %s)", item,
+                               ", ".join(sorted(SLIDE_SUFFIXES | DICOM_SUFFIXES)))
+            entries.extend(SlideEntry(slide_id_from_path(p), p) for p in slides)
+        elif _is_dicom_name(item) and item.is_file():
+            dicoms.append(item)
         else:  # a slide file, possibly missing: reported per slide by the run
             entries.append(SlideEntry(slide_id_from_path(item), item))
+    if dicoms:
+        series, left = group_dicom_series(dicoms)
+        entries += series
+        skipped += left
+    for s in skipped:
+        logger.info("skipped %s: %s", s["path"], s["reason"])
     if not entries:
-        raise ManifestError("no slides to process: give slide files, folders of slides or a manifest CSV")
+        raise ManifestError("no slides to process: give slide files, folders of slides or a manifest CSV"
+                            + (f" ({len(skipped)} file(s) skipped, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"
+                               if skipped else ""))
     problems: list[str] = []
     _check_duplicates(entries, "inputs", problems)
     if problems:
         raise ManifestError(problems[0] + " (two inputs share a file name; use a manifest with explicit slide_ids)")
-    return entries
+    return ResolvedInputs(entries, skipped)
+
+
+def _is_dicom_name(p: Path) -> bool:
+    return p.suffix.lower() in DICOM_SUFFIXES
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """Slide candidates of one folder (not recursive) and the files left out, with why."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    slide_like = SLIDE_SUFFIXES | DICOM_SUFFIXES
+    stems = {slide_id_from_path(p) for p in files if p.suffix.lower() in slide_like - {".png", ".jpg", ".jpeg"}}
+    found, skipped = [], []
+    for p in files:
+        suffix = p.suffix.lower()
+        if suffix in slide_like:
+            owner = next((st for st in stems if p.name.startswith(st + ".") and p.stem != st), None)
+            if suffix in {".png", ".jpg", ".jpeg"} and owner is not None:
+                skipped.append({"path": str(p), "reason": f"an image beside slide {owner} (mask or sidecar), not a slide"})
+            else:
+                found.append(p)
+        elif suffix in SIDECAR_SUFFIXES:
+            skipped.append({"path": str(p), "reason": f"a {suffix} file, not a slide"})
+        else:
+            skipped.append({"path": str(p), "reason": f"file type {suffix or '(none)'} is not a slide format wsi-mil reads "
+                            "(give it explicitly if OpenSlide can open it)"})
+    return found, skipped
+
+
+def group_dicom_series(paths: list[Path]) -> tuple[list[SlideEntry], list[dict[str, str]]]:
+    """One slide per DICOM whole-slide series (headers only are read).
+
+    The slide's path is the file of its largest level (OpenSlide opens the whole series
+    from any of its files, finding the others in the same folder); its id is the folder's
+    name when the folder holds one series, else the folder's name and the end of the
+    series UID. Files that are not whole-slide DICOM (CT, a report ...) or cannot be read
+    are left out with the reason."""
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return [SlideEntry(slide_id_from_path(p), p) for p in paths], []
+    series: dict[str, list[tuple[int, Path]]] = {}
+    skipped: list[dict[str, str]] = []
+    tags = ["SeriesInstanceUID", "SOPClassUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"]
+    for p in sorted(set(paths)):
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=tags)
+        except Exception as exc:  # noqa: BLE001 - any unreadable header is reported, never fatal
+            skipped.append({"path": str(p), "reason": f"not a readable DICOM file ({type(exc).__name__}: {exc})"})
+            continue
+        if str(getattr(ds, "SOPClassUID", "")) != WSI_SOP_CLASS:
+            skipped.append({"path": str(p), "reason": f"a DICOM file of another kind (SOP class {getattr(ds, 'SOPClassUID', '?')}), "
+                            "not a whole-slide image"})
+            continue
+        uid = str(getattr(ds, "SeriesInstanceUID", "") or f"file:{p}")
+        size = int(getattr(ds, "TotalPixelMatrixColumns", 0) or 0) * int(getattr(ds, "TotalPixelMatrixRows", 0) or 0)
+        image_type = [str(v).upper() for v in (getattr(ds, "ImageType", []) or [])]
+        if "LABEL" in image_type or "OVERVIEW" in image_type or "THUMBNAIL" in image_type:
+            size = -1  # never the file the slide is opened by
+        series.setdefault(uid, []).append((size, p))
+    per_folder: dict[Path, int] = {}
+    for members in series.values():
+        folder = members[0][1].parent.resolve()
+        per_folder[folder] = per_folder.get(folder, 0) + 1
+    entries = []
+    for uid, members in series.items():
+        size, main = max(members, key=lambda m: (m[0], str(m[1])))
+        if size < 0:
+            skipped += [{"path": str(p), "reason": "a DICOM label/overview image whose slide's levels are not in the inputs"}
+                        for _, p in members]
+            continue
+        folder = main.parent.resolve()
+        sid = folder.name if per_folder[folder] == 1 else f"{folder.name}-{uid.replace('.', '')[-12:]}"
+        if not _SAFE_ID.match(sid):
+            sid = "dicom-" + uid.replace(".", "")[-16:]
+        entries.append(SlideEntry(sid, main))
+        if len(members) > 1:
+            logger.info("%s: DICOM series %s of %d files read as one slide (opened by %s)", sid, uid, len(members), main.name)
+    return entries, skipped

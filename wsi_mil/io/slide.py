@@ -62,19 +62,39 @@ def open_slide(path: str | Path) -> Iterator[object]:
         slide = openslide.open_slide(str(path))
     except (openslide.OpenSlideUnsupportedFormatError, UnidentifiedImageError) as exc:
         raise SlideOpenError(
-            f"{path}: not a slide format OpenSlide or Pillow can read ({exc}). "
+            f"{path}: not a slide format OpenSlide or Pillow can read (OpenSlide says: {str(exc)!r}). "
             "Convert it to a pyramidal TIFF/SVS or remove it from the input."
         ) from exc
     except Exception as exc:  # openslide raises OpenSlideError / PIL raises OSError on damaged files
-        raise SlideOpenError(
-            f"{path}: the file is damaged or truncated ({type(exc).__name__}: {exc}). "
-            "Re-copy or re-export the slide."
-        ) from exc
+        raise SlideOpenError(_open_failure(path, exc)) from exc
     try:
         _probe_readable(slide, path)
         yield slide
     finally:
         slide.close()
+
+
+#: OpenSlide messages that mean "a variant of the format it does not read", not damage
+_UNSUPPORTED_HINTS = ("flavor", "flavour", "unsupported", "not supported", "no pyramid levels", "unknown",
+                      "unexpected", "unrecognized", "unrecognised", "not implemented")
+#: ... and messages that point at a file cut short
+_TRUNCATED_HINTS = ("truncat", "premature end", "short read", "unexpected end", "eof", "end of file", "incomplete")
+
+
+def _open_failure(path: Path, exc: BaseException) -> str:
+    """Tell an unsupported variant of a format from a damaged file, quoting OpenSlide."""
+    said = str(exc).replace(str(path), path.name)
+    low = said.lower()
+    if any(h in low for h in _TRUNCATED_HINTS):
+        return (f"{path}: the file looks truncated or damaged (OpenSlide says: {said!r}). Re-copy or re-export "
+                "the slide.")
+    if any(h in low for h in _UNSUPPORTED_HINTS):
+        return (f"{path}: OpenSlide recognises the format but cannot read this variant of it (OpenSlide says: "
+                f"{said!r}); the file is probably not damaged. Convert it with the scanner's software or a converter "
+                "(e.g. to a pyramidal TIFF), or leave it out.")
+    return (f"{path}: OpenSlide cannot read this file (OpenSlide says: {said!r}). If it was copied or downloaded "
+            "it may be incomplete: re-copy it; if it is complete, this variant of its format is not supported: "
+            "convert it to a pyramidal TIFF.")
 
 
 def _probe_readable(slide: object, path: Path) -> None:
@@ -89,8 +109,8 @@ def _probe_readable(slide: object, path: Path) -> None:
             slide.read_region((int(x * ds), int(y * ds)), level, (1, 1))  # type: ignore[attr-defined]
     except (openslide.OpenSlideError, OSError) as exc:
         raise SlideOpenError(
-            f"{path}: the slide opens but its pixels cannot be read ({exc}); the file is "
-            "probably truncated. Re-copy or re-export the slide."
+            f"{path}: the slide opens but its pixels cannot be read (OpenSlide says: {str(exc)!r}); the file is "
+            "probably truncated or its pixel data is missing. Re-copy or re-export the slide."
         ) from exc
 
 
@@ -120,7 +140,7 @@ def resolve_mpp(
 ) -> SlideMpp:
     """Decide the level-0 mpp of a slide, most explicit source first.
 
-    Order: ``--mpp-override`` > manifest ``mpp`` column > slide metadata.
+    Order: ``--slide-mpp`` > manifest ``mpp`` column > slide metadata.
 
     Raises:
         MissingMppError: none of the three is available.
@@ -129,7 +149,7 @@ def resolve_mpp(
         meta = metadata_mpp(slide)
         if meta is not None and abs(meta / override_mpp - 1) > MPP_TOLERANCE:
             logger.warning(
-                "%s: --mpp-override %.4g differs from the slide's metadata mpp %.4g; using the override",
+                "%s: --slide-mpp %.4g differs from the slide's metadata mpp %.4g; using --slide-mpp",
                 slide_name, override_mpp, meta,
             )
         return SlideMpp(float(override_mpp), "override")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ from wsi_mil import __version__
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.io.paths import path_record
-from wsi_mil.errors import NoTissueError
+from wsi_mil.errors import NoTissueError, SlideError
 from wsi_mil.io.slide import file_sha256, open_slide, resolve_mpp
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
 from wsi_mil.tiling.qc import write_qc_png
-from wsi_mil.tiling.tissue import tissue_mask
+from wsi_mil.tiling.tissue import TissueReport, inspect_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class SlidePlan:
     qc_path: str | None = None
     store: str | None = None
     warnings: list[str] = field(default_factory=list)
+    tissue: TissueReport | None = None
 
     @property
     def n_patches(self) -> int:
@@ -87,7 +88,12 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     params = config.tissue_params()
-    mask = tissue_mask(thumb, pixel_um=thumb_um, params=params)
+    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params)
+    if tissue.dark_background:
+        raise SlideError(
+            f"{entry.slide_id}: the slide's background is dark (median brightness of its edge "
+            f"{tissue.background_value:.2f} of 1): this looks like a fluorescence or dark-field scan. wsi-mil finds "
+            "tissue on brightfield slides (H&E, IHC) only; leave this slide out")
     candidates = grid_coords(width_px=w0, height_px=h0, geometry=geometry)
     fractions = tissue_fractions(mask, mask_downsample=thumb_ds, coords_px=candidates, extent_level0_px=geometry.extent_level0_px)
     keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(candidates), dtype=bool)
@@ -128,6 +134,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "n_patches": int(len(coords)),
         "n_grid_candidates": int(len(candidates)),
         "tissue_area_mm2": float(mask.sum() * thumb_um * thumb_um / 1e6),
+        "tissue_report": {k: v for k, v in asdict(tissue).items()},
         "has_patches": bool(config.save_patches),
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
         "config_fingerprint": config_fingerprint(config, entry),
@@ -144,8 +151,20 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
     plan = SlidePlan(
         slide_id=entry.slide_id, slide_path=str(entry.path), geometry=geometry, coords_px=coords,
         tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
-        mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path,
+        mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue,
     )
+    qc_hint = f"check {qc_path}" if qc_path else "check the QC image"
+    if tissue.background_not_glass:
+        plan.warnings.append(
+            f"{entry.slide_id}: the background is not white glass (edge brightness {tissue.background_value:.2f}, "
+            f"saturation {tissue.background_saturation:.2f}): the colours may be decoded wrongly or the slide is "
+            f"tinted, and the tissue mask may cover glass; {qc_hint}")
+    if tissue.mask_fraction > 0.9:
+        plan.warnings.append(
+            f"{entry.slide_id}: the tissue mask covers {100 * tissue.mask_fraction:.0f}% of the slide, which is rare "
+            f"on a real slide (glass or background may be taken for tissue); {qc_hint}")
+    for note in tissue.notes:
+        logger.info("%s: %s", entry.slide_id, note)
     plan.seconds = time.perf_counter() - t0
     return plan
 
@@ -172,9 +191,14 @@ def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, q
     """
     plan = plan_slide(entry, config, qc_dir=qc_dir)
     if plan.n_patches == 0:
+        removed = plan.tissue.ink_removed_share if plan.tissue else 0.0
+        if config.reject_pen and removed > 0.5:
+            advice = (f"pen-mark rejection removed {100 * removed:.0f}% of the stained area as ink; if the stain "
+                      "itself is blue or green (Giemsa, IHC counterstain ...), run again with --no-reject-pen")
+        else:
+            advice = "check the QC image, or lower --min-tissue / --saturation-min for faint stains"
         plan.warnings.append(str(NoTissueError(
-            f"{entry.slide_id}: no patch reached --min-tissue {config.min_tissue}; check the QC image, "
-            "or lower --min-tissue / --saturation-min for faint stains"
+            f"{entry.slide_id}: no patch reached --min-tissue {config.min_tissue}; {advice}"
         )))
     if not config.save_patches or plan.n_patches == 0:
         writer = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]

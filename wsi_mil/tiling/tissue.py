@@ -14,11 +14,18 @@ The method, in order:
    artefact pixels are removed again after filling.
 
 All areas and radii are physical (µm) and converted with the image's pixel size.
+
+Pen rejection never takes the slide's own stain for ink: when blue/violet "ink" colours
+hold most of the stained pixels (Giemsa, hematoxylin-rich IHC), blue is the stain, and
+only blue pixels clearly more saturated than it are treated as ink. :func:`inspect_tissue`
+returns the mask with what the caller needs to explain it: how much candidate tissue pen
+rejection removed, whether the background is dark (fluorescence / dark field) or not
+white glass, and the share of the image the mask covers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -68,33 +75,87 @@ def pen_mask(rgb: npt.NDArray[np.uint8]) -> BoolMask:
     return _ink(*_hsv(rgb))
 
 
-def _ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> BoolMask:
-    green_blue = (h >= 65) & (h <= 250) & (s > 0.25) & (v > 0.15)
+def _ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32],
+         blue_min_saturation: float = 0.25) -> BoolMask:
+    green = (h >= 65) & (h < 180) & (s > 0.25) & (v > 0.15)
+    blue = (h >= 180) & (h <= 250) & (s > blue_min_saturation) & (v > 0.15)
     reddish = (h >= 320) | (h <= 15)
     red = ((h >= 345) | (h <= 15)) & (s > 0.65) & (v > 0.55)
     dark_red = reddish & (s > 0.5) & (v < 0.4)  # dried/overlapping red ink; nuclei are bluer
-    return green_blue | red | dark_red
+    return green | blue | red | dark_red
+
+
+#: blue counts as the slide's stain when blue "ink" pixels are at least this share of the stained pixels
+BLUE_STAIN_SHARE = 0.5
+
+
+@dataclass
+class TissueReport:
+    """What :func:`inspect_tissue` saw, for messages and provenance."""
+
+    mask_fraction: float = 0.0  # share of the image the final mask covers
+    candidate_fraction: float = 0.0  # share that is neither glass nor near-black
+    ink_removed_share: float = 0.0  # share of the stained candidate pixels that pen rejection removed
+    blue_is_stain: bool = False
+    blue_ink_min_saturation: float = 0.25
+    background_value: float = 1.0  # median brightness of the image's edge (glass on a slide)
+    background_saturation: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dark_background(self) -> bool:
+        return self.background_value < 0.35
+
+    @property
+    def background_not_glass(self) -> bool:
+        return not self.dark_background and (self.background_value < 0.8 or self.background_saturation > 0.15)
 
 
 _STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 byte/pixel
 
 
-def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask]:
-    """Saturation (uint8, 0-255), artefact (ink / near-black) and glass masks, strip by strip."""
+def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams,
+              report: TissueReport) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
+    """Saturation (uint8, 0-255), artefact (ink / near-black), glass and ink-only masks,
+    strip by strip (two passes: the first measures whether blue is the stain)."""
     h = rgb.shape[0]
     sat = np.empty(rgb.shape[:2], dtype=np.uint8)
-    artefact = np.empty(rgb.shape[:2], dtype=bool)
+    dark = np.empty(rgb.shape[:2], dtype=bool)
     background = np.empty(rgb.shape[:2], dtype=bool)
+    blue_cand = np.zeros(rgb.shape[:2], dtype=bool)
+    stained = 0
     for y0 in range(0, h, _STRIP_ROWS):
         strip = rgb[y0 : y0 + _STRIP_ROWS]
         hue, s, v = _hsv(strip)
         sat[y0 : y0 + _STRIP_ROWS] = np.round(s * 255).astype(np.uint8)
-        art = v < params.dark_value
-        if params.reject_pen:
-            art |= _ink(hue, s, v)
-        artefact[y0 : y0 + _STRIP_ROWS] = art
-        background[y0 : y0 + _STRIP_ROWS] = (v > params.background_value) & (s < params.saturation_min)
-    return sat, artefact, background
+        dark[y0 : y0 + _STRIP_ROWS] = v < params.dark_value
+        bg = (v > params.background_value) & (s < params.saturation_min)
+        background[y0 : y0 + _STRIP_ROWS] = bg
+        stained += int(((s > params.saturation_min) & ~bg & (v >= params.dark_value)).sum())
+        blue_cand[y0 : y0 + _STRIP_ROWS] = (hue >= 180) & (hue <= 250) & (s > 0.25) & (v > 0.15)
+    ink = np.zeros(rgb.shape[:2], dtype=bool)
+    if params.reject_pen:
+        n_blue = int(blue_cand.sum())
+        if stained and n_blue >= BLUE_STAIN_SHARE * stained:
+            # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
+            report.blue_is_stain = True
+            typical = float(np.median(sat[blue_cand])) / 255  # the stain's (a pen stroke is a minority)
+            report.blue_ink_min_saturation = max(0.6, typical + 0.2)
+            report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
+                                f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
+        for y0 in range(0, h, _STRIP_ROWS):
+            hue, s, v = _hsv(rgb[y0 : y0 + _STRIP_ROWS])
+            ink[y0 : y0 + _STRIP_ROWS] = _ink(hue, s, v, report.blue_ink_min_saturation)
+    return sat, dark | ink, background, ink
+
+
+def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
+    """Median brightness and saturation of the image's outer ring (the glass of a slide)."""
+    ring = max(1, min(rgb.shape[0], rgb.shape[1]) // 50)
+    edge = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
+                           rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
+    _, s, v = _hsv(edge[None])
+    return float(np.median(v)), float(np.median(s))
 
 
 def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams) -> float:
@@ -130,15 +191,28 @@ def tissue_mask(
     Returns:
         (H, W) bool mask, True on tissue.
     """
+    return inspect_tissue(rgb, pixel_um=pixel_um, params=params)[0]
+
+
+def inspect_tissue(
+    rgb: npt.NDArray[np.uint8], *, pixel_um: float, params: TissueParams | None = None
+) -> tuple[BoolMask, TissueReport]:
+    """:func:`tissue_mask` and a :class:`TissueReport` of how it was reached."""
     from skimage import morphology
 
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    sat, artefact, background = _classify(rgb, params)
+    report = TissueReport()
+    report.background_value, report.background_saturation = _edge_colour(rgb)
+    sat, artefact, background, ink = _classify(rgb, params, report)
     candidates = ~(artefact | background)
     threshold = _otsu_clamped(sat[candidates], params)
     mask = candidates & (sat > round(threshold * 255))
+    stained = ~background & (sat > round(threshold * 255))
+    if stained.any():
+        report.ink_removed_share = float((stained & ink).sum() / stained.sum())
+    report.candidate_fraction = float(candidates.mean())
 
     px_area = pixel_um * pixel_um
     radius = int(round(params.closing_radius_um / pixel_um))
@@ -154,7 +228,8 @@ def tissue_mask(
     if params.reject_pen and params.pen_halo_um > 0:
         ink = morphology.remove_small_objects(artefact, max_size=int(params.min_ink_area_um2 / px_area))
         mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
-    return mask
+    report.mask_fraction = float(mask.mean())
+    return mask, report
 
 
 def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMask:

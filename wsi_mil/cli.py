@@ -249,6 +249,11 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     d = report.to_dict()
     print(f"\n{len(entries)} slide(s): {d['counts']}; {d['n_patches']} patches in {report.seconds:.1f} s")
     print(f"stores: {args.out / 'patches'}   QC images: {args.out / 'qc'}   report: {args.out / 'run_report.json'}")
+    if report.disk_full:
+        full = report.disk_full
+        print(f"stopped: {full['message']}. Finished stores are kept; about {full['needed_bytes'] / 1e6:.0f} MB more "
+              f"are needed for the {len(full['slides_left'])} slide(s) left. Free space (or choose another --out) and "
+              "run the same command again: it resumes.", file=sys.stderr)
     if not report.ok:
         print(f"{report.n_failed} slide(s) failed; see the messages above and {args.out / 'tile.log'}", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED

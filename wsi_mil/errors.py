@@ -56,3 +56,9 @@ class MissingDataError(WsiMilError):
 
 class OutputError(WsiMilError):
     """The output folder cannot be written (read-only, or the disk is full)."""
+
+
+class DiskFullError(OutputError):
+    """The disk holding the outputs is (about to be) full; finished outputs are kept."""
+
+    exit_code = 1

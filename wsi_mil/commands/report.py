@@ -31,6 +31,10 @@ def failure_message(exc: BaseException, expected: tuple[type[BaseException], ...
     frame, for the bug report."""
     if isinstance(exc, expected):
         return str(exc)
+    from wsi_mil.io.atomic import is_disk_full
+
+    if is_disk_full(exc):
+        return f"the disk is full (no space left on the output device): {exc}"
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
     return f"unexpected {type(exc).__name__}: {exc}{where}"

@@ -55,6 +55,7 @@ class RunReport:
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
     skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # files a folder scan left out
+    disk_full: dict[str, Any] | None = None  # set when the run stopped because the output disk filled up
 
     @property
     def n_failed(self) -> int:
@@ -71,6 +72,7 @@ class RunReport:
             "n_patches": sum(o.n_patches for o in self.outcomes),
             "slides": [asdict(o) for o in self.outcomes],
             "skipped_inputs": self.skipped_inputs,
+            "disk_full": self.disk_full,
         }
 
     def table(self) -> str:
@@ -112,7 +114,7 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
 
 
 def _failure(entry: SlideEntry, exc: BaseException) -> SlideOutcome:
-    message = str(exc) if isinstance(exc, SlideError) else f"{entry.slide_id}: {failure_message(exc, ())}"
+    message = str(exc) if isinstance(exc, SlideError) else f"{entry.slide_id}: {failure_message(exc)}"
     logger.error("%s", message)
     return SlideOutcome(entry.slide_id, str(entry.path), "failed", message=message)
 
@@ -170,12 +172,15 @@ def run_tile(
             phases["tissue_and_grid"] = time.perf_counter() - t
             if config.save_patches and plans:
                 t = time.perf_counter()
-                _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
+                disk_full = _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
                 phases["patch_pixels"] = time.perf_counter() - t
 
     report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases,
-                       list(skipped_inputs or []))
-    write_json(out_dir / "run_report.json", report.to_dict())
+                       list(skipped_inputs or []), disk_full)
+    try:
+        write_json(out_dir / "run_report.json", report.to_dict())
+    except OSError as exc:  # a full disk must not hide the report: it is printed all the same
+        logger.error("could not write %s (%s); the report is printed below", out_dir / "run_report.json", exc)
     return report
 
 
@@ -212,8 +217,14 @@ def _chunks(plans: list[SlidePlan], size: int) -> Iterator[tuple[SlidePlan, int,
 
 
 def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores_dir: Path,
-                 outcomes: dict[str, SlideOutcome], progress: bool) -> None:
-    """Stream chunks through the workers, at most a few per worker in flight, written in order."""
+                 outcomes: dict[str, SlideOutcome], progress: bool) -> dict[str, Any] | None:
+    """Stream chunks through the workers, at most a few per worker in flight, written in order.
+
+    When the output disk fills up the phase stops cleanly: finished stores stay, the slide
+    being written is left as ``.partial`` (a re-run redoes it), slides not started are
+    reported as not written, and the space still needed is estimated and returned."""
+    from wsi_mil.errors import DiskFullError
+    from wsi_mil.io.atomic import free_bytes, is_disk_full
     from tqdm import tqdm
 
     from wsi_mil.parallel import worker_count
@@ -237,6 +248,8 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
         return False
 
     total = sum(p.n_patches for p in plans)
+    full: str | None = None
+    written_bytes, written_patches = 0, 0
     with tqdm(total=total, desc="patch pixels", unit="patch", unit_scale=True, disable=not progress) as bar:
         while len(pending) < window and submit_next():
             pass
@@ -252,6 +265,8 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
                     writers[sid] = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]
                     writers[sid].begin_patches()
                 writers[sid].append_patches(flat, lengths)
+                written_bytes += len(flat)
+                written_patches += len(lengths)
                 if last:
                     writer = writers.pop(sid)
                     writer.end_patches()
@@ -260,11 +275,36 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
                     outcomes[sid] = _outcome_from_plan(plan, plan.seconds + time.perf_counter() - started[sid])
             except Exception as exc:  # noqa: BLE001 - a failing slide must not stop the others
                 failed.add(sid)
+                disk = isinstance(exc, DiskFullError) or is_disk_full(exc)
                 if sid in writers:
-                    writers.pop(sid).abort()
+                    writers.pop(sid).abort(keep_partial=disk)
                 entry = SlideEntry(sid, Path(plan.slide_path))
                 outcomes[sid] = _failure(entry, exc)
+                if disk and full is None:
+                    full = str(exc) if isinstance(exc, DiskFullError) else f"the disk is full ({exc})"
+                    for fut_, plan_, _, _ in pending:
+                        fut_.cancel()
             finally:
                 bar.update(n)
-                while len(pending) < window and submit_next():
+                while full is None and len(pending) < window and submit_next():
                     pass
+            if full is not None:
+                break
+    if full is None:
+        return None
+    # what was not written: the slides not published (the one in progress and those not started)
+    left = [p for p in plans if p.slide_id in failed or p.slide_id in writers
+            or outcomes[p.slide_id].store is None or not Path(str(outcomes[p.slide_id].store)).exists()]
+    for w in writers.values():
+        w.abort(keep_partial=True)
+    for p in left:
+        if outcomes[p.slide_id].status != "failed":
+            outcomes[p.slide_id] = SlideOutcome(p.slide_id, p.slide_path, "failed", n_patches=p.n_patches,
+                                                message=f"{p.slide_id}: not written: the output disk is full")
+    per_patch = written_bytes / written_patches if written_patches else 40_000.0
+    needed = int(per_patch * sum(p.n_patches for p in left) * 1.05)
+    logger.error("stopped: %s. Finished stores are kept; about %.0f MB more are needed for the %d slide(s) left "
+                 "(estimated from %d patches written); free space and re-run to finish them",
+                 full, needed / 1e6, len(left), written_patches)
+    return {"message": full, "needed_bytes": needed, "free_bytes": free_bytes(stores_dir),
+            "slides_left": [p.slide_id for p in left]}

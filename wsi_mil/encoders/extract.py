@@ -20,7 +20,7 @@ import torch
 
 from wsi_mil.encoders.base import Encoder
 from wsi_mil.encoders.loader import BatchDataset, SlideJob, make_loader
-from wsi_mil.errors import StoreError
+from wsi_mil.errors import OutputError, StoreError
 from wsi_mil.io.features import FeatureWriter
 from wsi_mil.runtime import reuse_freed_memory
 
@@ -152,7 +152,7 @@ def embed_jobs(
         if end == p.job.n_patches or end - p.chunk_start >= settings.chunk_patches:
             try:
                 p.flush(end)
-            except StoreError as exc:
+            except (StoreError, OutputError) as exc:
                 failed.add(j)
                 yield j, p.seconds, exc
                 continue

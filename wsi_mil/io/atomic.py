@@ -101,3 +101,27 @@ def ensure_writable(folder: str | Path) -> Path:
                   errno.EPERM: "is not writable (permission denied)"}.get(exc.errno or 0, f"cannot be written ({exc})")
         raise OutputError(f"output folder {folder} {reason}; choose another --out, or make it writable") from exc
     return folder
+
+
+#: room kept free on the output disk: HDF5 needs some to flush and close a file cleanly
+#: (a write that fails half-way leaves HDF5 in a state that can crash the process later)
+SPACE_MARGIN_BYTES = 1 << 20
+
+
+def check_space(folder: str | Path, need_bytes: int, what: str) -> None:
+    """Raise :class:`DiskFullError` before writing ``need_bytes`` would leave less than
+    :data:`SPACE_MARGIN_BYTES` free on the disk of ``folder``."""
+    from wsi_mil.errors import DiskFullError
+
+    free = free_bytes(folder)
+    if free is not None and free < need_bytes + SPACE_MARGIN_BYTES:
+        raise DiskFullError(f"the disk of {folder} is full: {what} needs about {_mb(need_bytes)} and "
+                            f"{_mb(free)} are free")
+
+
+def disk_full_message(folder: str | Path, exc: BaseException) -> str:
+    return f"the disk of {folder} is full ({_mb(free_bytes(folder) or 0)} free): {exc}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -148,6 +148,9 @@ class FeatureWriter:
                 f"{len(features)} patches in patches {start}-{end} (patch rows {_preview_rows(patch_index[bad_rows])}); "
                 "the chunk was not written. Check the encoder weights and --precision (fp16 overflows on some "
                 "models; use bf16 or fp32)")
+        from wsi_mil.io.atomic import check_space
+
+        check_space(self.parts_dir, 2 * features.nbytes + 16 * len(patch_index), f"features of patches {start}-{end}")
         final = self.parts_dir / f"chunk-{start:010d}-{end:010d}.npz"
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as fh:

@@ -97,6 +97,9 @@ class StoreWriter:
         self._offsets = [np.zeros(1, dtype=np.int64)]
 
     def append_patches(self, flat_jpeg: npt.NDArray[np.uint8], lengths: npt.NDArray[np.int64]) -> None:
+        from wsi_mil.io.atomic import check_space
+
+        check_space(self.tmp_path.parent, 2 * len(flat_jpeg) + 8 * len(lengths), f"{len(lengths)} more patches")
         start = self._n_jpeg_bytes
         end = start + len(flat_jpeg)
         self._jpeg.resize((end,))
@@ -123,13 +126,27 @@ class StoreWriter:
         os.replace(self.tmp_path, self.final_path)
         return self.final_path
 
+    @property
+    def n_jpeg_bytes(self) -> int:
+        return self._n_jpeg_bytes
+
     def close(self) -> None:
         if self.fmt == "h5" and self._h5.id.valid:
             self._h5.close()
 
-    def abort(self) -> None:
-        self.close()
-        _remove(self.tmp_path)
+    def abort(self, keep_partial: bool = False) -> None:
+        """Close without publishing; the ``.partial`` file is removed unless kept (a re-run
+        discards it and redoes the slide). Never raises: a store whose last write failed
+        (full disk) cannot always be flushed."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - what matters is that nothing looks finished
+            pass
+        if not keep_partial:
+            try:
+                _remove(self.tmp_path)
+            except OSError:
+                pass
 
 
 class PatchStore:

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--workers", type=int, default=_default_workers(), help=f"worker processes of the local Dask cluster (default: {_default_workers()})")
     tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
+    tile.add_argument("--dashboard", metavar="ADDRESS", default=None,
+                      help="serve Dask's dashboard at ADDRESS (e.g. :8787) while tiling (default: no dashboard)")
     _add_output_options(tile)
     _add_config_options(tile, TileConfig)
 
@@ -244,7 +246,8 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     _write_resolved_config(args.out / "tile_config.yaml", config, args, write_text)
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
     report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
-                      overwrite=args.overwrite, progress=not args.no_progress, skipped_inputs=resolved.skipped)
+                      overwrite=args.overwrite, progress=not args.no_progress, skipped_inputs=resolved.skipped,
+                      dashboard=args.dashboard)
     print(report.table())
     d = report.to_dict()
     print(f"\n{len(entries)} slide(s): {d['counts']}; {d['n_patches']} patches in {report.seconds:.1f} s")

@@ -19,9 +19,63 @@ logger = logging.getLogger(__name__)
 _MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
+def _worker_watch() -> Any:
+    """A scheduler plugin for a local cluster that logs every worker leaving while work is
+    running (killed, crashed, out of memory); Dask re-runs its tasks on another worker."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class WorkerWatch(SchedulerPlugin):  # type: ignore[misc]
+        name = "wsi-mil-worker-watch"
+
+        def __init__(self) -> None:
+            self.closing = False
+            self.lost: list[str] = []
+
+        def remove_worker(self, scheduler: Any = None, worker: str = "", **kwargs: Any) -> None:
+            if self.closing:
+                return
+            self.lost.append(worker)
+            logger.warning("Dask worker %s was lost (killed or crashed, e.g. out of memory); its unfinished tasks "
+                           "run again on another worker", worker)
+
+        def add_worker(self, scheduler: Any = None, worker: str = "", **kwargs: Any) -> None:
+            if self.lost and not self.closing:
+                logger.info("Dask worker %s joined (replacing a lost one)", worker)
+
+    return WorkerWatch()
+
+
+def _stop_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started for the workers, would otherwise outlive
+    this process by a moment and be left to the system as a zombie."""
+    try:
+        from multiprocessing import resource_tracker
+
+        tracker = resource_tracker._resource_tracker
+        if getattr(tracker, "_pid", None) is not None:
+            tracker._stop()
+    except Exception:  # noqa: BLE001 - private API; missing it only leaves a zombie behind
+        pass
+
+
+def _reap_children(timeout: float = 5.0) -> None:
+    """Wait for (then end) any process this one started that is still there."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with distributed
+        return
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for p in alive:
+        logger.warning("ending leftover process %d (%s)", p.pid, " ".join(p.cmdline()[:3]))
+        p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
 @contextmanager
-def dask_client(*, workers: int = 1, scheduler: str | None = None) -> Iterator[Any]:
-    """Yield a ``distributed.Client``; the LocalCluster (if any) is closed on exit.
+def dask_client(*, workers: int = 1, scheduler: str | None = None, dashboard: str | None = None) -> Iterator[Any]:
+    """Yield a ``distributed.Client``; the LocalCluster (if any) is closed on exit, its
+    processes waited for, and lost workers are logged.
 
     Args:
         workers: Worker processes of the LocalCluster (one thread each: OpenSlide
@@ -29,6 +83,8 @@ def dask_client(*, workers: int = 1, scheduler: str | None = None) -> Iterator[A
             detection does not scale with threads).
         scheduler: Address of an existing scheduler (``tcp://host:8786``); ``workers`` is
             then ignored.
+        dashboard: Address for Dask's dashboard (``:8787``); none unless asked (the
+            scheduler's HTTP server then takes any free port, so a busy 8787 is no warning).
     """
     from distributed import Client, LocalCluster
 
@@ -58,18 +114,28 @@ def dask_client(*, workers: int = 1, scheduler: str | None = None) -> Iterator[A
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{_MALLOC_TRIM}": None}):
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.CRITICAL,  # failures are reported per slide
+                dashboard_address=dashboard or ":0", silence_logs=logging.CRITICAL,  # failures are reported per slide
+                scheduler_kwargs={"dashboard": bool(dashboard)},
             )
     finally:
         if saved is not None:
             os.environ[_MALLOC_TRIM] = saved
+    watch = _worker_watch()
+    try:
+        cluster.scheduler.add_plugin(watch, name=watch.name)
+    except Exception as exc:  # noqa: BLE001 - monitoring only
+        logger.debug("cannot watch the workers: %s", exc)
     client = Client(cluster)
-    logger.info("started a local Dask cluster with %d worker process(es)", workers)
+    logger.info("started a local Dask cluster with %d worker process(es)%s", workers,
+                f"; dashboard at {cluster.dashboard_link}" if dashboard else "")
     try:
         yield client
     finally:
+        watch.closing = True
         client.close()
         cluster.close()
+        _stop_resource_tracker()
+        _reap_children()
 
 
 def worker_count(client: Any) -> int:

@@ -138,6 +138,7 @@ def run_tile(
     overwrite: bool = False,
     progress: bool = True,
     skipped_inputs: list[dict[str, str]] | None = None,
+    dashboard: str | None = None,
 ) -> RunReport:
     """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``."""
     from wsi_mil.parallel import dask_client
@@ -163,9 +164,10 @@ def run_tile(
         logger.info("%d of %d slides already done; processing %d", len(entries) - len(todo), len(entries), len(todo))
 
     phases: dict[str, float] = {}
+    disk_full: dict[str, Any] | None = None
     if todo:
         t = time.perf_counter()
-        with dask_client(workers=workers, scheduler=scheduler) as client:
+        with dask_client(workers=workers, scheduler=scheduler, dashboard=dashboard) as client:
             phases["cluster_start"] = time.perf_counter() - t
             t = time.perf_counter()
             plans = _coordinate_phase(client, todo, config, stores_dir, qc_dir, outcomes, progress)

@@ -210,3 +210,35 @@ def test_review_without_the_npm_packages_says_how_to_install_them(attention_run,
                          capture_output=True, text=True, env=env, timeout=120,
                          check=False)
     assert res.returncode == 2 and "npm ci --prefix wsi_mil/review/web" in res.stderr
+
+
+def _get_with_host(srv, path: str, host: str | None) -> tuple[int, bytes]:
+    h, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(h, port, timeout=30)
+    conn.putrequest("GET", path, skip_host=True)
+    if host is not None:
+        conn.putheader("Host", host)
+    conn.endheaders()
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+def test_only_the_bound_host_names_are_answered(server) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    srv, _ = server
+    port = srv.server_address[1]
+    for good in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"localhost:{port}", f"[::1]:{port}"):
+        assert _get_with_host(srv, "/api/slides", good)[0] == 200, good
+    for bad in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "", None):
+        status, body = _get_with_host(srv, "/api/slides", bad)
+        assert status == 400 and b"slide" not in body, bad
+
+
+def test_absurd_tile_numbers_get_404_and_no_internals(server) -> None:
+    srv, _ = server
+    status, body, _ = get(srv, "/dzi/cmu-1_files/" + "9" * 5000 + "/0_0.jpeg")
+    assert status == 404 and b"Traceback" not in body and b"int" not in body
+    status, body, _ = get(srv, "/dzi/cmu-1_files/3/" + "1" * 40 + "_0.jpeg")
+    assert status == 404 and len(body) < 100

@@ -175,3 +175,18 @@ def test_a_misspelt_slide_id_stops_the_run_unless_allowed(musk, tmp_path) -> Non
     res = _train(m, musk.parent / "features", tmp_path / "run", "--allow-missing")
     assert res.returncode == 0, res.stderr[-2000:]
     assert rows[7]["slide_id"] in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_corrupt_weights_file_is_named(tmp_path) -> None:
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.mil import build_model
+    from wsi_mil.train.checkpoint import load_model, save_model
+
+    stem = tmp_path / "models" / "fold0"
+    save_model(stem, build_model("abmil", 8, 1, hidden=16, dropout=0.0),
+               {"model": "abmil", "in_dim": 8, "n_outputs": 1, "model_args": {"hidden": 16, "dropout": 0.0}})
+    load_model(stem)
+    weights = stem.with_suffix(".safetensors")
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short, as a full disk or a bad copy leaves it
+    with pytest.raises(ConfigError, match="fold0.safetensors: the weights file is damaged"):
+        load_model(stem)

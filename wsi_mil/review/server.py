@@ -192,13 +192,22 @@ class ReviewSite:
 
 
 _DZI = re.compile(r"^/dzi/(?P<sid>[^/]+)\.dzi$")
-_TILE = re.compile(r"^/dzi/(?P<sid>[^/]+)_files/(?P<level>\d+)/(?P<col>\d+)_(?P<row>\d+)\.jpeg$")
+_TILE = re.compile(r"^/dzi/(?P<sid>[^/]+)_files/(?P<level>\d{1,3})/(?P<col>\d{1,7})_(?P<row>\d{1,7})\.jpeg$")
 _ONE = re.compile(r"^/(?P<kind>api/slide|heatmap)/(?P<sid>[^/]+?)(?:\.png)?$")
 _EXPORT = re.compile(r"^/exports/(?P<sid>[^/]+)/(?P<name>[^/]+)$")
 
 
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """Host header values the server answers: the loopback names and the address it was
+    bound to, with or without the port. Anything else (a DNS-rebinding page in the user's
+    browser naming its own domain) gets 400."""
+    names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+    return names | {f"{n}:{port}" for n in names}
+
+
 class _Handler(BaseHTTPRequestHandler):
     site: ReviewSite
+    hosts: set[str] = set()
     server_version = "wsi-mil-review"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -224,6 +233,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.hosts:
+            return self._send(b"bad request: unexpected Host header\n", "text/plain", HTTPStatus.BAD_REQUEST)
         path = unquote(urlsplit(self.path).path)
         site = self.site
         try:
@@ -253,8 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
-            logger.warning("%s: %s", path, exc)
-            self._send(f"error: {exc}\n".encode(), "text/plain", HTTPStatus.INTERNAL_SERVER_ERROR)
+            logger.warning("%s: %s: %s", path[:200], type(exc).__name__, exc)  # the details stay in the log
+            self._send(b"internal error (see the server's log)\n", "text/plain", HTTPStatus.INTERNAL_SERVER_ERROR)
 
     def _tile(self, slide: ReviewSlide, level: int, col: int, row: int) -> None:
         dz = slide.deepzoom()
@@ -267,7 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(site: ReviewSite, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    handler = type("ReviewHandler", (_Handler,), {"site": site})
+    handler = type("ReviewHandler", (_Handler,), {"site": site, "hosts": set()})
     server = ThreadingHTTPServer((host, port), handler)
+    handler.hosts = allowed_hosts(host.lower(), server.server_address[1])
     server.daemon_threads = True
     return server

@@ -35,9 +35,18 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
     spec_path, weights = path_stem.with_suffix(".json"), path_stem.with_suffix(".safetensors")
     if not spec_path.exists() or not weights.exists():
         raise ConfigError(f"no model at {path_stem} (need {spec_path.name} and {weights.name})")
-    spec = json.loads(spec_path.read_text())
-    model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **spec.get("model_args", {}))
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    try:
+        spec = json.loads(spec_path.read_text())
+        model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **spec.get("model_args", {}))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{spec_path}: not a readable model description ({type(exc).__name__}: {exc}); the run's "
+                          "models/ folder is damaged: retrain (train-mil resumes at the first missing fold)") from exc
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ConfigError(f"{weights}: the weights file is damaged or not safetensors ({type(exc).__name__}: {exc}); "
+                          "delete it and its .json and re-run train-mil, which retrains that fold") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{weights}: weights do not fit model {spec['model']!r} (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()

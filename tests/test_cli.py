@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import re
 import subprocess
+
+import pytest
 
 import yaml
 
@@ -36,3 +39,34 @@ def test_recipe_is_applied_and_unknown_keys_refused(tmp_path, cmu_slide) -> None
 def test_conflicting_options_exit_2(tmp_path, cmu_slide) -> None:
     proc = _run(["tile", str(cmu_slide), "--out", str(tmp_path), "--stride", "128", "--overlap", "0.5"])
     assert proc.returncode == 2 and "--stride or --overlap" in proc.stderr
+
+
+COMMANDS = ["tile", "extract-features", "train-mil", "predict", "heatmap", "review", "synth", "demo"]
+
+
+def test_list_flags_work_alone() -> None:
+    for args, expect in ((["extract-features", "--list-encoders"], "efficientnet_lite0"),
+                         (["train-mil", "--list-models"], "abmil")):
+        res = subprocess.run(WSI_MIL + args, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and expect in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_output_options_exit_codes_and_single_defaults(command) -> None:
+    res = subprocess.run(WSI_MIL + [command, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for flag in ("-v, --verbose", "-q, --quiet", "--no-progress"):
+        assert flag in text, (command, flag)
+    assert "Exit status: 0" in text
+    assert text.count("(default:") == len(re.findall(r"\(default: [^)]*\)", text))
+    assert not re.search(r"\(default: [^)]*\)\s*\(default:", text), command
+
+
+def test_a_bad_manifest_creates_no_output_folder(tmp_path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,lable\na,1\n")
+    for args in (["tile", str(bad)], ["train-mil", str(bad), "--features", str(tmp_path)]):
+        out = tmp_path / f"out-{args[0]}"
+        res = subprocess.run(WSI_MIL + args + ["--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "lable" in res.stderr and not out.exists(), (args, res.stderr)

@@ -20,6 +20,18 @@ EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
 logger = logging.getLogger("wsi_mil")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default once: not when its help already says it, nor for flags
+    and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" in text or "default:" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per dataclass field, help and default taken from the field."""
     hints = typing.get_type_hints(cls)
@@ -27,7 +39,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "")
+        if "(default" not in help_text and default is not None:
+            help_text += f" (default: {default})"
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
@@ -113,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "chunks: a killed run resumes mid-slide. Exit status: 0 all slides done, 1 some failed, "
                     "2 bad options.",
     )
-    ext.add_argument("inputs", nargs="+", metavar="INPUT", help="tile output folders (with patches/), folders of patch stores, or store files")
-    ext.add_argument("--out", required=True, type=Path, help="output folder (features/, features_report.json, extract.log)")
+    ext.add_argument("inputs", nargs="*", metavar="INPUT", help="tile output folders (with patches/), folders of patch stores, or store files")
+    ext.add_argument("--out", type=Path, help="output folder (features/, features_report.json, extract.log); required")
     ext.add_argument("--config", type=Path, help="YAML recipe with an 'extract_features:' section (see pipelines/); flags override it")
     ext.add_argument("--slides", type=Path, action="append", default=[], help="folder holding the slides, when they moved since tiling (repeatable)")
     ext.add_argument("--overwrite", action="store_true", help="replace existing feature stores (needed to switch encoder)")
@@ -131,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "ensemble (AUC with bootstrap CI, sensitivity, specificity, PPV, NPV, F1, confusion matrix). "
                     "Writes weights-only models, metrics.json, report.md, predictions.csv, ROC / confusion / "
                     "training-curve PNGs and per-slide attention for heatmaps. A re-run resumes at the next "
-                    "untrained fold. Exit status: 0 done, 2 bad options or manifest.",
+                    "untrained fold. Exit status: 0 done; 1 labelled slides have no usable feature store (see "
+                    "--allow-missing); 2 bad options, manifest or labels.",
     )
-    tr.add_argument("manifest", type=Path, help="manifest CSV with slide_id, patient_id and label column(s) (see slides_manifest/)")
-    tr.add_argument("--features", type=Path, action="append", required=True, help="features/ folder of extract-features (repeatable)")
-    tr.add_argument("--out", required=True, type=Path, help="output folder of the run")
+    tr.add_argument("manifest", type=Path, nargs="?", help="manifest CSV with slide_id, patient_id and label column(s) (see slides_manifest/)")
+    tr.add_argument("--features", type=Path, action="append", help="features/ folder of extract-features (repeatable; required)")
+    tr.add_argument("--out", type=Path, help="output folder of the run (required)")
     tr.add_argument("--config", type=Path, help="YAML recipe with a 'train_mil:' section (see pipelines/); flags override it")
     tr.add_argument("--list-models", action="store_true", help="print the registered MIL models and exit")
     _add_output_options(tr)
@@ -145,13 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="apply a trained run (ensemble of its fold models) to new slides' feature stores",
         description="Predict slide labels with the fold models of a train-mil run (probabilities averaged; "
                     "threshold = the mean of the folds' validation thresholds). Writes predictions.csv, "
-                    "attention/<slide>.h5 and predict_report.json. Exit status: 0 all predicted, 1 some "
+                    "attention/<slide>.h5 and predict_report.json. A store that cannot be read or holds "
+                    "non-finite features is reported as failed, never predicted. Exit status: 0 all predicted, 1 some "
                     "stores failed, 2 bad options.",
     )
     pr.add_argument("run", type=Path, help="output folder of train-mil")
     pr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="feature stores, or folders of them (extract-features output)")
     pr.add_argument("--out", required=True, type=Path, help="output folder")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_output_options(pr)
 
     hm = sub.add_parser(
         "heatmap", help="attention heatmaps for review: PNG overlay, pyramidal TIFF, QuPath GeoJSON, patch gallery",
@@ -163,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "slide its out-of-fold map. Finer maps: tile with --overlap 0.5 (about 4x the extraction "
                     "time), extract, predict, then draw; --smooth-um blurs at no extraction cost. Exit status: "
                     "0 all drawn, 1 some slides failed, 2 bad options.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     hm.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                     help="train-mil run folder, predict output folder, or attention .h5 files")
@@ -178,16 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--slides", type=Path, default=None, metavar="MANIFEST",
                     help="manifest CSV giving slide paths (default: the paths recorded in the feature stores)")
     hm.add_argument("--overwrite", action="store_true", help="redraw slides already drawn with the same settings")
-    hm.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_output_options(hm)
 
     rv = sub.add_parser(
         "review", help="local web page to review a run's attention over the slides (127.0.0.1)",
         description="Serve a review page: each slide in a deep-zoom viewer (tiles cut by OpenSlide from the "
                     "slide's pyramid; never its label or macro image), the attention heatmap over it with an "
                     "opacity control, the top patches as a list that jumps to them, the prediction, and the "
-                    "run's slides to move between. Only the run's slides and exports are reachable. Needs the "
-                    "page's front-end packages: npm ci --prefix wsi_mil/review/web.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "run's slides to move between. Only the run's slides and exports are reachable, and only "
+                    "requests naming the bound host are answered. Needs the page's front-end packages: npm ci "
+                    "--prefix wsi_mil/review/web. Exit status: 0 stopped with Ctrl-C, 2 bad options or nothing "
+                    "to review.",
+        formatter_class=_DefaultsFormatter,
     )
     rv.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                     help="train-mil run folder, predict output folder, or attention .h5 files")
@@ -197,13 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the slides)")
     rv.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     _add_heatmap_style_options(rv)
+    _add_output_options(rv)
 
     synth = sub.add_parser(
         "synth", help="generate a labelled cohort of realistic pyramidal slides from real tissue",
         description="Build pyramidal JPEG-tiled TIFF slides by laying out real H&E tissue on glass, planting "
                     "tumour regions (from a different real tissue source) in a fraction of them, with a "
-                    "ground-truth mask and a manifest CSV.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "ground-truth mask and a manifest CSV. Exit status: 0 written, 2 bad options.",
+        formatter_class=_DefaultsFormatter,
     )
     synth.add_argument("--out", required=True, type=Path, help="output folder for slides, masks and manifest.csv")
     synth.add_argument("--n-slides", type=int, default=8, help="number of slides")
@@ -212,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
     synth.add_argument("--tumour-size-um", type=float, nargs=2, default=(300.0, 1200.0), metavar=("MIN", "MAX"), help="tumour region diameter range")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
+    _add_output_options(synth)
 
     demo = sub.add_parser(
         "demo", help="run the pipeline on the built-in sample cohort (offline)",
@@ -219,16 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "bundled real slide, embeds every patch with the offline ImageNet EfficientNet-Lite0, trains "
                     "and evaluates attention MIL, measures the attention's localisation of the planted tumour, "
                     "draws every slide's heatmaps, and prints the figures, where the outputs are and how to open "
-                    "the review page.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "the review page. Each step writes its log and resolved settings beside its outputs. Exit "
+                    "status: 0 done, 1 a step failed for some slides, 2 bad options.",
+        formatter_class=_DefaultsFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="output folder")
     demo.add_argument("--workers", type=int, default=_default_workers(), help="worker processes")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--n-slides", type=int, default=None, help="generated slides (default: the built-in cohort's)")
     demo.add_argument("--size", type=int, default=None, help="generated slide side in level-0 px (default: built-in)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_output_options(demo)
     return parser
+
+
+def _require(args: argparse.Namespace, command: str, **needed: str) -> None:
+    """Arguments that are required unless a listing flag is given."""
+    from wsi_mil.errors import ConfigError
+
+    missing = [flag for name, flag in needed.items() if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)} "
+                          f"(see wsi-mil {command} --help)")
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
@@ -237,12 +269,13 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     from wsi_mil.data.manifest import resolve_inputs_reporting
     from wsi_mil.io.atomic import write_text
 
-    ensure_writable(args.out)
-    _setup_logging(args.verbose, args.out / "tile.log")
+    _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "tile") if args.config else None
     config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
-    resolved = resolve_inputs_reporting(args.inputs)
+    resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made
     entries = resolved.entries
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "tile.log")
     _write_resolved_config(args.out / "tile_config.yaml", config, args, write_text)
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
     report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
@@ -285,10 +318,12 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         for name, desc in available().items():
             print(f"{name:24s} {desc}")
         return EXIT_OK
-    ensure_writable(args.out)
-    _setup_logging(args.verbose, args.out / "extract.log")
+    _require(args, "extract-features", inputs="INPUT (a tile output folder)", out="--out")
+    _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "extract_features") if args.config else None
     config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "extract.log")
     _write_resolved_config(args.out / "extract_config.yaml", config, args, write_text, "extract_features",
                            {"slides": [str(s) for s in args.slides]})
     report = run_extract(args.inputs, out_dir=args.out, config=config, overwrite=args.overwrite,
@@ -313,6 +348,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for name, desc in available().items():
             print(f"{name:14s} {desc}")
         return EXIT_OK
+    _require(args, "train-mil", manifest="MANIFEST", features="--features", out="--out")
     from wsi_mil.commands.train_mil import prepare_inputs, run_train, summary_text
     from wsi_mil.io.atomic import write_text
 
@@ -335,8 +371,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict import run_predict
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(1, args.out / "predict.log")
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
     return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED
@@ -345,9 +381,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from wsi_mil.synth.cohort import make_cohort
 
-    _setup_logging(1)
+    _setup_logging(args.verbose)
+    ensure_writable(args.out)
     manifest = make_cohort(args.out, n_slides=args.n_slides, positive_fraction=args.positive_fraction,
-                           size_px=args.size, mpp=args.mpp, tumour_size_um=tuple(args.tumour_size_um), seed=args.seed)
+                           size_px=args.size, mpp=args.mpp, tumour_size_um=tuple(args.tumour_size_um), seed=args.seed,
+                           progress=not args.no_progress)
     print(f"cohort of {args.n_slides} slides written; manifest: {manifest}")
     return EXIT_OK
 
@@ -360,8 +398,8 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
             print("wsi-mil heatmap: error: give --out when the input is not one folder", file=sys.stderr)
             return EXIT_USAGE
         args.out = args.inputs[0] / "heatmaps"
-    args.out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(1, args.out / "heatmap.log")
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "heatmap.log")
     settings = HeatmapSettings(normalise=args.normalise, cmap=args.cmap, formats=tuple(args.formats),
                                top_k=args.top_k, geojson_top_k=args.geojson_top_k, smooth_um=args.smooth_um,
                                opacity=args.opacity)
@@ -375,7 +413,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 def _cmd_review(args: argparse.Namespace) -> int:
     from wsi_mil.review.server import ReviewSite, make_server
 
-    _setup_logging(1)
+    _setup_logging(args.verbose)
     heatmaps = args.heatmaps
     if heatmaps is None and len(args.inputs) == 1 and (args.inputs[0] / "heatmaps").is_dir():
         heatmaps = args.inputs[0] / "heatmaps"
@@ -402,8 +440,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(1, args.out / "demo.log")
+    ensure_writable(args.out)
+    _setup_logging(args.verbose, args.out / "demo.log")
     sizes = {k: v for k, v in (("n_slides", args.n_slides), ("size_px", args.size)) if v is not None}
     return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress, **sizes)
 

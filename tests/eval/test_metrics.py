@@ -83,3 +83,19 @@ def test_multiclass_and_bootstrap_edge_cases() -> None:
     assert m["accuracy"] == pytest.approx(5 / 6) and m["confusion"][2] == [0, 1, 1]
     assert m["per_class"]["c"]["sensitivity"] == pytest.approx(0.5)
     assert bootstrap_auc_ci(np.array([1, 1, 1]), np.array([0.2, 0.3, 0.4])) is None
+
+
+def test_plots_keep_auc_axes_in_range_and_perfect_curves_visible() -> None:
+    from wsi_mil.eval.plots import _plt, curves_figure, roc_figure
+
+    y = np.array([0, 0, 1, 1])
+    fig = roc_figure({"fold 0": (y, np.array([0.1, 0.2, 0.8, 0.9])), "fold 1": (y, np.array([0.3, 0.1, 0.7, 0.6]))}, "t")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo < 0 and hi > 1 and ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 1  # AUC-1 curves lie inside the frame
+    assert all(not line.get_clip_on() for line in ax.lines[:2])
+    _plt().close(fig)
+    hist = {"fold0": [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_auc": 1.0} for e in range(1, 6)]}
+    fig = curves_figure(hist)
+    assert fig.axes[1].get_ylim()[1] <= 1.05 and fig.axes[1].get_ylim()[0] >= -0.05
+    _plt().close(fig)

@@ -10,9 +10,14 @@ heatmaps for review. Seeded: the same seed gives the same cohort and the same fi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from wsi_mil.config import ExtractConfig, TileConfig
 from wsi_mil.data.manifest import read_manifest, write_manifest
@@ -22,6 +27,50 @@ logger = logging.getLogger(__name__)
 DEMO_SLIDES = 40
 DEMO_SIZE_PX = 5120
 DEMO_TUMOUR_UM = (300.0, 900.0)
+
+
+CLASSES = "normal,tumour"
+
+
+@contextlib.contextmanager
+def _step_log(path: Path) -> Iterator[None]:
+    """The step's own log file beside its outputs (as the stand-alone command writes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("wsi_mil")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _write_settings(path: Path, command: str, inputs: list[Path], section: str, settings: dict[str, Any]) -> None:
+    """The step's resolved settings, in the layout of the stand-alone command's."""
+    import yaml
+
+    from wsi_mil import __version__
+    from wsi_mil.io.atomic import write_text
+
+    write_text(path, yaml.safe_dump({"wsi_mil_version": __version__, "command": f"{command} (from wsi-mil demo)",
+                                     "inputs": [str(i) for i in inputs], section: settings}, sort_keys=False))
+
+
+def wsi_mil_command() -> str:
+    """How to run wsi-mil here: ``wsi-mil`` when that is on PATH and is this one, else the
+    path of the running script (``.venv/bin/wsi-mil``) or ``python -m wsi_mil.cli``."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    on_path = shutil.which("wsi-mil")
+    if argv0 is not None and argv0.name == "wsi-mil":
+        if on_path and Path(on_path).resolve() == argv0.resolve():
+            return "wsi-mil"
+        return str(argv0)
+    if on_path:
+        return "wsi-mil"
+    return f"{sys.executable} -m wsi_mil.cli"
 
 
 def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
@@ -34,7 +83,12 @@ def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
         row["path"] = str((cohort_manifest.parent / row["path"]).resolve())
     rows.append({"slide_id": "cmu-1-small-region", "path": str(sample_path(NORMAL_SOURCE)),
                  "patient_id": "cmu-1", "label": "0"})
-    return write_manifest(out_dir / "demo_manifest.csv", rows)
+    path = write_manifest(out_dir / "demo_manifest.csv", rows)
+    # name the classes in the manifest itself, so reports, overlays and the review page say them
+    from wsi_mil.io.atomic import write_text
+
+    write_text(path, f"# classes: {CLASSES}\n" + path.read_text(encoding="utf-8"))
+    return path
 
 
 def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides: int = DEMO_SLIDES,
@@ -47,8 +101,12 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
                          tumour_size_um=DEMO_TUMOUR_UM, tumour_regions=(1, 2), seed=seed, progress=progress)
     manifest = _demo_manifest(out_dir, cohort)
     print(f"[2/5] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
-    report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=TileConfig(),
-                      workers=workers, progress=progress)
+    tile_config = TileConfig()
+    _write_settings(out_dir / "tiles" / "tile_config.yaml", "tile", [manifest], "tile",
+                    {**tile_config.to_dict(), "workers": workers})
+    with _step_log(out_dir / "tiles" / "tile.log"):
+        report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=tile_config,
+                          workers=workers, progress=progress)
     print()
     print(report.table())
     d = report.to_dict()
@@ -62,7 +120,10 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
 
     config = ExtractConfig()
     print(f"\n[3/5] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
-    features = run_extract([out_dir / "tiles"], out_dir=out_dir / "tiles", config=config, progress=progress)
+    _write_settings(out_dir / "tiles" / "extract_config.yaml", "extract-features", [out_dir / "tiles"],
+                    "extract_features", config.to_dict())
+    with _step_log(out_dir / "tiles" / "extract.log"):
+        features = run_extract([out_dir / "tiles"], out_dir=out_dir / "tiles", config=config, progress=progress)
     print()
     print(features.table())
     f = features.to_dict()
@@ -81,11 +142,16 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     from wsi_mil.eval.localisation import unseen_localisation
     from wsi_mil.io.atomic import write_json
 
-    config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed)
+    config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed,
+                         classes=CLASSES)
     print(f"\n[4/5] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
           f"+ {config.folds}-fold cross-validation ...")
     run_dir = out_dir / "train"
-    report = run_train(manifest, [out_dir / "tiles" / "features"], out_dir=run_dir, config=config, progress=progress)
+    features = [out_dir / "tiles" / "features"]
+    _write_settings(run_dir / "train_config.yaml", "train-mil", [manifest], "train_mil",
+                    {**config.to_dict(), "features": [str(f) for f in features]})
+    with _step_log(run_dir / "train.log"):
+        report = run_train(manifest, features, out_dir=run_dir, config=config, progress=progress)
     print(summary_text(report))
     slides = {e.slide_id: e.path for e in read_manifest(manifest)}
     # localisation on every positive slide the models did not train on
@@ -108,16 +174,17 @@ def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
     from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
 
     print("\n[5/5] heatmaps of every slide's out-of-fold attention (PNG overlay, pyramidal TIFF, QuPath GeoJSON, gallery) ...")
-    report = run_heatmap([run_dir], out_dir=run_dir / "heatmaps", settings=HeatmapSettings(), progress=progress)
+    with _step_log(run_dir / "heatmaps" / "heatmap.log"):
+        report = run_heatmap([run_dir], out_dir=run_dir / "heatmaps", settings=HeatmapSettings(), progress=progress)
     counts = report.to_dict()["counts"]
     print(f"{len(report.outcomes)} slides in {report.seconds:.1f} s: {counts}")
     example = next((o for o in report.outcomes if o.status != "failed"), None)
     print(f"heatmaps:   {run_dir / 'heatmaps'}  (per slide: overlay.png, heatmap.tif, patches.geojson, gallery.png)")
-    if example is not None:
-        print(f"            e.g. {example.files.get('png')}")
+    if example is not None and example.files.get("png"):
+        print(f"            e.g. {run_dir / 'heatmaps' / example.files['png']}")
     print("            QuPath: open the slide, then File > Import objects > patches.geojson (colour by a measurement:")
     print("            Measure > Show measurement maps); heatmap.tif opens as an image aligned to the slide.")
-    print(f"review:     wsi-mil review {run_dir}   then open http://127.0.0.1:8765/")
+    print(f"review:     {wsi_mil_command()} review {run_dir}   then open http://127.0.0.1:8765/")
     return 0 if report.ok else 1
 
 

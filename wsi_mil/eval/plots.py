@@ -28,6 +28,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 def roc_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Path:
     """ROC curves, one per entry ``name -> (labels, scores)``, AUC in the legend."""
+    return _save(roc_figure(curves, title), path)
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Any:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _plt()
@@ -36,11 +40,15 @@ def roc_plot(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=2 if name.startswith("ensemble") else 1, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+        # drawn over the frame and never clipped: a perfect curve runs along the axes
+        ax.plot(fpr, tpr, lw=2 if name.startswith("ensemble") else 1, label=f"{name} (AUC {roc_auc_score(y, p):.3f})",
+                clip_on=False, zorder=3)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def confusion_plot(path: Path, cm: list[list[float]], classes: list[str], title: str) -> Path:
@@ -59,6 +67,10 @@ def confusion_plot(path: Path, cm: list[list[float]], classes: list[str], title:
 
 def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
     """Training loss and validation loss / AUC per epoch, one line per fold."""
+    return _save(curves_figure(histories), path)
+
+
+def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, hist in histories.items():
@@ -68,6 +80,6 @@ def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
             axes[0].plot(ep, [h.get("val_loss") for h in hist], ls="--", c=line.get_color(), label=f"{name} val")
             axes[1].plot(ep, [h.get("val_auc") if h.get("val_auc") is not None else np.nan for h in hist], c=line.get_color(), label=name)
     axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC")
+    axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(-0.02, 1.02))  # an AUC is in [0, 1]
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return fig

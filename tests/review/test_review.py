@@ -154,10 +154,12 @@ def test_review_page_in_headless_chromium(server) -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
     driver = _browser()
     try:
-        driver.get(f"http://{host}:{port}/#slide=tumour-slide")
+        driver.get(f"http://{host}:{port}/")  # no slide named: the page opens on the most suspicious one
         _wait(driver, "return window.review && review.state.slideLoaded && review.state.overlayLoaded")
+        assert driver.execute_script("return review.state.current") == "tumour-slide"
         assert driver.execute_script("return review.viewer.world.getItemCount()") == 2
-        assert "prediction: 1" in driver.find_element(By.ID, "prediction").text
+        assert "prediction: tumour" in driver.find_element(By.ID, "prediction").text
+        assert driver.find_element(By.ID, "call").text.startswith("POSITIVE call: tumour")
         driver.save_screenshot(str(artifacts / "review-overview.png"))
         # the overlay really is drawn: the screenshot holds viridis-yellow pixels over the tumour
         from PIL import Image
@@ -193,6 +195,10 @@ def test_review_page_in_headless_chromium(server) -> None:
         driver.find_element(By.ID, "next").click()
         _wait(driver, "return review.state.current !== 'tumour-slide' && review.state.slideLoaded && review.state.overlayLoaded")
         assert driver.execute_script("return review.state.info.slide_id") == "cmu-1"
+        # a slide called negative says so above the viewer, and its heatmap starts faint
+        assert driver.find_element(By.ID, "call").text.startswith("NEGATIVE call: normal")
+        assert driver.execute_script("return review.state.overlay.getOpacity()") < 0.25
+        driver.save_screenshot(str(artifacts / "review-negative-slide.png"))
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

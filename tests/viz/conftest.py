@@ -55,7 +55,7 @@ def attention_run(tmp_path_factory, cmu_slide, textures):
         att = (att / att.sum()).astype(np.float32)
         write_attention(root / "attention" / f"{sid}.h5", coords=coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "test", "model": "abmil", "outputs": ["tumour"],
-            "probability": [0.91 if sid == "tumour-slide" else 0.12], "prediction": int(sid == "tumour-slide"),
+            "probability": [0.91 if sid == "tumour-slide" else 0.12], "prediction": "tumour" if sid == "tumour-slide" else "normal",
             "feature_store": str(root / "missing.h5"), "patch_extent_level0_px": EXTENT,
             "attention_kind": "normalised attention (sums to 1)"})
         made[sid] = (coords, att, path)

@@ -228,3 +228,30 @@ def test_attention_sources_give_out_of_fold_maps_for_runs_and_take_predict_outpu
     assert attention_sources([tmp_path / "pred"]) == {"d": tmp_path / "pred" / "attention" / "d.h5"}
     with pytest.raises(ConfigError, match="no attention stores"):
         attention_sources([tmp_path / "empty"])
+
+
+def test_the_slide_call_is_visible_in_every_view(drawn) -> None:
+    """A confidently negative slide's rank-normalised map is bright somewhere by
+    construction; its overlay is faint and says NEGATIVE, the gallery gives level-0
+    coordinates, and heatmap.json records the call (issue 11, item 15)."""
+    from PIL import Image
+
+    from wsi_mil.viz.scores import call_opacity, slide_call
+
+    out, made, _ = drawn
+    neg = json.loads((out / "cmu-1" / "heatmap.json").read_text())
+    pos = json.loads((out / "tumour-slide" / "heatmap.json").read_text())
+    assert neg["call"]["positive"] is False and neg["call"]["text"].startswith("NEGATIVE call: normal")
+    assert pos["call"]["positive"] is True and pos["call"]["text"].startswith("POSITIVE call: tumour")
+    assert neg["overlay_opacity"] < 0.5 * pos["overlay_opacity"]
+    coords = made["cmu-1"][0]
+    for p in neg["top_patches"]:
+        assert [p["x"], p["y"]] == coords[p["index"]].tolist()
+    # the negative overlay changes the thumbnail less than the positive one does
+    def heat_strength(sid: str) -> float:
+        img = np.asarray(Image.open(out / sid / "overlay.png").convert("RGB")).astype(float)
+        w = img.shape[1]
+        return float(np.abs(img[:, w // 2:] - img[:, :w // 2][:, : w - w // 2]).mean())
+    assert heat_strength("cmu-1") < heat_strength("tumour-slide")
+    assert call_opacity(0.5, slide_call({"outputs": ["t"], "probability": [0.0], "prediction": "n"})) == pytest.approx(0.1)
+    assert call_opacity(0.5, slide_call({"outputs": ["t"], "probability": [0.9], "prediction": "t"})) == 0.5

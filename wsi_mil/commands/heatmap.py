@@ -174,14 +174,16 @@ def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path],
     raise WsiMilError(f"cannot find the slide file of {sid}: {why}. Give --slides MANIFEST.csv with the slide's path.")
 
 
-def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: dict[str, Path]) -> dict[str, str]:
-    """All requested exports of one slide; returns {format: file}."""
+def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
+               overrides: dict[str, Path]) -> tuple[dict[str, str], dict[str, Any]]:
+    """All requested exports of one slide; returns ({format: file}, what heatmap.json
+    records besides: the slide's call, the overlay's opacity, the top patches)."""
     from wsi_mil.data.bags import attention_patch_extent
     from wsi_mil.io.attention import read_attention
     from wsi_mil.io.slide import open_slide, resolve_mpp
     from wsi_mil.io.thumbnail import read_thumbnail
     from wsi_mil.viz.raster import score_grid
-    from wsi_mil.viz.scores import normalise
+    from wsi_mil.viz.scores import call_opacity, normalise, slide_call
 
     from wsi_mil.io.attention import check_finite_attention
 
@@ -192,7 +194,13 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
     extent = attention_patch_extent(attrs, h5)
     scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
     probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))
+    call = slide_call(attrs)
     files: dict[str, str] = {}
+    order = np.argsort(-scores.unit, kind="stable")
+    top_k = [int(i) for i in order[:settings.top_k]]
+    meta: dict[str, Any] = {"call": call, "overlay_opacity": call_opacity(settings.opacity, call),
+                            "top_patches": [{"index": i, "x": int(coords[i][0]), "y": int(coords[i][1]),
+                                             "score": float(scores.value[i])} for i in top_k]}
     with open_slide(path) as slide:
         if mpp is None:
             mpp = resolve_mpp(slide, slide_name=path.name).mpp
@@ -207,16 +215,21 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
 
             thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=mpp, max_side_px=THUMBNAIL_MAX_PX)
             files["png"] = str(overlay_png(slide_dir / "overlay.png", thumb, grid, scores, cmap=settings.cmap,
-                                           title=title, opacity=settings.opacity))
+                                           title=title, opacity=meta["overlay_opacity"], banner=call["text"],
+                                           positive=call["positive"]))
         if "gallery" in settings.formats and len(coords):
             from wsi_mil.viz.figures import gallery_png
 
-            order = np.argsort(-scores.unit, kind="stable")
             k = min(settings.top_k, len(order))
-            top = [(_patch(slide, coords[i], extent), float(scores.value[i]), int(i)) for i in order[:k]]
-            bottom = [(_patch(slide, coords[i], extent), float(scores.value[i]), int(i)) for i in order[::-1][:k]]
+
+            def entry(i: int) -> tuple[np.ndarray, float, int, tuple[int, int]]:
+                return (_patch(slide, coords[i], extent), float(scores.value[i]), int(i),
+                        (int(coords[i][0]), int(coords[i][1])))
+
+            top = [entry(i) for i in order[:k]]
+            bottom = [entry(i) for i in order[::-1][:k]]
             files["gallery"] = str(gallery_png(slide_dir / "gallery.png", top, bottom, method=scores.method,
-                                               title=f"{sid} - prediction: {pred}"))
+                                               title=f"{sid} - prediction: {pred}", subtitle=call["text"]))
     if "tiff" in settings.formats:
         from wsi_mil.viz.tiff import write_heatmap_tiff
 
@@ -233,7 +246,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings, overrides: 
             index = np.argsort(-scores.unit, kind="stable")[:settings.geojson_top_k]
         feats = patch_features(coords, extent, scores, att, probability=probability, index=index)
         files["geojson"] = str(write_geojson(slide_dir / "patches.geojson", feats))
-    return files
+    return files, meta
 
 
 def _patch(slide: object, xy: Any, extent: float) -> np.ndarray:
@@ -282,14 +295,14 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
                 continue
         s0 = time.perf_counter()
         try:
-            files = draw_slide(h5, slide_dir, settings, overrides)
+            files, meta = draw_slide(h5, slide_dir, settings, overrides)
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             logger.warning("%s: %s", sid, failure_message(exc))
             outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
             continue
         secs = time.perf_counter() - s0
         names = {k: Path(v).name for k, v in files.items()}
-        write_json(marker, {**stamp, "files": names, "seconds": secs})
+        write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
     write_json(out_dir / "index.json", report.to_dict())

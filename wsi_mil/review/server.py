@@ -99,6 +99,7 @@ class ReviewSlide:
         """Geometry, prediction, heatmap placement and the top patches (computed once)."""
         from wsi_mil.io.attention import read_attention
         from wsi_mil.viz.raster import colourise, score_grid
+        from wsi_mil.viz.scores import call_opacity, slide_call
         from wsi_mil.viz.scores import normalise as norm
 
         with self.lock:
@@ -133,6 +134,7 @@ class ReviewSlide:
             "probability": dict(zip(attrs.get("outputs") or [], attrs.get("probability") or [], strict=False)),
             "model": attrs.get("model"), "fold": attrs.get("fold"), "split": attrs.get("split"),
             "exports": {k: f"/exports/{self.slide_id}/{p.name}" for k, p in self.exports.items()},
+            "call": slide_call(attrs), "opacity": call_opacity(0.5, slide_call(attrs)),
         }
         with self.lock:
             self._info, self._heat = info, buf.getvalue()
@@ -178,13 +180,18 @@ class ReviewSite:
         self.files["/"] = STATIC_DIR / "index.html"
 
     def slide_list(self) -> list[dict[str, Any]]:
+        """The run's slides, most suspicious first (highest positive probability), so the
+        page opens on the slide a pathologist should see first."""
+        from wsi_mil.viz.scores import slide_call
+
         out = []
         for sid, s in self.slides.items():
             a = s.attrs
+            call = slide_call(a)
             out.append({"slide_id": sid, "prediction": a.get("prediction"), "model": a.get("model"),
-                        "fold": a.get("fold"), "split": a.get("split"),
+                        "fold": a.get("fold"), "split": a.get("split"), "call": call,
                         "probability": dict(zip(a.get("outputs") or [], a.get("probability") or [], strict=False))})
-        return out
+        return sorted(out, key=lambda d: (-(d["call"]["p"] if d["call"]["p"] is not None else -1), d["slide_id"]))
 
     def close(self) -> None:
         for s in self.slides.values():

@@ -47,9 +47,10 @@ def grid_on_thumbnail(grid: ScoreGrid, thumb_shape: tuple[int, int]) -> npt.NDAr
 
 
 def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, scores: Scores, *, cmap: str,
-                title: str, opacity: float = 0.5) -> Path:
+                title: str, opacity: float = 0.5, banner: str = "", positive: bool | None = None) -> Path:
     """Thumbnail with the heatmap blended where patches were scored, a colour bar in the
-    normalisation's units, and the slide's prediction in the title."""
+    normalisation's units, the slide's prediction in the title and its call in a banner
+    (red for a positive call, grey for a negative one)."""
     plt = _figure_module()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -69,20 +70,25 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     bar = fig.colorbar(sm, ax=axes, orientation="horizontal", fraction=0.05, aspect=50)
     bar.set_label(scores.description, fontsize=9)
     fig.suptitle(title, fontsize=11)
+    if banner:
+        colour = {True: "#b2182b", False: "#4d4d4d"}.get(positive, "#2166ac")  # type: ignore[arg-type]
+        axes[1].text(0.5, 1.0, banner, transform=axes[1].transAxes, ha="center", va="bottom", fontsize=9,
+                     color="white", wrap=True, bbox={"facecolor": colour, "edgecolor": "none", "pad": 4})
     return _save(fig, path)
 
 
-def gallery_png(path: Path, top: list[tuple[npt.NDArray[np.uint8], float, int]],
-                bottom: list[tuple[npt.NDArray[np.uint8], float, int]], *, method: str, title: str) -> Path:
-    """Top-k and bottom-k patches (image, score, patch index) in two labelled rows
-    (composed directly with Pillow: a matplotlib grid of images costs a second per slide)."""
+def gallery_png(path: Path, top: list[tuple[npt.NDArray[np.uint8], float, int, tuple[int, int]]],
+                bottom: list[tuple[npt.NDArray[np.uint8], float, int, tuple[int, int]]], *, method: str,
+                title: str, subtitle: str = "") -> Path:
+    """Top-k and bottom-k patches (image, score, patch index, level-0 x/y) in two labelled
+    rows (composed directly with Pillow: a matplotlib grid of images costs a second per slide)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from wsi_mil.io.atomic import atomic_path
 
-    side = max((img.shape[0] for img, _, _ in top + bottom), default=64)
+    side = max((img.shape[0] for img, _, _, _ in top + bottom), default=64)
     k = max(len(top), len(bottom), 1)
-    pad, caption, label_w, head = 6, 30, 24, 44
+    pad, caption, label_w, head = 6, 42, 24, 60
     font = ImageFont.load_default(size=13)
     small = ImageFont.load_default(size=11)
     width = label_w + k * (side + pad) + pad
@@ -90,16 +96,19 @@ def gallery_png(path: Path, top: list[tuple[npt.NDArray[np.uint8], float, int]],
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, 6), title, fill="black", font=font)
-    draw.text((pad, 24), f"attention ({method}); #index in the attention store", fill="dimgray", font=small)
+    draw.text((pad, 24), f"attention ({method}); #index in the attention store; (x, y) level-0 pixels of the "
+              "patch's top-left corner", fill="dimgray", font=small)
+    if subtitle:
+        draw.text((pad, 40), subtitle, fill="black", font=small)
     for r, (row, name) in enumerate(((top, "highest"), (bottom, "lowest"))):
         y = head + r * (caption + side + pad)
         label = Image.new("RGB", (side + caption, label_w - 4), "white")
         ImageDraw.Draw(label).text((2, 0), f"{name} {len(row)}", fill="black", font=font)
         sheet.paste(label.rotate(90, expand=True), (0, y))
-        for c, (img, score, idx) in enumerate(row):
+        for c, (img, score, idx, (px, py)) in enumerate(row):
             x = label_w + pad + c * (side + pad)
-            draw.text((x, y + 2), f"#{idx}", fill="dimgray", font=small)
-            draw.text((x, y + 15), f"{score:.3g}", fill="black", font=small)
+            draw.text((x, y + 2), f"#{idx}  {score:.3g}", fill="black", font=small)
+            draw.text((x, y + 15), f"({px}, {py})", fill="dimgray", font=small)
             sheet.paste(Image.fromarray(img), (x, y + caption))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

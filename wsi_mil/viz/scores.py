@@ -15,6 +15,8 @@ the instance score. Three normalisations, all within one slide:
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,3 +71,40 @@ def normalise(scores: npt.NDArray[np.floating], method: str, *, attention_kind: 
     span = vmax - vmin
     unit = (value - vmin) / span if span > 0 else np.full_like(value, 0.5)
     return Scores(method, value, np.clip(unit, 0.0, 1.0), vmin, vmax)
+
+
+def slide_call(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The slide-level call of an attention store, for every view of its heatmap:
+    ``positive`` (True / False; None for multi-class), the probability of the positive
+    class (``p``), and a sentence that says what the colours do and do not mean."""
+    outputs = list(attrs.get("outputs") or [])
+    probs = [float(v) for v in (attrs.get("probability") or [])]
+    pred = attrs.get("prediction")
+    probability = dict(zip(outputs, probs, strict=False))
+    if isinstance(pred, list):  # multi-label: the labels called
+        positive: bool | None = bool(pred)
+        p = max(probs) if probs else None
+        label = ", ".join(map(str, pred)) or "none of " + ", ".join(outputs)
+    elif len(outputs) == 1:  # binary: outputs = (positive class,)
+        positive = str(pred) == outputs[0]
+        p = probs[0] if probs else None
+        label = str(pred)
+    else:
+        positive, p, label = None, max(probs) if probs else None, str(pred)
+    ptxt = ", ".join(f"p({k}) = {v:.2f}" for k, v in probability.items())
+    if positive is False:
+        text = (f"NEGATIVE call: {label} ({ptxt}). Colours rank patches within this slide only; "
+                "bright does not mean tumour here")
+    elif positive:
+        text = f"POSITIVE call: {label} ({ptxt})"
+    else:
+        text = f"call: {label} ({ptxt})"
+    return {"positive": positive, "p": p, "label": label, "text": text}
+
+
+def call_opacity(opacity: float, call: dict[str, Any]) -> float:
+    """Heatmap opacity tied to the slide's call: full for a positive call, fading with the
+    positive probability for a negative one (at least a fifth, so the map stays visible)."""
+    if call.get("positive") is False and call.get("p") is not None:
+        return float(opacity * max(0.2, min(1.0, 0.2 + 1.6 * float(call["p"]))))
+    return float(opacity)

@@ -44,6 +44,13 @@ viewer.addHandler("open", () => {
 });
 
 function showInfo(info) {
+  const call = info.call || {};
+  const banner = $("call");
+  banner.textContent = call.text || "";
+  banner.className = call.positive === true ? "positive" : call.positive === false ? "negative" : "";
+  // the heatmap is fainter on a slide called negative (its colours rank patches within it only)
+  $("opacity").value = Math.round(100 * (info.opacity ?? 0.5));
+  setOpacity(info.opacity ?? 0.5);
   const probs = Object.entries(info.probability || {}).map(([k, v]) => `p(${k}) = ${fmt(v)}`).join(", ");
   $("prediction").innerHTML = "";
   const add = (cls, text) => { const d = document.createElement("div"); d.className = cls; d.textContent = text; $("prediction").appendChild(d); };
@@ -107,7 +114,8 @@ document.addEventListener("keydown", (e) => {
   for (const s of data.slides) {
     const o = document.createElement("option");
     const p = Object.values(s.probability || {})[0];
-    o.value = s.slide_id; o.textContent = `${s.slide_id} (${s.prediction}${p !== undefined ? ", p " + fmt(p) : ""})`;
+    const mark = s.call && s.call.positive === true ? "● " : "";
+    o.value = s.slide_id; o.textContent = `${mark}${s.slide_id} (${s.prediction}${p !== undefined ? ", p " + fmt(p) : ""})`;
     $("slide-select").appendChild(o);
   }
   const m = location.hash.match(/slide=([^&]+)/);

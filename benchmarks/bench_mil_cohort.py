@@ -65,6 +65,45 @@ def throughput(manifest: Path, features: Path, epochs: int) -> dict:
             "instances_per_bag": float(np.mean([len(b.load()[0]) for b in bags]))}
 
 
+def thread_throughput(manifest: Path, features: Path, epochs: int, rounds: int) -> dict:
+    """Training bags/s of abmil with 1 CPU thread and with torch's default (all cores),
+    on an idle machine and with one competing busy process (a shared or busy machine),
+    rounds interleaved; bags held in memory so that only compute is measured."""
+    import subprocess
+
+    import torch
+
+    from wsi_mil.data.bags import bags_from_manifest, infer_task
+    from wsi_mil.data.manifest import read_manifest
+    from wsi_mil.mil import build_model
+    from wsi_mil.train.loop import FitSettings, fit
+
+    entries = read_manifest(manifest)
+    task = infer_task(entries)
+    bags, _ = bags_from_manifest(entries, [features], task, cache=True)
+    dim = bags[0].load()[0].shape[1]
+    default = torch.get_num_threads()
+    runs: dict[str, list[float]] = {}
+    for condition in ("idle", "busy"):
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition == "busy" else None
+        try:
+            for _ in range(rounds):
+                for threads in (1, default):
+                    torch.set_num_threads(threads)
+                    model = build_model("abmil", dim, 1)
+                    res = fit(model, bags, [], task, FitSettings(epochs=epochs, max_instances=4096))
+                    rate = float(np.median([x["bags_per_s"] for x in res.history[1:]]))
+                    runs.setdefault(f"{condition}/{threads}", []).append(rate)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    torch.set_num_threads(default)
+    return {"default_threads": default, "rounds": rounds, "epochs": epochs,
+            "runs": {k: {"median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v)), "all": v}
+                     for k, v in runs.items()}}
+
+
 def main() -> None:
     from wsi_mil.runtime import prefer_passive_omp
 
@@ -77,6 +116,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--throughput-epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--thread-rounds", type=int, default=3)
     args = p.parse_args()
     from wsi_mil.commands.extract_features import run_extract
     from wsi_mil.commands.tile import run_tile
@@ -103,13 +143,15 @@ def main() -> None:
     zarr_dir = root / "features-zarr"
     to_zarr(feats, zarr_dir)
     tp = {"h5": throughput(manifest, feats, args.throughput_epochs), "zarr": throughput(manifest, zarr_dir, args.throughput_epochs)}
+    threads = thread_throughput(manifest, feats, args.throughput_epochs, args.thread_rounds)
     res = {"settings": vars(args), "prep_seconds": prep_s, "n_slides": args.slides,
            "n_positive": int(sum(1 for e in read_manifest(manifest) if e.labels["label"] == "1")),
            "ensemble_test": {k: m["ensemble_test"].get(k) for k in ("auc", "auc_ci95", "n", "sensitivity", "specificity")},
            "pooled_validation_auc": m["pooled_validation"].get("auc"), "across_folds_test_auc": m["across_folds_test"].get("auc"),
            "localisation_auc_mean": float(np.mean(list(per.values()))) if per else None,
            "localisation_auc_min": float(np.min(list(per.values()))) if per else None,
-           "localisation_per_slide": per, "throughput": tp}
+           "localisation_per_slide": per, "throughput": tp, "threads": threads,
+           "train_seconds": m.get("seconds"), "train_threads": m.get("threads")}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "mil_cohort.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -128,6 +170,17 @@ def main() -> None:
           "| store | bags/s | share of epoch time loading | instances/bag |", "|---|---:|---:|---:|"]
     for fmt, t in tp.items():
         md.append(f"| {fmt} | {t['bags_per_s']:.1f} | {t['load_share']:.1%} | {t['instances_per_bag']:.0f} |")
+    n_all = threads["default_threads"]
+    md += ["", f"CPU threads for training (abmil, bags in memory, {threads['epochs']} epochs per run, "
+           f"{threads['rounds']} interleaved rounds; bags/s median (min-max)); 'busy' = one other process "
+           "spinning on a core, as on a shared machine:", "",
+           f"| machine | 1 thread | {n_all} threads (torch default) | 1 thread ÷ default |", "|---|---:|---:|---:|"]
+    for cond in ("idle", "busy"):
+        one, many = threads["runs"][f"{cond}/1"], threads["runs"][f"{cond}/{n_all}"]
+        md.append(f"| {cond} | {one['median']:.1f} ({one['min']:.1f}-{one['max']:.1f}) | {many['median']:.1f} "
+                  f"({many['min']:.1f}-{many['max']:.1f}) | {one['median'] / many['median']:.2f}× |")
+    md += ["", f"train-mil picked {res['train_threads']} thread(s) by default for these bags; the whole run took "
+           f"{res['train_seconds']:.0f} s."]
     md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_cohort.py {' '.join(sys.argv[1:])}`".rstrip() + "."]
     (out / "mil_cohort.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

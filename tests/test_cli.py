@@ -4,7 +4,6 @@ import re
 import subprocess
 
 import pytest
-
 import yaml
 
 from tests.conftest import WSI_MIL

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
+from pathlib import Path
 
 from tests.conftest import WSI_MIL
 from wsi_mil.commands.demo import DEMO_SLIDES

@@ -27,9 +27,8 @@ def test_local_cluster_workers_keep_glibc_adaptive_malloc() -> None:
 
 
 def test_zero_workers_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="--workers"):
-        with dask_client(workers=0):
-            pass
+    with pytest.raises(ConfigError, match="--workers"), dask_client(workers=0):
+        pass
 
 
 def test_a_leaked_trim_threshold_does_not_reach_our_workers(monkeypatch: pytest.MonkeyPatch) -> None:

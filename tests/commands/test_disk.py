@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,32 +14,29 @@ import pytest
 from tests.conftest import WSI_MIL
 
 
-def _mount(path: Path, options: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    return res.returncode == 0
+@contextmanager
+def _tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs at ``where`` for the test (skipped where the test may not mount)."""
+    where.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture()
 def small_disk(tmp_path) -> Iterator[Path]:
-    where = tmp_path / "small"
-    if not _mount(where, "size=8m"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with _tmpfs(tmp_path / "small", "size=8m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture()
 def read_only(tmp_path) -> Iterator[Path]:
-    where = tmp_path / "ro"
-    if not _mount(where, "size=1m,ro"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_full_disk_stops_cleanly_keeps_finished_stores_and_resumes(cohort, small_disk) -> None:

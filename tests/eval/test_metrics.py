@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from wsi_mil.data.splits import prevalence_weights
-from wsi_mil.eval.metrics import binary_metrics, bootstrap_auc_ci, choose_threshold, multiclass_metrics
+from wsi_mil.eval.metrics import (
+    binary_metrics,
+    bootstrap_auc_ci,
+    choose_threshold,
+    multiclass_metrics,
+)
 
 
 def test_binary_metrics_by_hand() -> None:

@@ -18,9 +18,9 @@ from wsi_mil import __version__
 from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import ExtractConfig
 from wsi_mil.errors import WsiMilError
-from wsi_mil.io.paths import path_record
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
+from wsi_mil.io.paths import path_record
 from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
 
 logger = logging.getLogger(__name__)

@@ -179,13 +179,11 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
     """All requested exports of one slide; returns ({format: file}, what heatmap.json
     records besides: the slide's call, the overlay's opacity, the top patches)."""
     from wsi_mil.data.bags import attention_patch_extent
-    from wsi_mil.io.attention import read_attention
+    from wsi_mil.io.attention import check_finite_attention, read_attention
     from wsi_mil.io.slide import open_slide, resolve_mpp
     from wsi_mil.io.thumbnail import read_thumbnail
     from wsi_mil.viz.raster import score_grid
     from wsi_mil.viz.scores import call_opacity, normalise, slide_call
-
-    from wsi_mil.io.attention import check_finite_attention
 
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
@@ -278,6 +276,8 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         overrides = {e.slide_id: e.path for e in read_manifest(slides_manifest)}
     t0 = time.perf_counter()
     outcomes = []
+    logger.info("drawing %d slide(s) into %s (%s normalisation, %s)", len(sources), out_dir, settings.normalise,
+                ", ".join(settings.formats))
     for sid, h5 in tqdm(sources.items(), desc="heatmaps", unit="slide", disable=not progress):
         slide_dir = out_dir / sid
         marker = slide_dir / "heatmap.json"
@@ -301,6 +301,7 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
             outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
             continue
         secs = time.perf_counter() - s0
+        logger.info("%s: %s drawn in %.1f s from %s (%s)", sid, ", ".join(files), secs, h5.name, meta["call"]["text"])
         names = {k: Path(v).name for k, v in files.items()}
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))

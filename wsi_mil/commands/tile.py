@@ -86,7 +86,7 @@ class RunReport:
             shown = self.skipped_inputs[:10]
             text += (f"\n\n{len(self.skipped_inputs)} file(s) in the input folders are not slides and were skipped:\n"
                      + "\n".join(f"  {Path(s['path']).name}: {s['reason']}" for s in shown)
-                     + (f"\n  ... all listed in run_report.json" if len(self.skipped_inputs) > 10 else ""))
+                     + ("\n  ... all listed in run_report.json" if len(self.skipped_inputs) > 10 else ""))
         return text
 
 
@@ -225,10 +225,10 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
     When the output disk fills up the phase stops cleanly: finished stores stay, the slide
     being written is left as ``.partial`` (a re-run redoes it), slides not started are
     reported as not written, and the space still needed is estimated and returned."""
-    from wsi_mil.errors import DiskFullError
-    from wsi_mil.io.atomic import free_bytes, is_disk_full
     from tqdm import tqdm
 
+    from wsi_mil.errors import DiskFullError
+    from wsi_mil.io.atomic import free_bytes, is_disk_full
     from wsi_mil.parallel import worker_count
     from wsi_mil.tiling.patches import extract_jpeg_chunk
 

@@ -120,7 +120,7 @@ def evaluate(task: Task, y: np.ndarray, p: np.ndarray, thresholds: list[float], 
     if task.kind == "binary":
         return next(iter(per.values()))
     aucs = [m["auc"] for m in per.values() if m["auc"] is not None]
-    return {"per_label": per, "auc": float(np.mean(aucs)) if aucs else None, "n": int(len(y))}
+    return {"per_label": per, "auc": float(np.mean(aucs)) if aucs else None, "n": len(y)}
 
 
 def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold: str, split: str,

@@ -111,7 +111,7 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.Ar
     ppv, npv = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
     out: dict[str, Any] = {
-        "n": int(len(y)), "n_positive": int(y.sum()),
+        "n": len(y), "n_positive": int(y.sum()),
         "threshold": float(thr) if thr.ndim == 0 else "each fold's own",
         "auc": auc(y, p), "auc_ci95": bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed) if ci else None,
         "sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": npv, "f1": f1,
@@ -143,7 +143,7 @@ def multiclass_metrics(y: npt.ArrayLike, probs: npt.ArrayLike, classes: list[str
     if len(np.unique(y)) == k:
         macro_auc = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(k))))
     sens = [v["sensitivity"] for v in per_class.values() if v["sensitivity"] is not None]
-    return {"n": int(len(y)), "accuracy": float((pred == y).mean()) if len(y) else None,
+    return {"n": len(y), "accuracy": float((pred == y).mean()) if len(y) else None,
             "balanced_accuracy": float(np.mean(sens)) if sens else None, "auc": macro_auc,
             "confusion": cm.tolist(), "per_class": per_class}
 
@@ -154,4 +154,4 @@ def summarise(values: list[float | None]) -> dict[str, float | None]:
     if not len(v):
         return {"mean": None, "sd": None, "se": None, "n": 0}
     sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "sd": sd, "se": sd / np.sqrt(len(v)), "n": int(len(v))}
+    return {"mean": float(v.mean()), "sd": sd, "se": sd / np.sqrt(len(v)), "n": len(v)}

@@ -150,7 +150,12 @@ class ReviewSite:
 
     def __init__(self, inputs: list[Path], *, slides_manifest: Path | None = None, heatmaps: Path | None = None,
                  normalise: str = "rank", cmap: str = "viridis") -> None:
-        from wsi_mil.commands.heatmap import HeatmapSettings, attention_sources, recorded_exports, slide_for_attention
+        from wsi_mil.commands.heatmap import (
+            HeatmapSettings,
+            attention_sources,
+            recorded_exports,
+            slide_for_attention,
+        )
         from wsi_mil.io.attention import read_attention_attrs
 
         HeatmapSettings(normalise=normalise, cmap=cmap).validate()

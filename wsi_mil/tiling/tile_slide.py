@@ -20,8 +20,8 @@ import numpy.typing as npt
 from wsi_mil import __version__
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
-from wsi_mil.io.paths import path_record
 from wsi_mil.errors import NoTissueError, SlideError
+from wsi_mil.io.paths import path_record
 from wsi_mil.io.slide import file_sha256, open_slide, resolve_mpp
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import read_thumbnail
@@ -66,7 +66,7 @@ class SlidePlan:
 
     @property
     def n_patches(self) -> int:
-        return int(len(self.coords_px))
+        return len(self.coords_px)
 
 
 def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) -> SlidePlan:
@@ -131,8 +131,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "min_tissue": config.min_tissue,
         "tissue_params": params.to_dict(),
         "tissue_mask_um_per_px": thumb_um,
-        "n_patches": int(len(coords)),
-        "n_grid_candidates": int(len(candidates)),
+        "n_patches": len(coords),
+        "n_grid_candidates": len(candidates),
         "tissue_area_mm2": float(mask.sum() * thumb_um * thumb_um / 1e6),
         "tissue_report": {k: v for k, v in asdict(tissue).items()},
         "has_patches": bool(config.save_patches),

@@ -43,7 +43,7 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
                           "models/ folder is damaged: retrain (train-mil resumes at the first missing fold)") from exc
     try:
         state = load_file(str(weights))
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+    except Exception as exc:
         raise ConfigError(f"{weights}: the weights file is damaged or not safetensors ({type(exc).__name__}: {exc}); "
                           "delete it and its .json and re-run train-mil, which retrains that fold") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)

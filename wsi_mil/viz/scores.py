@@ -15,9 +15,8 @@ the instance score. Three normalisations, all within one slide:
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt

@@ -204,6 +204,19 @@ def cpu_threads(bags: list[Bag], requested: int | None) -> int:
 
 def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, config: TrainConfig,
               progress: bool = True, inputs: TrainInputs | None = None) -> TrainReport:
+    """Train and evaluate every fold (see the module docstring); the process's CPU thread
+    count is set for the run (:func:`cpu_threads`) and restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        return _run_train(manifest, features_dirs, out_dir=out_dir, config=config, progress=progress, inputs=inputs)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, config: TrainConfig,
+               progress: bool, inputs: TrainInputs | None) -> TrainReport:
     import torch
     from tqdm import tqdm
 

@@ -301,7 +301,7 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
             outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
             continue
         secs = time.perf_counter() - s0
-        logger.info("%s: %s drawn in %.1f s from %s (%s)", sid, ", ".join(files), secs, h5.name, meta["call"]["text"])
+        logger.debug("%s: %s drawn in %.1f s from %s (%s)", sid, ", ".join(files), secs, h5.name, meta["call"]["text"])
         names = {k: Path(v).name for k, v in files.items()}
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))

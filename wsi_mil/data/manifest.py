@@ -231,7 +231,7 @@ def resolve_inputs_reporting(inputs: list[str | Path]) -> ResolvedInputs:
         entries += series
         skipped += left
     for s in skipped:
-        logger.info("skipped %s: %s", s["path"], s["reason"])
+        logger.debug("skipped %s: %s", s["path"], s["reason"])
     if not entries:
         raise ManifestError("no slides to process: give slide files, folders of slides or a manifest CSV"
                             + (f" ({len(skipped)} file(s) skipped, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"

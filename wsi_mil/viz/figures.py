@@ -61,7 +61,8 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     blend = (thumbnail.astype(np.float32) * (1 - a) + rgb * a).round().astype(np.uint8)
     h, w = blend.shape[:2]
     fig_w = 12.0
-    fig, axes = plt.subplots(1, 2, figsize=(fig_w, fig_w / 2 * h / w + 1.4), layout="constrained")
+    extra = 0.8 if banner else 0.0  # room for the banner's two lines over the heatmap panel
+    fig, axes = plt.subplots(1, 2, figsize=(fig_w, fig_w / 2 * h / w + 1.4 + extra), layout="constrained")
     for ax, img, sub in ((axes[0], thumbnail, "tissue"), (axes[1], blend, "attention")):
         ax.imshow(img)
         ax.set_title(sub, fontsize=10)
@@ -70,10 +71,12 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     bar = fig.colorbar(sm, ax=axes, orientation="horizontal", fraction=0.05, aspect=50)
     bar.set_label(scores.description, fontsize=9)
     fig.suptitle(title, fontsize=11)
-    if banner:
+    if banner:  # the slide's call, over the heatmap panel (its title), wrapped to the panel's width
+        import textwrap
+
         colour = {True: "#b2182b", False: "#4d4d4d"}.get(positive, "#2166ac")  # type: ignore[arg-type]
-        axes[1].text(0.5, 1.0, banner, transform=axes[1].transAxes, ha="center", va="bottom", fontsize=9,
-                     color="white", wrap=True, bbox={"facecolor": colour, "edgecolor": "none", "pad": 4})
+        axes[1].set_title(textwrap.fill(banner, width=72), fontsize=9, color="white",
+                          bbox={"facecolor": colour, "edgecolor": "none", "pad": 4})
     return _save(fig, path)
 
 

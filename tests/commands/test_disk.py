@@ -86,3 +86,23 @@ def test_ensure_writable_names_the_problem(read_only, tmp_path) -> None:
     with pytest.raises(OutputError, match="read-only"):
         ensure_writable(read_only / "x")
     assert ensure_writable(tmp_path / "a" / "b").is_dir()
+
+
+def test_extract_features_on_a_full_disk_fails_the_slide_cleanly_and_resumes(tmp_path, cmu_slide) -> None:
+    tiles = tmp_path / "tiles"
+    res = subprocess.run(WSI_MIL + ["tile", str(cmu_slide), "--out", str(tiles), "--workers", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with _tmpfs(tmp_path / "tiny", "size=1m") as disk:
+        args = WSI_MIL + ["extract-features", str(tiles), "--out", str(disk / "feats"), "--batch-size", "8",
+                          "--readers", "1", "--no-progress"]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+        assert "is full" in res.stderr and "Traceback" not in res.stderr
+        report = json.loads((disk / "feats" / "features_report.json").read_text())
+        assert [s["status"] for s in report["slides"]] == ["failed"]
+        assert not list((disk / "feats" / "features").glob("*.h5"))  # nothing that looks finished
+        assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (disk / "feats" / "features" / "cmu-1-small-region.h5").exists()

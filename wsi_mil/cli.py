@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil import __version__
-from wsi_mil.io.atomic import ensure_writable
 from wsi_mil.runtime import prefer_passive_omp
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
@@ -57,6 +56,11 @@ def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
+    """Console logging at the verbosity asked for, and the command's log file; the log
+    file's folder (the command's --out) is checked writable first (exit 2 if not)."""
+    from wsi_mil.logs import file_handler
+
+    handler = file_handler(log_file) if log_file is not None else None
     root = logging.getLogger("wsi_mil")
     root.setLevel(logging.DEBUG)
     root.handlers.clear()
@@ -64,12 +68,8 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     console.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(console)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+    if handler is not None:
+        root.addHandler(handler)
 
 
 def _default_workers() -> int:
@@ -267,16 +267,13 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.config import TileConfig, build_config, load_recipe
     from wsi_mil.data.manifest import resolve_inputs_reporting
-    from wsi_mil.io.atomic import write_text
-
     _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "tile") if args.config else None
     config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
     resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made
     entries = resolved.entries
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "tile.log")
-    _write_resolved_config(args.out / "tile_config.yaml", config, args, write_text)
+    _write_resolved_config(args.out / "tile_config.yaml", config, args)
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
     report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
                       overwrite=args.overwrite, progress=not args.no_progress, skipped_inputs=resolved.skipped,
@@ -295,23 +292,19 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED
 
 
-def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace, write_text: Any,
+def _write_resolved_config(path: Path, config: Any, args: argparse.Namespace,
                            section: str = "tile", extra: dict[str, Any] | None = None) -> None:
-    import yaml
+    from wsi_mil.config import write_settings
 
     if extra is None:
         extra = {"workers": args.workers, "scheduler": args.scheduler}
-    body = {"wsi_mil_version": __version__, "command": args.command, "inputs": [str(i) for i in args.inputs],
-            **extra, section: config.to_dict()}
-    write_text(path, yaml.safe_dump(body, sort_keys=False))
+    write_settings(path, args.command, args.inputs, section, config.to_dict(), extra)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.extract_features import run_extract
     from wsi_mil.config import ExtractConfig, build_config, load_recipe
-    from wsi_mil.io.atomic import write_text
-
     if args.list_encoders:
         from wsi_mil.encoders import available
 
@@ -322,9 +315,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "extract_features") if args.config else None
     config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "extract.log")
-    _write_resolved_config(args.out / "extract_config.yaml", config, args, write_text, "extract_features",
+    _write_resolved_config(args.out / "extract_config.yaml", config, args, "extract_features",
                            {"slides": [str(s) for s in args.slides]})
     report = run_extract(args.inputs, out_dir=args.out, config=config, overwrite=args.overwrite,
                          slide_dirs=args.slides, progress=not args.no_progress)
@@ -350,17 +342,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     _require(args, "train-mil", manifest="MANIFEST", features="--features", out="--out")
     from wsi_mil.commands.train_mil import prepare_inputs, run_train, summary_text
-    from wsi_mil.io.atomic import write_text
-
     _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "train_mil") if args.config else None
     config = build_config(TrainConfig, recipe=recipe, overrides=_config_overrides(args, TrainConfig))
     # every check of the manifest, the labels and the feature stores comes before the run folder
     inputs = prepare_inputs(args.manifest, args.features, config, progress=not args.no_progress)
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.manifest]
-    _write_resolved_config(args.out / "train_config.yaml", config, args, write_text, "train_mil",
+    _write_resolved_config(args.out / "train_config.yaml", config, args, "train_mil",
                            {"features": [str(f) for f in args.features]})
     report = run_train(args.manifest, args.features, out_dir=args.out, config=config, progress=not args.no_progress,
                        inputs=inputs)
@@ -371,7 +360,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict import run_predict
 
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
@@ -379,6 +367,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from wsi_mil.io.atomic import ensure_writable
     from wsi_mil.synth.cohort import make_cohort
 
     _setup_logging(args.verbose)
@@ -398,7 +387,6 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
             print("wsi-mil heatmap: error: give --out when the input is not one folder", file=sys.stderr)
             return EXIT_USAGE
         args.out = args.inputs[0] / "heatmaps"
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "heatmap.log")
     settings = HeatmapSettings(normalise=args.normalise, cmap=args.cmap, formats=tuple(args.formats),
                                top_k=args.top_k, geojson_top_k=args.geojson_top_k, smooth_um=args.smooth_um,
@@ -440,7 +428,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
-    ensure_writable(args.out)
     _setup_logging(args.verbose, args.out / "demo.log")
     sizes = {k: v for k, v in (("n_slides", args.n_slides), ("size_px", args.size)) if v is not None}
     return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress, **sizes)

@@ -252,3 +252,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> Path:
+    """The resolved settings of a command (or of a demo step), written atomically as YAML
+    beside its outputs: package version, command, inputs, run options, then the section."""
+    import yaml
+
+    from wsi_mil import __version__
+    from wsi_mil.io.atomic import write_text
+
+    body = {"wsi_mil_version": __version__, "command": command, "inputs": [str(i) for i in inputs],
+            **(extra or {}), section: settings}
+    return write_text(path, yaml.safe_dump(body, sort_keys=False))

@@ -10,17 +10,15 @@ heatmaps for review. Seeded: the same seed gives the same cohort and the same fi
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from wsi_mil.config import ExtractConfig, TileConfig
+from wsi_mil.config import ExtractConfig, TileConfig, write_settings
 from wsi_mil.data.manifest import read_manifest, write_manifest
+from wsi_mil.logs import step_log
 
 logger = logging.getLogger(__name__)
 
@@ -30,33 +28,6 @@ DEMO_TUMOUR_UM = (300.0, 900.0)
 
 
 CLASSES = "normal,tumour"
-
-
-@contextlib.contextmanager
-def _step_log(path: Path) -> Iterator[None]:
-    """The step's own log file beside its outputs (as the stand-alone command writes it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("wsi_mil")
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
-def _write_settings(path: Path, command: str, inputs: list[Path], section: str, settings: dict[str, Any]) -> None:
-    """The step's resolved settings, in the layout of the stand-alone command's."""
-    import yaml
-
-    from wsi_mil import __version__
-    from wsi_mil.io.atomic import write_text
-
-    write_text(path, yaml.safe_dump({"wsi_mil_version": __version__, "command": f"{command} (from wsi-mil demo)",
-                                     "inputs": [str(i) for i in inputs], section: settings}, sort_keys=False))
 
 
 def wsi_mil_command() -> str:
@@ -102,9 +73,9 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
     manifest = _demo_manifest(out_dir, cohort)
     print(f"[2/5] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     tile_config = TileConfig()
-    _write_settings(out_dir / "tiles" / "tile_config.yaml", "tile", [manifest], "tile",
-                    {**tile_config.to_dict(), "workers": workers})
-    with _step_log(out_dir / "tiles" / "tile.log"):
+    write_settings(out_dir / "tiles" / "tile_config.yaml", "tile (from wsi-mil demo)", [manifest], "tile",
+                   tile_config.to_dict(), {"workers": workers})
+    with step_log(out_dir / "tiles" / "tile.log"):
         report = run_tile(read_manifest(manifest), out_dir=out_dir / "tiles", config=tile_config,
                           workers=workers, progress=progress)
     print()
@@ -120,9 +91,9 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
 
     config = ExtractConfig()
     print(f"\n[3/5] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
-    _write_settings(out_dir / "tiles" / "extract_config.yaml", "extract-features", [out_dir / "tiles"],
-                    "extract_features", config.to_dict())
-    with _step_log(out_dir / "tiles" / "extract.log"):
+    write_settings(out_dir / "tiles" / "extract_config.yaml", "extract-features (from wsi-mil demo)",
+                   [out_dir / "tiles"], "extract_features", config.to_dict())
+    with step_log(out_dir / "tiles" / "extract.log"):
         features = run_extract([out_dir / "tiles"], out_dir=out_dir / "tiles", config=config, progress=progress)
     print()
     print(features.table())
@@ -148,9 +119,9 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
           f"+ {config.folds}-fold cross-validation ...")
     run_dir = out_dir / "train"
     features = [out_dir / "tiles" / "features"]
-    _write_settings(run_dir / "train_config.yaml", "train-mil", [manifest], "train_mil",
-                    {**config.to_dict(), "features": [str(f) for f in features]})
-    with _step_log(run_dir / "train.log"):
+    write_settings(run_dir / "train_config.yaml", "train-mil (from wsi-mil demo)", [manifest], "train_mil",
+                   config.to_dict(), {"features": [str(f) for f in features]})
+    with step_log(run_dir / "train.log"):
         report = run_train(manifest, features, out_dir=run_dir, config=config, progress=progress)
     print(summary_text(report))
     slides = {e.slide_id: e.path for e in read_manifest(manifest)}
@@ -174,7 +145,7 @@ def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
     from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
 
     print("\n[5/5] heatmaps of every slide's out-of-fold attention (PNG overlay, pyramidal TIFF, QuPath GeoJSON, gallery) ...")
-    with _step_log(run_dir / "heatmaps" / "heatmap.log"):
+    with step_log(run_dir / "heatmaps" / "heatmap.log"):
         report = run_heatmap([run_dir], out_dir=run_dir / "heatmaps", settings=HeatmapSettings(), progress=progress)
     counts = report.to_dict()["counts"]
     print(f"{len(report.outcomes)} slides in {report.seconds:.1f} s: {counts}")

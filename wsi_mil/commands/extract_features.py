@@ -20,7 +20,7 @@ from wsi_mil.config import ExtractConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
-from wsi_mil.io.paths import path_record
+from wsi_mil.io.paths import path_record, resolve_recorded
 from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,6 @@ def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: st
 
 
 def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: Path) -> str:
-    from wsi_mil.io.paths import resolve_recorded
-
     recorded = attrs.get("slide_path")
     found = resolve_recorded(attrs, "slide_path", store.parent)
     if found is not None:

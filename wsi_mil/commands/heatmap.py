@@ -141,9 +141,8 @@ def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path],
     """The slide file behind an attention store (attention → feature store → patch store,
     each of which records its source absolutely and relative to itself, so this works
     from any folder and after the run's tree moved), and the mpp the tiler resolved."""
-    from wsi_mil.data.bags import attention_feature_store, feature_store_attrs
+    from wsi_mil.data.bags import attention_feature_store, feature_store_attrs, source_patch_store
     from wsi_mil.io.paths import resolve_recorded
-    from wsi_mil.io.store import PatchStore
 
     sid = str(attrs.get("slide_id"))
     store = attention_feature_store(attrs, attention_store)
@@ -151,14 +150,7 @@ def slide_for_attention(attrs: dict[str, Any], overrides: dict[str, Path],
     mpp = float(fattrs["slide_mpp"]) if fattrs and fattrs.get("slide_mpp") else None
     if sid in overrides:
         return overrides[sid], mpp
-    pattrs: dict[str, Any] = {}
-    patch_store = resolve_recorded(fattrs, "source_store", store.parent) if fattrs and store is not None else None
-    if patch_store is not None:
-        try:
-            with PatchStore(patch_store) as ps:
-                pattrs = ps.attrs
-        except Exception:  # noqa: BLE001 - a damaged patch store is reported below as a missing slide
-            pattrs = {}
+    patch_store, pattrs = source_patch_store(fattrs, store) if fattrs else (None, {})
     slide = resolve_recorded(pattrs, "slide_path", patch_store.parent) if patch_store is not None else None
     if slide is not None:
         if pattrs.get("slide_size_bytes") not in (None, slide.stat().st_size):
@@ -239,9 +231,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
     if "geojson" in settings.formats:
         from wsi_mil.viz.geojson import patch_features, write_geojson
 
-        index = None
-        if settings.geojson_top_k:
-            index = np.argsort(-scores.unit, kind="stable")[:settings.geojson_top_k]
+        index = order[:settings.geojson_top_k] if settings.geojson_top_k else None
         feats = patch_features(coords, extent, scores, att, probability=probability, index=index)
         files["geojson"] = str(write_geojson(slide_dir / "patches.geojson", feats))
     return files, meta

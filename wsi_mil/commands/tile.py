@@ -284,8 +284,8 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
                 outcomes[sid] = _failure(entry, exc)
                 if disk and full is None:
                     full = str(exc) if isinstance(exc, DiskFullError) else f"the disk is full ({exc})"
-                    for fut_, plan_, _, _ in pending:
-                        fut_.cancel()
+                    for item in pending:
+                        item[0].cancel()
             finally:
                 bar.update(n)
                 while full is None and len(pending) < window and submit_next():
@@ -294,9 +294,8 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
                 break
     if full is None:
         return None
-    # what was not written: the slides not published (the one in progress and those not started)
-    left = [p for p in plans if p.slide_id in failed or p.slide_id in writers
-            or outcomes[p.slide_id].store is None or not Path(str(outcomes[p.slide_id].store)).exists()]
+    # what was not written: every slide not published (its outcome gets a store on commit)
+    left = [p for p in plans if outcomes[p.slide_id].store is None]
     for w in writers.values():
         w.abort(keep_partial=True)
     for p in left:

@@ -229,8 +229,8 @@ def _run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, conf
     t0 = time.perf_counter()
     if inputs is None:
         inputs = prepare_inputs(manifest, features_dirs, config, progress=progress)
-    else:
-        logger.info("%s", inputs.task_line)
+    else:  # already printed when the inputs were checked; the run's log file gets it too
+        logger.debug("%s", inputs.task_line)
     task, bags, skipped, user_split = inputs.task, inputs.bags, inputs.skipped, inputs.user_split
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = encoder_of(bags)

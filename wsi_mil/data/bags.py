@@ -270,20 +270,28 @@ def feature_store_attrs(store: Path) -> dict[str, Any] | None:
     return attrs if attrs.get("complete") is True and has_features else None
 
 
-def source_patch_store_attrs(feature_attrs: dict[str, Any], feature_store: Path | None = None) -> dict[str, Any]:
-    """Root attributes of the patch store a feature store was made from ({} when it is gone
-    or unreadable); ``feature_store`` (its path) resolves the relative record."""
+def source_patch_store(feature_attrs: dict[str, Any], feature_store: Path | None = None
+                       ) -> tuple[Path | None, dict[str, Any]]:
+    """The patch store a feature store was made from and its root attributes ((None, {})
+    when it is gone; {} when it is unreadable); ``feature_store`` (its path) resolves the
+    relative record."""
     from wsi_mil.io.paths import resolve_recorded
     from wsi_mil.io.store import PatchStore
 
     source = resolve_recorded(feature_attrs, "source_store", feature_store.parent if feature_store else Path("."))
     if source is None:
-        return {}
+        return None, {}
     try:
         with PatchStore(source) as ps:
-            return ps.attrs
+            return source, ps.attrs
     except Exception:  # noqa: BLE001 - callers treat a damaged store as missing
-        return {}
+        return source, {}
+
+
+def source_patch_store_attrs(feature_attrs: dict[str, Any], feature_store: Path | None = None) -> dict[str, Any]:
+    """Root attributes of the patch store a feature store was made from ({} when it is gone
+    or unreadable)."""
+    return source_patch_store(feature_attrs, feature_store)[1]
 
 
 def patch_geometry(attrs: dict[str, Any], store: Path | None = None) -> tuple[float, float]:
@@ -317,7 +325,7 @@ def attention_patch_extent(attrs: dict[str, Any], attention_store: Path | None =
         return extent
     store = attention_feature_store(attrs, attention_store)
     fattrs = feature_store_attrs(store) if store is not None else None
-    if fattrs and store is not None:
+    if fattrs:
         extent = patch_geometry(fattrs, store)[0]
         if extent > 1.0:
             return extent
@@ -332,10 +340,10 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
     ``Bag.meta``); the others are returned as problems (slide_id, reason) so the caller
     can list them: a missing, incomplete or damaged store, or one with non-finite
     features (every store is read once here to check)."""
-    bags: list[Bag] = []
-    missing: list[dict[str, str]] = []
     from tqdm import tqdm
 
+    bags: list[Bag] = []
+    missing: list[dict[str, str]] = []
     for e in tqdm(entries, desc="reading bags", unit="slide", disable=not progress):
         store = next((s for d in features_dirs if (s := find_feature_store(d, e.slide_id))), None)
         if store is None:

@@ -52,6 +52,9 @@ def bootstrap_auc_ci(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, 
     return float(lo), float(hi)
 
 
+_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before the logit
+
+
 def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
     q = np.clip(np.asarray(p, dtype=float), _EPS, 1 - _EPS)
     return np.log(q / (1 - q))
@@ -59,9 +62,6 @@ def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
 
 def _expit(z: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
-
-
-_EPS = 1e-7
 
 
 def choose_threshold(y: npt.ArrayLike, p: npt.ArrayLike, method: str = "youden", target_sensitivity: float = 0.9) -> float:

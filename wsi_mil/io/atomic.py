@@ -119,9 +119,5 @@ def check_space(folder: str | Path, need_bytes: int, what: str) -> None:
                             f"{_mb(free)} are free")
 
 
-def disk_full_message(folder: str | Path, exc: BaseException) -> str:
-    return f"the disk of {folder} is full ({_mb(free_bytes(folder) or 0)} free): {exc}"
-
-
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"

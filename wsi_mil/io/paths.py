@@ -28,18 +28,6 @@ def path_record(key: str, target: str | Path, base_dir: str | Path) -> dict[str,
 def resolve_recorded(attrs: dict[str, Any], key: str, base_dir: str | Path) -> Path | None:
     """The existing file or folder that ``attrs`` records under ``key`` (see the module
     docstring for the order), or None when none of the candidates exists."""
-    for candidate in recorded_candidates(attrs, key, base_dir):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def recorded_candidates(attrs: dict[str, Any], key: str, base_dir: str | Path) -> list[Path]:
-    out = []
-    rel = attrs.get(f"{key}_rel")
-    if rel and str(rel) != "none":
-        out.append(Path(base_dir) / str(rel))
-    value = attrs.get(key)
-    if value and str(value) != "none":
-        out.append(Path(str(value)))
-    return out
+    rel, value = (str(attrs.get(k) or "none") for k in (f"{key}_rel", key))  # stores keep None as "none"
+    candidates = ([Path(base_dir) / rel] if rel != "none" else []) + ([Path(value)] if value != "none" else [])
+    return next((c for c in candidates if c.exists()), None)

@@ -126,10 +126,6 @@ class StoreWriter:
         os.replace(self.tmp_path, self.final_path)
         return self.final_path
 
-    @property
-    def n_jpeg_bytes(self) -> int:
-        return self._n_jpeg_bytes
-
     def close(self) -> None:
         if self.fmt == "h5" and self._h5.id.valid:
             self._h5.close()

@@ -112,6 +112,7 @@ class ReviewSlide:
         from wsi_mil.data.bags import attention_patch_extent
 
         extent = attention_patch_extent(attrs, self.attention)
+        call = slide_call(attrs)
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h)
         rgba = colourise(grid.values, cmap, alpha=255)
         from PIL import Image
@@ -134,7 +135,7 @@ class ReviewSlide:
             "probability": dict(zip(attrs.get("outputs") or [], attrs.get("probability") or [], strict=False)),
             "model": attrs.get("model"), "fold": attrs.get("fold"), "split": attrs.get("split"),
             "exports": {k: f"/exports/{self.slide_id}/{p.name}" for k, p in self.exports.items()},
-            "call": slide_call(attrs), "opacity": call_opacity(0.5, slide_call(attrs)),
+            "call": call, "opacity": call_opacity(0.5, call),
         }
         with self.lock:
             self._info, self._heat = info, buf.getvalue()
@@ -209,17 +210,17 @@ _ONE = re.compile(r"^/(?P<kind>api/slide|heatmap)/(?P<sid>[^/]+?)(?:\.png)?$")
 _EXPORT = re.compile(r"^/exports/(?P<sid>[^/]+)/(?P<name>[^/]+)$")
 
 
-def allowed_hosts(host: str, port: int) -> set[str]:
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
     """Host header values the server answers: the loopback names and the address it was
     bound to, with or without the port. Anything else (a DNS-rebinding page in the user's
     browser naming its own domain) gets 400."""
     names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
-    return names | {f"{n}:{port}" for n in names}
+    return frozenset(names | {f"{n}:{port}" for n in names})
 
 
 class _Handler(BaseHTTPRequestHandler):
     site: ReviewSite
-    hosts: set[str] = set()
+    hosts: frozenset[str] = frozenset()
     server_version = "wsi-mil-review"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -291,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(site: ReviewSite, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    handler = type("ReviewHandler", (_Handler,), {"site": site, "hosts": set()})
+    handler = type("ReviewHandler", (_Handler,), {"site": site})
     server = ThreadingHTTPServer((host, port), handler)
     handler.hosts = allowed_hosts(host.lower(), server.server_address[1])
     server.daemon_threads = True

@@ -134,7 +134,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "n_patches": len(coords),
         "n_grid_candidates": len(candidates),
         "tissue_area_mm2": float(mask.sum() * thumb_um * thumb_um / 1e6),
-        "tissue_report": {k: v for k, v in asdict(tissue).items()},
+        "tissue_report": asdict(tissue),
         "has_patches": bool(config.save_patches),
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
         "config_fingerprint": config_fingerprint(config, entry),

@@ -75,14 +75,17 @@ def pen_mask(rgb: npt.NDArray[np.uint8]) -> BoolMask:
     return _ink(*_hsv(rgb))
 
 
-def _ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32],
-         blue_min_saturation: float = 0.25) -> BoolMask:
-    green = (h >= 65) & (h < 180) & (s > 0.25) & (v > 0.15)
-    blue = (h >= 180) & (h <= 250) & (s > blue_min_saturation) & (v > 0.15)
+def _ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> BoolMask:
+    green_blue = (h >= 65) & (h <= 250) & (s > 0.25) & (v > 0.15)
     reddish = (h >= 320) | (h <= 15)
     red = ((h >= 345) | (h <= 15)) & (s > 0.65) & (v > 0.55)
     dark_red = reddish & (s > 0.5) & (v < 0.4)  # dried/overlapping red ink; nuclei are bluer
-    return green | blue | red | dark_red
+    return green_blue | red | dark_red
+
+
+def _blue_ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> BoolMask:
+    """The blue part of :func:`_ink` (its hue range is apart from every other ink's)."""
+    return (h >= 180) & (h <= 250) & (s > 0.25) & (v > 0.15)
 
 
 #: blue counts as the slide's stain when blue "ink" pixels are at least this share of the stained pixels
@@ -94,7 +97,6 @@ class TissueReport:
     """What :func:`inspect_tissue` saw, for messages and provenance."""
 
     mask_fraction: float = 0.0  # share of the image the final mask covers
-    candidate_fraction: float = 0.0  # share that is neither glass nor near-black
     ink_removed_share: float = 0.0  # share of the stained candidate pixels that pen rejection removed
     blue_is_stain: bool = False
     blue_ink_min_saturation: float = 0.25
@@ -116,36 +118,33 @@ _STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 by
 
 def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams,
               report: TissueReport) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
-    """Saturation (uint8, 0-255), artefact (ink / near-black), glass and ink-only masks,
-    strip by strip (two passes: the first measures whether blue is the stain)."""
+    """Saturation (uint8, 0-255), artefact (ink / near-black), glass and ink masks, strip
+    by strip (one HSV pass); blue that is the slide's stain is taken back out of the ink."""
     h = rgb.shape[0]
     sat = np.empty(rgb.shape[:2], dtype=np.uint8)
     dark = np.empty(rgb.shape[:2], dtype=bool)
     background = np.empty(rgb.shape[:2], dtype=bool)
-    blue_cand = np.zeros(rgb.shape[:2], dtype=bool)
+    ink = np.zeros(rgb.shape[:2], dtype=bool)
+    blue = np.zeros(rgb.shape[:2], dtype=bool)
     stained = 0
     for y0 in range(0, h, _STRIP_ROWS):
-        strip = rgb[y0 : y0 + _STRIP_ROWS]
-        hue, s, v = _hsv(strip)
-        sat[y0 : y0 + _STRIP_ROWS] = np.round(s * 255).astype(np.uint8)
-        dark[y0 : y0 + _STRIP_ROWS] = v < params.dark_value
-        bg = (v > params.background_value) & (s < params.saturation_min)
-        background[y0 : y0 + _STRIP_ROWS] = bg
-        stained += int(((s > params.saturation_min) & ~bg & (v >= params.dark_value)).sum())
-        blue_cand[y0 : y0 + _STRIP_ROWS] = (hue >= 180) & (hue <= 250) & (s > 0.25) & (v > 0.15)
-    ink = np.zeros(rgb.shape[:2], dtype=bool)
-    if params.reject_pen:
-        n_blue = int(blue_cand.sum())
-        if stained and n_blue >= BLUE_STAIN_SHARE * stained:
-            # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
-            report.blue_is_stain = True
-            typical = float(np.median(sat[blue_cand])) / 255  # the stain's (a pen stroke is a minority)
-            report.blue_ink_min_saturation = max(0.6, typical + 0.2)
-            report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
-                                f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
-        for y0 in range(0, h, _STRIP_ROWS):
-            hue, s, v = _hsv(rgb[y0 : y0 + _STRIP_ROWS])
-            ink[y0 : y0 + _STRIP_ROWS] = _ink(hue, s, v, report.blue_ink_min_saturation)
+        rows = slice(y0, y0 + _STRIP_ROWS)
+        hue, s, v = _hsv(rgb[rows])
+        sat[rows] = np.round(s * 255).astype(np.uint8)
+        dark[rows] = v < params.dark_value
+        background[rows] = (v > params.background_value) & (s < params.saturation_min)
+        stained += int(((s > params.saturation_min) & ~background[rows] & ~dark[rows]).sum())
+        if params.reject_pen:
+            ink[rows] = _ink(hue, s, v)
+            blue[rows] = _blue_ink(hue, s, v)
+    if params.reject_pen and stained and blue.sum() >= BLUE_STAIN_SHARE * stained:
+        # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
+        typical = float(np.median(sat[blue])) / 255  # the stain's (a pen stroke is a minority)
+        report.blue_is_stain = True
+        report.blue_ink_min_saturation = max(0.6, typical + 0.2)
+        report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
+                            f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
+        ink &= ~(blue & (sat <= round(report.blue_ink_min_saturation * 255)))
     return sat, dark | ink, background, ink
 
 
@@ -212,7 +211,6 @@ def inspect_tissue(
     stained = ~background & (sat > round(threshold * 255))
     if stained.any():
         report.ink_removed_share = float((stained & ink).sum() / stained.sum())
-    report.candidate_fraction = float(candidates.mean())
 
     px_area = pixel_um * pixel_um
     radius = int(round(params.closing_radius_um / pixel_um))

@@ -180,10 +180,9 @@ MIL_MODELS = ("abmil", "gated_abmil", "clam_sb", "transmil", "mean", "max")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings of ``wsi-mil train-mil``."""
+class CommonTrainConfig:
+    """Settings every trainer shares (slides, images): task, splits, optimisation, evaluation."""
 
-    model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max", choices=MIL_MODELS)
     task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=("auto", "binary", "multiclass", "multilabel"))
     label: str | None = _opt(None, "label column to use when the manifest has several (default: every label column)")
     classes: str | None = _opt(None, "class names in order, comma-separated (negative first for binary), e.g. normal,tumour: "
@@ -191,8 +190,6 @@ class TrainConfig:
                                      "error (default: the manifest's '# classes:' line, else the values found)")
     min_class_slides: int = _opt(5, "fewest slides a class may have; a smaller class is an error naming its slides "
                                     "(a stray label value is usually a typo)")
-    allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
-                                      "in the report); without it such slides stop the run (exit 1)")
     folds: int = _opt(5, "cross-validation folds over the development set (patient-level, stratified); 1 = one train/val split")
     test_fraction: float = _opt(0.2, "share of patients held out as the test set (0 = none; ignored with a manifest split column)")
     min_minority_share: float | None = _opt(None, "sample the test set so the minority class is at least this share (e.g. 0.5); metrics also at the true prevalence")
@@ -201,37 +198,33 @@ class TrainConfig:
     monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=("auc", "loss"))
     lr: float = _opt(2e-4, "AdamW learning rate (1 warm-up epoch, then cosine decay)")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")
-    max_instances: int | None = _opt(4096, "random subset of at most this many instances per bag in training (full bags at evaluation)")
     imbalance: str = _opt("weighted", "class-imbalance handling: weighted loss, sampler (weighted sampling), focal, none", choices=("weighted", "sampler", "focal", "none"))
     focal_gamma: float = _opt(2.0, "focal-loss gamma (with --imbalance focal)")
-    hidden: int = _opt(256, "width of the instance embedding")
     dropout: float = _opt(0.25, "dropout in the instance embedding")
     threshold: str = _opt("youden", "decision threshold chosen on validation: youden, or sensitivity (see --target-sensitivity)", choices=("youden", "sensitivity"))
     target_sensitivity: float = _opt(0.9, "with --threshold sensitivity: the lowest validation sensitivity accepted")
     bootstrap: int = _opt(1000, "bootstrap resamples for the AUC confidence intervals")
     seed: int = _opt(0, "random seed (splits, initialisation, sampling)")
     device: str = _opt("auto", "auto (cuda when present), cpu, cuda or cuda:N")
-    cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
     threads: int | None = _opt(None, "CPU threads for training and evaluation (default: 1 for bags of up to 4096 "
                                      "instances, where more threads only contend; else up to 4)")
 
-    def __post_init__(self) -> None:
-        checks = [
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.folds >= 1, "--folds must be 1 or more"),
             (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
             (self.min_minority_share is None or 0 < self.min_minority_share <= 0.5, "--min-minority-share must be in (0, 0.5]"),
             (self.epochs >= 1, "--epochs must be positive"),
             (self.patience >= 1, "--patience must be positive"),
             (self.lr > 0, "--lr must be positive"),
-            (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
-            (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
             (0 < self.target_sensitivity <= 1, "--target-sensitivity must be in (0, 1]"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.min_class_slides >= 1, "--min-class-slides must be positive"),
             (self.threads is None or self.threads >= 1, "--threads must be positive"),
         ]
-        for ok, message in checks:
+
+    def __post_init__(self) -> None:
+        for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
 
@@ -244,14 +237,96 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: no CUDA GPU is visible; use --device cpu")
         return self.device
 
-    def model_args(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "dropout": self.dropout}
-
     def class_list(self) -> list[str] | None:
         return [c.strip() for c in self.classes.split(",")] if self.classes else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig(CommonTrainConfig):
+    """Settings of ``wsi-mil train-mil``."""
+
+    model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max", choices=MIL_MODELS)
+    allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
+                                      "in the report); without it such slides stop the run (exit 1)")
+    bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")
+    max_instances: int | None = _opt(4096, "random subset of at most this many instances per bag in training (full bags at evaluation)")
+    hidden: int = _opt(256, "width of the instance embedding")
+    cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return super()._checks() + [
+            (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
+            (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
+        ]
+
+    def model_args(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "dropout": self.dropout}
+
+
+IMAGE_MODES = ("linear", "partial", "full")
+
+
+@dataclass(frozen=True)
+class ImageTrainConfig(CommonTrainConfig):
+    """Settings of ``wsi-mil train-image`` (2D images such as chest X-rays)."""
+
+    epochs: int = _opt(20, "maximum epochs per fold")
+    patience: int = _opt(5, "early stopping: epochs without validation improvement")
+    lr: float = _opt(5e-4, "AdamW learning rate of the head (backbone stages: see --layer-decay); 1 warm-up epoch, then cosine decay")
+    dropout: float = _opt(0.2, "dropout before the classification head")
+
+    backbone: str = _opt("efficientnet_lite0", "image backbone: a registered encoder (efficientnet_lite0: offline ImageNet "
+                                               "weights) or any timm model name")
+    weights: str | None = _opt(None, "local weights file for the backbone (.safetensors or .pth state dict; weights only)")
+    random_init: bool = _opt(False, "allow a randomly initialised backbone (trained from scratch; recorded)")
+    mode: str = _opt("partial", "transfer mode: linear (a linear probe on frozen, cached features: seconds), partial "
+                                "(fine-tune the last --train-stages stages), full (fine-tune everything, learning "
+                                "rates decaying by --layer-decay per stage towards the input)", choices=IMAGE_MODES)
+    train_stages: int = _opt(2, "with --mode partial: how many of the backbone's last stages are trained")
+    layer_decay: float = _opt(0.7, "with --mode full: learning-rate factor per stage, from the head towards the input")
+    image_size: int = _opt(224, "side of the square network input in pixels (images are resized, antialiased)")
+    batch_size: int = _opt(32, "images per optimisation step")
+    augment: str = _opt("xray", "training augmentation: xray (small rotation, shift, zoom, brightness / contrast / "
+                                "gamma; NO left-right flip), histology (adds flips, 90-degree turns, colour jitter), "
+                                "none", choices=("xray", "histology", "none"))
+    labels: str | None = _opt(None, "label columns, comma-separated (default: 'label' / 'label_<name>' columns); a blank "
+                                    "cell is 'not labelled', masked out of loss and metrics")
+    readers: str | None = _opt(None, "several readers' label columns, comma-separated: the reference label is their "
+                                     "majority vote (ties: not labelled), and their agreement is reported")
+    window: str | None = _opt(None, "DICOM window CENTRE,WIDTH in the modality's units (default: the file's VOI LUT / "
+                                    "window, else the image's range)")
+    use_voi: bool = _opt(True, "apply a DICOM file's own VOI LUT / window when --window is not given")
+    resplit: bool = _opt(False, "when the manifest's split column puts one patient in two sets, name them and split "
+                                "again by patient (default: stop with the list)")
+    feature_cache: str | None = _opt(None, "folder for the frozen-backbone feature cache of --mode linear (default: "
+                                           "<out>/features); reused by later runs with the same backbone and images")
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return super()._checks() + [
+            (self.mode in IMAGE_MODES, f"--mode must be one of {IMAGE_MODES}"),
+            (self.train_stages >= 1, "--train-stages must be positive"),
+            (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
+            (16 <= self.image_size <= 2048, "--image-size must be in 16..2048"),
+            (self.batch_size >= 1, "--batch-size must be positive"),
+        ]
+
+    def window_pair(self) -> tuple[float, float] | None:
+        if not self.window:
+            return None
+        try:
+            c, w = (float(v) for v in self.window.split(","))
+        except ValueError as exc:
+            raise ConfigError(f"--window {self.window!r}: give CENTRE,WIDTH, e.g. 2048,4096") from exc
+        return c, w
+
+    def label_list(self) -> list[str] | None:
+        return [c.strip() for c in self.labels.split(",") if c.strip()] if self.labels else None
+
+    def reader_list(self) -> list[str] | None:
+        return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
 
 
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],

@@ -62,11 +62,16 @@ class Task:
             out = []
             for col in self.label_columns:
                 v = labels.get(col, "").strip().lower()
+                if not v:  # not labelled (only images allow it; infer_task refuses blank slide labels)
+                    out.append(np.nan)
+                    continue
                 if v not in _POSITIVE | _NEGATIVE:
                     raise ManifestError(f"{where}: {col}={labels.get(col)!r}; multi-label columns take 0 or 1")
                 out.append(1.0 if v in _POSITIVE else 0.0)
             return np.asarray(out, np.float32)
         value = labels.get(self.label_columns[0], "").strip()
+        if not value:
+            return np.full(self.n_outputs, np.nan, np.float32)
         values = self.label_values
         if value not in values:
             raise ManifestError(f"{where}: label {value!r} is not one of {list(values)}")
@@ -109,12 +114,14 @@ def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int 
     return ", ".join(hits[:n]) + (f", ... ({len(hits)} in all)" if len(hits) > n else "")
 
 
-def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None = None,
-               classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS) -> Task:
+def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
+               classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS,
+               allow_blank: bool = False) -> Task:
     """The task of a labelled manifest (see the module docstring), with every label value
     validated: a missing-value token (``NaN``, ``NA`` ...), a stray value in a 0/1 column,
     a value outside ``classes`` or a class with fewer than ``min_per_class`` slides is an
-    error naming the slides, never a silently different task."""
+    error naming the slides, never a silently different task. With ``allow_blank`` (images)
+    a blank cell means "not labelled" (NaN in the target, masked out of loss and metrics)."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
     columns = sorted({c for e in entries for c in e.labels})
@@ -125,7 +132,7 @@ def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None 
     if not columns:
         raise ManifestError("the manifest has no label column; add 'label' (or 'label_<name>' columns) to train")
     unlabelled = [e.slide_id for e in entries if any(not e.labels.get(c, "").strip() for c in columns)]
-    if unlabelled:
+    if unlabelled and not allow_blank:
         raise ManifestError(f"{len(unlabelled)} slide(s) have no label ({', '.join(unlabelled[:5])}); "
                             "label them or leave them out of the manifest")
     for c in columns:
@@ -137,7 +144,7 @@ def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None 
     if kind == "auto" and classes:
         kind = "binary" if len(classes) == 2 else "multiclass"
     if kind == "auto":
-        kind = "multilabel" if len(columns) > 1 else ("binary" if len({e.labels[columns[0]].strip() for e in entries}) <= 2 else "multiclass")
+        kind = "multilabel" if len(columns) > 1 else ("binary" if len({e.labels[columns[0]].strip() for e in entries} - {""}) <= 2 else "multiclass")
     if kind == "multilabel":
         if classes:
             raise ConfigError("--classes names the classes of one label column; a multi-label task takes its "
@@ -149,7 +156,7 @@ def infer_task(entries: list[SlideEntry], kind: str = "auto", label: str | None 
     if len(columns) > 1:
         raise ManifestError(f"a {kind} task needs one label column; the manifest has {columns} (pick one with --label)")
     col = columns[0]
-    values = sorted({e.labels[col].strip() for e in entries})
+    values = sorted({e.labels[col].strip() for e in entries} - {""})
     codes = [v for v in values if v.lower() in _BINARY_CODES]
     stray = [v for v in values if v.lower() not in _BINARY_CODES]
     if not classes and len(codes) >= 2 and stray and not said_multiclass:
@@ -201,12 +208,13 @@ def _named_task(entries: list[SlideEntry], kind: str, col: str, values: list[str
     return Task(kind, outputs, (col,), tuple(names), tuple(label_values))
 
 
-def _check_multilabel_counts(entries: list[SlideEntry], task: Task, min_per_class: int) -> None:
+def _check_multilabel_counts(entries: list[Any], task: Task, min_per_class: int) -> None:
     problems = []
     for name, col in zip(task.outputs, task.label_columns, strict=True):
         pos = sum(e.labels[col].strip().lower() in _POSITIVE for e in entries)
-        if pos < min_per_class or len(entries) - pos < min_per_class:
-            problems.append(f"{name}: {pos} positive, {len(entries) - pos} negative")
+        neg = sum(e.labels[col].strip().lower() in _NEGATIVE for e in entries)
+        if pos < min_per_class or neg < min_per_class:
+            problems.append(f"{name}: {pos} positive, {neg} negative")
     if problems:
         raise ManifestError(f"labels with fewer than {min_per_class} positive or negative slides: "
                             f"{'; '.join(problems)}. Drop the label column or add slides")

@@ -155,3 +155,29 @@ def summarise(values: list[float | None]) -> dict[str, float | None]:
         return {"mean": None, "sd": None, "se": None, "n": 0}
     sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     return {"mean": float(v.mean()), "sd": sd, "se": sd / np.sqrt(len(v)), "n": len(v)}
+
+
+def calibration_bins(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> dict[str, Any]:
+    """Equal-width probability bins: mean predicted probability, observed positive rate and
+    count per bin (empty bins left out)."""
+    y, p = np.asarray(y, dtype=float), np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    conf, freq, count = [], [], []
+    for b in range(n_bins):
+        sel = idx == b
+        if sel.any():
+            conf.append(float(p[sel].mean()))
+            freq.append(float(y[sel].mean()))
+            count.append(int(sel.sum()))
+    return {"confidence": conf, "observed": freq, "count": count}
+
+
+def expected_calibration_error(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> float | None:
+    """ECE of the positive-class probability: the count-weighted mean gap between the mean
+    predicted probability and the observed positive rate over equal-width bins."""
+    y = np.asarray(y, dtype=float)
+    if len(y) == 0:
+        return None
+    b = calibration_bins(y, p, n_bins)
+    gaps = np.abs(np.asarray(b["confidence"]) - np.asarray(b["observed"]))
+    return float((gaps * np.asarray(b["count"])).sum() / len(y))

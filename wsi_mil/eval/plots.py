@@ -83,3 +83,25 @@ def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
     axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(-0.02, 1.02))  # an AUC is in [0, 1]
     axes[0].legend(fontsize=7)
     return fig
+
+
+def reliability_plot(path: Path, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Reliability diagram (observed positive rate against mean predicted probability per
+    bin, marker area by count), one line per set, ECE in the legend."""
+    from wsi_mil.eval.metrics import calibration_bins, expected_calibration_error
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
+    for name, (y, p) in sets.items():
+        if not len(y):
+            continue
+        b = calibration_bins(y, p)
+        ece = expected_calibration_error(y, p)
+        line = ax.plot(b["confidence"], b["observed"], marker="o", ms=3, lw=1, label=f"{name} (ECE {ece:.3f})")[0]
+        ax.scatter(b["confidence"], b["observed"], s=8 + 200 * np.asarray(b["count"]) / max(1, len(y)),
+                   color=line.get_color(), alpha=0.5)
+    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", title="reliability",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -1,6 +1,11 @@
-"""One readable training loop for bags: AdamW, warm-up + cosine schedule, early stopping
-on a validation metric (ties broken by validation loss), the best weights kept, seeds for reproducibility, mixed
-precision on GPU. Also the prediction pass (full bags) used by evaluation and predict."""
+"""One readable training loop for every modality: AdamW, warm-up + cosine schedule, early
+stopping on a validation metric (ties broken by validation loss), the best weights kept,
+seeds for reproducibility, mixed precision on GPU. Also the prediction pass used by
+evaluation and predict.
+
+What is trained is fed through a :class:`Feeder`: slides as bags of instance features
+(:class:`BagFeeder`, the default for a list of bags), whole images with augmentation or
+cached image features (``wsi_mil.data.image_feed``). The loop itself does not know which."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +47,60 @@ class FitSettings:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True  # bf16/fp16 autocast on CUDA only
+
+
+class Feeder(Protocol):
+    """Samples as model inputs. ``targets`` (n, C) may hold NaN for blank labels."""
+
+    ids: list[str]
+    targets: np.ndarray
+
+    def __len__(self) -> int: ...
+    def n_steps(self) -> int: ...
+    def train_batches(self, order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]: ...
+    def eval_batches(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]: ...
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None = None) -> Any: ...
+    def attention(self, out: Any, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]: ...
+
+
+class BagFeeder:
+    """Slides as bags: padded batches of ``bags_per_batch`` bags in training (at most
+    ``max_instances`` random instances each), one full bag at a time in evaluation."""
+
+    def __init__(self, bags: Sequence[Bag], max_instances: int | None = None, bags_per_batch: int = 1) -> None:
+        self.bags, self.max_instances, self.per_batch = list(bags), max_instances, bags_per_batch
+        self.ids = [b.slide_id for b in self.bags]
+        self.targets = np.stack([b.target for b in self.bags]) if self.bags else np.zeros((0, 1), np.float32)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def n_steps(self) -> int:
+        return math.ceil(len(self.bags) / self.per_batch)
+
+    def train_batches(self, order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        for a in range(0, len(order), self.per_batch):
+            x, mask, coords, y = collate([bag_item(self.bags[i], self.max_instances, rng) for i in order[a:a + self.per_batch]])
+            yield (x, mask, coords), y
+
+    def eval_batches(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+        for bag in self.bags:
+            x, mask, coords, y = collate([bag_item(bag, None, None)])
+            yield (x, mask, coords), y
+
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None = None) -> Any:
+        x, mask, coords = inputs
+        return model(x, mask, coords, labels=labels) if labels is not None else model(x, mask, coords)
+
+    def attention(self, out: Any, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        return [out.attention[0].float().cpu().numpy()]
+
+
+def as_feeder(samples: Any, s: FitSettings | None = None) -> Feeder:
+    """A feeder as is; a list of bags as a :class:`BagFeeder`."""
+    if hasattr(samples, "train_batches"):
+        return samples  # type: ignore[no-any-return]
+    return BagFeeder(samples, s.max_instances if s else None, s.bags_per_batch if s else 1)
 
 
 @dataclass
@@ -78,26 +138,29 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, bags: list[Bag], task: Task, *, device: str = "cpu", amp: bool = True,
+def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp: bool = True,
             loss_fn: nn.Module | None = None) -> Predictions:
-    """Full bags, one at a time (no subsampling, no padding)."""
+    """Every sample once, in order (bags: full bags, one at a time; no subsampling, no padding)."""
+    feeder = as_feeder(bags)
     dev = torch.device(device)
     if dev.type == "cpu":
         reuse_freed_memory()
     model.eval().to(dev)
-    probs, att, losses = [], [], []
-    for bag in bags:
-        x, mask, coords, y = collate([bag_item(bag, None, None)])
-        x, mask, coords, y = x.to(dev), mask.to(dev), coords.to(dev), y.to(dev)
+    probs, att, losses, weights = [], [], [], []
+    for inputs, y in feeder.eval_batches():
+        inputs = tuple(t.to(dev) for t in inputs)
+        y = y.to(dev)
         with _autocast(dev, amp):
-            out = model(x, mask, coords)
-        probs.append(probabilities(out.logits, task.kind)[0].cpu().numpy())
-        att.append(out.attention[0].float().cpu().numpy())
+            out = feeder.forward(model, inputs)
+        probs.append(probabilities(out.logits, task.kind).cpu().numpy())
+        att += feeder.attention(out, inputs)
         if loss_fn is not None:
             losses.append(float(loss_fn(out.logits, y)))
-    targets = np.stack([b.target for b in bags]) if bags else np.zeros((0, task.n_outputs), np.float32)
-    return Predictions([b.slide_id for b in bags], targets, np.stack(probs) if probs else np.zeros((0, task.n_outputs)),
-                       att, float(np.mean(losses)) if losses else None)
+            weights.append(int((~torch.isnan(y)).sum()))
+    targets = feeder.targets if len(feeder) else np.zeros((0, task.n_outputs), np.float32)
+    loss = float(np.average(losses, weights=weights)) if losses and sum(weights) else None
+    return Predictions(list(feeder.ids), targets, np.concatenate(probs) if probs else np.zeros((0, task.n_outputs)),
+                       att, loss)
 
 
 def score(pred: Predictions, task: Task) -> float | None:
@@ -106,31 +169,41 @@ def score(pred: Predictions, task: Task) -> float | None:
     from wsi_mil.eval.metrics import auc
 
     if task.kind == "multiclass":
-        y = pred.targets.argmax(axis=1)
+        rows = ~np.isnan(pred.targets).any(axis=1)
+        y = pred.targets[rows].argmax(axis=1)
         if len(np.unique(y)) < task.n_outputs:
             return None
         from sklearn.metrics import roc_auc_score
 
-        return float(roc_auc_score(y, pred.probs, multi_class="ovr", labels=list(range(task.n_outputs))))
-    aucs = [auc(pred.targets[:, c], pred.probs[:, c]) for c in range(task.n_outputs)]
+        return float(roc_auc_score(y, pred.probs[rows], multi_class="ovr", labels=list(range(task.n_outputs))))
+    known = ~np.isnan(pred.targets)
+    aucs = [auc(pred.targets[known[:, c], c], pred.probs[known[:, c], c]) for c in range(task.n_outputs)]
     aucs = [a for a in aucs if a is not None]
     return float(np.mean(aucs)) if aucs else None
 
 
-def fit(model: nn.Module, train: list[Bag], val: list[Bag], task: Task, s: FitSettings,
-        log: Any = None) -> FitResult:
+def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
+        log: Any = None, param_groups: list[dict[str, Any]] | None = None) -> FitResult:
     """Train ``model`` on ``train``; early stopping and model selection on ``val`` (when
-    ``val`` is empty: a fixed number of epochs, the last weights are kept)."""
+    ``val`` is empty: a fixed number of epochs, the last weights are kept). ``train`` and
+    ``val`` are lists of bags or :class:`Feeder` s; ``param_groups`` (AdamW groups whose
+    ``lr_scale`` multiplies ``s.lr``: discriminative learning rates) default to every
+    trainable parameter at ``s.lr``."""
     seed_everything(s.seed)
     dev = torch.device(s.device)
     if dev.type == "cpu":
         reuse_freed_memory()  # no page faults per layer per step (wsi_mil/runtime.py)
     model.to(dev)
-    targets = np.stack([b.target for b in train])
+    train = as_feeder(train, s)
+    val = as_feeder(val, s) if val is not None and len(val) else None
+    targets = train.targets
     loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma).to(dev)
     eval_loss = BagLoss(task.kind, "none").to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / s.bags_per_batch)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for g in groups:
+        g["lr"] = s.lr * g.pop("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    steps_per_epoch = train.n_steps()
     total, warm = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -150,24 +223,24 @@ def fit(model: nn.Module, train: list[Bag], val: list[Bag], task: Task, s: FitSe
         t0 = time.perf_counter()
         load_s, losses = 0.0, []
         order = rng.choice(len(train), len(train), p=draw) if draw is not None else rng.permutation(len(train))
-        for a in range(0, len(order), s.bags_per_batch):
-            tl = time.perf_counter()
-            x, mask, coords, y = collate([bag_item(train[i], s.max_instances, rng) for i in order[a:a + s.bags_per_batch]])
+        tl = time.perf_counter()
+        for inputs, y in train.train_batches(order, rng):
             load_s += time.perf_counter() - tl
-            x, mask, coords, y = x.to(dev), mask.to(dev), coords.to(dev), y.to(dev)
+            inputs, y = tuple(t.to(dev) for t in inputs), y.to(dev)
             with _autocast(dev, s.amp):
-                out = model(x, mask, coords, labels=y)
+                out = train.forward(model, inputs, labels=y)
                 loss = loss_fn(out.logits, y)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], s.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()
             losses.append(loss.detach().item())
+            tl = time.perf_counter()
         train_s = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                                "train_seconds": train_s, "load_seconds": load_s, "bags_per_s": len(train) / train_s}

@@ -1,0 +1,456 @@
+"""The cross-validated training run every trainer shares (slides with ``train-mil``, images
+with ``train-image``): splits, one model per fold trained by the one loop
+(``wsi_mil.train.loop.fit``), thresholds chosen on validation, evaluation of every fold, the
+pooled out-of-fold predictions and the fold ensemble, calibration, predictions.csv,
+metrics.json, report.md and the plots. What differs between modalities enters through a
+:class:`Road`: how samples are fed, which model is built, what is written per sample.
+
+A fold whose model already exists with the same settings is not trained again, so an
+interrupted run resumes at the next fold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from wsi_mil import __version__
+from wsi_mil.data.bags import Task
+from wsi_mil.io.atomic import write_csv, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_RULE = ("each fold's threshold is chosen on its validation slides (Youden's J, or the target "
+                  "sensitivity) halfway, in logit space, between the two validation scores it separates; pooled "
+                  "out-of-fold predictions are judged at their own fold's threshold; the fold ensemble, whose "
+                  "probability is the mean of the folds', at the mean of the folds' thresholds in logit space")
+
+METRIC_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "balanced_accuracy")
+
+
+
+@dataclass
+class TrainReport:
+    out_dir: Path
+    task: Task
+    metrics: dict[str, Any]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def headline(self) -> dict[str, Any]:
+        """The numbers people look at first: the ensemble on the held-out test set, or the
+        pooled out-of-fold validation predictions when there is no test set."""
+        return self.metrics.get("ensemble_test") or self.metrics.get("pooled_validation") or {}
+
+
+
+#: bumped whenever training itself changes what a fold's model is, so that a resumed run
+#: retrains folds made by older code instead of mixing them in (2: validation loss breaks
+#: AUC ties in model selection)
+TRAINING_REVISION = 3  # 3: thresholds between two validation scores (logit midpoint), not on one
+
+#: settings that change how a run is carried out, not what a fold's model is
+_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides")
+
+
+def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
+    model_settings = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY}
+    payload: dict[str, Any] = {"config": model_settings, "train": fold.train, "val": fold.val, "dim": dim,
+                               "training_revision": TRAINING_REVISION}
+    if extra:
+        payload["inputs"] = extra
+    body = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _threshold(task: Task, y: np.ndarray, p: np.ndarray, config: Any) -> list[float]:
+    from wsi_mil.eval.metrics import choose_threshold
+
+    if task.kind == "multiclass":
+        return []
+    known = ~np.isnan(y)
+    return [choose_threshold(y[known[:, c], c], p[known[:, c], c], config.threshold, config.target_sensitivity)
+            for c in range(task.n_outputs)]
+
+
+def evaluate(task: Task, y: np.ndarray, p: np.ndarray, thresholds: list[float] | list[np.ndarray], config: Any,
+             weights: np.ndarray | None = None, ci: bool = True) -> dict[str, Any]:
+    """Metrics of predictions ``p`` (n, C) against targets ``y`` (n, C); a NaN target (a
+    blank label) leaves that sample out of that label's metrics. Binary and multi-label
+    metrics include the expected calibration error (``ece``)."""
+    from wsi_mil.eval.metrics import binary_metrics, expected_calibration_error, multiclass_metrics
+
+    if len(y) == 0:
+        return {}
+    known = ~np.isnan(y)
+    if task.kind == "multiclass":
+        rows = known.all(axis=1)
+        return multiclass_metrics(y[rows].argmax(axis=1), p[rows], list(task.outputs))
+    per = {}
+    for c, name in enumerate(task.outputs):
+        k = known[:, c]
+        thr = thresholds[c] if np.ndim(thresholds[c]) == 0 else np.asarray(thresholds[c])[k]
+        m = binary_metrics(y[k, c], p[k, c], thr, weights=None if weights is None else weights[k], ci=ci,
+                           n_boot=config.bootstrap, seed=config.seed)
+        m["ece"] = expected_calibration_error(y[k, c], p[k, c])
+        if not k.all():
+            m["n_not_labelled"] = int((~k).sum())
+        per[name] = m
+    if task.kind == "binary":
+        return next(iter(per.values()))
+    aucs = [m["auc"] for m in per.values() if m["auc"] is not None]
+    return {"per_label": per, "auc": float(np.mean(aucs)) if aucs else None, "n": len(y)}
+
+
+
+def _prediction(task: Task, probs: np.ndarray, thresholds: list[float]) -> Any:
+    if np.isnan(probs).any():  # a blank label (targets): not labelled
+        return "" if task.kind != "multilabel" else [name for c, name in enumerate(task.outputs) if probs[c] >= 0.5]
+    if task.kind == "multiclass":
+        return task.outputs[int(np.argmax(probs))]
+    if task.kind == "binary":
+        return task.classes[int(probs[0] >= thresholds[0])]
+    return [name for c, name in enumerate(task.outputs) if probs[c] >= thresholds[c]]
+
+
+
+# ---- run ----
+class Road(Protocol):
+    """What one modality brings to :func:`run_cv`."""
+
+    unit: str  # "slide" or "image": the word reports use
+    command: str  # the command that made the run
+    encoder: dict[str, Any]  # provenance of the features / backbone
+    dim: int  # input dimension recorded with each model
+    model_name: str  # shown in reports
+
+    def feeder(self, samples: list[Any], train: bool) -> Any: ...
+    def new_model(self) -> Any: ...
+    def param_groups(self, model: Any) -> list[dict[str, Any]] | None: ...
+    def spec(self) -> dict[str, Any]: ...
+    def save(self, stem: Path, model: Any, spec: dict[str, Any]) -> None: ...
+    def load(self, stem: Path) -> tuple[Any, dict[str, Any]]: ...
+    def fit_settings(self, config: Any, fold_index: int, device: str) -> Any: ...
+    def inputs_key(self) -> dict[str, Any] | None: ...
+    def after_predict(self, out_dir: Path, samples: list[Any], pred: Any, task: Task, *, fold: str, split: str,
+                      thresholds: list[float]) -> None: ...
+
+
+@dataclass
+class CvInputs:
+    """Checked samples of a run (bags or images) with the task and the given split."""
+
+    task: Task
+    task_line: str
+    samples: list[Any]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    user_split: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # extra facts for the report (consensus, leaks ...)
+
+
+def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any) -> Any:
+    from wsi_mil.data.splits import make_plan, plan_from_user_split
+
+    if user_split:
+        return plan_from_user_split(samples, seed=config.seed)
+    return make_plan(samples, folds=config.folds, test_fraction=config.test_fraction, seed=config.seed,
+                     min_minority_share=config.min_minority_share)
+
+
+def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress: bool = True,
+           plan: Any = None) -> TrainReport:
+    """Train and evaluate every fold of ``inputs`` (see the module docstring)."""
+    from tqdm import tqdm
+
+    from wsi_mil.data.splits import prevalence_weights
+    from wsi_mil.eval.metrics import ensemble_threshold
+    from wsi_mil.train.loop import Predictions, fit, predict, seed_everything
+
+    t0 = time.perf_counter()
+    task, samples, skipped = inputs.task, inputs.samples, inputs.skipped
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_id = {b.slide_id: b for b in samples}
+    if plan is None:
+        plan = make_split_plan(samples, inputs.user_split, config)
+    write_json(out_dir / "splits.json", plan.to_dict())
+    device = config.resolved_device()
+    test = [by_id[s] for s in plan.test]
+    unit = road.unit
+    logger.info("task %s (%s); %d %ss, %d patients; %d fold(s); test set %d %ss; device %s",
+                task.kind, ", ".join(task.outputs), len(samples), unit, len({b.patient_id for b in samples}),
+                len(plan.folds), len(test), unit, device)
+    folds_out: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    histories: dict[str, list[dict[str, Any]]] = {}
+    test_probs, test_atts, thresholds_all = [], [], []
+    pooled_y, pooled_p, pooled_t = [], [], []
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    test_feed = road.feeder(test, False) if test else None
+    for fold in plan.folds:
+        train, val = [by_id[s] for s in fold.train], [by_id[s] for s in fold.val]
+        val_feed = road.feeder(val, False)
+        stem = out_dir / "models" / f"fold{fold.index}"
+        h = _settings_hash(config, fold, road.dim, road.inputs_key())
+        spec: dict[str, Any]
+        if stem.with_suffix(".json").exists() and json.loads(stem.with_suffix(".json").read_text()).get("settings_hash") == h:
+            model, spec = road.load(stem)
+            histories[f"fold{fold.index}"] = spec.get("history", [])
+            logger.info("fold %d: trained model found, not training again", fold.index)
+            val_pred = predict(model, val_feed, task, device=device)
+        else:
+            seed_everything(config.seed + fold.index)  # the initial weights do not depend on what ran before
+            model = road.new_model()
+            bar = tqdm(total=config.epochs, desc=f"fold {fold.index}", unit="epoch", disable=not progress)
+
+            def log(row: dict[str, Any], bar: Any = bar, k: int = fold.index) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=row.get("val_auc"))
+                logger.debug("fold %d %s", k, row)
+
+            result = fit(model, road.feeder(train, True), val_feed, task, road.fit_settings(config, fold.index, device),
+                         log, param_groups=road.param_groups(model))
+            bar.close()
+            histories[f"fold{fold.index}"] = result.history
+            val_pred = predict(model, val_feed, task, device=device)  # the selected weights
+            spec = {**road.spec(), "task": task.to_dict(), "encoder": road.encoder, "fold": fold.index,
+                    "best_epoch": result.best_epoch,
+                    "thresholds": _threshold(task, val_pred.targets, val_pred.probs, config),
+                    "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__,
+                    "history": result.history}
+            road.save(stem, model, spec)
+            if result.history:
+                write_csv(out_dir / "history" / f"fold{fold.index}.csv", result.history)
+        thresholds = spec["thresholds"]
+        thresholds_all.append(thresholds)
+        test_pred = predict(model, test_feed, task, device=device) if test_feed is not None else Predictions(
+            [], np.zeros((0, task.n_outputs), np.float32), np.zeros((0, task.n_outputs)), [])
+        pooled_y.append(val_pred.targets)
+        pooled_p.append(val_pred.probs)
+        pooled_t.append([np.full(len(val), t) for t in thresholds])  # each fold's own threshold
+        entry: dict[str, Any] = {"fold": fold.index, "n_train": len(train), "n_val": len(val), "best_epoch": spec.get("best_epoch"),
+                                 "thresholds": thresholds,
+                                 "val": evaluate(task, val_pred.targets, val_pred.probs, thresholds, config, ci=False),
+                                 "test": evaluate(task, test_pred.targets, test_pred.probs, thresholds, config)}
+        folds_out.append(entry)
+        for split, sample_list, pred in (("val", val, val_pred), ("test", test, test_pred)):
+            road.after_predict(out_dir, sample_list, pred, task, fold=str(fold.index), split=split, thresholds=thresholds)
+            rows += _rows(task, sample_list, pred, thresholds, fold=str(fold.index), split=split, unit=unit)
+        if test and task.kind == "binary":
+            curves[f"fold {fold.index} test"] = _known(test_pred.targets[:, 0], test_pred.probs[:, 0])
+        test_probs.append(test_pred.probs)
+        test_atts.append(test_pred.attention)
+    metrics: dict[str, Any] = {"task": task.to_dict(), "model": road.model_name, "encoder": road.encoder,
+                               "unit": unit, "command": road.command,
+                               f"n_{unit}s": len(samples), "n_patients": len({b.patient_id for b in samples}),
+                               "splits": {"source": plan.source, "folds": len(plan.folds), "test": len(test),
+                                          "test_sampling": plan.test_sampling},
+                               "folds": folds_out, **inputs.notes}
+    py, pp = np.concatenate(pooled_y), np.concatenate(pooled_p)
+    # out-of-fold predictions are judged at the threshold of the fold that made them; the
+    # fold ensemble (mean probability) at the logit-space mean of the folds' thresholds
+    n_thr = len(thresholds_all[0])
+    per_fold_thr = [np.concatenate([t[c] for t in pooled_t]) for c in range(n_thr)]
+    pooled_thr = [ensemble_threshold([t[c] for t in thresholds_all]) for c in range(n_thr)]
+    metrics["pooled_validation"] = evaluate(task, py, pp, per_fold_thr, config)
+    calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if task.kind == "binary":
+        curves["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
+        calibration["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
+    if test:
+        mean_p = np.mean(test_probs, axis=0)
+        ens_y = test_feed.targets
+        metrics["ensemble_test"] = evaluate(task, ens_y, mean_p, pooled_thr, config)
+        metrics["across_folds_test"] = _across(folds_out, "test")
+        if plan.test_sampling and task.kind == "binary":
+            w = prevalence_weights(ens_y[:, 0].astype(int), plan.test_sampling["true_share"],
+                                   plan.test_sampling["minority_class"])
+            metrics["ensemble_test_at_true_prevalence"] = evaluate(task, ens_y, mean_p, pooled_thr, config, weights=w)
+        ens_att = [np.mean([fa[i] for fa in test_atts], axis=0) for i in range(len(test))]
+        ens = Predictions([b.slide_id for b in test], ens_y, mean_p, ens_att)
+        road.after_predict(out_dir, test, ens, task, fold="ensemble", split="test", thresholds=pooled_thr)
+        rows += _rows(task, test, ens, pooled_thr, fold="ensemble", split="test", unit=unit)
+        if task.kind == "binary":
+            curves["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
+            calibration["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
+    metrics["across_folds_val"] = _across(folds_out, "val")
+    metrics["skipped"] = skipped
+    metrics["threshold_rule"] = THRESHOLD_RULE
+    metrics["task_line"] = inputs.task_line
+    metrics["seed"] = config.seed
+    metrics["seconds"] = time.perf_counter() - t0
+    _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
+    return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
+
+
+def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k = ~np.isnan(y)
+    return y[k], p[k]
+
+
+def _across(folds: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    from wsi_mil.eval.metrics import summarise
+
+    keys = [k for k in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+            if any(k in f[split] for f in folds)]
+    return {k: summarise([f[split].get(k) for f in folds]) for k in keys}
+
+
+def _rows(task: Task, bags: list[Any], pred: Any, thresholds: list[float], *, fold: str, split: str,
+          unit: str = "slide") -> list[dict[str, Any]]:
+    rows = []
+    for bag, probs in zip(bags, pred.probs, strict=True):
+        row: dict[str, Any] = {f"{unit}_id": bag.slide_id, "patient_id": bag.patient_id, "fold": fold, "split": split}
+        truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
+        row["label"] = ";".join(truth) if isinstance(truth, list) else truth
+        for c, name in enumerate(task.outputs):
+            row[f"prob_{name}"] = round(float(probs[c]), 6)
+        pr = _prediction(task, probs, thresholds)
+        row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _binary_line(name: str, m: dict[str, Any]) -> str:
+    ci = m.get("auc_ci95")
+    auc = _fmt(m.get("auc")) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    return "| " + " | ".join([name, str(m.get("n", "")), auc] + [_fmt(m.get(k)) for k in METRIC_KEYS[1:]]
+                             + [_fmt(m.get("threshold")), _fmt(m.get("ece"))]) + " |"
+
+
+def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[dict[str, Any]],
+                   curves: dict[str, tuple[np.ndarray, np.ndarray]], histories: dict[str, list[dict[str, Any]]],
+                   calibration: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    from wsi_mil.eval.plots import confusion_plot, curves_plot, reliability_plot, roc_plot
+
+    write_json(out / "metrics.json", metrics)
+    write_csv(out / "predictions.csv", rows)
+    if curves:
+        roc_plot(out / "roc.png", curves, f"{metrics['model']}: ROC")
+    head = metrics.get("ensemble_test") or metrics.get("pooled_validation") or {}
+    if "confusion" in head:
+        classes = list(task.classes) if task.kind == "binary" else list(task.outputs)
+        confusion_plot(out / "confusion.png", head["confusion"], classes,
+                       "ensemble, test set" if metrics.get("ensemble_test") else "pooled validation")
+    if any(histories.values()):
+        curves_plot(out / "training_curves.png", histories)
+    if calibration:
+        reliability_plot(out / "reliability.png", calibration)
+    write_text(out / "report.md", report_markdown(task, metrics))
+
+
+def report_markdown(task: Task, m: dict[str, Any]) -> str:
+    s = m["splits"]
+    how = ("the manifest's split column" if s["source"] == "manifest"
+           else f"stratified patient-level splits made by wsi-mil (seed {m.get('seed', 0)})")
+    unit = m.get("unit", "slide")
+    test = f"a held-out test set of {s['test']} {unit}s" if s["test"] else "no held-out test set"
+    lines = [f"# {m.get('command', 'train-mil')} report: {m['model']} ({task.kind}: {', '.join(task.outputs)})", "",
+             f"{m[f'n_{unit}s']} {unit}s of {m['n_patients']} patients; encoder `{m['encoder'].get('encoder')}`.", "",
+             f"Task: {m.get('task_line', task.kind)}.", "",
+             f"Splits: {how}; {s['folds']} cross-validation fold(s) and {test}; no patient is in two sets.", "",
+             f"Decision threshold: {m.get('threshold_rule', '')}.", ""]
+    if s.get("test_sampling"):
+        t = s["test_sampling"]
+        lines += [(f"Test set enriched: minority-class share {t['sampled_share']:.2f} (true {t['true_share']:.2f}); "
+                  "metrics are given at both prevalences."), ""]
+    lines += _notes_markdown(m)
+    if task.kind == "binary":
+        header = ("| set | n | AUC (95% CI) | sensitivity | specificity | PPV | NPV | F1 | accuracy | balanced acc. "
+                  "| threshold | ECE |")
+        lines += [header, "|" + "---|" * 12]
+        for name, key in (("ensemble of folds, test", "ensemble_test"), ("… at the true prevalence", "ensemble_test_at_true_prevalence"),
+                          ("pooled out-of-fold validation", "pooled_validation")):
+            if m.get(key):
+                lines.append(_binary_line(name, m[key]))
+        for f in m["folds"]:
+            if f["test"]:
+                lines.append(_binary_line(f"fold {f['fold']}, test", f["test"]))
+            lines.append(_binary_line(f"fold {f['fold']}, validation", f["val"]))
+    elif task.kind == "multilabel":
+        lines += ["| set | label | n labelled | positives | AUC (95% CI) | sensitivity | specificity | PPV | F1 | threshold | ECE |",
+                  "|" + "---|" * 11]
+        for name, key in (("ensemble of folds, test", "ensemble_test"), ("pooled out-of-fold validation", "pooled_validation")):
+            for label, mm in (m.get(key) or {}).get("per_label", {}).items():
+                ci = mm.get("auc_ci95")
+                auc = _fmt(mm.get("auc")) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+                lines.append("| " + " | ".join([name, label, str(mm.get("n")), str(mm.get("n_positive")), auc]
+                                                + [_fmt(mm.get(k)) for k in ("sensitivity", "specificity", "ppv", "f1", "threshold", "ece")]) + " |")
+        lines += ["", ("Per-label AUC needs both classes among the labelled images; a label with few positives has a wide "
+                  "interval (or none: '–').")]
+    else:
+        lines += ["| set | n | AUC | accuracy | balanced acc. |", "|---|---|---|---|---|"]
+        for name, key in (("ensemble of folds, test", "ensemble_test"), ("pooled out-of-fold validation", "pooled_validation")):
+            if m.get(key):
+                mm = m[key]
+                lines.append(f"| {name} | {mm.get('n')} | {_fmt(mm.get('auc'))} | {_fmt(mm.get('accuracy'))} | {_fmt(mm.get('balanced_accuracy'))} |")
+    for split in ("test", "val"):
+        acc = m.get(f"across_folds_{split}")
+        if acc:
+            lines += ["", f"Across folds ({split}): " + ", ".join(
+                f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in acc.items() if v["mean"] is not None)]
+    if m.get("skipped"):
+        lines += ["", (f"**Left out with --allow-missing ({len(m['skipped'])} labelled slide(s) without a usable "
+                  "feature store; the figures above do not include them):**"), ""]
+        lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
+    if task.kind != "multiclass":
+        lines += ["", "ECE: expected calibration error, 10 equal-width probability bins (reliability.png shows the bins)."]
+    extra = ", attention/" if unit == "slide" else ""
+    lines += ["", f"Files: metrics.json, predictions.csv, roc.png, reliability.png, confusion.png, training_curves.png, models/{extra}.", ""]
+    return "\n".join(lines)
+
+
+def _notes_markdown(m: dict[str, Any]) -> list[str]:
+    """Facts about how the labels and splits were made (image manifests)."""
+    out: list[str] = []
+    c = m.get("consensus")
+    if c:
+        kappa = "–" if c.get("kappa") is None else f"{c['kappa']:.3f}"
+        share = "–" if c.get("unanimous_share") is None else f"{c['unanimous_share']:.1%}"
+        out += [(f"Reference labels: consensus of {c['readers']} readers ({c['rule']}). Agreement over the "
+                f"{c['n_all_readers']} images every reader labelled: {c['kappa_kind']} {kappa}; unanimous {share}; "
+                f"{len(c.get('ties', []))} tie(s) left not labelled."), ""]
+    leak = m.get("patient_leak")
+    if leak:
+        listing = ", ".join(f"{p} ({'/'.join(s)})" for p, s in list(leak["patients"].items())[:20])
+        out += [(f"**The given split put {len(leak['patients'])} patient(s) in more than one set** ({listing}); "
+                f"{leak['action']}."), ""]
+    if m.get("blank_labels"):
+        out += [f"Blank label cells (not labelled; masked out of loss and metrics): {m['blank_labels']}.", ""]
+    return out
+
+
+def summary_text(report: TrainReport) -> str:
+    """The few lines printed at the end of a run."""
+    head = report.headline()
+    where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
+    t = report.task
+    what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
+    unit = report.metrics.get("unit", "slide")
+    lines = [f"{report.metrics.get('task_line') or f'task {t.kind} ({what})'}",
+             f"{report.metrics[f'n_{unit}s']} {unit}s; {where}:"]
+    if report.task.kind == "multilabel":
+        lines.append("  mean AUC over labels " + (f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a") + "; "
+                     + ", ".join(f"{k} {v['auc']:.3f}" for k, v in head.get("per_label", {}).items() if v.get("auc") is not None))
+    elif report.task.kind == "binary":
+        ci = head.get("auc_ci95")
+        auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
+        lines.append(f"  AUC {auc}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                     + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
+    else:
+        lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
+    if report.skipped:
+        lines.append(f"  {len(report.skipped)} labelled slide(s) LEFT OUT (--allow-missing; no usable feature store): "
+                     + ", ".join(x["slide_id"] for x in report.skipped[:10]) + "; listed in report.md")
+    lines.append(f"report: {report.out_dir / 'report.md'}   metrics: {report.out_dir / 'metrics.json'}   models: {report.out_dir / 'models'}")
+    return "\n".join(lines)

@@ -311,6 +311,8 @@ class ImageTrainConfig(CommonTrainConfig):
             (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
             (16 <= self.image_size <= 2048, "--image-size must be in 16..2048"),
             (self.batch_size >= 1, "--batch-size must be positive"),
+            (not (self.mode == "linear" and self.random_init), "--mode linear probes a pretrained backbone; a random "
+                                                               "one needs --mode full (training from scratch)"),
         ]
 
     def window_pair(self) -> tuple[float, float] | None:

@@ -10,6 +10,7 @@ average the slides' AUCs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -55,3 +56,40 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
         if value is not None:
             per[f"{h5.parent.name}/{sid}"] = value
     return per
+
+
+# -- weak localisation with boxes (ChestX-ray8) -------------------------------------------
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def box_iou(a: dict[str, float], b: dict[str, float]) -> float:
+    """Intersection over union of two boxes ``{"x0", "y0", "x1", "y1"}`` (x1, y1 exclusive)."""
+    iw = max(0.0, min(a["x1"], b["x1"]) - max(a["x0"], b["x0"]))
+    ih = max(0.0, min(a["y1"], b["y1"]) - max(a["y0"], b["y0"]))
+    inter = iw * ih
+    union = (a["x1"] - a["x0"]) * (a["y1"] - a["y0"]) + (b["x1"] - b["x0"]) * (b["y1"] - b["y0"]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def weak_localisation(predicted: dict[str, list[dict[str, float]]], truth: dict[str, list[dict[str, float]]],
+                      thresholds: tuple[float, ...] = IOU_THRESHOLDS) -> dict[str, Any]:
+    """Detection from weak labels scored as ChestX-ray8 (Wang et al. 2017) does: at each
+    IoU threshold T, the accuracy is the share of ground-truth boxes hit by a predicted box
+    with IoU >= T, and the average false positives are the predicted boxes that hit no
+    ground-truth box, per image. Images are those with ground-truth boxes that were
+    predicted (an image absent from ``predicted`` is not scored)."""
+    ids = sorted(i for i in truth if i in predicted)
+    acc: dict[str, float | None] = {}
+    afp: dict[str, float | None] = {}
+    n_gt = sum(len(truth[i]) for i in ids)
+    for t in thresholds:
+        hits = fps = 0
+        for i in ids:
+            preds = predicted.get(i, [])
+            hits += sum(any(box_iou(g, p) >= t for p in preds) for g in truth[i])
+            fps += sum(not any(box_iou(g, p) >= t for g in truth[i]) for p in preds)
+        acc[f"{t:.1f}"] = hits / n_gt if n_gt else None
+        afp[f"{t:.1f}"] = fps / len(ids) if ids else None
+    return {"n_images": len(ids), "n_boxes": n_gt, "accuracy": acc, "average_false_positives": afp,
+            "rule": "a ground-truth box is found when a predicted box overlaps it with IoU >= T; a predicted box "
+                    "that overlaps no ground-truth box with IoU >= T is a false positive"}

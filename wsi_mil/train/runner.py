@@ -57,7 +57,7 @@ class TrainReport:
 TRAINING_REVISION = 3  # 3: thresholds between two validation scores (logit midpoint), not on one
 
 #: settings that change how a run is carried out, not what a fold's model is
-_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides")
+_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache")
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:

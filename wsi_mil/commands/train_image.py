@@ -1,0 +1,245 @@
+"""`wsi-mil train-image`: whole-image classification (chest X-rays) through the shared run.
+
+Input: an image manifest CSV (``wsi_mil.data.images``) or a MedMNIST-layout ``.npz``. The
+run is the one train-mil uses (``wsi_mil.train.runner``): patient-level splits (the
+manifest's split column checked for patients in two sets), one model per fold, thresholds
+chosen on validation, the fold ensemble on the held-out test set, report.md with
+calibration; the models are a registry backbone with a linear head
+(``wsi_mil.encoders.image``) in one of three transfer modes.
+
+Outputs in ``--out`` are those of train-mil (without attention/), and with ``--mode
+linear`` the frozen-backbone feature cache in ``features/`` (or ``--feature-cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_mil.config import ImageTrainConfig
+from wsi_mil.data.bags import Task, infer_task
+from wsi_mil.data.images import ImageEntry, ImageReadError, ImageSample, npz_entries, read_image_manifest, resize_grey
+from wsi_mil.errors import ConfigError, ManifestError, MissingDataError
+from wsi_mil.train.runner import CvInputs, TrainReport, run_cv
+
+logger = logging.getLogger(__name__)
+
+
+def read_entries(source: Path, config: ImageTrainConfig) -> tuple[list[ImageEntry], dict[str, Any]]:
+    """Manifest CSV or MedMNIST NPZ -> entries (+ the consensus record)."""
+    if not source.exists():
+        raise ConfigError(f"{source}: no such file; give an image manifest CSV or a MedMNIST .npz")
+    if source.suffix.lower() == ".npz":
+        if config.readers or config.labels:
+            raise ConfigError("--readers / --labels apply to manifest CSVs, not to an .npz")
+        return npz_entries(source), {}
+    return read_image_manifest(source, labels=config.label_list(), readers=config.reader_list())
+
+
+def load_pixels(entries: list[Any], size: int, *, window: tuple[float, float] | None = None, use_voi: bool = True,
+                progress: bool = False) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """Every image read, resized to ``size`` and held as float16 (N, 1, S, S); unreadable
+    ones are returned as problems (id, reason) with a blank slot."""
+    from tqdm import tqdm
+
+    out = torch.zeros((len(entries), 1, size, size), dtype=torch.float16)
+    bad: list[dict[str, str]] = []
+    for i, e in enumerate(tqdm(entries, desc="reading images", unit="image", disable=not progress)):
+        try:
+            img = e.pixels if e.pixels is not None else ImageSample(e.slide_id, "", np.zeros(1), None, e.path).load(
+                window=window, use_voi=use_voi)
+            if not np.isfinite(img).all():
+                raise ImageReadError(f"{e.path}: non-finite pixel values")
+            out[i, 0] = torch.from_numpy(resize_grey(img, size))
+        except ImageReadError as exc:
+            bad.append({"slide_id": e.slide_id, "reason": str(exc)})
+    return out, bad
+
+
+def _leaks(entries: list[ImageEntry]) -> dict[str, list[str]]:
+    where: dict[str, set[str]] = defaultdict(set)
+    for e in entries:
+        if e.split:
+            where[e.patient_id or e.slide_id].add(e.split)
+    return {p: sorted(s) for p, s in sorted(where.items()) if len(s) > 1}
+
+
+def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bool = False
+                         ) -> tuple[CvInputs, torch.Tensor]:
+    """Checked inputs and the images (N, 1, S, S): task inferred with blank labels allowed,
+    patients in two given sets named (and re-split with ``--resplit``), unreadable images
+    listed (exit 1)."""
+    entries, consensus = read_entries(source, config)
+    task = infer_task(entries, config.task, config.label, config.class_list(), config.min_class_slides, allow_blank=True)
+    task_line = task.describe(entries).replace("slide(s)", "image(s)")
+    logger.info("%s", task_line)
+    notes: dict[str, Any] = {}
+    if consensus:
+        notes["consensus"] = consensus
+        logger.info("consensus of %d readers: %s %s, unanimous %s; %d tie(s) not labelled", consensus["readers"],
+                    consensus["kappa_kind"], consensus["kappa"], consensus["unanimous_share"], len(consensus["ties"]))
+    blank = {c: sum(not e.labels.get(c, "").strip() for e in entries) for c in task.label_columns}
+    if any(blank.values()):
+        notes["blank_labels"] = ", ".join(f"{c} {n}" for c, n in blank.items() if n)
+    user_split = {e.slide_id: e.split for e in entries if e.split}
+    leaks = _leaks(entries)
+    if leaks:
+        listing = "; ".join(f"patient {p} in {'/'.join(s)}" for p, s in list(leaks.items())[:12])
+        if not config.resplit:
+            raise ManifestError(f"the split column puts {len(leaks)} patient(s) in more than one set ({listing}"
+                                f"{' ...' if len(leaks) > 12 else ''}): their images would be trained on and tested "
+                                "on. Pass --resplit to split again by patient, or fix the split column")
+        logger.warning("the given split puts %d patient(s) in more than one set (%s); splitting again by patient "
+                       "(--resplit)", len(leaks), listing)
+        notes["patient_leak"] = {"patients": leaks, "action": "the given split was discarded and the images were "
+                                 "split again by patient (--resplit)"}
+        user_split = {}
+    images, bad = load_pixels(entries, config.image_size, window=config.window_pair(), use_voi=config.use_voi,
+                              progress=progress)
+    if bad:
+        listing = "\n  ".join(f"{b['slide_id']}: {b['reason']}" for b in bad[:20])
+        raise MissingDataError(f"{len(bad)} of {len(entries)} image(s) cannot be read:\n  {listing}\n"
+                               "Fix or remove them from the manifest")
+    samples = [ImageSample(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"image {e.slide_id}"),
+                           user_split.get(e.slide_id), e.path, None, e.meta) for e in entries]
+    return CvInputs(task, task_line, samples, [], user_split, notes), images
+
+
+class ImageRoad:
+    """Whole images (or their cached frozen features) through the shared run."""
+
+    unit = "image"
+    command = "train-image"
+
+    def __init__(self, config: ImageTrainConfig, task: Task, samples: list[ImageSample], images: torch.Tensor,
+                 out_dir: Path, device: str, progress: bool) -> None:
+        from wsi_mil.data.augment import preset
+        from wsi_mil.encoders.image import build_classifier
+
+        self.config, self.task, self.images = config, task, images
+        self.row = {s.slide_id: i for i, s in enumerate(samples)}
+        self.augment = preset(config.augment)
+        probe, self.encoder = build_classifier(config.backbone, task.n_outputs, weights=config.weights,
+                                               random_init=config.random_init)
+        self.encoder = {**self.encoder, "mode": config.mode, "image_size": config.image_size}
+        self.dim = int(self.encoder["dim"])
+        self.model_name = f"{self.encoder['encoder']} ({config.mode})"
+        self.image_key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+        self.features: np.ndarray | None = None
+        if config.mode == "linear":
+            from wsi_mil.encoders.image import cached_features
+
+            cache = Path(config.feature_cache) if config.feature_cache else out_dir / "features"
+            self.features = cached_features(cache, probe, self.encoder, images, [s.slide_id for s in samples],
+                                            f"{self.image_key}|{config.image_size}", device=device, progress=progress)
+
+    def feeder(self, samples: list[ImageSample], train: bool) -> Any:
+        from wsi_mil.data.image_feed import FeatureFeeder, ImageFeeder
+
+        idx = np.asarray([self.row[s.slide_id] for s in samples], dtype=np.int64)
+        ids = [s.slide_id for s in samples]
+        targets = np.stack([s.target for s in samples]) if samples else np.zeros((0, self.task.n_outputs), np.float32)
+        if self.features is not None:
+            return FeatureFeeder(ids, targets, self.features[idx])
+        return ImageFeeder(ids, targets, self.images[torch.as_tensor(idx)], self.config.batch_size,
+                           self.augment if train else None)
+
+    def new_model(self) -> Any:
+        from wsi_mil.encoders.image import build_classifier, configure
+
+        if self.config.mode == "linear":
+            return torch.nn.Sequential(torch.nn.Dropout(self.config.dropout), torch.nn.Linear(self.dim, self.task.n_outputs))
+        model, _ = build_classifier(self.config.backbone, self.task.n_outputs, weights=self.config.weights,
+                                    random_init=self.config.random_init, dropout=self.config.dropout)
+        self._groups = configure(model, self.config.mode, train_stages=self.config.train_stages,
+                                 layer_decay=self.config.layer_decay)
+        return model
+
+    def param_groups(self, model: Any) -> list[dict[str, Any]] | None:
+        return None if self.config.mode == "linear" else self._groups
+
+    def spec(self) -> dict[str, Any]:
+        c = self.config
+        return {"kind": "image", "backbone": c.backbone, "weights": c.weights, "random_init": c.random_init,
+                "mode": c.mode, "image_size": c.image_size, "in_dim": self.dim, "n_outputs": self.task.n_outputs,
+                "dropout": c.dropout, "window": c.window, "use_voi": c.use_voi}
+
+    def save(self, stem: Path, model: Any, spec: dict[str, Any]) -> None:
+        from wsi_mil.train.checkpoint import save_model
+
+        if self.config.mode == "linear":  # the probe: only the head; the backbone comes from the registry
+            head = torch.nn.Linear(self.dim, self.task.n_outputs)
+            head.load_state_dict({"weight": model[1].weight, "bias": model[1].bias})
+            save_model(stem, torch.nn.ModuleDict({"head": head}), spec)
+        else:
+            save_model(stem, model, spec)
+
+    def load(self, stem: Path) -> tuple[Any, dict[str, Any]]:
+        model, spec = load_image_model(stem)
+        if self.config.mode == "linear":
+            probe = torch.nn.Sequential(torch.nn.Dropout(self.config.dropout), torch.nn.Linear(self.dim, self.task.n_outputs))
+            probe[1].load_state_dict(model.head.state_dict())
+            return probe, spec
+        return model, spec
+
+    def fit_settings(self, config: ImageTrainConfig, fold_index: int, device: str) -> Any:
+        from wsi_mil.train.loop import FitSettings
+
+        return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
+                           monitor=config.monitor, imbalance=config.imbalance, focal_gamma=config.focal_gamma,
+                           seed=config.seed + fold_index, device=device, min_epochs=min(5, config.epochs))
+
+    def inputs_key(self) -> dict[str, Any]:
+        return {"images": self.image_key, "backbone_sha256": self.encoder["weights_sha256"]}
+
+    def after_predict(self, *args: Any, **kwargs: Any) -> None:
+        return None  # Grad-CAM maps are drawn by predict-image --cam
+
+
+def load_image_model(stem: Path) -> tuple[Any, dict[str, Any]]:
+    """A fold's :class:`ImageClassifier` from its safetensors + JSON (weights only). A
+    linear probe's backbone is rebuilt from the registry and must hash as it did in
+    training."""
+    from safetensors.torch import load_file
+
+    from wsi_mil.encoders.image import build_classifier
+
+    spec_path, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not spec_path.exists() or not weights.exists():
+        raise ConfigError(f"no image model at {stem} (need {spec_path.name} and {weights.name})")
+    spec = json.loads(spec_path.read_text())
+    if spec.get("kind") != "image":
+        raise ConfigError(f"{spec_path}: not an image model (made by train-mil? use predict for slides)")
+    model, info = build_classifier(spec["backbone"], spec["n_outputs"], weights=spec.get("weights"),
+                                   random_init=spec.get("random_init", False) and spec["mode"] != "linear")
+    state = load_file(str(weights))
+    if spec["mode"] == "linear":
+        if info["weights_sha256"] != spec["encoder"]["weights_sha256"]:
+            raise ConfigError(f"{stem}: the backbone {spec['backbone']} now has other weights than in training "
+                              f"({info['weights_sha256'][:12]} vs {spec['encoder']['weights_sha256'][:12]})")
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()}, strict=True)
+    else:
+        model.load_state_dict(state, strict=True)
+    return model.eval(), spec
+
+
+def run_train_image(source: Path, *, out_dir: Path, config: ImageTrainConfig, progress: bool = True) -> TrainReport:
+    saved = torch.get_num_threads()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        inputs, images = prepare_image_inputs(source, config, progress=progress)
+        device = config.resolved_device()
+        road = ImageRoad(config, inputs.task, inputs.samples, images, out_dir, device, progress)
+        inputs.notes["transfer"] = {"mode": config.mode, "backbone": road.encoder["encoder"], "image_size": config.image_size,
+                                    "augment": config.augment}
+        return run_cv(road, inputs, config, out_dir, progress=progress)
+    finally:
+        torch.set_num_threads(saved)

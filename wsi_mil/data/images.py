@@ -107,8 +107,10 @@ def read_dicom(path: Path, *, window: tuple[float, float] | None = None, use_voi
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(f"{path}: a multi-frame DICOM ({ds.NumberOfFrames} frames); give one radiograph per file "
                              "(volumes are read by the 3D road)")
-    try:
-        raw = ds.pixel_array
+    try:  # the function, not ds.pixel_array: other DICOM packages (wsidicom) replace pydicom's dataset hooks
+        from pydicom.pixels import pixel_array
+
+        raw = pixel_array(ds)
     except Exception as exc:
         raise ImageReadError(f"{path}: its pixels cannot be decoded ({type(exc).__name__}: {exc})") from exc
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)

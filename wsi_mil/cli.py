@@ -422,7 +422,10 @@ def _cmd_predict_image(args: argparse.Namespace) -> int:
     for label, loc in report.localisation.items():
         acc = ", ".join(f"T(IoU)={t}: {v:.2f}" for t, v in loc["accuracy"].items() if v is not None)
         print(f"  {label}: localisation accuracy {acc}; avg false positives at 0.5: {loc['average_false_positives']['0.5']:.2f}")
-    return EXIT_OK
+    if report.failed:
+        print(f"{len(report.failed)} image(s) could not be read: "
+              + ", ".join(b["slide_id"] for b in report.failed[:10]), file=sys.stderr)
+    return EXIT_SLIDES_FAILED if report.failed else EXIT_OK
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

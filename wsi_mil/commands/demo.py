@@ -186,7 +186,7 @@ def _chest_xray(out_dir: Path, *, progress: bool) -> int:
     with step_log(run_dir / "maps" / "predict.log"):
         run_predict_image(run_dir, pick, out_dir=run_dir / "maps", cam="gradcam", progress=progress)
     print(f"chest X-ray run: {run_dir}  (report.md, reliability.png); Grad-CAM maps: {run_dir / 'maps' / 'cam'}")
-    print(f"figures on the full PneumoniaMNIST and the NIH sample: benchmarks/results/cxr.md")
+    print("figures on the full PneumoniaMNIST and the NIH sample: benchmarks/results/cxr.md")
     return 0
 
 

@@ -14,7 +14,6 @@ annotations in the image's pixels), ``boxes.csv`` and, with ``--boxes``,
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ class ImagePredictReport:
     n_images: int
     metrics: dict[str, Any] = field(default_factory=dict)
     localisation: dict[str, Any] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def load_run(run_dir: Path) -> tuple[list[Any], dict[str, Any], list[float]]:
@@ -126,7 +126,7 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
         row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
         rows.append(row)
     write_csv(out_dir / "predictions.csv", rows)
-    report = ImagePredictReport(out_dir, len(ok))
+    report = ImagePredictReport(out_dir, len(ok), failed=bad)
     if targets and len(targets) == len(ok):
         from types import SimpleNamespace
 
@@ -148,9 +148,14 @@ def _cams(models: list[Any], task: Any, entries: list[Any], ok: list[int], image
     from wsi_mil.eval.localisation import weak_localisation
     from wsi_mil.io.atomic import write_csv, write_json
     from wsi_mil.viz.geojson import write_geojson
-    from wsi_mil.viz.gradcam import cam_boxes, grad_cam, overlay_cam_png, region_features, resize_map
-
-    from wsi_mil.viz.gradcam import cam_layer
+    from wsi_mil.viz.gradcam import (
+        cam_boxes,
+        cam_layer,
+        grad_cam,
+        overlay_cam_png,
+        region_features,
+        resize_map,
+    )
 
     truth = read_boxes(boxes_csv) if boxes_csv else {}
     layer = cam_layer(models[0])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,15 @@ import torch
 
 from wsi_mil.config import ImageTrainConfig
 from wsi_mil.data.bags import Task, infer_task
-from wsi_mil.data.images import ImageEntry, ImageReadError, ImageSample, npz_entries, read_image_manifest, resize_grey
+from wsi_mil.data.images import (
+    ImageEntry,
+    ImageReadError,
+    ImageSample,
+    npz_entries,
+    read_image,
+    read_image_manifest,
+    resize_grey,
+)
 from wsi_mil.errors import ConfigError, ManifestError, MissingDataError
 from wsi_mil.train.runner import CvInputs, TrainReport, run_cv
 
@@ -53,22 +60,13 @@ def load_pixels(entries: list[Any], size: int, *, window: tuple[float, float] | 
     bad: list[dict[str, str]] = []
     for i, e in enumerate(tqdm(entries, desc="reading images", unit="image", disable=not progress)):
         try:
-            img = e.pixels if e.pixels is not None else ImageSample(e.slide_id, "", np.zeros(1), None, e.path).load(
-                window=window, use_voi=use_voi)
+            img = e.pixels if e.pixels is not None else read_image(e.path, window=window, use_voi=use_voi)
             if not np.isfinite(img).all():
                 raise ImageReadError(f"{e.path}: non-finite pixel values")
             out[i, 0] = torch.from_numpy(resize_grey(img, size))
         except ImageReadError as exc:
             bad.append({"slide_id": e.slide_id, "reason": str(exc)})
     return out, bad
-
-
-def _leaks(entries: list[ImageEntry]) -> dict[str, list[str]]:
-    where: dict[str, set[str]] = defaultdict(set)
-    for e in entries:
-        if e.split:
-            where[e.patient_id or e.slide_id].add(e.split)
-    return {p: sorted(s) for p, s in sorted(where.items()) if len(s) > 1}
 
 
 def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bool = False
@@ -89,7 +87,9 @@ def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bo
     if any(blank.values()):
         notes["blank_labels"] = ", ".join(f"{c} {n}" for c, n in blank.items() if n)
     user_split = {e.slide_id: e.split for e in entries if e.split}
-    leaks = _leaks(entries)
+    from wsi_mil.data.splits import shared_patients
+
+    leaks = shared_patients((e.patient_id or e.slide_id, e.split) for e in entries if e.split)
     if leaks:
         listing = "; ".join(f"patient {p} in {'/'.join(s)}" for p, s in list(leaks.items())[:12])
         if not config.resplit:
@@ -152,18 +152,22 @@ class ImageRoad:
                            self.augment if train else None)
 
     def new_model(self) -> Any:
-        from wsi_mil.encoders.image import build_classifier, configure
+        from wsi_mil.encoders.image import build_classifier
 
         if self.config.mode == "linear":
             return torch.nn.Sequential(torch.nn.Dropout(self.config.dropout), torch.nn.Linear(self.dim, self.task.n_outputs))
         model, _ = build_classifier(self.config.backbone, self.task.n_outputs, weights=self.config.weights,
                                     random_init=self.config.random_init, dropout=self.config.dropout)
-        self._groups = configure(model, self.config.mode, train_stages=self.config.train_stages,
-                                 layer_decay=self.config.layer_decay)
         return model
 
     def param_groups(self, model: Any) -> list[dict[str, Any]] | None:
-        return None if self.config.mode == "linear" else self._groups
+        """Freezes what the mode keeps fixed and returns the trained groups (None: the probe)."""
+        from wsi_mil.encoders.image import configure
+
+        if self.config.mode == "linear":
+            return None
+        return configure(model, self.config.mode, train_stages=self.config.train_stages,
+                         layer_decay=self.config.layer_decay)
 
     def spec(self) -> dict[str, Any]:
         c = self.config
@@ -175,9 +179,7 @@ class ImageRoad:
         from wsi_mil.train.checkpoint import save_model
 
         if self.config.mode == "linear":  # the probe: only the head; the backbone comes from the registry
-            head = torch.nn.Linear(self.dim, self.task.n_outputs)
-            head.load_state_dict({"weight": model[1].weight, "bias": model[1].bias})
-            save_model(stem, torch.nn.ModuleDict({"head": head}), spec)
+            save_model(stem, torch.nn.ModuleDict({"head": model[1]}), spec)
         else:
             save_model(stem, model, spec)
 

@@ -145,8 +145,8 @@ class MilRoad:
     unit = "slide"
     command = "train-mil"
 
-    def __init__(self, config: TrainConfig, bags: list[Bag]) -> None:
-        self.config = config
+    def __init__(self, config: TrainConfig, bags: list[Bag], n_outputs: int) -> None:
+        self.config, self.n_outputs = config, n_outputs
         self.encoder = encoder_of(bags)
         self.dim = int(bags[0].load()[0].shape[1])
         self.model_name = config.model
@@ -207,8 +207,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             inputs = prepare_inputs(manifest, features_dirs, config, progress=progress)
         else:  # already printed when the inputs were checked; the run's log file gets it too
             logger.debug("%s", inputs.task_line)
-        road = MilRoad(config, inputs.bags)
-        road.n_outputs = inputs.task.n_outputs
+        road = MilRoad(config, inputs.bags, inputs.task.n_outputs)
         device = config.resolved_device()
         threads = cpu_threads(inputs.bags, config.threads)
         if device == "cpu":

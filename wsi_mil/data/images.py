@@ -199,7 +199,8 @@ class ImageSample:
     def load(self, *, window: tuple[float, float] | None = None, use_voi: bool = True) -> npt.NDArray[np.float32]:
         if self.pixels is not None:
             return self.pixels
-        assert self.path is not None
+        if self.path is None:
+            raise ImageReadError(f"image {self.slide_id}: neither pixels nor a file to read them from")
         return read_image(self.path, window=window, use_voi=use_voi)
 
 

@@ -60,13 +60,17 @@ def _group_kfold(bags: list[Bag], n_splits: int, seed: int) -> list[tuple[np.nda
     return list(sgkf.split(np.zeros(len(bags)), y, groups))
 
 
+def shared_patients(pairs: Any) -> dict[str, list[str]]:
+    """Patients found in more than one set, with their sets, from (patient, set) pairs."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for patient, name in pairs:
+        where[patient].add(name)
+    return {p: sorted(s) for p, s in sorted(where.items()) if len(s) > 1}
+
+
 def check_patients(sets: dict[str, list[Bag]]) -> None:
     """Refuse sets that share a patient; the message names them."""
-    where: dict[str, set[str]] = defaultdict(set)
-    for name, bags in sets.items():
-        for b in bags:
-            where[b.patient_id].add(name)
-    shared = {p: sorted(s) for p, s in where.items() if len(s) > 1}
+    shared = shared_patients((b.patient_id, name) for name, bags in sets.items() for b in bags)
     if shared:
         listing = "; ".join(f"{p} in {'/'.join(s)}" for p, s in sorted(shared.items())[:10])
         raise ManifestError(f"{len(shared)} patient(s) appear in more than one split ({listing}"

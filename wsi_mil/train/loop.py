@@ -14,8 +14,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -203,6 +203,7 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     for g in groups:
         g["lr"] = s.lr * g.pop("lr_scale", 1.0)
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    trained = [p for g in groups for p in g["params"]]
     steps_per_epoch = train.n_steps()
     total, warm = s.epochs * steps_per_epoch, s.warmup_epochs * steps_per_epoch
 
@@ -235,7 +236,7 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], s.grad_clip)
+            nn.utils.clip_grad_norm_(trained, s.grad_clip)
             scaler.step(opt)
             scaler.update()
             sched.step()

@@ -164,8 +164,7 @@ def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any)
                      min_minority_share=config.min_minority_share)
 
 
-def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress: bool = True,
-           plan: Any = None) -> TrainReport:
+def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress: bool = True) -> TrainReport:
     """Train and evaluate every fold of ``inputs`` (see the module docstring)."""
     from tqdm import tqdm
 
@@ -177,8 +176,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     task, samples, skipped = inputs.task, inputs.samples, inputs.skipped
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {b.slide_id: b for b in samples}
-    if plan is None:
-        plan = make_split_plan(samples, inputs.user_split, config)
+    plan = make_split_plan(samples, inputs.user_split, config)
     write_json(out_dir / "splits.json", plan.to_dict())
     device = config.resolved_device()
     test = [by_id[s] for s in plan.test]

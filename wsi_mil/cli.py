@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser(
         "predict-image", help="apply a train-image run to images, with Grad-CAM maps, boxes and GeoJSON",
         description="Predict with the fold models of a train-image run (probabilities averaged; thresholds = the "
-                    "logit mean of the folds' validation thresholds). With --cam, one Grad-CAM (or Grad-CAM++) map per "
-                    "output and image: cam/<image>.png (overlay with boxes), cam/<image>.geojson (high-activation "
+                    "logit mean of the folds' validation thresholds). With --cam, one Grad-CAM (or Grad-CAM++; for a "
+                    "patch-MIL run the attention over its patches) map per output and image: cam/<image>.png (overlay with boxes), cam/<image>.geojson (high-activation "
                     "regions as QuPath annotations) and boxes.csv; with --boxes, weak-localisation accuracy at IoU "
                     "0.1-0.7 and average false positives (localisation.json). Exit status: 0 all predicted, 1 some "
                     "images unreadable, 2 bad options.",
@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("run", type=Path, help="output folder of train-image")
     pi.add_argument("source", type=Path, help="image manifest CSV, MedMNIST .npz, an image file or a folder of images")
     pi.add_argument("--out", required=True, type=Path, help="output folder")
-    pi.add_argument("--cam", choices=["gradcam", "gradcam++"], default=None, help="write class-activation maps with this method")
+    pi.add_argument("--cam", choices=["gradcam", "gradcam++", "attention"], default=None,
+                    help="write maps with this method: gradcam / gradcam++ for whole-image runs, attention (over the "
+                         "patches) for train-image --mode mil runs")
     pi.add_argument("--cam-threshold", type=float, default=0.5, help="boxes and regions where the map reaches this share of its peak")
     pi.add_argument("--boxes", type=Path, default=None, help="ground-truth boxes CSV (image_id, label, x, y, width, height) to score the maps")
     _add_output_options(pi)

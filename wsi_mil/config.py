@@ -266,7 +266,7 @@ class TrainConfig(CommonTrainConfig):
         return {"hidden": self.hidden, "dropout": self.dropout}
 
 
-IMAGE_MODES = ("linear", "partial", "full")
+IMAGE_MODES = ("linear", "partial", "full", "mil")
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,9 @@ class ImageTrainConfig(CommonTrainConfig):
     random_init: bool = _opt(False, "allow a randomly initialised backbone (trained from scratch; recorded)")
     mode: str = _opt("partial", "transfer mode: linear (a linear probe on frozen, cached features: seconds), partial "
                                 "(fine-tune the last --train-stages stages), full (fine-tune everything, learning "
-                                "rates decaying by --layer-decay per stage towards the input)", choices=IMAGE_MODES)
+                                "rates decaying by --layer-decay per stage towards the input), mil (the image as a bag of "
+                                "--patch-grid overlapping patches: frozen, cached patch features and the MIL aggregator "
+                                "--mil-model attending over them)", choices=IMAGE_MODES)
     train_stages: int = _opt(2, "with --mode partial: how many of the backbone's last stages are trained")
     layer_decay: float = _opt(0.7, "with --mode full: learning-rate factor per stage, from the head towards the input")
     image_size: int = _opt(224, "side of the square network input in pixels (images are resized, antialiased)")
@@ -299,9 +301,14 @@ class ImageTrainConfig(CommonTrainConfig):
     window: str | None = _opt(None, "DICOM window CENTRE,WIDTH in the modality's units (default: the file's VOI LUT / "
                                     "window, else the image's range)")
     use_voi: bool = _opt(True, "apply a DICOM file's own VOI LUT / window when --window is not given")
+    patch_grid: int = _opt(3, "with --mode mil: patches per side; neighbours overlap by half (3: nine patches of half "
+                              "the image's side)")
+    mil_model: str = _opt("abmil", "with --mode mil: the MIL aggregator over the patches (as in train-mil --model)",
+                          choices=MIL_MODELS)
+    hidden: int = _opt(128, "with --mode mil: width of the aggregator's instance embedding")
     resplit: bool = _opt(False, "when the manifest's split column puts one patient in two sets, name them and split "
                                 "again by patient (default: stop with the list)")
-    feature_cache: str | None = _opt(None, "folder for the frozen-backbone feature cache of --mode linear (default: "
+    feature_cache: str | None = _opt(None, "folder for the frozen-backbone feature cache of --mode linear / mil (default: "
                                            "<out>/features); reused by later runs with the same backbone and images")
 
     def _checks(self) -> list[tuple[bool, str]]:
@@ -311,9 +318,15 @@ class ImageTrainConfig(CommonTrainConfig):
             (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
             (16 <= self.image_size <= 2048, "--image-size must be in 16..2048"),
             (self.batch_size >= 1, "--batch-size must be positive"),
-            (not (self.mode == "linear" and self.random_init), "--mode linear probes a pretrained backbone; a random "
-                                                               "one needs --mode full (training from scratch)"),
+            (self.patch_grid >= 1, "--patch-grid must be positive"),
+            (not (self.mode in ("linear", "mil") and self.random_init),
+             (f"--mode {self.mode} uses a frozen pretrained backbone; a random one needs --mode full (training "
+              "from scratch)")),
         ]
+
+    def model_args(self) -> dict[str, Any]:
+        """The MIL aggregator's hyper-parameters (``--mode mil``)."""
+        return {"hidden": self.hidden, "dropout": self.dropout}
 
     def window_pair(self) -> tuple[float, float] | None:
         if not self.window:

@@ -9,6 +9,10 @@ labels are present, and with ``--cam``: ``cam/<image>.png`` (overlay, one panel 
 output, boxes drawn), ``cam/<image>.geojson`` (high-activation regions, QuPath
 annotations in the image's pixels), ``boxes.csv`` and, with ``--boxes``,
 ``localisation.json``.
+
+A patch-MIL run (``train-image --mode mil``) is applied the same way; its maps are the
+aggregator's attention over the patches (``--cam attention``), spread over each patch's
+pixels (overlaps averaged) and written by the same exporters.
 """
 
 from __future__ import annotations
@@ -104,12 +108,23 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
     for b in bad:
         logger.error("%s: %s", b["slide_id"], b["reason"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    mil = spec.get("mode") == "mil"
+    if cam and (cam == "attention") != mil:
+        raise ConfigError(f"--cam {cam}: a {'patch-MIL' if mil else 'whole-image'} run's maps are "
+                          + ("its attention over patches: use --cam attention" if mil else "class activations: use "
+                             "--cam gradcam or gradcam++ (--cam attention is for train-image --mode mil runs)"))
     probs = np.zeros((len(entries), task.n_outputs), np.float32)
-    with torch.no_grad():
-        for a in tqdm(range(0, len(ok), batch_size), desc="predicting", unit="batch", disable=not progress):
-            idx = torch.as_tensor(ok[a:a + batch_size])
-            x = images[idx].float()
-            probs[idx.numpy()] = np.mean([probabilities(m(x), task.kind).numpy() for m in models], axis=0)
+    attention: dict[int, np.ndarray] = {}
+    if mil:
+        probs[ok], att = _predict_patch_mil(models, spec, task, images[torch.as_tensor(ok, dtype=torch.long)],
+                                            [entries[i] for i in ok], progress)
+        attention = dict(zip(ok, att, strict=True))
+    else:
+        with torch.no_grad():
+            for a in tqdm(range(0, len(ok), batch_size), desc="predicting", unit="batch", disable=not progress):
+                idx = torch.as_tensor(ok[a:a + batch_size])
+                x = images[idx].float()
+                probs[idx.numpy()] = np.mean([probabilities(m(x), task.kind).numpy() for m in models], axis=0)
     rows = []
     targets = []
     for i in ok:
@@ -134,38 +149,83 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
 
         report.metrics = evaluate(task, np.stack(targets), probs[ok], thresholds, SimpleNamespace(bootstrap=1000, seed=0))
         write_json(out_dir / "metrics.json", report.metrics)
-    if cam:
-        report.localisation = _cams(models, task, entries, ok, images, probs, out_dir, cam, cam_threshold, boxes, progress)
+    if cam == "attention":
+        grid = _attention_maps(spec, attention)
+        report.localisation = _write_maps(task, entries, ok, probs, out_dir, cam, cam_threshold, boxes, progress,
+                                          lambda i, c: grid[i])
+    elif cam:
+        from wsi_mil.viz.gradcam import cam_layer, grad_cam
+
+        layer = cam_layer(models[0])
+        logger.info("%s maps from backbone stage %s", cam, layer or "(last)")
+
+        def gradcam_of(i: int, c: int) -> np.ndarray:
+            x = images[i:i + 1].float()
+            return np.mean([grad_cam(m, x, c, cam, layer) for m in models], axis=0)  # type: ignore[no-any-return]
+
+        report.localisation = _write_maps(task, entries, ok, probs, out_dir, cam, cam_threshold, boxes, progress,
+                                          gradcam_of)
     if bad:
         logger.warning("%d image(s) could not be read (listed above); %d predicted", len(bad), len(ok))
     return report
 
 
-def _cams(models: list[Any], task: Any, entries: list[Any], ok: list[int], images: torch.Tensor, probs: np.ndarray,
-          out_dir: Path, method: str, threshold: float, boxes_csv: Path | None, progress: bool) -> dict[str, Any]:
+def _predict_patch_mil(models: list[Any], spec: dict[str, Any], task: Any, images: torch.Tensor, entries: list[Any],
+                       progress: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Probabilities (mean of the folds) and attention (mean of the folds, per patch) of a
+    patch-MIL run: the frozen backbone embeds every patch once, each fold's aggregator
+    attends over them."""
+    from wsi_mil.commands.train_image import patch_backbone
+    from wsi_mil.data.bags import Bag
+    from wsi_mil.encoders.image import patch_features, patch_grid
+    from wsi_mil.train.loop import predict
+
+    corners, side, step = patch_grid(int(spec["image_size"]), int(spec["patch_grid"]))
+    feats = patch_features(patch_backbone(spec), images, int(spec["patch_grid"]), progress=progress)
+    blank = np.zeros(task.n_outputs, np.float32)
+    bags = [Bag(e.slide_id, e.slide_id, blank, None, None, feats[j], corners, step_px=float(step), extent_px=float(side))
+            for j, e in enumerate(entries)]
+    preds = [predict(m, bags, task) for m in models]
+    probs = np.mean([p.probs for p in preds], axis=0)
+    att = [np.mean([p.attention[j] for p in preds], axis=0) for j in range(len(bags))]
+    return probs, att
+
+
+def _attention_maps(spec: dict[str, Any], attention: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each image's patch attention spread over the pixels of the network input (a pixel
+    covered by several patches gets their mean)."""
+    from wsi_mil.encoders.image import patch_grid
+
+    size = int(spec["image_size"])
+    corners, side, _ = patch_grid(size, int(spec["patch_grid"]))
+    out = {}
+    for i, att in attention.items():
+        total, count = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
+        for (x, y), a in zip(corners.tolist(), np.asarray(att, np.float32), strict=True):
+            total[y:y + side, x:x + side] += a
+            count[y:y + side, x:x + side] += 1
+        out[i] = total / np.maximum(count, 1)
+    return out
+
+
+def _write_maps(task: Any, entries: list[Any], ok: list[int], probs: np.ndarray, out_dir: Path, method: str,
+                threshold: float, boxes_csv: Path | None, progress: bool, map_of: Any) -> dict[str, Any]:
+    """One map per image and output (``map_of(i, c)``, any resolution; scaled to the image
+    and to its peak) as overlay PNG, GeoJSON regions and boxes, scored against the
+    ground-truth boxes when given."""
     from tqdm import tqdm
 
     from wsi_mil.eval.localisation import weak_localisation
     from wsi_mil.io.atomic import write_csv, write_json
     from wsi_mil.viz.geojson import write_geojson
-    from wsi_mil.viz.gradcam import (
-        cam_boxes,
-        cam_layer,
-        grad_cam,
-        overlay_cam_png,
-        region_features,
-        resize_map,
-    )
+    from wsi_mil.viz.gradcam import cam_boxes, overlay_cam_png, region_features, resize_map
 
     truth = read_boxes(boxes_csv) if boxes_csv else {}
-    layer = cam_layer(models[0])
-    logger.info("%s maps from backbone stage %s", method, layer or "(last)")
     outputs = list(task.outputs)
     predicted: dict[str, dict[str, list[dict[str, float]]]] = {o: {} for o in outputs}
     box_rows: list[dict[str, Any]] = []
     for i in tqdm(ok, desc=f"{method} maps", unit="image", disable=not progress):
         e = entries[i]
-        x = images[i:i + 1].float()
         original = e.pixels if e.pixels is not None else None
         if original is None:
             from wsi_mil.data.images import read_image
@@ -174,7 +234,7 @@ def _cams(models: list[Any], task: Any, entries: list[Any], ok: list[int], image
         shape = original.shape[:2]
         maps, titles, boxes, feats = {}, {}, {}, []
         for c, name in enumerate(outputs):
-            cam = np.mean([grad_cam(m, x, c, method, layer) for m in models], axis=0)
+            cam = np.asarray(map_of(i, c), np.float32)
             cam = cam / cam.max() if cam.max() > 0 else cam
             cam = resize_map(cam.astype(np.float32), shape)
             maps[name] = cam

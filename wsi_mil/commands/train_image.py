@@ -7,8 +7,13 @@ chosen on validation, the fold ensemble on the held-out test set, report.md with
 calibration; the models are a registry backbone with a linear head
 (``wsi_mil.encoders.image``) in one of three transfer modes.
 
-Outputs in ``--out`` are those of train-mil (without attention/), and with ``--mode
-linear`` the frozen-backbone feature cache in ``features/`` (or ``--feature-cache``).
+With ``--mode mil`` an image is a bag of overlapping patches (``patch_grid``): the frozen
+backbone's patch features are cached and a MIL aggregator from the registry trains on
+them through :class:`PatchMilRoad`, which is train-mil's :class:`MilRoad` fed images.
+
+Outputs in ``--out`` are those of train-mil (attention/ only with ``--mode mil``: patch
+corners in the pixels of the resized input), and with ``--mode linear`` / ``mil`` the
+frozen-backbone feature cache in ``features/`` (or ``--feature-cache``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_mil.commands.train_mil import MilRoad
 from wsi_mil.config import ImageTrainConfig
 from wsi_mil.data.bags import Task, infer_task
 from wsi_mil.data.images import (
@@ -205,10 +211,89 @@ class ImageRoad:
         return None  # Grad-CAM maps are drawn by predict-image --cam
 
 
+class PatchMilRoad(MilRoad):
+    """Images as bags of overlapping patches (``--mode mil``): train-mil's road over bags
+    held in memory, made from the frozen backbone's cached patch features."""
+
+    unit = "image"
+    command = "train-image"
+
+    def __init__(self, config: ImageTrainConfig, task: Task, samples: list[ImageSample], images: torch.Tensor,
+                 out_dir: Path, device: str, progress: bool) -> None:
+        from wsi_mil.data.bags import Bag
+        from wsi_mil.encoders.image import build_classifier, cached_features, patch_grid
+
+        self.config, self.n_outputs, self.task = config, task.n_outputs, task  # type: ignore[assignment]
+        backbone, info = build_classifier(config.backbone, task.n_outputs, weights=config.weights)
+        corners, side, step = patch_grid(config.image_size, config.patch_grid)
+        self.image_key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+        cache = Path(config.feature_cache) if config.feature_cache else out_dir / "features"
+        self.cache_file = cache
+        feats = cached_features(cache, backbone, info, images, [s.slide_id for s in samples],
+                                f"{self.image_key}|{config.image_size}", device=device, progress=progress,
+                                grid=config.patch_grid)
+        self.encoder = {**info, "mode": "mil", "image_size": config.image_size, "patch_grid": config.patch_grid,
+                        "patch_px": side, "patch_step_px": step}
+        self.dim = int(info["dim"])
+        self.model_name = f"{config.mil_model} over {len(corners)} patches ({info['encoder']}, frozen)"
+        self.bags = {s.slide_id: Bag(s.slide_id, s.patient_id, s.target, None, s.split, feats[i], corners,
+                                     step_px=float(step), extent_px=float(side), meta={"n_features": len(corners)})
+                     for i, s in enumerate(samples)}
+
+    def feeder(self, samples: list[Any], train: bool) -> Any:
+        from wsi_mil.train.loop import BagFeeder
+
+        return BagFeeder([self.bags[s.slide_id] for s in samples], None, self.config.batch_size if train else 1)
+
+    def new_model(self) -> Any:
+        from wsi_mil.mil import build_model
+
+        return build_model(self.config.mil_model, self.dim, self.n_outputs, **self.config.model_args())
+
+    def spec(self) -> dict[str, Any]:
+        c = self.config
+        return {"kind": "image", "mode": "mil", "model": c.mil_model, "in_dim": self.dim, "n_outputs": self.n_outputs,
+                "model_args": c.model_args(), "backbone": c.backbone, "weights": c.weights, "random_init": False,
+                "image_size": c.image_size, "patch_grid": c.patch_grid, "dropout": c.dropout, "window": c.window,
+                "use_voi": c.use_voi}
+
+    def load(self, stem: Path) -> tuple[Any, dict[str, Any]]:
+        return load_image_model(stem)
+
+    def fit_settings(self, config: Any, fold_index: int, device: str) -> Any:
+        from wsi_mil.train.loop import FitSettings
+
+        return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
+                           monitor=config.monitor, bags_per_batch=config.batch_size, max_instances=None,
+                           imbalance=config.imbalance, focal_gamma=config.focal_gamma, seed=config.seed + fold_index,
+                           device=device, min_epochs=min(5, config.epochs))
+
+    def inputs_key(self) -> dict[str, Any]:
+        return {"images": self.image_key, "backbone_sha256": self.encoder["weights_sha256"]}
+
+    def after_predict(self, out_dir: Path, samples: list[Any], pred: Any, task: Task, *, fold: str, split: str,
+                      thresholds: list[float]) -> None:
+        from wsi_mil.commands.train_mil import _prediction
+        from wsi_mil.io.attention import write_attention
+
+        folder = out_dir / "attention" / (fold if fold == "ensemble" else f"fold{fold}")
+        for s, probs, att in zip(samples, pred.probs, pred.attention, strict=True):
+            bag = self.bags[s.slide_id]
+            write_attention(folder / f"{s.slide_id}.h5", coords=bag.coords, attention=att, attrs={
+                "slide_id": s.slide_id, "fold": fold, "split": split, "model": self.config.mil_model,
+                "outputs": list(task.outputs), "probability": [float(v) for v in probs],
+                "prediction": _prediction(task, probs, thresholds), "image_size": self.config.image_size,
+                "patch_extent_px": bag.extent_px, "grid_step_px": bag.step_px,
+                "coordinates": "top-left corners in pixels of the resized network input (image_size)",
+                "attention_kind": "normalised attention (sums to 1)" if self.config.mil_model not in ("max", "mean")
+                else self.config.mil_model + " score"})
+
+
 def load_image_model(stem: Path) -> tuple[Any, dict[str, Any]]:
-    """A fold's :class:`ImageClassifier` from its safetensors + JSON (weights only). A
-    linear probe's backbone is rebuilt from the registry and must hash as it did in
-    training."""
+    """A fold's :class:`ImageClassifier` (or, for ``--mode mil``, its MIL aggregator) from
+    its safetensors + JSON (weights only). A linear probe's backbone is rebuilt from the
+    registry and must hash as it did in training; a patch-MIL model's backbone is
+    :func:`patch_backbone`."""
     from safetensors.torch import load_file
 
     from wsi_mil.encoders.image import build_classifier
@@ -219,6 +304,10 @@ def load_image_model(stem: Path) -> tuple[Any, dict[str, Any]]:
     spec = json.loads(spec_path.read_text())
     if spec.get("kind") != "image":
         raise ConfigError(f"{spec_path}: not an image model (made by train-mil? use predict for slides)")
+    if spec.get("mode") == "mil":
+        from wsi_mil.train.checkpoint import load_model
+
+        return load_model(stem)
     model, info = build_classifier(spec["backbone"], spec["n_outputs"], weights=spec.get("weights"),
                                    random_init=spec.get("random_init", False) and spec["mode"] != "linear")
     state = load_file(str(weights))
@@ -232,6 +321,18 @@ def load_image_model(stem: Path) -> tuple[Any, dict[str, Any]]:
     return model.eval(), spec
 
 
+def patch_backbone(spec: dict[str, Any]) -> Any:
+    """The frozen backbone of a patch-MIL run, rebuilt from the registry; it must hash as it
+    did in training."""
+    from wsi_mil.encoders.image import build_classifier
+
+    model, info = build_classifier(spec["backbone"], 1, weights=spec.get("weights"))
+    if info["weights_sha256"] != spec["encoder"]["weights_sha256"]:
+        raise ConfigError(f"the backbone {spec['backbone']} now has other weights than in training "
+                          f"({info['weights_sha256'][:12]} vs {spec['encoder']['weights_sha256'][:12]})")
+    return model.eval()
+
+
 def run_train_image(source: Path, *, out_dir: Path, config: ImageTrainConfig, progress: bool = True) -> TrainReport:
     saved = torch.get_num_threads()
     try:
@@ -239,9 +340,16 @@ def run_train_image(source: Path, *, out_dir: Path, config: ImageTrainConfig, pr
             torch.set_num_threads(config.threads)
         inputs, images = prepare_image_inputs(source, config, progress=progress)
         device = config.resolved_device()
-        road = ImageRoad(config, inputs.task, inputs.samples, images, out_dir, device, progress)
+        road: ImageRoad | PatchMilRoad
+        if config.mode == "mil":
+            road = PatchMilRoad(config, inputs.task, inputs.samples, images, out_dir, device, progress)
+        else:
+            road = ImageRoad(config, inputs.task, inputs.samples, images, out_dir, device, progress)
         inputs.notes["transfer"] = {"mode": config.mode, "backbone": road.encoder["encoder"], "image_size": config.image_size,
-                                    "augment": config.augment}
+                                    "augment": config.augment if config.mode not in ("linear", "mil") else "none (frozen features)"}
+        if config.mode == "mil":
+            inputs.notes["transfer"].update(patch_grid=config.patch_grid, patch_px=road.encoder["patch_px"],
+                                            aggregator=config.mil_model)
         return run_cv(road, inputs, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)

@@ -7,6 +7,9 @@ or timm model) and a linear head, in three transfer modes.
   and the head are trained; earlier stages are frozen, batch-norm statistics included.
 * ``full``: everything is trained, with discriminative learning rates: the head at the
   base rate, each backbone stage at ``layer_decay`` times the rate of the stage after it.
+* ``mil``: the image is a bag of overlapping patches (:func:`patch_grid`); the frozen
+  backbone embeds every patch once (cached like the probe's features) and a MIL
+  aggregator from ``wsi_mil.mil`` attends over them, as over a slide's patches.
 
 Grey images enter as one channel in [0, 1] and are given to the backbone as that channel
 three times, normalised with the backbone's own ImageNet mean and std.
@@ -130,15 +133,53 @@ def image_features(model: ImageClassifier, images: torch.Tensor, *, batch_size: 
     return np.concatenate(out) if out else np.zeros((0, int(model.backbone.num_features)), np.float32)  # type: ignore[arg-type]
 
 
+def patch_grid(size: int, grid: int) -> tuple[npt.NDArray[np.int64], int, int]:
+    """Top-left corners (P, 2) as (x, y), the patch side and the step of ``grid`` x ``grid``
+    square patches over a ``size`` x ``size`` image, neighbours overlapping by half (side
+    ``2 * size / (grid + 1)``; ``grid`` 1 is the whole image). Row-major, y outer."""
+    if grid < 1:
+        raise ConfigError(f"--patch-grid {grid}: give 1 or more patches per side")
+    step = size // (grid + 1) if grid > 1 else size
+    side = 2 * step if grid > 1 else size
+    if side < 32:
+        raise ConfigError(f"--patch-grid {grid} at --image-size {size} makes {side}-px patches; backbones need at "
+                          f"least 32 px: raise --image-size to {16 * (grid + 1)} or more, or use fewer patches")
+    xs = [i * step for i in range(grid)]
+    return np.asarray([(x, y) for y in xs for x in xs], dtype=np.int64), side, step
+
+
+@torch.no_grad()
+def patch_features(model: ImageClassifier, images: torch.Tensor, grid: int, *, batch_size: int = 64,
+                   device: str = "cpu", progress: bool = False) -> npt.NDArray[np.float32]:
+    """Pooled frozen-backbone features of every patch of :func:`patch_grid`: (N, P, D)."""
+    from tqdm import tqdm
+
+    corners, side, _ = patch_grid(int(images.shape[-1]), grid)
+    model.eval().to(device)
+    per = max(1, batch_size // len(corners))  # images per forward pass
+    out = []
+    for a in tqdm(range(0, len(images), per), desc=f"patch features ({len(corners)} per image)", unit="batch",
+                  disable=not progress):
+        x = images[a:a + per].to(device).float()
+        crops = torch.stack([x[:, :, y:y + side, xx:xx + side] for xx, y in corners.tolist()], dim=1)
+        flat = crops.reshape(-1, *crops.shape[2:])
+        out.append(model.pooled(model.feature_map(flat)).float().cpu().numpy().reshape(len(x), len(corners), -1))
+    dim = int(model.backbone.num_features)  # type: ignore[arg-type]
+    return np.concatenate(out) if out else np.zeros((0, len(corners), dim), np.float32)
+
+
 def cached_features(cache_dir: Path, model: ImageClassifier, backbone: dict[str, Any], images: torch.Tensor,
-                    ids: list[str], image_key: str, *, device: str, progress: bool) -> npt.NDArray[np.float32]:
-    """:func:`image_features`, read from / written to an HDF5 feature store in
-    ``cache_dir`` keyed by the backbone's weights and the exact input images."""
+                    ids: list[str], image_key: str, *, device: str, progress: bool,
+                    grid: int | None = None) -> npt.NDArray[np.float32]:
+    """:func:`image_features` ((N, D); with ``grid``: :func:`patch_features`, (N, P, D)),
+    read from / written to an HDF5 feature store in ``cache_dir`` keyed by the backbone's
+    weights, the exact input images and the patch grid."""
     import h5py
 
     from wsi_mil.io.atomic import atomic_path
     from wsi_mil.io.features import check_finite
 
+    image_key = f"{image_key}|grid {grid}" if grid else image_key
     key = hashlib.sha256(f"{backbone['encoder']}|{backbone['weights_sha256']}|{image_key}".encode()).hexdigest()[:16]
     path = cache_dir / f"image_features_{key}.h5"
     if path.exists():
@@ -148,7 +189,8 @@ def cached_features(cache_dir: Path, model: ImageClassifier, backbone: dict[str,
                     return check_finite(path, f["features"][:])
         except (OSError, KeyError):
             pass
-    feats = image_features(model, images, device=device, progress=progress)
+    feats = (patch_features(model, images, grid, device=device, progress=progress) if grid
+             else image_features(model, images, device=device, progress=progress))
     check_finite(path, feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:

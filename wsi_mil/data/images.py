@@ -221,14 +221,15 @@ def _image_id(path: str) -> str:
     return _SAFE_ID.sub("_", Path(path).stem) or "image"
 
 
-def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, readers: list[str] | None = None
-                        ) -> tuple[list[ImageEntry], dict[str, Any]]:
+def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, readers: list[str] | None = None,
+                        folders: bool = False) -> tuple[list[ImageEntry], dict[str, Any]]:
     """Rows of an image manifest CSV (see the module docstring).
 
     ``labels`` names the label columns (default: ``label`` / ``label_<name>``); with
     ``readers`` (several readers' label columns) the reference label is their majority
-    vote (:func:`consensus`), reported with the readers' agreement. Returns the entries
-    and a record of how the labels were made (``{}`` without readers)."""
+    vote (:func:`consensus`), reported with the readers' agreement. With ``folders`` a path
+    may be a folder (a DICOM series: volumes). Returns the entries and a record of how the
+    labels were made (``{}`` without readers)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -285,7 +286,8 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         problems.append(f"duplicate image ids {dup[:8]}: give an image_id column with unique values")
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
-    absent_files = [str(e.path) for e in entries if e.path is not None and not e.path.is_file()]
+    absent_files = [str(e.path) for e in entries
+                    if e.path is not None and not (e.path.is_file() or (folders and e.path.is_dir()))]
     if absent_files:
         raise ManifestError(f"{where}: {len(absent_files)} image file(s) not found ({', '.join(absent_files[:5])}); "
                             "paths are relative to the manifest's folder")

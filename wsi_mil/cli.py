@@ -94,7 +94,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_mil.config import ExtractConfig, ImageTrainConfig, TileConfig, TrainConfig
+    from wsi_mil.config import ExtractConfig, ImageTrainConfig, TileConfig, TrainConfig, VolumeTrainConfig
 
     parser = argparse.ArgumentParser(prog="wsi-mil", description="Weakly supervised whole-slide image classification (MIL).")
     parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
@@ -172,6 +172,43 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--config", type=Path, help="YAML recipe with a 'train_image:' section (see pipelines/); flags override it")
     _add_output_options(ti)
     _add_config_options(ti, ImageTrainConfig)
+
+    tv = sub.add_parser(
+        "train-volume", help="train a 3D CT / MRI volume classifier (3D CNN or 2.5D slice-MIL) with the same run",
+        description="Classify 3D volumes (NIfTI, DICOM series folders, or a MedMNIST 3D .npz) through the run "
+                    "train-mil and train-image use (patient-level splits, folds, validation thresholds, the fold "
+                    "ensemble on the test set, report.md with AUC (CI), sensitivity, specificity, PPV, F1, "
+                    "calibration). Volumes are put in the canonical frame, optionally resampled to --spacing mm, "
+                    "windowed (--window LOW,HIGH in HU) or normalised, and fitted to a --volume-size cube (aspect "
+                    "kept). --mode cnn: a 3D CNN (--arch resnet18_3d from scratch; acs / inflate: the pretrained 2D "
+                    "backbone turned 3D). --mode slices: 2.5D slice-MIL, frozen 2D features of every axial slice "
+                    "pooled by --mil-model (mean, or attention along the volume). Augmentation never flips left-right "
+                    "unless asked (--augment volume-flip). Exit status: 0 done; 1 unreadable volumes; 2 bad options, "
+                    "manifest or labels.",
+    )
+    tv.add_argument("source", type=Path, nargs="?", help="volume manifest CSV (path = NIfTI file or DICOM series folder, "
+                                                         "patient_id, split, label columns) or a MedMNIST 3D .npz")
+    tv.add_argument("--out", type=Path, help="output folder of the run (required)")
+    tv.add_argument("--config", type=Path, help="YAML recipe with a 'train_volume:' section (see pipelines/); flags override it")
+    _add_output_options(tv)
+    _add_config_options(tv, VolumeTrainConfig)
+
+    pv = sub.add_parser(
+        "predict-volume", help="apply a train-volume run to volumes, with 3D Grad-CAM / slice attention heatmaps",
+        description="Predict with the fold models of a train-volume run (probabilities averaged; thresholds = the "
+                    "logit mean of the folds' validation thresholds). With --maps, per volume: maps/<id>.nii.gz (the "
+                    "heatmap on the input's own voxel grid, with its affine: opens beside the scan in 3D Slicer or "
+                    "ITK-SNAP), maps/<id>.png (three orthogonal planes through the peak; slice-MIL runs add the "
+                    "attention along the axis). A 3D CNN's maps are 3D Grad-CAM, a slice-MIL run's the attention per "
+                    "slice. Exit status: 0 all predicted, 1 some volumes unreadable, 2 bad options.",
+    )
+    pv.add_argument("run", type=Path, help="output folder of train-volume")
+    pv.add_argument("source", type=Path, help="volume manifest CSV, MedMNIST 3D .npz, a NIfTI file, a DICOM series "
+                                              "folder, or a folder of NIfTI files")
+    pv.add_argument("--out", required=True, type=Path, help="output folder")
+    pv.add_argument("--maps", action="store_true", help="write heatmaps (NIfTI + PNG) for every volume")
+    pv.add_argument("--limit-maps", type=int, default=None, help="at most this many volumes get maps (the first ones)")
+    _add_output_options(pv)
 
     pi = sub.add_parser(
         "predict-image", help="apply a train-image run to images, with Grad-CAM maps, boxes and GeoJSON",
@@ -410,6 +447,38 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train_volume(args: argparse.Namespace) -> int:
+    from wsi_mil.config import VolumeTrainConfig, build_config, load_recipe
+
+    _require(args, "train-volume", source="SOURCE", out="--out")
+    from wsi_mil.commands.train_volume import run_train_volume
+    from wsi_mil.train.runner import summary_text
+
+    recipe = load_recipe(args.config, "train_volume") if args.config else None
+    config = build_config(VolumeTrainConfig, recipe=recipe, overrides=_config_overrides(args, VolumeTrainConfig))
+    config.prep()  # spacing / window checked before anything is read
+    _setup_logging(args.verbose, args.out / "train.log")
+    args.inputs = [args.source]
+    _write_resolved_config(args.out / "train_config.yaml", config, args, "train_volume", {})
+    report = run_train_volume(args.source, out_dir=args.out, config=config, progress=not args.no_progress)
+    print(summary_text(report))
+    return EXIT_OK
+
+
+def _cmd_predict_volume(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.predict_volume import run_predict_volume
+
+    _setup_logging(args.verbose, args.out / "predict.log")
+    report = run_predict_volume(args.run, args.source, out_dir=args.out, maps=args.maps, limit_maps=args.limit_maps,
+                                progress=not args.no_progress)
+    print(f"{report.n_images} volume(s) predicted; predictions: {args.out / 'predictions.csv'}"
+          + (f"; maps: {args.out / 'maps'}" if args.maps else ""))
+    if report.failed:
+        print(f"{len(report.failed)} volume(s) could not be read: "
+              + ", ".join(b["slide_id"] for b in report.failed[:10]), file=sys.stderr)
+    return EXIT_SLIDES_FAILED if report.failed else EXIT_OK
+
+
 def _cmd_predict_image(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict_image import run_predict_image
 
@@ -513,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "train-mil": _cmd_train, "predict": _cmd_predict,
                 "train-image": _cmd_train_image, "predict-image": _cmd_predict_image,
+                "train-volume": _cmd_train_volume, "predict-volume": _cmd_predict_volume,
                 "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo}
     try:
         return commands[args.command](args)

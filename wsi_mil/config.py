@@ -344,6 +344,87 @@ class ImageTrainConfig(CommonTrainConfig):
         return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
 
 
+VOLUME_MODES = ("cnn", "slices")
+
+
+@dataclass(frozen=True)
+class VolumeTrainConfig(CommonTrainConfig):
+    """Settings of ``wsi-mil train-volume`` (3D CT / MRI volumes)."""
+
+    epochs: int = _opt(30, "maximum epochs per fold")
+    patience: int = _opt(8, "early stopping: epochs without validation improvement")
+    lr: float = _opt(1e-3, "AdamW learning rate (1 warm-up epoch, then cosine decay)")
+    dropout: float = _opt(0.2, "dropout before the classification head (slices: in the aggregator)")
+
+    mode: str = _opt("cnn", "cnn: a 3D CNN on the whole volume (--arch); slices: 2.5D slice-MIL, a frozen 2D encoder "
+                            "(--backbone) embeds every axial slice (cached) and --mil-model pools them (mean, or "
+                            "attention: a heatmap along the volume)", choices=VOLUME_MODES)
+    arch: str = _opt("resnet18_3d", "with --mode cnn: resnet18_3d (compact 3D ResNet-18 from scratch), acs or inflate "
+                                    "(the pretrained 2D --backbone turned 3D: ACS convolutions or inflated kernels)",
+                     choices=("resnet18_3d", "acs", "inflate"))
+    width: int = _opt(32, "with --arch resnet18_3d: channels of the first stage (x2 per stage)")
+    backbone: str = _opt("efficientnet_lite0", "2D backbone for --arch acs / inflate and --mode slices: a registered "
+                                               "encoder (efficientnet_lite0: offline ImageNet weights) or a timm name")
+    weights: str | None = _opt(None, "local weights file for the 2D backbone (weights only)")
+    mil_model: str = _opt("abmil", "with --mode slices: the aggregator over the slices (mean, max, abmil, gated_abmil, "
+                                   "clam_sb, transmil)", choices=MIL_MODELS)
+    hidden: int = _opt(128, "with --mode slices: width of the aggregator's instance embedding")
+    volume_size: int = _opt(64, "side of the cubic network input in voxels (after --spacing; aspect kept by padding)")
+    slice_size: int = _opt(64, "with --mode slices: side in pixels each slice is resized to for the 2D encoder")
+    spacing: str | None = _opt(None, "resample to this voxel spacing in mm first: one value (isotropic) or D,H,W "
+                                     "(default: keep the voxels)")
+    intensity: str = _opt("auto", "intensity mapping to [0, 1]: window (--window, CT in HU), zscore (MRI, per volume), "
+                                  "minmax (0.5-99.5th percentile, per volume), unit (already in [0, 1]); auto: window "
+                                  "when --window is given, unit for MedMNIST .npz, else minmax",
+                          choices=("auto", "window", "zscore", "minmax", "unit"))
+    window: str | None = _opt(None, "intensity window LOW,HIGH in the modality's units, e.g. -1000,400 (HU)")
+    augment: str = _opt("volume", "training augmentation: volume (small rotations, scaling, shifts, intensity jitter; "
+                                  "NO left-right flip), volume-elastic (adds elastic deformation), volume-flip (adds "
+                                  "left-right flips: only where laterality carries no label), none",
+                        choices=("volume", "volume-elastic", "volume-flip", "none"))
+    batch_size: int = _opt(16, "volumes (slice-MIL: bags) per optimisation step")
+    labels: str | None = _opt(None, "label columns, comma-separated (default: 'label' / 'label_<name>' columns)")
+    readers: str | None = _opt(None, "several readers' label columns: majority vote, agreement reported")
+    resplit: bool = _opt(False, "when the manifest's split column puts one patient in two sets, split again by patient")
+    feature_cache: str | None = _opt(None, "folder for the slice-feature cache of --mode slices (default: <out>/features)")
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return super()._checks() + [
+            (self.width >= 4, "--width must be at least 4"),
+            (8 <= self.volume_size <= 512, "--volume-size must be in 8..512"),
+            (32 <= self.slice_size <= 1024, "--slice-size must be in 32..1024"),
+            (self.batch_size >= 1, "--batch-size must be positive"),
+        ]
+
+    def prep(self) -> Any:
+        """The :class:`wsi_mil.data.volumes.VolumePrep` these settings describe."""
+        from wsi_mil.data.volumes import VolumePrep
+
+        def floats(text: str, what: str, n: tuple[int, ...]) -> tuple[float, ...]:
+            try:
+                v = tuple(float(x) for x in text.split(","))
+            except ValueError as exc:
+                raise ConfigError(f"{what} {text!r}: give numbers separated by commas") from exc
+            if len(v) not in n:
+                raise ConfigError(f"{what} {text!r}: give {' or '.join(map(str, n))} value(s)")
+            return v
+
+        spacing = floats(self.spacing, "--spacing", (1, 3)) if self.spacing else None
+        if spacing is not None and len(spacing) == 1:
+            spacing = spacing * 3
+        window = floats(self.window, "--window", (2,)) if self.window else None
+        return VolumePrep(self.volume_size, spacing, self.intensity, window)  # type: ignore[arg-type]
+
+    def model_args(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "dropout": self.dropout}
+
+    def label_list(self) -> list[str] | None:
+        return [c.strip() for c in self.labels.split(",") if c.strip()] if self.labels else None
+
+    def reader_list(self) -> list[str] | None:
+        return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
+
+
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],
                    extra: dict[str, Any] | None = None) -> Path:
     """The resolved settings of a command (or of a demo step), written atomically as YAML

@@ -40,17 +40,19 @@ class ImagePredictReport:
     failed: list[dict[str, str]] = field(default_factory=list)
 
 
-def load_run(run_dir: Path) -> tuple[list[Any], dict[str, Any], list[float]]:
-    """The fold models of a train-image run, the first fold's spec and the ensemble thresholds."""
+def load_run(run_dir: Path, loader: Any = None, command: str = "train-image"
+             ) -> tuple[list[Any], dict[str, Any], list[float]]:
+    """The fold models of a train-image (or, with its ``loader``, train-volume) run, the
+    first fold's spec and the ensemble thresholds."""
     from wsi_mil.commands.train_image import load_image_model
     from wsi_mil.eval.metrics import ensemble_threshold
 
     stems = sorted((run_dir / "models").glob("fold*.json"))
     if not stems:
-        raise ConfigError(f"{run_dir}: no models/fold*.json; give the --out folder of a finished train-image run")
+        raise ConfigError(f"{run_dir}: no models/fold*.json; give the --out folder of a finished {command} run")
     models, specs = [], []
     for s in stems:
-        m, spec = load_image_model(s.with_suffix(""))
+        m, spec = (loader or load_image_model)(s.with_suffix(""))
         models.append(m)
         specs.append(spec)
     thr = [ensemble_threshold([sp["thresholds"][c] for sp in specs]) for c in range(len(specs[0]["thresholds"]))]

@@ -75,14 +75,12 @@ def load_pixels(entries: list[Any], size: int, *, window: tuple[float, float] | 
     return out, bad
 
 
-def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bool = False
-                         ) -> tuple[CvInputs, torch.Tensor]:
-    """Checked inputs and the images (N, 1, S, S): task inferred with blank labels allowed,
-    patients in two given sets named (and re-split with ``--resplit``), unreadable images
-    listed (exit 1)."""
-    entries, consensus = read_entries(source, config)
+def check_entries(entries: list[ImageEntry], consensus: dict[str, Any], config: Any, unit: str = "image") -> CvInputs:
+    """The checked run inputs of image or volume entries: task inferred with blank labels
+    allowed, the consensus and blank labels noted, patients in two given sets named (and
+    re-split with ``--resplit``). Pixels are read afterwards."""
     task = infer_task(entries, config.task, config.label, config.class_list(), config.min_class_slides, allow_blank=True)
-    task_line = task.describe(entries).replace("slide(s)", "image(s)")
+    task_line = task.describe(entries).replace("slide(s)", f"{unit}(s)")
     logger.info("%s", task_line)
     notes: dict[str, Any] = {}
     if consensus:
@@ -100,22 +98,35 @@ def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bo
         listing = "; ".join(f"patient {p} in {'/'.join(s)}" for p, s in list(leaks.items())[:12])
         if not config.resplit:
             raise ManifestError(f"the split column puts {len(leaks)} patient(s) in more than one set ({listing}"
-                                f"{' ...' if len(leaks) > 12 else ''}): their images would be trained on and tested "
+                                f"{' ...' if len(leaks) > 12 else ''}): their {unit}s would be trained on and tested "
                                 "on. Pass --resplit to split again by patient, or fix the split column")
         logger.warning("the given split puts %d patient(s) in more than one set (%s); splitting again by patient "
                        "(--resplit)", len(leaks), listing)
-        notes["patient_leak"] = {"patients": leaks, "action": "the given split was discarded and the images were "
+        notes["patient_leak"] = {"patients": leaks, "action": f"the given split was discarded and the {unit}s were "
                                  "split again by patient (--resplit)"}
         user_split = {}
-    images, bad = load_pixels(entries, config.image_size, window=config.window_pair(), use_voi=config.use_voi,
-                              progress=progress)
+    samples = [ImageSample(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"{unit} {e.slide_id}"),
+                           user_split.get(e.slide_id), e.path, None, e.meta) for e in entries]
+    return CvInputs(task, task_line, samples, [], user_split, notes)
+
+
+def refuse_unreadable(bad: list[dict[str, str]], n: int, unit: str = "image") -> None:
     if bad:
         listing = "\n  ".join(f"{b['slide_id']}: {b['reason']}" for b in bad[:20])
-        raise MissingDataError(f"{len(bad)} of {len(entries)} image(s) cannot be read:\n  {listing}\n"
+        raise MissingDataError(f"{len(bad)} of {n} {unit}(s) cannot be read:\n  {listing}\n"
                                "Fix or remove them from the manifest")
-    samples = [ImageSample(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"image {e.slide_id}"),
-                           user_split.get(e.slide_id), e.path, None, e.meta) for e in entries]
-    return CvInputs(task, task_line, samples, [], user_split, notes), images
+
+
+def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bool = False
+                         ) -> tuple[CvInputs, torch.Tensor]:
+    """Checked inputs (:func:`check_entries`) and the images (N, 1, S, S); unreadable
+    images stop the run naming them (exit 1)."""
+    entries, consensus = read_entries(source, config)
+    inputs = check_entries(entries, consensus, config)
+    images, bad = load_pixels(entries, config.image_size, window=config.window_pair(), use_voi=config.use_voi,
+                              progress=progress)
+    refuse_unreadable(bad, len(entries))
+    return inputs, images
 
 
 class ImageRoad:
@@ -220,7 +231,6 @@ class PatchMilRoad(MilRoad):
 
     def __init__(self, config: ImageTrainConfig, task: Task, samples: list[ImageSample], images: torch.Tensor,
                  out_dir: Path, device: str, progress: bool) -> None:
-        from wsi_mil.data.bags import Bag
         from wsi_mil.encoders.image import build_classifier, cached_features, patch_grid
 
         self.config, self.n_outputs, self.task = config, task.n_outputs, task  # type: ignore[assignment]
@@ -236,8 +246,16 @@ class PatchMilRoad(MilRoad):
                         "patch_px": side, "patch_step_px": step}
         self.dim = int(info["dim"])
         self.model_name = f"{config.mil_model} over {len(corners)} patches ({info['encoder']}, frozen)"
-        self.bags = {s.slide_id: Bag(s.slide_id, s.patient_id, s.target, None, s.split, feats[i], corners,
-                                     step_px=float(step), extent_px=float(side), meta={"n_features": len(corners)})
+        self.set_bags(samples, feats, corners, step, side)
+        self.geometry = {"image_size": config.image_size, "patch_extent_px": side, "grid_step_px": step,
+                         "coordinates": "top-left corners in pixels of the resized network input (image_size)"}
+
+    def set_bags(self, samples: list[Any], feats: np.ndarray, coords: np.ndarray, step: float, extent: float) -> None:
+        """In-memory bags: sample i's instances are ``feats[i]`` at ``coords``."""
+        from wsi_mil.data.bags import Bag
+
+        self.bags = {s.slide_id: Bag(s.slide_id, s.patient_id, s.target, None, s.split, feats[i], coords,
+                                     step_px=float(step), extent_px=float(extent), meta={"n_features": len(coords)})
                      for i, s in enumerate(samples)}
 
     def feeder(self, samples: list[Any], train: bool) -> Any:
@@ -282,9 +300,7 @@ class PatchMilRoad(MilRoad):
             write_attention(folder / f"{s.slide_id}.h5", coords=bag.coords, attention=att, attrs={
                 "slide_id": s.slide_id, "fold": fold, "split": split, "model": self.config.mil_model,
                 "outputs": list(task.outputs), "probability": [float(v) for v in probs],
-                "prediction": _prediction(task, probs, thresholds), "image_size": self.config.image_size,
-                "patch_extent_px": bag.extent_px, "grid_step_px": bag.step_px,
-                "coordinates": "top-left corners in pixels of the resized network input (image_size)",
+                "prediction": _prediction(task, probs, thresholds), **self.geometry,
                 "attention_kind": "normalised attention (sums to 1)" if self.config.mil_model not in ("max", "mean")
                 else self.config.mil_model + " score"})
 

@@ -34,19 +34,22 @@ class ImageClassifier(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(int(backbone.num_features), n_outputs)  # type: ignore[arg-type]
         self.frozen: list[nn.Module] = []
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        """(B, 1, ...) in [0, 1] (2D images or 3D volumes) -> the backbone's channels, normalised."""
+        channels = self.mean.shape[1]
+        if x.shape[1] == 1 and channels > 1:
+            x = x.expand(-1, channels, *x.shape[2:])
+        view = (1, channels) + (1,) * (x.ndim - 2)
+        return (x - self.mean.view(view)) / self.std.view(view)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) activations of the last stage (what Grad-CAM weighs)."""
+        """(B, C, h, w) (volumes: (B, C, d, h, w)) activations of the last stage (what Grad-CAM weighs)."""
         return self.backbone.forward_features(self.normalise(x))  # type: ignore[operator,no-any-return]
 
     def pooled(self, fmap: torch.Tensor) -> torch.Tensor:

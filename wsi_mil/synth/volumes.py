@@ -68,3 +68,20 @@ def write_dicom_series(folder: Path, hu: npt.NDArray[Any], *, spacing: tuple[flo
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = normal * spacing[0], cc * spacing[1], rc * spacing[2], origin
     return folder, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def plant_sphere(vol: npt.NDArray[np.float32], rng: np.random.Generator, *, radius: tuple[float, float] = (2.5, 4.0),
+                 level: float = 0.9, margin: int = 5) -> tuple[npt.NDArray[np.float32], dict[str, float]]:
+    """A soft-edged hyperdense sphere (a synthetic lesion: the voxels take at least
+    ``level``, textured ±5 %) in a volume in [0, 1], centred on a random voxel at least
+    ``margin`` from the border; returns the new volume and the sphere (centre d, h, w and
+    radius, in voxels of the array)."""
+    d, h, w = vol.shape
+    r = float(rng.uniform(*radius))
+    c = [float(rng.uniform(margin, n - 1 - margin)) for n in (d, h, w)]
+    zz, yy, xx = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    dist = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    blob = np.clip(r + 0.5 - dist, 0, 1)  # one-voxel soft edge
+    texture = 1 + 0.05 * rng.standard_normal(vol.shape)
+    out = np.clip(np.maximum(vol, level * blob * texture), 0, 1).astype(np.float32)
+    return out, {"d": c[0], "h": c[1], "w": c[2], "radius": r}

@@ -407,7 +407,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
         lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
     if task.kind != "multiclass":
         lines += ["", "ECE: expected calibration error, 10 equal-width probability bins (reliability.png shows the bins)."]
-    extra = ", attention/" if unit == "slide" else ""
+    extra = ", attention/" if unit == "slide" or (m.get("transfer") or {}).get("mode") in ("mil", "slices") else ""
     lines += ["", f"Files: metrics.json, predictions.csv, roc.png, reliability.png, confusion.png, training_curves.png, models/{extra}.", ""]
     return "\n".join(lines)
 
@@ -429,6 +429,12 @@ def _notes_markdown(m: dict[str, Any]) -> list[str]:
                 f"{leak['action']}."), ""]
     if m.get("blank_labels"):
         out += [f"Blank label cells (not labelled; masked out of loss and metrics): {m['blank_labels']}.", ""]
+    t = m.get("transfer")
+    if t:
+        def show(v: Any) -> str:
+            return ", ".join(f"{k} {show(x)}" for k, x in v.items()) if isinstance(v, dict) else \
+                "; ".join(map(str, v)) if isinstance(v, list) else str(v)
+        out += ["Model and inputs: " + "; ".join(f"{k}: {show(v)}" for k, v in t.items()) + ".", ""]
     return out
 
 

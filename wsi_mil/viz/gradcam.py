@@ -39,7 +39,8 @@ def grad_cam(model: Any, x: torch.Tensor, output: int = 0, method: str = "gradca
              ) -> npt.NDArray[np.float32]:
     """One map (S, S) in [0, 1] for input ``x`` (1, 1, S, S) and logit ``output`` of an
     :class:`wsi_mil.encoders.image.ImageClassifier`, from the activations of backbone
-    module ``layer`` (None: the last stage)."""
+    module ``layer`` (None: the last stage). A volume (1, 1, D, H, W) through a 3D CNN
+    gives a (D, H, W) map (3D Grad-CAM: gradients averaged over the three axes)."""
     if method not in CAM_METHODS:
         raise ValueError(f"CAM method {method!r}: choose one of {CAM_METHODS}")
     model.eval()
@@ -64,21 +65,24 @@ def grad_cam(model: Any, x: torch.Tensor, output: int = 0, method: str = "gradca
             handle.remove()
     a = fmap.detach().float()
     g = g.float()
+    space = tuple(range(2, a.ndim))  # (h, w), or (d, h, w) for a 3D CNN
     if method == "gradcam":
-        w = g.mean(dim=(2, 3), keepdim=True)
+        w = g.mean(dim=space, keepdim=True)
     else:
         g2, g3 = g ** 2, g ** 3
-        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3
+        denom = 2 * g2 + a.sum(dim=space, keepdim=True) * g3
         alpha = g2 / torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
-        w = (alpha * torch.relu(g)).sum(dim=(2, 3), keepdim=True)
+        w = (alpha * torch.relu(g)).sum(dim=space, keepdim=True)
     cam = torch.relu((w * a).sum(dim=1, keepdim=True))
-    cam = torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    size = tuple(x.shape[2:])
+    cam = torch.nn.functional.interpolate(cam, size=size, mode="bilinear" if len(size) == 2 else "trilinear",
+                                          align_corners=False)[0, 0]
     peak = float(cam.max())
-    return (cam / peak).numpy().astype(np.float32) if peak > 0 else np.zeros(tuple(x.shape[-2:]), np.float32)
+    return (cam / peak).numpy().astype(np.float32) if peak > 0 else np.zeros(size, np.float32)
 
 
 def _check_spatial(fmap: torch.Tensor) -> None:
-    if fmap.ndim != 4:
+    if fmap.ndim not in (4, 5):
         raise ValueError("Grad-CAM needs a convolutional backbone (a (B, C, h, w) feature map); this one gives "
                          f"shape {tuple(fmap.shape)}")
 

@@ -5,8 +5,9 @@ stack, attention and mean pooling) side by side, and the NIH ChestX-ray14 sample
 command, timed as a whole process (start-up, image reading, feature caching and training
 included; no cache shared between runs).
 
-The PneumoniaMNIST configurations run ``--repeats`` times (seeds 0, 1, ...), interleaved
-(every configuration once per round), and are reported as medians with min–max.
+The PneumoniaMNIST configurations run ``--repeats`` times (seeds 0, 1, ...; the two
+fine-tunes ``--repeats-finetune`` times, they cost minutes each), interleaved (every
+configuration once per round), and are reported as medians with min–max.
 
 PneumoniaMNIST test AUC and accuracy are given at the validation-chosen threshold (the
 run's rule) and at 0.5, beside MedMNIST v2 (Yang et al. 2023) and MedMNIST+ (Doerrich et
@@ -15,7 +16,7 @@ CI in the table).
 
 Results: benchmarks/results/cxr.{json,md} (quoted in the README).
 
-    .venv/bin/python benchmarks/bench_cxr.py [--epochs 8] [--size 64] [--repeats 3]
+    .venv/bin/python benchmarks/bench_cxr.py [--epochs 8] [--size 64] [--repeats 3] [--repeats-finetune 1]
 """
 
 from __future__ import annotations
@@ -23,38 +24,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+from runs import accuracy_at_half, result_row, run_cli
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "data" / "cxr"
 CACHE = HERE / ".cache" / "cxr"
-WSI_MIL = [sys.executable, "-m", "wsi_mil.cli"]
 
 PUBLISHED = [("ResNet-18 (28), MedMNIST v2", 0.944, 0.854), ("ResNet-50 (224), MedMNIST v2", 0.962, 0.884),
              ("Google AutoML Vision, MedMNIST v2", 0.991, 0.946),
              ("DINO ViT-B/16 + linear, 28 px, MedMNIST+ (best from 28 px)", 0.973, None)]
-
-
-def run(args: list[str], out: Path) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(WSI_MIL + args + ["--out", str(out), "--no-progress", "-q"], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return time.perf_counter() - t0
-
-
-def accuracy_at_half(out: Path) -> float:
-    with open(out / "predictions.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["fold"] == "ensemble"]
-    prob = np.asarray([float(next(v for k, v in r.items() if k.startswith("prob_"))) for r in rows])
-    truth = np.asarray([r["label"] == "pneumonia" for r in rows])
-    return float(((prob >= 0.5) == truth).mean())
 
 
 def main() -> None:
@@ -62,6 +44,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-finetune", type=int, default=1)
     a = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     npz = DATA / "pneumoniamnist.npz"
@@ -78,13 +61,15 @@ def main() -> None:
     results: dict[str, dict] = {"pneumoniamnist": {name: [] for name in runs}, "nih": {}, "settings": vars(a)}
     for rep in range(a.repeats):  # interleaved: every configuration once per round
         for name, extra in runs.items():
+            if "fine-tune" in name and rep >= a.repeats_finetune:
+                continue
             out = CACHE / name.split()[0].strip(",")
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-            seconds = run(["train-image", str(npz), *common, *extra, "--seed", str(rep)], out)
+            seconds = run_cli(["train-image", str(npz), *common, *extra, "--seed", str(rep)], out)
             m = json.loads((out / "metrics.json").read_text())["ensemble_test"]
             row = {"seed": rep, "auc": m["auc"], "auc_ci95": m["auc_ci95"], "accuracy": m["accuracy"],
-                   "accuracy_at_0.5": accuracy_at_half(out), "threshold": m["threshold"],
+                   "accuracy_at_0.5": accuracy_at_half(out, "pneumonia"), "threshold": m["threshold"],
                    "sensitivity": m["sensitivity"], "specificity": m["specificity"], "ece": m["ece"], "wall_s": seconds}
             results["pneumoniamnist"][name].append(row)
             print(name, row, flush=True)
@@ -104,7 +89,7 @@ def main() -> None:
     for name, extra in (("multi-label", ["--labels", ",".join(labels)]), ("normal vs abnormal", ["--labels", "abnormal"])):
         out = CACHE / ("nih_" + name.split()[0])
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        seconds = run(["train-image", str(manifest), *nih_common, *extra], out)
+        seconds = run_cli(["train-image", str(manifest), *nih_common, *extra], out)
         m = json.loads((out / "metrics.json").read_text())
         results["nih"][name] = {"ensemble_test": m["ensemble_test"], "pooled_validation": m["pooled_validation"],
                                 "leak": len(m["patient_leak"]["patients"]), "wall_s": seconds}
@@ -117,22 +102,16 @@ def write_md(r: dict) -> None:
     lines = ["# Chest X-ray benchmarks (2 CPU cores)", "",
              f"PneumoniaMNIST, official splits (4708 / 524 / 624), EfficientNet-Lite0 ImageNet (offline) at "
              f"{r['settings']['size']} px; test set of 624 images. Accuracy at the threshold chosen on validation and at 0.5.",
-             f"Each wsi-mil configuration ran {r['settings']['repeats']} times (seeds 0–{r['settings']['repeats'] - 1}, "
-             "interleaved): medians with min–max; the 95 % CI is the bootstrap interval of the seed-0 run. Patch-MIL: "
+             f"The linear probe and patch-MIL ran {r['settings']['repeats']} times (seeds 0–{r['settings']['repeats'] - 1}), "
+             f"the fine-tunes {r['settings'].get('repeats_finetune', r['settings']['repeats'])} time(s), interleaved: "
+             "medians with min–max where repeated; the 95 % CI is the bootstrap interval of the seed-0 run. Patch-MIL: "
              "the 28-px image resized to 128 px and cut into 3 x 3 patches of 64 px overlapping by half.",
              "Command: `.venv/bin/python benchmarks/bench_cxr.py`", "",
              "| model | test AUC, median (min–max) | 95% CI (seed 0) | accuracy (val. threshold) | accuracy at 0.5 | sensitivity | specificity | ECE | wall time, whole process |",
              "|---|---|---|---|---|---|---|---|---|"]
 
-    def med(rows: list[dict], key: str, fmt: str = ".3f", unit: str = "") -> str:
-        v = np.asarray([x[key] for x in rows], float)
-        return f"{np.median(v):{fmt}}{unit} ({v.min():{fmt}}–{v.max():{fmt}}{unit})" if len(v) > 1 else f"{v[0]:{fmt}}{unit}"
-
     for name, rows in r["pneumoniamnist"].items():
-        ci = rows[0]["auc_ci95"]
-        lines.append(f"| wsi-mil {name} | {med(rows, 'auc')} | {ci[0]:.3f}–{ci[1]:.3f} | {med(rows, 'accuracy')} | "
-                     f"{med(rows, 'accuracy_at_0.5')} | {med(rows, 'sensitivity')} | {med(rows, 'specificity')} | "
-                     f"{med(rows, 'ece')} | {med(rows, 'wall_s', '.0f', ' s')} |")
+        lines.append(result_row(name, rows))
     for name, auc, acc in PUBLISHED:
         lines.append(f"| {name} | {auc:.3f} | | {'–' if acc is None else f'{acc:.3f}'} | | | | | |")
     lines += ["", "NIH ChestX-ray14 sample (1000 images, 295 patients; one run each; the given folders put "

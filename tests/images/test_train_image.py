@@ -176,15 +176,17 @@ def test_grad_cam_lands_on_planted_lesions_and_boxes_score(tmp_path: Path) -> No
 def test_every_recipe_in_pipelines_builds_its_config() -> None:
     import yaml
 
-    from wsi_mil.config import ExtractConfig, TileConfig, TrainConfig, build_config, load_recipe
+    from wsi_mil.config import ExtractConfig, TileConfig, TrainConfig, VolumeTrainConfig, build_config, load_recipe
 
     classes = {"tile": TileConfig, "extract_features": ExtractConfig, "extract": ExtractConfig,
-               "train_mil": TrainConfig, "train_image": ImageTrainConfig}
+               "train_mil": TrainConfig, "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig}
     recipes = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.yaml"))
-    assert any(p.name == "train_image_cxr.yaml" for p in recipes)
+    assert {"train_image_cxr.yaml", "train_volume_ct.yaml"} <= {p.name for p in recipes}
     for path in recipes:
         for section in yaml.safe_load(path.read_text()):
-            build_config(classes[section], recipe=load_recipe(path, section))  # unknown keys would raise
+            config = build_config(classes[section], recipe=load_recipe(path, section))  # unknown keys would raise
+            if section == "train_volume":
+                assert config.prep().window == (-1000.0, 400.0) and config.prep().spacing == (1.5, 1.5, 1.5)
 
 
 def test_patch_grid_features_are_the_backbone_on_each_crop() -> None:

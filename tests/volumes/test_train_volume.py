@@ -193,10 +193,10 @@ def test_slice_mil_attention_peaks_at_the_lesion_slices_and_mean_pooling_trains(
 
 
 def test_unreadable_series_in_the_manifest_stop_the_run_naming_it(tmp_path: Path) -> None:
+    import shutil
+
     from wsi_mil.commands.train_volume import run_train_volume
     from wsi_mil.errors import MissingDataError
-
-    import shutil
 
     manifest, _, paths = _cohort(tmp_path, 12)
     broken = next(p for p in paths.values() if p.is_dir())

@@ -79,7 +79,8 @@ def check_entries(entries: list[ImageEntry], consensus: dict[str, Any], config: 
     """The checked run inputs of image or volume entries: task inferred with blank labels
     allowed, the consensus and blank labels noted, patients in two given sets named (and
     re-split with ``--resplit``). Pixels are read afterwards."""
-    task = infer_task(entries, config.task, config.label, config.class_list(), config.min_class_slides, allow_blank=True)
+    task = infer_task(entries, config.task, config.label, config.class_list(), config.min_class_slides, allow_blank=True,
+                      unit=unit)
     task_line = task.describe(entries).replace("slide(s)", f"{unit}(s)")
     logger.info("%s", task_line)
     notes: dict[str, Any] = {}

@@ -33,7 +33,14 @@ from wsi_mil.commands.train_image import ImageRoad, PatchMilRoad, check_entries,
 from wsi_mil.config import VolumeTrainConfig
 from wsi_mil.data.bags import Task
 from wsi_mil.data.images import ImageEntry, ImageSample, read_image_manifest
-from wsi_mil.data.volumes import Geometry, VolumePrep, VolumeReadError, load_volume, npz_volume_entries, prepare_volume
+from wsi_mil.data.volumes import (
+    Geometry,
+    VolumePrep,
+    VolumeReadError,
+    load_volume,
+    npz_volume_entries,
+    prepare_volume,
+)
 from wsi_mil.errors import ConfigError
 from wsi_mil.train.runner import TrainReport, run_cv
 

@@ -116,12 +116,13 @@ def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int 
 
 def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
                classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS,
-               allow_blank: bool = False) -> Task:
+               allow_blank: bool = False, unit: str = "slide") -> Task:
     """The task of a labelled manifest (see the module docstring), with every label value
     validated: a missing-value token (``NaN``, ``NA`` ...), a stray value in a 0/1 column,
     a value outside ``classes`` or a class with fewer than ``min_per_class`` slides is an
     error naming the slides, never a silently different task. With ``allow_blank`` (images)
-    a blank cell means "not labelled" (NaN in the target, masked out of loss and metrics)."""
+    a blank cell means "not labelled" (NaN in the target, masked out of loss and metrics).
+    ``unit`` is the word the errors use (slide, image, volume)."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
     columns = sorted({c for e in entries for c in e.labels})
@@ -133,13 +134,13 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
         raise ManifestError("the manifest has no label column; add 'label' (or 'label_<name>' columns) to train")
     unlabelled = [e.slide_id for e in entries if any(not e.labels.get(c, "").strip() for c in columns)]
     if unlabelled and not allow_blank:
-        raise ManifestError(f"{len(unlabelled)} slide(s) have no label ({', '.join(unlabelled[:5])}); "
+        raise ManifestError(f"{len(unlabelled)} {unit}(s) have no label ({', '.join(unlabelled[:5])}); "
                             "label them or leave them out of the manifest")
     for c in columns:
         tokens = {e.labels[c].strip() for e in entries if e.labels[c].strip().lower() in MISSING_TOKENS}
         if tokens:
             raise ManifestError(f"column {c!r} holds missing-value markers instead of labels: "
-                                f"{_rows_with(entries, c, tokens)}. Label these slides or leave them out of the manifest")
+                                f"{_rows_with(entries, c, tokens)}. Label these {unit}s or leave them out of the manifest")
     said_multiclass = kind == "multiclass"
     if kind == "auto" and classes:
         kind = "binary" if len(classes) == 2 else "multiclass"
@@ -151,7 +152,7 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
                               "label names from the label_<name> columns")
         names = tuple(c.removeprefix("label_") for c in columns)
         task = Task("multilabel", names, tuple(columns))
-        _check_multilabel_counts(entries, task, min_per_class)
+        _check_multilabel_counts(entries, task, min_per_class, unit)
         return task
     if len(columns) > 1:
         raise ManifestError(f"a {kind} task needs one label column; the manifest has {columns} (pick one with --label)")
@@ -170,7 +171,7 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
             raise ManifestError(f"--task binary, but column {col!r} has {len(values)} values {values[:6]}: "
                                 f"{_rows_with(entries, col, set(values[2:]))}; a binary task takes exactly two")
         if len(values) == 1:  # a cohort with one class cannot be trained, but say so clearly
-            raise ManifestError(f"every slide has label {values[0]!r}; a classifier needs both classes")
+            raise ManifestError(f"every {unit} has label {values[0]!r}; a classifier needs both classes")
         pos = [v for v in values if v.lower() in _POSITIVE]
         neg = [v for v in values if v != (pos[0] if pos else None)]
         pair = (neg[0], pos[0]) if pos else (values[0], values[1])
@@ -181,8 +182,8 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
              if sum(e.labels[col].strip() == value for e in entries) < min_per_class]
     if small:
         listing = "; ".join(f"class {name!r}: {_rows_with(entries, col, {value})}" for name, value in small)
-        raise ManifestError(f"fewer than {min_per_class} slides in {listing}. A class this small cannot be trained "
-                            "or evaluated; fix the labels if these are typos, or add slides of the class")
+        raise ManifestError(f"fewer than {min_per_class} {unit}s in {listing}. A class this small cannot be trained "
+                            f"or evaluated; fix the labels if these are typos, or add {unit}s of the class")
     return task
 
 
@@ -208,7 +209,7 @@ def _named_task(entries: list[SlideEntry], kind: str, col: str, values: list[str
     return Task(kind, outputs, (col,), tuple(names), tuple(label_values))
 
 
-def _check_multilabel_counts(entries: list[Any], task: Task, min_per_class: int) -> None:
+def _check_multilabel_counts(entries: list[Any], task: Task, min_per_class: int, unit: str = "slide") -> None:
     problems = []
     for name, col in zip(task.outputs, task.label_columns, strict=True):
         pos = sum(e.labels[col].strip().lower() in _POSITIVE for e in entries)
@@ -216,8 +217,8 @@ def _check_multilabel_counts(entries: list[Any], task: Task, min_per_class: int)
         if pos < min_per_class or neg < min_per_class:
             problems.append(f"{name}: {pos} positive, {neg} negative")
     if problems:
-        raise ManifestError(f"labels with fewer than {min_per_class} positive or negative slides: "
-                            f"{'; '.join(problems)}. Drop the label column or add slides")
+        raise ManifestError(f"labels with fewer than {min_per_class} positive or negative {unit}s: "
+                            f"{'; '.join(problems)}. Drop the label column or add {unit}s")
 
 
 @dataclass

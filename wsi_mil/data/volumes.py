@@ -179,7 +179,7 @@ def read_dicom_series(folder: Path) -> Volume:
         try:
             ds = pydicom.dcmread(f)
             raw = pixel_array(ds).astype(np.float32)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure names the file
+        except Exception as exc:
             raise VolumeReadError(f"{f}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
         slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
         slices.append(raw * slope + intercept)

@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--skip-cohort", action="store_true", help="only the scaling measurements")
     ap.add_argument("--md-only", action="store_true", help="rewrite volume.md from volume.json")
+    ap.add_argument("--only", type=int, nargs="*", default=None,
+                    help="run only these cohort configurations (0-based, in table order), keeping the others' results")
+    ap.add_argument("--skip-scaling", action="store_true")
     a = ap.parse_args()
     if a.md_only:
         write_md(json.loads((HERE / "results" / "volume.json").read_text()))
@@ -82,12 +85,17 @@ def main() -> None:
         "2.5D slice-MIL, attention (abmil, 64-px slices)": ["--mode", "slices", "--mil-model", "abmil", "--volume-size", "28"],
     }
     path = HERE / "results" / "volume.json"
-    results: dict = json.loads(path.read_text()) if a.skip_cohort and path.exists() else {}
-    results["settings"] = vars(a)
+    keep = a.skip_cohort or a.only is not None or a.skip_scaling
+    results: dict = json.loads(path.read_text()) if keep and path.exists() else {}
+    results["settings"] = {k: v for k, v in vars(a).items() if k in ("repeats", "epochs")}
     if not a.skip_cohort:
-        results["adrenal"] = {name: [] for name in runs}
+        chosen = [n for i, n in enumerate(runs) if a.only is None or i in a.only]
+        results["adrenal"] = {name: [] if name in chosen else results.get("adrenal", {}).get(name, [])
+                              for name in runs}
         for rep in range(a.repeats):
             for name, extra in runs.items():
+                if name not in chosen:
+                    continue
                 out = CACHE / f"run{list(runs).index(name)}"
                 subprocess.run(["rm", "-rf", str(out)], check=True)
                 seconds = run_cli(["train-volume", str(NPZ), *common, *extra, "--seed", str(rep)], out)
@@ -97,8 +105,9 @@ def main() -> None:
                        "specificity": m["specificity"], "ece": m["ece"], "wall_s": seconds}
                 results["adrenal"][name].append(row)
                 print(name, row, flush=True)
-    results["scaling"] = []
-    for arch in ("resnet18_3d", "acs"):
+    if not a.skip_scaling:
+        results["scaling"] = []
+    for arch in ("resnet18_3d", "acs") if not a.skip_scaling else ():
         for size in (28, 64, 128):
             for phase in ("train", "infer"):
                 res = subprocess.run([sys.executable, "-c", SCALING, arch, str(size), phase], check=True, cwd=ROOT,
@@ -123,7 +132,8 @@ def write_md(r: dict) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
 
     for name, rows in r.get("adrenal", {}).items():
-        lines.append(result_row(name, rows))
+        if rows:
+            lines.append(result_row(name, rows))
     for name, auc, acc in PUBLISHED:
         lines.append(f"| {name} | {auc:.3f} | | {acc:.3f} | | | | | |")
     lines += ["", ("Time and memory per volume as the volume grows (inputs of each size: the compute does not "

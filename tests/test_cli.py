@@ -40,7 +40,8 @@ def test_conflicting_options_exit_2(tmp_path, cmu_slide) -> None:
     assert proc.returncode == 2 and "--stride or --overlap" in proc.stderr
 
 
-COMMANDS = ["tile", "extract-features", "train-mil", "predict", "heatmap", "review", "synth", "demo"]
+COMMANDS = ["tile", "extract-features", "train-mil", "predict", "heatmap", "review", "synth", "demo", "train-image",
+            "predict-image", "train-volume", "predict-volume"]
 
 
 def test_list_flags_work_alone() -> None:

@@ -76,6 +76,7 @@ def test_pretrained_2d_backbone_runs_as_3d_and_keeps_its_weights() -> None:
         assert info["converted"] == how and info["weights_sha256"]
         sd2, sd3 = two_d.backbone.state_dict(), model.backbone.state_dict()
         assert set(sd2) == set(sd3) and all(torch.equal(sd2[k], sd3[k]) for k in sd2)
+        assert all(p.requires_grad for p in model.parameters())  # fine-tuned whole, not a frozen encoder
         with torch.no_grad():
             out = model(torch.rand(2, 1, 32, 32, 32))
         assert out.shape == (2, 2) and torch.isfinite(out).all()
@@ -157,6 +158,11 @@ def test_3d_cnn_finds_planted_lesions_and_its_heatmap_aligns_with_the_input(tmp_
             hits.append(_source_peak_inside(np.asarray(heat.dataobj), vid, spheres, paths[vid]))
     assert np.mean(hits) >= 0.7, hits
     assert (tmp_path / "pred" / "maps" / f"{test_ids[0]}.png").stat().st_size > 0
+    # a DICOM series folder or a NIfTI file given directly
+    for vid in (next(v for v in test_ids if paths[v].is_dir()), next(v for v in test_ids if paths[v].is_file())):
+        one = run_predict_volume(tmp_path / "run", paths[vid], out_dir=tmp_path / f"one_{vid}", maps=True, progress=False)
+        assert one.n_images == 1 and not one.failed
+        assert len(list((tmp_path / f"one_{vid}" / "maps").glob("*.nii.gz"))) == 1
 
 
 def test_slice_mil_attention_peaks_at_the_lesion_slices_and_mean_pooling_trains(tmp_path: Path) -> None:
@@ -205,3 +211,17 @@ def test_unreadable_series_in_the_manifest_stop_the_run_naming_it(tmp_path: Path
     with pytest.raises(MissingDataError, match=rf"{broken.name}.*slice is missing"):
         run_train_volume(manifest, out_dir=tmp_path / "run", config=VolumeTrainConfig(epochs=1, min_class_slides=2),
                          progress=False)
+
+
+def test_bad_volume_options_exit_2_before_anything_is_written(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import WSI_MIL
+
+    npz = shared("vol3d", "adrenalmnist3d.npz")
+    for bad, message in ((["--window", "400,-1000"], "LOW must be below HIGH"), (["--spacing", "1,2"], "--spacing"),
+                         (["--intensity", "window"], "needs --window")):
+        out = tmp_path / "out"
+        res = subprocess.run(WSI_MIL + ["train-volume", str(npz), "--out", str(out), *bad], capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 2 and message in res.stderr and not out.exists(), (bad, res.stderr[-500:])

@@ -16,8 +16,8 @@ Inputs:
   colour or compressed data that cannot be decoded are refused by name.
 
 Every volume is turned to the canonical frame (RAS+, nibabel's closest canonical) and
-held as (D, H, W) = (inferior→superior, posterior→anterior, right→left of the array is
-the patient's left→right), i.e. axial slices along D. Preparation for a network
+held as (D, H, W): D runs inferior → superior, H posterior → anterior, W from the
+patient's left to right; axial slices lie along D. Preparation for a network
 (:func:`prepare_volume`): optional resampling to ``spacing`` mm (trilinear), padding to a
 cube with the volume's minimum (aspect kept), resizing to ``size``³, and intensities
 mapped to [0, 1] by a window in modality units (``--window LOW,HIGH``, e.g. HU

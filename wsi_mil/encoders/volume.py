@@ -197,4 +197,6 @@ def build_volume_classifier(arch: str, n_outputs: int, *, backbone: str = "effic
         raise ConfigError(f"--arch {arch!r}: choose one of {VOLUME_ARCHS}")
     model, info = build_classifier(backbone, n_outputs, weights=weights, dropout=dropout)
     convert_to_3d(model.backbone, arch)
+    for p in model.parameters():  # the registry hands encoders out frozen; a converted network is fine-tuned whole
+        p.requires_grad_(True)
     return model, {**info, "encoder": f"{info['encoder']} ({arch} 3D)", "converted": arch}

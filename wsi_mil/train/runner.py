@@ -283,7 +283,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["skipped"] = skipped
-    metrics["threshold_rule"] = THRESHOLD_RULE
+    metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
     metrics["seed"] = config.seed
     metrics["seconds"] = time.perf_counter() - t0

@@ -120,22 +120,20 @@ def main() -> None:
 
 
 def write_md(r: dict) -> None:
-    reps = r["settings"]["repeats"]
     lines = ["# Volume benchmarks (2 CPU cores)", "",
              "AdrenalMNIST3D, official splits (1188 / 98 / 298), 28³; test set of 298 volumes (72 positive). Accuracy "
-             "at the threshold chosen on validation and at 0.5. "
-             + (f"{reps} runs per configuration (seeds 0–{reps - 1}, interleaved): medians with min–max; "
-                if reps > 1 else "One run per configuration (a single seed: read the CI, not the third decimal); ")
-             + "the 95 % CI is the bootstrap interval of the first run. Whole-process wall time, start-up included.",
+             "at the threshold chosen on validation and at 0.5. Rows run more than once (seeds 0, 1, ...) give the "
+             "median with min–max (the 'runs' column); the 95 % CI is the bootstrap interval of the first run; a "
+             "single run is one seed: read the CI, not the third decimal. Whole-process wall time, start-up included.",
              "Command: `.venv/bin/python benchmarks/bench_volume.py`", "",
-             "| model | test AUC | 95% CI | accuracy (val. threshold) | accuracy at 0.5 | sensitivity | specificity | ECE | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | runs | test AUC | 95% CI | accuracy (val. threshold) | accuracy at 0.5 | sensitivity | specificity | ECE | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     for name, rows in r.get("adrenal", {}).items():
         if rows:
-            lines.append(result_row(name, rows))
+            lines.append(result_row(name, rows).replace(" | ", f" | {len(rows)} | ", 1))
     for name, auc, acc in PUBLISHED:
-        lines.append(f"| {name} | {auc:.3f} | | {acc:.3f} | | | | | |")
+        lines.append(f"| {name} | | {auc:.3f} | | {acc:.3f} | | | | | |")
     lines += ["", ("Time and memory per volume as the volume grows (inputs of each size: the compute does not "
                "depend on the content; training: batch 4, forward + backward + AdamW step; inference: batch 1; "
                "median of 3 steps after a warm-up; peak RSS of a process doing only that, Python and torch "

@@ -92,6 +92,12 @@ def test_bad_series_are_refused_by_name(tmp_path: Path) -> None:
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "README").write_text("nothing here")
         read_volume(tmp_path / "empty")
+    good = write_nifti(tmp_path / "good.nii.gz", hu, np.eye(4))
+    (tmp_path / "cut.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated download
+    (tmp_path / "junk.nii").write_bytes(b"not a nifti header" * 40)
+    for name in ("cut.nii.gz", "junk.nii"):
+        with pytest.raises(VolumeReadError, match=f"{name}: not a readable NIfTI"):
+            read_volume(tmp_path / name)
     nan = hu.copy()
     nan[3, 4, 5] = np.nan
     with pytest.raises(VolumeReadError, match="NaN"):

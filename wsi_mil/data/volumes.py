@@ -97,8 +97,8 @@ def read_nifti(path: Path) -> Volume:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, np.float64)
-    except (OSError, ValueError, EOFError) as exc:
-        raise VolumeReadError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - nibabel's ImageFileError, gzip, truncation: all name the file
+        raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     try:
@@ -122,7 +122,7 @@ def read_dicom_series(folder: Path) -> Volume:
     for f in files:
         try:
             headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
-        except (InvalidDicomError, OSError, ValueError):
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
             continue  # not DICOM (a README, a thumbnail): ignored
     if not headers:
         raise VolumeReadError(f"{folder}: no DICOM files")

@@ -56,7 +56,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:
     from wsi_mil.synth.cohort import make_cohort
 
     out = tmp_path_factory.mktemp("cohort")
-    return make_cohort(out, n_slides=4, positive_fraction=0.5, size_px=(4096, 3072), seed=3, textures=textures)
+    return make_cohort(out, n_slides=4, preset="easy", positive_fraction=0.5, size_px=(4096, 3072), seed=3, textures=textures)
 
 
 @pytest.fixture(scope="session")

@@ -303,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of slides with tumour")
     synth.add_argument("--size", type=int, default=8192, help="slide side in level-0 pixels")
     synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
-    synth.add_argument("--tumour-size-um", type=float, nargs=2, default=(300.0, 1200.0), metavar=("MIN", "MAX"), help="tumour region diameter range")
+    synth.add_argument("--preset", choices=("hard", "easy"), default="hard",
+                       help="hard: normal tissue from several real sources without repeats, stain varied per slide, "
+                            "tumour colour-matched, regions 120-600 µm; easy: one mirror-tiled source and larger "
+                            "tumours in their own colours (a pipeline check that MIL solves perfectly)")
+    synth.add_argument("--tumour-size-um", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                       help="tumour region diameter range (default: the preset's)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
     _add_output_options(synth)
 
@@ -514,8 +519,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     ensure_writable(args.out)
-    manifest = make_cohort(args.out, n_slides=args.n_slides, positive_fraction=args.positive_fraction,
-                           size_px=args.size, mpp=args.mpp, tumour_size_um=tuple(args.tumour_size_um), seed=args.seed,
+    manifest = make_cohort(args.out, n_slides=args.n_slides, preset=args.preset, positive_fraction=args.positive_fraction,
+                           size_px=args.size, mpp=args.mpp, seed=args.seed,
+                           tumour_size_um=tuple(args.tumour_size_um) if args.tumour_size_um else None,
                            progress=not args.no_progress)
     print(f"cohort of {args.n_slides} slides written; manifest: {manifest}")
     return EXIT_OK

@@ -1,4 +1,15 @@
-"""A labelled cohort of generated slides in one call, with a manifest CSV."""
+"""A labelled cohort of generated slides in one call, with a manifest CSV.
+
+Two presets:
+
+* ``hard`` (the default): normal tissue is a mosaic of several real sources, the stain
+  varies per slide, the tumour is colour-matched to each slide and regions go down to
+  one 20x patch (120-600 µm); see ``wsi_mil.synth.mosaic``.
+* ``easy``: one normal texture mirror-tiled, a light stain jitter, tumour regions of
+  300-1200 µm in the tumour texture's own colours. A pipeline check: attention MIL
+  separates it perfectly, because the tumour is a novelty, not because it learns
+  histology.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +17,44 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from wsi_mil.data.manifest import write_manifest
 from wsi_mil.synth.slide import SlideSpec, write_slide
+from wsi_mil.synth.mosaic import TexturePool, default_pool
 from wsi_mil.synth.textures import Texture, default_textures
 
 logger = logging.getLogger(__name__)
+
+
+#: Per preset: slide style, tumour diameter range (µm) and regions per positive slide.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hard": {"style": "hard", "tumour_size_um": (120.0, 600.0), "tumour_regions": (1, 2)},
+    "easy": {"style": "easy", "tumour_size_um": (300.0, 1200.0), "tumour_regions": (1, 3)},
+}
 
 
 def make_cohort(
     out_dir: str | Path,
     *,
     n_slides: int,
+    preset: str = "hard",
     positive_fraction: float = 0.5,
     size_px: int | tuple[int, int] = 8192,
     mpp: float = 0.5,
-    tumour_size_um: tuple[float, float] = (300.0, 1200.0),
-    tumour_regions: tuple[int, int] = (1, 3),
+    tumour_size_um: tuple[float, float] | None = None,
+    tumour_regions: tuple[int, int] | None = None,
     seed: int = 0,
     textures: tuple[Texture, Texture] | None = None,
+    pool: TexturePool | None = None,
     progress: bool = False,
 ) -> Path:
     """Generate ``n_slides`` slides, ``round(n_slides * positive_fraction)`` with tumour.
 
+    ``preset`` (``PRESETS``) sets the style and the tumour sizes unless they are given.
+    ``textures`` are the easy style's (normal, tumour); ``pool`` the hard style's sources.
     Slides already generated with the same spec are kept (the call is resumable).
 
     Returns:
@@ -40,6 +64,11 @@ def make_cohort(
 
     if not 0 <= positive_fraction <= 1:
         raise ValueError("positive_fraction must be in [0, 1]")
+    if preset not in PRESETS:
+        raise ValueError(f"cohort preset {preset!r}: choose one of {sorted(PRESETS)}")
+    style = PRESETS[preset]["style"]
+    tumour_size_um = tuple(tumour_size_um or PRESETS[preset]["tumour_size_um"])  # type: ignore[assignment]
+    tumour_regions = tuple(tumour_regions or PRESETS[preset]["tumour_regions"])  # type: ignore[assignment]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -47,18 +76,20 @@ def make_cohort(
     positive = np.zeros(n_slides, dtype=bool)
     positive[rng.permutation(n_slides)[:n_pos]] = True
     width, height = (size_px, size_px) if isinstance(size_px, int) else size_px
-    normal, tumour = textures or default_textures()
+    normal, tumour = (textures or default_textures()) if style == "easy" else (None, None)
+    if style == "hard" and pool is None:
+        pool = default_pool()
     rows = []
     for i in tqdm(range(n_slides), desc="generating slides", unit="slide", disable=not progress):
         slide_id = f"synth-{seed:03d}-{i:04d}"
         spec = SlideSpec(
             width_px=width, height_px=height, mpp=mpp, seed=seed * 100_003 + i,
             tumour_regions=int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0,
-            tumour_size_um=tumour_size_um,
+            tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
         )
         path = out_dir / f"{slide_id}.tiff"
         if not _up_to_date(path, spec):
-            write_slide(path, spec, normal=normal, tumour=tumour)
+            write_slide(path, spec, normal=normal, tumour=tumour, pool=pool)
         rows.append({"slide_id": slide_id, "path": path.name, "patient_id": f"patient-{seed:03d}-{i:04d}",
                      "label": int(positive[i])})
     return write_manifest(out_dir / "manifest.csv", rows)

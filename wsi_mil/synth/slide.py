@@ -14,12 +14,16 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi_mil.io.atomic import atomic_path, write_json
 from wsi_mil.synth.textures import Texture
+
+if TYPE_CHECKING:
+    from wsi_mil.synth.mosaic import TexturePool
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,10 @@ class SlideSpec:
     tumour_size_um: tuple[float, float] = (300.0, 1200.0)
     jpeg_quality: int = 85
     background_rgb: tuple[int, int, int] = (241, 240, 238)
+    #: "easy": one normal texture mirror-tiled, per-slide stain jitter of ±7 %, tumour as it
+    #: comes; "hard": a mosaic of real sources, stain per slide, colour-matched tumour
+    #: (``wsi_mil.synth.mosaic``).
+    style: str = "easy"
 
 
 @dataclass
@@ -60,6 +68,7 @@ class SlideTruth:
     tumour_area_mm2: float = 0.0
     tissue_area_mm2: float = 0.0
     spec: dict[str, object] = field(default_factory=dict)
+    sources: dict[str, object] = field(default_factory=dict)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> npt.NDArray[np.float32]:
@@ -107,7 +116,13 @@ def make_layout(spec: SlideSpec) -> tuple[npt.NDArray[np.float32], npt.NDArray[n
 
 def _bilinear(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     """Sample a coarse field at level-0 pixel centres ``ys`` (rows) × ``xs`` (cols)."""
-    gy, gx = ys / LAYOUT_PX, xs / LAYOUT_PX
+    return _bilinear_at(field_, ys, xs, LAYOUT_PX)
+
+
+def _bilinear_at(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: npt.NDArray[np.float64],
+                 cell_px: float) -> npt.NDArray[np.float32]:
+    """Sample a field of ``cell_px`` level-0 pixels per cell at ``ys`` (rows) × ``xs`` (cols)."""
+    gy, gx = ys / cell_px, xs / cell_px
     y0 = np.clip(np.floor(gy).astype(np.int64), 0, field_.shape[0] - 2)
     x0 = np.clip(np.floor(gx).astype(np.int64), 0, field_.shape[1] - 2)
     wy = (gy - y0).astype(np.float32)[:, None]
@@ -169,7 +184,7 @@ def level_downsamples(width_px: int, height_px: int) -> list[int]:
 
 
 def _render_level(spec: SlideSpec, tissue: npt.NDArray[np.float32], tumour: npt.NDArray[np.float32],
-                  normal: _LevelTexture, tumour_tex: _LevelTexture | None, ds: int) -> Iterator[npt.NDArray[np.uint8]]:
+                  normal: Any, tumour_tex: Any, ds: int) -> Iterator[npt.NDArray[np.uint8]]:
     lw, lh = -(-spec.width_px // ds), -(-spec.height_px // ds)
     bg = np.array(spec.background_rgb, dtype=np.float32)
     blank = np.broadcast_to(np.array(spec.background_rgb, dtype=np.uint8), (TILE_PX, TILE_PX, 3))
@@ -193,8 +208,12 @@ def _render_level(spec: SlideSpec, tissue: npt.NDArray[np.float32], tumour: npt.
             yield (rgb * a + bg * (1 - a)).astype(np.uint8)
 
 
-def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture, tumour: Texture | None = None) -> SlideTruth:
+def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = None, tumour: Texture | None = None,
+                pool: TexturePool | None = None) -> SlideTruth:
     """Write a pyramidal tiled JPEG TIFF that OpenSlide reads (mpp in the resolution tags).
+
+    ``normal`` / ``tumour`` are the textures of the easy style; the hard style draws from
+    ``pool`` (the bundled sources when not given).
 
     Writes ``<stem>.json`` (ground truth and spec) and, for slides with tumour regions,
     ``<stem>.tumour.png`` (tumour mask at ``LAYOUT_PX`` downsample) next to it.
@@ -207,13 +226,26 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture, tumour: T
     rng = np.random.default_rng(spec.seed + 7919)
     gain = rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-slide stain variation
     offsets = [(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))) for _ in range(2)]
-    if spec.tumour_regions and tumour is None:
-        raise ValueError("tumour regions requested but no tumour texture given")
+    drawn: dict[str, object] = {}
+    if spec.style == "hard":
+        from wsi_mil.synth.mosaic import default_pool, slide_textures
 
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        normal_base, tumour_base, drawn = slide_textures(
+            pool or default_pool(), slide_mpp=spec.mpp, shape_px=(spec.height_px, spec.width_px),
+            rng=np.random.default_rng(spec.seed + 104_729), layout_px=LAYOUT_PX, with_tumour=bool(regions))
+    elif spec.style == "easy":
+        if normal is None:
+            raise ValueError("the easy style needs a normal texture")
+        if spec.tumour_regions and tumour is None:
+            raise ValueError("tumour regions requested but no tumour texture given")
         normal_base = _BaseTexture(normal, slide_mpp=spec.mpp, gain=gain, offset=offsets[0])
         tumour_base = (_BaseTexture(tumour, slide_mpp=spec.mpp, gain=gain, offset=offsets[1])
                        if tumour is not None and regions else None)
+        drawn = {"normal_sources": [normal.name], "tumour_source": tumour.name if tumour_base is not None else None}
+    else:
+        raise ValueError(f"slide style {spec.style!r}: choose 'easy' or 'hard'")
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for i, ds in enumerate(level_downsamples(spec.width_px, spec.height_px)):
             normal_l = normal_base.at_level(ds)
             tumour_l = tumour_base.at_level(ds) if tumour_base is not None else None
@@ -237,7 +269,7 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture, tumour: T
         slide=path.name, label=int(bool(regions)), mpp=spec.mpp, width_px=spec.width_px, height_px=spec.height_px,
         mask=mask_path.name, mask_downsample=float(LAYOUT_PX), tumour_regions=regions,
         tumour_area_mm2=float(tumour_mask.sum() * cell_mm2), tissue_area_mm2=float((tissue > 0.5).sum() * cell_mm2),
-        spec=json.loads(json.dumps(asdict(spec))),
+        spec=json.loads(json.dumps(asdict(spec))), sources=drawn,
     )
     write_json(path.with_name(path.stem + ".json"), asdict(truth))
     return truth

@@ -45,9 +45,57 @@ class TrainReport:
     seconds: float = 0.0
 
     def headline(self) -> dict[str, Any]:
-        """The numbers people look at first: the ensemble on the held-out test set, or the
-        pooled out-of-fold validation predictions when there is no test set."""
-        return self.metrics.get("ensemble_test") or self.metrics.get("pooled_validation") or {}
+        """The numbers people look at first (``headline_set`` says which and why)."""
+        return self.metrics.get(headline_set(self.metrics)) or {}
+
+
+#: a fold whose validation or test AUC is at or below this learned nothing (or the inverse)
+FAILED_FOLD_AUC = 0.5
+#: folds whose test AUCs spread more than this (standard deviation) disagree
+DISAGREE_SD = 0.1
+SET_NAMES = {"ensemble_test": "ensemble of folds on the held-out test set",
+             "pooled_validation": "pooled out-of-fold validation"}
+
+
+def fold_health(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Failed folds (validation or test AUC <= ``FAILED_FOLD_AUC``) and whether the folds
+    disagree (a failed fold, or test AUCs spread by more than ``DISAGREE_SD``)."""
+    failed = []
+    for f in folds:
+        why = [f"{name} AUC {f[split]['auc']:.3f}" for split, name in (("val", "validation"), ("test", "test"))
+               if f.get(split) and f[split].get("auc") is not None and f[split]["auc"] <= FAILED_FOLD_AUC]
+        if why:
+            failed.append({"fold": f["fold"], "why": ", ".join(why)})
+    test = [f["test"]["auc"] for f in folds if f.get("test") and f["test"].get("auc") is not None]
+    sd = float(np.std(test, ddof=1)) if len(test) > 1 else 0.0
+    return {"failed": failed, "n_folds": len(folds), "test_auc_sd": sd, "disagree": bool(failed) or sd > DISAGREE_SD}
+
+
+def choose_headline(metrics: dict[str, Any]) -> dict[str, str]:
+    """The set whose figures lead the report: the held-out test ensemble when it can be
+    trusted, else the pooled out-of-fold predictions (more cases, every fold's own model)."""
+    ens, pooled = metrics.get("ensemble_test"), metrics.get("pooled_validation")
+    if not ens:
+        return {"set": "pooled_validation", "why": "no held-out test set"}
+    reasons = []
+    health = metrics.get("fold_health") or {}
+    if health.get("failed"):
+        reasons.append(f"{len(health['failed'])} of {health['n_folds']} folds failed, and a fold ensemble hides "
+                       "failed folds behind the confident ones")
+    elif health.get("disagree"):
+        reasons.append(f"the folds disagree on the test set (AUC sd {health['test_auc_sd']:.3f})")
+    if ens.get("auc_ci_note"):
+        reasons.append(f"the test set's AUC interval is {ens['auc_ci_note']}")
+    if reasons and pooled and pooled.get("auc") is not None:
+        return {"set": "pooled_validation", "why": "; ".join(reasons)}
+    return {"set": "ensemble_test", "why": "held-out test set; the folds agree"}
+
+
+def headline_set(metrics: dict[str, Any]) -> str:
+    chosen = metrics.get("headline", {}).get("set")
+    if chosen:
+        return str(chosen)
+    return "ensemble_test" if metrics.get("ensemble_test") else "pooled_validation"
 
 
 
@@ -282,6 +330,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         for c, name in enumerate(task.outputs):
             calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
     metrics["across_folds_val"] = _across(folds_out, "val")
+    metrics["fold_health"] = fold_health(folds_out)
+    metrics["headline"] = choose_headline(metrics)
     metrics["skipped"] = skipped
     metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
@@ -324,8 +374,9 @@ def _fmt(v: Any) -> str:
 
 
 def _binary_line(name: str, m: dict[str, Any]) -> str:
-    ci = m.get("auc_ci95")
-    auc = _fmt(m.get("auc")) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    from wsi_mil.eval.metrics import auc_text
+
+    auc = auc_text(m)
     return "| " + " | ".join([name, str(m.get("n", "")), auc] + [_fmt(m.get(k)) for k in METRIC_KEYS[1:]]
                              + [_fmt(m.get("threshold")), _fmt(m.get("ece"))]) + " |"
 
@@ -339,11 +390,11 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
     write_csv(out / "predictions.csv", rows)
     if curves:
         roc_plot(out / "roc.png", curves, f"{metrics['model']}: ROC")
-    head = metrics.get("ensemble_test") or metrics.get("pooled_validation") or {}
+    key = headline_set(metrics)
+    head = metrics.get(key) or {}
     if "confusion" in head:
         classes = list(task.classes) if task.kind == "binary" else list(task.outputs)
-        confusion_plot(out / "confusion.png", head["confusion"], classes,
-                       "ensemble, test set" if metrics.get("ensemble_test") else "pooled validation")
+        confusion_plot(out / "confusion.png", head["confusion"], classes, SET_NAMES.get(key, key))
     if any(histories.values()):
         curves_plot(out / "training_curves.png", histories)
     if calibration:
@@ -367,6 +418,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
         lines += [(f"Test set enriched: minority-class share {t['sampled_share']:.2f} (true {t['true_share']:.2f}); "
                   "metrics are given at both prevalences."), ""]
     lines += _notes_markdown(m)
+    lines += _headline_markdown(task, m)
     if task.kind == "binary":
         header = ("| set | n | AUC (95% CI) | sensitivity | specificity | PPV | NPV | F1 | accuracy | balanced acc. "
                   "| threshold | ECE |")
@@ -399,7 +451,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     for split in ("test", "val"):
         acc = m.get(f"across_folds_{split}")
         if acc:
-            lines += ["", f"Across folds ({split}): " + ", ".join(
+            lines += ["", f"Across folds ({split}, mean ± sd over folds): " + ", ".join(
                 f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in acc.items() if v["mean"] is not None)]
     if m.get("skipped"):
         lines += ["", (f"**Left out with --allow-missing ({len(m['skipped'])} labelled slide(s) without a usable "
@@ -410,6 +462,29 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     extra = ", attention/" if unit == "slide" or (m.get("transfer") or {}).get("mode") in ("mil", "slices") else ""
     lines += ["", f"Files: metrics.json, predictions.csv, roc.png, reliability.png, confusion.png, training_curves.png, models/{extra}.", ""]
     return "\n".join(lines)
+
+
+def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
+    """Which figure leads and why; failed folds said out loud."""
+    from wsi_mil.eval.metrics import auc_text
+
+    out: list[str] = []
+    health = m.get("fold_health") or {}
+    if health.get("failed"):
+        out += [f"**{len(health['failed'])} of {health['n_folds']} folds failed** (AUC at or below chance): "
+                + "; ".join(f"fold {f['fold']}: {f['why']}" for f in health["failed"])
+                + ". The fold ensemble's test figure is not the headline: confident folds outvote failed ones.", ""]
+    elif health.get("disagree"):
+        out += [f"**The folds disagree** on the test set (AUC sd {health['test_auc_sd']:.3f} over folds).", ""]
+    key = headline_set(m)
+    head = m.get(key) or {}
+    if head and task.kind == "binary":
+        out += [f"Headline: {SET_NAMES.get(key, key)}, AUC {auc_text(head)}, n = {head.get('n')} "
+                f"({head.get('n_positive')} positive); {m.get('headline', {}).get('why', '')}.", ""]
+    if key == "pooled_validation" and m.get("folds"):
+        out += ["Out-of-fold predictions come from models whose epoch was chosen on those same cases (early "
+                "stopping), so they lean optimistic; the held-out test set has no such bias but fewer cases.", ""]
+    return out
 
 
 def _notes_markdown(m: dict[str, Any]) -> list[str]:
@@ -441,7 +516,8 @@ def _notes_markdown(m: dict[str, Any]) -> list[str]:
 def summary_text(report: TrainReport) -> str:
     """The few lines printed at the end of a run."""
     head = report.headline()
-    where = "ensemble of folds on the held-out test set" if report.metrics.get("ensemble_test") else "pooled out-of-fold validation"
+    key = headline_set(report.metrics)
+    where = SET_NAMES.get(key, key)
     t = report.task
     what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
     unit = report.metrics.get("unit", "slide")
@@ -451,12 +527,18 @@ def summary_text(report: TrainReport) -> str:
         lines.append("  mean AUC over labels " + (f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a") + "; "
                      + ", ".join(f"{k} {v['auc']:.3f}" for k, v in head.get("per_label", {}).items() if v.get("auc") is not None))
     elif report.task.kind == "binary":
-        ci = head.get("auc_ci95")
-        auc = f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a"
-        lines.append(f"  AUC {auc}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        from wsi_mil.eval.metrics import auc_text
+
+        lines.append(f"  AUC {auc_text(head) if head.get('auc') is not None else 'n/a'}, n = {head.get('n')}"
                      + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
     else:
         lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
+    health = report.metrics.get("fold_health") or {}
+    if health.get("failed"):
+        lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ("
+                     + "; ".join(f"fold {f['fold']}: {f['why']}" for f in health["failed"]) + ")")
+    if report.metrics.get("headline", {}).get("set") == "pooled_validation" and report.metrics.get("ensemble_test"):
+        lines.append(f"  (not the test ensemble: {report.metrics['headline']['why']})")
     if report.skipped:
         lines.append(f"  {len(report.skipped)} labelled slide(s) LEFT OUT (--allow-missing; no usable feature store): "
                      + ", ".join(x["slide_id"] for x in report.skipped[:10]) + "; listed in report.md")

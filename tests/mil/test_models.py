@@ -69,6 +69,25 @@ def test_transmil_uses_coordinates_and_clam_adds_an_instance_loss() -> None:
     assert clam.eval()(x, m, c, labels=torch.ones(1, 1)).aux_loss is None
 
 
+def test_transmil_position_is_relative_to_the_neighbours_not_to_the_glass() -> None:
+    """Moving the whole bag across the slide changes nothing (no layout to memorise); moving
+    instances apart changes who their neighbours are, and the prediction."""
+    torch.manual_seed(0)
+    model = build_model("transmil", 32, 1).eval()
+    x, c = _bag(20)
+    m = torch.ones(1, 20, dtype=torch.bool)
+    a = model(x, m, c)
+    b = model(x, m, c + torch.tensor([137.0, 59.0]))
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a.logits, model(x, m, c * 10).logits, atol=1e-4)
+    # the original absolute encoding is still there by name, and it is not translation invariant
+    absolute = build_model("transmil", 32, 1, pos="sincos", readout="cls").eval()
+    assert not torch.allclose(absolute(x, m, c).logits, absolute(x, m, c + 137.0).logits, atol=1e-4)
+    with pytest.raises(ConfigError, match="pos must be"):
+        build_model("transmil", 32, 1, pos="learned")
+
+
 def test_unknown_model_and_bad_argument_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="choose one of"):
         build_model("dsmil", 8, 1)

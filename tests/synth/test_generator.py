@@ -47,3 +47,78 @@ def test_same_spec_same_bytes(tmp_path, textures) -> None:
         write_slide(paths[-1], SlideSpec(2048, 2048, seed=seed, tumour_regions=1), normal=textures[0], tumour=textures[1])
     data = [p.read_bytes() for p in paths]
     assert data[0] == data[1] and data[0] != data[2]
+
+
+def _slide_stats(path) -> tuple[int, int, float, np.ndarray]:
+    """(repeated tissue patches, tissue patches, CIELAB distance between the mean colours of
+    tumour and normal tissue, mean normal colour) of a generated slide's level 0."""
+    import hashlib
+
+    from wsi_mil.synth.mosaic import _rgb_to_lab, tissue_pixels
+
+    s = openslide.OpenSlide(str(path))
+    w, h = s.dimensions
+    img = np.asarray(s.read_region((0, 0), 0, (w, h)).convert("RGB"))
+    seen: set[str] = set()
+    repeated = total = 0
+    for y in range(0, h - 255, 256):
+        for x in range(0, w - 255, 256):
+            patch = img[y:y + 256, x:x + 256]
+            if tissue_pixels(patch[::4, ::4]).mean() < 0.5:
+                continue
+            digest = hashlib.md5(patch.tobytes()).hexdigest()
+            repeated += digest in seen
+            total += 1
+            seen.add(digest)
+    mask, ds = read_truth_mask(path)
+    tumour = np.kron(mask, np.ones((int(ds), int(ds)), bool))[:h, :w][::2, ::2]
+    small = img[::2, ::2]
+    tissue, lab = tissue_pixels(small), _rgb_to_lab(small)
+    normal = lab[tissue & ~tumour].mean(axis=0)
+    return repeated, total, float(np.linalg.norm(lab[tissue & tumour].mean(axis=0) - normal)), normal
+
+
+def test_hard_preset_mixes_sources_without_repeats_and_hides_the_tumour_colour(tmp_path, textures) -> None:
+    """The hard cohort: several real sources per slide, no repeated patch, stain varying
+    between slides, and tumour whose mean colour is the slide's own (the easy style's tumour
+    stands out by colour alone, which is what made it a novelty-detection task)."""
+    from wsi_mil.synth.cohort import make_cohort
+    from wsi_mil.synth.slide import SlideSpec, write_slide
+
+    manifest = make_cohort(tmp_path / "hard", n_slides=3, preset="hard", positive_fraction=1.0, size_px=3072, seed=0,
+                           tumour_size_um=(400.0, 600.0))
+    rows = list(csv.DictReader(open(manifest)))
+    stats, sources = [], set()
+    for r in rows:
+        meta = json.loads((manifest.parent / r["path"]).with_suffix(".json").read_text())
+        assert meta["spec"]["style"] == "hard" and meta["label"] == 1
+        assert len(meta["sources"]["normal_sources"]) >= 2 and meta["sources"]["tumour_source"]
+        sources.update(meta["sources"]["normal_sources"])
+        stats.append(_slide_stats(manifest.parent / r["path"]))
+    assert len(sources) >= 3
+    for repeated, total, colour_gap, _ in stats:
+        assert total >= 20 and repeated == 0
+        assert colour_gap < 6.0, stats  # measured 1.1-5.0 (CIELAB ΔE of the means)
+    assert np.std([s[3] for s in stats], axis=0).max() > 3.0  # the stain differs between slides
+    # the same measure on the easy style: its tumour stands out (measured ΔE 12.7-17.1)
+    easy = tmp_path / "easy.tiff"
+    write_slide(easy, SlideSpec(3072, 3072, seed=0, tissue_cover=0.6, tumour_regions=2, tumour_size_um=(400, 600)),
+                normal=textures[0], tumour=textures[1])
+    assert _slide_stats(easy)[2] > 10.0
+
+
+def test_hard_slide_levels_agree(tmp_path) -> None:
+    from wsi_mil.synth.slide import SlideSpec, write_slide
+
+    path = tmp_path / "h.tiff"
+    write_slide(path, SlideSpec(8192, 4096, seed=2, style="hard", tumour_regions=1, tumour_size_um=(500, 600)))
+    s = openslide.OpenSlide(str(path))
+    assert s.level_count == 2 and s.level_downsamples[1] == 4.0
+    lvl0 = np.asarray(s.read_region((2048, 1024), 0, (2048, 2048)).convert("RGB"), np.float32)
+    lvl1 = np.asarray(s.read_region((2048, 1024), 1, (512, 512)).convert("RGB"), np.float32)
+    down = lvl0.reshape(512, 4, 512, 4, 3).mean(axis=(1, 3))
+    assert np.abs(down - lvl1).mean() < 12, np.abs(down - lvl1).mean()
+    import pytest
+
+    with pytest.raises(ValueError, match="choose 'easy' or 'hard'"):
+        write_slide(tmp_path / "x.tiff", SlideSpec(1024, 1024, style="medium"))

@@ -198,43 +198,92 @@ class _Block(nn.Module):
         return t, cls_att
 
 
+class GridConv(nn.Module):
+    """TransMIL's position encoding (PPEG) on the slide's own patch grid.
+
+    Tokens are scattered at their patch positions into a (D, H, W) grid spanning the bag,
+    depthwise 7×7, 5×5 and 3×3 convolutions are added to it and the tokens read back, so
+    each token learns from its neighbours on the glass. It is translation invariant: where
+    the tissue lies on the slide tells it nothing (an absolute coordinate encoding lets a
+    transformer memorise slides by their layout). The original PPEG folds the token
+    sequence into a square, which makes neighbours on the square strangers on the slide.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        out = []
+        for b in range(h.shape[0]):
+            n = int(mask[b].sum())
+            c = coords[b, :n].round().long()
+            c = c - c.min(dim=0).values
+            rows, cols = c[:, 1], c[:, 0]
+            grid = h.new_zeros(h.shape[2], int(rows.max()) + 1, int(cols.max()) + 1)
+            grid[:, rows, cols] = h[b, :n].T
+            g = grid[None]
+            g = (g + sum(conv(g) for conv in self.convs))[0]
+            out.append(torch.cat([g[:, rows, cols].T, h[b, n:]], dim=0))
+        return torch.stack(out)
+
+
 class TransMIL(nn.Module):
-    """TransMIL-style: projected instances plus a 2D sinusoidal encoding of their
-    coordinates, a class token, two transformer blocks; the class token's attention in
-    the last block is the instance score."""
+    """TransMIL-style: projected instances, a class token and transformer blocks, with the
+    position encoding convolved on the patch grid after the first block (``GridConv``).
+
+    ``readout="attention"`` (default): the bag is gated-attention pooling of the
+    contextualised instance tokens, and that attention is the instance score, so the
+    heatmap is exactly what made the prediction. ``readout="cls"``: the class token is
+    classified and its last-block attention is the score (the original; on small cohorts
+    that attention need not follow the evidence). ``pos``: ``"grid"`` (default),
+    ``"sincos"`` (absolute 2D sinusoidal coordinates added to the tokens) or ``"none"``.
+    """
 
     def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, heads: int = 4, layers: int = 2,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.25, attn_dropout: float = 0.1, pos: str = "grid", readout: str = "attention",
+                 attn_dim: int = 128) -> None:
         super().__init__()
+        if pos not in ("grid", "sincos", "none") or readout not in ("attention", "cls"):
+            raise ConfigError(f"transmil: pos must be grid, sincos or none and readout attention or cls, not {pos!r} / {readout!r}")
         self.embed = _embed(in_dim, hidden, dropout)
         self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.cls, std=0.02)
-        self.blocks = nn.ModuleList(_Block(hidden, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(_Block(hidden, heads, attn_dropout) for _ in range(layers))
+        self.grid = GridConv(hidden) if pos == "grid" else None
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, n_outputs)
-        self.hidden = hidden
+        self.hidden, self.pos, self.readout = hidden, pos, readout
+        if readout == "attention":
+            self.attn_v, self.attn_u, self.attn_w = nn.Linear(hidden, attn_dim), nn.Linear(hidden, attn_dim), nn.Linear(attn_dim, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)
-        if coords is not None:
+        if self.pos == "sincos" and coords is not None:
             h = h + coord_encoding(coords, self.hidden)
         t = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
         m = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        att = mask.float()
-        for block in self.blocks:
+        cls_att = mask.float()
+        for i, block in enumerate(self.blocks):
             t, cls_att = block(t, m)
-            att = cls_att[:, 1:]
-        att = att * mask
-        att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-12)
-        return MILOutput(self.head(self.norm(t[:, 0])), att)
+            if i == 0 and self.grid is not None and coords is not None:
+                t = torch.cat([t[:, :1], self.grid(t[:, 1:], mask, coords)], dim=1)
+        if self.readout == "cls":
+            att = cls_att[:, 1:] * mask
+            att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-12)
+            return MILOutput(self.head(self.norm(t[:, 0])), att)
+        z = self.norm(t[:, 1:])
+        a = torch.tanh(self.attn_v(z)) * torch.sigmoid(self.attn_u(z))
+        att = masked_softmax(self.attn_w(a)[..., 0], mask)
+        return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, z)), att)
 
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=False, **kw), "attention MIL (Ilse et al. 2018)"),
     "gated_abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=True, **kw), "gated attention MIL (Ilse et al. 2018)"),
     "clam_sb": (lambda d, c, **kw: ClamSB(d, c, **kw), "CLAM-SB style: gated attention + instance clustering loss"),
-    "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer with coordinate encoding"),
+    "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer, position convolved on the patch grid"),
     "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
     "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline (instance classifier)"),
 }

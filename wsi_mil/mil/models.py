@@ -234,7 +234,8 @@ class TransMIL(nn.Module):
 
     ``readout="attention"`` (default): the bag is gated-attention pooling of the
     contextualised instance tokens, and that attention is the instance score, so the
-    heatmap is exactly what made the prediction. ``readout="cls"``: the class token is
+    heatmap is exactly what made the prediction; the scores come from each instance's own
+    embedding (``score_from="instance"``) or from the contextualised token (``"context"``). ``readout="cls"``: the class token is
     classified and its last-block attention is the score (the original; on small cohorts
     that attention need not follow the evidence). ``pos``: ``"grid"`` (default),
     ``"sincos"`` (absolute 2D sinusoidal coordinates added to the tokens) or ``"none"``.
@@ -242,10 +243,11 @@ class TransMIL(nn.Module):
 
     def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, heads: int = 4, layers: int = 2,
                  dropout: float = 0.25, attn_dropout: float = 0.1, pos: str = "grid", readout: str = "attention",
-                 attn_dim: int = 128) -> None:
+                 attn_dim: int = 128, score_from: str = "instance") -> None:
         super().__init__()
-        if pos not in ("grid", "sincos", "none") or readout not in ("attention", "cls"):
-            raise ConfigError(f"transmil: pos must be grid, sincos or none and readout attention or cls, not {pos!r} / {readout!r}")
+        if pos not in ("grid", "sincos", "none") or readout not in ("attention", "cls") or score_from not in ("instance", "context"):
+            raise ConfigError(f"transmil: pos must be grid, sincos or none, readout attention or cls, score_from instance or "
+                              f"context, not {pos!r} / {readout!r} / {score_from!r}")
         self.embed = _embed(in_dim, hidden, dropout)
         self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.cls, std=0.02)
@@ -253,7 +255,7 @@ class TransMIL(nn.Module):
         self.grid = GridConv(hidden) if pos == "grid" else None
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, n_outputs)
-        self.hidden, self.pos, self.readout = hidden, pos, readout
+        self.hidden, self.pos, self.readout, self.score_from = hidden, pos, readout, score_from
         if readout == "attention":
             self.attn_v, self.attn_u, self.attn_w = nn.Linear(hidden, attn_dim), nn.Linear(hidden, attn_dim), nn.Linear(attn_dim, 1)
 
@@ -274,7 +276,11 @@ class TransMIL(nn.Module):
             att = att / att.sum(dim=1, keepdim=True).clamp(min=1e-12)
             return MILOutput(self.head(self.norm(t[:, 0])), att)
         z = self.norm(t[:, 1:])
-        a = torch.tanh(self.attn_v(z)) * torch.sigmoid(self.attn_u(z))
+        # scores from each instance's own embedding, values with context: after self-attention
+        # every token carries its neighbours', so scores from the mixed tokens can settle on
+        # a token next to the evidence (measured: localisation AUC down to 0.03 on a slide)
+        s = h if self.score_from == "instance" else z
+        a = torch.tanh(self.attn_v(s)) * torch.sigmoid(self.attn_u(s))
         att = masked_softmax(self.attn_w(a)[..., 0], mask)
         return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, z)), att)
 

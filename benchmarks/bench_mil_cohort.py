@@ -186,7 +186,8 @@ def main() -> None:
     from wsi_mil.synth.cohort import PRESETS, make_cohort
 
     preset = PRESETS[args.preset]
-    root = CACHE / f"{args.preset}-{args.slides}-{args.size}-{args.seed}"
+    lo, hi = preset["tumour_size_um"]
+    root = CACHE / f"{args.preset}-{args.slides}-{args.size}-{args.seed}-t{lo:.0f}-{hi:.0f}-r{preset['tumour_regions'][1]}"
     t0 = time.perf_counter()
     manifest = make_cohort(root / "slides", n_slides=args.slides, preset=args.preset, positive_fraction=args.positive_fraction,
                            size_px=args.size, seed=args.seed, progress=True)
@@ -218,7 +219,6 @@ def main() -> None:
     elif old.get("throughput"):
         res["throughput"], res["threads"] = old["throughput"], old.get("threads")
     (out / "mil_cohort.json").write_text(json.dumps(res, indent=2) + "\n")
-    lo, hi = preset["tumour_size_um"]
     what = ("normal tissue a mosaic of 2-3 of 7 real sources per slide, stain varied per slide, tumour (one of 3 real "
             "sources) colour-matched to the slide" if args.preset == "hard" else "one mirror-tiled normal source, tumour in its own colours")
     md = [f"Cohort (`{args.preset}` preset): {args.slides} generated slides ({args.size} px, 0.5 µm/px; {what}), "

@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
     synth.add_argument("--preset", choices=("hard", "easy"), default="hard",
                        help="hard: normal tissue from several real sources without repeats, stain varied per slide, "
-                            "tumour colour-matched, 1-3 regions of 150-800 µm; easy: one mirror-tiled source and larger "
+                            "tumour colour-matched, 1-2 regions of 150-400 µm; easy: one mirror-tiled source and larger "
                             "tumours in their own colours (a pipeline check that MIL solves perfectly)")
     synth.add_argument("--tumour-size-um", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                        help="tumour region diameter range (default: the preset's)")

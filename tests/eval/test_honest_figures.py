@@ -16,7 +16,7 @@ def test_perfect_separation_on_eight_cases_is_not_an_interval() -> None:
     m = binary_metrics(y, p, 0.5)
     assert m["auc"] == 1.0 and m["auc_ci95"] == (1.0, 1.0)  # what the bootstrap gives
     assert m["auc_ci_note"] == "not informative (n = 8, perfectly separated)"
-    assert auc_text(m) == "1.000 (not informative (n = 8, perfectly separated))"
+    assert auc_text(m) == "1.000; 95% CI not informative (n = 8, perfectly separated)"
     # an inverted model is no more informative
     assert auc_interval_note(y, 1 - p, (0.0, 0.0)) == "not informative (n = 8, perfectly inverted)"
 
@@ -61,7 +61,7 @@ def test_failed_folds_are_flagged_and_the_ensemble_is_not_the_headline() -> None
     md = report_markdown(Task("binary", ("label",), ("label",), ("0", "1")), m)
     assert "**2 of 5 folds failed**" in md and "fold 1: validation AUC 0.330, test AUC 0.400" in md
     assert "Headline: pooled out-of-fold validation, AUC 0.918 (0.800–0.990), n = 32" in md
-    assert "| ensemble of folds, test | 8 | 1.000 (not informative (n = 8, perfectly separated))" in md
+    assert "| ensemble of folds, test | 8 | 1.000; 95% CI not informative (n = 8, perfectly separated) |" in md
 
 
 def test_agreeing_folds_keep_the_test_ensemble_as_headline() -> None:

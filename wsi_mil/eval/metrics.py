@@ -72,13 +72,13 @@ def auc_interval_note(y: npt.ArrayLike, p: npt.ArrayLike, ci: tuple[float, float
 
 
 def auc_text(m: dict[str, Any]) -> str:
-    """``0.912 (0.850–0.960)``, or the AUC with why its interval is not informative."""
+    """``0.912 (0.850–0.960)``, or ``1.000; 95% CI not informative (n = 8, perfectly separated)``."""
     a = m.get("auc")
     if a is None:
         return "–"
     note, ci = m.get("auc_ci_note"), m.get("auc_ci95")
     if note:
-        return f"{a:.3f} ({note})"
+        return f"{a:.3f}; 95% CI {note}"
     return f"{a:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 

@@ -4,7 +4,7 @@ Two presets:
 
 * ``hard`` (the default): normal tissue is a mosaic of several real sources, the stain
   varies per slide, the tumour is colour-matched to each slide and regions go down to
-  one 20x patch (150-800 µm, 1-3 regions); see ``wsi_mil.synth.mosaic``.
+  one 20x patch (150-400 µm, 1-2 regions); see ``wsi_mil.synth.mosaic``.
 * ``easy``: one normal texture mirror-tiled, a light stain jitter, tumour regions of
   300-1200 µm in the tumour texture's own colours. A pipeline check: attention MIL
   separates it perfectly, because the tumour is a novelty, not because it learns
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: Per preset: slide style, tumour diameter range (µm) and regions per positive slide.
 PRESETS: dict[str, dict[str, Any]] = {
-    "hard": {"style": "hard", "tumour_size_um": (150.0, 800.0), "tumour_regions": (1, 3)},
+    "hard": {"style": "hard", "tumour_size_um": (150.0, 400.0), "tumour_regions": (1, 2)},
     "easy": {"style": "easy", "tumour_size_um": (300.0, 1200.0), "tumour_regions": (1, 3)},
 }
 

@@ -259,7 +259,9 @@ def main() -> None:
         whole = threads["whole_run_seconds"]
         md += ["", f"Whole `train-mil` runs (abmil, 5 folds, fresh folders, idle machine, interleaved): "
                + "; ".join(f"{k} thread(s) {', '.join(f'{v:.0f} s' for v in vs)}" for k, vs in whole.items()) + "."]
-    md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_cohort.py {' '.join(sys.argv[1:])}`".rstrip() + "."]
+    md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_cohort.py {' '.join(sys.argv[1:])}`".rstrip() + "."
+           + (" Rows of models not named in `--models` are kept from earlier runs of the same preset and settings."
+              if set(rows) - set(args.models.split(",")) else "")]
     (out / "mil_cohort.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

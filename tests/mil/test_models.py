@@ -88,6 +88,25 @@ def test_transmil_position_is_relative_to_the_neighbours_not_to_the_glass() -> N
         build_model("transmil", 32, 1, pos="learned")
 
 
+def test_max_pooling_is_a_smooth_maximum_between_the_mean_and_the_max() -> None:
+    torch.manual_seed(0)
+    x, c = _bag(15)
+    m = torch.ones(1, 15, dtype=torch.bool)
+    hard = build_model("max", 32, 1, smooth=0).eval()
+    inst = hard.head(hard.embed(x))[0, :, 0]
+    torch.testing.assert_close(hard(x, m, c).logits[0, 0], inst.max())
+    previous = inst.mean()
+    for r in (0.5, 5.0, 50.0):
+        soft = build_model("max", 32, 1, smooth=r).eval()
+        soft.load_state_dict(hard.state_dict())
+        value = soft(x, m, c).logits[0, 0]
+        assert previous - 1e-5 <= value <= inst.max() + 1e-5  # rises from the mean towards the max
+        previous = value
+    assert inst.max() - previous < 0.1
+    with pytest.raises(ConfigError, match="smooth must be"):
+        build_model("max", 32, 1, smooth=-1)
+
+
 def test_unknown_model_and_bad_argument_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="choose one of"):
         build_model("dsmil", 8, 1)

@@ -69,12 +69,29 @@ class MeanPool(_InstanceHead):
 
 
 class MaxPool(_InstanceHead):
-    """Instance classifier -> max over the bag per output (mi-Net style baseline)."""
+    """Instance classifier -> (smooth) maximum over the bag per output (mi-Net style baseline).
+
+    ``smooth`` r > 0 (default 5): log-sum-exp pooling ``(logsumexp(r * s_i) - log n) / r``,
+    which lies between the mean (r -> 0) and the maximum (r -> inf) of the instance logits
+    and passes gradient to every high-scoring instance. With ``smooth=0`` (the hard maximum)
+    only one instance per bag learns at each step; on the hard cohort it memorised single
+    patches (training loss 0.13 while validation AUC stayed at 0.6) and failed 2 of 5 folds.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25, smooth: float = 5.0) -> None:
+        super().__init__(in_dim, n_outputs, hidden, dropout)
+        if smooth < 0:
+            raise ConfigError(f"max: smooth must be >= 0 (0: the hard maximum), not {smooth}")
+        self.smooth = smooth
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
         inst = self.head(self.embed(x)).masked_fill(~mask[..., None], NEG_INF)  # (B, N, C)
-        logits = inst.max(dim=1).values
+        if self.smooth > 0:
+            n = mask.sum(dim=1, keepdim=True).clamp(min=1).to(inst.dtype)  # (B, 1)
+            logits = (torch.logsumexp(self.smooth * inst, dim=1) - torch.log(n)) / self.smooth
+        else:
+            logits = inst.max(dim=1).values
         score = inst.max(dim=2).values if inst.shape[2] > 1 else inst[..., 0]
         return MILOutput(logits, torch.sigmoid(score) * mask)
 
@@ -291,7 +308,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "clam_sb": (lambda d, c, **kw: ClamSB(d, c, **kw), "CLAM-SB style: gated attention + instance clustering loss"),
     "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer, position convolved on the patch grid"),
     "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
-    "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline (instance classifier)"),
+    "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline: instance classifier, smooth maximum (log-sum-exp, r = 5)"),
 }
 
 

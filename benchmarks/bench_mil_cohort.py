@@ -139,6 +139,9 @@ def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, epochs: in
     from wsi_mil.eval.localisation import unseen_localisation
     from wsi_mil.eval.metrics import auc_text
 
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a whole fresh run: nothing resumed, the wall time is all of it
     t = time.perf_counter()
     report = run_train(manifest, [feats], out_dir=run_dir, config=TrainConfig(model=model, epochs=epochs, seed=seed),
                        progress=False)
@@ -198,13 +201,14 @@ def main() -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     old = json.loads((out / "mil_cohort.json").read_text()) if (out / "mil_cohort.json").exists() else {}
-    rows = {r["model"]: r for r in old.get("models", []) if old.get("settings", {}).get("preset") == args.preset}
+    same = old.get("cohort") == root.name and old.get("settings", {}).get("epochs") == args.epochs
+    rows = {r["model"]: r for r in old.get("models", [])} if same else {}
     for model in args.models.split(","):
         print(f"--- {model}", flush=True)
         rows[model] = model_row(manifest, feats, root / f"train-{model}", model, args.epochs, args.seed)
         print(json.dumps({k: rows[model][k] for k in ("across_folds_test_auc", "pooled_oof_text", "failed_folds",
                                                        "localisation_auc_mean", "wall_seconds")}), flush=True)
-    res: dict = {"settings": vars(args), "prep_seconds": prep_s, "n_slides": args.slides,
+    res: dict = {"settings": vars(args), "cohort": root.name, "prep_seconds": prep_s, "n_slides": args.slides,
                  "n_positive": int(sum(1 for e in read_manifest(manifest) if e.labels["label"] == "1")),
                  "models": [rows[m] for m in MODELS if m in rows] + [r for k, r in rows.items() if k not in MODELS]}
     if not args.skip_throughput:

@@ -116,3 +116,30 @@ def test_imbalance_weights_follow_the_class_shares() -> None:
     plain = BagLoss("binary", "none")(logits, target)
     focal = BagLoss("binary", "focal", None)(logits, target)
     assert focal < plain  # easy examples are down-weighted
+
+
+def test_a_max_model_saved_before_the_smooth_maximum_loads_as_the_hard_maximum(tmp_path) -> None:
+    """Checkpoints keep meaning what they meant when trained: an old max-pooling fold (no
+    training revision in its spec) is rebuilt as the hard maximum, a new one as the smooth."""
+    import torch
+
+    from wsi_mil.mil import build_model
+    from wsi_mil.train.checkpoint import load_model, save_model
+
+    model = build_model("max", 16, 1, smooth=0)
+    base = {"model": "max", "in_dim": 16, "n_outputs": 1, "model_args": {"hidden": 256, "dropout": 0.25}}
+    save_model(tmp_path / "old", model, dict(base))
+    save_model(tmp_path / "new", model, {**base, "training_revision": 4})
+    old, _ = load_model(tmp_path / "old")
+    new, _ = load_model(tmp_path / "new")
+    assert old.smooth == 0 and new.smooth == 5.0
+    x, m = torch.randn(1, 9, 16), torch.ones(1, 9, dtype=torch.bool)
+    torch.testing.assert_close(old(x, m).logits, model.eval()(x, m).logits)
+    # an architecture this version no longer builds is refused with the fix, not loaded half
+    save_model(tmp_path / "tx", build_model("abmil", 16, 1), {**base, "model": "transmil"})
+    import pytest
+
+    from wsi_mil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retrain it"):
+        load_model(tmp_path / "tx")

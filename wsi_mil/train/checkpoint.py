@@ -37,7 +37,10 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ConfigError(f"no model at {path_stem} (need {spec_path.name} and {weights.name})")
     try:
         spec = json.loads(spec_path.read_text())
-        model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **spec.get("model_args", {}))
+        args = dict(spec.get("model_args", {}))
+        if spec["model"] == "max" and "smooth" not in args and spec.get("training_revision", 0) < 4:
+            args["smooth"] = 0.0  # trained before max pooling became a smooth maximum: the hard maximum
+        model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **args)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{spec_path}: not a readable model description ({type(exc).__name__}: {exc}); the run's "
                           "models/ folder is damaged: retrain (train-mil resumes at the first missing fold)") from exc
@@ -48,7 +51,9 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
                           "delete it and its .json and re-run train-mil, which retrains that fold") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{weights}: weights do not fit model {spec['model']!r} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ConfigError(f"{weights}: weights do not fit model {spec['model']!r} (missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}); a model trained by wsi-mil {spec.get('wsi_mil_version', '< 0.x')} with an "
+                          "architecture this version no longer builds: retrain it (train-mil retrains such folds)")
     model.eval()
     return model, spec
 

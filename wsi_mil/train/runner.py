@@ -102,7 +102,8 @@ def headline_set(metrics: dict[str, Any]) -> str:
 #: bumped whenever training itself changes what a fold's model is, so that a resumed run
 #: retrains folds made by older code instead of mixing them in (2: validation loss breaks
 #: AUC ties in model selection)
-TRAINING_REVISION = 3  # 3: thresholds between two validation scores (logit midpoint), not on one
+TRAINING_REVISION = 4  # 3: thresholds between two validation scores (logit midpoint), not on one;
+# 4: max pooling is a smooth maximum, TransMIL convolves position on the patch grid
 
 #: settings that change how a run is carried out, not what a fold's model is
 _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache")
@@ -268,7 +269,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             spec = {**road.spec(), "task": task.to_dict(), "encoder": road.encoder, "fold": fold.index,
                     "best_epoch": result.best_epoch,
                     "thresholds": _threshold(task, val_pred.targets, val_pred.probs, config),
-                    "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__,
+                    "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__, "training_revision": TRAINING_REVISION,
                     "history": result.history}
             road.save(stem, model, spec)
             if result.history:

@@ -220,8 +220,10 @@ def main() -> None:
         threads["whole_run_seconds"] = whole_runs(manifest, feats, "abmil", args.epochs, args.seed,
                                                   [1, threads["default_threads"]] * 2)
         res["threads"] = threads
+        res["throughput_cohort"] = root.name
     elif old.get("throughput"):
         res["throughput"], res["threads"] = old["throughput"], old.get("threads")
+        res["throughput_cohort"] = old.get("throughput_cohort", "the easy preset, 40 slides of 6144 px, 151 instances per bag")
     (out / "mil_cohort.json").write_text(json.dumps(res, indent=2) + "\n")
     what = ("normal tissue a mosaic of 2-3 of 7 real sources per slide, stain varied per slide, tumour (one of 3 real "
             "sources) colour-matched to the slide" if args.preset == "hard" else "one mirror-tiled normal source, tumour in its own colours")
@@ -240,13 +242,15 @@ def main() -> None:
         md.append(f"| {r['model']} | {r['pooled_oof_text']} | {af['mean']:.3f} ± {af['sd']:.3f} | {r['ensemble_test_text']} "
                   f"| {failed} | {loc} | {r['wall_seconds']:.0f} s |")
     md += ["", ("Pooled out-of-fold AUC is the headline: every cross-validation slide, each predicted by the fold model that did not train "
-                "on it (its epoch chosen on those slides, so slightly optimistic). The held-out test set is small: "
-                "say much: where its slides are perfectly separated the bootstrap interval collapses and is reported "
+                "on it (its epoch chosen on those slides, so slightly optimistic). The held-out test set is small "
+                f"({res['models'][0]['ensemble_test']['n']} slides; the across-fold sd shows how much one fold's model "
+                "varies on it): where its slides are perfectly separated the bootstrap interval collapses and is reported "
                 "as not informative. Localisation: AUC of instance attention (max pooling: instance score) against "
                 "the ground-truth tumour patches, per unseen positive slide.")]
     tp, threads = res.get("throughput"), res.get("threads")
     if tp:
-        md += ["", "Training throughput, bags read from disk every step (abmil, CPU):", "",
+        kept = "" if res.get("throughput_cohort") == root.name else f" (kept from an earlier run on {res['throughput_cohort']})"
+        md += ["", f"Training throughput, bags read from disk every step (abmil, CPU){kept}:", "",
                "| store | bags/s | share of epoch time loading | instances/bag |", "|---|---:|---:|---:|"]
         for fmt, t in tp.items():
             md.append(f"| {fmt} | {t['bags_per_s']:.1f} | {t['load_share']:.1%} | {t['instances_per_bag']:.0f} |")

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--slides", type=Path, action="append", default=[], help="folder holding the slides, when they moved since tiling (repeatable)")
     ext.add_argument("--overwrite", action="store_true", help="replace existing feature stores (needed to switch encoder)")
     ext.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
+    ext.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786): shard the slides over its "
+                                         "workers (one per GPU with `dask worker ADDR --resources GPU=1`, else per CPU "
+                                         "worker) instead of the local devices; the workers must see the same files")
     _add_output_options(ext)
     _add_config_options(ext, ExtractConfig)
 
@@ -395,9 +398,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
     _setup_logging(args.verbose, args.out / "extract.log")
     _write_resolved_config(args.out / "extract_config.yaml", config, args, "extract_features",
-                           {"slides": [str(s) for s in args.slides]})
+                           {"slides": [str(s) for s in args.slides], "scheduler": args.scheduler})
     report = run_extract(args.inputs, out_dir=args.out, config=config, overwrite=args.overwrite,
-                         slide_dirs=args.slides, progress=not args.no_progress)
+                         slide_dirs=args.slides, progress=not args.no_progress, scheduler=args.scheduler)
     print(report.table())
     d = report.to_dict()
     rate = f", {d['patches_per_s']:.1f} patches/s while embedding" if d["patches_per_s"] else ""

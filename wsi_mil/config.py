@@ -117,7 +117,7 @@ def build_config(cls: type, *, recipe: dict[str, Any] | None = None, overrides: 
 class ExtractConfig:
     """Settings of ``wsi-mil extract-features``."""
 
-    encoder: str = _opt("efficientnet_lite0", "encoder: a registered name (efficientnet_lite0: offline ImageNet weights) or any timm model name, e.g. resnet50.a1_in1k")
+    encoder: str = _opt("efficientnet_lite0", "encoder: a registered name (efficientnet_lite0: offline ImageNet weights) or any timm model name, e.g. resnet50.a1_in1k; MODEL@STAGE cuts it after a stage and average-pools (resnet50.tv_in1k@layer3: 1024-d)")
     weights: str | None = _opt(None, "local weights file (.safetensors or .pth state dict) for the encoder; loaded as weights only")
     random_init: bool = _opt(False, "allow a randomly initialised encoder (tests and debugging only; recorded in every store)")
     source: str = _opt("auto", "where pixels come from: slide (read by coordinates), store (JPEG pixels saved by tile --save-patches), auto", choices=("auto", "slide", "store"))

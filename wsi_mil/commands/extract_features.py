@@ -17,7 +17,7 @@ from typing import Any
 from wsi_mil import __version__
 from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import ExtractConfig
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
 from wsi_mil.io.paths import path_record, resolve_recorded
@@ -257,12 +257,61 @@ def shard(specs: list[SlideSpec], n_devices: int) -> list[list[SlideSpec]]:
     return shards
 
 
+def cluster_plan(workers: dict[str, Any], devices: str) -> tuple[int, str, dict[str, float] | None]:
+    """(number of shards, device, Dask resources per shard) on an existing cluster: one shard
+    per GPU worker (claimed with the ``GPU`` resource, so a GPU never runs two shards) when
+    the workers advertise GPUs (``dask worker --resources GPU=1``) and ``--devices`` allows,
+    else one per CPU worker."""
+    gpus = sum(1 for w in workers.values() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+    want = devices.strip().lower()
+    if want.startswith("cuda") or want == "auto" and gpus:
+        if not gpus:
+            raise ConfigError(f"--devices {devices}: no worker of the Dask cluster advertises a GPU; start GPU workers with "
+                              "`dask worker ADDRESS --resources GPU=1` (one per GPU), or use --devices cpu")
+        return gpus, "cuda", {"GPU": 1}
+    if want not in ("auto", "cpu"):
+        raise ConfigError(f"--devices {devices}: on a Dask cluster use auto, cpu or cuda (each GPU worker uses its own GPU)")
+    return max(1, len(workers)), "cpu", None
+
+
+def _run_on_cluster(todo: list[SlideSpec], config: ExtractConfig, dirs: list[str], scheduler: str,
+                    progress: bool) -> list[FeatureOutcome]:
+    """``run_shard`` on the workers of an existing Dask cluster (files on a shared disk)."""
+    from tqdm import tqdm
+
+    from wsi_mil.parallel import dask_client
+
+    outcomes: list[FeatureOutcome] = []
+    with dask_client(workers=1, scheduler=scheduler) as client:
+        n, device, resources = cluster_plan(client.scheduler_info().get("workers", {}), config.devices)
+        logger.info("embedding %d slide(s) on %d %s worker(s) of %s", len(todo), n, device.upper(), scheduler)
+        parts = [p for p in shard(todo, n) if p]
+        futures = [client.submit(run_shard, part, config, device, dirs, False, i, resources=resources, pure=False,
+                                 key=f"wsi-mil-extract-{i}-{part[0].slide_id}") for i, part in enumerate(parts)]
+        bar = tqdm(total=sum(len(p) for p in parts), desc="embed [cluster]", unit="slide", disable=not progress)
+        for fut, part in zip(futures, parts, strict=True):
+            try:
+                outs = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails its slides only; a re-run resumes them
+                outs = [_failed(s.slide_id, s.n_patches, exc) for s in part]
+            outcomes += outs
+            bar.update(len(part))
+        bar.close()
+    return outcomes
+
+
 def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfig, overwrite: bool = False,
-                slide_dirs: list[Path] | None = None, progress: bool = True) -> ExtractReport:
-    """Embed every slide of ``inputs``; writes ``features/`` and ``features_report.json`` in ``out_dir``."""
+                slide_dirs: list[Path] | None = None, progress: bool = True, scheduler: str | None = None) -> ExtractReport:
+    """Embed every slide of ``inputs``; writes ``features/`` and ``features_report.json`` in ``out_dir``.
+
+    Slides are sharded over the local devices, or with ``scheduler`` (``tcp://host:8786``)
+    over the workers of that Dask cluster, which must see the same files (paths are made
+    absolute)."""
     t0 = time.perf_counter()
-    stores = find_stores(inputs)
-    devices = config.device_list()
+    stores = [s.resolve() for s in find_stores(inputs)]
+    out_dir = Path(out_dir).resolve()
+    devices = config.device_list() if scheduler is None else [f"Dask cluster {scheduler}"]
+    slide_dirs = [Path(d).resolve() for d in slide_dirs or []]
     features_dir = out_dir / "features"
     features_dir.mkdir(parents=True, exist_ok=True)
     probe = _build(config)
@@ -276,7 +325,10 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     dirs = [str(d) for d in slide_dirs or []]
     if todo:
         logger.info("embedding %d slide(s) with %s on %s", len(todo), config.encoder, ", ".join(devices))
-        if len(devices) == 1:
+        if scheduler is not None:
+            for o in _run_on_cluster(todo, config, dirs, scheduler, progress):
+                results[o.slide_id] = o
+        elif len(devices) == 1:
             for o in run_shard(todo, config, devices[0], dirs, progress, encoder=probe):
                 results[o.slide_id] = o
         else:

@@ -6,6 +6,12 @@
 * ``timm:<model name>`` (or just a timm model name such as ``resnet50.a1_in1k``) — any
   timm model; weights from ``--weights FILE`` (.safetensors/.pth, weights only), or from
   the Hugging Face hub when online.
+* ``<timm model>@<stage>`` — the same model cut after an intermediate stage and globally
+  average-pooled, e.g. ``resnet50.tv_in1k@layer3`` (1024-d, the truncated ResNet-50 of
+  CLAM and many published pipelines). The stage is a module name from the model's
+  ``feature_info`` (``layer3``, ``stages.2`` …) or its index there (``@3``). The weights
+  are those of the whole model (file or hub), loaded before the cut; the stage is part of
+  the encoder's name, so of its provenance and fingerprint.
 
 A random initialisation is never silent: it needs ``allow_random_init=True``
 (``--random-init``), and is then recorded as ``weights: random-init`` in every store.
@@ -61,7 +67,48 @@ def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
                       interp if interp in ("bilinear", "bicubic") else "bilinear")
 
 
+class TruncatedPool(torch.nn.Module):
+    """A timm model's feature extractor up to one stage, globally average-pooled."""
+
+    def __init__(self, model: torch.nn.Module, index: int) -> None:
+        super().__init__()
+        from timm.models import FeatureListNet
+
+        self.body = FeatureListNet(model, out_indices=(index,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)[-1].float().mean(dim=(-2, -1)).to(x.dtype)
+
+
+def stage_index(model: torch.nn.Module, stage: str) -> int:
+    """The ``feature_info`` index of ``stage`` (a module name or an index)."""
+    info = getattr(model, "feature_info", None)
+    names = [f["module"] for f in info] if info else []
+    if stage.isdigit() and int(stage) < len(names):
+        return int(stage)
+    if stage in names:
+        return names.index(stage)
+    raise ConfigError(f"encoder stage {stage!r}: this model's stages are "
+                      + (", ".join(f"{i}: {n}" for i, n in enumerate(names)) or "unknown (no feature_info)")
+                      + "; give one as <model>@<name or index>, e.g. resnet50.tv_in1k@layer3")
+
+
 def build_timm(model_name: str, *, weights: str | Path | None = None, allow_random_init: bool = False) -> Encoder:
+    import timm
+
+    model_name, _, stage = model_name.partition("@")
+    full = _build_timm_full(model_name, weights=weights, allow_random_init=allow_random_init)
+    if not stage:
+        return full
+    index = stage_index(full.model, stage)
+    channels = int(full.model.feature_info[index]["num_chs"])  # type: ignore[index]
+    model = TruncatedPool(full.model, index)
+    name = str(full.model.feature_info[index]["module"])  # type: ignore[index]
+    return Encoder(name=f"timm:{model_name}@{name}", dim=channels, preprocess=full.preprocess, model=model,
+                   weights=full.weights, weights_sha256=state_dict_sha256(model.state_dict()))
+
+
+def _build_timm_full(model_name: str, *, weights: str | Path | None, allow_random_init: bool) -> Encoder:
     import timm
 
     if not timm.is_model(model_name.split(".")[0]):

@@ -33,6 +33,7 @@ import io
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,21 @@ def npz_entries(path: str | Path) -> list[ImageEntry]:
     """A MedMNIST-layout NPZ as manifest entries: every ``<split>_images`` array with its
     ``<split>_labels`` (the official splits kept in ``split``). MedMNIST has no patient
     ids, so each image is its own patient (the official splits are patient-disjoint)."""
+    def prepare(split: str, imgs: np.ndarray) -> np.ndarray:
+        if imgs.ndim == 4 and imgs.shape[-1] == 3:
+            return (imgs.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)).astype(np.float32) / 255.0
+        if imgs.ndim == 3:
+            return _scale_integer(imgs) if imgs.dtype != np.float32 else imgs
+        raise ManifestError(f"{path}: {split}_images has shape {imgs.shape}; expected (N, H, W) 2D images")
+
+    return medmnist_entries(path, prepare, layout="the MedMNIST layout (train_images, train_labels, val_images, ...)",
+                            unit="images")
+
+
+def medmnist_entries(path: str | Path, prepare: Callable[[str, np.ndarray], np.ndarray], *, layout: str,
+                     unit: str) -> list[ImageEntry]:
+    """Entries of every ``<split>_images`` array of a MedMNIST NPZ (2D or 3D) with its
+    ``<split>_labels``; ``prepare(split, array)`` checks and converts each split's array."""
     path = Path(path)
     try:
         data = np.load(path)
@@ -305,28 +321,21 @@ def npz_entries(path: str | Path) -> list[ImageEntry]:
         raise ManifestError(f"{path}: not a readable .npz ({exc})") from exc
     splits = [k[: -len("_images")] for k in data.files if k.endswith("_images")]
     if not splits:
-        raise ManifestError(f"{path}: no '<split>_images' arrays; expected the MedMNIST layout "
-                            "(train_images, train_labels, val_images, ...)")
+        raise ManifestError(f"{path}: no '<split>_images' arrays; expected {layout}")
     entries: list[ImageEntry] = []
     for split in splits:
         if f"{split}_labels" not in data.files:
             raise ManifestError(f"{path}: {split}_images has no {split}_labels")
-        imgs, labels = data[f"{split}_images"], np.asarray(data[f"{split}_labels"])
-        if imgs.ndim == 4 and imgs.shape[-1] == 3:
-            imgs = (imgs.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)).astype(np.float32) / 255.0
-        elif imgs.ndim == 3:
-            imgs = _scale_integer(imgs) if imgs.dtype != np.float32 else imgs
-        else:
-            raise ManifestError(f"{path}: {split}_images has shape {imgs.shape}; expected (N, H, W) 2D images")
-        labels = labels.reshape(len(labels), -1)
-        if len(labels) != len(imgs):
-            raise ManifestError(f"{path}: {len(imgs)} {split} images but {len(labels)} labels")
+        arrays, labels = prepare(split, data[f"{split}_images"]), np.asarray(data[f"{split}_labels"])
+        labels = labels.reshape(len(arrays), -1) if len(arrays) and labels.size % len(arrays) == 0 else labels.reshape(len(labels), -1)
+        if len(labels) != len(arrays):
+            raise ManifestError(f"{path}: {len(arrays)} {split} {unit} but {len(labels)} labels")
         name = "val" if split in ("val", "valid", "validation") else split
         multi = labels.shape[1] > 1
-        for i in range(len(imgs)):
+        for i in range(len(arrays)):
             lab = ({f"label_{j}": str(int(v)) for j, v in enumerate(labels[i])} if multi else {"label": str(int(labels[i, 0]))})
             iid = f"{split}_{i:05d}"
-            entries.append(ImageEntry(iid, None, iid, lab, name, {}, imgs[i]))
+            entries.append(ImageEntry(iid, None, iid, lab, name, {}, arrays[i]))
     return entries
 
 

@@ -97,7 +97,7 @@ def read_nifti(path: Path) -> Volume:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, np.float64)
-    except Exception as exc:  # noqa: BLE001 - nibabel's ImageFileError, gzip, truncation: all name the file
+    except Exception as exc:
         raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -316,34 +316,16 @@ def prepare_volume(vol: Volume, prep: VolumePrep) -> tuple[npt.NDArray[np.float3
 # -- manifests ------------------------------------------------------------------------------------
 def npz_volume_entries(path: str | Path) -> list[ImageEntry]:
     """A MedMNIST 3D NPZ as entries whose ``pixels`` are (D, H, W) arrays (official splits)."""
-    path = Path(path)
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: not a readable .npz ({exc})") from exc
-    splits = [k[: -len("_images")] for k in data.files if k.endswith("_images")]
-    if not splits:
-        raise ManifestError(f"{path}: no '<split>_images' arrays; expected the MedMNIST 3D layout "
-                            "(train_images (N, D, H, W), train_labels, val_images, ...)")
-    entries: list[ImageEntry] = []
-    for split in splits:
-        if f"{split}_labels" not in data.files:
-            raise ManifestError(f"{path}: {split}_images has no {split}_labels")
-        vols, labels = data[f"{split}_images"], np.asarray(data[f"{split}_labels"]).reshape(-1, 1)
+    from wsi_mil.data.images import medmnist_entries
+
+    def prepare(split: str, vols: np.ndarray) -> np.ndarray:
         if vols.ndim != 4:
             raise ManifestError(f"{path}: {split}_images has shape {vols.shape}; expected (N, D, H, W) volumes "
                                 "(a 2D MedMNIST set goes to train-image)")
-        if len(labels) != len(vols) and labels.size % len(vols) == 0:
-            labels = labels.reshape(len(vols), -1)
-        if len(labels) != len(vols):
-            raise ManifestError(f"{path}: {len(vols)} {split} volumes but {len(labels)} labels")
-        name = "val" if split in ("val", "valid", "validation") else split
-        for i in range(len(vols)):
-            lab = ({f"label_{j}": str(int(v)) for j, v in enumerate(labels[i])} if labels.shape[1] > 1
-                   else {"label": str(int(labels[i, 0]))})
-            vid = f"{split}_{i:05d}"
-            entries.append(ImageEntry(vid, None, vid, lab, name, {}, vols[i]))
-    return entries
+        return vols
+
+    return medmnist_entries(path, prepare, unit="volumes",
+                            layout="the MedMNIST 3D layout (train_images (N, D, H, W), train_labels, val_images, ...)")
 
 
 def load_volume(entry: ImageEntry) -> Volume:

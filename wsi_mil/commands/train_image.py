@@ -45,15 +45,20 @@ from wsi_mil.train.runner import CvInputs, TrainReport, run_cv
 logger = logging.getLogger(__name__)
 
 
-def read_entries(source: Path, config: ImageTrainConfig) -> tuple[list[ImageEntry], dict[str, Any]]:
-    """Manifest CSV or MedMNIST NPZ -> entries (+ the consensus record)."""
+def read_entries(source: Path, config: Any, *, npz_reader: Any = npz_entries, what: str = "an image manifest CSV",
+                 csv_only: str | None = None, folders: bool = False, npz_kind: str = "MedMNIST"
+                 ) -> tuple[list[ImageEntry], dict[str, Any]]:
+    """Manifest CSV or MedMNIST NPZ -> entries (+ the consensus record). ``csv_only``: the
+    message for a source that is neither (else anything else is read as a CSV)."""
     if not source.exists():
-        raise ConfigError(f"{source}: no such file; give an image manifest CSV or a MedMNIST .npz")
+        raise ConfigError(f"{source}: no such file; give {what} or a {npz_kind} .npz")
     if source.suffix.lower() == ".npz":
         if config.readers or config.labels:
             raise ConfigError("--readers / --labels apply to manifest CSVs, not to an .npz")
-        return npz_entries(source), {}
-    return read_image_manifest(source, labels=config.label_list(), readers=config.reader_list())
+        return npz_reader(source), {}
+    if csv_only and source.suffix.lower() != ".csv":
+        raise ConfigError(f"{source}: {csv_only}")
+    return read_image_manifest(source, labels=config.label_list(), readers=config.reader_list(), folders=folders)
 
 
 def load_pixels(entries: list[Any], size: int, *, window: tuple[float, float] | None = None, use_voi: bool = True,

@@ -32,7 +32,7 @@ import torch
 from wsi_mil.commands.train_image import ImageRoad, PatchMilRoad, check_entries, refuse_unreadable
 from wsi_mil.config import VolumeTrainConfig
 from wsi_mil.data.bags import Task
-from wsi_mil.data.images import ImageEntry, ImageSample, read_image_manifest
+from wsi_mil.data.images import ImageEntry, ImageSample
 from wsi_mil.data.volumes import (
     Geometry,
     VolumePrep,
@@ -48,16 +48,12 @@ logger = logging.getLogger(__name__)
 
 
 def read_volume_entries(source: Path, config: Any) -> tuple[list[ImageEntry], dict[str, Any]]:
-    if not source.exists():
-        raise ConfigError(f"{source}: no such file; give a volume manifest CSV or a MedMNIST 3D .npz")
-    if source.suffix.lower() == ".npz":
-        if config.readers or config.labels:
-            raise ConfigError("--readers / --labels apply to manifest CSVs, not to an .npz")
-        return npz_volume_entries(source), {}
-    if source.suffix.lower() != ".csv":
-        raise ConfigError(f"{source}: give a volume manifest CSV (path, patient_id, split, label columns; a path is a "
-                          "NIfTI file or a DICOM series folder) or a MedMNIST 3D .npz")
-    return read_image_manifest(source, labels=config.label_list(), readers=config.reader_list(), folders=True)
+    from wsi_mil.commands.train_image import read_entries
+
+    return read_entries(source, config, npz_reader=npz_volume_entries, what="a volume manifest CSV", npz_kind="MedMNIST 3D",
+                        folders=True,
+                        csv_only=("give a volume manifest CSV (path, patient_id, split, label columns; a path is a NIfTI "
+                                  "file or a DICOM series folder) or a MedMNIST 3D .npz"))
 
 
 def load_volumes(entries: list[ImageEntry], prep: VolumePrep, *, progress: bool = False

@@ -94,8 +94,6 @@ def stage_index(model: torch.nn.Module, stage: str) -> int:
 
 
 def build_timm(model_name: str, *, weights: str | Path | None = None, allow_random_init: bool = False) -> Encoder:
-    import timm
-
     model_name, _, stage = model_name.partition("@")
     full = _build_timm_full(model_name, weights=weights, allow_random_init=allow_random_init)
     if not stage:

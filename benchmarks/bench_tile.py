@@ -5,6 +5,15 @@ benchmarks/.cache. Everything is measured side by side in one run; results go to
 benchmarks/results/tile.json and tile.md (quoted in the README).
 
     .venv/bin/python benchmarks/bench_tile.py [--sizes 20000 50000 100000] [--pixel-size 50000]
+    .venv/bin/python benchmarks/bench_tile.py --floor [--sizes 50000 100000] [--rounds 3]
+
+``--floor`` measures coordinates-only tiling against its physical floor, side by side:
+the floor is a plain single-process OpenSlide read, in bands, of the whole pyramid level
+that tissue detection reads (the coarsest level at least as fine as ``--tissue-mpp``),
+timed as a whole process (Python and OpenSlide start-up included) and inside it; beside it
+``wsi-mil tile`` (whole process) with 1 and 2 workers. Rounds are interleaved (floor, 1
+worker, 2 workers, floor, …) and reported as medians with min-max; results go to
+benchmarks/results/tile_floor.{json,md}.
 """
 
 from __future__ import annotations
@@ -107,11 +116,105 @@ def plain_loop(slide: Path, store: Path, quality: int) -> tuple[int, float]:
     return len(coords), time.perf_counter() - t
 
 
+FLOOR_SNIPPET = r"""
+import sys, time
+t0 = time.perf_counter()
+import numpy as np, openslide
+from wsi_mil.io.slide import metadata_mpp
+s = openslide.OpenSlide(sys.argv[1])
+target = float(sys.argv[2]) / metadata_mpp(s)
+ds = [float(d) for d in s.level_downsamples]
+level = max((i for i, d in enumerate(ds) if d <= target * 1.01), key=lambda i: ds[i])
+w, h = s.level_dimensions[level]
+t1 = time.perf_counter()
+band = max(1, (64 << 20) // (w * 4))
+for y in range(0, h, band):
+    np.asarray(s.read_region((0, int(y * ds[level])), level, (w, min(band, h - y))))
+print(level, w, h, time.perf_counter() - t1, t1 - t0)
+"""
+
+
+def floor_run(slide: Path, tissue_mpp: float) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SNIPPET, str(slide), str(tissue_mpp)], stdout=subprocess.PIPE)
+    sampler = RssSampler(proc.pid)
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - t
+    sampler.stop()
+    level, w, h, read_s, start_s = out.decode().split()
+    return {"wall_s": wall, "read_s": float(read_s), "startup_s": float(start_s), "level": int(level),
+            "level_px": [int(w), int(h)], "peak_rss_mb": sampler.peak_single / 2**20}
+
+
+def _stat(values: list[float]) -> dict:
+    import statistics
+
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def floor_main(args: argparse.Namespace) -> None:
+    """Coordinates-only tiling vs the decode floor, interleaved rounds (see the docstring)."""
+    res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "rounds": args.rounds, "sizes": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            slide = make_slide(size)
+            runs: dict[str, list[dict]] = {"floor": [], "tile_1": [], "tile_2": []}
+            for r in range(args.rounds):
+                runs["floor"].append(floor_run(slide, 8.0))
+                for w in (1, 2):
+                    runs[f"tile_{w}"].append(tile_cli(slide, Path(tmp) / f"f{size}-{w}-{r}", "--workers", str(w)))
+                print(size, r, {k: round(v[-1]["wall_s"], 2) for k, v in runs.items()}, flush=True)
+            row = {"side_px": size, "level": runs["floor"][0]["level"], "level_px": runs["floor"][0]["level_px"],
+                   "floor_wall_s": _stat([x["wall_s"] for x in runs["floor"]]),
+                   "floor_read_s": _stat([x["read_s"] for x in runs["floor"]]),
+                   "floor_peak_rss_mb": _stat([x["peak_rss_mb"] for x in runs["floor"]])}
+            for w in (1, 2):
+                rr = runs[f"tile_{w}"]
+                row[f"tile_{w}"] = {
+                    "wall_s": _stat([x["wall_s"] for x in rr]),
+                    "slide_s": _stat([x["report"]["slides"][0]["seconds"] for x in rr]),
+                    "phases_s": {k: _stat([x["report"].get("phase_seconds", {}).get(k, 0.0) for x in rr])
+                                 for k in rr[0]["report"].get("phase_seconds", {})},
+                    "peak_rss_single_mb": _stat([x["peak_rss_single_process_mb"] for x in rr]),
+                    "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
+                    "patches": rr[0]["report"]["slides"][0]["n_patches"]}
+            res["sizes"].append(row)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tile_floor.json").write_text(json.dumps(res, indent=2) + "\n")
+
+    def m(st: dict, f: str = "{:.1f}") -> str:
+        return f"{f.format(st['median'])} ({f.format(st['min'])}-{f.format(st['max'])})"
+
+    md = [f"Coordinates-only `wsi-mil tile` against its floor, {args.rounds} interleaved rounds, medians (min-max), "
+          "whole processes (start-up included); generated slides (real tissue, 0.5 µm/px).", "",
+          "| slide side | level read (px) | floor: plain read, whole process (s) | of which the read (s) | tile, 1 worker (s) "
+          "| × floor | tile, 2 workers (s) | × floor | 1 ÷ 2 workers | peak RSS largest process, 1 worker (MB) | floor peak RSS (MB) |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in res["sizes"]:
+        f, t1, t2 = row["floor_wall_s"], row["tile_1"]["wall_s"], row["tile_2"]["wall_s"]
+        md.append(f"| {row['side_px']:,} | {row['level_px'][0]:,}×{row['level_px'][1]:,} | {m(f)} | {m(row['floor_read_s'])} "
+                  f"| {m(t1)} | {t1['median'] / f['median']:.2f} | {m(t2)} | {t2['median'] / f['median']:.2f} "
+                  f"| {t1['median'] / t2['median']:.2f} | {m(row['tile_1']['peak_rss_single_mb'], '{:.0f}')} "
+                  f"| {m(row['floor_peak_rss_mb'], '{:.0f}')} |")
+    md += ["", "Phases of the 1-worker runs (median s): " + "; ".join(
+        f"{row['side_px']:,} px: " + ", ".join(f"{k} {v['median']:.1f}" for k, v in row["tile_1"]["phases_s"].items())
+        for row in res["sizes"]),
+        "", f"Machine: {res['machine']['cpus']} CPUs, Python {res['machine']['python']}. "
+        f"Command: `.venv/bin/python benchmarks/bench_tile.py --floor --sizes {' '.join(map(str, args.sizes))} --rounds {args.rounds}`."]
+    (RESULTS / "tile_floor.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 50000, 100000])
     parser.add_argument("--pixel-size", type=int, default=50000, help="slide side for the pixel-extraction comparison")
+    parser.add_argument("--floor", action="store_true", help="coordinates-only tiling against the decode floor (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --floor")
     args = parser.parse_args()
+    if args.floor:
+        floor_main(args)
+        return
 
     slides = {s: make_slide(s) for s in sorted(set(args.sizes) | {args.pixel_size})}
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -524,7 +524,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     ensure_writable(args.out)
     manifest = make_cohort(args.out, n_slides=args.n_slides, preset=args.preset, positive_fraction=args.positive_fraction,
                            size_px=args.size, mpp=args.mpp, seed=args.seed,
-                           tumour_size_um=tuple(args.tumour_size_um) if args.tumour_size_um else None,
+                           tumour_size_um=args.tumour_size_um,
                            progress=not args.no_progress)
     print(f"cohort of {args.n_slides} slides written; manifest: {manifest}")
     return EXIT_OK

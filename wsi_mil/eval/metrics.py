@@ -52,18 +52,20 @@ def bootstrap_auc_ci(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, 
     return float(lo), float(hi)
 
 
-def auc_interval_note(y: npt.ArrayLike, p: npt.ArrayLike, ci: tuple[float, float] | None) -> str | None:
+def auc_interval_note(y: npt.ArrayLike, p: npt.ArrayLike, ci: tuple[float, float] | None, *,
+                      auc_value: float | None = None) -> str | None:
     """Why an AUC interval says nothing, or None when it is informative.
 
     A stratified bootstrap of a perfectly separated set resamples perfectly separated sets,
     so its interval collapses onto the point (1.000-1.000) however few cases there are:
     that is a statement about the resampling, not about the model. The same holds for an
-    interval of zero width, and there is no interval with fewer than 2 cases per class."""
-    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    interval of zero width, and there is no interval with fewer than 2 cases per class.
+    ``auc_value``: the AUC when the caller has it already."""
+    y = np.asarray(y).astype(int)
     n, k = len(y), int(y.sum())
     if ci is None:
         return f"no interval (n = {n}, {k} positive)"
-    a = auc(y, p)
+    a = auc(y, p) if auc_value is None else auc_value
     if a is not None and (a >= 1.0 or a <= 0.0):
         return f"not informative (n = {n}, perfectly {'separated' if a >= 1.0 else 'inverted'})"
     if ci[1] - ci[0] < 1e-9:
@@ -141,10 +143,11 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.Ar
     ppv, npv = _safe_div(tp, tp + fp), _safe_div(tn, tn + fn)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
     interval = bootstrap_auc_ci(y, p, n_boot=n_boot, seed=seed) if ci else None
+    a = auc(y, p)
     out: dict[str, Any] = {
         "n": len(y), "n_positive": int(y.sum()),
         "threshold": float(thr) if thr.ndim == 0 else "each fold's own",
-        "auc": auc(y, p), "auc_ci95": interval, "auc_ci_note": auc_interval_note(y, p, interval) if ci else None,
+        "auc": a, "auc_ci95": interval, "auc_ci_note": auc_interval_note(y, p, interval, auc_value=a) if ci else None,
         "sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": npv, "f1": f1,
         "accuracy": _safe_div(tp + tn, tp + tn + fp + fn),
         "balanced_accuracy": (sens + spec) / 2 if sens is not None and spec is not None else None,

@@ -45,6 +45,14 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~mask, NEG_INF), dim=-1) * mask
 
 
+def gated_attention(v: nn.Linear, u: nn.Linear | None, w: nn.Linear, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention over instances: softmax(w^T (tanh(V h) [* sigmoid(U h)])), padding ignored."""
+    a = torch.tanh(v(h))
+    if u is not None:
+        a = a * torch.sigmoid(u(h))
+    return masked_softmax(w(a)[..., 0], mask)
+
+
 def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
@@ -111,10 +119,7 @@ class AttentionPool(nn.Module):
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(x)
-        a = torch.tanh(self.attn_v(h))
-        if self.attn_u is not None:
-            a = a * torch.sigmoid(self.attn_u(h))
-        return h, masked_softmax(self.attn_w(a)[..., 0], mask)
+        return h, gated_attention(self.attn_v, self.attn_u, self.attn_w, h, mask)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
@@ -296,9 +301,7 @@ class TransMIL(nn.Module):
         # scores from each instance's own embedding, values with context: after self-attention
         # every token carries its neighbours', so scores from the mixed tokens can settle on
         # a token next to the evidence (measured: localisation AUC down to 0.03 on a slide)
-        s = h if self.score_from == "instance" else z
-        a = torch.tanh(self.attn_v(s)) * torch.sigmoid(self.attn_u(s))
-        att = masked_softmax(self.attn_w(a)[..., 0], mask)
+        att = gated_attention(self.attn_v, self.attn_u, self.attn_w, h if self.score_from == "instance" else z, mask)
         return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, z)), att)
 
 

@@ -28,6 +28,7 @@ Sources carry their own pixel size (``Texture.mpp``); all are resampled to the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -56,7 +57,28 @@ class TexturePool:
     normal: tuple[Texture, ...]
     tumour: tuple[Texture, ...]
 
+    @cached_property
+    def _normal_lab_moments(self) -> list[tuple[int, npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+        """Per normal source: (tissue pixels, sum, sum of squares) of CIELAB, computed once."""
+        out = []
+        for t in self.normal:
+            lab = _rgb_to_lab(t.rgb)[tissue_pixels(t.rgb)].astype(np.float64)
+            out.append((len(lab), lab.sum(axis=0), (lab * lab).sum(axis=0)))
+        return out
 
+    def normal_colour(self, chosen: list[int]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Mean and standard deviation of each CIELAB channel over the tissue pixels of the
+        ``chosen`` normal sources together (the target of the tumour's colour transfer)."""
+        moments = [self._normal_lab_moments[k] for k in chosen]
+        n = sum(m[0] for m in moments)
+        if not n:
+            return np.zeros(3, np.float32), np.full(3, 1e-3, np.float32)
+        mean = sum(m[1] for m in moments) / n
+        var = np.maximum(sum(m[2] for m in moments) / n - mean * mean, 0.0)
+        return mean.astype(np.float32), (np.sqrt(var) + 1e-3).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
 def default_pool() -> TexturePool:
     """The bundled sources (``wsi_mil/sample``; licences in its README)."""
     def load(name: str, mpp: float | None) -> Texture:
@@ -82,13 +104,6 @@ def tissue_pixels(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     """Pixels that are stained tissue, not glass (not near-white and not grey)."""
     f = rgb.astype(np.float32)
     return (f.min(axis=-1) < 215) & (f.max(axis=-1) - f.min(axis=-1) > 12)
-
-
-def lab_stats(rgbs: list[npt.NDArray[np.uint8]]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Mean and standard deviation of each CIELAB channel over the tissue pixels."""
-    labs = [_rgb_to_lab(r)[tissue_pixels(r)] for r in rgbs]
-    lab = np.concatenate([x for x in labs if len(x)]) if any(len(x) for x in labs) else np.zeros((1, 3), np.float32)
-    return lab.mean(axis=0), lab.std(axis=0) + 1e-3
 
 
 def reinhard(rgb: npt.NDArray[np.uint8], mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
@@ -246,7 +261,7 @@ def slide_textures(pool: TexturePool, *, slide_mpp: float, shape_px: tuple[int, 
     tumour = None
     if with_tumour:
         t = int(rng.integers(len(pool.tumour)))
-        colour = lab_stats([pool.normal[k].rgb for k in chosen])
+        colour = pool.normal_colour(chosen)
         tumour = MosaicTexture([_prepare(pool.tumour[t], slide_mpp, stain, colour)], shape_px=shape_px, rng=rng,
                                compartments=1.0, layout_px=layout_px)
         drawn["tumour_source"] = pool.tumour[t].name

@@ -223,9 +223,6 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
 
     path = Path(path)
     tissue, tumour_field, regions = make_layout(spec)
-    rng = np.random.default_rng(spec.seed + 7919)
-    gain = rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-slide stain variation
-    offsets = [(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))) for _ in range(2)]
     drawn: dict[str, object] = {}
     if spec.style == "hard":
         from wsi_mil.synth.mosaic import default_pool, slide_textures
@@ -238,6 +235,9 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
             raise ValueError("the easy style needs a normal texture")
         if spec.tumour_regions and tumour is None:
             raise ValueError("tumour regions requested but no tumour texture given")
+        rng = np.random.default_rng(spec.seed + 7919)
+        gain = rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-slide stain variation
+        offsets = [(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))) for _ in range(2)]
         normal_base = _BaseTexture(normal, slide_mpp=spec.mpp, gain=gain, offset=offsets[0])
         tumour_base = (_BaseTexture(tumour, slide_mpp=spec.mpp, gain=gain, offset=offsets[1])
                        if tumour is not None and regions else None)

@@ -71,6 +71,11 @@ def fold_health(folds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"failed": failed, "n_folds": len(folds), "test_auc_sd": sd, "disagree": bool(failed) or sd > DISAGREE_SD}
 
 
+def failed_folds_text(health: dict[str, Any]) -> str:
+    """``fold 1: validation AUC 0.330; fold 3: test AUC 0.400``."""
+    return "; ".join(f"fold {f['fold']}: {f['why']}" for f in health.get("failed", []))
+
+
 def choose_headline(metrics: dict[str, Any]) -> dict[str, str]:
     """The set whose figures lead the report: the held-out test ensemble when it can be
     trusted, else the pooled out-of-fold predictions (more cases, every fold's own model)."""
@@ -269,8 +274,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             spec = {**road.spec(), "task": task.to_dict(), "encoder": road.encoder, "fold": fold.index,
                     "best_epoch": result.best_epoch,
                     "thresholds": _threshold(task, val_pred.targets, val_pred.probs, config),
-                    "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__, "training_revision": TRAINING_REVISION,
-                    "history": result.history}
+                    "threshold_method": config.threshold, "settings_hash": h, "wsi_mil_version": __version__,
+                    "training_revision": TRAINING_REVISION, "history": result.history}
             road.save(stem, model, spec)
             if result.history:
                 write_csv(out_dir / "history" / f"fold{fold.index}.csv", result.history)
@@ -473,8 +478,7 @@ def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
     health = m.get("fold_health") or {}
     if health.get("failed"):
         out += [f"**{len(health['failed'])} of {health['n_folds']} folds failed** (AUC at or below chance): "
-                + "; ".join(f"fold {f['fold']}: {f['why']}" for f in health["failed"])
-                + ". The fold ensemble's test figure is not the headline: confident folds outvote failed ones.", ""]
+                + failed_folds_text(health) + ". The fold ensemble's test figure is not the headline: confident folds outvote failed ones.", ""]
     elif health.get("disagree"):
         out += [f"**The folds disagree** on the test set (AUC sd {health['test_auc_sd']:.3f} over folds).", ""]
     key = headline_set(m)
@@ -536,8 +540,7 @@ def summary_text(report: TrainReport) -> str:
         lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
     health = report.metrics.get("fold_health") or {}
     if health.get("failed"):
-        lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ("
-                     + "; ".join(f"fold {f['fold']}: {f['why']}" for f in health["failed"]) + ")")
+        lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ({failed_folds_text(health)})")
     if report.metrics.get("headline", {}).get("set") == "pooled_validation" and report.metrics.get("ensemble_test"):
         lines.append(f"  (not the test ensemble: {report.metrics['headline']['why']})")
     if report.skipped:

@@ -518,9 +518,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from wsi_mil.io.atomic import ensure_writable
-    from wsi_mil.synth.cohort import make_cohort
+    from wsi_mil.synth.cohort import cohort_settings, make_cohort
 
     _setup_logging(args.verbose)
+    cohort_settings(args.preset, n_slides=args.n_slides, positive_fraction=args.positive_fraction, size_px=args.size,
+                    mpp=args.mpp, tumour_size_um=args.tumour_size_um, tumour_regions=None)  # bad options: no folder made
     ensure_writable(args.out)
     manifest = make_cohort(args.out, n_slides=args.n_slides, preset=args.preset, positive_fraction=args.positive_fraction,
                            size_px=args.size, mpp=args.mpp, seed=args.seed,

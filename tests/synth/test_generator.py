@@ -122,3 +122,20 @@ def test_hard_slide_levels_agree(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="choose 'easy' or 'hard'"):
         write_slide(tmp_path / "x.tiff", SlideSpec(1024, 1024, style="medium"))
+
+
+def test_synth_refuses_bad_options_before_making_the_folder(tmp_path) -> None:
+    import subprocess
+
+    from tests.conftest import WSI_MIL
+
+    for bad, says in ((["--tumour-size-um", "nan", "300"], "--tumour-size-um must be MIN MAX"),
+                      (["--tumour-size-um", "400", "100"], "0 < MIN <= MAX"),
+                      (["--positive-fraction", "2"], "--positive-fraction must be in [0, 1]"),
+                      (["--mpp", "nan"], "--mpp must be a positive number"),
+                      (["--size", "10"], "--size must be at least 256 px")):
+        out = tmp_path / "never"
+        res = subprocess.run(WSI_MIL + ["synth", "--out", str(out), "--n-slides", "1", *bad], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+        assert not out.exists()

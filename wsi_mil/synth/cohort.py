@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.data.manifest import write_manifest
+from wsi_mil.errors import ConfigError
 from wsi_mil.synth.mosaic import TexturePool, default_pool
 from wsi_mil.synth.slide import SlideSpec, write_slide
 from wsi_mil.synth.textures import Texture, default_textures
@@ -34,6 +35,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hard": {"style": "hard", "tumour_size_um": (150.0, 400.0), "tumour_regions": (1, 2)},
     "easy": {"style": "easy", "tumour_size_um": (300.0, 1200.0), "tumour_regions": (1, 3)},
 }
+
+
+def cohort_settings(preset: str, *, n_slides: int, positive_fraction: float, size_px: int | tuple[int, int], mpp: float,
+                    tumour_size_um: tuple[float, float] | None, tumour_regions: tuple[int, int] | None
+                    ) -> tuple[str, tuple[float, float], tuple[int, int]]:
+    """(style, tumour sizes, tumour regions) of a cohort, every option checked (ConfigError
+    naming the option) before anything is written."""
+    if preset not in PRESETS:
+        raise ConfigError(f"cohort preset {preset!r}: choose one of {sorted(PRESETS)}")
+    style = PRESETS[preset]["style"]
+    tumour_size_um = tuple(tumour_size_um or PRESETS[preset]["tumour_size_um"])  # type: ignore[assignment]
+    tumour_regions = tuple(tumour_regions or PRESETS[preset]["tumour_regions"])  # type: ignore[assignment]
+    sizes = [size_px] if isinstance(size_px, int) else list(size_px)
+    for ok, message in (
+        (n_slides >= 1, f"--n-slides must be at least 1, not {n_slides}"),
+        (0 <= positive_fraction <= 1, f"--positive-fraction must be in [0, 1], not {positive_fraction}"),
+        (all(s >= 256 for s in sizes), f"--size must be at least 256 px, not {size_px}"),
+        (np.isfinite(mpp) and mpp > 0, f"--mpp must be a positive number, not {mpp}"),
+        (all(np.isfinite(tumour_size_um)) and 0 < tumour_size_um[0] <= tumour_size_um[1],
+         f"--tumour-size-um must be MIN MAX with 0 < MIN <= MAX (µm), not {' '.join(map(str, tumour_size_um))}"),
+        (0 <= tumour_regions[0] <= tumour_regions[1], f"tumour regions must be 0 <= MIN <= MAX, not {tumour_regions}"),
+    ):
+        if not ok:
+            raise ConfigError(message)
+    return style, tumour_size_um, tumour_regions  # type: ignore[return-value]
 
 
 def make_cohort(
@@ -62,13 +88,9 @@ def make_cohort(
     """
     from tqdm import tqdm
 
-    if not 0 <= positive_fraction <= 1:
-        raise ValueError("positive_fraction must be in [0, 1]")
-    if preset not in PRESETS:
-        raise ValueError(f"cohort preset {preset!r}: choose one of {sorted(PRESETS)}")
-    style = PRESETS[preset]["style"]
-    tumour_size_um = tuple(tumour_size_um or PRESETS[preset]["tumour_size_um"])  # type: ignore[assignment]
-    tumour_regions = tuple(tumour_regions or PRESETS[preset]["tumour_regions"])  # type: ignore[assignment]
+    style, tumour_size_um, tumour_regions = cohort_settings(
+        preset, n_slides=n_slides, positive_fraction=positive_fraction, size_px=size_px, mpp=mpp,
+        tumour_size_um=tumour_size_um, tumour_regions=tumour_regions)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

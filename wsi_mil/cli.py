@@ -110,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders of slides, or manifest CSVs (see slides_manifest/)")
     tile.add_argument("--out", required=True, type=Path, help="output folder (patches/, qc/, run_report.json, tile.log)")
     tile.add_argument("--config", type=Path, help="YAML recipe with a 'tile:' section (see pipelines/); flags override it")
-    tile.add_argument("--workers", type=int, default=_default_workers(), help=f"worker processes of the local Dask cluster (default: {_default_workers()})")
+    tile.add_argument("--workers", type=int, default=_default_workers(),
+                      help=f"worker processes of the local Dask cluster, or threads with --executor threads (default: {_default_workers()})")
+    tile.add_argument("--executor", choices=("auto", "threads", "processes"), default="auto",
+                      help="processes: a local Dask cluster, one slide per worker process; threads: this process, one "
+                           "slide at a time shared by --workers threads (no cluster start); auto (default): threads when "
+                           "one slide needs work, processes for a batch")
     tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
     tile.add_argument("--dashboard", metavar="ADDRESS", default=None,
@@ -358,7 +363,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
     report = run_tile(entries, out_dir=args.out, config=config, workers=args.workers, scheduler=args.scheduler,
                       overwrite=args.overwrite, progress=not args.no_progress, skipped_inputs=resolved.skipped,
-                      dashboard=args.dashboard)
+                      dashboard=args.dashboard, executor=args.executor)
     print(report.table())
     d = report.to_dict()
     print(f"\n{len(entries)} slide(s): {d['counts']}; {d['n_patches']} patches in {report.seconds:.1f} s")

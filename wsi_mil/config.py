@@ -40,6 +40,8 @@ class TileConfig:
     format: str = _opt("h5", "store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
     chunk_patches: int = _opt(512, "patches per pixel-extraction task sent to a worker")
     qc: bool = _opt(True, "write a QC PNG per slide (thumbnail, tissue outline, patch grid)")
+    full_hash: bool = _opt(False, "record the SHA-256 of every slide file's whole content (reads every byte; by "
+                                  "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
 
     def __post_init__(self) -> None:
         checks = [

@@ -138,5 +138,42 @@ def dask_client(*, workers: int = 1, scheduler: str | None = None, dashboard: st
         _reap_children()
 
 
+class ThreadClient:
+    """The part of ``distributed.Client`` the batch loops use, on this process's threads.
+
+    For small jobs (one slide), where starting a cluster of processes costs more than the
+    work: OpenSlide's decoding, Pillow's resizing and JPEG coding and numpy's array maths
+    release the GIL, so threads share one slide's strips. ``pool`` is the thread pool.
+    """
+
+    def __init__(self, workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-mil")
+
+    def submit(self, fn: Any, *args: Any, pure: bool = True, **kwargs: Any) -> Any:
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def scheduler_info(self) -> dict[str, Any]:
+        return {"workers": {f"thread-{i}": {} for i in range(self.workers)}}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def thread_client(workers: int) -> Iterator[ThreadClient]:
+    """Yield a :class:`ThreadClient` of ``workers`` threads, shut down on exit."""
+    client = ThreadClient(workers)
+    logger.info("running on %d thread(s) of this process (no Dask cluster)", workers)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def worker_count(client: Any) -> int:
     return max(1, len(client.scheduler_info().get("workers", {})))

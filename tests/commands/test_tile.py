@@ -61,7 +61,8 @@ def test_batch_continues_past_bad_slides_and_reports_each(tmp_path, cmu_slide, k
     with PatchStore(out / "patches" / "cmu.h5") as store:
         attrs = store.attrs
         assert attrs["mpp_source"] == "metadata" and attrs["slide_mpp"] == pytest.approx(0.499)
-        assert len(attrs["slide_sha256"]) == 64 and attrs["n_patches"] == len(store)
+        assert len(attrs["slide_fingerprint"]) == 64 and attrs["n_patches"] == len(store)
+        assert "slide_sha256" not in attrs  # the whole-file hash only with --full-hash
         assert (store.tissue_fraction >= 0.5).all()
     with PatchStore(out / "patches" / "glass.h5") as store:  # zero-patch store, so re-runs skip it
         assert len(store) == 0
@@ -143,3 +144,27 @@ def test_sigkilled_run_resumes_to_identical_stores(tmp_path, cohort) -> None:
     clean = tmp_path / "clean"
     assert _run(args + ["--out", str(clean)]).returncode == 0
     assert _store_snapshot(killed) == _store_snapshot(clean)
+
+
+def test_threads_and_processes_give_the_same_store(tmp_path, big_slide) -> None:
+    """One slide runs on threads by default (no cluster start); its strips shared by two
+    threads give the same patches as a one-process Dask worker, and --full-hash records
+    the whole file's SHA-256."""
+    import hashlib
+
+    runs = {"auto2": ["--workers", "2"], "procs": ["--workers", "1", "--executor", "processes", "--full-hash"]}
+    stores = {}
+    for name, extra in runs.items():
+        proc = _run(["tile", str(big_slide), "--out", str(tmp_path / name), "--no-progress", *extra])
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((tmp_path / name / "run_report.json").read_text())
+        assert report["executor"] == ("threads" if name == "auto2" else "processes")
+        with PatchStore(tmp_path / name / "patches" / f"{big_slide.stem}.h5") as store:
+            stores[name] = (store.coords, store.tissue_fraction, dict(store.attrs))
+    (ca, fa, aa), (cb, fb, ab) = stores["auto2"], stores["procs"]
+    assert len(ca) > 100 and np.array_equal(ca, cb) and np.array_equal(fa, fb)
+    assert aa["tissue_area_mm2"] == ab["tissue_area_mm2"] and aa["slide_fingerprint"] == ab["slide_fingerprint"]
+    assert ab["slide_sha256"] == hashlib.sha256(big_slide.read_bytes()).hexdigest() and "slide_sha256" not in aa
+    bad = _run(["tile", str(big_slide), "--out", str(tmp_path / "bad"), "--executor", "threads",
+                "--scheduler", "tcp://127.0.0.1:1", "--no-progress"])
+    assert bad.returncode == 2 and "leave out --scheduler" in bad.stderr

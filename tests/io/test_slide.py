@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from wsi_mil.errors import MissingMppError, SlideOpenError
@@ -45,3 +46,26 @@ def test_file_hash_is_sha256(tmp_path) -> None:
     p = tmp_path / "x.bin"
     p.write_bytes(b"abc" * 1000)
     assert file_sha256(p, chunk_bytes=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_fingerprint_samples_the_file(tmp_path) -> None:
+    import hashlib
+
+    from wsi_mil.io.slide import file_fingerprint
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"xyz" * 100)  # smaller than the sample: hashed whole, with its size
+    assert file_fingerprint(small) == hashlib.sha256(b"300" + b"xyz" * 100).hexdigest()
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 10 << 20, dtype=np.uint8).tobytes())
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(data))
+    base = file_fingerprint(big)
+    (tmp_path / "copy.bin").write_bytes(bytes(data))
+    assert file_fingerprint(tmp_path / "copy.bin") == base  # content, not name or time
+    for offset in (0, len(data) - 1, (len(data) - (64 << 10)) * 31 // 63 + 5):  # first, last, a middle block
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        big.write_bytes(bytes(changed))
+        assert file_fingerprint(big) != base, offset
+    big.write_bytes(bytes(data[:-1]))  # truncated by one byte
+    assert file_fingerprint(big) != base

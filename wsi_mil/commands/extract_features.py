@@ -191,7 +191,8 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             writers.append(writer)
             final_attrs = {
                 "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
-                "slide_sha256": attrs.get("slide_sha256"), "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
+                **{k: attrs[k] for k in ("slide_sha256", "slide_fingerprint") if k in attrs},
+                "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
                 "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
                 "patch_level": attrs.get("patch_level"), **path_record("source_store", spec.store, Path(spec.out).parent),
                 "extent_level0_px": geometry.extent_level0_px, "step_level0_px": geometry.step_level0_px,

@@ -20,7 +20,7 @@ from typing import Any
 from wsi_mil.commands.report import failure_message, format_table, status_counts
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
-from wsi_mil.errors import SlideError
+from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
 from wsi_mil.tiling.tile_slide import (
@@ -56,6 +56,7 @@ class RunReport:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # files a folder scan left out
     disk_full: dict[str, Any] | None = None  # set when the run stopped because the output disk filled up
+    executor: str = ""  # threads | processes | scheduler (none when every slide was cached)
 
     @property
     def n_failed(self) -> int:
@@ -73,6 +74,7 @@ class RunReport:
             "slides": [asdict(o) for o in self.outcomes],
             "skipped_inputs": self.skipped_inputs,
             "disk_full": self.disk_full,
+            "executor": self.executor,
         }
 
     def table(self) -> str:
@@ -139,9 +141,21 @@ def run_tile(
     progress: bool = True,
     skipped_inputs: list[dict[str, str]] | None = None,
     dashboard: str | None = None,
+    executor: str = "auto",
 ) -> RunReport:
-    """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``."""
-    from wsi_mil.parallel import dask_client
+    """Tile every slide; never stops at a bad slide. Writes ``run_report.json`` in ``out_dir``.
+
+    ``executor``: ``processes`` runs on a local Dask cluster (or ``scheduler``), one slide
+    per worker process; ``threads`` runs in this process, one slide at a time, its strips
+    and patch chunks shared by ``workers`` threads (no cluster to start); ``auto`` takes
+    threads when a single slide needs work and no scheduler is given, processes otherwise.
+    """
+    from wsi_mil.parallel import dask_client, thread_client
+
+    if executor not in ("auto", "threads", "processes"):
+        raise ConfigError(f"--executor must be auto, threads or processes, not {executor!r}")
+    if executor == "threads" and scheduler:
+        raise ConfigError("--executor threads runs in this process: leave out --scheduler (or use --executor processes)")
 
     t_start = time.perf_counter()
     stores_dir, qc_dir = out_dir / "patches", out_dir / "qc"
@@ -165,9 +179,13 @@ def run_tile(
 
     phases: dict[str, float] = {}
     disk_full: dict[str, Any] | None = None
+    used = ""
     if todo:
+        threads = not scheduler and (executor == "threads" or (executor == "auto" and len(todo) == 1))
         t = time.perf_counter()
-        with dask_client(workers=workers, scheduler=scheduler, dashboard=dashboard) as client:
+        start = thread_client(workers) if threads else dask_client(workers=workers, scheduler=scheduler, dashboard=dashboard)
+        used = "threads" if threads else ("scheduler" if scheduler else "processes")
+        with start as client:
             phases["cluster_start"] = time.perf_counter() - t
             t = time.perf_counter()
             plans = _coordinate_phase(client, todo, config, stores_dir, qc_dir, outcomes, progress)
@@ -178,7 +196,7 @@ def run_tile(
                 phases["patch_pixels"] = time.perf_counter() - t
 
     report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases,
-                       list(skipped_inputs or []), disk_full)
+                       list(skipped_inputs or []), disk_full, used)
     try:
         write_json(out_dir / "run_report.json", report.to_dict())
     except OSError as exc:  # a full disk must not hide the report: it is printed all the same
@@ -188,8 +206,13 @@ def run_tile(
 
 def _coordinate_phase(client: Any, todo: list[SlideEntry], config: TileConfig, stores_dir: Path,
                       qc_dir: Path, outcomes: dict[str, SlideOutcome], progress: bool) -> list[SlidePlan]:
-    from distributed import as_completed
     from tqdm import tqdm
+
+    from wsi_mil.parallel import ThreadClient
+
+    if isinstance(client, ThreadClient):  # one slide at a time, its strips on the threads
+        return _coordinate_phase_threads(client, todo, config, stores_dir, qc_dir, outcomes, progress)
+    from distributed import as_completed
 
     by_future = {client.submit(tile_slide_coords, e, config, stores_dir, qc_dir, pure=False): e for e in todo}
     plans: list[SlidePlan] = []
@@ -201,14 +224,33 @@ def _coordinate_phase(client: Any, todo: list[SlideEntry], config: TileConfig, s
             except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch
                 outcomes[entry.slide_id] = _failure(entry, exc)
             else:
-                for warning in plan.warnings:
-                    logger.warning("%s", warning)
-                if config.save_patches and plan.n_patches:
-                    plans.append(plan)
-                outcomes[entry.slide_id] = _outcome_from_plan(plan, plan.seconds)
+                _accept_plan(plan, config, outcomes, plans)
             bar.update(1)
     order = {e.slide_id: i for i, e in enumerate(todo)}
     return sorted(plans, key=lambda p: order[p.slide_id])
+
+
+def _accept_plan(plan: SlidePlan, config: TileConfig, outcomes: dict[str, SlideOutcome], plans: list[SlidePlan]) -> None:
+    for warning in plan.warnings:
+        logger.warning("%s", warning)
+    if config.save_patches and plan.n_patches:
+        plans.append(plan)
+    outcomes[plan.slide_id] = _outcome_from_plan(plan, plan.seconds)
+
+
+def _coordinate_phase_threads(client: Any, todo: list[SlideEntry], config: TileConfig, stores_dir: Path,
+                              qc_dir: Path, outcomes: dict[str, SlideOutcome], progress: bool) -> list[SlidePlan]:
+    from tqdm import tqdm
+
+    plans: list[SlidePlan] = []
+    for entry in tqdm(todo, desc="tissue + grid", unit="slide", disable=not progress):
+        try:
+            plan = tile_slide_coords(entry, config, stores_dir, qc_dir, pool=client.pool)
+        except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch
+            outcomes[entry.slide_id] = _failure(entry, exc)
+        else:
+            _accept_plan(plan, config, outcomes, plans)
+    return plans
 
 
 def _chunks(plans: list[SlidePlan], size: int) -> Iterator[tuple[SlidePlan, int, int, bool]]:

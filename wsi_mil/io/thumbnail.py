@@ -5,21 +5,26 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from wsi_mil.io.slide import read_region_rgb
+from concurrent.futures import Executor
+
+from wsi_mil.io.slide import read_region_image
 
 #: Longest side of a thumbnail; keeps tissue detection memory flat for any slide size.
 MAX_THUMBNAIL_SIDE_PX = 4096
-_BAND_BYTES = 64 << 20
+#: RGBA bytes of one band read from the slide (small enough that several threads share a level)
+_BAND_BYTES = 8 << 20
 
 
 def read_thumbnail(
-    slide: object, *, slide_mpp: float, pixel_um: float, max_side_px: int = MAX_THUMBNAIL_SIDE_PX
+    slide: object, *, slide_mpp: float, pixel_um: float, max_side_px: int = MAX_THUMBNAIL_SIDE_PX,
+    pool: Executor | None = None,
 ) -> tuple[npt.NDArray[np.uint8], tuple[float, float], float]:
     """Thumbnail at about ``pixel_um`` µm per pixel (coarser if it would exceed ``max_side_px``).
 
     Reads the coarsest pyramid level that is at least as fine as the thumbnail, in
     horizontal bands, and downsamples each band, so memory stays bounded even for a
-    single-level 100k-pixel slide.
+    single-level 100k-pixel slide. With ``pool`` the bands are read on its threads
+    (OpenSlide's decoding and Pillow's resizing run outside the GIL).
 
     Returns:
         (rgb, (downsample_x, downsample_y), thumbnail µm/px) where the downsamples map
@@ -38,10 +43,14 @@ def read_thumbnail(
     # make bands map onto whole thumbnail rows so resizing does not leave seams
     thumb_rows_per_band = max(1, int(rows_per_band * th / lh))
     out = np.empty((th, tw, 3), dtype=np.uint8)
-    for ty0 in range(0, th, thumb_rows_per_band):
+
+    def band(ty0: int) -> None:
         ty1 = min(th, ty0 + thumb_rows_per_band)
         ly0 = int(np.floor(ty0 * lh / th))
         ly1 = min(lh, int(np.ceil(ty1 * lh / th)))
-        band = read_region_rgb(slide, x_px=0, y_px=int(ly0 * ds_level), level=level, width=lw, height=ly1 - ly0)
-        out[ty0:ty1] = np.asarray(Image.fromarray(band).resize((tw, ty1 - ty0), Image.Resampling.BOX))
+        image = read_region_image(slide, x_px=0, y_px=int(ly0 * ds_level), level=level, width=lw, height=ly1 - ly0)
+        out[ty0:ty1] = np.asarray(image.resize((tw, ty1 - ty0), Image.Resampling.BOX))
+
+    starts = range(0, th, thumb_rows_per_band)
+    list(pool.map(band, starts) if pool is not None else map(band, starts))
     return out, (w0 / tw, h0 / th), float(slide_mpp * w0 / tw)

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_mil.io.atomic import atomic_path
+from wsi_mil.tiling.tissue import inner_boundary
 
 _MAX_SIDE = 1600
 
@@ -24,14 +25,14 @@ def write_qc_png(
 ) -> Path:
     """Draw the QC PNG (tissue outline in green, kept patches in blue) and save it atomically."""
     from PIL import Image, ImageDraw
-    from skimage.segmentation import find_boundaries
 
     h, w = mask.shape
     scale = min(1.0, _MAX_SIDE / max(h, w)) if max(h, w) > _MAX_SIDE else max(1.0, min(4.0, 800 / max(h, w)))
     out_w, out_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
     image = Image.fromarray(thumbnail).resize((out_w, out_h), Image.Resampling.BILINEAR)
-    edge = find_boundaries(mask, mode="inner")
-    edge_img = Image.fromarray((edge * 255).astype(np.uint8)).resize((out_w, out_h), Image.Resampling.NEAREST)
+    # the outline is traced on the mask at the drawing's size (a full-size mask costs more and is thinned away)
+    small = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.Resampling.NEAREST))
+    edge_img = Image.fromarray(inner_boundary(small).view(np.uint8) * np.uint8(255))
     green = Image.new("RGB", (out_w, out_h), (0, 200, 0))
     image.paste(green, mask=edge_img)
     draw = ImageDraw.Draw(image, "RGBA")
@@ -45,5 +46,5 @@ def write_qc_png(
     canvas.paste(banner, (0, 0))
     canvas.paste(image, (0, 18))
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", compress_level=3)
     return path

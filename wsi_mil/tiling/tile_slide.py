@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,18 @@ from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import NoTissueError, SlideError
 from wsi_mil.io.paths import path_record
-from wsi_mil.io.slide import file_sha256, open_slide, resolve_mpp
+from wsi_mil.io.slide import FINGERPRINT_METHOD, file_fingerprint, file_sha256, open_slide, resolve_mpp
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
 from wsi_mil.tiling.qc import write_qc_png
-from wsi_mil.tiling.tissue import TissueReport, inspect_tissue
+from wsi_mil.tiling.tissue import TissueReport, inspect_tissue, preload_imports
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
 #: Settings that do not change a store's content (so changing them keeps the cache valid).
-_NON_CONTENT_KEYS = {"qc", "chunk_patches"}
+_NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash"}
 
 
 def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
@@ -69,13 +70,15 @@ class SlidePlan:
         return len(self.coords_px)
 
 
-def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) -> SlidePlan:
-    """Find the tissue patches of one slide (no store written).
+def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, pool: Executor | None = None) -> SlidePlan:
+    """Find the tissue patches of one slide (no store written); with ``pool``, the slide's
+    thumbnail is read and classified in strips on the pool's threads.
 
     Raises:
         SlideOpenError, MissingMppError, ResolutionError: per-slide failures.
     """
     t0 = time.perf_counter()
+    preload_imports()
     with open_slide(entry.path) as slide:
         smpp = resolve_mpp(slide, slide_name=entry.slide_id, override_mpp=config.slide_mpp, manifest_mpp=entry.mpp)
         w0, h0 = slide.dimensions  # type: ignore[attr-defined]
@@ -84,11 +87,11 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
             target_mpp=config.mpp, patch_size_px=config.patch_size, stride_px=config.stride_px,
             slide_name=entry.slide_id,
         )
-        thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp)
+        thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool)
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     params = config.tissue_params()
-    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params)
+    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool)
     if tissue.dark_background:
         raise SlideError(
             f"{entry.slide_id}: the slide's background is dark (median brightness of its edge "
@@ -113,7 +116,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "slide_id": entry.slide_id,
         "slide_file": entry.path.name,
         "slide_path": str(entry.path.resolve()),
-        "slide_sha256": file_sha256(entry.path),
+        "slide_fingerprint": file_fingerprint(entry.path),
+        "slide_fingerprint_method": FINGERPRINT_METHOD,
         "slide_size_bytes": entry.path.stat().st_size,
         "slide_width_px": int(w0),
         "slide_height_px": int(h0),
@@ -139,6 +143,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None) ->
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
         "config_fingerprint": config_fingerprint(config, entry),
     }
+    if config.full_hash:
+        root_attrs["slide_sha256"] = file_sha256(entry.path)
     clam_attrs = {
         "patch_size": geometry.read_size_px,
         "patch_level": geometry.level,
@@ -183,13 +189,14 @@ def open_store_writer(plan: SlidePlan, *, stores_dir: Path, fmt: StoreFormat) ->
     return writer
 
 
-def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_dir: Path | None) -> SlidePlan:
+def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_dir: Path | None,
+                      pool: Executor | None = None) -> SlidePlan:
     """Worker task: plan a slide and, unless pixels are wanted, write its finished store.
 
     A slide without tissue still gets a (zero-patch) store so a re-run skips it; the
     plan carries a warning instead of raising, and callers report it as ``no_tissue``.
     """
-    plan = plan_slide(entry, config, qc_dir=qc_dir)
+    plan = plan_slide(entry, config, qc_dir=qc_dir, pool=pool)
     if plan.n_patches == 0:
         removed = plan.tissue.ink_removed_share if plan.tissue else 0.0
         if config.reject_pen and removed > 0.5:

@@ -25,7 +25,12 @@ white glass, and the share of the image the mask covers.
 
 from __future__ import annotations
 
+import importlib
+import sys
+import threading
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +61,8 @@ def _hsv(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.float32], ...]:
     """Hue (degrees), saturation and value as float32 arrays (memory-light HSV)."""
     f = rgb.astype(np.float32) / 255.0
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    v = np.max(f, axis=-1)
-    c = v - np.min(f, axis=-1)
+    v = np.maximum(np.maximum(r, g), b)  # (channel-wise: a reduction over the last axis is several times slower)
+    c = v - np.minimum(np.minimum(r, g), b)
     s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
     safe_c = np.where(c > 0, c, 1.0).astype(np.float32)
     h = np.where(
@@ -113,31 +118,95 @@ class TissueReport:
         return not self.dark_background and (self.background_value < 0.8 or self.background_saturation > 0.15)
 
 
+_preloading: list[threading.Thread] = []
+
+
+def preload_imports() -> None:
+    """Import scipy.ndimage on a background thread, once per process: its import takes
+    ~0.4 s (SciPy 1.17 rewrites every docstring), which overlaps the slide read this way
+    (OpenSlide's decoding releases the GIL) instead of adding to it."""
+    if not _preloading and "scipy.ndimage" not in sys.modules:
+        thread = threading.Thread(target=importlib.import_module, args=("scipy.ndimage",), daemon=True,
+                                  name="wsi-mil-preload")
+        _preloading.append(thread)
+        thread.start()
+
+
 _STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 byte/pixel
 
+# Flags of a (max, min) channel pair, from the same float32 arithmetic as :func:`_hsv`
+_F_BACKGROUND, _F_STAINED, _F_DARK, _F_HUE = 1, 2, 4, 8
 
-def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams,
-              report: TissueReport) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
+
+@lru_cache(maxsize=8)
+def _pair_tables(params: TissueParams) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Saturation (uint8) and flags for every (max, min) pair of a pixel's channels.
+
+    HSV saturation and value depend only on a pixel's largest and smallest channel, so
+    two 65,536-entry tables indexed by ``max << 8 | min`` replace the per-pixel float
+    maths; the table entries use exactly :func:`_hsv`'s float32 arithmetic. Hue is needed
+    only where some ink rule can fire (saturation > 0.25), flagged for :func:`_classify`.
+    """
+    vals = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    v = np.repeat(vals, 256)  # index = max * 256 + min
+    mn = np.tile(vals, 256)
+    c = v - mn
+    s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
+    s[mn > v] = 0.0  # impossible pairs (min above max) never occur
+    sat = np.round(s * 255).astype(np.uint8)
+    background = (v > params.background_value) & (s < params.saturation_min)
+    dark = v < params.dark_value
+    stained = (s > params.saturation_min) & ~background & ~dark
+    hue_needed = s > 0.25  # every ink rule needs saturation above 0.25
+    flags = (background * _F_BACKGROUND | stained * _F_STAINED | dark * _F_DARK | hue_needed * _F_HUE).astype(np.uint8)
+    return sat, flags
+
+
+def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt.NDArray[np.uint8], ...]:
+    """Saturation (uint8) and the dark / background / ink / blue-ink masks of some image rows,
+    plus the count of stained pixels (as a 0-d array), by table look-up (see :func:`_pair_tables`)."""
+    sat_t, flag_t = _pair_tables(params)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    idx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    idx <<= 8
+    idx |= np.minimum(np.minimum(r, g), b)
+    sat = sat_t[idx]
+    flags = flag_t[idx]
+    del idx
+    dark = (flags & _F_DARK).astype(bool)
+    background = (flags & _F_BACKGROUND).astype(bool)
+    stained = np.count_nonzero(flags & _F_STAINED)
+    ink = np.zeros(rgb.shape[:2], dtype=bool)
+    blue = np.zeros(rgb.shape[:2], dtype=bool)
+    if params.reject_pen:
+        where = np.flatnonzero(flags & _F_HUE)
+        if where.size:
+            hue, s, v = (a[0] for a in _hsv(rgb.reshape(-1, 3)[where][None]))
+            ink.ravel()[where] = _ink(hue, s, v)
+            blue.ravel()[where] = _blue_ink(hue, s, v)
+    return sat, dark, background, ink, blue, np.asarray(stained)
+
+
+def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, report: TissueReport,
+              pool: Executor | None = None) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
     """Saturation (uint8, 0-255), artefact (ink / near-black), glass and ink masks, strip
-    by strip (one HSV pass); blue that is the slide's stain is taken back out of the ink."""
+    by strip (on ``pool``'s threads when given); blue that is the slide's stain is taken
+    back out of the ink."""
     h = rgb.shape[0]
     sat = np.empty(rgb.shape[:2], dtype=np.uint8)
     dark = np.empty(rgb.shape[:2], dtype=bool)
     background = np.empty(rgb.shape[:2], dtype=bool)
-    ink = np.zeros(rgb.shape[:2], dtype=bool)
-    blue = np.zeros(rgb.shape[:2], dtype=bool)
-    stained = 0
-    for y0 in range(0, h, _STRIP_ROWS):
+    ink = np.empty(rgb.shape[:2], dtype=bool)
+    blue = np.empty(rgb.shape[:2], dtype=bool)
+
+    def strip(y0: int) -> int:
         rows = slice(y0, y0 + _STRIP_ROWS)
-        hue, s, v = _hsv(rgb[rows])
-        sat[rows] = np.round(s * 255).astype(np.uint8)
-        dark[rows] = v < params.dark_value
-        background[rows] = (v > params.background_value) & (s < params.saturation_min)
-        stained += int(((s > params.saturation_min) & ~background[rows] & ~dark[rows]).sum())
-        if params.reject_pen:
-            ink[rows] = _ink(hue, s, v)
-            blue[rows] = _blue_ink(hue, s, v)
-    if params.reject_pen and stained and blue.sum() >= BLUE_STAIN_SHARE * stained:
+        sat[rows], dark[rows], background[rows], ink[rows], blue[rows], n = classify_rows(rgb[rows], params)
+        return int(n)
+
+    starts = range(0, h, _STRIP_ROWS)
+    stained = sum(pool.map(strip, starts) if pool is not None else map(strip, starts))
+    if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
         # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
         typical = float(np.median(sat[blue])) / 255  # the stain's (a pen stroke is a minority)
         report.blue_is_stain = True
@@ -145,7 +214,9 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams,
         report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
                             f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
         ink &= ~(blue & (sat <= round(report.blue_ink_min_saturation * 255)))
-    return sat, dark | ink, background, ink
+    del blue
+    dark |= ink
+    return sat, dark, background, ink
 
 
 def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
@@ -157,24 +228,114 @@ def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
     return float(np.median(v)), float(np.median(s))
 
 
+def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
+    """Otsu's threshold of a 256-bin histogram: the bin that maximises the between-class
+    variance of the two classes it splits (the same rule and ties as scikit-image's
+    ``threshold_otsu(hist=...)``, without importing scikit-image's filters)."""
+    counts = counts.astype(np.float64)
+    centres = np.arange(counts.size, dtype=np.float64)
+    weight1 = np.cumsum(counts)
+    weight2 = np.cumsum(counts[::-1])[::-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean1 = np.cumsum(counts * centres) / weight1
+        mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
+    variance12 = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return int(np.nanargmax(variance12))
+
+
 def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams) -> float:
     """Otsu threshold of saturation (from its 256-bin histogram), clamped to the configured range."""
-    from skimage.filters import threshold_otsu
-
     counts = np.bincount(sat_u8, minlength=256)
     if np.count_nonzero(counts) < 2:
         return params.saturation_max
-    t = float(threshold_otsu(hist=(counts, np.arange(256)))) / 255.0
+    t = otsu_threshold(counts) / 255.0
     return float(np.clip(t, params.saturation_min, params.saturation_max))
 
 
-def _enclosed_small_holes(mask: BoolMask, *, max_px: int) -> BoolMask:
-    """Background components fully enclosed by tissue and no larger than ``max_px``."""
-    from skimage import morphology
-    from skimage.segmentation import clear_border
+def disk(radius: int) -> BoolMask:
+    """A disk footprint: offsets (y, x) with y² + x² <= radius² (as scikit-image's ``disk``)."""
+    offsets = np.arange(-radius, radius + 1)
+    return (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius**2
 
-    enclosed = clear_border(~mask)  # background touching the image edge is not a hole
-    return enclosed & ~morphology.remove_small_objects(enclosed, max_size=max_px)
+
+def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
+    """(height, width) of centred rectangles whose union is :func:`disk` (one per row
+    offset: a disk is convex and symmetric)."""
+    fp = disk(radius)
+    return sorted({(2 * dy + 1, int(fp[radius + dy].sum())) for dy in range(radius + 1)})
+
+
+def inner_boundary(mask: BoolMask) -> BoolMask:
+    """Mask pixels with a 4-neighbour outside the mask (the image edge counts as inside),
+    as scikit-image's ``find_boundaries(mask, mode="inner")``."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _rect_filter(mask: BoolMask, size: tuple[int, int], op: np.ufunc) -> BoolMask:
+    """Running OR (``np.logical_or``: dilation) or AND (erosion) over a centred
+    ``size = (height, width)`` rectangle, borders reflected; separable shifted views,
+    which for the small windows used here beat scipy's 1-D min/max filters several-fold."""
+    ph, pw = size[0] // 2, size[1] // 2
+    padded = np.pad(mask, ((ph, ph), (pw, pw)), mode="symmetric")  # = scipy's "reflect"
+    w = mask.shape[1]
+    rows = padded[:, :w].copy()
+    for k in range(1, size[1]):
+        op(rows, padded[:, k:k + w], out=rows)
+    h = mask.shape[0]
+    out = rows[:h].copy()
+    for k in range(1, size[0]):
+        op(out, rows[k:k + h], out=out)
+    return out
+
+
+def binary_closing_disk(mask: BoolMask, radius: int) -> BoolMask:
+    """Morphological closing of ``mask`` by a disk, equal to ``skimage.morphology.closing(mask,
+    disk(radius))`` (borders reflected) but several times faster: a max / min filter over a
+    disk is the max / min over the rectangles that make it up, and each rectangle's filter
+    is separable."""
+    rects = _disk_rectangles(radius)
+    grown = np.zeros_like(mask)
+    for size in rects:
+        grown |= _rect_filter(mask, size, np.logical_or)
+    closed = np.ones_like(mask)
+    for size in rects:
+        closed &= _rect_filter(grown, size, np.logical_and)
+    return closed
+
+
+def _drop_small(mask: BoolMask, *, max_px: int, connectivity: int = 1) -> BoolMask:
+    """``mask`` without its connected components of ``max_px`` pixels or fewer (as
+    scikit-image's ``remove_small_objects``, with 32-bit labels: half its memory)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, connectivity), output=np.int32)
+    if n == 0:
+        return mask.copy()
+    keep = np.bincount(labels.ravel()) > max_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _enclosed_small_holes(mask: BoolMask, *, max_px: int) -> BoolMask:
+    """Background components fully enclosed by tissue (8-connected, not touching the image
+    edge) and no larger than ``max_px`` (4-connected)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(~mask, structure=np.ones((3, 3), dtype=bool), output=np.int32)
+    if n == 0:
+        return np.zeros_like(mask)
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        border[edge] = True
+    border[0] = True
+    enclosed = ~border[labels]
+    del labels
+    return enclosed & ~_drop_small(enclosed, max_px=max_px)
 
 
 def tissue_mask(
@@ -194,17 +355,17 @@ def tissue_mask(
 
 
 def inspect_tissue(
-    rgb: npt.NDArray[np.uint8], *, pixel_um: float, params: TissueParams | None = None
+    rgb: npt.NDArray[np.uint8], *, pixel_um: float, params: TissueParams | None = None,
+    pool: Executor | None = None,
 ) -> tuple[BoolMask, TissueReport]:
-    """:func:`tissue_mask` and a :class:`TissueReport` of how it was reached."""
-    from skimage import morphology
-
+    """:func:`tissue_mask` and a :class:`TissueReport` of how it was reached (the per-pixel
+    colour work on ``pool``'s threads when one is given)."""
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     report = TissueReport()
     report.background_value, report.background_saturation = _edge_colour(rgb)
-    sat, artefact, background, ink = _classify(rgb, params, report)
+    sat, artefact, background, ink = _classify(rgb, params, report, pool)
     candidates = ~(artefact | background)
     threshold = _otsu_clamped(sat[candidates], params)
     mask = candidates & (sat > round(threshold * 255))
@@ -215,16 +376,16 @@ def inspect_tissue(
     px_area = pixel_um * pixel_um
     radius = int(round(params.closing_radius_um / pixel_um))
     if radius >= 1:
-        mask = morphology.closing(mask, morphology.disk(radius))
+        mask = binary_closing_disk(mask, radius)
     min_px = int(params.min_tissue_area_um2 / px_area)
     if min_px > 1:
-        mask = morphology.remove_small_objects(mask, max_size=min_px)
+        mask = _drop_small(mask, max_px=min_px)
     hole_px = int(params.max_hole_area_um2 / px_area)
     if hole_px > 1:
         mask |= _enclosed_small_holes(mask, max_px=hole_px)
     mask &= ~artefact
-    if params.reject_pen and params.pen_halo_um > 0:
-        ink = morphology.remove_small_objects(artefact, max_size=int(params.min_ink_area_um2 / px_area))
+    if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
+        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area))
         mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
     report.mask_fraction = float(mask.mean())
     return mask, report
@@ -238,12 +399,11 @@ def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMa
     to ink is kept because most of it lies farther away.
     """
     from scipy import ndimage
-    from skimage import measure
 
     if not ink.any() or not mask.any():
         return mask
     near_ink = ndimage.distance_transform_edt(~ink) <= radius_px
-    labels = measure.label(mask, connectivity=2)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=np.int32)
     sizes = np.bincount(labels.ravel())
     near = np.bincount(labels.ravel(), weights=near_ink.ravel(), minlength=sizes.size)
     fringe = near >= 0.5 * np.maximum(sizes, 1)

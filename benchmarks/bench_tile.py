@@ -11,8 +11,10 @@ benchmarks/results/tile.json and tile.md (quoted in the README).
 the floor is a plain single-process OpenSlide read, in bands, of the whole pyramid level
 that tissue detection reads (the coarsest level at least as fine as ``--tissue-mpp``),
 timed as a whole process (Python and OpenSlide start-up included) and inside it; beside it
-``wsi-mil tile`` (whole process) with 1 and 2 workers. Rounds are interleaved (floor, 1
-worker, 2 workers, floor, …) and reported as medians with min-max; results go to
+``wsi-mil tile`` (whole process) with 1 and 2 workers (one slide: threads of the one
+process, the default) and with one Dask worker process (``--executor processes``, a
+cluster started per call, as before 0.2). Rounds are interleaved (floor, 1 worker, 2
+workers, 1 process, floor, …) and reported as medians with min-max; results go to
 benchmarks/results/tile_floor.{json,md}.
 """
 
@@ -158,23 +160,27 @@ def floor_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             slide = make_slide(size)
-            runs: dict[str, list[dict]] = {"floor": [], "tile_1": [], "tile_2": []}
+            runs: dict[str, list[dict]] = {"floor": [], "tile_1": [], "tile_2": [], "proc_1": []}
             for r in range(args.rounds):
                 runs["floor"].append(floor_run(slide, 8.0))
                 for w in (1, 2):
                     runs[f"tile_{w}"].append(tile_cli(slide, Path(tmp) / f"f{size}-{w}-{r}", "--workers", str(w)))
+                runs["proc_1"].append(tile_cli(slide, Path(tmp) / f"p{size}-{r}", "--workers", "1", "--executor", "processes"))
                 print(size, r, {k: round(v[-1]["wall_s"], 2) for k, v in runs.items()}, flush=True)
             row = {"side_px": size, "level": runs["floor"][0]["level"], "level_px": runs["floor"][0]["level_px"],
                    "floor_wall_s": _stat([x["wall_s"] for x in runs["floor"]]),
                    "floor_read_s": _stat([x["read_s"] for x in runs["floor"]]),
                    "floor_peak_rss_mb": _stat([x["peak_rss_mb"] for x in runs["floor"]])}
-            for w in (1, 2):
-                rr = runs[f"tile_{w}"]
-                row[f"tile_{w}"] = {
+            for key in ("tile_1", "tile_2", "proc_1"):
+                rr = runs[key]
+                row[key] = {
+                    "executor": rr[0]["report"].get("executor"),
                     "wall_s": _stat([x["wall_s"] for x in rr]),
                     "slide_s": _stat([x["report"]["slides"][0]["seconds"] for x in rr]),
                     "phases_s": {k: _stat([x["report"].get("phase_seconds", {}).get(k, 0.0) for x in rr])
                                  for k in rr[0]["report"].get("phase_seconds", {})},
+                    "slide_phases_s": {k: _stat([x["report"]["slides"][0].get("phases", {}).get(k, 0.0) for x in rr])
+                                       for k in rr[0]["report"]["slides"][0].get("phases", {})},
                     "peak_rss_single_mb": _stat([x["peak_rss_single_process_mb"] for x in rr]),
                     "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
                     "patches": rr[0]["report"]["slides"][0]["n_patches"]}
@@ -188,17 +194,20 @@ def floor_main(args: argparse.Namespace) -> None:
     md = [f"Coordinates-only `wsi-mil tile` against its floor, {args.rounds} interleaved rounds, medians (min-max), "
           "whole processes (start-up included); generated slides (real tissue, 0.5 µm/px).", "",
           "| slide side | level read (px) | floor: plain read, whole process (s) | of which the read (s) | tile, 1 worker (s) "
-          "| × floor | tile, 2 workers (s) | × floor | 1 ÷ 2 workers | peak RSS largest process, 1 worker (MB) | floor peak RSS (MB) |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| × floor | tile, 2 workers (s) | × floor | 1 ÷ 2 workers | tile, 1 Dask worker process (s) "
+          "| peak RSS largest process, 1 worker (MB) | floor peak RSS (MB) |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in res["sizes"]:
         f, t1, t2 = row["floor_wall_s"], row["tile_1"]["wall_s"], row["tile_2"]["wall_s"]
         md.append(f"| {row['side_px']:,} | {row['level_px'][0]:,}×{row['level_px'][1]:,} | {m(f)} | {m(row['floor_read_s'])} "
                   f"| {m(t1)} | {t1['median'] / f['median']:.2f} | {m(t2)} | {t2['median'] / f['median']:.2f} "
-                  f"| {t1['median'] / t2['median']:.2f} | {m(row['tile_1']['peak_rss_single_mb'], '{:.0f}')} "
+                  f"| {t1['median'] / t2['median']:.2f} | {m(row['proc_1']['wall_s'])} "
+                  f"| {m(row['tile_1']['peak_rss_single_mb'], '{:.0f}')} "
                   f"| {m(row['floor_peak_rss_mb'], '{:.0f}')} |")
-    md += ["", "Phases of the 1-worker runs (median s): " + "; ".join(
-        f"{row['side_px']:,} px: " + ", ".join(f"{k} {v['median']:.1f}" for k, v in row["tile_1"]["phases_s"].items())
-        for row in res["sizes"]),
+    md += ["", "Phases (median s): " + "; ".join(
+        f"{row['side_px']:,} px, {key.replace('_1', ' 1 worker').replace('_2', ' 2 workers')} ({row[key]['executor']}): "
+        + ", ".join(f"{k} {v['median']:.2f}" for k, v in {**row[key]["phases_s"], **row[key]["slide_phases_s"]}.items())
+        for row in res["sizes"] for key in ("tile_1", "tile_2", "proc_1")),
         "", f"Machine: {res['machine']['cpus']} CPUs, Python {res['machine']['python']}. "
         f"Command: `.venv/bin/python benchmarks/bench_tile.py --floor --sizes {' '.join(map(str, args.sizes))} --rounds {args.rounds}`."]
     (RESULTS / "tile_floor.md").write_text("\n".join(md) + "\n")

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("--executor", choices=("auto", "threads", "processes"), default="auto",
                       help="processes: a local Dask cluster, one slide per worker process; threads: this process, one "
                            "slide at a time shared by --workers threads (no cluster start); auto (default): threads when "
-                           "one slide needs work, processes for a batch")
+                           "one slide needs coordinates only, processes for a batch or --save-patches")
     tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
     tile.add_argument("--dashboard", metavar="ADDRESS", default=None,

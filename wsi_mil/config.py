@@ -210,9 +210,18 @@ class CommonTrainConfig:
     device: str = _opt("auto", "auto (cuda when present), cpu, cuda or cuda:N")
     threads: int | None = _opt(None, "CPU threads for training and evaluation (default: 1 for bags of up to 4096 "
                                      "instances, where more threads only contend; else up to 4)")
+    duplicates: str = _opt("refuse", "near-duplicate samples of different patients across train / validation / test: "
+                                     "refuse (stop, listing them), merge (treat each duplicate group as one patient "
+                                     "before splitting) or allow (train anyway; reported)", choices=("refuse", "merge", "allow"))
+    label_sources: str | None = _opt(None, "two manifest columns holding the label from different sources (e.g. "
+                                           "abnormal_folder,finding_labels): their disagreements are reported")
+    subgroups: str | None = _opt(None, "manifest columns for per-subgroup AUC / sensitivity / specificity with CIs, "
+                                       "comma-separated (e.g. sex,age,view,site; numeric columns are banded by quartiles)")
+    prevalence: float | None = _opt(None, "deployment prevalence for the audit's PPV / NPV (e.g. 0.02)")
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
+            (self.prevalence is None or 0 < self.prevalence < 1, "--prevalence must be in (0, 1)"),
             (self.folds >= 1, "--folds must be 1 or more"),
             (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
             (self.min_minority_share is None or 0 < self.min_minority_share <= 0.5, "--min-minority-share must be in (0, 0.5]"),

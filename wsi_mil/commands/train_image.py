@@ -112,8 +112,9 @@ def check_entries(entries: list[ImageEntry], consensus: dict[str, Any], config: 
                                  "split again by patient (--resplit)"}
         user_split = {}
     samples = [ImageSample(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"{unit} {e.slide_id}"),
-                           user_split.get(e.slide_id), e.path, None, e.meta) for e in entries]
-    return CvInputs(task, task_line, samples, [], user_split, notes)
+                           user_split.get(e.slide_id), e.path, e.pixels, e.meta) for e in entries]
+    columns = {e.slide_id: {**e.meta, **e.labels, "patient_id": e.patient_id or "", "split": e.split or ""} for e in entries}
+    return CvInputs(task, task_line, samples, [], user_split, notes, columns)
 
 
 def refuse_unreadable(bad: list[dict[str, str]], n: int, unit: str = "image") -> None:

@@ -21,7 +21,7 @@ interrupted run resumes at the next fold.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,7 @@ class TrainInputs:
     bags: list[Bag]
     skipped: list[dict[str, str]]
     user_split: dict[str, str]
+    columns: dict[str, dict[str, str]] = field(default_factory=dict)  # slide_id -> manifest row
 
 
 def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
@@ -99,7 +100,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     """Read and check the manifest, infer the task and read every bag (non-finite
     features included in the check). Labelled slides without a usable feature store stop
     the run (:class:`MissingDataError`, exit 1) unless ``config.allow_missing``."""
-    from wsi_mil.data.manifest import manifest_classes, read_manifest
+    from wsi_mil.data.manifest import manifest_classes, manifest_columns, read_manifest
     from wsi_mil.errors import MissingDataError
 
     require_features(features_dirs)
@@ -123,7 +124,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     if len(bags) < 4:
         raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
                             f"({len(skipped)} left out, listed above)")
-    return TrainInputs(task, task_line, bags, skipped, user_split)
+    return TrainInputs(task, task_line, bags, skipped, user_split, manifest_columns(manifest))
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:
@@ -214,7 +215,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             torch.set_num_threads(threads)
             logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
         cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
-                      {"threads": threads if device == "cpu" else None})
+                      {"threads": threads if device == "cpu" else None}, inputs.columns)
         return run_cv(road, cv, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)

@@ -83,6 +83,17 @@ def manifest_classes(path: str | Path) -> list[str] | None:
     return [c.strip() for c in value.split(",")] if value else None
 
 
+def manifest_columns(path: str | Path) -> dict[str, dict[str, str]]:
+    """slide_id -> every column of its manifest row (for subgroups and label-source audits);
+    the manifest is assumed already checked by :func:`read_manifest`."""
+    import io
+
+    _, text = _split_directives(Path(path).read_text(encoding="utf-8-sig"))
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return {r["slide_id"].strip(): {(k or "").strip(): (v or "").strip() for k, v in r.items()}
+            for r in rows if (r.get("slide_id") or "").strip()}
+
+
 def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideEntry]:
     """Read and validate a manifest CSV.
 

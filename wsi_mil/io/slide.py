@@ -201,9 +201,15 @@ def read_region_image(slide: object, *, x_px: int, y_px: int, level: int, width:
     ``x_px``/``y_px`` are level-0 coordinates; ``width``/``height`` are at ``level``. The
     common, fully opaque case stays in Pillow (no numpy round trip).
     """
+    region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
+    return on_white(region)
+
+
+def on_white(region: Any) -> Any:
+    """A Pillow image as RGB, transparent pixels composited on white (OpenSlide returns
+    transparent pixels outside the scanned area)."""
     from PIL import Image
 
-    region = slide.read_region((int(x_px), int(y_px)), int(level), (int(width), int(height)))  # type: ignore[attr-defined]
     if region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255:
         return region.convert("RGB")
     # outside the scanned area OpenSlide returns transparent pixels (straight alpha)

@@ -7,7 +7,7 @@ import numpy.typing as npt
 
 from concurrent.futures import Executor
 
-from wsi_mil.io.slide import read_region_image
+from wsi_mil.io.slide import on_white
 
 #: Longest side of a thumbnail; keeps tissue detection memory flat for any slide size.
 MAX_THUMBNAIL_SIDE_PX = 4096
@@ -48,8 +48,8 @@ def read_thumbnail(
         ty1 = min(th, ty0 + thumb_rows_per_band)
         ly0 = int(np.floor(ty0 * lh / th))
         ly1 = min(lh, int(np.ceil(ty1 * lh / th)))
-        image = read_region_image(slide, x_px=0, y_px=int(ly0 * ds_level), level=level, width=lw, height=ly1 - ly0)
-        out[ty0:ty1] = np.asarray(image.resize((tw, ty1 - ty0), Image.Resampling.BOX))
+        region = slide.read_region((0, int(ly0 * ds_level)), level, (lw, ly1 - ly0))  # type: ignore[attr-defined]
+        out[ty0:ty1] = np.asarray(on_white(region).resize((tw, ty1 - ty0), Image.Resampling.BOX))
 
     starts = range(0, th, thumb_rows_per_band)
     list(pool.map(band, starts) if pool is not None else map(band, starts))

@@ -64,6 +64,7 @@ class SlidePlan:
     store: str | None = None
     warnings: list[str] = field(default_factory=list)
     tissue: TissueReport | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: read, tissue, grid, qc, store
 
     @property
     def n_patches(self) -> int:
@@ -87,11 +88,16 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             target_mpp=config.mpp, patch_size_px=config.patch_size, stride_px=config.stride_px,
             slide_name=entry.slide_id,
         )
+        t_read = time.perf_counter()
         thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool)
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
+    phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
+    t = time.perf_counter()
     params = config.tissue_params()
     mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool)
+    phases["tissue"] = time.perf_counter() - t
+    t = time.perf_counter()
     if tissue.dark_background:
         raise SlideError(
             f"{entry.slide_id}: the slide's background is dark (median brightness of its edge "
@@ -101,6 +107,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     fractions = tissue_fractions(mask, mask_downsample=thumb_ds, coords_px=candidates, extent_level0_px=geometry.extent_level0_px)
     keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(candidates), dtype=bool)
     coords, kept_fraction = candidates[keep], fractions[keep]
+    phases["grid"] = time.perf_counter() - t
+    t = time.perf_counter()
 
     qc_path = None
     if qc_dir is not None and config.qc:
@@ -109,6 +117,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
             coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
         ))
+    phases["qc"] = time.perf_counter() - t
     root_attrs = {
         "format_version": STORE_FORMAT_VERSION,
         "wsi_mil_version": __version__,
@@ -157,7 +166,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     plan = SlidePlan(
         slide_id=entry.slide_id, slide_path=str(entry.path), geometry=geometry, coords_px=coords,
         tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
-        mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue,
+        mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue, phases=phases,
     )
     qc_hint = f"check {qc_path}" if qc_path else "check the QC image"
     if tissue.background_not_glass:
@@ -208,9 +217,11 @@ def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, q
             f"{entry.slide_id}: no patch reached --min-tissue {config.min_tissue}; {advice}"
         )))
     if not config.save_patches or plan.n_patches == 0:
+        t = time.perf_counter()
         writer = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]
         if config.save_patches:  # zero patches: keep the layout of a pixel store
             writer.begin_patches()
             writer.end_patches()
         plan.store = str(writer.commit())
+        plan.phases["store"] = time.perf_counter() - t
     return plan

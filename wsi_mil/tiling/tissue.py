@@ -31,6 +31,7 @@ import threading
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -308,20 +309,45 @@ def binary_closing_disk(mask: BoolMask, radius: int) -> BoolMask:
     return closed
 
 
-def _drop_small(mask: BoolMask, *, max_px: int, connectivity: int = 1) -> BoolMask:
+def _by_rows(fn: Any, arrays: tuple[npt.NDArray[Any], ...], pool: Executor | None) -> list[Any]:
+    """``fn`` over horizontal chunks of ``arrays`` (numpy releases the GIL: chunks share the pool)."""
+    n = arrays[0].shape[0]
+    step = max(1, -(-n // 8))
+    chunks = [tuple(a[y:y + step] for a in arrays) for y in range(0, n, step)]
+    return list(pool.map(lambda c: fn(*c), chunks) if pool is not None else (fn(*c) for c in chunks))
+
+
+def _keep_large(labels: npt.NDArray[np.int32], n: int, max_px: int, pool: Executor | None) -> BoolMask:
+    """True on the pixels of components larger than ``max_px`` (labels 1..n; 0 is background)."""
+    sizes = sum(_by_rows(lambda lab: np.bincount(lab.ravel(), minlength=n + 1), (labels,), pool))
+    keep = sizes > max_px
+    keep[0] = False
+    out = np.empty(labels.shape, dtype=bool)
+
+    def gather(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
+        dst[...] = keep[lab]
+
+    _by_rows(gather, (labels, out), pool)
+    return out
+
+
+def _drop_small(mask: BoolMask, *, max_px: int, connectivity: int = 1, pool: Executor | None = None) -> BoolMask:
     """``mask`` without its connected components of ``max_px`` pixels or fewer (as
-    scikit-image's ``remove_small_objects``, with 32-bit labels: half its memory)."""
+    scikit-image's ``remove_small_objects``), labelled with 32-bit labels (half the
+    memory) inside the bounding box of ``mask`` only."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, connectivity), output=np.int32)
-    if n == 0:
-        return mask.copy()
-    keep = np.bincount(labels.ravel()) > max_px
-    keep[0] = False
-    return keep[labels]
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = np.zeros_like(mask)
+    if rows.size == 0:
+        return out
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels, n = ndimage.label(mask[box], structure=ndimage.generate_binary_structure(2, connectivity), output=np.int32)
+    out[box] = _keep_large(labels, n, max_px, pool)
+    return out
 
 
-def _enclosed_small_holes(mask: BoolMask, *, max_px: int) -> BoolMask:
+def _enclosed_small_holes(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
     """Background components fully enclosed by tissue (8-connected, not touching the image
     edge) and no larger than ``max_px`` (4-connected)."""
     from scipy import ndimage
@@ -333,9 +359,14 @@ def _enclosed_small_holes(mask: BoolMask, *, max_px: int) -> BoolMask:
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
         border[edge] = True
     border[0] = True
-    enclosed = ~border[labels]
+    enclosed = np.empty(mask.shape, dtype=bool)
+
+    def inside(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
+        dst[...] = ~border[lab]
+
+    _by_rows(inside, (labels, enclosed), pool)
     del labels
-    return enclosed & ~_drop_small(enclosed, max_px=max_px)
+    return enclosed & ~_drop_small(enclosed, max_px=max_px, pool=pool)
 
 
 def tissue_mask(
@@ -368,10 +399,17 @@ def inspect_tissue(
     sat, artefact, background, ink = _classify(rgb, params, report, pool)
     candidates = ~(artefact | background)
     threshold = _otsu_clamped(sat[candidates], params)
-    mask = candidates & (sat > round(threshold * 255))
-    stained = ~background & (sat > round(threshold * 255))
-    if stained.any():
-        report.ink_removed_share = float((stained & ink).sum() / stained.sum())
+    above = sat > round(threshold * 255)
+    del sat  # (arrays are dropped as soon as they are used: peak memory stays flat at ~1 byte/pixel each)
+    mask = candidates & above
+    del candidates
+    above &= ~background  # stained: above the threshold and not glass
+    del background
+    n_stained = np.count_nonzero(above)
+    if n_stained:
+        above &= ink
+        report.ink_removed_share = float(np.count_nonzero(above) / n_stained)
+    del above, ink
 
     px_area = pixel_um * pixel_um
     radius = int(round(params.closing_radius_um / pixel_um))
@@ -379,13 +417,13 @@ def inspect_tissue(
         mask = binary_closing_disk(mask, radius)
     min_px = int(params.min_tissue_area_um2 / px_area)
     if min_px > 1:
-        mask = _drop_small(mask, max_px=min_px)
+        mask = _drop_small(mask, max_px=min_px, pool=pool)
     hole_px = int(params.max_hole_area_um2 / px_area)
     if hole_px > 1:
-        mask |= _enclosed_small_holes(mask, max_px=hole_px)
+        mask |= _enclosed_small_holes(mask, max_px=hole_px, pool=pool)
     mask &= ~artefact
     if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
-        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area))
+        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area), pool=pool)
         mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
     report.mask_fraction = float(mask.mean())
     return mask, report

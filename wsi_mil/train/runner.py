@@ -111,7 +111,8 @@ TRAINING_REVISION = 4  # 3: thresholds between two validation scores (logit midp
 # 4: max pooling is a smooth maximum, TransMIL convolves position on the patch grid
 
 #: settings that change how a run is carried out, not what a fold's model is
-_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache")
+_RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache",
+             "duplicates", "label_sources", "subgroups", "prevalence")
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
@@ -207,6 +208,7 @@ class CvInputs:
     skipped: list[dict[str, str]] = field(default_factory=list)
     user_split: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # extra facts for the report (consensus, leaks ...)
+    columns: dict[str, dict[str, str]] = field(default_factory=dict)  # sample id -> manifest column -> value
 
 
 def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any) -> Any:
@@ -223,6 +225,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     from tqdm import tqdm
 
     from wsi_mil.data.splits import prevalence_weights
+    from wsi_mil.eval.audit_run import apply_duplicate_policy, check_leaks, duplicate_audit, label_source_audit
     from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.train.loop import Predictions, fit, predict, seed_everything
 
@@ -230,7 +233,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     task, samples, skipped = inputs.task, inputs.samples, inputs.skipped
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {b.slide_id: b for b in samples}
+    audit: dict[str, Any] = {}
+    found = duplicate_audit(samples)
+    audit["duplicates"] = apply_duplicate_policy(samples, found, config.duplicates)
+    audit["label_sources"] = label_source_audit([b.slide_id for b in samples], inputs.columns, config.label_sources)
     plan = make_split_plan(samples, inputs.user_split, config)
+    audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, road.unit)
     write_json(out_dir / "splits.json", plan.to_dict())
     device = config.resolved_device()
     test = [by_id[s] for s in plan.test]
@@ -242,7 +250,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
     test_probs, test_atts, thresholds_all = [], [], []
-    pooled_y, pooled_p, pooled_t = [], [], []
+    pooled_y, pooled_p, pooled_t, pooled_ids = [], [], [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     test_feed = road.feeder(test, False) if test else None
     for fold in plan.folds:
@@ -283,6 +291,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         thresholds_all.append(thresholds)
         test_pred = predict(model, test_feed, task, device=device) if test_feed is not None else Predictions(
             [], np.zeros((0, task.n_outputs), np.float32), np.zeros((0, task.n_outputs)), [])
+        pooled_ids += [(b.slide_id, f"fold{fold.index}") for b in val]
         pooled_y.append(val_pred.targets)
         pooled_p.append(val_pred.probs)
         pooled_t.append([np.full(len(val), t) for t in thresholds])  # each fold's own threshold
@@ -335,6 +344,16 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         ys, ps, where = (test_feed.targets, np.mean(test_probs, axis=0), "test") if test else (py, pp, "out of fold")
         for c, name in enumerate(task.outputs):
             calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
+    if task.kind == "binary":
+        if test:
+            ev = (("ensemble test", [(b.slide_id, "ensemble") for b in test], ens_y[:, 0], mean_p[:, 0], pooled_thr[0]))
+        else:
+            ev = ("pooled out-of-fold validation", pooled_ids, py[:, 0], pp[:, 0], per_fold_thr[0])
+        audit["evaluation"] = _evaluation_audit(ev, by_id, inputs.columns, config, out_dir, road.unit)
+    else:
+        audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
+    metrics["audit"] = audit
+    _audit_files(out_dir, audit, by_id, road.unit)
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["fold_health"] = fold_health(folds_out)
     metrics["headline"] = choose_headline(metrics)
@@ -345,6 +364,65 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
     return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
+
+
+def _evaluation_audit(ev: tuple[Any, ...], by_id: dict[str, Any], columns: dict[str, dict[str, str]], config: Any,
+                      out_dir: Path, unit: str) -> dict[str, Any]:
+    from wsi_mil.eval.audit_run import prediction_audit
+
+    name, keys, y, p, thr = ev
+    ids = [k for k, _ in keys]
+    links = []
+    for sid, folder in keys:  # a slide's attention (its heatmap's source), relative to the run folder
+        rel = Path("attention") / folder / f"{sid}.h5"
+        links.append(rel.as_posix() if (out_dir / rel).exists() else None)
+    return prediction_audit(ids, [str(by_id[i].patient_id) for i in ids], np.asarray(y, dtype=float), np.asarray(p, dtype=float),
+                            thr, set_name=name, columns=columns, subgroups=config.subgroups, prevalence=config.prevalence,
+                            n_boot=config.bootstrap, seed=config.seed, links=links)
+
+
+def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], unit: str) -> None:
+    from wsi_mil.eval.audit_run import write_audit_files
+
+    write_audit_files(out_dir, audit, lambda sid: sample_picture(by_id.get(sid)))
+
+
+def sample_picture(sample: Any) -> np.ndarray | None:
+    """A small picture of a sample for the error gallery: an image itself, a volume's
+    middle slice, a slide's thumbnail (found through its stores' provenance); None if none."""
+    if sample is None:
+        return None
+    try:
+        if hasattr(sample, "store"):  # a slide
+            return _slide_thumbnail(sample)
+        a = np.asarray(sample.load(), dtype=np.float32)
+        if a.ndim == 3 and a.shape[-1] not in (3, 4):
+            a = a[a.shape[0] // 2]
+        return a
+    except Exception as exc:  # noqa: BLE001 - the gallery then shows an empty frame
+        logger.debug("no picture for %s: %s", getattr(sample, "slide_id", "?"), exc)
+        return None
+
+
+def _slide_thumbnail(bag: Any) -> np.ndarray | None:
+    from wsi_mil.io.paths import resolve_recorded
+    from wsi_mil.io.slide import open_slide
+    from wsi_mil.io.store import PatchStore
+    from wsi_mil.io.thumbnail import read_thumbnail
+
+    if bag.store is None:
+        return None
+    patch_store = resolve_recorded(bag.meta, "source_store", Path(bag.store).parent)
+    if patch_store is None or not patch_store.exists():
+        return None
+    with PatchStore(patch_store) as ps:
+        attrs = dict(ps.attrs)
+    slide_path = resolve_recorded(attrs, "slide_path", patch_store.parent)
+    if slide_path is None or not slide_path.exists():
+        return None
+    with open_slide(slide_path) as slide:
+        thumb, _, _ = read_thumbnail(slide, slide_mpp=float(attrs.get("slide_mpp") or 1.0), pixel_um=1e6, max_side_px=256)
+    return thumb
 
 
 def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -465,6 +543,10 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
         lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
     if task.kind != "multiclass":
         lines += ["", "ECE: expected calibration error, 10 equal-width probability bins (reliability.png shows the bins)."]
+    if m.get("audit"):
+        from wsi_mil.eval.audit_run import audit_markdown
+
+        lines += audit_markdown(m["audit"], unit)
     extra = ", attention/" if unit == "slide" or (m.get("transfer") or {}).get("mode") in ("mil", "slices") else ""
     lines += ["", f"Files: metrics.json, predictions.csv, roc.png, reliability.png, confusion.png, training_curves.png, models/{extra}.", ""]
     return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""The audit: near-duplicates across splits (refused, or merged into one patient), label
+sources that disagree, subgroup metrics with banding and small-group warnings, operating
+points, and the error list / gallery — on the real NIH chest X-ray sample and real MIL bags."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import WSI_MIL, shared
+from wsi_mil.config import ImageTrainConfig
+from wsi_mil.eval.audit import band_values, error_cases, operating_points, subgroup_report, wilson_ci
+from wsi_mil.eval.audit_run import DuplicateLeakError
+
+NIH = shared("cxr", "nih1000")
+
+
+def _rows() -> list[dict[str, str]]:
+    with open(NIH / "labels.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _manifest(tmp: Path, rows: list[dict[str, str]], extra: list[tuple[str, str, dict[str, str]]] = ()) -> Path:
+    """NIH rows (no split column: splits made by patient) plus extra (path, patient, row) images."""
+    path = tmp / "nih.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "patient_id", "label", "abnormal_folder", "finding_labels", "sex", "age", "view"])
+        for r in rows:
+            w.writerow([str(NIH / r["path"]), r["patient_id"], r["abnormal_folder"], r["abnormal_folder"],
+                        r["finding_labels"], r["sex"], r["age"], r["view"]])
+        for p, patient, r in extra:
+            w.writerow([p, patient, r["abnormal_folder"], r["abnormal_folder"], r["finding_labels"], r["sex"], r["age"], r["view"]])
+    return path
+
+
+def test_wilson_interval_operating_points_and_bands() -> None:
+    lo, hi = wilson_ci(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)  # textbook values
+    assert wilson_ci(0, 0) is None
+    # 20 negatives at 0.00..0.19, 20 positives at 0.10..0.29: at specificity 0.9 the threshold
+    # must sit just above the 18th negative (0.17): positives >= 0.18 are 12 of 20
+    y = np.array([0] * 20 + [1] * 20)
+    p = np.concatenate([np.arange(20) / 100, (10 + np.arange(20)) / 100])
+    op = operating_points(y, p, 0.5, specificities=(0.9,), sensitivities=(0.9,), prevalence=0.1, n_boot=200)
+    at = op["sensitivity_at_specificity"][0]
+    assert at["sensitivity"] == pytest.approx(12 / 20) and at["ci95"][0] <= 0.6 <= at["ci95"][1]
+    assert ((p[y == 0] < at["threshold"]).mean()) >= 0.9
+    rev = op["specificity_at_sensitivity"][0]  # sensitivity 0.9: threshold = 3rd-lowest positive 0.12
+    assert rev["threshold"] == pytest.approx(0.12) and rev["specificity"] == pytest.approx(12 / 20)
+    # at threshold 0.5 nothing is positive: sensitivity 0, specificity 1 -> PPV undefined-by-zero, NPV = 1 - prevalence
+    assert op["at_prevalence"]["npv"] == pytest.approx(0.9)
+    ages = [r["age"] for r in _rows()]
+    names, text = band_values(ages)
+    assert text and "quartiles" in text and len(set(names)) == 4
+    counts = {n: names.count(n) for n in set(names)}
+    assert min(counts.values()) > 150  # quartile bands: comparable sizes
+    names, text = band_values(["M", "F", "", "M"])
+    assert text is None and names == ["M", "F", "(missing)", "M"]
+
+
+def test_subgroups_warn_when_small_and_state_the_largest_gap() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    site = np.array(["A"] * 180 + ["B"] * 180 + ["C"] * 40)
+    y = rng.integers(0, 2, n)
+    signal = np.where(site == "A", 2.5, np.where(site == "B", 0.5, 1.0))  # site B's model is much worse
+    p = 1 / (1 + np.exp(-(y * 2 - 1) * signal + rng.normal(0, 1, n)))
+    c = np.where(site == "C")[0]
+    y[c] = 0
+    y[c[:3]] = 1  # site C: 3 positives -> too small
+    rep = subgroup_report(y, p, 0.5, {"site": site.tolist()}, n_boot=100)["site"]
+    groups = {g["group"]: g for g in rep["groups"]}
+    assert "warning" in groups["C"] and "warning" not in groups["A"] and "warning" not in groups["B"]
+    assert groups["A"]["auc"] > groups["B"]["auc"] + 0.2
+    gap = rep["largest_gap"]["auc"]
+    assert gap["lowest"] == "B" and gap["highest"] == "A" and rep["largest_gap"]["groups_judged"] == 2
+    e = error_cases([str(i) for i in range(n)], site.tolist(), y, p, 0.5)
+    pred = p >= 0.5
+    assert len(e["false_negatives"]) == int(((y == 1) & ~pred).sum()) and len(e["false_positives"]) == int(((y == 0) & pred).sum())
+    fn_p = [c["probability"] for c in e["false_negatives"]]
+    assert fn_p == sorted(fn_p)  # most confident mistakes first
+
+
+def test_audit_of_the_nih_sample(tmp_path: Path) -> None:
+    """The closing note's audit: train-image on the 1,000 NIH radiographs (abnormal vs
+    normal, splits by patient) with subgroups sex, age and view and the folder label checked
+    against the findings column."""
+    from wsi_mil.commands.train_image import run_train_image
+
+    manifest = _manifest(tmp_path, _rows())
+    cfg = ImageTrainConfig(mode="linear", image_size=32, folds=2, epochs=3, bootstrap=100, subgroups="sex,age,view",
+                           label_sources="abnormal_folder,finding_labels", prevalence=0.05)
+    report = run_train_image(manifest, out_dir=tmp_path / "run", config=cfg, progress=False)
+    audit = report.metrics["audit"]
+    assert audit["duplicates"]["pairs"] == [] and audit["duplicates"]["leaks"] == []  # measured: none at 0.99
+    lab = audit["label_sources"]
+    assert lab["n"] == 1000 and {c["id"] for c in lab["conflicts"]} >= {"00000193_019"}  # folder 0 but "Pneumonia"
+    ev = audit["evaluation"]
+    assert ev["set"] == "ensemble test"
+    test_n = report.metrics["ensemble_test"]["n"]
+    for col in ("sex", "age", "view"):
+        groups = ev["subgroups"][col]["groups"]
+        assert sum(g["n"] for g in groups) == test_n, col
+    assert ev["subgroups"]["age"]["bands"] and ev["subgroups"]["sex"]["bands"] is None
+    assert {g["group"] for g in ev["subgroups"]["view"]["groups"]} <= {"PA", "AP"}
+    conf = report.metrics["ensemble_test"]["confusion"]
+    assert len(ev["errors"]["false_negatives"]) == conf[1][0] and len(ev["errors"]["false_positives"]) == conf[0][1]
+    assert ev["operating_points"]["at_prevalence"]["prevalence"] == 0.05
+    run = tmp_path / "run"
+    errors = list(csv.DictReader(open(run / "errors.csv")))
+    assert len(errors) == conf[1][0] + conf[0][1] and {r["kind"] for r in errors} <= {"FN", "FP"}
+    gallery = Image.open(run / "gallery.png")
+    assert gallery.size[0] > 400 and np.asarray(gallery).std() > 10  # pictures drawn, not a blank canvas
+    md = (run / "report.md").read_text()
+    assert "## Audit" in md and "Subgroups by `age`" in md and "banded by quartiles" in md
+    assert "00000193_019" in md and "sensitivity at specificity 0.90" in md and "gallery.png" in md
+    (tmp_path / "nih_audit.json").write_text(json.dumps(audit, indent=1, default=str))
+
+
+def test_planted_duplicates_across_splits_are_refused_then_merged(tmp_path: Path) -> None:
+    """Copies of NIH images (brightness changed, re-encoded, resized) under other patients:
+    refused before training, then kept together as one patient with --duplicates merge."""
+    from wsi_mil.commands.train_image import run_train_image
+
+    rows = _rows()[:240]
+    extra = []
+    for k, r in enumerate(rows[:8]):
+        a = np.asarray(Image.open(NIH / r["path"]).convert("L"), dtype=np.float32) * 0.85 + 15
+        p = tmp_path / f"copy{k}.jpg"
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).resize((80, 80)).save(p, quality=85)
+        extra.append((str(p), f"other{k}", r))
+    manifest = _manifest(tmp_path, rows, extra)
+    cfg = dict(mode="linear", image_size=32, folds=2, epochs=2, bootstrap=50)
+    with pytest.raises(DuplicateLeakError, match=r"(?s)near-duplicate image pair\(s\) of different patients.*--duplicates merge"):
+        run_train_image(manifest, out_dir=tmp_path / "refused", config=ImageTrainConfig(**cfg), progress=False)
+    assert not (tmp_path / "refused" / "models").exists()  # stopped before any training
+    report = run_train_image(manifest, out_dir=tmp_path / "merged", config=ImageTrainConfig(**cfg, duplicates="merge"),
+                             progress=False)
+    dup = report.metrics["audit"]["duplicates"]
+    found = {(p["a"], p["b"]) for p in dup["pairs"]}
+    for k, r in enumerate(rows[:8]):
+        assert (Path(r["path"]).stem, f"copy{k}") in found
+    assert dup["leaks"] == [] and len(dup["merged"]) >= 8
+    splits = json.loads((tmp_path / "merged" / "splits.json").read_text())
+    test = set(splits["test"])
+    for k, r in enumerate(rows[:8]):  # each copy sits in the same set as its original
+        assert (Path(r["path"]).stem in test) == (f"copy{k}" in test)
+
+
+def test_duplicated_slide_features_are_refused(tmp_path: Path) -> None:
+    """A slide's feature store copied under another slide and patient (and a second one
+    with its embeddings slightly perturbed): train-mil stops before training and names them."""
+    import h5py
+
+    from wsi_mil.data.mil_import import import_classic
+
+    manifest = import_classic("musk1", shared("mil"), tmp_path / "musk")
+    feats = tmp_path / "musk" / "features"
+    rows = list(csv.DictReader(open(manifest)))
+    with open(manifest, "a", newline="") as fh:
+        w = csv.writer(fh)
+        for src, new, noise in ((rows[3], "dup-exact", 0.0), (rows[60], "dup-near", 1e-3)):
+            shutil.copy(feats / f"{src['slide_id']}.h5", feats / f"{new}.h5")
+            with h5py.File(feats / f"{new}.h5", "r+") as f:
+                f.attrs["slide_id"] = new
+                if noise:
+                    x = f["features"][...]
+                    f["features"][...] = x + np.random.default_rng(0).normal(0, noise, x.shape).astype(x.dtype)
+            w.writerow([new, str(feats / f"{new}.h5"), f"patient-{new}", src["label"]])
+    res = subprocess.run(WSI_MIL + ["train-mil", str(manifest), "--features", str(feats), "--out", str(tmp_path / "run"),
+                                    "--folds", "3", "--epochs", "2", "--no-progress", "-q"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "near-duplicate slide pair(s)" in res.stderr and "dup-exact" in res.stderr and "--duplicates merge" in res.stderr
+    assert not (tmp_path / "run" / "models").exists()

@@ -1,0 +1,286 @@
+"""The audit every trainer runs (and ``wsi-mil audit`` runs alone): duplicates and label
+sources before training, subgroups, operating points and the error gallery after it.
+
+Everything is modality-blind: samples are slides (``Bag``: patch embeddings), images or
+volumes (``ImageSample``: pixels); predictions are the rows of ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: errors shown in the gallery per kind (all are listed in errors.csv and the report)
+GALLERY_MAX = 12
+
+
+class DuplicateLeakError(ConfigError):
+    """Near-duplicate samples of different patients would land in different sets."""
+
+
+# ---- before training ---------------------------------------------------------------------
+def duplicate_audit(samples: list[Any]) -> dict[str, Any]:
+    """Near-duplicate pairs among ``samples`` (and duplicated patches inside slides)."""
+    from wsi_mil.data.duplicates import picture_signature, signature_pairs, slide_pairs, volume_signature
+
+    ids = [s.slide_id for s in samples]
+    patients = [str(s.patient_id) for s in samples]
+    if not samples:
+        return {"method": "none", "pairs": [], "within": {}}
+    if hasattr(samples[0], "load") and hasattr(samples[0], "store"):  # slides: patch embeddings
+        pairs, within = slide_pairs(ids, patients, lambda i: samples[i].load()[0])
+        method = ("patch embeddings: 128 patches sampled per slide, candidates by 64 random-hyperplane sign bits; a pair "
+                  "when at least half of each slide's sampled patches have a patch in the other at cosine >= 0.99")
+    else:
+        sigs = []
+        for s in samples:
+            pixels = np.asarray(s.load())
+            sigs.append(volume_signature(pixels) if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4) else
+                        picture_signature(pixels))
+        pairs, within = signature_pairs(ids, patients, sigs), {}
+        method = ("perceptual signature: the picture (a volume: its three mean projections) shrunk to 32x32 grey "
+                  "pixels and normalised; a pair when two signatures correlate at 0.99 or more")
+    return {"method": method, "pairs": pairs, "within": within}
+
+
+def apply_duplicate_policy(samples: list[Any], found: dict[str, Any], policy: str) -> dict[str, Any]:
+    """With ``merge``, give every duplicate group one patient id (before the splits are made)."""
+    from wsi_mil.data.duplicates import merge_patients
+
+    record: dict[str, Any] = {"policy": policy, "method": found["method"],
+                              "pairs": [p.to_dict() for p in found["pairs"]],
+                              "within_slide": found["within"], "merged": {}}
+    if policy == "merge" and found["pairs"]:
+        mapping = merge_patients(found["pairs"], {s.slide_id: str(s.patient_id) for s in samples})
+        for s in samples:
+            if mapping[s.slide_id] != str(s.patient_id):
+                record["merged"][s.slide_id] = {"from": str(s.patient_id), "to": mapping[s.slide_id]}
+                s.patient_id = mapping[s.slide_id]
+    return record
+
+
+def check_leaks(found: dict[str, Any], plan: Any, policy: str, unit: str) -> list[dict[str, Any]]:
+    """The duplicate pairs that cross sets; raises :class:`DuplicateLeakError` unless
+    ``policy`` is ``allow``."""
+    from wsi_mil.data.duplicates import leaking_pairs
+
+    sets = []
+    for fold in plan.folds:
+        where = {s: "train" for s in fold.train}
+        where.update({s: "validation" for s in fold.val})
+        where.update({s: "test" for s in plan.test})
+        sets.append(where)
+    leaks = leaking_pairs(found["pairs"], sets)
+    if leaks and policy != "allow":
+        listing = "\n  ".join(f"{x['a']} (patient {x['patient_a']}, {x['set_a']}) ~ {x['b']} (patient {x['patient_b']}, "
+                              f"{x['set_b']}): {x['kind']} duplicate" for x in leaks[:15])
+        fix = ("run again with --duplicates merge to treat each duplicate group as one patient (the splits then keep "
+               "them together)" if plan.source != "manifest" else
+               "the manifest's split column puts them apart: put each pair in one set (or give them one patient_id)")
+        raise DuplicateLeakError(
+            f"{len(leaks)} near-duplicate {unit} pair(s) of different patients cross train / validation / test — the "
+            f"same leak as a patient in two sets:\n  {listing}\nTo fix: {fix}; or --duplicates allow to train anyway "
+            "(recorded in the report)")
+    return leaks
+
+
+def label_source_audit(ids: list[str], columns: dict[str, dict[str, str]], sources: str | None) -> dict[str, Any] | None:
+    """Disagreements between two label-source columns named ``a,b`` (None without)."""
+    from wsi_mil.data.duplicates import label_conflicts
+
+    if not sources:
+        return None
+    names = [c.strip() for c in sources.split(",") if c.strip()]
+    if len(names) != 2:
+        raise ConfigError(f"--label-sources needs two column names separated by a comma, got {sources!r}")
+    have = set().union(*(set(v) for v in columns.values())) if columns else set()
+    absent = [c for c in names if c not in have]
+    if absent:
+        raise ConfigError(f"--label-sources: column(s) {absent} not in the manifest; it has {sorted(have)[:20]}")
+    first = [columns.get(i, {}).get(names[0], "") for i in ids]
+    second = [columns.get(i, {}).get(names[1], "") for i in ids]
+    out = label_conflicts(ids, first, second, names=(names[0], names[1]))
+    if out["n_conflicts"]:
+        logger.warning("%d of %d %s label(s) disagree between %s and %s (listed in report.md)", out["n_conflicts"],
+                       out["n"], "row", names[0], names[1])
+    return out
+
+
+# ---- after evaluation --------------------------------------------------------------------
+def subgroup_columns(ids: list[str], columns: dict[str, dict[str, str]], names: str | None) -> dict[str, list[str]]:
+    """Values of the ``--subgroups`` columns for ``ids`` (a missing column is an error)."""
+    if not names:
+        return {}
+    wanted = [c.strip() for c in names.split(",") if c.strip()]
+    have = set().union(*(set(v) for v in columns.values())) if columns else set()
+    absent = [c for c in wanted if c not in have]
+    if absent:
+        raise ConfigError(f"--subgroups: column(s) {absent} not in the manifest; it has {sorted(have)[:30]}")
+    return {c: [columns.get(i, {}).get(c, "") for i in ids] for c in wanted}
+
+
+def prediction_audit(ids: list[str], patients: list[str], y: np.ndarray, p: np.ndarray, thr: Any, *,
+                     set_name: str, columns: dict[str, dict[str, str]], subgroups: str | None,
+                     prevalence: float | None, n_boot: int, seed: int, links: list[str | None] | None = None) -> dict[str, Any]:
+    """Subgroups, operating points and errors of one set of binary predictions."""
+    from wsi_mil.eval.audit import error_cases, operating_points, subgroup_report
+
+    known = ~np.isnan(y)
+    ids = [i for i, k in zip(ids, known, strict=True) if k]
+    patients = [q for q, k in zip(patients, known, strict=True) if k]
+    links = [x for x, k in zip(links or [None] * len(known), known, strict=True) if k]
+    y, p = y[known].astype(int), p[known]
+    thr = np.broadcast_to(np.asarray(thr, dtype=float), known.shape)[known]
+    out: dict[str, Any] = {"set": set_name, "n": len(y)}
+    cols = subgroup_columns(ids, columns, subgroups)
+    if cols:
+        out["subgroups"] = subgroup_report(y, p, thr, cols, n_boot=n_boot, seed=seed)
+    out["operating_points"] = operating_points(y, p, thr, prevalence=prevalence, n_boot=n_boot, seed=seed)
+    out["errors"] = error_cases(ids, patients, y, p, thr, links=links)
+    return out
+
+
+def write_audit_files(out_dir: Path, audit: dict[str, Any], picture: Any = None) -> None:
+    """errors.csv and (with ``picture``: id -> 2-D/RGB array or None) gallery.png."""
+    from wsi_mil.io.atomic import write_csv
+
+    post = audit.get("evaluation")
+    if not post:
+        return
+    e = post["errors"]
+    rows = [{k: v for k, v in c.items()} for c in e["false_negatives"] + e["false_positives"]]
+    write_csv(out_dir / "errors.csv", rows or [{"id": "", "patient_id": "", "label": "", "probability": "",
+                                                 "threshold": "", "kind": "", "link": ""}])
+    if picture is not None:
+        try:
+            gallery_png(out_dir / "gallery.png", e, picture, title=f"errors on the {post['set']}")
+            post["gallery"] = "gallery.png"
+        except Exception as exc:  # noqa: BLE001 - a picture that cannot be drawn must not lose the run
+            logger.warning("could not draw the error gallery (%s); errors.csv lists every error", exc)
+
+
+def gallery_png(path: Path, errors: dict[str, Any], picture: Any, *, title: str, tile: int = 128) -> Path:
+    """Rows of tiles: false negatives beside confident true positives, false positives
+    beside confident true negatives; each tile captioned with id and probability."""
+    from PIL import Image, ImageDraw
+
+    from wsi_mil.io.atomic import atomic_path
+
+    fn, fp = errors["false_negatives"], errors["false_positives"]
+    rows = [(f"false negatives (positive, missed): {len(fn)}", fn[:GALLERY_MAX], (200, 40, 40)),
+            ("most confident true positives", errors["confident_true_positives"], (40, 140, 40)),
+            (f"false positives (negative, flagged): {len(fp)}", fp[:GALLERY_MAX], (200, 120, 0)),
+            ("most confident true negatives", errors["confident_true_negatives"], (40, 140, 40))]
+    cols = max(4, max(len(r[1]) for r in rows))
+    cap, head = 28, 18
+    canvas = Image.new("RGB", (cols * (tile + 4) + 4, 22 + len(rows) * (head + tile + cap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill=(0, 0, 0))
+    y = 22
+    for label, cases, colour in rows:
+        more = f" (the {GALLERY_MAX} most confident shown; all in errors.csv)" if label.startswith("false") and \
+            int(label.rsplit(": ", 1)[1]) > GALLERY_MAX else ""
+        draw.text((4, y + 3), f"{label}{more}", fill=colour)
+        y += head
+        for k, c in enumerate(cases):
+            x = 4 + k * (tile + 4)
+            img = picture(c["id"])
+            if img is not None:
+                a = np.asarray(img, dtype=np.float32)
+                if a.max() > 1.5:
+                    a = a / 255.0
+                a = (np.clip(a, 0, 1) * 255).astype(np.uint8)
+                pic = Image.fromarray(a).convert("RGB")
+                scale = tile / max(pic.size)  # fit the tile, up or down
+                pic = pic.resize((max(1, round(pic.size[0] * scale)), max(1, round(pic.size[1] * scale))),
+                                 Image.Resampling.LANCZOS)
+                canvas.paste(pic, (x, y))
+            draw.rectangle([x - 1, y - 1, x + tile, y + tile], outline=colour, width=2)
+            draw.text((x, y + tile + 2), f"{c['id'][:20]}", fill=(0, 0, 0))
+            draw.text((x, y + tile + 14), f"p={c['probability']:.3f} pt {str(c['patient_id'])[:8]}", fill=(60, 60, 60))
+        y += tile + cap
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+# ---- report ------------------------------------------------------------------------------
+def _f(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _ci(c: Any) -> str:
+    return "" if not c else f" ({c[0]:.2f}–{c[1]:.2f})"
+
+
+def audit_markdown(audit: dict[str, Any], unit: str = "slide") -> list[str]:
+    """The audit section of report.md."""
+    lines = ["", "## Audit", ""]
+    dup = audit.get("duplicates")
+    if dup is not None:
+        pairs, leaks = dup["pairs"], dup.get("leaks", [])
+        lines += [f"Near-duplicate {unit}s ({dup['method']}): {len(pairs)} pair(s); "
+                  f"{len(leaks)} cross train / validation / test under different patients (policy: {dup['policy']})."]
+        for x in (leaks or pairs)[:20]:
+            lines.append(f"- {x['a']} (patient {x['patient_a']}) ~ {x['b']} (patient {x['patient_b']}): {x['kind']}, "
+                         f"distance {x['distance']}" + (f", {x['set_a']} / {x['set_b']}" if "set_a" in x else ""))
+        if dup.get("merged"):
+            lines.append(f"- merged into one patient: {len(dup['merged'])} {unit}(s) (see metrics.json audit.duplicates.merged)")
+        within = dup.get("within_slide") or {}
+        if within:
+            total = sum(v["n_patches_duplicated"] for v in within.values())
+            lines.append(f"- duplicated patches inside slides (embedding cosine >= 0.999): {total} in {len(within)} slide(s): "
+                         + ", ".join(f"{k} {v['n_patches_duplicated']}/{v['n_patches']}" for k, v in list(within.items())[:10]))
+        lines.append("")
+    lab = audit.get("label_sources")
+    if lab:
+        lines.append(f"Label sources {lab['sources'][0]} vs {lab['sources'][1]}: {lab['n_conflicts']} of {lab['n']} "
+                     f"disagree ({lab['rule']}).")
+        lines += [f"- {c['id']}: {lab['sources'][0]} = {c[lab['sources'][0]]!r}, {lab['sources'][1]} = {c[lab['sources'][1]]!r}"
+                  for c in lab["conflicts"][:20]]
+        lines.append("")
+    post = audit.get("evaluation")
+    if not post:
+        return lines
+    lines += [f"Evaluated set: {post['set']} ({post['n']} {unit}s with a label).", ""]
+    for col, rep in (post.get("subgroups") or {}).items():
+        lines.append(f"### Subgroups by `{col}`" + (f" — {rep['bands']}" if rep["bands"] else ""))
+        lines += ["", "| group | n | positive | negative | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | note |",
+                  "|---|---:|---:|---:|---|---|---|---|"]
+        for g in rep["groups"]:
+            lines.append(f"| {g['group']} | {g['n']} | {g['n_positive']} | {g['n_negative']} | {_f(g['auc'])}{_ci(g['auc_ci95'])} "
+                         f"| {_f(g['sensitivity'])}{_ci(g['sensitivity_ci95'])} | {_f(g['specificity'])}{_ci(g['specificity_ci95'])} "
+                         f"| {g.get('warning') or g.get('auc_ci_note') or ''} |")
+        gap = rep["largest_gap"]
+        parts = [f"{m} {gap[m]['gap']:.3f} ({gap[m]['lowest']} {gap[m]['lowest_value']:.3f} vs {gap[m]['highest']} "
+                 f"{gap[m]['highest_value']:.3f})" for m in ("auc", "sensitivity", "specificity") if gap.get(m)]
+        lines += ["", "Largest gap between subgroups large enough to judge: " + ("; ".join(parts) if parts else
+                  f"none to state ({gap['groups_judged']} subgroup(s) large enough)") + ".", ""]
+    op = post["operating_points"]
+    lines += ["### Operating points", "", f"({op['note']}.)", ""]
+    for r in op["sensitivity_at_specificity"]:
+        lines.append(f"- sensitivity at specificity {r['specificity']:.2f}: {_f(r['sensitivity'])}{_ci(r['ci95'])}")
+    for r in op["specificity_at_sensitivity"]:
+        lines.append(f"- specificity at sensitivity {r['sensitivity']:.2f}: {_f(r['specificity'])}{_ci(r['ci95'])}")
+    if "at_prevalence" in op:
+        a = op["at_prevalence"]
+        lines.append(f"- at a deployment prevalence of {a['prevalence']:.3f}: PPV {_f(a['ppv'])}{_ci(a['ppv_ci95'])}, "
+                     f"NPV {_f(a['npv'])}{_ci(a['npv_ci95'])} ({a['note']})")
+    e = post["errors"]
+    lines += ["", f"### Errors at the threshold: {len(e['false_negatives'])} false negative(s), "
+              f"{len(e['false_positives'])} false positive(s)", "",
+              "| kind | id | patient | probability | threshold | heatmap / picture |", "|---|---|---|---:|---:|---|"]
+    for c in e["false_negatives"] + e["false_positives"]:
+        link = f"[{Path(c['link']).name}]({c['link']})" if c.get("link") else "–"
+        lines.append(f"| {c['kind']} | {c['id']} | {c['patient_id']} | {c['probability']:.3f} | {c['threshold']:.3f} | {link} |")
+    if post.get("gallery"):
+        lines += ["", "![errors beside confident correct cases](gallery.png)"]
+    lines.append("")
+    return lines

@@ -278,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--overwrite", action="store_true", help="redraw slides already drawn with the same settings")
     _add_output_options(hm)
 
+    au = sub.add_parser(
+        "audit", help="audit a finished run: subgroups, operating points, every error, duplicates, label sources",
+        description="The audit train-mil / train-image / train-volume run, alone on a finished run folder: per-subgroup "
+                    "AUC, sensitivity and specificity with CIs (--subgroups; numeric columns banded by quartiles, small "
+                    "subgroups flagged, the largest gap stated), sensitivity at fixed specificity and the reverse, PPV / "
+                    "NPV at --prevalence, every false negative and false positive with its probability, patient and "
+                    "heatmap (errors.csv, gallery.png), near-duplicate images (or slides, with --features) across the "
+                    "run's splits, and disagreeing label sources (--label-sources). Writes RUN/audit/ (or --out): "
+                    "audit.json, report.md, errors.csv, gallery.png. Exit status: 0 done; 2 bad options or inputs.",
+        formatter_class=_DefaultsFormatter,
+    )
+    au.add_argument("run", type=Path, help="output folder of train-mil, train-image or train-volume")
+    au.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on (its columns give the subgroups)")
+    au.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/audit)")
+    au.add_argument("--subgroups", default=None, help="manifest columns, comma-separated (e.g. sex,age,view,site)")
+    au.add_argument("--prevalence", type=float, default=None, help="deployment prevalence for PPV / NPV (e.g. 0.02)")
+    au.add_argument("--label-sources", default=None, help="two manifest columns with labels from different sources, a,b")
+    au.add_argument("--features", type=Path, default=None, help="features/ folder of the run's slides (near-duplicate slides)")
+    au.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    _add_output_options(au)
+
     rv = sub.add_parser(
         "review", help="local web page to review a run's attention over the slides (127.0.0.1)",
         description="Serve a review page: each slide in a deep-zoom viewer (tiles cut by OpenSlide from the "
@@ -582,6 +603,32 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.audit import run_audit
+    from wsi_mil.errors import ConfigError
+
+    _setup_logging(args.verbose)
+    if args.prevalence is not None and not 0 < args.prevalence < 1:
+        raise ConfigError("--prevalence must be in (0, 1)")
+    audit = run_audit(args.run, args.manifest, out_dir=args.out, subgroups=args.subgroups, prevalence=args.prevalence,
+                      label_sources=args.label_sources, features=args.features, n_boot=args.bootstrap)
+    ev = audit["evaluation"]
+    e = ev["errors"]
+    print(f"audit of {args.run} ({ev['set']}, {ev['n']} labelled): {len(e['false_negatives'])} false negative(s), "
+          f"{len(e['false_positives'])} false positive(s)")
+    if audit.get("duplicates"):
+        d = audit["duplicates"]
+        print(f"near-duplicates: {len(d['pairs'])} pair(s), {len(d['leaks'])} across sets under different patients")
+    if audit.get("label_sources"):
+        print(f"label sources disagree on {audit['label_sources']['n_conflicts']} row(s)")
+    for col, rep in (ev.get("subgroups") or {}).items():
+        gap = rep["largest_gap"].get("auc")
+        print(f"subgroups by {col}: {len(rep['groups'])}" + (f"; largest AUC gap {gap['gap']:.3f} ({gap['lowest']} vs "
+                                                              f"{gap['highest']})" if gap else ""))
+    print(f"report: {(args.out or args.run / 'audit') / 'report.md'}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
@@ -599,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "train-mil": _cmd_train, "predict": _cmd_predict,
                 "train-image": _cmd_train_image, "predict-image": _cmd_predict_image,
                 "train-volume": _cmd_train_volume, "predict-volume": _cmd_predict_volume,
-                "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo}
+                "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo, "audit": _cmd_audit}
     try:
         return commands[args.command](args)
     except WsiMilError as exc:

@@ -122,7 +122,21 @@ def test_audit_of_the_nih_sample(tmp_path: Path) -> None:
     md = (run / "report.md").read_text()
     assert "## Audit" in md and "Subgroups by `age`" in md and "banded by quartiles" in md
     assert "00000193_019" in md and "sensitivity at specificity 0.90" in md and "gallery.png" in md
-    (tmp_path / "nih_audit.json").write_text(json.dumps(audit, indent=1, default=str))
+    # the same audit alone, as a verb, from another working directory
+    res = subprocess.run(WSI_MIL + ["audit", str(run), "--manifest", str(manifest), "--subgroups", "sex,view",
+                                    "--label-sources", "abnormal_folder,finding_labels", "--bootstrap", "100"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    alone = json.loads((run / "audit" / "audit.json").read_text())
+    assert [c["id"] for c in alone["evaluation"]["errors"]["false_negatives"]] == [c["id"] for c in ev["errors"]["false_negatives"]]
+    for g, h in zip(alone["evaluation"]["subgroups"]["sex"]["groups"], ev["subgroups"]["sex"]["groups"], strict=True):
+        assert (g["group"], g["tp"], g["fn"], g["tn"], g["fp"]) == (h["group"], h["tp"], h["fn"], h["tn"], h["fp"])
+        assert g["auc"] == pytest.approx(h["auc"], abs=2e-3)  # predictions.csv keeps 6 decimals
+    assert alone["label_sources"]["n_conflicts"] == lab["n_conflicts"] and alone["duplicates"]["pairs"] == []
+    assert (run / "audit" / "gallery.png").exists() and "## Audit" in (run / "audit" / "report.md").read_text()
+    bad = subprocess.run(WSI_MIL + ["audit", str(run), "--manifest", str(manifest), "--subgroups", "ethnicity"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "ethnicity" in bad.stderr and "sex" in bad.stderr  # names what the manifest has
 
 
 def test_planted_duplicates_across_splits_are_refused_then_merged(tmp_path: Path) -> None:

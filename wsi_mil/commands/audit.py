@@ -1,0 +1,156 @@
+"""`wsi-mil audit`: the trainers' audit, run alone on a finished run folder.
+
+Reads the run's predictions.csv, metrics.json and splits.json and a manifest (for the
+subgroup and label-source columns, and the images' paths), and writes ``audit/``:
+audit.json, report.md, errors.csv and gallery.png. Duplicates are looked for among the
+manifest's images (their pixels) or, with ``--features``, the slides' feature stores, and
+checked against the run's own splits (reported; nothing is refused after the fact).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError, ManifestError
+from wsi_mil.io.atomic import write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+
+def manifest_rows(path: Path) -> dict[str, dict[str, str]]:
+    """id -> row of a slide or image manifest (id: slide_id, image_id, or the stem of path)."""
+    from wsi_mil.data.images import _image_id
+
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if not ln.lstrip().startswith("#")]
+        rows = list(csv.DictReader(lines))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc}); it must be a UTF-8 CSV") from exc
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        r = {(k or "").strip(): (v or "").strip() for k, v in r.items()}
+        sid = r.get("slide_id") or r.get("image_id") or (_image_id(r["path"]) if r.get("path") else "")
+        if sid:
+            out[sid] = r
+    if not out:
+        raise ManifestError(f"{path}: no rows with a slide_id, image_id or path")
+    return out
+
+
+class _Picture:
+    """A sample the duplicate audit and the gallery can load (an image file, or a slide's feature store)."""
+
+    def __init__(self, sid: str, patient: str, path: Path | None, store: Path | None) -> None:
+        self.slide_id, self.patient_id, self.path, self.store_path = sid, patient, path, store
+
+    def load(self) -> Any:
+        from wsi_mil.data.images import read_image
+
+        if self.path is None:
+            raise ConfigError(f"{self.slide_id}: no picture")
+        return read_image(self.path)
+
+
+def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgroups: str | None = None,
+              prevalence: float | None = None, label_sources: str | None = None, features: Path | None = None,
+              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Audit a finished run (see the module docstring); returns the audit dict."""
+    from wsi_mil.data.duplicates import leaking_pairs
+    from wsi_mil.eval.audit_run import (
+        audit_markdown,
+        duplicate_audit,
+        label_source_audit,
+        prediction_audit,
+        write_audit_files,
+    )
+
+    for name in ("metrics.json", "predictions.csv", "splits.json"):
+        if not (run / name).exists():
+            raise ConfigError(f"{run} is not a finished run of train-mil / train-image / train-volume (no {name})")
+    metrics = json.loads((run / "metrics.json").read_text())
+    task, unit = metrics["task"], metrics.get("unit", "slide")
+    if task["kind"] != "binary":
+        raise ConfigError(f"the audit's subgroups, operating points and errors need a binary task; this run is {task['kind']}")
+    with open(run / "predictions.csv", newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    key = f"{unit}_id"
+    ens = [r for r in preds if r["fold"] == "ensemble"]
+    rows, set_name = (ens, "ensemble test") if ens else ([r for r in preds if r["split"] == "val"], "pooled out-of-fold validation")
+    positive, out_name = task["classes"][1], task["outputs"][0]
+    if ens:
+        thr: Any = float(metrics["ensemble_test"]["threshold"])
+    else:
+        by_fold = {str(f["fold"]): f["thresholds"][0] for f in metrics["folds"]}
+        thr = np.array([by_fold[r["fold"]] for r in rows], dtype=float)
+    y = np.array([np.nan if r["label"] == "" else float(r["label"] == positive) for r in rows])
+    p = np.array([float(r[f"prob_{out_name}"]) for r in rows])
+    ids = [r[key] for r in rows]
+    columns = manifest_rows(manifest)
+    missing = [i for i in ids if i not in columns]
+    if missing:
+        raise ManifestError(f"{manifest} lacks {len(missing)} of the run's {unit}(s) ({', '.join(missing[:5])}): give the "
+                            "manifest the run was trained on")
+    links = []
+    for r in rows:
+        rel = Path("attention") / ("ensemble" if r["fold"] == "ensemble" else f"fold{r['fold']}") / f"{r[key]}.h5"
+        links.append(str(Path("..") / rel) if (run / rel).exists() else None)
+    audit: dict[str, Any] = {"run": str(run.resolve()), "manifest": str(manifest.resolve())}
+    all_ids = sorted(columns)
+    audit["label_sources"] = label_source_audit(all_ids, columns, label_sources)
+    samples = _samples(columns, manifest, features, unit)
+    if samples:
+        found = duplicate_audit(samples)
+        splits = json.loads((run / "splits.json").read_text())
+        sets = []
+        for f in splits["folds"]:
+            where = {s: "train" for s in f["train"]}
+            where.update({s: "validation" for s in f["val"]})
+            where.update({s: "test" for s in splits["test"]})
+            sets.append(where)
+        audit["duplicates"] = {"policy": "report (run alone)", "method": found["method"],
+                               "pairs": [x.to_dict() for x in found["pairs"]], "within_slide": found["within"],
+                               "leaks": leaking_pairs(found["pairs"], sets)}
+    audit["evaluation"] = prediction_audit(ids, [r["patient_id"] for r in rows], y, p, thr, set_name=set_name,
+                                           columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot,
+                                           seed=seed, links=links)
+    out = out_dir or run / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    by_id = {s.slide_id: s for s in samples}
+    write_audit_files(out, audit, (lambda sid: _picture(by_id.get(sid))) if samples else None)
+    write_json(out / "audit.json", audit)
+    write_text(out / "report.md", "\n".join([f"# Audit of {run.name}", ""] + audit_markdown(audit, unit)))
+    return audit
+
+
+def _picture(sample: Any) -> Any:
+    from wsi_mil.train.runner import sample_picture
+
+    return sample_picture(sample) if sample is not None and getattr(sample, "path", None) else None
+
+
+def _samples(columns: dict[str, dict[str, str]], manifest: Path, features: Path | None, unit: str) -> list[Any]:
+    """Images with readable paths, or (with ``features``) slides with feature stores."""
+    if features is not None:
+        from wsi_mil.data.bags import Bag
+
+        bags = []
+        for sid, r in columns.items():
+            store = next((features / f"{sid}{ext}" for ext in (".h5", ".zarr") if (features / f"{sid}{ext}").exists()), None)
+            if store is not None:
+                bags.append(Bag(sid, r.get("patient_id") or sid, np.zeros(1, np.float32), store))
+        return bags
+    out = []
+    for sid, r in columns.items():
+        rel = r.get("path") or r.get("image")
+        if not rel or unit == "slide":
+            continue
+        path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
+        if path.is_file():
+            out.append(_Picture(sid, r.get("patient_id") or sid, path, None))
+    return out

@@ -23,7 +23,11 @@ def test_valid_manifest_resolves_relative_paths(tmp_path, cmu_slide) -> None:
 
 @pytest.mark.parametrize("text, match", [
     ("slide_id,path\na,x.svs\na,y.svs\n", r"duplicate slide_id.*\['a'\]"),
-    ("slide_id,path,patientid\na,x.svs,p\n", r"unknown column.*patientid"),
+    ("slide_id,path,patientid\na,x.svs,p\n", r"misspelt.*'patientid' \(did you mean 'patient_id'\?\)"),
+    ("slide_id,path,Label\na,x.svs,1\n", r"misspelt.*'Label'"),
+    ("slide_id,path,lable\na,x.svs,1\n", r"misspelt.*'lable' \(did you mean 'label'\?\)"),
+    ("slide_id,path,labels\na,x.svs,1\n", r"misspelt.*'labels'"),
+    ("slide_id,path,slideid\na,x.svs,1\n", r"did you mean 'slide_id'"),
     ("slide,path\na,x.svs\n", r"missing required column.*slide_id"),
     ("slide_id,path,mpp\na,x.svs,-1\n", r"mpp '-1'"),
     ("slide_id,path\n../evil,x.svs\n", r"not file-name safe"),
@@ -32,6 +36,15 @@ def test_valid_manifest_resolves_relative_paths(tmp_path, cmu_slide) -> None:
 def test_malformed_manifests_are_refused_with_reason(tmp_path, text: str, match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         read_manifest(_write(tmp_path, text))
+
+
+def test_metadata_columns_are_kept_for_subgroups(tmp_path) -> None:
+    from wsi_mil.data.manifest import manifest_columns
+
+    path = _write(tmp_path, "slide_id,path,patient_id,label,site,scanner,age\na,x.svs,p1,1,B,GT450,61\n")
+    (e,) = read_manifest(path)
+    assert e.labels == {"label": "1"}  # metadata are not labels
+    assert manifest_columns(path)["a"]["site"] == "B" and manifest_columns(path)["a"]["age"] == "61"
 
 
 def test_missing_slide_file_is_not_fatal(tmp_path) -> None:

@@ -29,6 +29,12 @@ def server(attention_run, tmp_path_factory):
     heatmaps = tmp_path_factory.mktemp("review-heatmaps")
     run_heatmap([attention], out_dir=heatmaps, settings=HeatmapSettings(formats=("tiff", "geojson")),
                 slides_manifest=manifest, progress=False)
+    # the run's audit (metrics.json beside attention/): cmu-1 a missed positive, the tumour slide a confident hit
+    errors = {"false_negatives": [{"id": "cmu-1", "patient_id": "p1", "label": 1, "probability": 0.12, "kind": "FN"}],
+              "false_positives": [], "confident_true_negatives": [],
+              "confident_true_positives": [{"id": "tumour-slide", "patient_id": "p2", "label": 1, "probability": 0.91,
+                                            "kind": "TP"}]}
+    (attention.parent / "metrics.json").write_text(json.dumps({"audit": {"evaluation": {"errors": errors}}}))
     site = ReviewSite([attention], slides_manifest=manifest, heatmaps=heatmaps)
     srv = make_server(site, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -63,6 +69,8 @@ def test_serves_the_page_the_viewer_the_slides_and_their_tiles(server) -> None:
     assert get(srv, "/osd/openseadragon.min.js")[0] == 200 and get(srv, "/static/review.js")[0] == 200
     slides = json.loads(get(srv, "/api/slides")[1])["slides"]
     assert {s["slide_id"] for s in slides} == set(made)
+    outcome = {s["slide_id"]: (s["outcome"] or {}).get("kind") for s in slides}  # from the run's audit
+    assert outcome == {"cmu-1": "FN", "tumour-slide": "TP"}
     info = json.loads(get(srv, "/api/slide/tumour-slide")[1])
     coords, att, _ = made["tumour-slide"]
     assert (info["width"], info["height"]) == (4096, 3072) and info["n_patches"] == len(coords)
@@ -199,6 +207,16 @@ def test_review_page_in_headless_chromium(server) -> None:
         assert driver.find_element(By.ID, "call").text.startswith("NEGATIVE call: normal")
         assert driver.execute_script("return review.state.overlay.getOpacity()") < 0.25
         driver.save_screenshot(str(artifacts / "review-negative-slide.png"))
+        # the error filter: only the run's false negatives are listed and reviewed
+        driver.execute_script("const f = document.getElementById('filter'); f.value = 'FP';"
+                              "f.dispatchEvent(new Event('change'));")
+        assert driver.execute_script("return review.state.slides.length") == 0
+        assert "no slide of this kind" in driver.find_element(By.ID, "slide-select").text
+        driver.execute_script("const f = document.getElementById('filter'); f.value = 'FN';"
+                              "f.dispatchEvent(new Event('change'));")
+        _wait(driver, "return review.state.current === 'cmu-1' && review.state.slideLoaded")
+        assert driver.execute_script("return review.state.slides.map(s => s.slide_id)") == ["cmu-1"]
+        assert "[FN]" in driver.find_element(By.ID, "slide-select").text and "filter=FN" in driver.current_url
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

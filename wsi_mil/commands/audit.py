@@ -80,7 +80,8 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
     with open(run / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
     key = f"{unit}_id"
-    ens = [r for r in preds if r["fold"] == "ensemble"]
+    headline = (metrics.get("headline") or {}).get("set", "ensemble_test")
+    ens = [r for r in preds if r["fold"] == "ensemble"] if headline == "ensemble_test" else []  # the headline's set
     rows, set_name = (ens, "ensemble test") if ens else ([r for r in preds if r["split"] == "val"], "pooled out-of-fold validation")
     positive, out_name = task["classes"][1], task["outputs"][0]
     if ens:

@@ -23,6 +23,8 @@ from wsi_mil.logs import step_log
 logger = logging.getLogger(__name__)
 
 DEMO_SLIDES = 40
+#: two sites whose stains differ (site B: darker, bluer hematoxylin), for the audit's per-site table
+DEMO_SITES = {"A": (1.0, 1.0, 1.0), "B": (1.15, 1.1, 0.9)}
 DEMO_SIZE_PX = 5120
 DEMO_TUMOUR_UM = (300.0, 900.0)
 DEMO_PRESET = "easy"
@@ -57,7 +59,7 @@ def _demo_manifest(out_dir: Path, cohort_manifest: Path) -> Path:
     for row in rows:
         row["path"] = str((cohort_manifest.parent / row["path"]).resolve())
     rows.append({"slide_id": "cmu-1-small-region", "path": str(sample_path(NORMAL_SOURCE)),
-                 "patient_id": "cmu-1", "label": "0"})
+                 "patient_id": "cmu-1", "label": "0", "site": "cmu"})
     path = write_manifest(out_dir / "demo_manifest.csv", rows)
     # name the classes in the manifest itself, so reports, overlays and the review page say them
     from wsi_mil.io.atomic import write_text
@@ -73,7 +75,8 @@ def run_demo(*, out_dir: Path, workers: int, seed: int, progress: bool, n_slides
 
     print(f"[1/6] generating {n_slides} slides ({size_px} px, real H&E tissue, tumour in half) ...")
     cohort = make_cohort(out_dir / "slides", n_slides=n_slides, preset=DEMO_PRESET, positive_fraction=0.5, size_px=size_px,
-                         tumour_size_um=DEMO_TUMOUR_UM, tumour_regions=(1, 2), seed=seed, progress=progress)
+                         tumour_size_um=DEMO_TUMOUR_UM, tumour_regions=(1, 2), seed=seed, progress=progress,
+                         sites=DEMO_SITES)
     manifest = _demo_manifest(out_dir, cohort)
     print(f"[2/6] tiling {n_slides + 1} slides at 0.5 µm/px (20x), 256 px patches ...")
     tile_config = TileConfig()
@@ -118,7 +121,7 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     from wsi_mil.io.atomic import write_json
 
     config = TrainConfig(model="abmil", folds=4, test_fraction=0.25, epochs=30, patience=10, seed=seed,
-                         classes=CLASSES)
+                         classes=CLASSES, subgroups="site")
     print(f"\n[4/6] training attention MIL ({config.model}) on slide labels: patient-level held-out test set "
           f"+ {config.folds}-fold cross-validation ...")
     run_dir = out_dir / "train"

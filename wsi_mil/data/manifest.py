@@ -83,6 +83,19 @@ def manifest_classes(path: str | Path) -> list[str] | None:
     return [c.strip() for c in value.split(",")] if value else None
 
 
+def _meant(column: str) -> str | None:
+    """The known column a metadata column looks like a misspelling of (None when it does not):
+    a different case or spelling of slide_id / path / patient_id / mpp / split / label."""
+    import difflib
+
+    known = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, "label"]
+    low = column.lower()
+    if low in known or LABEL_PATTERN.match(low) or low.startswith("label"):
+        return low if low in known else "label" if low == "labels" or not LABEL_PATTERN.match(low) else column.lower()
+    close = difflib.get_close_matches(low.replace(" ", "_"), known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def manifest_columns(path: str | Path) -> dict[str, dict[str, str]]:
     """slide_id -> every column of its manifest row (for subgroups and label-source audits);
     the manifest is assumed already checked by :func:`read_manifest`."""
@@ -124,11 +137,16 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
             f"A manifest needs at least {' and '.join(repr(c) for c in required)} (see slides_manifest/README.md)."
         )
     unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS and not LABEL_PATTERN.match(c)]
-    if unknown:
+    misspelt = {c: _meant(c) for c in unknown if _meant(c)}
+    if misspelt:
         raise ManifestError(
-            f"{where}: unknown column(s) {unknown}. Allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)} "
-            "and label columns named 'label' or 'label_<name>'. Rename or remove them."
+            f"{where}: column(s) {list(misspelt)} look like misspelt " + ", ".join(
+                f"{c!r} (did you mean {m!r}?)" for c, m in misspelt.items())
+            + f". Allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}, label columns named 'label' or 'label_<name>', "
+            "and other metadata columns (site, sex, age ...: for --subgroups). Rename them."
         )
+    if unknown:
+        logger.info("%s: column(s) %s kept as metadata (usable with --subgroups / --label-sources)", where, unknown)
     if not rows:
         raise ManifestError(f"{where}: no slides listed. Add one row per slide.")
     if "patient_id" not in columns:

@@ -182,6 +182,7 @@ class ReviewSite:
             shown = "\n  ".join(self.problems[:3]) + (f"\n  ... and {len(self.problems) - 3} more slide(s)"
                                                       if len(self.problems) > 3 else "")
             raise ConfigError(f"no slide of the run can be reviewed ({len(self.problems)} slide(s)):\n  {shown}")
+        self.outcomes = run_outcomes(inputs)
         self.files = {**_file_table(STATIC_DIR, "/static/"), **_file_table(openseadragon_dir(), "/osd/")}
         self.files["/"] = STATIC_DIR / "index.html"
 
@@ -196,12 +197,34 @@ class ReviewSite:
             call = slide_call(a)
             out.append({"slide_id": sid, "prediction": a.get("prediction"), "model": a.get("model"),
                         "fold": a.get("fold"), "split": a.get("split"), "call": call,
+                        "outcome": self.outcomes.get(sid),
                         "probability": dict(zip(a.get("outputs") or [], a.get("probability") or [], strict=False))})
         return sorted(out, key=lambda d: (-(d["call"]["p"] if d["call"]["p"] is not None else -1), d["slide_id"]))
 
     def close(self) -> None:
         for s in self.slides.values():
             s.close()
+
+
+def run_outcomes(inputs: list[Path]) -> dict[str, dict[str, Any]]:
+    """slide_id -> {kind: FN | FP | TP | TN, label, probability} from the audit of the run
+    folder among ``inputs`` (its metrics.json, or that of the run above an attention folder):
+    every error, and the most confident correct slides of each class."""
+    out: dict[str, dict[str, Any]] = {}
+    for inp in inputs:
+        folder = inp if inp.is_dir() else inp.parent
+        for cand in (folder, folder.parent, folder.parent.parent):
+            metrics = cand / "metrics.json"
+            if metrics.is_file():
+                try:
+                    errors = json.loads(metrics.read_text()).get("audit", {}).get("evaluation", {}).get("errors", {})
+                except (OSError, ValueError):
+                    errors = {}
+                for cases in errors.values():
+                    for c in cases:
+                        out.setdefault(c["id"], {"kind": c["kind"], "label": c["label"], "probability": c["probability"]})
+                break
+    return out
 
 
 _DZI = re.compile(r"^/dzi/(?P<sid>[^/]+)\.dzi$")

@@ -76,15 +76,18 @@ def make_cohort(
     textures: tuple[Texture, Texture] | None = None,
     pool: TexturePool | None = None,
     progress: bool = False,
+    sites: dict[str, tuple[float, float, float]] | None = None,
 ) -> Path:
     """Generate ``n_slides`` slides, ``round(n_slides * positive_fraction)`` with tumour.
 
     ``preset`` (``PRESETS``) sets the style and the tumour sizes unless they are given.
     ``textures`` are the easy style's (normal, tumour); ``pool`` the hard style's sources.
+    ``sites`` (name -> stain gain, see ``SlideSpec.stain_gain``) spreads the slides of each
+    class over sites with their own stain, recorded in a ``site`` column.
     Slides already generated with the same spec are kept (the call is resumable).
 
     Returns:
-        Path of ``manifest.csv`` (slide_id, path, patient_id, label).
+        Path of ``manifest.csv`` (slide_id, path, patient_id, label[, site]).
     """
     from tqdm import tqdm
 
@@ -98,6 +101,12 @@ def make_cohort(
     positive = np.zeros(n_slides, dtype=bool)
     positive[rng.permutation(n_slides)[:n_pos]] = True
     width, height = (size_px, size_px) if isinstance(size_px, int) else size_px
+    # sites take turns within each class, so every site has positives and negatives
+    names = list(sites or {})
+    site_of: dict[int, str] = {}
+    for cls in (True, False):
+        for k, i in enumerate(np.flatnonzero(positive == cls)):
+            site_of[int(i)] = names[k % len(names)] if names else ""
     normal, tumour = (textures or default_textures()) if style == "easy" else (None, None)
     if style == "hard" and pool is None:
         pool = default_pool()
@@ -108,12 +117,16 @@ def make_cohort(
             width_px=width, height_px=height, mpp=mpp, seed=seed * 100_003 + i,
             tumour_regions=int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0,
             tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
+            stain_gain=tuple(sites[site_of[i]]) if sites else (1.0, 1.0, 1.0),  # type: ignore[arg-type]
         )
         path = out_dir / f"{slide_id}.tiff"
         if not _up_to_date(path, spec):
             write_slide(path, spec, normal=normal, tumour=tumour, pool=pool)
-        rows.append({"slide_id": slide_id, "path": path.name, "patient_id": f"patient-{seed:03d}-{i:04d}",
-                     "label": int(positive[i])})
+        row: dict[str, Any] = {"slide_id": slide_id, "path": path.name, "patient_id": f"patient-{seed:03d}-{i:04d}",
+                               "label": int(positive[i])}
+        if sites:
+            row["site"] = site_of[i]
+        rows.append(row)
     return write_manifest(out_dir / "manifest.csv", rows)
 
 

@@ -9,6 +9,8 @@ levels agree with each other. The ground-truth tumour mask is saved beside the s
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import logging
 from collections.abc import Iterator
@@ -51,6 +53,22 @@ class SlideSpec:
     #: comes; "hard": a mosaic of real sources, stain per slide, colour-matched tumour
     #: (``wsi_mil.synth.mosaic``).
     style: str = "easy"
+    #: a site's stain on top of the slide's own: per-channel scaling of (255 - value), so glass
+    #: stays white and stained tissue shifts colour (e.g. (1.3, 0.8, 1.1): redder, darker)
+    stain_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def site_stain(rgb: npt.NDArray[np.uint8], gain: tuple[float, float, float]) -> npt.NDArray[np.uint8]:
+    """A site's stain: each channel's (255 - value) scaled by ``gain``."""
+    if tuple(gain) == (1.0, 1.0, 1.0):
+        return rgb
+    g = np.asarray(gain, dtype=np.float32)
+    return np.clip(255 - (255 - rgb.astype(np.float32)) * g, 0, 255).astype(np.uint8)
+
+
+def _stained(tiles: Any, gain: tuple[float, float, float]) -> Any:
+    """:func:`site_stain` over the tiles a level is written from (as they are made)."""
+    return tiles if tuple(gain) == (1.0, 1.0, 1.0) else (site_stain(t, gain) for t in tiles)
 
 
 @dataclass
@@ -252,7 +270,8 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
             shape = (-(-spec.height_px // ds), -(-spec.width_px // ds), 3)
             px_per_cm = 1e4 / (spec.mpp * ds)
             tif.write(
-                _render_level(spec, tissue, tumour_field, normal_l, tumour_l, ds), shape=shape, dtype=np.uint8,
+                _stained(_render_level(spec, tissue, tumour_field, normal_l, tumour_l, ds), spec.stain_gain),
+                shape=shape, dtype=np.uint8,
                 tile=(TILE_PX, TILE_PX), photometric="rgb", compression="jpeg",
                 compressionargs={"level": spec.jpeg_quality}, subfiletype=0 if i == 0 else 1,
                 resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",

@@ -39,6 +39,21 @@ def patch_outlines(shape: tuple[int, int], coords_px: npt.NDArray[np.int64], *, 
     return out
 
 
+def qc_size(shape: tuple[int, int]) -> tuple[float, int, int]:
+    """(scale, width, height) of the QC drawing of a thumbnail of ``shape`` (h, w)."""
+    h, w = shape
+    scale = min(1.0, _MAX_SIDE / max(h, w)) if max(h, w) > _MAX_SIDE else max(1.0, min(4.0, 800 / max(h, w)))
+    return scale, max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+
+
+def qc_background(thumbnail: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The thumbnail at the QC drawing's size (needs no mask: can run while tissue is found)."""
+    from PIL import Image
+
+    _, out_w, out_h = qc_size(thumbnail.shape[:2])
+    return np.array(Image.fromarray(thumbnail).resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
 def write_qc_png(
     path: Path,
     *,
@@ -48,15 +63,14 @@ def write_qc_png(
     coords_px: npt.NDArray[np.int64],
     extent_level0_px: float,
     title: str,
+    background: npt.NDArray[np.uint8] | None = None,
 ) -> Path:
-    """Draw the QC PNG (tissue outline in green, kept patches in blue) and save it atomically."""
+    """Draw the QC PNG (tissue outline in green, kept patches in blue) and save it
+    atomically; ``background`` is :func:`qc_background` of the thumbnail when made already."""
     from PIL import Image, ImageDraw
 
-    h, w = mask.shape
-    scale = min(1.0, _MAX_SIDE / max(h, w)) if max(h, w) > _MAX_SIDE else max(1.0, min(4.0, 800 / max(h, w)))
-    out_w, out_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-    image = Image.fromarray(thumbnail).resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    rgb = np.array(image)
+    scale, out_w, out_h = qc_size(mask.shape)
+    rgb = qc_background(thumbnail) if background is None else background.copy()
     sx, sy = scale / thumb_downsample[0], scale / thumb_downsample[1]
     outline = patch_outlines((out_h, out_w), coords_px, extent=(extent_level0_px * sx, extent_level0_px * sy), scale=(sx, sy))
     rgb[outline] = (rgb[outline] * 0.22 + np.array([30, 60, 230]) * 0.78).astype(np.uint8)

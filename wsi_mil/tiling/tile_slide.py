@@ -27,7 +27,7 @@ from wsi_mil.io.slide import FINGERPRINT_METHOD, file_fingerprint, file_sha256, 
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
-from wsi_mil.tiling.qc import write_qc_png
+from wsi_mil.tiling.qc import qc_background, write_qc_png
 from wsi_mil.tiling.tissue import TissueReport, inspect_tissue, preload_imports
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
     t = time.perf_counter()
+    background = None
+    if qc_dir is not None and config.qc and pool is not None and getattr(pool, "_max_workers", 1) > 1:
+        background = pool.submit(qc_background, thumb)  # the QC's resize overlaps tissue detection's serial parts
     params = config.tissue_params()
     mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool)
     phases["tissue"] = time.perf_counter() - t
@@ -116,6 +119,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         qc_path = str(write_qc_png(
             qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
             coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
+            background=background.result() if background is not None else None,
         ))
     phases["qc"] = time.perf_counter() - t
     root_attrs = {

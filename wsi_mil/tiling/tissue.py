@@ -123,12 +123,15 @@ _preloading: list[threading.Thread] = []
 
 
 def preload_imports() -> None:
-    """Import scipy.ndimage on a background thread, once per process: its import takes
-    ~0.4 s (SciPy 1.17 rewrites every docstring), which overlaps the slide read this way
-    (OpenSlide's decoding releases the GIL) instead of adding to it."""
+    """Import scipy.ndimage (and h5py, for the store) on a background thread, once per
+    process: scipy.ndimage's import takes ~0.4 s (SciPy 1.17 rewrites every docstring),
+    which overlaps the slide read this way (OpenSlide's decoding releases the GIL)."""
     if not _preloading and "scipy.ndimage" not in sys.modules:
-        thread = threading.Thread(target=importlib.import_module, args=("scipy.ndimage",), daemon=True,
-                                  name="wsi-mil-preload")
+        def load() -> None:
+            for name in ("scipy.ndimage", "h5py"):
+                importlib.import_module(name)
+
+        thread = threading.Thread(target=load, daemon=True, name="wsi-mil-preload")
         _preloading.append(thread)
         thread.start()
 
@@ -348,25 +351,25 @@ def _drop_small(mask: BoolMask, *, max_px: int, connectivity: int = 1, pool: Exe
 
 
 def _enclosed_small_holes(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
-    """Background components fully enclosed by tissue (8-connected, not touching the image
-    edge) and no larger than ``max_px`` (4-connected)."""
+    """Background components (4-connected) that do not touch the image edge and have at
+    most ``max_px`` pixels: one labelling of the background."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(~mask, structure=np.ones((3, 3), dtype=bool), output=np.int32)
+    labels, n = ndimage.label(~mask, output=np.int32)
     if n == 0:
         return np.zeros_like(mask)
-    border = np.zeros(n + 1, dtype=bool)
+    sizes = sum(_by_rows(lambda lab: np.bincount(lab.ravel(), minlength=n + 1), (labels,), pool))
+    small = sizes <= max_px
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        border[edge] = True
-    border[0] = True
-    enclosed = np.empty(mask.shape, dtype=bool)
+        small[edge] = False
+    small[0] = False
+    out = np.empty(mask.shape, dtype=bool)
 
-    def inside(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
-        dst[...] = ~border[lab]
+    def gather(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
+        dst[...] = small[lab]
 
-    _by_rows(inside, (labels, enclosed), pool)
-    del labels
-    return enclosed & ~_drop_small(enclosed, max_px=max_px, pool=pool)
+    _by_rows(gather, (labels, out), pool)
+    return out
 
 
 def tissue_mask(

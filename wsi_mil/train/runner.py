@@ -344,8 +344,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         ys, ps, where = (test_feed.targets, np.mean(test_probs, axis=0), "test") if test else (py, pp, "out of fold")
         for c, name in enumerate(task.outputs):
             calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
+    metrics["across_folds_val"] = _across(folds_out, "val")
+    metrics["fold_health"] = fold_health(folds_out)
+    metrics["headline"] = choose_headline(metrics)
+    # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind == "binary":
-        if test:
+        if test and headline_set(metrics) == "ensemble_test":
             ev = (("ensemble test", [(b.slide_id, "ensemble") for b in test], ens_y[:, 0], mean_p[:, 0], pooled_thr[0]))
         else:
             ev = ("pooled out-of-fold validation", pooled_ids, py[:, 0], pp[:, 0], per_fold_thr[0])
@@ -354,9 +358,6 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
     metrics["audit"] = audit
     _audit_files(out_dir, audit, by_id, road.unit)
-    metrics["across_folds_val"] = _across(folds_out, "val")
-    metrics["fold_health"] = fold_health(folds_out)
-    metrics["headline"] = choose_headline(metrics)
     metrics["skipped"] = skipped
     metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line

@@ -24,7 +24,8 @@ function toViewport(x, y, w, h) {
 async function loadSlide(id) {
   state.current = id; state.overlay = null; state.overlayLoaded = false; state.slideLoaded = false;
   $("slide-select").value = id;
-  history.replaceState(null, "", "#slide=" + encodeURIComponent(id));
+  const filter = $("filter").value;
+  history.replaceState(null, "", "#slide=" + encodeURIComponent(id) + (filter && filter !== "all" ? "&filter=" + filter : ""));
   const info = await (await fetch("/api/slide/" + encodeURIComponent(id))).json();
   state.info = info;
   showInfo(info);
@@ -108,17 +109,48 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "0") viewer.viewport.goHome();
 });
 
-(async () => {
-  const data = await (await fetch("/api/slides")).json();
-  state.slides = data.slides;
-  for (const s of data.slides) {
+function shown(s, filter) {
+  // the run's audit marks every error (FN / FP) and the most confident correct slides (TP / TN)
+  const kind = s.outcome ? s.outcome.kind : null;
+  if (filter === "all") return true;
+  if (filter === "errors") return kind === "FN" || kind === "FP";
+  if (filter === "correct") return kind === "TP" || kind === "TN";
+  return kind === filter;
+}
+
+function renderList(filter) {
+  const select = $("slide-select");
+  select.textContent = "";
+  state.visibleSlides = state.all.filter((s) => shown(s, filter));
+  state.slides = state.visibleSlides;
+  for (const s of state.slides) {
     const o = document.createElement("option");
     const p = Object.values(s.probability || {})[0];
     const mark = s.call && s.call.positive === true ? "● " : "";
-    o.value = s.slide_id; o.textContent = `${mark}${s.slide_id} (${s.prediction}${p !== undefined ? ", p " + fmt(p) : ""})`;
-    $("slide-select").appendChild(o);
+    const kind = s.outcome ? ` [${s.outcome.kind}]` : "";
+    o.value = s.slide_id; o.textContent = `${mark}${s.slide_id}${kind} (${s.prediction}${p !== undefined ? ", p " + fmt(p) : ""})`;
+    select.appendChild(o);
   }
+  if (!state.slides.length) {
+    const o = document.createElement("option");
+    o.textContent = filter === "all" ? "no slides" : "no slide of this kind (or the run has no audit)";
+    o.disabled = true; select.appendChild(o);
+  }
+}
+
+$("filter").addEventListener("change", (e) => {
+  renderList(e.target.value);
+  if (state.slides.length) loadSlide(state.slides[0].slide_id);
+});
+
+(async () => {
+  const data = await (await fetch("/api/slides")).json();
+  state.all = data.slides;
   const m = location.hash.match(/slide=([^&]+)/);
+  const f = location.hash.match(/filter=([^&]+)/);
+  const filter = f ? decodeURIComponent(f[1]) : "all";
+  $("filter").value = filter;
+  renderList(filter);
   const wanted = m ? decodeURIComponent(m[1]) : null;
-  loadSlide(state.slides.some((s) => s.slide_id === wanted) ? wanted : state.slides[0].slide_id);
+  if (state.slides.length) loadSlide(state.slides.some((s) => s.slide_id === wanted) ? wanted : state.slides[0].slide_id);
 })();

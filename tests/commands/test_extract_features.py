@@ -64,7 +64,8 @@ def test_real_slide_features_match_a_direct_forward_and_carry_provenance(cmu_til
     assert len(attrs["weights_sha256"]) == 64 and attrs["preprocess"]["input_size"] == 224
     assert attrs["slide_mpp"] == pytest.approx(0.499) and attrs["mpp_source"] == "metadata"
     assert attrs["patch_size_px"] == 256 and attrs["wsi_mil_version"] and attrs["complete"] is True
-    assert attrs["slide_sha256"] == pattrs["slide_sha256"] and attrs["n_unreadable"] == 0
+    assert attrs["slide_fingerprint"] == pattrs["slide_fingerprint"] and len(attrs["slide_fingerprint"]) == 64
+    assert attrs["n_unreadable"] == 0
     # the patch geometry travels on, so heatmaps and localisation draw whole patches
     assert attrs["extent_level0_px"] == pattrs["extent_level0_px"] and 250 < attrs["extent_level0_px"] < 260
     assert attrs["step_level0_px"] == pytest.approx(attrs["extent_level0_px"])

@@ -197,3 +197,23 @@ def test_duplicated_slide_features_are_refused(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stderr[-2000:]
     assert "near-duplicate slide pair(s)" in res.stderr and "dup-exact" in res.stderr and "--duplicates merge" in res.stderr
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_duplicated_patches_inside_a_slide_are_flagged() -> None:
+    """Real MIL bags (UCSB breast): a bag whose patches include re-embedded copies of its own
+    patches is flagged with the count; the untouched bags are not, and no two different bags
+    of the set are taken for duplicates (two pairs of similar benign images reach 0.97 and
+    0.99 patch cosine without being copies)."""
+    from wsi_mil.data.duplicates import slide_pairs
+    from wsi_mil.data.mil_import import load_classic
+
+    bags = load_classic("ucsb_breast_cancer", shared("mil"))
+    feats = [b.features for b in bags]
+    rng = np.random.default_rng(1)
+    base = feats[5]
+    copies = base[:6] * (1 + rng.normal(0, 1e-4, base[:6].shape)).astype(np.float32)
+    feats[5] = np.concatenate([base, copies])
+    ids = [b.slide_id for b in bags]
+    pairs, within = slide_pairs(ids, ids, lambda i: feats[i])
+    assert pairs == []
+    assert set(within) == {ids[5]} and within[ids[5]]["n_patches_duplicated"] == 12  # 6 originals + 6 copies

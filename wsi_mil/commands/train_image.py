@@ -241,6 +241,7 @@ class PatchMilRoad(MilRoad):
         from wsi_mil.encoders.image import build_classifier, cached_features, patch_grid
 
         self.config, self.n_outputs, self.task = config, task.n_outputs, task  # type: ignore[assignment]
+        self.images, self.row = images, {s.slide_id: i for i, s in enumerate(samples)}  # (for the audit)
         backbone, info = build_classifier(config.backbone, task.n_outputs, weights=config.weights)
         corners, side, step = patch_grid(config.image_size, config.patch_grid)
         self.image_key = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]

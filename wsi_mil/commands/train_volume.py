@@ -150,6 +150,7 @@ class SliceMilRoad(PatchMilRoad):
         from wsi_mil.encoders.image import build_classifier, cached_features
 
         self.config, self.n_outputs, self.task = config, task.n_outputs, task  # type: ignore[assignment]
+        self.images, self.row = volumes, {s.slide_id: i for i, s in enumerate(samples)}  # (for the audit)
         backbone, info = build_classifier(config.backbone, task.n_outputs, weights=config.weights)
         depth = int(volumes.shape[2])
         slices = slice_stack(volumes, config.slice_size)

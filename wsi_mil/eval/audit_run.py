@@ -26,8 +26,9 @@ class DuplicateLeakError(ConfigError):
 
 
 # ---- before training ---------------------------------------------------------------------
-def duplicate_audit(samples: list[Any]) -> dict[str, Any]:
-    """Near-duplicate pairs among ``samples`` (and duplicated patches inside slides)."""
+def duplicate_audit(samples: list[Any], pixels: Any = None) -> dict[str, Any]:
+    """Near-duplicate pairs among ``samples`` (and duplicated patches inside slides);
+    ``pixels`` (id -> array) gives images / volumes as the trainer already holds them."""
     from wsi_mil.data.duplicates import picture_signature, signature_pairs, slide_pairs, volume_signature
 
     ids = [s.slide_id for s in samples]
@@ -41,9 +42,8 @@ def duplicate_audit(samples: list[Any]) -> dict[str, Any]:
     else:
         sigs = []
         for s in samples:
-            pixels = np.asarray(s.load())
-            sigs.append(volume_signature(pixels) if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4) else
-                        picture_signature(pixels))
+            a = np.asarray(pixels(s.slide_id) if pixels is not None else s.load(), dtype=np.float32)
+            sigs.append(volume_signature(a) if a.ndim == 3 and a.shape[-1] not in (3, 4) else picture_signature(a))
         pairs, within = signature_pairs(ids, patients, sigs), {}
         method = ("perceptual signature: the picture (a volume: its three mean projections) shrunk to 32x32 grey "
                   "pixels and normalised; a pair when two signatures correlate at 0.99 or more")
@@ -54,9 +54,18 @@ def apply_duplicate_policy(samples: list[Any], found: dict[str, Any], policy: st
     """With ``merge``, give every duplicate group one patient id (before the splits are made)."""
     from wsi_mil.data.duplicates import merge_patients
 
-    record: dict[str, Any] = {"policy": policy, "method": found["method"],
-                              "pairs": [p.to_dict() for p in found["pairs"]],
-                              "within_slide": found["within"], "merged": {}}
+    target = {s.slide_id: np.asarray(s.target, dtype=float) for s in samples}
+    pairs = []
+    for p in found["pairs"]:
+        a, b = target.get(p.a), target.get(p.b)
+        same = a is not None and b is not None and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+        pairs.append({**p.to_dict(), "labels_differ": not same})
+    differ = [p for p in pairs if p["labels_differ"]]
+    if differ:
+        logger.warning("%d near-duplicate pair(s) carry different labels (the same picture labelled twice), e.g. %s ~ %s",
+                       len(differ), differ[0]["a"], differ[0]["b"])
+    record: dict[str, Any] = {"policy": policy, "method": found["method"], "pairs": pairs,
+                              "n_labels_differ": len(differ), "within_slide": found["within"], "merged": {}}
     if policy == "merge" and found["pairs"]:
         mapping = merge_patients(found["pairs"], {s.slide_id: str(s.patient_id) for s in samples})
         for s in samples:
@@ -228,9 +237,14 @@ def audit_markdown(audit: dict[str, Any], unit: str = "slide") -> list[str]:
         pairs, leaks = dup["pairs"], dup.get("leaks", [])
         lines += [f"Near-duplicate {unit}s ({dup['method']}): {len(pairs)} pair(s); "
                   f"{len(leaks)} cross train / validation / test under different patients (policy: {dup['policy']})."]
+        if dup.get("n_labels_differ"):
+            lines.append(f"**{dup['n_labels_differ']} of these pairs carry different labels** (the same picture "
+                         "labelled twice: check which label is right).")
+        differ = {(x["a"], x["b"]) for x in pairs if x.get("labels_differ")}
         for x in (leaks or pairs)[:20]:
             lines.append(f"- {x['a']} (patient {x['patient_a']}) ~ {x['b']} (patient {x['patient_b']}): {x['kind']}, "
-                         f"distance {x['distance']}" + (f", {x['set_a']} / {x['set_b']}" if "set_a" in x else ""))
+                         f"distance {x['distance']}" + (f", {x['set_a']} / {x['set_b']}" if "set_a" in x else "")
+                         + (", labels differ" if (x["a"], x["b"]) in differ else ""))
         if dup.get("merged"):
             lines.append(f"- merged into one patient: {len(dup['merged'])} {unit}(s) (see metrics.json audit.duplicates.merged)")
         within = dup.get("within_slide") or {}

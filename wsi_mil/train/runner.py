@@ -234,7 +234,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {b.slide_id: b for b in samples}
     audit: dict[str, Any] = {}
-    found = duplicate_audit(samples)
+    pixels = road_pixels(road)
+    found = duplicate_audit(samples, pixels)
     audit["duplicates"] = apply_duplicate_policy(samples, found, config.duplicates)
     audit["label_sources"] = label_source_audit([b.slide_id for b in samples], inputs.columns, config.label_sources)
     plan = make_split_plan(samples, inputs.user_split, config)
@@ -357,7 +358,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     else:
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
     metrics["audit"] = audit
-    _audit_files(out_dir, audit, by_id, road.unit)
+    _audit_files(out_dir, audit, by_id, pixels)
     metrics["skipped"] = skipped
     metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
@@ -382,10 +383,25 @@ def _evaluation_audit(ev: tuple[Any, ...], by_id: dict[str, Any], columns: dict[
                             n_boot=config.bootstrap, seed=config.seed, links=links)
 
 
-def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], unit: str) -> None:
+def road_pixels(road: Any) -> Any:
+    """id -> the image / volume a road holds in memory (its ``images`` tensor, row per
+    sample), or None for roads over feature stores (slides)."""
+    images, row = getattr(road, "images", None), getattr(road, "row", None)
+    if images is None or row is None:
+        return None
+    return lambda sid: images[row[sid], 0].float().numpy()
+
+
+def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], pixels: Any) -> None:
     from wsi_mil.eval.audit_run import write_audit_files
 
-    write_audit_files(out_dir, audit, lambda sid: sample_picture(by_id.get(sid)))
+    def picture(sid: str) -> np.ndarray | None:
+        if pixels is None:
+            return sample_picture(by_id.get(sid))
+        a = pixels(sid)
+        return a[a.shape[0] // 2] if a.ndim == 3 else a  # a volume: its middle slice
+
+    write_audit_files(out_dir, audit, picture)
 
 
 def sample_picture(sample: Any) -> np.ndarray | None:

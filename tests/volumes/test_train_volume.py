@@ -132,6 +132,14 @@ def test_3d_cnn_finds_planted_lesions_and_its_heatmap_aligns_with_the_input(tmp_
                             test_fraction=0.25, epochs=12, lr=3e-3, batch_size=16, bootstrap=50)
     report = run_train_volume(manifest, out_dir=tmp_path / "run", config=cfg, progress=False)
     assert report.metrics["ensemble_test"]["auc"] > 0.9
+    # the shared audit ran on the volumes (DICOM series and NIfTI read once, by the trainer): distinct
+    # generated cases are no duplicates, and every error is listed with the middle slice in the gallery
+    audit = report.metrics["audit"]
+    assert "mean projections" in audit["duplicates"]["method"] and audit["duplicates"]["pairs"] == []
+    errors = audit["evaluation"]["errors"]
+    conf = report.metrics[report.metrics["headline"]["set"]]["confusion"]
+    assert len(errors["false_negatives"]) == conf[1][0] and len(errors["false_positives"]) == conf[0][1]
+    assert (tmp_path / "run" / "gallery.png").exists() and (tmp_path / "run" / "errors.csv").exists()
     spec = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
     assert spec["kind"] == "volume" and spec["prep"]["window"] == [-1000.0, 400.0]
     test_ids = json.loads((tmp_path / "run" / "splits.json").read_text())["test"]

@@ -62,6 +62,30 @@ def test_train_mil_learns_musk1_and_writes_every_output(musk_run) -> None:
     assert "AUC" in res.stdout and "report:" in res.stdout
 
 
+def test_audit_of_the_musk_run_alone_with_its_feature_stores(musk, musk_run, tmp_path) -> None:
+    """`wsi-mil audit` on the run with --features: no two MUSK1 bags are duplicates, but one
+    bag holds near-identical instances (conformations of one molecule) and is flagged; every
+    error of the headline set is listed with a link to its slide's attention file."""
+    out, res = musk_run
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = subprocess.run(WSI_MIL + ["audit", str(out), "--manifest", str(musk), "--features", str(musk.parent / "features"),
+                                     "--out", str(tmp_path / "audit"), "--bootstrap", "100"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    dup = audit["duplicates"]
+    assert dup["pairs"] == [] and dup["leaks"] == [] and "musk1-0053" in dup["within_slide"]
+    m = json.loads((out / "metrics.json").read_text())
+    head = m[m["headline"]["set"]]
+    errors = audit["evaluation"]["errors"]
+    assert len(errors["false_negatives"]) == head["confusion"][1][0] and len(errors["false_positives"]) == head["confusion"][0][1]
+    for case in errors["false_negatives"] + errors["false_positives"]:  # relative to the audit's own folder
+        target = (tmp_path / "audit" / case["link"]).resolve()
+        assert target.exists() and target.parent.parent == (out / "attention").resolve()
+    in_run = m["audit"]["evaluation"]["errors"]
+    assert [c["id"] for c in in_run["false_negatives"]] == [c["id"] for c in errors["false_negatives"]]
+
+
 def test_models_are_weights_only_and_predict_reproduces_the_ensemble(musk, musk_run, tmp_path) -> None:
     out, _ = musk_run
     from safetensors.torch import load_file

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,11 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
     if missing:
         raise ManifestError(f"{manifest} lacks {len(missing)} of the run's {unit}(s) ({', '.join(missing[:5])}): give the "
                             "manifest the run was trained on")
-    links = []
+    out = out_dir or run / "audit"
+    links = []  # each error's attention store (its heatmap's source), relative to the audit's folder
     for r in rows:
         rel = Path("attention") / ("ensemble" if r["fold"] == "ensemble" else f"fold{r['fold']}") / f"{r[key]}.h5"
-        links.append(str(Path("..") / rel) if (run / rel).exists() else None)
+        links.append(Path(os.path.relpath(run / rel, out)).as_posix() if (run / rel).exists() else None)
     audit: dict[str, Any] = {"run": str(run.resolve()), "manifest": str(manifest.resolve())}
     all_ids = sorted(columns)
     audit["label_sources"] = label_source_audit(all_ids, columns, label_sources)
@@ -120,7 +122,6 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
     audit["evaluation"] = prediction_audit(ids, [r["patient_id"] for r in rows], y, p, thr, set_name=set_name,
                                            columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot,
                                            seed=seed, links=links)
-    out = out_dir or run / "audit"
     out.mkdir(parents=True, exist_ok=True)
     by_id = {s.slide_id: s for s in samples}
     write_audit_files(out, audit, (lambda sid: _picture(by_id.get(sid))) if samples else None)

@@ -81,6 +81,9 @@ def test_fast_primitives_equal_scikit_image() -> None:
         otsu_threshold,
     )
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = ThreadPoolExecutor(2)
     rng = np.random.default_rng(7)
     for _ in range(200):
         counts = rng.integers(0, 1000, 256) * (rng.random(256) < rng.random())
@@ -88,13 +91,19 @@ def test_fast_primitives_equal_scikit_image() -> None:
             assert otsu_threshold(counts) == threshold_otsu(hist=(counts, np.arange(256)))
     for radius in range(0, 9):
         assert np.array_equal(disk(radius), morphology.disk(radius).astype(bool))
-    for p in (0.05, 0.35, 0.6, 0.9):
-        m = rng.random((131, 197)) < p
+    u = np.zeros((131, 197), dtype=bool)  # a U whose arms meet only below the seam, and a ring around a hole
+    u[10:120, 20:25] = u[10:120, 60:65] = u[115:120, 20:65] = True
+    u[30:100, 100:180] = True
+    u[50:80, 120:160] = False
+    for p in (0.05, 0.35, 0.6, 0.9, "u"):
+        m = u if p == "u" else rng.random((131, 197)) < p
         for radius in (1, 2, 3, 5):
             assert np.array_equal(binary_closing_disk(m, radius), morphology.closing(m, morphology.disk(radius)))
         assert np.array_equal(inner_boundary(m), find_boundaries(m, mode="inner"))
-        for size in (1, 4, 30):
-            assert np.array_equal(_drop_small(m, max_px=size), morphology.remove_small_objects(m, max_size=size))
+        for size in (1, 4, 30, 400):
+            expected = morphology.remove_small_objects(m, max_size=size)
             holes = clear_border(measure.label(~m, connectivity=1))  # background pieces off the edge
-            expected = (holes > 0) & ~(morphology.remove_small_objects(holes, max_size=size) > 0)
-            assert np.array_equal(_enclosed_small_holes(m, max_px=size), expected)
+            expected_holes = (holes > 0) & ~(morphology.remove_small_objects(holes, max_size=size) > 0)
+            for pool in (None, threads):  # one labelling, or two halves joined at the seam
+                assert np.array_equal(_drop_small(m, max_px=size, pool=pool), expected), (p, size, pool)
+                assert np.array_equal(_enclosed_small_holes(m, max_px=size, pool=pool), expected_holes), (p, size, pool)

@@ -320,56 +320,88 @@ def _by_rows(fn: Any, arrays: tuple[npt.NDArray[Any], ...], pool: Executor | Non
     return list(pool.map(lambda c: fn(*c), chunks) if pool is not None else (fn(*c) for c in chunks))
 
 
-def _keep_large(labels: npt.NDArray[np.int32], n: int, max_px: int, pool: Executor | None) -> BoolMask:
-    """True on the pixels of components larger than ``max_px`` (labels 1..n; 0 is background)."""
-    sizes = sum(_by_rows(lambda lab: np.bincount(lab.ravel(), minlength=n + 1), (labels,), pool))
-    keep = sizes > max_px
-    keep[0] = False
-    out = np.empty(labels.shape, dtype=bool)
+def _small_components(mask: BoolMask, max_px: int, pool: Executor | None, *, exclude_border: bool = False) -> BoolMask:
+    """True on the pixels of ``mask``'s 4-connected components of at most ``max_px`` pixels
+    (with ``exclude_border``, only those not touching the image edge).
 
-    def gather(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
-        dst[...] = keep[lab]
+    With a pool the two halves of the image are labelled on two threads (scipy's labelling
+    runs largely outside the GIL) and components meeting at the seam are joined by a small
+    union-find over the seam's label pairs; sizes and look-ups are counted in chunks on the
+    threads too. The result equals one labelling of the whole image."""
+    from scipy import ndimage
 
-    _by_rows(gather, (labels, out), pool)
+    h = mask.shape[0]
+    cuts = [(0, h // 2), (h // 2, h)] if pool is not None and h >= 64 else [(0, h)]
+
+    def label(rows: tuple[int, int]) -> tuple[npt.NDArray[np.int32], int]:
+        return ndimage.label(mask[rows[0]:rows[1]], output=np.int32)
+
+    parts = list(pool.map(label, cuts)) if len(cuts) > 1 else [label(cuts[0])]
+    offsets = np.cumsum([0] + [n for _, n in parts])
+    n = int(offsets[-1])
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for (lab, k), off in zip(parts, offsets[:-1], strict=True):
+        counts = sum(_by_rows(lambda x, k=k: np.bincount(x.ravel(), minlength=k + 1), (lab,), pool))
+        sizes[off + 1:off + k + 1] = counts[1:]
+    root = np.arange(n + 1)
+    if len(parts) == 2:  # join the components that meet across the seam
+        above, below = parts[0][0][-1], parts[1][0][0]
+        both = (above > 0) & (below > 0)
+        edges = np.unique(np.stack([above[both].astype(np.int64), below[both].astype(np.int64) + offsets[1]]), axis=1)
+        ea, eb = edges
+        while len(ea):
+            ra, rb = root[ea], root[eb]
+            if np.array_equal(ra, rb):
+                break
+            low = np.minimum(ra, rb)
+            np.minimum.at(root, ra, low)
+            np.minimum.at(root, rb, low)
+            while True:  # path compression until every id points at its root
+                nxt = root[root]
+                if np.array_equal(nxt, root):
+                    break
+                root = nxt
+    total = np.bincount(root, weights=sizes, minlength=n + 1)
+    flag = total[root] <= max_px
+    if exclude_border:
+        touching = np.zeros(n + 1, dtype=bool)
+        edges = [(0, parts[0][0][0]), (len(parts) - 1, parts[-1][0][-1])]
+        for k, (lab, _) in enumerate(parts):
+            edges += [(k, lab[:, 0]), (k, lab[:, -1])]
+        for k, e in edges:
+            touching[root[e[e > 0].astype(np.int64) + offsets[k]]] = True
+        flag &= ~touching[root]
+    flag[0] = False
+    out = np.empty(mask.shape, dtype=bool)
+    for (lab, k), off, (r0, r1) in zip(parts, offsets[:-1], cuts, strict=True):
+        lut = np.concatenate([[False], flag[off + 1:off + k + 1]])
+
+        def gather(x: npt.NDArray[np.int32], dst: BoolMask, lut: npt.NDArray[np.bool_] = lut) -> None:
+            dst[...] = lut[x]
+
+        _by_rows(gather, (lab, out[r0:r1]), pool)
     return out
 
 
-def _drop_small(mask: BoolMask, *, max_px: int, connectivity: int = 1, pool: Executor | None = None) -> BoolMask:
-    """``mask`` without its connected components of ``max_px`` pixels or fewer (as
-    scikit-image's ``remove_small_objects``), labelled with 32-bit labels (half the
-    memory) inside the bounding box of ``mask`` only."""
-    from scipy import ndimage
-
+def _drop_small(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
+    """``mask`` without its 4-connected components of ``max_px`` pixels or fewer (as
+    scikit-image's ``remove_small_objects``), labelled inside the bounding box of ``mask``."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     out = np.zeros_like(mask)
     if rows.size == 0:
         return out
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    labels, n = ndimage.label(mask[box], structure=ndimage.generate_binary_structure(2, connectivity), output=np.int32)
-    out[box] = _keep_large(labels, n, max_px, pool)
+    region = mask[box]
+    out[box] = region & ~_small_components(region, max_px, pool)
     return out
 
 
 def _enclosed_small_holes(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
     """Background components (4-connected) that do not touch the image edge and have at
-    most ``max_px`` pixels: one labelling of the background."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(~mask, output=np.int32)
-    if n == 0:
-        return np.zeros_like(mask)
-    sizes = sum(_by_rows(lambda lab: np.bincount(lab.ravel(), minlength=n + 1), (labels,), pool))
-    small = sizes <= max_px
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        small[edge] = False
-    small[0] = False
-    out = np.empty(mask.shape, dtype=bool)
-
-    def gather(lab: npt.NDArray[np.int32], dst: BoolMask) -> None:
-        dst[...] = small[lab]
-
-    _by_rows(gather, (labels, out), pool)
-    return out
+    most ``max_px`` pixels."""
+    return _small_components(~mask, max_px, pool, exclude_border=True)
 
 
 def tissue_mask(

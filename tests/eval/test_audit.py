@@ -66,6 +66,23 @@ def test_wilson_interval_operating_points_and_bands() -> None:
     assert text is None and names == ["M", "F", "(missing)", "M"]
 
 
+def test_patients_with_several_cases_widen_the_intervals() -> None:
+    """Each of 40 patients contributes 5 identical cases: a per-case bootstrap believes it has
+    200 independent cases, the patient-level one knows it has 40 (its interval is wider)."""
+    rng = np.random.default_rng(3)
+    y1 = rng.integers(0, 2, 40)
+    p1 = 1 / (1 + np.exp(-(2 * y1 - 1) * 1.0 + rng.normal(0, 1.2, 40)))
+    y, p = np.repeat(y1, 5), np.repeat(p1, 5)
+    patients = np.repeat([f"p{i}" for i in range(40)], 5).tolist()
+    same = subgroup_report(y, p, 0.5, {"all": ["x"] * 200}, n_boot=300)["all"]["groups"][0]
+    clustered = subgroup_report(y, p, 0.5, {"all": ["x"] * 200}, n_boot=300, patients=patients)["all"]["groups"][0]
+    assert same["auc"] == clustered["auc"] and clustered["n_patients"] == 40
+    assert clustered["ci_method"].startswith("patient-level") and same["ci_method"].startswith("stratified")
+    width = lambda c: c[1] - c[0]  # noqa: E731
+    assert width(clustered["auc_ci95"]) > 1.6 * width(same["auc_ci95"])
+    assert width(clustered["sensitivity_ci95"]) > 1.6 * width(same["sensitivity_ci95"])
+
+
 def test_subgroups_warn_when_small_and_state_the_largest_gap() -> None:
     rng = np.random.default_rng(0)
     n = 400
@@ -82,6 +99,7 @@ def test_subgroups_warn_when_small_and_state_the_largest_gap() -> None:
     assert groups["A"]["auc"] > groups["B"]["auc"] + 0.2
     gap = rep["largest_gap"]["auc"]
     assert gap["lowest"] == "B" and gap["highest"] == "A" and rep["largest_gap"]["groups_judged"] == 2
+    assert gap["intervals_overlap"] is False  # 180 cases each and a large gap: the intervals separate
     e = error_cases([str(i) for i in range(n)], site.tolist(), y, p, 0.5)
     pred = p >= 0.5
     assert len(e["false_negatives"]) == int(((y == 1) & ~pred).sum()) and len(e["false_positives"]) == int(((y == 0) & pred).sum())
@@ -112,6 +130,8 @@ def test_audit_of_the_nih_sample(tmp_path: Path) -> None:
         groups = ev["subgroups"][col]["groups"]
         assert sum(g["n"] for g in groups) == test_n, col
     assert ev["subgroups"]["age"]["bands"] and ev["subgroups"]["sex"]["bands"] is None
+    for g in ev["subgroups"]["sex"]["groups"]:  # NIH patients have several radiographs: patient-level intervals
+        assert g["ci_method"].startswith("patient-level") == (g["n_patients"] < g["n"])
     assert {g["group"] for g in ev["subgroups"]["view"]["groups"]} <= {"PA", "AP"}
     conf = head["confusion"]
     assert len(ev["errors"]["false_negatives"]) == conf[1][0] and len(ev["errors"]["false_positives"]) == conf[0][1]

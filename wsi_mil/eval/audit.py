@@ -94,15 +94,46 @@ def _rates(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArra
             "specificity": tn / (tn + fp) if tn + fp else None, "specificity_ci95": wilson_ci(tn, tn + fp)}
 
 
+def patient_bootstrap(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArray[np.float64],
+                      patients: npt.NDArray[Any], *, n_boot: int, seed: int) -> dict[str, tuple[float, float] | None]:
+    """95 % percentile CIs of AUC, sensitivity and specificity resampling *patients* (each
+    drawn patient brings all of their cases), for sets where patients have several cases:
+    their cases are not independent, and a per-case interval would be too narrow."""
+    from sklearn.metrics import roc_auc_score
+
+    ids, inverse = np.unique(patients, return_inverse=True)
+    rows = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    stats: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    for _ in range(n_boot if len(ids) >= 4 else 0):
+        idx = np.concatenate([rows[k] for k in rng.integers(0, len(ids), len(ids))])
+        yy, pp, tt = y[idx], p[idx], thr[idx]
+        pos, neg = yy == 1, yy == 0
+        if pos.any() and neg.any():
+            stats["auc"].append(float(roc_auc_score(yy, pp)))
+        if pos.any():
+            stats["sensitivity"].append(float((pp[pos] >= tt[pos]).mean()))
+        if neg.any():
+            stats["specificity"].append(float((pp[neg] < tt[neg]).mean()))
+    out: dict[str, tuple[float, float] | None] = {}
+    for k, v in stats.items():
+        out[k] = tuple(float(x) for x in np.quantile(v, [0.025, 0.975])) if len(v) >= 0.9 * n_boot and v else None  # type: ignore[assignment]
+    return out
+
+
 def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.ArrayLike,
-                    columns: dict[str, list[str]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                    columns: dict[str, list[str]], *, n_boot: int = 1000, seed: int = 0,
+                    patients: list[str] | None = None) -> dict[str, Any]:
     """Per-subgroup AUC / sensitivity / specificity of binary predictions (see the module
-    docstring); ``columns`` maps a column name to one value per prediction."""
+    docstring); ``columns`` maps a column name to one value per prediction. With
+    ``patients``, a subgroup where some patient has several cases gets its intervals from a
+    patient-level bootstrap (:func:`patient_bootstrap`; ``ci_method`` says which)."""
     from wsi_mil.eval.metrics import auc, auc_interval_note, bootstrap_auc_ci
 
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
     thr = np.broadcast_to(np.asarray(threshold, dtype=float), p.shape)
+    pat = np.asarray(patients if patients is not None else [str(i) for i in range(len(y))], dtype=object)
     out: dict[str, Any] = {}
     for col, values in columns.items():
         if len(values) != len(y):
@@ -114,13 +145,27 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
             yk, pk = y[k], p[k]
             n_pos, n_neg = int(yk.sum()), int(len(yk) - yk.sum())
             a = auc(yk, pk)
-            ci = bootstrap_auc_ci(yk, pk, n_boot=n_boot, seed=seed) if a is not None else None
-            g = {"group": name, "n": int(k.sum()), "n_positive": n_pos, "n_negative": n_neg, "auc": a, "auc_ci95": ci,
+            clustered = len(set(pat[k])) < int(k.sum())  # some patient has several cases here
+            if clustered:
+                boot = patient_bootstrap(yk, pk, thr[k], pat[k], n_boot=n_boot, seed=seed)
+                ci = boot["auc"] if a is not None else None
+            else:
+                ci = bootstrap_auc_ci(yk, pk, n_boot=n_boot, seed=seed) if a is not None else None
+            g = {"group": name, "n": int(k.sum()), "n_patients": len(set(pat[k])), "n_positive": n_pos,
+                 "n_negative": n_neg, "auc": a, "auc_ci95": ci,
                  "auc_ci_note": auc_interval_note(yk, pk, ci, auc_value=a) if a is not None else None,
-                 **_rates(yk, pk, thr[k])}
+                 **_rates(yk, pk, thr[k]),
+                 "ci_method": ("patient-level bootstrap (patients have several cases)" if clustered else
+                               "stratified bootstrap (AUC), Wilson (sensitivity, specificity)")}
+            if clustered:
+                g["sensitivity_ci95"], g["specificity_ci95"] = boot["sensitivity"], boot["specificity"]
+            pos_pat, neg_pat = len(set(pat[k][yk == 1])), len(set(pat[k][yk == 0]))
             if min(n_pos, n_neg) < SMALL_GROUP:
                 g["warning"] = (f"too small to say anything: {n_pos} positive and {n_neg} negative "
                                 f"(fewer than {SMALL_GROUP} of a class); its intervals are wide or undefined")
+            elif min(pos_pat, neg_pat) < SMALL_GROUP:
+                g["warning"] = (f"too few patients to say anything: {pos_pat} with a positive and {neg_pat} with a "
+                                f"negative case (fewer than {SMALL_GROUP}); its intervals are wide or undefined")
             groups.append(g)
         out[col] = {"bands": bands, "groups": groups, "largest_gap": _largest_gap(groups)}
     return out
@@ -142,8 +187,11 @@ def _largest_gap(groups: list[dict[str, Any]]) -> dict[str, Any]:
             gaps[metric] = None
             continue
         lo, hi = min(have, key=lambda g: g[metric]), max(have, key=lambda g: g[metric])
+        lo_ci, hi_ci = lo.get(f"{metric}_ci95"), hi.get(f"{metric}_ci95")
         gaps[metric] = {"gap": hi[metric] - lo[metric], "lowest": lo["group"], "lowest_value": lo[metric],
-                        "highest": hi["group"], "highest_value": hi[metric]}
+                        "highest": hi["group"], "highest_value": hi[metric],
+                        # overlapping 95 % intervals: the gap is no evidence of a real difference
+                        "intervals_overlap": None if not (lo_ci and hi_ci) else bool(lo_ci[1] >= hi_ci[0])}
     return gaps
 
 
@@ -174,17 +222,26 @@ def _threshold_for_sensitivity(y: npt.NDArray[np.int64], p: npt.NDArray[np.float
 
 def operating_points(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.ArrayLike, *,
                      specificities: tuple[float, ...] = (0.9, 0.95), sensitivities: tuple[float, ...] = (0.9, 0.95),
-                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0,
+                     patients: list[str] | None = None) -> dict[str, Any]:
     """Sensitivity at fixed specificity, specificity at fixed sensitivity and (with a
     deployment ``prevalence``) PPV / NPV at the run's ``threshold``; 95 % percentile CIs
-    from a stratified bootstrap that re-finds each threshold in every resample."""
+    from a bootstrap that re-finds each threshold in every resample: stratified by class,
+    or by patient when ``patients`` have several cases (a drawn patient brings them all)."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
     thr = np.broadcast_to(np.asarray(threshold, dtype=float), p.shape)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     rng = np.random.default_rng(seed)
-    boots = [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)] \
-        if len(pos) >= 2 and len(neg) >= 2 else []
+    clustered = patients is not None and len(set(patients)) < len(y)
+    if clustered:
+        ids, inverse = np.unique(np.asarray(patients, dtype=object), return_inverse=True)
+        rows = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+        boots = [np.concatenate([rows[k] for k in rng.integers(0, len(ids), len(ids))]) for _ in range(n_boot)] \
+            if len(ids) >= 4 else []
+    else:
+        boots = [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)] \
+            if len(pos) >= 2 and len(neg) >= 2 else []
 
     def ci(values: list[float]) -> tuple[float, float] | None:
         v = [x for x in values if x is not None and np.isfinite(x)]
@@ -204,7 +261,8 @@ def operating_points(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.
     out: dict[str, Any] = {"n": len(y), "n_positive": int(len(pos)), "sensitivity_at_specificity": [],
                            "specificity_at_sensitivity": [],
                            "note": "thresholds found on the evaluated set itself (optimistic); CIs re-find them in each "
-                                   "bootstrap resample"}
+                                   + ("patient-level bootstrap resample (patients have several cases)" if clustered else
+                                      "stratified bootstrap resample")}
     for s in specificities:
         t = _threshold_for_specificity(y, p, s)
         out["sensitivity_at_specificity"].append({

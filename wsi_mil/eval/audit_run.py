@@ -150,8 +150,9 @@ def prediction_audit(ids: list[str], patients: list[str], y: np.ndarray, p: np.n
     out: dict[str, Any] = {"set": set_name, "n": len(y)}
     cols = subgroup_columns(ids, columns, subgroups)
     if cols:
-        out["subgroups"] = subgroup_report(y, p, thr, cols, n_boot=n_boot, seed=seed)
-    out["operating_points"] = operating_points(y, p, thr, prevalence=prevalence, n_boot=n_boot, seed=seed)
+        out["subgroups"] = subgroup_report(y, p, thr, cols, n_boot=n_boot, seed=seed, patients=patients)
+    out["operating_points"] = operating_points(y, p, thr, prevalence=prevalence, n_boot=n_boot, seed=seed,
+                                               patients=patients)
     out["errors"] = error_cases(ids, patients, y, p, thr, links=links)
     return out
 
@@ -266,15 +267,19 @@ def audit_markdown(audit: dict[str, Any], unit: str = "slide") -> list[str]:
     lines += [f"Evaluated set: {post['set']} ({post['n']} {unit}s with a label).", ""]
     for col, rep in (post.get("subgroups") or {}).items():
         lines.append(f"### Subgroups by `{col}`" + (f" — {rep['bands']}" if rep["bands"] else ""))
-        lines += ["", "| group | n | positive | negative | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | note |",
+        methods = sorted({g.get("ci_method", "") for g in rep["groups"]} - {""})
+        lines += [""] + ([f"(Intervals: {'; '.join(methods)}.)", ""] if methods else []) + [
+                  "| group | n (patients) | positive | negative | AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) | note |",
                   "|---|---:|---:|---:|---|---|---|---|"]
         for g in rep["groups"]:
-            lines.append(f"| {g['group']} | {g['n']} | {g['n_positive']} | {g['n_negative']} | {_f(g['auc'])}{_ci(g['auc_ci95'])} "
+            lines.append(f"| {g['group']} | {g['n']} ({g.get('n_patients', g['n'])}) | {g['n_positive']} | {g['n_negative']} | {_f(g['auc'])}{_ci(g['auc_ci95'])} "
                          f"| {_f(g['sensitivity'])}{_ci(g['sensitivity_ci95'])} | {_f(g['specificity'])}{_ci(g['specificity_ci95'])} "
                          f"| {g.get('warning') or g.get('auc_ci_note') or ''} |")
         gap = rep["largest_gap"]
         parts = [f"{m} {gap[m]['gap']:.3f} ({gap[m]['lowest']} {gap[m]['lowest_value']:.3f} vs {gap[m]['highest']} "
-                 f"{gap[m]['highest_value']:.3f})" for m in ("auc", "sensitivity", "specificity") if gap.get(m)]
+                 f"{gap[m]['highest_value']:.3f}" + ({True: "; the intervals overlap", False: "; the intervals do not overlap",
+                                                     None: ""}[gap[m].get("intervals_overlap")]) + ")"
+                 for m in ("auc", "sensitivity", "specificity") if gap.get(m)]
         lines += ["", "Largest gap between subgroups large enough to judge: " + ("; ".join(parts) if parts else
                   f"none to state ({gap['groups_judged']} subgroup(s) large enough)") + ".", ""]
     op = post["operating_points"]

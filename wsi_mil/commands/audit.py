@@ -44,20 +44,6 @@ def manifest_rows(path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-class _Picture:
-    """A sample the duplicate audit and the gallery can load (an image file, or a slide's feature store)."""
-
-    def __init__(self, sid: str, patient: str, path: Path | None, store: Path | None) -> None:
-        self.slide_id, self.patient_id, self.path, self.store_path = sid, patient, path, store
-
-    def load(self) -> Any:
-        from wsi_mil.data.images import read_image
-
-        if self.path is None:
-            raise ConfigError(f"{self.slide_id}: no picture")
-        return read_image(self.path)
-
-
 def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgroups: str | None = None,
               prevalence: float | None = None, label_sources: str | None = None, features: Path | None = None,
               n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -68,6 +54,8 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
         duplicate_audit,
         label_source_audit,
         prediction_audit,
+        sample_picture,
+        split_sets,
         write_audit_files,
     )
 
@@ -110,12 +98,7 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
     if samples:
         found = duplicate_audit(samples)
         splits = json.loads((run / "splits.json").read_text())
-        sets = []
-        for f in splits["folds"]:
-            where = {s: "train" for s in f["train"]}
-            where.update({s: "validation" for s in f["val"]})
-            where.update({s: "test" for s in splits["test"]})
-            sets.append(where)
+        sets = split_sets([(f["train"], f["val"]) for f in splits["folds"]], splits["test"])
         audit["duplicates"] = {"policy": "report (run alone)", "method": found["method"],
                                "pairs": [x.to_dict() for x in found["pairs"]], "within_slide": found["within"],
                                "leaks": leaking_pairs(found["pairs"], sets)}
@@ -124,20 +107,16 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
                                            seed=seed, links=links)
     out.mkdir(parents=True, exist_ok=True)
     by_id = {s.slide_id: s for s in samples}
-    write_audit_files(out, audit, (lambda sid: _picture(by_id.get(sid))) if samples else None)
+    write_audit_files(out, audit, (lambda sid: sample_picture(by_id.get(sid))) if samples else None)
     write_json(out / "audit.json", audit)
     write_text(out / "report.md", "\n".join([f"# Audit of {run.name}", ""] + audit_markdown(audit, unit)))
     return audit
 
 
-def _picture(sample: Any) -> Any:
-    from wsi_mil.train.runner import sample_picture
-
-    return sample_picture(sample) if sample is not None and getattr(sample, "path", None) else None
-
-
 def _samples(columns: dict[str, dict[str, str]], manifest: Path, features: Path | None, unit: str) -> list[Any]:
     """Images with readable paths, or (with ``features``) slides with feature stores."""
+    from wsi_mil.data.images import ImageSample
+
     if features is not None:
         from wsi_mil.data.bags import Bag
 
@@ -154,5 +133,5 @@ def _samples(columns: dict[str, dict[str, str]], manifest: Path, features: Path 
             continue
         path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
         if path.is_file():
-            out.append(_Picture(sid, r.get("patient_id") or sid, path, None))
+            out.append(ImageSample(sid, r.get("patient_id") or sid, np.zeros(1, np.float32), None, path))
     return out

@@ -30,6 +30,7 @@ import torch
 from wsi_mil.commands.train_mil import MilRoad
 from wsi_mil.config import ImageTrainConfig
 from wsi_mil.data.bags import Task, infer_task
+from wsi_mil.data.manifest import entry_columns
 from wsi_mil.data.images import (
     ImageEntry,
     ImageReadError,
@@ -113,8 +114,7 @@ def check_entries(entries: list[ImageEntry], consensus: dict[str, Any], config: 
         user_split = {}
     samples = [ImageSample(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"{unit} {e.slide_id}"),
                            user_split.get(e.slide_id), e.path, e.pixels, e.meta) for e in entries]
-    columns = {e.slide_id: {**e.meta, **e.labels, "patient_id": e.patient_id or "", "split": e.split or ""} for e in entries}
-    return CvInputs(task, task_line, samples, [], user_split, notes, columns)
+    return CvInputs(task, task_line, samples, [], user_split, notes, entry_columns(entries))
 
 
 def refuse_unreadable(bad: list[dict[str, str]], n: int, unit: str = "image") -> None:

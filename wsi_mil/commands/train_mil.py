@@ -100,7 +100,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     """Read and check the manifest, infer the task and read every bag (non-finite
     features included in the check). Labelled slides without a usable feature store stop
     the run (:class:`MissingDataError`, exit 1) unless ``config.allow_missing``."""
-    from wsi_mil.data.manifest import manifest_classes, manifest_columns, read_manifest
+    from wsi_mil.data.manifest import entry_columns, manifest_classes, read_manifest
     from wsi_mil.errors import MissingDataError
 
     require_features(features_dirs)
@@ -124,7 +124,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     if len(bags) < 4:
         raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
                             f"({len(skipped)} left out, listed above)")
-    return TrainInputs(task, task_line, bags, skipped, user_split, manifest_columns(manifest))
+    return TrainInputs(task, task_line, bags, skipped, user_split, entry_columns(entries))
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:

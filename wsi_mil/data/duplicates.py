@@ -105,12 +105,13 @@ def signature_pairs(ids: list[str], patients: list[str], signatures: list[npt.ND
     return pairs
 
 
-def _popcount(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
-    return np.bitwise_count(x)
-
-
 def _planes(dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
     return np.random.default_rng(seed).standard_normal((dim, 64)).astype(np.float32)
+
+
+def _sign_codes(centred: npt.NDArray[np.float32], planes: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:
+    """The 64 random-hyperplane sign bits of each (centred) embedding, packed in a uint64."""
+    return np.packbits((centred @ planes) > 0, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
 def patch_codes(features: npt.NDArray[np.float32], planes: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.uint64]:
@@ -118,9 +119,7 @@ def patch_codes(features: npt.NDArray[np.float32], planes: npt.NDArray[np.float3
     almost all bits: a bit differs with probability angle / pi)."""
     f = np.asarray(features, dtype=np.float32)
     f = f - f.mean(axis=0, keepdims=True) if len(f) > 1 else f
-    planes = _planes(f.shape[1]) if planes is None else planes
-    bits = (f @ planes) > 0
-    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+    return _sign_codes(f, _planes(f.shape[1]) if planes is None else planes)
 
 
 def _sample(n: int, k: int) -> npt.NDArray[np.int64]:
@@ -133,10 +132,7 @@ def slide_pairs(ids: list[str], patients: list[str], features: Callable[[int], n
     and the slides with duplicated patches inside them."""
     if not ids:
         return [], {}
-    codes: list[npt.NDArray[np.uint64]] = []
     within: dict[str, Any] = {}
-    planes = None
-    centre = None
     raw: list[npt.NDArray[np.float32]] = []
     for i in range(len(ids)):
         f = np.asarray(features(i), dtype=np.float32)
@@ -147,18 +143,15 @@ def slide_pairs(ids: list[str], patients: list[str], features: Callable[[int], n
     allf = np.concatenate(raw)
     centre = allf.mean(axis=0, keepdims=True)  # one centre for the cohort, so codes compare across slides
     planes = _planes(allf.shape[1])
-    unit = []
-    for f in raw:
-        codes.append(((f - centre) @ planes > 0))
-        g = f - centre
-        unit.append(g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
-    packed = [np.packbits(c, axis=1).view(">u8")[:, 0].astype(np.uint64) for c in codes]
+    centred = [f - centre for f in raw]
+    packed = [_sign_codes(g, planes) for g in centred]
+    unit = [g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12) for g in centred]
     pairs: list[DuplicatePair] = []
     for i in range(len(ids)):
         for j in range(i + 1, len(ids)):
             if not len(packed[i]) or not len(packed[j]):
                 continue
-            d = _popcount(packed[i][:, None] ^ packed[j][None, :])
+            d = np.bitwise_count(packed[i][:, None] ^ packed[j][None, :])
             share = min(float((d.min(axis=1) <= max_bits).mean()), float((d.min(axis=0) <= max_bits).mean()))
             if share < min_share:  # the sign bits say no: no need to compare the embeddings themselves
                 continue

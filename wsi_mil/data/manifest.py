@@ -10,7 +10,9 @@ Manifest CSV schema (see ``slides_manifest/README.md``):
 - ``split`` (optional): train / val / test given by the user.
 - label columns: ``label`` or ``label_<name>`` (one per task / class).
 
-Any other column is refused, so a typo (``patientid``, ``lable``) cannot silently drop data.
+Any other column is kept as metadata (``SlideEntry.meta``: site, sex, age ... for the
+audit's ``--subgroups``), except one that looks like a misspelt known column
+(``patientid``, ``lable``, ``Label``), which is refused so a typo cannot silently drop data.
 
 Lines before the header that start with ``#`` are directives; ``# classes: normal,tumour``
 names the classes of the label column (negative first for a binary task), as
@@ -24,6 +26,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wsi_mil.errors import ManifestError
 
@@ -49,6 +52,7 @@ class SlideEntry:
     mpp: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
     split: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)  # the row's other columns (site, sex, age ...)
 
 
 def slide_id_from_path(path: Path) -> str:
@@ -90,21 +94,24 @@ def _meant(column: str) -> str | None:
 
     known = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, "label"]
     low = column.lower()
-    if low in known or LABEL_PATTERN.match(low) or low.startswith("label"):
-        return low if low in known else "label" if low == "labels" or not LABEL_PATTERN.match(low) else column.lower()
+    if low in known or LABEL_PATTERN.match(low):  # a known name in other letter case
+        return low
+    if low.startswith("label"):  # labels, label-x ...
+        return "label"
     close = difflib.get_close_matches(low.replace(" ", "_"), known, n=1, cutoff=0.8)
     return close[0] if close else None
 
 
-def manifest_columns(path: str | Path) -> dict[str, dict[str, str]]:
-    """slide_id -> every column of its manifest row (for subgroups and label-source audits);
-    the manifest is assumed already checked by :func:`read_manifest`."""
-    import io
+def entry_columns(entries: list[Any]) -> dict[str, dict[str, str]]:
+    """id -> the manifest columns of each entry (slide or image: its metadata, labels,
+    patient and split), for the audit's --subgroups and --label-sources."""
+    return {e.slide_id: {**e.meta, **e.labels, "patient_id": e.patient_id or "", "split": e.split or ""}
+            for e in entries}
 
-    _, text = _split_directives(Path(path).read_text(encoding="utf-8-sig"))
-    rows = csv.DictReader(io.StringIO(text, newline=""))
-    return {r["slide_id"].strip(): {(k or "").strip(): (v or "").strip() for k, v in r.items()}
-            for r in rows if (r.get("slide_id") or "").strip()}
+
+def manifest_columns(path: str | Path) -> dict[str, dict[str, str]]:
+    """slide_id -> the columns of its row in a slide manifest (:func:`entry_columns`)."""
+    return entry_columns(read_manifest(path, require_path=False))
 
 
 def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideEntry]:
@@ -137,7 +144,7 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
             f"A manifest needs at least {' and '.join(repr(c) for c in required)} (see slides_manifest/README.md)."
         )
     unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS and not LABEL_PATTERN.match(c)]
-    misspelt = {c: _meant(c) for c in unknown if _meant(c)}
+    misspelt = {c: meant for c in unknown if (meant := _meant(c))}
     if misspelt:
         raise ManifestError(
             f"{where}: column(s) {list(misspelt)} look like misspelt " + ", ".join(
@@ -175,8 +182,9 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
         if slide_path is not None and not slide_path.is_absolute():
             slide_path = path.parent / slide_path
         labels = {k: v for k, v in row.items() if LABEL_PATTERN.match(k)}
+        meta = {k: v for k, v in row.items() if k not in labels and k not in ("slide_id", "path")}
         entries.append(SlideEntry(sid, slide_path, row.get("patient_id") or None, mpp, labels,
-                                  (row.get("split") or "").lower() or None))
+                                  (row.get("split") or "").lower() or None, meta))
     _check_duplicates(entries, where, problems)
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))

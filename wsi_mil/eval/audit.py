@@ -243,7 +243,7 @@ def operating_points(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.
         boots = [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)] \
             if len(pos) >= 2 and len(neg) >= 2 else []
 
-    def ci(values: list[float]) -> tuple[float, float] | None:
+    def ci(values: list[float | None]) -> tuple[float, float] | None:
         v = [x for x in values if x is not None and np.isfinite(x)]
         if len(v) < 0.9 * max(1, len(boots)) or not v:
             return None

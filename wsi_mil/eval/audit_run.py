@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from wsi_mil.errors import ConfigError
 
@@ -29,7 +30,12 @@ class DuplicateLeakError(ConfigError):
 def duplicate_audit(samples: list[Any], pixels: Any = None) -> dict[str, Any]:
     """Near-duplicate pairs among ``samples`` (and duplicated patches inside slides);
     ``pixels`` (id -> array) gives images / volumes as the trainer already holds them."""
-    from wsi_mil.data.duplicates import picture_signature, signature_pairs, slide_pairs, volume_signature
+    from wsi_mil.data.duplicates import (
+        picture_signature,
+        signature_pairs,
+        slide_pairs,
+        volume_signature,
+    )
 
     ids = [s.slide_id for s in samples]
     patients = [str(s.patient_id) for s in samples]
@@ -75,18 +81,23 @@ def apply_duplicate_policy(samples: list[Any], found: dict[str, Any], policy: st
     return record
 
 
+def split_sets(folds: list[tuple[list[str], list[str]]], test: list[str]) -> list[dict[str, str]]:
+    """One {sample id: train | validation | test} map per fold, from the folds' (train, val) ids."""
+    sets = []
+    for train, val in folds:
+        where = {s: "train" for s in train}
+        where.update({s: "validation" for s in val})
+        where.update({s: "test" for s in test})
+        sets.append(where)
+    return sets
+
+
 def check_leaks(found: dict[str, Any], plan: Any, policy: str, unit: str) -> list[dict[str, Any]]:
     """The duplicate pairs that cross sets; raises :class:`DuplicateLeakError` unless
     ``policy`` is ``allow``."""
     from wsi_mil.data.duplicates import leaking_pairs
 
-    sets = []
-    for fold in plan.folds:
-        where = {s: "train" for s in fold.train}
-        where.update({s: "validation" for s in fold.val})
-        where.update({s: "test" for s in plan.test})
-        sets.append(where)
-    leaks = leaking_pairs(found["pairs"], sets)
+    leaks = leaking_pairs(found["pairs"], split_sets([(f.train, f.val) for f in plan.folds], plan.test))
     if leaks and policy != "allow":
         listing = "\n  ".join(f"{x['a']} (patient {x['patient_a']}, {x['set_a']}) ~ {x['b']} (patient {x['patient_b']}, "
                               f"{x['set_b']}): {x['kind']} duplicate" for x in leaks[:15])
@@ -106,20 +117,26 @@ def label_source_audit(ids: list[str], columns: dict[str, dict[str, str]], sourc
 
     if not sources:
         return None
-    names = [c.strip() for c in sources.split(",") if c.strip()]
+    names = _named_columns(columns, sources, "--label-sources")
     if len(names) != 2:
         raise ConfigError(f"--label-sources needs two column names separated by a comma, got {sources!r}")
-    have = set().union(*(set(v) for v in columns.values())) if columns else set()
-    absent = [c for c in names if c not in have]
-    if absent:
-        raise ConfigError(f"--label-sources: column(s) {absent} not in the manifest; it has {sorted(have)[:20]}")
     first = [columns.get(i, {}).get(names[0], "") for i in ids]
     second = [columns.get(i, {}).get(names[1], "") for i in ids]
     out = label_conflicts(ids, first, second, names=(names[0], names[1]))
     if out["n_conflicts"]:
-        logger.warning("%d of %d %s label(s) disagree between %s and %s (listed in report.md)", out["n_conflicts"],
-                       out["n"], "row", names[0], names[1])
+        logger.warning("%d of %d row(s) disagree between %s and %s (listed in report.md)", out["n_conflicts"],
+                       out["n"], names[0], names[1])
     return out
+
+
+def _named_columns(columns: dict[str, dict[str, str]], names: str, option: str) -> list[str]:
+    """The comma-separated column ``names`` of ``option``, each checked to be in the manifest."""
+    wanted = [c.strip() for c in names.split(",") if c.strip()]
+    have = set().union(*(set(v) for v in columns.values())) if columns else set()
+    absent = [c for c in wanted if c not in have]
+    if absent:
+        raise ConfigError(f"{option}: column(s) {absent} not in the manifest; it has {sorted(have)[:30]}")
+    return wanted
 
 
 # ---- after evaluation --------------------------------------------------------------------
@@ -127,12 +144,7 @@ def subgroup_columns(ids: list[str], columns: dict[str, dict[str, str]], names: 
     """Values of the ``--subgroups`` columns for ``ids`` (a missing column is an error)."""
     if not names:
         return {}
-    wanted = [c.strip() for c in names.split(",") if c.strip()]
-    have = set().union(*(set(v) for v in columns.values())) if columns else set()
-    absent = [c for c in wanted if c not in have]
-    if absent:
-        raise ConfigError(f"--subgroups: column(s) {absent} not in the manifest; it has {sorted(have)[:30]}")
-    return {c: [columns.get(i, {}).get(c, "") for i in ids] for c in wanted}
+    return {c: [columns.get(i, {}).get(c, "") for i in ids] for c in _named_columns(columns, names, "--subgroups")}
 
 
 def prediction_audit(ids: list[str], patients: list[str], y: np.ndarray, p: np.ndarray, thr: Any, *,
@@ -184,19 +196,19 @@ def gallery_png(path: Path, errors: dict[str, Any], picture: Any, *, title: str,
     from wsi_mil.io.atomic import atomic_path
 
     fn, fp = errors["false_negatives"], errors["false_positives"]
-    rows = [(f"false negatives (positive, missed): {len(fn)}", fn[:GALLERY_MAX], (200, 40, 40)),
-            ("most confident true positives", errors["confident_true_positives"], (40, 140, 40)),
-            (f"false positives (negative, flagged): {len(fp)}", fp[:GALLERY_MAX], (200, 120, 0)),
-            ("most confident true negatives", errors["confident_true_negatives"], (40, 140, 40))]
+    tp, tn = errors["confident_true_positives"], errors["confident_true_negatives"]
+    rows = [(f"false negatives (positive, missed): {len(fn)}", fn[:GALLERY_MAX], len(fn), (200, 40, 40)),
+            ("most confident true positives", tp, len(tp), (40, 140, 40)),
+            (f"false positives (negative, flagged): {len(fp)}", fp[:GALLERY_MAX], len(fp), (200, 120, 0)),
+            ("most confident true negatives", tn, len(tn), (40, 140, 40))]
     cols = max(4, max(len(r[1]) for r in rows))
     cap, head = 28, 18
     canvas = Image.new("RGB", (cols * (tile + 4) + 4, 22 + len(rows) * (head + tile + cap)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=(0, 0, 0))
     y = 22
-    for label, cases, colour in rows:
-        more = f" (the {GALLERY_MAX} most confident shown; all in errors.csv)" if label.startswith("false") and \
-            int(label.rsplit(": ", 1)[1]) > GALLERY_MAX else ""
+    for label, cases, total, colour in rows:
+        more = f" (the {GALLERY_MAX} most confident shown; all in errors.csv)" if total > len(cases) else ""
         draw.text((4, y + 3), f"{label}{more}", fill=colour)
         y += head
         for k, c in enumerate(cases):
@@ -219,6 +231,43 @@ def gallery_png(path: Path, errors: dict[str, Any], picture: Any, *, title: str,
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def sample_picture(sample: Any) -> npt.NDArray[Any] | None:
+    """A small picture of a sample for the error gallery: an image itself, a volume's
+    middle slice, a slide's thumbnail (found through its stores' provenance); None if none."""
+    if sample is None:
+        return None
+    try:
+        if hasattr(sample, "store"):  # a slide
+            return _slide_thumbnail(sample)
+        a = np.asarray(sample.load(), dtype=np.float32)
+        if a.ndim == 3 and a.shape[-1] not in (3, 4):
+            a = a[a.shape[0] // 2]
+        return a
+    except Exception as exc:  # noqa: BLE001 - the gallery then shows an empty frame
+        logger.debug("no picture for %s: %s", getattr(sample, "slide_id", "?"), exc)
+        return None
+
+
+def _slide_thumbnail(bag: Any) -> npt.NDArray[np.uint8] | None:
+    from wsi_mil.data.bags import source_patch_store
+    from wsi_mil.io.paths import resolve_recorded
+    from wsi_mil.io.slide import open_slide
+    from wsi_mil.io.thumbnail import read_thumbnail
+
+    if bag.store is None:
+        return None
+    patch_store, attrs = source_patch_store(bag.meta, Path(bag.store))
+    if patch_store is None:
+        return None
+    slide_path = resolve_recorded(attrs, "slide_path", patch_store.parent)
+    if slide_path is None or not slide_path.exists():
+        return None
+    with open_slide(slide_path) as slide:
+        thumb, _, _ = read_thumbnail(slide, slide_mpp=float(attrs.get("slide_mpp") or 1.0), pixel_um=1e6, max_side_px=256)
+    return thumb
+
 
 
 # ---- report ------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 import numpy.typing as npt
-
-from concurrent.futures import Executor
 
 from wsi_mil.io.slide import on_white
 

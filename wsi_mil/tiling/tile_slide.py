@@ -23,7 +23,13 @@ from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import NoTissueError, SlideError
 from wsi_mil.io.paths import path_record
-from wsi_mil.io.slide import FINGERPRINT_METHOD, file_fingerprint, file_sha256, open_slide, resolve_mpp
+from wsi_mil.io.slide import (
+    FINGERPRINT_METHOD,
+    file_fingerprint,
+    file_sha256,
+    open_slide,
+    resolve_mpp,
+)
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions

@@ -119,21 +119,17 @@ class TissueReport:
         return not self.dark_background and (self.background_value < 0.8 or self.background_saturation > 0.15)
 
 
-_preloading: list[threading.Thread] = []
-
-
+@lru_cache(maxsize=1)
 def preload_imports() -> None:
     """Import scipy.ndimage (and h5py, for the store) on a background thread, once per
     process: scipy.ndimage's import takes ~0.4 s (SciPy 1.17 rewrites every docstring),
     which overlaps the slide read this way (OpenSlide's decoding releases the GIL)."""
-    if not _preloading and "scipy.ndimage" not in sys.modules:
+    if "scipy.ndimage" not in sys.modules:
         def load() -> None:
             for name in ("scipy.ndimage", "h5py"):
                 importlib.import_module(name)
 
-        thread = threading.Thread(target=load, daemon=True, name="wsi-mil-preload")
-        _preloading.append(thread)
-        thread.start()
+        threading.Thread(target=load, daemon=True, name="wsi-mil-preload").start()
 
 
 _STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 byte/pixel
@@ -166,9 +162,10 @@ def _pair_tables(params: TissueParams) -> tuple[npt.NDArray[np.uint8], npt.NDArr
     return sat, flags
 
 
-def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt.NDArray[np.uint8], ...]:
+def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams
+                  ) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask, BoolMask, int]:
     """Saturation (uint8) and the dark / background / ink / blue-ink masks of some image rows,
-    plus the count of stained pixels (as a 0-d array), by table look-up (see :func:`_pair_tables`)."""
+    plus the count of stained pixels, by table look-up (see :func:`_pair_tables`)."""
     sat_t, flag_t = _pair_tables(params)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     idx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
@@ -179,7 +176,7 @@ def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt
     del idx
     dark = (flags & _F_DARK).astype(bool)
     background = (flags & _F_BACKGROUND).astype(bool)
-    stained = np.count_nonzero(flags & _F_STAINED)
+    stained = int(np.count_nonzero(flags & _F_STAINED))
     ink = np.zeros(rgb.shape[:2], dtype=bool)
     blue = np.zeros(rgb.shape[:2], dtype=bool)
     if params.reject_pen:
@@ -188,7 +185,7 @@ def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams) -> tuple[npt
             hue, s, v = (a[0] for a in _hsv(rgb.reshape(-1, 3)[where][None]))
             ink.ravel()[where] = _ink(hue, s, v)
             blue.ravel()[where] = _blue_ink(hue, s, v)
-    return sat, dark, background, ink, blue, np.asarray(stained)
+    return sat, dark, background, ink, blue, stained
 
 
 def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, report: TissueReport,
@@ -206,7 +203,7 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, report: TissueRe
     def strip(y0: int) -> int:
         rows = slice(y0, y0 + _STRIP_ROWS)
         sat[rows], dark[rows], background[rows], ink[rows], blue[rows], n = classify_rows(rgb[rows], params)
-        return int(n)
+        return n
 
     starts = range(0, h, _STRIP_ROWS)
     stained = sum(pool.map(strip, starts) if pool is not None else map(strip, starts))
@@ -218,7 +215,6 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, report: TissueRe
         report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
                             f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
         ink &= ~(blue & (sat <= round(report.blue_ink_min_saturation * 255)))
-    del blue
     dark |= ink
     return sat, dark, background, ink
 
@@ -336,7 +332,7 @@ def _small_components(mask: BoolMask, max_px: int, pool: Executor | None, *, exc
     def label(rows: tuple[int, int]) -> tuple[npt.NDArray[np.int32], int]:
         return ndimage.label(mask[rows[0]:rows[1]], output=np.int32)
 
-    parts = list(pool.map(label, cuts)) if len(cuts) > 1 else [label(cuts[0])]
+    parts = list(pool.map(label, cuts)) if pool is not None and len(cuts) > 1 else [label(cuts[0])]
     offsets = np.cumsum([0] + [n for _, n in parts])
     n = int(offsets[-1])
     if n == 0:
@@ -367,10 +363,10 @@ def _small_components(mask: BoolMask, max_px: int, pool: Executor | None, *, exc
     flag = total[root] <= max_px
     if exclude_border:
         touching = np.zeros(n + 1, dtype=bool)
-        edges = [(0, parts[0][0][0]), (len(parts) - 1, parts[-1][0][-1])]
+        image_edges = [(0, parts[0][0][0]), (len(parts) - 1, parts[-1][0][-1])]
         for k, (lab, _) in enumerate(parts):
-            edges += [(k, lab[:, 0]), (k, lab[:, -1])]
-        for k, e in edges:
+            image_edges += [(k, lab[:, 0]), (k, lab[:, -1])]
+        for k, e in image_edges:
             touching[root[e[e > 0].astype(np.int64) + offsets[k]]] = True
         flag &= ~touching[root]
     flag[0] = False

@@ -225,7 +225,13 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     from tqdm import tqdm
 
     from wsi_mil.data.splits import prevalence_weights
-    from wsi_mil.eval.audit_run import apply_duplicate_policy, check_leaks, duplicate_audit, label_source_audit
+    from wsi_mil.eval.audit_run import (
+        apply_duplicate_policy,
+        check_leaks,
+        duplicate_audit,
+        label_source_audit,
+        subgroup_columns,
+    )
     from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.train.loop import Predictions, fit, predict, seed_everything
 
@@ -234,6 +240,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {b.slide_id: b for b in samples}
     audit: dict[str, Any] = {}
+    subgroup_columns([], inputs.columns, config.subgroups)  # a --subgroups typo stops the run now, not after training
     pixels = road_pixels(road)
     found = duplicate_audit(samples, pixels)
     audit["duplicates"] = apply_duplicate_policy(samples, found, config.duplicates)
@@ -350,11 +357,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["headline"] = choose_headline(metrics)
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind == "binary":
+        ev: tuple[Any, ...]
         if test and headline_set(metrics) == "ensemble_test":
-            ev = (("ensemble test", [(b.slide_id, "ensemble") for b in test], ens_y[:, 0], mean_p[:, 0], pooled_thr[0]))
+            ev = ("ensemble test", [(b.slide_id, "ensemble") for b in test], ens_y[:, 0], mean_p[:, 0], pooled_thr[0])
         else:
             ev = ("pooled out-of-fold validation", pooled_ids, py[:, 0], pp[:, 0], per_fold_thr[0])
-        audit["evaluation"] = _evaluation_audit(ev, by_id, inputs.columns, config, out_dir, road.unit)
+        audit["evaluation"] = _evaluation_audit(ev, by_id, inputs.columns, config, out_dir)
     else:
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
     metrics["audit"] = audit
@@ -369,7 +377,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
 
 
 def _evaluation_audit(ev: tuple[Any, ...], by_id: dict[str, Any], columns: dict[str, dict[str, str]], config: Any,
-                      out_dir: Path, unit: str) -> dict[str, Any]:
+                      out_dir: Path) -> dict[str, Any]:
     from wsi_mil.eval.audit_run import prediction_audit
 
     name, keys, y, p, thr = ev
@@ -393,7 +401,7 @@ def road_pixels(road: Any) -> Any:
 
 
 def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], pixels: Any) -> None:
-    from wsi_mil.eval.audit_run import write_audit_files
+    from wsi_mil.eval.audit_run import sample_picture, write_audit_files
 
     def picture(sid: str) -> np.ndarray | None:
         if pixels is None:
@@ -402,44 +410,6 @@ def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], pi
         return a[a.shape[0] // 2] if a.ndim == 3 else a  # a volume: its middle slice
 
     write_audit_files(out_dir, audit, picture)
-
-
-def sample_picture(sample: Any) -> np.ndarray | None:
-    """A small picture of a sample for the error gallery: an image itself, a volume's
-    middle slice, a slide's thumbnail (found through its stores' provenance); None if none."""
-    if sample is None:
-        return None
-    try:
-        if hasattr(sample, "store"):  # a slide
-            return _slide_thumbnail(sample)
-        a = np.asarray(sample.load(), dtype=np.float32)
-        if a.ndim == 3 and a.shape[-1] not in (3, 4):
-            a = a[a.shape[0] // 2]
-        return a
-    except Exception as exc:  # noqa: BLE001 - the gallery then shows an empty frame
-        logger.debug("no picture for %s: %s", getattr(sample, "slide_id", "?"), exc)
-        return None
-
-
-def _slide_thumbnail(bag: Any) -> np.ndarray | None:
-    from wsi_mil.io.paths import resolve_recorded
-    from wsi_mil.io.slide import open_slide
-    from wsi_mil.io.store import PatchStore
-    from wsi_mil.io.thumbnail import read_thumbnail
-
-    if bag.store is None:
-        return None
-    patch_store = resolve_recorded(bag.meta, "source_store", Path(bag.store).parent)
-    if patch_store is None or not patch_store.exists():
-        return None
-    with PatchStore(patch_store) as ps:
-        attrs = dict(ps.attrs)
-    slide_path = resolve_recorded(attrs, "slide_path", patch_store.parent)
-    if slide_path is None or not slide_path.exists():
-        return None
-    with open_slide(slide_path) as slide:
-        thumb, _, _ = read_thumbnail(slide, slide_mpp=float(attrs.get("slide_mpp") or 1.0), pixel_um=1e6, max_side_px=256)
-    return thumb
 
 
 def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -69,3 +69,31 @@ def test_fingerprint_samples_the_file(tmp_path) -> None:
         assert file_fingerprint(big) != base, offset
     big.write_bytes(bytes(data[:-1]))  # truncated by one byte
     assert file_fingerprint(big) != base
+
+
+def test_raw_region_read_equals_openslides_rgba_on_white(cmu_slide, kidney_slide) -> None:
+    """The thumbnail reader takes OpenSlide's premultiplied BGRA words straight into numpy:
+    on the real SVS the pixels equal read_region's composited on white, exactly where the
+    region is opaque and within rounding where it hangs off the slide (transparent there);
+    a plain image (ImageSlide) has no raw path and is read through Pillow."""
+    from wsi_mil.io.slide import on_white, read_region_bgra
+    from wsi_mil.io.thumbnail import read_thumbnail
+
+    with open_slide(cmu_slide) as slide:
+        w, h = slide.level_dimensions[0]
+        for x, y, level, size in ((100, 200, 0, (300, 200)), (w - 150, -40, 0, (300, 120)), (-64, 0, 1, (200, 90))):
+            bgra = read_region_bgra(slide, x_px=x, y_px=y, level=level, width=size[0], height=size[1])
+            ref = np.asarray(on_white(slide.read_region((x, y), level, size)))
+            assert bgra is not None and bgra.shape == (size[1], size[0], 4)
+            rgb = bgra[..., 2::-1]
+            assert np.abs(rgb.astype(int) - ref).max() <= 1, (x, y, level)
+            opaque = np.asarray(slide.read_region((x, y), level, size))[..., 3] == 255
+            assert np.array_equal(rgb[opaque], ref[opaque])
+            if x < 0 or y < 0 or x + size[0] > w:  # off the slide: white, not black
+                assert not opaque.all() and (ref[~opaque] == 255).all() and (rgb[~opaque] == 255).all()
+        thumb, _, _ = read_thumbnail(slide, slide_mpp=0.499, pixel_um=4.0)
+        assert thumb.shape[:2] == (370, 277) and 100 < thumb.mean() < 250
+    with open_slide(kidney_slide) as slide:
+        assert read_region_bgra(slide, x_px=0, y_px=0, level=0, width=10, height=10) is None
+        thumb, _, _ = read_thumbnail(slide, slide_mpp=0.5, pixel_um=8.0)
+        assert thumb.shape == (56, 93, 3) and thumb.min() < 200 < thumb.max()

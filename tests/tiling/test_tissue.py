@@ -65,9 +65,10 @@ def test_mask_on_real_slide_thumbnail_excludes_glass(cmu_slide) -> None:
 
 
 def test_fast_primitives_equal_scikit_image() -> None:
-    """The tiler's own Otsu, disk closing, small-object removal, hole filling and outline
-    give exactly what the scikit-image functions they replace give (tiling no longer
-    imports scikit-image's filters/morphology; same masks, several times faster)."""
+    """The tiler's own Otsu, disk closing, small-object removal, hole filling (OpenCV's
+    labelling, on one thread or two) and outline give exactly what the scikit-image
+    functions they replace give (tiling imports neither scikit-image nor scipy.ndimage;
+    same masks, several times faster)."""
     from skimage import measure, morphology
     from skimage.filters import threshold_otsu
     from skimage.segmentation import clear_border, find_boundaries
@@ -79,11 +80,9 @@ def test_fast_primitives_equal_scikit_image() -> None:
         disk,
         inner_boundary,
         otsu_threshold,
+        use_threads,
     )
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = ThreadPoolExecutor(2)
     rng = np.random.default_rng(7)
     for _ in range(200):
         counts = rng.integers(0, 1000, 256) * (rng.random(256) < rng.random())
@@ -104,6 +103,42 @@ def test_fast_primitives_equal_scikit_image() -> None:
             expected = morphology.remove_small_objects(m, max_size=size)
             holes = clear_border(measure.label(~m, connectivity=1))  # background pieces off the edge
             expected_holes = (holes > 0) & ~(morphology.remove_small_objects(holes, max_size=size) > 0)
-            for pool in (None, threads):  # one labelling, or two halves joined at the seam
-                assert np.array_equal(_drop_small(m, max_px=size, pool=pool), expected), (p, size, pool)
-                assert np.array_equal(_enclosed_small_holes(m, max_px=size, pool=pool), expected_holes), (p, size, pool)
+            for threads in (1, 2):  # OpenCV labels in stripes on several threads and joins them
+                use_threads(threads)
+                assert np.array_equal(_drop_small(m, max_px=size), expected), (p, size, threads)
+                assert np.array_equal(_enclosed_small_holes(m, max_px=size), expected_holes), (p, size, threads)
+
+
+def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
+    """On a mask large enough for OpenCV to label in parallel stripes (near the percolation
+    threshold, so components wind across stripes), small objects, enclosed holes and the
+    distance-to-ink rule equal scipy.ndimage's labelling and exact distance transform."""
+    from scipy import ndimage
+
+    from wsi_mil.tiling.tissue import _drop_ink_halo, _drop_small, _enclosed_small_holes, use_threads
+
+    rng = np.random.default_rng(11)
+    m = rng.random((1500, 1300)) < 0.58
+    lab, n = ndimage.label(m)  # 4-connected
+    sizes = np.bincount(lab.ravel())
+    blab, _ = ndimage.label(~m)
+    bsizes = np.bincount(blab.ravel())
+    edge = np.unique(np.concatenate([blab[0], blab[-1], blab[:, 0], blab[:, -1]]))
+    for size in (3, 50, 5000):
+        expected = m & (sizes[lab] > size)
+        small_bg = (bsizes <= size)
+        small_bg[0] = False
+        small_bg[edge] = False
+        for threads in (1, 2):
+            use_threads(threads)
+            assert np.array_equal(_drop_small(m, max_px=size), expected), (size, threads)
+            assert np.array_equal(_enclosed_small_holes(m, max_px=size), small_bg[blab]), (size, threads)
+    ink = rng.random((400, 300)) < 0.0005
+    tissue = rng.random((400, 300)) < 0.7
+    near = ndimage.distance_transform_edt(~ink) <= 9.5
+    lab8, _ = ndimage.label(tissue, structure=np.ones((3, 3), dtype=bool))
+    s8 = np.bincount(lab8.ravel())
+    fringe = np.bincount(lab8.ravel(), weights=near.ravel(), minlength=s8.size) >= 0.5 * np.maximum(s8, 1)
+    fringe[0] = False
+    assert fringe[1:].any() and not fringe[1:].all()  # the rule decides both ways here
+    assert np.array_equal(_drop_ink_halo(tissue, ink, radius_px=9.5), tissue & ~fringe[lab8])

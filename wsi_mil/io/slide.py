@@ -212,11 +212,49 @@ def on_white(region: Any) -> Any:
 
     if region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255:
         return region.convert("RGB")
-    # outside the scanned area OpenSlide returns transparent pixels (straight alpha)
-    rgba = np.asarray(region)
-    a = rgba[..., 3:4].astype(np.uint16)
-    rgb = ((rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
-    return Image.fromarray(rgb)
+    return Image.fromarray(rgba_on_white(np.asarray(region)))
+
+
+def read_region_bgra(slide: object, *, x_px: int, y_px: int, level: int, width: int, height: int
+                     ) -> npt.NDArray[np.uint8] | None:
+    """A region as OpenSlide decodes it, (H, W, 4) uint8 in B, G, R, A order (its
+    premultiplied ARGB words, little-endian), with transparent pixels composited on white.
+
+    Read straight into a numpy array: no conversion to straight-alpha RGBA and no Pillow
+    image, which ``read_region`` spends ~20 % of a low-resolution read on. ``None`` where
+    ``slide`` is not an OpenSlide handle or this openslide-python lacks the raw call (then
+    read with :func:`read_region_image`). Read errors raise ``OpenSlideError`` as usual.
+    """
+    import ctypes
+    import sys
+
+    if width <= 0 or height <= 0 or sys.byteorder != "little":
+        return None
+    try:
+        from openslide import lowlevel
+
+        raw_read = lowlevel._read_region  # the binding's ctypes call (errors are checked by it)
+        handle = slide._osr  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        return None
+    words = np.empty((int(height), int(width)), dtype=np.uint32)
+    raw_read(handle, words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), int(x_px), int(y_px), int(level),
+             int(width), int(height))
+    bgra = words.view(np.uint8).reshape(int(height), int(width), 4)
+    if not bool((words >= 0xFF000000).all()):  # some alpha < 255: premultiplied, so white shows through as + (255 - a)
+        bgra[..., :3] += (255 - bgra[..., 3])[..., None]
+        bgra[..., 3] = 255
+    return bgra
+
+
+def rgba_on_white(rgba: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """An (H, W, 4) straight-alpha array as contiguous (H, W, 3) RGB on white (the opaque
+    case is a plain channel copy)."""
+    alpha = rgba[..., 3]
+    if alpha.size == 0 or int(alpha.min()) == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a)) // 255).astype(np.uint8)
 
 
 def read_region_rgb(

@@ -31,10 +31,16 @@ from wsi_mil.io.slide import (
     resolve_mpp,
 )
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
-from wsi_mil.io.thumbnail import read_thumbnail
+from wsi_mil.io.thumbnail import read_thumbnail, thumbnail_size
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
 from wsi_mil.tiling.qc import qc_background, write_qc_png
-from wsi_mil.tiling.tissue import TissueReport, inspect_tissue, preload_imports
+from wsi_mil.tiling.tissue import (
+    ColourClasses,
+    TissueReport,
+    inspect_tissue,
+    preload_imports,
+    use_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +83,11 @@ class SlidePlan:
         return len(self.coords_px)
 
 
+def pool_width(pool: Executor | None) -> int:
+    """Threads of a thread pool (1 without one)."""
+    return int(getattr(pool, "_max_workers", 1)) if pool is not None else 1
+
+
 def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, pool: Executor | None = None) -> SlidePlan:
     """Find the tissue patches of one slide (no store written); with ``pool``, the slide's
     thumbnail is read and classified in strips on the pool's threads.
@@ -86,6 +97,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     """
     t0 = time.perf_counter()
     preload_imports()
+    use_threads(pool_width(pool))
+    params = config.tissue_params()
     with open_slide(entry.path) as slide:
         smpp = resolve_mpp(slide, slide_name=entry.slide_id, override_mpp=config.slide_mpp, manifest_mpp=entry.mpp)
         w0, h0 = slide.dimensions  # type: ignore[attr-defined]
@@ -95,16 +108,19 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             slide_name=entry.slide_id,
         )
         t_read = time.perf_counter()
-        thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool)
+        tw, th = thumbnail_size(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, whole_factor=True)
+        classes = ColourClasses((th, tw), params)  # classified band by band as the bands are decoded
+        thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool,
+                                                   on_band=classes.add, whole_factor=True)
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
     t = time.perf_counter()
     background = None
-    if qc_dir is not None and config.qc and pool is not None and getattr(pool, "_max_workers", 1) > 1:
+    if qc_dir is not None and config.qc and pool is not None and pool_width(pool) > 1:
         background = pool.submit(qc_background, thumb)  # the QC's resize overlaps tissue detection's serial parts
-    params = config.tissue_params()
-    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool)
+    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool, classes=classes)
+    del classes
     phases["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     if tissue.dark_background:

@@ -1,4 +1,4 @@
-"""Tissue detection on a low-resolution RGB image (thumbnail). Pure numpy/scikit-image.
+"""Tissue detection on a low-resolution RGB image (thumbnail): numpy, with OpenCV for labelling.
 
 The method, in order:
 
@@ -121,12 +121,11 @@ class TissueReport:
 
 @lru_cache(maxsize=1)
 def preload_imports() -> None:
-    """Import scipy.ndimage (and h5py, for the store) on a background thread, once per
-    process: scipy.ndimage's import takes ~0.4 s (SciPy 1.17 rewrites every docstring),
-    which overlaps the slide read this way (OpenSlide's decoding releases the GIL)."""
-    if "scipy.ndimage" not in sys.modules:
+    """Import h5py (for the store, ~0.1 s) on a background thread, once per process, so
+    its import overlaps the slide read (OpenSlide's decoding releases the GIL)."""
+    if "h5py" not in sys.modules:
         def load() -> None:
-            for name in ("scipy.ndimage", "h5py"):
+            for name in ("h5py",):
                 importlib.import_module(name)
 
         threading.Thread(target=load, daemon=True, name="wsi-mil-preload").start()
@@ -188,35 +187,58 @@ def classify_rows(rgb: npt.NDArray[np.uint8], params: TissueParams
     return sat, dark, background, ink, blue, stained
 
 
-def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, report: TissueReport,
-              pool: Executor | None = None) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
-    """Saturation (uint8, 0-255), artefact (ink / near-black), glass and ink masks, strip
-    by strip (on ``pool``'s threads when given); blue that is the slide's stain is taken
-    back out of the ink."""
-    h = rgb.shape[0]
-    sat = np.empty(rgb.shape[:2], dtype=np.uint8)
-    dark = np.empty(rgb.shape[:2], dtype=bool)
-    background = np.empty(rgb.shape[:2], dtype=bool)
-    ink = np.empty(rgb.shape[:2], dtype=bool)
-    blue = np.empty(rgb.shape[:2], dtype=bool)
+class ColourClasses:
+    """Per-pixel colour classes of an image (saturation and the dark / glass / ink / blue-ink
+    masks, see :func:`classify_rows`), filled band by band from any thread in any order:
+    the slide reader hands each band over as soon as it is decoded (``add``), so the colour
+    work overlaps the decoding of the other bands."""
 
-    def strip(y0: int) -> int:
-        rows = slice(y0, y0 + _STRIP_ROWS)
-        sat[rows], dark[rows], background[rows], ink[rows], blue[rows], n = classify_rows(rgb[rows], params)
-        return n
+    def __init__(self, shape: tuple[int, int], params: TissueParams) -> None:
+        self.params = params
+        self.sat = np.empty(shape, dtype=np.uint8)
+        self.dark = np.empty(shape, dtype=bool)
+        self.background = np.empty(shape, dtype=bool)
+        self.ink = np.empty(shape, dtype=bool)
+        self.blue = np.empty(shape, dtype=bool)
+        self._counts: list[int] = []  # stained pixels per strip (list.append is atomic)
+        self.rows_done = 0
 
-    starts = range(0, h, _STRIP_ROWS)
-    stained = sum(pool.map(strip, starts) if pool is not None else map(strip, starts))
-    if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
-        # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
-        typical = float(np.median(sat[blue])) / 255  # the stain's (a pen stroke is a minority)
-        report.blue_is_stain = True
-        report.blue_ink_min_saturation = max(0.6, typical + 0.2)
-        report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
-                            f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
-        ink &= ~(blue & (sat <= round(report.blue_ink_min_saturation * 255)))
-    dark |= ink
-    return sat, dark, background, ink
+    def add(self, rgb: npt.NDArray[np.uint8], y0: int) -> None:
+        """Classify image rows ``y0 .. y0 + len(rgb)`` (in strips: memory ~1 byte/pixel)."""
+        for a in range(0, rgb.shape[0], _STRIP_ROWS):
+            rows = slice(y0 + a, y0 + min(a + _STRIP_ROWS, rgb.shape[0]))
+            (self.sat[rows], self.dark[rows], self.background[rows], self.ink[rows], self.blue[rows],
+             n) = classify_rows(rgb[a:a + _STRIP_ROWS], self.params)
+            self._counts.append(n)
+            self.rows_done += rows.stop - rows.start
+
+    def finish(self, report: TissueReport) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
+        """Saturation, artefact (ink / near-black), glass and ink masks; blue that is the
+        slide's stain is taken back out of the ink."""
+        if self.rows_done != self.sat.shape[0]:
+            raise RuntimeError(f"colour classes cover {self.rows_done} of {self.sat.shape[0]} rows")
+        params, sat, ink, blue = self.params, self.sat, self.ink, self.blue
+        stained = sum(self._counts)
+        if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
+            # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
+            typical = float(np.median(sat[blue])) / 255  # the stain's (a pen stroke is a minority)
+            report.blue_is_stain = True
+            report.blue_ink_min_saturation = max(0.6, typical + 0.2)
+            report.notes.append("blue/violet is this slide's stain: only blue far more saturated than the stain "
+                                f"(saturation > {report.blue_ink_min_saturation:.2f}) is rejected as pen ink")
+            ink &= ~(blue & (sat <= round(report.blue_ink_min_saturation * 255)))
+        del self.blue
+        self.dark |= ink
+        return sat, self.dark, self.background, ink
+
+
+def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, pool: Executor | None = None) -> ColourClasses:
+    """:class:`ColourClasses` of a whole image, strip by strip (on ``pool``'s threads when given)."""
+    classes = ColourClasses(rgb.shape[:2], params)
+    starts = range(0, rgb.shape[0], _STRIP_ROWS)
+    list(pool.map(lambda y: classes.add(rgb[y:y + _STRIP_ROWS], y), starts) if pool is not None
+         else (classes.add(rgb[y:y + _STRIP_ROWS], y) for y in starts))
+    return classes
 
 
 def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
@@ -224,7 +246,12 @@ def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
     ring = max(1, min(rgb.shape[0], rgb.shape[1]) // 50)
     edge = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
                            rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
-    _, s, v = _hsv(edge[None])
+    r, g, b = edge[:, 0], edge[:, 1], edge[:, 2]
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    v = mx.astype(np.float32) / np.float32(255.0)  # HSV value and saturation as in _hsv
+    c = v - mn.astype(np.float32) / np.float32(255.0)
+    s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
     return float(np.median(v)), float(np.median(s))
 
 
@@ -308,80 +335,42 @@ def binary_closing_disk(mask: BoolMask, radius: int) -> BoolMask:
     return closed
 
 
-def _by_rows(fn: Any, arrays: tuple[npt.NDArray[Any], ...], pool: Executor | None) -> list[Any]:
-    """``fn`` over horizontal chunks of ``arrays`` (numpy releases the GIL: chunks share the pool)."""
-    n = arrays[0].shape[0]
-    step = max(1, -(-n // 8))
-    chunks = [tuple(a[y:y + step] for a in arrays) for y in range(0, n, step)]
-    return list(pool.map(lambda c: fn(*c), chunks) if pool is not None else (fn(*c) for c in chunks))
+def _cv2() -> Any:
+    """OpenCV (imported on first use: the tiler needs it, most commands do not)."""
+    import cv2
+
+    return cv2
 
 
-def _small_components(mask: BoolMask, max_px: int, pool: Executor | None, *, exclude_border: bool = False) -> BoolMask:
+def use_threads(n: int) -> None:
+    """Let OpenCV's own parallel loops (labelling, distance transform) use ``n`` threads: the
+    tiler's width (1 in each single-threaded Dask worker process, where more would oversubscribe)."""
+    cv2 = _cv2()
+    if cv2.getNumThreads() != max(1, n):
+        cv2.setNumThreads(max(1, n))
+
+
+def _small_components(mask: BoolMask, max_px: int, *, exclude_border: bool = False) -> BoolMask:
     """True on the pixels of ``mask``'s 4-connected components of at most ``max_px`` pixels
-    (with ``exclude_border``, only those not touching the image edge).
-
-    With a pool the two halves of the image are labelled on two threads (scipy's labelling
-    runs largely outside the GIL) and components meeting at the seam are joined by a small
-    union-find over the seam's label pairs; sizes and look-ups are counted in chunks on the
-    threads too. The result equals one labelling of the whole image."""
-    from scipy import ndimage
-
-    h = mask.shape[0]
-    cuts = [(0, h // 2), (h // 2, h)] if pool is not None and h >= 64 else [(0, h)]
-
-    def label(rows: tuple[int, int]) -> tuple[npt.NDArray[np.int32], int]:
-        return ndimage.label(mask[rows[0]:rows[1]], output=np.int32)
-
-    parts = list(pool.map(label, cuts)) if pool is not None and len(cuts) > 1 else [label(cuts[0])]
-    offsets = np.cumsum([0] + [n for _, n in parts])
-    n = int(offsets[-1])
-    if n == 0:
+    (with ``exclude_border``, only those not touching the image edge): one labelling with
+    OpenCV's connected components, which counts each component's area as it labels."""
+    cv2 = _cv2()
+    if not mask.any():
         return np.zeros_like(mask)
-    sizes = np.zeros(n + 1, dtype=np.int64)
-    for (lab, k), off in zip(parts, offsets[:-1], strict=True):
-        counts = sum(_by_rows(lambda x, k=k: np.bincount(x.ravel(), minlength=k + 1), (lab,), pool))
-        sizes[off + 1:off + k + 1] = counts[1:]
-    root = np.arange(n + 1)
-    if len(parts) == 2:  # join the components that meet across the seam
-        above, below = parts[0][0][-1], parts[1][0][0]
-        both = (above > 0) & (below > 0)
-        edges = np.unique(np.stack([above[both].astype(np.int64), below[both].astype(np.int64) + offsets[1]]), axis=1)
-        ea, eb = edges
-        while len(ea):
-            ra, rb = root[ea], root[eb]
-            if np.array_equal(ra, rb):
-                break
-            low = np.minimum(ra, rb)
-            np.minimum.at(root, ra, low)
-            np.minimum.at(root, rb, low)
-            while True:  # path compression until every id points at its root
-                nxt = root[root]
-                if np.array_equal(nxt, root):
-                    break
-                root = nxt
-    total = np.bincount(root, weights=sizes, minlength=n + 1)
-    flag = total[root] <= max_px
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    flag = stats[:, cv2.CC_STAT_AREA] <= max_px
+    flag[0] = False  # (label 0: the pixels outside the mask)
     if exclude_border:
-        touching = np.zeros(n + 1, dtype=bool)
-        image_edges = [(0, parts[0][0][0]), (len(parts) - 1, parts[-1][0][-1])]
-        for k, (lab, _) in enumerate(parts):
-            image_edges += [(k, lab[:, 0]), (k, lab[:, -1])]
-        for k, e in image_edges:
-            touching[root[e[e > 0].astype(np.int64) + offsets[k]]] = True
-        flag &= ~touching[root]
-    flag[0] = False
-    out = np.empty(mask.shape, dtype=bool)
-    for (lab, k), off, (r0, r1) in zip(parts, offsets[:-1], cuts, strict=True):
-        lut = np.concatenate([[False], flag[off + 1:off + k + 1]])
-
-        def gather(x: npt.NDArray[np.int32], dst: BoolMask, lut: npt.NDArray[np.bool_] = lut) -> None:
-            dst[...] = lut[x]
-
-        _by_rows(gather, (lab, out[r0:r1]), pool)
-    return out
+        x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+        h, w = mask.shape
+        flag &= (x > 0) & (y > 0) & (x + stats[:, cv2.CC_STAT_WIDTH] < w) & (y + stats[:, cv2.CC_STAT_HEIGHT] < h)
+    if not flag.any():
+        return np.zeros_like(mask)
+    return flag[labels]
 
 
-def _drop_small(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
+def _drop_small(mask: BoolMask, *, max_px: int) -> BoolMask:
     """``mask`` without its 4-connected components of ``max_px`` pixels or fewer (as
     scikit-image's ``remove_small_objects``), labelled inside the bounding box of ``mask``."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -390,14 +379,14 @@ def _drop_small(mask: BoolMask, *, max_px: int, pool: Executor | None = None) ->
         return out
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     region = mask[box]
-    out[box] = region & ~_small_components(region, max_px, pool)
+    out[box] = region & ~_small_components(region, max_px)
     return out
 
 
-def _enclosed_small_holes(mask: BoolMask, *, max_px: int, pool: Executor | None = None) -> BoolMask:
+def _enclosed_small_holes(mask: BoolMask, *, max_px: int) -> BoolMask:
     """Background components (4-connected) that do not touch the image edge and have at
     most ``max_px`` pixels."""
-    return _small_components(~mask, max_px, pool, exclude_border=True)
+    return _small_components(~mask, max_px, exclude_border=True)
 
 
 def tissue_mask(
@@ -418,16 +407,22 @@ def tissue_mask(
 
 def inspect_tissue(
     rgb: npt.NDArray[np.uint8], *, pixel_um: float, params: TissueParams | None = None,
-    pool: Executor | None = None,
+    pool: Executor | None = None, classes: ColourClasses | None = None,
 ) -> tuple[BoolMask, TissueReport]:
     """:func:`tissue_mask` and a :class:`TissueReport` of how it was reached (the per-pixel
-    colour work on ``pool``'s threads when one is given)."""
+    colour work on ``pool``'s threads when one is given). ``classes``: the image's
+    :class:`ColourClasses` when they were made already (while the image was read)."""
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     report = TissueReport()
     report.background_value, report.background_saturation = _edge_colour(rgb)
-    sat, artefact, background, ink = _classify(rgb, params, report, pool)
+    if classes is None:
+        classes = _classify(rgb, params, pool)
+    elif classes.params != params or classes.sat.shape != rgb.shape[:2]:
+        raise ValueError("the colour classes given were made with other settings or for another image")
+    sat, artefact, background, ink = classes.finish(report)
+    del classes
     candidates = ~(artefact | background)
     threshold = _otsu_clamped(sat[candidates], params)
     above = sat > round(threshold * 255)
@@ -448,13 +443,13 @@ def inspect_tissue(
         mask = binary_closing_disk(mask, radius)
     min_px = int(params.min_tissue_area_um2 / px_area)
     if min_px > 1:
-        mask = _drop_small(mask, max_px=min_px, pool=pool)
+        mask = _drop_small(mask, max_px=min_px)
     hole_px = int(params.max_hole_area_um2 / px_area)
     if hole_px > 1:
-        mask |= _enclosed_small_holes(mask, max_px=hole_px, pool=pool)
+        mask |= _enclosed_small_holes(mask, max_px=hole_px)
     mask &= ~artefact
     if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
-        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area), pool=pool)
+        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area))
         mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
     report.mask_fraction = float(mask.mean())
     return mask, report
@@ -467,12 +462,12 @@ def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMa
     whose pixels are mostly within ``radius_px`` of ink is that fringe; real tissue next
     to ink is kept because most of it lies farther away.
     """
-    from scipy import ndimage
-
+    cv2 = _cv2()
     if not ink.any() or not mask.any():
         return mask
-    near_ink = ndimage.distance_transform_edt(~ink) <= radius_px
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool), output=np.int32)
+    # exact Euclidean distance of every pixel to the nearest ink pixel
+    near_ink = cv2.distanceTransform((~ink).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius_px
+    _, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     sizes = np.bincount(labels.ravel())
     near = np.bincount(labels.ravel(), weights=near_ink.ravel(), minlength=sizes.size)
     fringe = near >= 0.5 * np.maximum(sizes, 1)

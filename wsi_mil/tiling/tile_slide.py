@@ -142,6 +142,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
             coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
             background=background.result() if background is not None else None,
+            pool=pool if pool_width(pool) > 1 else None,
         ))
     phases["qc"] = time.perf_counter() - t
     root_attrs = {

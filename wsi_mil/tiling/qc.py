@@ -19,12 +19,16 @@ _PATCH_BLUE = (30, 60, 230)
 def _runs(shape: tuple[int, int], line: npt.NDArray[np.int64], start: npt.NDArray[np.int64],
           stop: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """Pixels of an image of ``shape`` on any run ``start .. stop`` (inclusive) along row
-    ``line``: +1 where a run starts, -1 after it ends, summed along the rows (counted with
-    bincount and summed along the contiguous axis, which numpy does several times faster)."""
+    ``line``: +1 where a run starts, -1 after it ends, summed along the rows; only the rows
+    that hold a run are counted (with bincount) and summed (along the contiguous axis)."""
     n, m = shape
-    ends = np.bincount(line * (m + 1) + stop + 1, minlength=n * (m + 1))
-    steps = np.bincount(line * (m + 1) + start, minlength=n * (m + 1)) - ends
-    return np.cumsum(steps.reshape(n, m + 1), axis=1)[:, :m] > 0
+    rows, which = np.unique(line, return_inverse=True)
+    k = len(rows)
+    ends = np.bincount(which * (m + 1) + stop + 1, minlength=k * (m + 1))
+    steps = np.bincount(which * (m + 1) + start, minlength=k * (m + 1)) - ends
+    out = np.zeros(shape, dtype=bool)
+    out[rows] = np.cumsum(steps.reshape(k, m + 1), axis=1)[:, :m] > 0
+    return out
 
 
 def patch_outlines(shape: tuple[int, int], coords_px: npt.NDArray[np.int64], *, extent: tuple[float, float],

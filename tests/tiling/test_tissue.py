@@ -142,3 +142,25 @@ def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
     fringe[0] = False
     assert fringe[1:].any() and not fringe[1:].all()  # the rule decides both ways here
     assert np.array_equal(_drop_ink_halo(tissue, ink, radius_px=9.5), tissue & ~fringe[lab8])
+
+
+def test_colour_classes_filled_band_by_band_in_any_order() -> None:
+    """The slide reader hands bands to ColourClasses as they are decoded, on any thread and
+    in any order: the classes equal one pass over the whole image, and a mask is refused
+    until every row is in."""
+    from wsi_mil.tiling.tissue import ColourClasses, TissueReport, _classify
+
+    rgb = np.concatenate([_tile("tcga-lung-rgb.png"), _tile(PEN_ONLY[1])])  # tissue above, green pen below (512 px wide)
+    params = TissueParams()
+    whole = _classify(rgb, params).finish(TissueReport())
+    classes = ColourClasses(rgb.shape[:2], params)
+    starts = list(range(0, rgb.shape[0], 37))
+    np.random.default_rng(3).shuffle(starts)
+    for y in starts[:-1]:
+        classes.add(rgb[y:y + 37], y)
+    with pytest.raises(RuntimeError, match="rows"):
+        classes.finish(TissueReport())
+    classes.add(rgb[starts[-1]:starts[-1] + 37], starts[-1])
+    for a, b in zip(whole, classes.finish(TissueReport()), strict=True):
+        assert np.array_equal(a, b)
+    assert whole[0].std() > 5 and whole[3].any()  # real tissue (saturation varies) and green pen ink

@@ -164,3 +164,22 @@ def test_colour_classes_filled_band_by_band_in_any_order() -> None:
     for a, b in zip(whole, classes.finish(TissueReport()), strict=True):
         assert np.array_equal(a, b)
     assert whole[0].std() > 5 and whole[3].any()  # real tissue (saturation varies) and green pen ink
+
+
+def test_integer_ink_rules_equal_the_float_hue_rules() -> None:
+    """Pen ink by integer hue comparisons equals the float HSV rules (_ink, _blue_ink) on
+    every colour of a dense grid and 300k random ones, except exactly on a hue bound, where
+    float32 lands a hair off (65° computed as 64.99999°)."""
+    from wsi_mil.tiling.tissue import _blue_ink, _hsv, _ink, _ink_and_blue, _ink_pair_table, _pair_index
+
+    rng = np.random.default_rng(5)
+    grid = np.stack(np.meshgrid(*[np.arange(0, 256, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    px = np.concatenate([grid, rng.integers(0, 256, (300_000, 3))]).astype(np.uint8)
+    h, s, v = (a[0] for a in _hsv(px[None]))
+    ink, blue = _ink_and_blue(px, _ink_pair_table()[_pair_index(px)])
+    differ = (ink != _ink(h, s, v)) | (blue != _blue_ink(h, s, v))
+    bounds = np.array([15.0, 65.0, 180.0, 250.0, 320.0, 345.0])
+    on_bound = np.abs(h[:, None] - bounds[None]).min(axis=1) < 1e-3
+    assert ink.mean() > 0.2 and blue.mean() > 0.05  # both rules fire on many colours
+    assert differ.sum() < 1e-3 * len(px) and on_bound[differ].all()
+    assert np.array_equal(pen_mask(px[None])[0], ink)

@@ -242,7 +242,8 @@ def read_region_bgra(slide: object, *, x_px: int, y_px: int, level: int, width: 
              int(width), int(height))
     bgra = words.view(np.uint8).reshape(int(height), int(width), 4)
     if not bool((words >= 0xFF000000).all()):  # some alpha < 255: premultiplied, so white shows through as + (255 - a)
-        bgra[..., :3] += (255 - bgra[..., 3])[..., None]
+        white = (255 - bgra[..., 3:4]).astype(np.uint16)
+        bgra[..., :3] = np.minimum(bgra[..., :3] + white, 255)  # (saturating, should a colour exceed its alpha)
         bgra[..., 3] = 255
     return bgra
 

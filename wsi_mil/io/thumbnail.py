@@ -106,7 +106,7 @@ def read_thumbnail(
     def band(ty0: int) -> None:
         ty1 = min(th, ty0 + thumb_rows_per_band)
         if f:
-            ly0, ly1 = ty0 * f, ty1 * f
+            ly0, ly1 = ty0 * f, min(lh, ty1 * f)  # (a level thinner than f pixels: its rows only)
         else:
             ly0, ly1 = int(np.floor(ty0 * lh / th)), min(lh, int(np.ceil(ty1 * lh / th)))
         size = (tw, ty1 - ty0)

@@ -319,9 +319,15 @@ def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
     return int(np.nanargmax(variance12))
 
 
-def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams) -> float:
-    """Otsu threshold of saturation (from its 256-bin histogram), clamped to the configured range."""
-    counts = np.bincount(sat_u8, minlength=256)
+def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams, where: BoolMask | None = None) -> float:
+    """Otsu threshold of saturation (from its 256-bin histogram, over the pixels ``where``
+    is true: OpenCV's masked histogram, no copy of the pixels), clamped to the configured range."""
+    if where is None:
+        counts = np.bincount(sat_u8.ravel(), minlength=256)
+    else:
+        cv2 = _cv2()
+        counts = cv2.calcHist([np.ascontiguousarray(sat_u8)], [0], np.ascontiguousarray(where).view(np.uint8),
+                              [256], [0, 256]).ravel().astype(np.int64)
     if np.count_nonzero(counts) < 2:
         return params.saturation_max
     t = otsu_threshold(counts) / 255.0
@@ -456,7 +462,7 @@ def inspect_tissue(
     sat, artefact, background, ink = classes.finish(report)
     del classes
     candidates = ~(artefact | background)
-    threshold = _otsu_clamped(sat[candidates], params)
+    threshold = _otsu_clamped(sat, params, where=candidates)
     above = sat > round(threshold * 255)
     del sat  # (arrays are dropped as soon as they are used: peak memory stays flat at ~1 byte/pixel each)
     mask = candidates & above
@@ -483,7 +489,7 @@ def inspect_tissue(
     if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
         ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area))
         mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
-    report.mask_fraction = float(mask.mean())
+    report.mask_fraction = float(np.count_nonzero(mask) / max(1, mask.size))
     return mask, report
 
 

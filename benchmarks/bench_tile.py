@@ -196,6 +196,12 @@ def floor_main(args: argparse.Namespace) -> None:
                     "peak_rss_single_mb": _stat([x["peak_rss_single_process_mb"] for x in rr]),
                     "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
                     "patches": rr[0]["report"]["slides"][0]["n_patches"]}
+            # ratios within each round (the runs of one round are seconds apart, so the machine's
+            # slower and faster spells cancel): medians and ranges over the rounds
+            fl, w1, w2 = ([x["wall_s"] for x in runs[k]] for k in ("floor", "tile_1", "tile_2"))
+            row["paired"] = {"tile_1_x_floor": _stat([a / b for a, b in zip(w1, fl, strict=True)]),
+                             "tile_2_x_floor": _stat([a / b for a, b in zip(w2, fl, strict=True)]),
+                             "speedup_2_workers": _stat([a / b for a, b in zip(w1, w2, strict=True)])}
             res["sizes"].append(row)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tile_floor.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -220,6 +226,10 @@ def floor_main(args: argparse.Namespace) -> None:
                   f"| {row['tile_2']['mask_um_per_px']:.1f} ({row['tile_2']['patches']:,}) "
                   f"| {m(row['coarse_2']['wall_s'])} | {row['coarse_2']['wall_s']['median'] / f['median']:.2f} "
                   f"| {row['coarse_2']['mask_um_per_px']:.1f} ({row['coarse_2']['patches']:,}) |")
+    md += ["", "Ratios within each round (median, min-max over the rounds): "
+           + "; ".join(f"{row['side_px']:,} px: 1 worker {m(row['paired']['tile_1_x_floor'], '{:.2f}')} × floor, "
+                       f"2 workers {m(row['paired']['tile_2_x_floor'], '{:.2f}')} × floor, 1 ÷ 2 workers "
+                       f"{m(row['paired']['speedup_2_workers'], '{:.2f}')}" for row in res["sizes"]) + "."]
     md += ["", "Phases (median s): " + "; ".join(
         f"{row['side_px']:,} px, {key.replace('coarse', 'tile --tissue-mpp 16').replace('_1', ' 1 worker').replace('_2', ' 2 workers')} "
         f"({row[key]['executor']}): "

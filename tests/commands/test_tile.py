@@ -168,3 +168,33 @@ def test_threads_and_processes_give_the_same_store(tmp_path, big_slide) -> None:
     bad = _run(["tile", str(big_slide), "--out", str(tmp_path / "bad"), "--executor", "threads",
                 "--scheduler", "tcp://127.0.0.1:1", "--no-progress"])
     assert bad.returncode == 2 and "leave out --scheduler" in bad.stderr
+
+
+def test_store_from_an_earlier_tissue_method_is_kept_with_a_notice(tmp_path, cmu_slide) -> None:
+    """A store written by an earlier tissue-detection method (no or another
+    tissue_method_version) is still a valid cache, but the re-run says so and names
+    --overwrite; --overwrite re-tiles it with the current method."""
+    import h5py
+
+    from wsi_mil.tiling.tissue import TISSUE_METHOD_VERSION
+
+    out = tmp_path / "t"
+    args = ["tile", str(cmu_slide), "--out", str(out), "--no-progress"]
+    assert _run(args).returncode == 0
+    store = out / "patches" / f"{cmu_slide.stem}.h5"
+    with PatchStore(store) as s:
+        assert s.attrs["tissue_method_version"] == TISSUE_METHOD_VERSION
+    again = _run(args)
+    assert again.returncode == 0 and "earlier tissue-detection method" not in again.stdout + again.stderr
+    with h5py.File(store, "r+") as f:  # as a store from wsi-mil before the version was recorded
+        del f.attrs["tissue_method_version"]
+    old = _run(args)
+    report = json.loads((out / "run_report.json").read_text())
+    assert old.returncode == 0 and report["slides"][0]["status"] == "cached"
+    assert "earlier tissue-detection method (version 1, now" in report["slides"][0]["message"]
+    assert "--overwrite" in old.stderr
+    redo = _run(args + ["--overwrite"])
+    report = json.loads((out / "run_report.json").read_text())
+    assert redo.returncode == 0 and report["slides"][0]["status"] == "ok"
+    with PatchStore(store) as s:
+        assert s.attrs["tissue_method_version"] == TISSUE_METHOD_VERSION

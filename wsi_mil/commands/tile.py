@@ -29,6 +29,7 @@ from wsi_mil.tiling.tile_slide import (
     open_store_writer,
     tile_slide_coords,
 )
+from wsi_mil.tiling.tissue import TISSUE_METHOD_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,17 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
         return (f"{final} exists from a run with different settings (or a changed slide file); "
                 "use --overwrite to rebuild it or choose another --out")
     qc = qc_dir / f"{entry.slide_id}.png"
+    message = "already tiled (cached)"
+    method = int(attrs.get("tissue_method_version", 1))
+    if method != TISSUE_METHOD_VERSION:  # kept (re-tiling a cohort is the user's call), but said
+        message += (f"; made by an earlier tissue-detection method (version {method}, now {TISSUE_METHOD_VERSION}, "
+                    f"wsi-mil {attrs.get('wsi_mil_version', '?')}): its mask may differ a little from a new run's; "
+                    "--overwrite re-tiles it")
+        logger.warning("%s: %s", entry.slide_id, message)
     return SlideOutcome(
         entry.slide_id, str(entry.path), "cached" if attrs.get("n_patches", 0) else "no_tissue",
         n_patches=int(attrs.get("n_patches", 0)), mpp=attrs.get("slide_mpp"), mpp_source=attrs.get("mpp_source"),
-        store=str(final), qc_png=str(qc) if qc.exists() else None, message="already tiled (cached)",
+        store=str(final), qc_png=str(qc) if qc.exists() else None, message=message,
     )
 
 

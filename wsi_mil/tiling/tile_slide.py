@@ -35,6 +35,7 @@ from wsi_mil.io.thumbnail import read_thumbnail, thumbnail_size
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
 from wsi_mil.tiling.qc import qc_background, write_qc_png
 from wsi_mil.tiling.tissue import (
+    TISSUE_METHOD_VERSION,
     ColourClasses,
     TissueReport,
     inspect_tissue,
@@ -170,6 +171,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "extent_level0_px": geometry.extent_level0_px,
         "min_tissue": config.min_tissue,
         "tissue_params": params.to_dict(),
+        "tissue_method_version": TISSUE_METHOD_VERSION,
         "tissue_mask_um_per_px": thumb_um,
         "n_patches": len(coords),
         "n_grid_candidates": len(candidates),

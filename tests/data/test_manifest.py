@@ -39,12 +39,13 @@ def test_malformed_manifests_are_refused_with_reason(tmp_path, text: str, match:
 
 
 def test_metadata_columns_are_kept_for_subgroups(tmp_path) -> None:
-    from wsi_mil.data.manifest import manifest_columns
+    from wsi_mil.data.manifest import entry_columns
 
     path = _write(tmp_path, "slide_id,path,patient_id,label,site,scanner,age\na,x.svs,p1,1,B,GT450,61\n")
     (e,) = read_manifest(path)
     assert e.labels == {"label": "1"}  # metadata are not labels
-    assert manifest_columns(path)["a"]["site"] == "B" and manifest_columns(path)["a"]["age"] == "61"
+    columns = entry_columns([e])  # the slide's manifest columns, as the audit reads them
+    assert columns["a"]["site"] == "B" and columns["a"]["age"] == "61"
 
 
 def test_missing_slide_file_is_not_fatal(tmp_path) -> None:

@@ -109,11 +109,6 @@ def entry_columns(entries: list[Any]) -> dict[str, dict[str, str]]:
             for e in entries}
 
 
-def manifest_columns(path: str | Path) -> dict[str, dict[str, str]]:
-    """slide_id -> the columns of its row in a slide manifest (:func:`entry_columns`)."""
-    return entry_columns(read_manifest(path, require_path=False))
-
-
 def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideEntry]:
     """Read and validate a manifest CSV.
 

@@ -23,11 +23,10 @@ _BAND_BYTES = 6 << 20
 class ThumbnailPlan:
     """Which pyramid level a thumbnail is read from and how it is reduced.
 
-    ``factor`` is an integer (level pixels per thumbnail pixel, both axes) for a
-    whole-factor thumbnail, else the fractional width / height ratio; ``width`` and
-    ``height`` are the thumbnail's size; ``read_width`` / ``read_height`` the level pixels
-    read (a whole-factor thumbnail drops the last few level pixels that do not fill a
-    thumbnail pixel, under one thumbnail pixel).
+    ``whole_factor``: level pixels per thumbnail pixel (both axes) for a whole-factor
+    thumbnail, else None (a fractional resize to ``width`` x ``height``, the thumbnail's
+    size); ``read_width`` / ``read_height``: the level pixels read (a whole-factor thumbnail
+    drops the last few level pixels that do not fill a thumbnail pixel).
     """
 
     level: int
@@ -64,18 +63,10 @@ def plan_thumbnail(slide: object, *, slide_mpp: float, pixel_um: float, max_side
     return ThumbnailPlan(level, downsamples[level], tw, th, lw, lh, None)
 
 
-def thumbnail_size(slide: object, *, slide_mpp: float, pixel_um: float,
-                   max_side_px: int = MAX_THUMBNAIL_SIDE_PX, whole_factor: bool = False) -> tuple[int, int]:
-    """(width, height) of :func:`read_thumbnail`'s image, without reading anything."""
-    plan = plan_thumbnail(slide, slide_mpp=slide_mpp, pixel_um=pixel_um, max_side_px=max_side_px,
-                          whole_factor=whole_factor)
-    return plan.width, plan.height
-
-
 def read_thumbnail(
     slide: object, *, slide_mpp: float, pixel_um: float, max_side_px: int = MAX_THUMBNAIL_SIDE_PX,
     pool: Executor | None = None, on_band: Callable[[npt.NDArray[np.uint8], int], None] | None = None,
-    whole_factor: bool = False,
+    whole_factor: bool = False, plan: ThumbnailPlan | None = None,
 ) -> tuple[npt.NDArray[np.uint8], tuple[float, float], float]:
     """Thumbnail at about ``pixel_um`` µm per pixel (coarser if it would exceed ``max_side_px``).
 
@@ -85,7 +76,8 @@ def read_thumbnail(
     (OpenSlide's decoding and OpenCV's resizing run outside the GIL). ``on_band(rows, y0)``
     is called on each finished band of thumbnail rows (starting at row ``y0``) by the thread
     that read it, so per-pixel work on the thumbnail runs while other bands are decoded.
-    ``whole_factor``: reduce the level by a whole number (see :func:`plan_thumbnail`).
+    ``whole_factor``: reduce the level by a whole number (see :func:`plan_thumbnail`);
+    ``plan``: that plan when the caller made it already (its size is then known beforehand).
 
     Returns:
         (rgb, (downsample_x, downsample_y), thumbnail µm/px) where the downsamples map
@@ -93,8 +85,9 @@ def read_thumbnail(
     """
     import cv2
 
-    plan = plan_thumbnail(slide, slide_mpp=slide_mpp, pixel_um=pixel_um, max_side_px=max_side_px,
-                          whole_factor=whole_factor)
+    if plan is None:
+        plan = plan_thumbnail(slide, slide_mpp=slide_mpp, pixel_um=pixel_um, max_side_px=max_side_px,
+                              whole_factor=whole_factor)
     w0, h0 = slide.dimensions  # type: ignore[attr-defined]
     lw, lh = (int(v) for v in slide.level_dimensions[plan.level])  # type: ignore[attr-defined]
     tw, th, f = plan.width, plan.height, plan.whole_factor

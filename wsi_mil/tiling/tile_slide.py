@@ -31,7 +31,7 @@ from wsi_mil.io.slide import (
     resolve_mpp,
 )
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
-from wsi_mil.io.thumbnail import read_thumbnail, thumbnail_size
+from wsi_mil.io.thumbnail import plan_thumbnail, read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
 from wsi_mil.tiling.qc import qc_background, write_qc_png
 from wsi_mil.tiling.tissue import (
@@ -98,7 +98,9 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     """
     t0 = time.perf_counter()
     preload_imports()
-    use_threads(pool_width(pool))
+    width = pool_width(pool)
+    use_threads(width)
+    helper = pool if width > 1 else None  # a thread free for side work (the QC) while this one works
     params = config.tissue_params()
     with open_slide(entry.path) as slide:
         smpp = resolve_mpp(slide, slide_name=entry.slide_id, override_mpp=config.slide_mpp, manifest_mpp=entry.mpp)
@@ -109,17 +111,17 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             slide_name=entry.slide_id,
         )
         t_read = time.perf_counter()
-        tw, th = thumbnail_size(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, whole_factor=True)
-        classes = ColourClasses((th, tw), params)  # classified band by band as the bands are decoded
+        thumb_plan = plan_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, whole_factor=True)
+        classes = ColourClasses((thumb_plan.height, thumb_plan.width), params)  # classified band by band as decoded
         thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool,
-                                                   on_band=classes.add, whole_factor=True)
+                                                   on_band=classes.add, plan=thumb_plan)
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
     t = time.perf_counter()
     background = None
-    if qc_dir is not None and config.qc and pool is not None and pool_width(pool) > 1:
-        background = pool.submit(qc_background, thumb)  # the QC's resize overlaps tissue detection's serial parts
+    if qc_dir is not None and config.qc and helper is not None:
+        background = helper.submit(qc_background, thumb)  # the QC's resize overlaps tissue detection's serial parts
     mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool, classes=classes)
     del classes
     phases["tissue"] = time.perf_counter() - t
@@ -143,7 +145,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
             coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
             background=background.result() if background is not None else None,
-            pool=pool if pool_width(pool) > 1 else None,
+            pool=helper,
         ))
     phases["qc"] = time.perf_counter() - t
     root_attrs = {

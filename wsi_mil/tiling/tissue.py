@@ -130,17 +130,25 @@ def preload_imports() -> None:
     """Import h5py (for the store, ~0.1 s) on a background thread, once per process, so
     its import overlaps the slide read (OpenSlide's decoding releases the GIL)."""
     if "h5py" not in sys.modules:
-        def load() -> None:
-            for name in ("h5py",):
-                importlib.import_module(name)
-
-        threading.Thread(target=load, daemon=True, name="wsi-mil-preload").start()
+        threading.Thread(target=importlib.import_module, args=("h5py",), daemon=True, name="wsi-mil-preload").start()
 
 
 _STRIP_ROWS = 256  # per-pixel colour maths runs in strips so memory stays ~1 byte/pixel
 
 # Flags of a (max, min) channel pair, from the same float32 arithmetic as :func:`_hsv`
 _F_BACKGROUND, _F_STAINED, _F_DARK, _F_HUE = 1, 2, 4, 8
+
+
+@lru_cache(maxsize=1)
+def _pair_sv() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """HSV value and saturation of every (max, min) channel pair, indexed by ``max << 8 | min``
+    (:func:`_pair_index`), in exactly :func:`_hsv`'s float32 arithmetic."""
+    vals = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    v = np.repeat(vals, 256)  # index = max * 256 + min
+    mn = np.tile(vals, 256)
+    s = np.divide(v - mn, v, out=np.zeros_like(v), where=v > 0)
+    s[mn > v] = 0.0  # impossible pairs (min above max) never occur
+    return v, s
 
 
 @lru_cache(maxsize=8)
@@ -152,12 +160,7 @@ def _pair_tables(params: TissueParams) -> tuple[npt.NDArray[np.uint8], npt.NDArr
     maths; the table entries use exactly :func:`_hsv`'s float32 arithmetic. Hue is needed
     only where some ink rule can fire (saturation > 0.25), flagged for :func:`_classify`.
     """
-    vals = np.arange(256, dtype=np.float32) / np.float32(255.0)
-    v = np.repeat(vals, 256)  # index = max * 256 + min
-    mn = np.tile(vals, 256)
-    c = v - mn
-    s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
-    s[mn > v] = 0.0  # impossible pairs (min above max) never occur
+    v, s = _pair_sv()
     sat = np.round(s * 255).astype(np.uint8)
     background = (v > params.background_value) & (s < params.saturation_min)
     dark = v < params.dark_value
@@ -174,11 +177,7 @@ _I_SAT25_V15, _I_SAT50_V40, _I_SAT65_V55 = 1, 2, 4
 @lru_cache(maxsize=1)
 def _ink_pair_table() -> npt.NDArray[np.uint8]:
     """The saturation / value conditions of the ink rules for every (max, min) pair."""
-    vals = np.arange(256, dtype=np.float32) / np.float32(255.0)
-    v = np.repeat(vals, 256)
-    mn = np.tile(vals, 256)
-    s = np.divide(v - mn, v, out=np.zeros_like(v), where=v > 0)
-    s[mn > v] = 0.0
+    v, s = _pair_sv()
     return (((s > 0.25) & (v > 0.15)) * _I_SAT25_V15 | ((s > 0.5) & (v < 0.4)) * _I_SAT50_V40
             | ((s > 0.65) & (v > 0.55)) * _I_SAT65_V55).astype(np.uint8)
 
@@ -254,8 +253,7 @@ class ColourClasses:
         self.background = np.empty(shape, dtype=bool)
         self.ink = np.empty(shape, dtype=bool)
         self.blue = np.empty(shape, dtype=bool)
-        self._counts: list[int] = []  # stained pixels per strip (list.append is atomic)
-        self.rows_done = 0
+        self._strips: list[tuple[int, int]] = []  # (rows, stained pixels) per strip: list.append is atomic
 
     def add(self, rgb: npt.NDArray[np.uint8], y0: int) -> None:
         """Classify image rows ``y0 .. y0 + len(rgb)`` (in strips: memory ~1 byte/pixel)."""
@@ -263,16 +261,16 @@ class ColourClasses:
             rows = slice(y0 + a, y0 + min(a + _STRIP_ROWS, rgb.shape[0]))
             (self.sat[rows], self.dark[rows], self.background[rows], self.ink[rows], self.blue[rows],
              n) = classify_rows(rgb[a:a + _STRIP_ROWS], self.params)
-            self._counts.append(n)
-            self.rows_done += rows.stop - rows.start
+            self._strips.append((rows.stop - rows.start, n))
 
     def finish(self, report: TissueReport) -> tuple[npt.NDArray[np.uint8], BoolMask, BoolMask, BoolMask]:
         """Saturation, artefact (ink / near-black), glass and ink masks; blue that is the
         slide's stain is taken back out of the ink."""
-        if self.rows_done != self.sat.shape[0]:
-            raise RuntimeError(f"colour classes cover {self.rows_done} of {self.sat.shape[0]} rows")
+        rows_done = sum(r for r, _ in self._strips)
+        if rows_done != self.sat.shape[0]:
+            raise RuntimeError(f"colour classes cover {rows_done} of {self.sat.shape[0]} rows")
         params, sat, ink, blue = self.params, self.sat, self.ink, self.blue
-        stained = sum(self._counts)
+        stained = sum(n for _, n in self._strips)
         if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
             # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
             typical = float(np.median(sat[blue])) / 255  # the stain's (a pen stroke is a minority)
@@ -300,13 +298,9 @@ def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
     ring = max(1, min(rgb.shape[0], rgb.shape[1]) // 50)
     edge = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
                            rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
-    r, g, b = edge[:, 0], edge[:, 1], edge[:, 2]
-    mx = np.maximum(np.maximum(r, g), b)
-    mn = np.minimum(np.minimum(r, g), b)
-    v = mx.astype(np.float32) / np.float32(255.0)  # HSV value and saturation as in _hsv
-    c = v - mn.astype(np.float32) / np.float32(255.0)
-    s = np.divide(c, v, out=np.zeros_like(v), where=v > 0)
-    return float(np.median(v)), float(np.median(s))
+    v, s = _pair_sv()
+    idx = _pair_index(edge)
+    return float(np.median(v[idx])), float(np.median(s[idx]))
 
 
 def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
@@ -324,15 +318,12 @@ def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
     return int(np.nanargmax(variance12))
 
 
-def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], params: TissueParams, where: BoolMask | None = None) -> float:
-    """Otsu threshold of saturation (from its 256-bin histogram, over the pixels ``where``
-    is true: OpenCV's masked histogram, no copy of the pixels), clamped to the configured range."""
-    if where is None:
-        counts = np.bincount(sat_u8.ravel(), minlength=256)
-    else:
-        cv2 = _cv2()
-        counts = cv2.calcHist([np.ascontiguousarray(sat_u8)], [0], np.ascontiguousarray(where).view(np.uint8),
-                              [256], [0, 256]).ravel().astype(np.int64)
+def _otsu_clamped(sat_u8: npt.NDArray[np.uint8], where: BoolMask, params: TissueParams) -> float:
+    """Otsu threshold of saturation (from its 256-bin histogram over the pixels ``where`` is
+    true: OpenCV's masked histogram, no copy of the pixels), clamped to the configured range."""
+    cv2 = _cv2()
+    counts = cv2.calcHist([np.ascontiguousarray(sat_u8)], [0], np.ascontiguousarray(where).view(np.uint8),
+                          [256], [0, 256]).ravel().astype(np.int64)
     if np.count_nonzero(counts) < 2:
         return params.saturation_max
     t = otsu_threshold(counts) / 255.0
@@ -467,7 +458,7 @@ def inspect_tissue(
     sat, artefact, background, ink = classes.finish(report)
     del classes
     candidates = ~(artefact | background)
-    threshold = _otsu_clamped(sat, params, where=candidates)
+    threshold = _otsu_clamped(sat, candidates, params)
     above = sat > round(threshold * 255)
     del sat  # (arrays are dropped as soon as they are used: peak memory stays flat at ~1 byte/pixel each)
     mask = candidates & above

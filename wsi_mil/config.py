@@ -8,6 +8,7 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ class TileConfig:
                                   "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # an infinite size or resolution would fail deep inside a slide's tiling
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
         checks = [
             (self.mpp > 0, "--mpp must be positive"),
             (self.patch_size >= 8, "--patch-size must be at least 8"),

@@ -198,3 +198,16 @@ def test_store_from_an_earlier_tissue_method_is_kept_with_a_notice(tmp_path, cmu
     assert redo.returncode == 0 and report["slides"][0]["status"] == "ok"
     with PatchStore(store) as s:
         assert s.attrs["tissue_method_version"] == TISSUE_METHOD_VERSION
+
+
+def test_non_finite_settings_are_refused_naming_the_option(tmp_path, cmu_slide) -> None:
+    """--tissue-mpp inf used to reach the thumbnail planner and fail the slide with an
+    OverflowError; every non-finite number is now refused before any slide is read."""
+    from wsi_mil.errors import ConfigError
+
+    for option, value in (("--tissue-mpp", "inf"), ("--mpp", "nan"), ("--slide-mpp", "-inf")):
+        proc = _run(["tile", str(cmu_slide), "--out", str(tmp_path / "t"), "--no-progress", f"{option}={value}"])
+        assert proc.returncode == 2 and f"{option} must be a finite number" in proc.stderr, proc.stderr
+        assert not (tmp_path / "t" / "patches").exists()
+    with pytest.raises(ConfigError, match="--min-tissue-area-um2 must be a finite number"):
+        TileConfig(min_tissue_area_um2=float("inf"))

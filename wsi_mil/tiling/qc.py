@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import numpy as np
@@ -55,38 +55,48 @@ def qc_size(shape: tuple[int, int]) -> tuple[float, int, int]:
     return scale, max(1, int(round(w * scale))), max(1, int(round(h * scale)))
 
 
-def qc_background(thumbnail: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """The thumbnail at the QC drawing's size (needs no mask: can run while tissue is found)."""
+def qc_canvas(thumbnail: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The QC drawing's canvas, in OpenCV's BGR order: a white title banner above the RGB
+    thumbnail at the drawing's size (needs no mask: can be made while tissue is found)."""
     import cv2
+    from PIL import ImageDraw  # noqa: F401 - imported here, off the critical path, for the title banner
 
     scale, out_w, out_h = qc_size(thumbnail.shape[:2])
+    canvas = np.empty((out_h + _BANNER_PX, out_w, 3), dtype=np.uint8)
+    canvas[:_BANNER_PX] = 255
     # area averaging when shrinking (no aliasing), bilinear when enlarging a small thumbnail
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(thumbnail), (out_w, out_h), interpolation=interpolation)
+    small = cv2.resize(np.ascontiguousarray(thumbnail), (out_w, out_h), interpolation=interpolation)
+    cv2.cvtColor(small, cv2.COLOR_RGB2BGR, dst=canvas[_BANNER_PX:])
+    return canvas
+
+
+def _tint_table() -> npt.NDArray[np.uint8]:
+    """Per-channel look-up (BGR) of a patch outline's colour: 22 % of the pixel, 78 % blue."""
+    ramp = np.arange(256, dtype=np.float64)[:, None] * 0.22 + np.array(_PATCH_BLUE[::-1], dtype=np.float64) * 0.78
+    return np.clip(np.round(ramp), 0, 255).astype(np.uint8).reshape(256, 1, 3)
 
 
 def write_qc_png(
     path: Path,
     *,
-    thumbnail: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_],
     thumb_downsample: tuple[float, float],
     coords_px: npt.NDArray[np.int64],
     extent_level0_px: float,
     title: str,
-    background: npt.NDArray[np.uint8] | None = None,
+    thumbnail: npt.NDArray[np.uint8] | None = None,
+    canvas: npt.NDArray[np.uint8] | Future[npt.NDArray[np.uint8]] | None = None,
     pool: Executor | None = None,
 ) -> Path:
     """Draw the QC PNG (tissue outline in green, kept patches in blue) and save it
-    atomically; ``background`` is :func:`qc_background` of the thumbnail when made already;
-    with ``pool`` the patch outlines are drawn on one of its threads meanwhile."""
+    atomically. Give the ``thumbnail``, or its :func:`qc_canvas` (or a future of it) when
+    made already (the canvas is drawn on); with ``pool`` the patch outlines are drawn on
+    one of its threads meanwhile."""
     import cv2
     from PIL import Image, ImageDraw
 
     scale, out_w, out_h = qc_size(mask.shape)
-    canvas = np.full((out_h + _BANNER_PX, out_w, 3), 255, dtype=np.uint8)  # title banner above the drawing
-    rgb = canvas[_BANNER_PX:]
-    rgb[...] = qc_background(thumbnail) if background is None else background
     sx, sy = scale / thumb_downsample[0], scale / thumb_downsample[1]
     outline_args = ((out_h, out_w), coords_px)
     outline_kw = {"extent": (extent_level0_px * sx, extent_level0_px * sy), "scale": (sx, sy)}
@@ -94,16 +104,24 @@ def write_qc_png(
     # the tissue outline is traced on the mask at the drawing's size (a full-size mask costs more and is thinned away)
     small = cv2.resize(mask.view(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST).view(bool)
     tissue_outline = inner_boundary(small)
+    if isinstance(canvas, Future):
+        canvas = canvas.result()
+    elif canvas is None:
+        if thumbnail is None:
+            raise ValueError("write_qc_png needs the thumbnail or its canvas")
+        canvas = qc_canvas(thumbnail)
+    if canvas.shape != (out_h + _BANNER_PX, out_w, 3):
+        raise ValueError(f"QC canvas of shape {canvas.shape} does not fit a mask of shape {mask.shape}")
+    bgr = canvas[_BANNER_PX:]
     outline = drawing.result() if drawing is not None else patch_outlines(*outline_args, **outline_kw)
-    tinted = cv2.add(cv2.multiply(rgb, (0.22, 0.22, 0.22, 0.0)), tuple(0.78 * c for c in _PATCH_BLUE) + (0.0,))
-    np.copyto(rgb, tinted, where=outline[..., None])
-    del tinted, outline
-    rgb[tissue_outline] = (0, 200, 0)
-    banner = Image.new("RGB", (out_w, _BANNER_PX), (255, 255, 255))
-    ImageDraw.Draw(banner).text((4, 3), title, fill=(0, 0, 0))
-    canvas[:_BANNER_PX] = np.asarray(banner)
+    cv2.copyTo(cv2.LUT(bgr, _tint_table()), outline.view(np.uint8), bgr)
+    del outline
+    bgr[tissue_outline] = (0, 200, 0)
+    banner = Image.new("L", (out_w, _BANNER_PX), 255)
+    ImageDraw.Draw(banner).text((4, 3), title, fill=0)
+    canvas[:_BANNER_PX] = np.asarray(banner)[..., None]
     # OpenCV's PNG writer without row filters: about the size of Pillow's at compress_level 1 in half the time
-    ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR),
+    ok, png = cv2.imencode(".png", canvas,
                            [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
     if not ok:  # pragma: no cover - encoding a plain uint8 image does not fail
         raise RuntimeError(f"could not encode the QC image {path}")

@@ -10,8 +10,10 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import Executor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from wsi_mil.io.slide import (
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import plan_thumbnail, read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
-from wsi_mil.tiling.qc import qc_background, write_qc_png
+from wsi_mil.tiling.qc import qc_canvas, write_qc_png
 from wsi_mil.tiling.tissue import (
     TISSUE_METHOD_VERSION,
     ColourClasses,
@@ -78,6 +80,18 @@ class SlidePlan:
     warnings: list[str] = field(default_factory=list)
     tissue: TissueReport | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds: read, tissue, grid, qc, store
+    qc_job: Future[tuple[Path, float]] | None = None  # the QC image being written on a helper thread
+    started: float = 0.0  # perf_counter() when planning began
+
+    def finish_qc(self) -> None:
+        """Wait for the QC image written on a helper thread (its errors are raised here);
+        ``phases["qc"]`` becomes its own time, ``phases["qc_wait"]`` the time waited for it."""
+        if self.qc_job is not None:
+            t = time.perf_counter()
+            path, seconds = self.qc_job.result()
+            self.qc_job = None
+            self.qc_path = str(path)
+            self.phases["qc"], self.phases["qc_wait"] = seconds, time.perf_counter() - t
 
     @property
     def n_patches(self) -> int:
@@ -119,10 +133,10 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
     t = time.perf_counter()
-    background = None
+    canvas = None
     if qc_dir is not None and config.qc and helper is not None:
-        background = helper.submit(qc_background, thumb)  # the QC's resize overlaps tissue detection's serial parts
-    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool, classes=classes)
+        canvas = helper.submit(qc_canvas, thumb)  # the QC's resize overlaps tissue detection's serial parts
+    mask, tissue = inspect_tissue(thumb, pixel_um=thumb_um, params=params, pool=pool, classes=classes, helper=helper)
     del classes
     phases["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -138,15 +152,16 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     phases["grid"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    qc_path = None
+    qc_path = qc_job = None
     if qc_dir is not None and config.qc:
         title = f"{entry.slide_id}  {len(coords)} patches  {geometry.effective_mpp:.3f} um/px ({smpp.source} mpp)"
-        qc_path = str(write_qc_png(
-            qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask, thumb_downsample=thumb_ds,
-            coords_px=coords, extent_level0_px=geometry.extent_level0_px, title=title,
-            background=background.result() if background is not None else None,
-            pool=helper,
-        ))
+        qc_png = partial(write_qc_png, qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask,
+                         thumb_downsample=thumb_ds, coords_px=coords, extent_level0_px=geometry.extent_level0_px,
+                         title=title, canvas=canvas, pool=helper)
+        if helper is not None:  # drawn and written on the helper while the store is written (SlidePlan.finish_qc)
+            qc_job = helper.submit(_timed, qc_png)
+        else:
+            qc_path = str(qc_png())
     phases["qc"] = time.perf_counter() - t
     root_attrs = {
         "format_version": STORE_FORMAT_VERSION,
@@ -198,8 +213,9 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         slide_id=entry.slide_id, slide_path=str(entry.path), geometry=geometry, coords_px=coords,
         tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
         mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue, phases=phases,
+        qc_job=qc_job,
     )
-    qc_hint = f"check {qc_path}" if qc_path else "check the QC image"
+    qc_hint = f"check {qc_dir / (entry.slide_id + '.png')}" if qc_path or qc_job else "check the QC image"
     if tissue.background_not_glass:
         plan.warnings.append(
             f"{entry.slide_id}: the background is not white glass (edge brightness {tissue.background_value:.2f}, "
@@ -211,8 +227,13 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             f"on a real slide (glass or background may be taken for tissue); {qc_hint}")
     for note in tissue.notes:
         logger.info("%s: %s", entry.slide_id, note)
-    plan.seconds = time.perf_counter() - t0
+    plan.started = t0
     return plan
+
+
+def _timed(job: Callable[[], Path]) -> tuple[Path, float]:
+    t = time.perf_counter()
+    return job(), time.perf_counter() - t
 
 
 def open_store_writer(plan: SlidePlan, *, stores_dir: Path, fmt: StoreFormat) -> StoreWriter:
@@ -255,4 +276,6 @@ def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, q
             writer.end_patches()
         plan.store = str(writer.commit())
         plan.phases["store"] = time.perf_counter() - t
+    plan.finish_qc()
+    plan.seconds = time.perf_counter() - plan.started
     return plan

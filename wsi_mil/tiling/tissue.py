@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -254,9 +254,14 @@ class ColourClasses:
         self.ink = np.empty(shape, dtype=bool)
         self.blue = np.empty(shape, dtype=bool)
         self._strips: list[tuple[int, int]] = []  # (rows, stained pixels) per strip: list.append is atomic
+        self._edge = np.zeros(1 << 16, dtype=np.int64)  # pixel counts by (max, min) pair on the outer ring
+        self._edge_lock = threading.Lock()
 
     def add(self, rgb: npt.NDArray[np.uint8], y0: int) -> None:
         """Classify image rows ``y0 .. y0 + len(rgb)`` (in strips: memory ~1 byte/pixel)."""
+        edge = _edge_counts(rgb, y0, self.sat.shape[0])
+        with self._edge_lock:
+            self._edge += edge
         for a in range(0, rgb.shape[0], _STRIP_ROWS):
             rows = slice(y0 + a, y0 + min(a + _STRIP_ROWS, rgb.shape[0]))
             (self.sat[rows], self.dark[rows], self.background[rows], self.ink[rows], self.blue[rows],
@@ -270,6 +275,7 @@ class ColourClasses:
         if rows_done != self.sat.shape[0]:
             raise RuntimeError(f"colour classes cover {rows_done} of {self.sat.shape[0]} rows")
         params, sat, ink, blue = self.params, self.sat, self.ink, self.blue
+        report.background_value, report.background_saturation = _edge_colour_from_counts(self._edge)
         stained = sum(n for _, n in self._strips)
         if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
             # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
@@ -293,14 +299,62 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, pool: Executor |
     return classes
 
 
+def _edge_ring(shape: tuple[int, ...]) -> int:
+    """Width in pixels of the outer ring whose colour is the background's (1/50 of the short side)."""
+    return max(1, min(shape[0], shape[1]) // 50)
+
+
+def _edge_counts(rgb: npt.NDArray[np.uint8], y0: int, height: int) -> npt.NDArray[np.int64]:
+    """Pixel counts per (max, min) pair (:func:`_pair_index`) on the outer ring of an image
+    ``height`` rows tall, from its rows ``y0 .. y0 + len(rgb)``: the top and bottom ``ring``
+    rows and the left and right ``ring`` columns (corners in both, as the ring is defined)."""
+    h, w = rgb.shape[:2]
+    ring = _edge_ring((height, w))
+    parts = [rgb[:, :ring], rgb[:, w - ring:]]
+    top = min(h, max(0, ring - y0))
+    bottom = max(0, y0 + h - (height - ring))
+    if top:
+        parts.append(rgb[:top])
+    if bottom:
+        parts.append(rgb[h - min(h, bottom):])
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for part in parts:
+        counts += np.bincount(_pair_index(part).ravel(), minlength=1 << 16)
+    return counts
+
+
+@lru_cache(maxsize=1)
+def _pair_sv_orders() -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The ascending orders of :func:`_pair_sv`'s value and saturation tables."""
+    v, s = _pair_sv()
+    return np.argsort(v, kind="stable"), np.argsort(s, kind="stable")
+
+
+def _median_of_table(table: npt.NDArray[np.float32], order: npt.NDArray[np.intp],
+                     counts: npt.NDArray[np.int64]) -> float:
+    """``np.median(table[idx])`` over pixels whose pair indices ``idx`` have ``counts``
+    (``order``: ``table``'s ascending order): the middle value, or for an even count the
+    mean of the two middle ones in float32, as numpy computes it."""
+    cum = np.cumsum(counts[order])
+    n = int(cum[-1])
+
+    def kth(k: int) -> np.float32:  # the k-th smallest (from 0)
+        return table[order[int(np.searchsorted(cum, k + 1))]]
+
+    if n % 2:
+        return float(kth(n // 2))
+    return float((kth(n // 2 - 1) + kth(n // 2)) / np.float32(2))
+
+
+def _edge_colour_from_counts(counts: npt.NDArray[np.int64]) -> tuple[float, float]:
+    """Median brightness and saturation of the pixels counted by (max, min) pair."""
+    (v, s), (v_order, s_order) = _pair_sv(), _pair_sv_orders()
+    return _median_of_table(v, v_order, counts), _median_of_table(s, s_order, counts)
+
+
 def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
     """Median brightness and saturation of the image's outer ring (the glass of a slide)."""
-    ring = max(1, min(rgb.shape[0], rgb.shape[1]) // 50)
-    edge = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
-                           rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
-    v, s = _pair_sv()
-    idx = _pair_index(edge)
-    return float(np.median(v[idx])), float(np.median(s[idx]))
+    return _edge_colour_from_counts(_edge_counts(rgb, 0, rgb.shape[0]))
 
 
 def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
@@ -441,16 +495,17 @@ def tissue_mask(
 
 def inspect_tissue(
     rgb: npt.NDArray[np.uint8], *, pixel_um: float, params: TissueParams | None = None,
-    pool: Executor | None = None, classes: ColourClasses | None = None,
+    pool: Executor | None = None, classes: ColourClasses | None = None, helper: Executor | None = None,
 ) -> tuple[BoolMask, TissueReport]:
     """:func:`tissue_mask` and a :class:`TissueReport` of how it was reached (the per-pixel
     colour work on ``pool``'s threads when one is given). ``classes``: the image's
-    :class:`ColourClasses` when they were made already (while the image was read)."""
+    :class:`ColourClasses` when they were made already (while the image was read);
+    ``helper``: a thread pool with a free thread, which finds the pen strokes' surroundings
+    while this thread cleans up the tissue mask."""
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
     report = TissueReport()
-    report.background_value, report.background_saturation = _edge_colour(rgb)
     if classes is None:
         classes = _classify(rgb, params, pool)
     elif classes.params != params or classes.sat.shape != rgb.shape[:2]:
@@ -472,6 +527,12 @@ def inspect_tissue(
     del above, ink
 
     px_area = pixel_um * pixel_um
+    near_ink: Future[BoolMask | None] | BoolMask | None = None
+    if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
+        args = (artefact, int(params.min_ink_area_um2 / px_area), params.pen_halo_um / pixel_um)
+        near_ink = helper.submit(_near_ink, *args) if helper is not None else None
+        if near_ink is None:
+            near_ink = _near_ink(*args)
     radius = int(round(params.closing_radius_um / pixel_um))
     if radius >= 1:
         mask = binary_closing_disk(mask, radius)
@@ -482,11 +543,23 @@ def inspect_tissue(
     if hole_px > 1:
         mask |= _enclosed_small_holes(mask, max_px=hole_px)
     mask &= ~artefact
-    if params.reject_pen and params.pen_halo_um > 0 and artefact.any():
-        ink = _drop_small(artefact, max_px=int(params.min_ink_area_um2 / px_area))
-        mask = _drop_ink_halo(mask, ink, radius_px=params.pen_halo_um / pixel_um)
+    if isinstance(near_ink, Future):
+        near_ink = near_ink.result()
+    if near_ink is not None:
+        mask = _drop_fringe(mask, near_ink)
     report.mask_fraction = float(np.count_nonzero(mask) / max(1, mask.size))
     return mask, report
+
+
+def _near_ink(artefact: BoolMask, min_ink_px: int, radius_px: float) -> BoolMask | None:
+    """Pixels within ``radius_px`` of a pen stroke (artefact pieces of more than
+    ``min_ink_px`` pixels); None when there is no stroke."""
+    ink = _drop_small(artefact, max_px=min_ink_px)
+    if not ink.any():
+        return None
+    # exact Euclidean distance of every pixel to the nearest ink pixel
+    cv2 = _cv2()
+    return cv2.distanceTransform((~ink).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius_px
 
 
 def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMask:
@@ -496,11 +569,15 @@ def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMa
     whose pixels are mostly within ``radius_px`` of ink is that fringe; real tissue next
     to ink is kept because most of it lies farther away.
     """
+    near_ink = _near_ink(ink, 0, radius_px)
+    return mask if near_ink is None else _drop_fringe(mask, near_ink)
+
+
+def _drop_fringe(mask: BoolMask, near_ink: BoolMask) -> BoolMask:
+    """``mask`` without its 8-connected components that lie mostly on ``near_ink``."""
     cv2 = _cv2()
-    if not ink.any() or not mask.any():
+    if not mask.any():
         return mask
-    # exact Euclidean distance of every pixel to the nearest ink pixel
-    near_ink = cv2.distanceTransform((~ink).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius_px
     _, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     sizes = np.bincount(labels.ravel())
     near = np.bincount(labels.ravel(), weights=near_ink.ravel(), minlength=sizes.size)

@@ -144,6 +144,31 @@ def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
     assert np.array_equal(_drop_ink_halo(tissue, ink, radius_px=9.5), tissue & ~fringe[lab8])
 
 
+def test_component_areas_16_bit_labels_and_their_fallbacks_are_exact() -> None:
+    """Areas from 16-bit labels and OpenCV's float32 histogram equal scipy's counts; a mask
+    with more pieces than 16-bit labels hold, and areas asked exact beyond float32's whole
+    numbers, take the 32-bit labelling with statistics and are exact too."""
+    from scipy import ndimage
+
+    from wsi_mil.tiling.tissue import _component_areas
+
+    rng = np.random.default_rng(5)
+    m = ndimage.uniform_filter(rng.random((900, 700)), 9) > 0.52  # blobs and specks, a few hundred pieces
+    lab, n = ndimage.label(m)
+    assert 100 < n < 65_535
+    labels, areas = _component_areas(m, exact_to=1000)
+    assert labels.dtype == np.uint16 and sorted(areas[1:]) == sorted(np.bincount(lab.ravel())[1:])
+    assert areas[0] == np.count_nonzero(~m)
+    dots = np.zeros((600, 600), dtype=bool)
+    dots[::2, ::2] = True  # 90,000 single pixels: too many for 16-bit labels
+    labels, areas = _component_areas(dots, exact_to=10)
+    assert labels.dtype == np.int32 and len(areas) == 90_001 and (areas[1:] == 1).all()
+    big = np.ones((4100, 4100), dtype=bool)  # 16,810,000 pixels: above float32's exact whole numbers
+    big[0, 0] = False
+    assert _component_areas(big, exact_to=1 << 24)[1][1] == 4100 * 4100 - 1
+    assert abs(int(_component_areas(big, exact_to=100)[1][1]) - (4100 * 4100 - 1)) <= 2  # (approximate, far above)
+
+
 def test_colour_classes_filled_band_by_band_in_any_order() -> None:
     """The slide reader hands bands to ColourClasses as they are decoded, on any thread and
     in any order: the classes equal one pass over the whole image, and a mask is refused
@@ -161,9 +186,35 @@ def test_colour_classes_filled_band_by_band_in_any_order() -> None:
     with pytest.raises(RuntimeError, match="rows"):
         classes.finish(TissueReport())
     classes.add(rgb[starts[-1]:starts[-1] + 37], starts[-1])
-    for a, b in zip(whole, classes.finish(TissueReport()), strict=True):
+    report = TissueReport()
+    for a, b in zip(whole, classes.finish(report), strict=True):
         assert np.array_equal(a, b)
     assert whole[0].std() > 5 and whole[3].any()  # real tissue (saturation varies) and green pen ink
+    # the background's colour, counted band by band: numpy's medians over the image's outer ring
+    ring = max(1, min(rgb.shape[:2]) // 50)
+    edge = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
+                           rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
+    hsv_v = edge.max(axis=1).astype(np.float32) / np.float32(255)
+    hsv_s = np.where(hsv_v > 0, (hsv_v - edge.min(axis=1).astype(np.float32) / np.float32(255)) / np.maximum(hsv_v, 1e-9), 0)
+    assert report.background_value == float(np.median(hsv_v))
+    assert report.background_saturation == pytest.approx(float(np.median(hsv_s.astype(np.float32))), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tcga-green-pen.png", "medium-nuclei-score-green-pen-level1.png"])
+def test_pen_surroundings_found_on_a_helper_thread_give_the_same_mask(name: str) -> None:
+    """With a helper pool the pen strokes' surroundings are found on its thread while the
+    mask is cleaned up: the same mask and report as one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_mil.tiling.tissue import inspect_tissue, pen_mask
+
+    rgb = _tile(name)
+    assert pen_mask(rgb).mean() > 0.01  # ink is there, so the halo rule runs
+    alone, report = inspect_tissue(rgb, pixel_um=2.0)
+    with ThreadPoolExecutor(2) as helper:
+        helped, helped_report = inspect_tissue(rgb, pixel_um=2.0, helper=helper)
+    assert np.array_equal(alone, helped) and report == helped_report
+    assert 0.05 < alone.mean() < 0.95
 
 
 def test_integer_ink_rules_equal_the_float_hue_rules() -> None:

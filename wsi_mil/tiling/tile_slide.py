@@ -113,7 +113,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     t0 = time.perf_counter()
     preload_imports()
     width = pool_width(pool)
-    use_threads(width)
+    use_threads(1)  # the read's bands are the parallel work: OpenCV's own threads in each band only contend (~10 %)
     helper = pool if width > 1 else None  # a thread free for side work (the QC) while this one works
     params = config.tissue_params()
     with open_slide(entry.path) as slide:
@@ -132,6 +132,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
         level_count = int(slide.level_count)  # type: ignore[attr-defined]
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
+    use_threads(width)  # labelling and the distance transform: OpenCV's threads, one per worker
     t = time.perf_counter()
     canvas = None
     if qc_dir is not None and config.qc and helper is not None:

@@ -426,21 +426,39 @@ def use_threads(n: int) -> None:
         cv2.setNumThreads(max(1, n))
 
 
+_EXACT_FLOAT32 = 1 << 24  # float32 holds every whole number up to here
+
+
+def _component_areas(mask: BoolMask, *, exact_to: int) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[np.int64]]:
+    """4-connected labels of ``mask`` (0 outside it) and each label's pixel count, exact up
+    to ``exact_to`` pixels (larger counts may be off by a few, never below ``exact_to``).
+    OpenCV's labelling into 16-bit labels with its (float32) histogram for the areas takes
+    about half the time of its labelling with statistics, which serves masks of 65,535
+    pieces or more and ``exact_to`` beyond float32's whole numbers."""
+    cv2 = _cv2()
+    u8 = np.ascontiguousarray(mask).view(np.uint8)
+    if exact_to < _EXACT_FLOAT32:
+        try:
+            n, labels = cv2.connectedComponents(u8, connectivity=4, ltype=cv2.CV_16U)
+        except cv2.error:  # too many pieces for 16-bit labels
+            pass
+        else:
+            areas = cv2.calcHist([labels], [0], None, [n], [0, n]).ravel()
+            return labels, np.rint(areas).astype(np.int64)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(u8, connectivity=4, ltype=cv2.CV_32S)
+    return labels, stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+
+
 def _small_components(mask: BoolMask, max_px: int, *, exclude_border: bool = False) -> BoolMask:
     """True on the pixels of ``mask``'s 4-connected components of at most ``max_px`` pixels
-    (with ``exclude_border``, only those not touching the image edge): one labelling with
-    OpenCV's connected components, which counts each component's area as it labels."""
-    cv2 = _cv2()
+    (with ``exclude_border``, only those not touching the image edge)."""
     if not mask.any():
         return np.zeros_like(mask)
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    flag = stats[:, cv2.CC_STAT_AREA] <= max_px
+    labels, areas = _component_areas(mask, exact_to=max_px + 1)
+    flag = areas <= max_px
     flag[0] = False  # (label 0: the pixels outside the mask)
     if exclude_border:
-        x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-        h, w = mask.shape
-        flag &= (x > 0) & (y > 0) & (x + stats[:, cv2.CC_STAT_WIDTH] < w) & (y + stats[:, cv2.CC_STAT_HEIGHT] < h)
+        flag[labels[0]] = flag[labels[-1]] = flag[labels[:, 0]] = flag[labels[:, -1]] = False
     if not flag.any():
         return np.zeros_like(mask)
     return flag[labels]

@@ -12,8 +12,6 @@ for an inference or training loop is the working set it needs again on the next 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -34,6 +32,9 @@ def reuse_freed_memory() -> bool:
     variable ``WSI_MIL_GLIBC_MMAP=default`` asks to keep glibc's behaviour)."""
     if not sys.platform.startswith("linux") or os.environ.get("WSI_MIL_GLIBC_MMAP") == "default":
         return False
+    import ctypes  # (here: ctypes.util costs every command ~10 ms of start-up)
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

@@ -38,13 +38,18 @@ def test_whole_factor_thumbnail_is_the_exact_area_average(cmu_slide) -> None:
     """On the real SVS: each thumbnail pixel is the rounded mean of its f x f level pixels
     (composited on white), and the downsample maps thumbnail pixels to level-0 pixels."""
     with open_slide(cmu_slide) as slide:
-        plan = plan_thumbnail(slide, slide_mpp=0.499, pixel_um=4.0, whole_factor=True)
-        thumb, ds, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=4.0, whole_factor=True)
-        f = plan.whole_factor
-        assert f and f > 1 and thumb.shape == (plan.height, plan.width, 3)
-        level = np.asarray(slide.read_region((0, 0), plan.level, (plan.read_width, plan.read_height)).convert("RGB"))
-        blocks = level.reshape(plan.height, f, plan.width, f, 3).astype(np.float64).mean(axis=(1, 3))
-        assert np.abs(thumb.astype(np.float64) - blocks).max() <= 0.5 + 1e-9
-        w0 = slide.dimensions[0]
-        assert abs(ds[0] - plan.level_downsample * f) / ds[0] < 0.01 and abs(um - 0.499 * ds[0]) < 1e-9
-        assert plan.read_width * plan.level_downsample <= w0
+        for pixel_um, factor in ((4.0, 8), (1.0, 2)):  # (halving takes OpenCV's bilinear path: the same means)
+            _check_whole_factor_thumbnail(slide, pixel_um, factor)
+
+
+def _check_whole_factor_thumbnail(slide: object, pixel_um: float, factor: int) -> None:
+    plan = plan_thumbnail(slide, slide_mpp=0.499, pixel_um=pixel_um, whole_factor=True)
+    thumb, ds, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=pixel_um, whole_factor=True)
+    f = plan.whole_factor
+    assert f == factor and thumb.shape == (plan.height, plan.width, 3)
+    level = np.asarray(slide.read_region((0, 0), plan.level, (plan.read_width, plan.read_height)).convert("RGB"))
+    blocks = level.reshape(plan.height, f, plan.width, f, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(thumb.astype(np.float64) - blocks).max() <= 0.5 + 1e-9
+    w0 = slide.dimensions[0]
+    assert abs(ds[0] - plan.level_downsample * f) / ds[0] < 0.01 and abs(um - 0.499 * ds[0]) < 1e-9
+    assert plan.read_width * plan.level_downsample <= w0

@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,13 +217,12 @@ def run_tile(
 
 def _coordinate_phase(client: Any, todo: list[SlideEntry], config: TileConfig, stores_dir: Path,
                       qc_dir: Path, outcomes: dict[str, SlideOutcome], progress: bool) -> list[SlidePlan]:
-    from tqdm import tqdm
-
     from wsi_mil.parallel import ThreadClient
 
     if isinstance(client, ThreadClient):  # one slide at a time, its strips on the threads
         return _coordinate_phase_threads(client, todo, config, stores_dir, qc_dir, outcomes, progress)
     from distributed import as_completed
+    from tqdm import tqdm
 
     by_future = {client.submit(tile_slide_coords, e, config, stores_dir, qc_dir, pure=False): e for e in todo}
     plans: list[SlidePlan] = []
@@ -251,10 +250,13 @@ def _accept_plan(plan: SlidePlan, config: TileConfig, outcomes: dict[str, SlideO
 
 def _coordinate_phase_threads(client: Any, todo: list[SlideEntry], config: TileConfig, stores_dir: Path,
                               qc_dir: Path, outcomes: dict[str, SlideOutcome], progress: bool) -> list[SlidePlan]:
-    from tqdm import tqdm
-
     plans: list[SlidePlan] = []
-    for entry in tqdm(todo, desc="tissue + grid", unit="slide", disable=not progress):
+    slides: Iterable[SlideEntry] = todo
+    if progress:  # (tqdm is imported only when shown: a tenth of a one-slide run's start-up)
+        from tqdm import tqdm
+
+        slides = tqdm(todo, desc="tissue + grid", unit="slide")
+    for entry in slides:
         try:
             plan = tile_slide_coords(entry, config, stores_dir, qc_dir, pool=client.pool)
         except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch

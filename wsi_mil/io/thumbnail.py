@@ -95,6 +95,9 @@ def read_thumbnail(
     # bands map onto whole thumbnail rows, so resizing leaves no seams
     thumb_rows_per_band = max(1, rows_per_band // f if f else int(rows_per_band * th / lh))
     out = np.empty((th, tw, 3), dtype=np.uint8)
+    # halving: bilinear at exactly half the size samples midway between each 2 x 2 block, which is
+    # the block's mean, rounded as the area average rounds it, ~20x faster than OpenCV's area path
+    interpolation = cv2.INTER_LINEAR if f == 2 else cv2.INTER_AREA
 
     def band(ty0: int) -> None:
         ty1 = min(th, ty0 + thumb_rows_per_band)
@@ -106,12 +109,12 @@ def read_thumbnail(
         y_px = int(ly0 * plan.level_downsample)
         bgra = read_region_bgra(slide, x_px=0, y_px=y_px, level=plan.level, width=plan.read_width, height=ly1 - ly0)
         if bgra is not None:  # OpenSlide's own pixel order: resized as they are, reordered at thumbnail size
-            small = cv2.resize(bgra, size, interpolation=cv2.INTER_AREA) if bgra.shape[1::-1] != size else bgra
+            small = cv2.resize(bgra, size, interpolation=interpolation) if bgra.shape[1::-1] != size else bgra
             out[ty0:ty1] = cv2.cvtColor(small, cv2.COLOR_BGRA2RGB)
         else:
             region = slide.read_region((0, y_px), plan.level, (plan.read_width, ly1 - ly0))  # type: ignore[attr-defined]
             rgb = rgba_on_white(np.asarray(region))
-            out[ty0:ty1] = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if rgb.shape[1::-1] != size else rgb
+            out[ty0:ty1] = cv2.resize(rgb, size, interpolation=interpolation) if rgb.shape[1::-1] != size else rgb
         if on_band is not None:
             on_band(out[ty0:ty1], ty0)
 

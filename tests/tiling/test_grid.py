@@ -45,3 +45,20 @@ def test_tissue_fraction_matches_brute_force() -> None:
     got = tissue_fractions(mask, mask_downsample=(8.0, 8.0), coords_px=coords, extent_level0_px=64)
     want = [mask[y // 8 : (y + 64) // 8, x // 8 : (x + 64) // 8].mean() for x, y in coords]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_tissue_fraction_fractional_downsample_and_edges_match_brute_force() -> None:
+    """Fractional mask downsamples, patches over the mask's edge (clipped) and a strided mask."""
+    rng = np.random.default_rng(1)
+    mask = (rng.random((90, 130)) > 0.5)[::1, ::-1]  # (a reversed view: not C-contiguous)
+    dx, dy = 7.3, 6.1
+    coords = rng.integers(0, 900, (300, 2)).astype(np.int64)
+    got = tissue_fractions(mask, mask_downsample=(dx, dy), coords_px=coords, extent_level0_px=40.0)
+    want = []
+    for x, y in coords:
+        x0, y0 = min(int(np.floor(x / dx)), 130), min(int(np.floor(y / dy)), 90)
+        x1 = max(min(int(np.ceil((x + 40.0) / dx)), 130), min(x0 + 1, 130))
+        y1 = max(min(int(np.ceil((y + 40.0) / dy)), 90), min(y0 + 1, 90))
+        want.append(mask[y0:y1, x0:x1].sum() / max((x1 - x0) * (y1 - y0), 1))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert 0 < np.mean(got) < 1 and (got == 0).any()  # (some patches lie beyond the mask: nothing inside)

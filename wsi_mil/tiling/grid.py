@@ -147,6 +147,8 @@ def tissue_fractions(
         coords_px: (N, 2) level-0 top-left corners.
         extent_level0_px: Patch side in level-0 pixels.
     """
+    import cv2
+
     if len(coords_px) == 0:
         return np.zeros(0, dtype=np.float32)
     h, w = mask.shape
@@ -157,17 +159,8 @@ def tissue_fractions(
     y1 = np.clip(np.ceil((coords_px[:, 1] + extent_level0_px) / dy).astype(np.int64), 0, h)
     x1 = np.maximum(x1, np.minimum(x0 + 1, w))
     y1 = np.maximum(y1, np.minimum(y0 + 1, h))
-    # the summed-area table is needed only at the rows where patches start or end: sum the
-    # mask's rows between those (one pass over the mask), then accumulate the few rows left
-    rows = np.unique(np.concatenate([[0], y0, y1]))
-    starts = rows[rows < h]
-    ends = np.append(starts[1:], h)
-    m = mask.view(np.uint8)  # (a sum over contiguous rows is ~10x faster than np.add.reduceat along axis 0)
-    bands = np.stack([m[a:b].sum(axis=0, dtype=np.int64) for a, b in zip(starts, ends)])
-    sat = np.zeros((len(starts) + 1, w + 1), dtype=np.int64)
-    np.cumsum(np.cumsum(bands, axis=0), axis=1, out=sat[1:, 1:])
-    at = np.append(starts, h)  # sat[i] holds the sums over the mask rows above at[i]
-    r0, r1 = np.searchsorted(at, y0), np.searchsorted(at, y1)
-    inside = sat[r1, x1] - sat[r0, x1] - sat[r1, x0] + sat[r0, x0]
+    # OpenCV's summed-area table (one pass, ~2.5x faster than summing bands of rows with numpy)
+    sat = cv2.integral(np.ascontiguousarray(mask).view(np.uint8), sdepth=cv2.CV_32S if mask.size < 2**31 else cv2.CV_64F)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     return (inside / area).astype(np.float32)

@@ -29,7 +29,7 @@ def _tmpfs(where: Path, options: str) -> Iterator[Path]:
 
 @pytest.fixture()
 def small_disk(tmp_path) -> Iterator[Path]:
-    with _tmpfs(tmp_path / "small", "size=8m") as where:
+    with _tmpfs(tmp_path / "small", "size=6m") as where:  # (the 4-slide cohort tiled with pixels: ~8 MB)
         yield where
 
 

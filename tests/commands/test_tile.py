@@ -93,10 +93,31 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, cmu_slide) -> N
     assert _run(["tile", str(cmu_slide), "--out", str(out), "--workers", "1", "--no-progress"]).returncode == 0
     proc = _run(["tile", str(cmu_slide), "--out", str(out), "--patch-size", "128", "--workers", "1", "--no-progress"])
     assert proc.returncode == 1 and "--overwrite" in proc.stdout
+    message = json.loads((out / "run_report.json").read_text())["slides"][0]["message"]
+    assert "changed: patch_size 256 -> 128" in message  # the store records its settings: the message names the change
     proc = _run(["tile", str(cmu_slide), "--out", str(out), "--patch-size", "128", "--overwrite", "--workers", "1", "--no-progress"])
     assert proc.returncode == 0
     with PatchStore(out / "patches" / "cmu-1-small-region.h5") as store:
         assert store.attrs["patch_size_px"] == 128
+
+
+def test_store_from_the_old_default_tissue_mpp_matches_again_with_tissue_mpp_8(tmp_path, cmu_slide) -> None:
+    """Stores of an earlier wsi-mil record no settings and were tiled at the old default
+    --tissue-mpp 8: a re-run at the new default is refused with a message that says so,
+    and --tissue-mpp 8 finds them cached again."""
+    import h5py
+
+    out = tmp_path / "o"
+    base = ["tile", str(cmu_slide), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert _run(base + ["--tissue-mpp", "8"]).returncode == 0
+    with h5py.File(out / "patches" / "cmu-1-small-region.h5", "r+") as f:  # as an earlier wsi-mil wrote it
+        del f.attrs["tile_settings"]
+    proc = _run(base)
+    message = json.loads((out / "run_report.json").read_text())["slides"][0]["message"]
+    assert proc.returncode == 1 and "match again with --tissue-mpp 8" in message
+    proc = _run(base + ["--tissue-mpp", "8"])
+    report = json.loads((out / "run_report.json").read_text())
+    assert proc.returncode == 0 and report["slides"][0]["status"] == "cached"
 
 
 def test_existing_scheduler_gives_same_result_as_local_cluster(tmp_path, cmu_slide) -> None:

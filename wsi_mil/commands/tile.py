@@ -27,6 +27,7 @@ from wsi_mil.tiling.tile_slide import (
     SlidePlan,
     config_fingerprint,
     open_store_writer,
+    settings_change,
     tile_slide_coords,
 )
 from wsi_mil.tiling.tissue import TISSUE_METHOD_VERSION
@@ -107,8 +108,8 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
     if attrs is None or overwrite:
         return None
     if attrs.get("config_fingerprint") != config_fingerprint(config, entry):
-        return (f"{final} exists from a run with different settings (or a changed slide file); "
-                "use --overwrite to rebuild it or choose another --out")
+        return (f"{final} exists from a run with different settings or a changed slide file "
+                f"({settings_change(attrs, config, entry)}); use --overwrite to rebuild it or choose another --out")
     qc = qc_dir / f"{entry.slide_id}.png"
     message = "already tiled (cached)"
     method = int(attrs.get("tissue_method_version", 1))

@@ -52,13 +52,29 @@ STORE_FORMAT_VERSION = 1
 _NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash"}
 
 
-def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
-    """Hash of everything that determines a store's content, for cache validation."""
+def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
+    """Everything that determines a store's content (recorded in the store as ``tile_settings``)."""
     content = {k: v for k, v in config.to_dict().items() if k not in _NON_CONTENT_KEYS}
     content["manifest_mpp"] = entry.mpp
     content["slide_size_bytes"] = entry.path.stat().st_size if entry.path.exists() else None
     content["store_format_version"] = STORE_FORMAT_VERSION
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return content
+
+
+def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
+    """Hash of :func:`content_settings`, for cache validation."""
+    return hashlib.sha256(json.dumps(content_settings(config, entry), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_change(attrs: dict[str, Any], config: TileConfig, entry: SlideEntry) -> str:
+    """What differs between the settings a store was made with and ``config`` (for messages)."""
+    then = attrs.get("tile_settings")  # (stores decode JSON attributes)
+    if not isinstance(then, dict):
+        return ("the store does not record its settings (an earlier wsi-mil); note that the default --tissue-mpp "
+                "changed from 8 to 16 µm/px: stores tiled with the old default match again with --tissue-mpp 8")
+    now = content_settings(config, entry)
+    changed = [f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    return "changed: " + ", ".join(changed) if changed else "same settings, another wsi-mil store format"
 
 
 @dataclass
@@ -198,6 +214,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "has_patches": bool(config.save_patches),
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
         "config_fingerprint": config_fingerprint(config, entry),
+        "tile_settings": content_settings(config, entry),
     }
     if config.full_hash:
         root_attrs["slide_sha256"] = file_sha256(entry.path)

@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 50000, 100000])
     parser.add_argument("--pixel-size", type=int, default=50000, help="slide side for the pixel-extraction comparison")
     parser.add_argument("--floor", action="store_true", help="coordinates-only tiling against the decode floor (see above)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --floor")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians, min-max)")
     args = parser.parse_args()
     if args.floor:
         floor_main(args)
@@ -255,50 +255,75 @@ def main() -> None:
 
     slides = {s: make_slide(s) for s in sorted(set(args.sizes) | {args.pixel_size})}
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform()}, "coordinates": [], "pixels": {}}
+                                 "platform": platform.platform()}, "rounds": args.rounds, "coordinates": [], "pixels": {}}
+    coord_runs: dict[int, list[dict]] = {size: [] for size in args.sizes}
+    loops: list[float] = []
+    px_runs: dict[int, list[dict]] = {1: [], 2: []}
+    slide = slides[args.pixel_size]
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            r = tile_cli(slides[size], Path(tmp) / f"c{size}", "--workers", "1")
-            row = r["report"]["slides"][0]
-            results["coordinates"].append({
-                "side_px": size, "patches": row["n_patches"], "slide_s": row["seconds"], "wall_s": r["wall_s"],
-                "patches_per_s": row["n_patches"] / row["seconds"],
-                "peak_rss_worker_mb": r["peak_rss_single_process_mb"], "peak_rss_tree_mb": r["peak_rss_total_mb"],
-            })
-            print(results["coordinates"][-1], flush=True)
-
-        slide = slides[args.pixel_size]
-        coords_run = tile_cli(slide, Path(tmp) / "px-coords", "--workers", "1")
+        tile_cli(slide, Path(tmp) / "px-coords", "--workers", "1")  # the coordinates the plain loop reads
         store = Path(tmp) / "px-coords" / "patches" / f"{slide.stem}.h5"
-        n, loop_s = plain_loop(slide, store, quality=90)
-        pix = {"side_px": args.pixel_size, "patches": n, "plain_loop_s": loop_s, "plain_loop_patches_per_s": n / loop_s}
-        for workers in (1, 2):
-            r = tile_cli(slide, Path(tmp) / f"px{workers}", "--workers", str(workers), "--save-patches")
-            phase = r["report"]["phase_seconds"]["patch_pixels"]
-            pix[f"workers_{workers}"] = {
-                "pixel_phase_s": phase, "patches_per_s": n / phase, "ratio_vs_plain_loop": (n / phase) / (n / loop_s),
-                "end_to_end_wall_s": r["wall_s"], "peak_rss_tree_mb": r["peak_rss_total_mb"],
-            }
-            print(workers, pix[f"workers_{workers}"], flush=True)
-        results["pixels"] = pix
-        del coords_run
+        n = 0
+        for r in range(args.rounds):  # interleaved: each configuration once per round
+            for size in args.sizes:
+                coord_runs[size].append(tile_cli(slides[size], Path(tmp) / f"c{size}-{r}", "--workers", "1"))
+            n, loop_s = plain_loop(slide, store, quality=90)
+            loops.append(loop_s)
+            for workers in (1, 2):
+                px_runs[workers].append(tile_cli(slide, Path(tmp) / f"px{workers}-{r}", "--workers", str(workers),
+                                                 "--save-patches"))
+            print(r, {size: round(v[-1]["wall_s"], 2) for size, v in coord_runs.items()}, round(loop_s, 1),
+                  {w: round(v[-1]["report"]["phase_seconds"]["patch_pixels"], 1) for w, v in px_runs.items()}, flush=True)
+
+    for size, rr in coord_runs.items():
+        rows = [x["report"]["slides"][0] for x in rr]
+        results["coordinates"].append({
+            "side_px": size, "patches": rows[0]["n_patches"], "slide_s": _stat([x["seconds"] for x in rows]),
+            "wall_s": _stat([x["wall_s"] for x in rr]),
+            "patches_per_s": _stat([x["n_patches"] / x["seconds"] for x in rows]),
+            "peak_rss_worker_mb": _stat([x["peak_rss_single_process_mb"] for x in rr]),
+            "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
+            "phases_s": {k: _stat([x.get("phases", {}).get(k, 0.0) for x in rows]) for k in rows[0].get("phases", {})},
+        })
+    pix: dict = {"side_px": args.pixel_size, "patches": n, "plain_loop_s": _stat(loops),
+                 "plain_loop_patches_per_s": _stat([n / x for x in loops])}
+    for workers, rr in px_runs.items():
+        phases = [x["report"]["phase_seconds"]["patch_pixels"] for x in rr]
+        pix[f"workers_{workers}"] = {
+            "pixel_phase_s": _stat(phases), "patches_per_s": _stat([n / x for x in phases]),
+            # within each round (the plain loop ran seconds before): median, min-max over the rounds
+            "ratio_vs_plain_loop": _stat([loop / x for loop, x in zip(loops, phases, strict=True)]),
+            "end_to_end_wall_s": _stat([x["wall_s"] for x in rr]), "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
+        }
+    results["pixels"] = pix
+
+    def m(st: dict, f: str = "{:.1f}") -> str:
+        return f"{f.format(st['median'])} ({f.format(st['min'])}-{f.format(st['max'])})"
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tile.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = ["| slide side (px) | patches | seconds / slide | patches/s | peak RSS, worker (MB) | peak RSS, all processes (MB) |",
-          "|---:|---:|---:|---:|---:|---:|"]
+    md = [f"Coordinates-only `wsi-mil tile`, 1 worker, {args.rounds} interleaved rounds: medians (min-max).", "",
+          "| slide side (px) | patches | whole process (s) | seconds / slide | patches/s | peak RSS, worker (MB) "
+          "| peak RSS, all processes (MB) | phases, median (s) |",
+          "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in results["coordinates"]:
-        md.append(f"| {c['side_px']:,} | {c['patches']:,} | {c['slide_s']:.1f} | {c['patches_per_s']:,.0f} | "
-                  f"{c['peak_rss_worker_mb']:.0f} | {c['peak_rss_tree_mb']:.0f} |")
+        phases = ", ".join(f"{k} {v['median']:.2f}" for k, v in c["phases_s"].items())
+        md.append(f"| {c['side_px']:,} | {c['patches']:,} | {m(c['wall_s'])} | {m(c['slide_s'])} "
+                  f"| {m(c['patches_per_s'], '{:,.0f}')} | {m(c['peak_rss_worker_mb'], '{:.0f}')} "
+                  f"| {m(c['peak_rss_tree_mb'], '{:.0f}')} | {phases} |")
     p = results["pixels"]
-    md += ["", f"Pixel extraction (`--save-patches`, JPEG q90) on the {p['side_px']:,} px slide, {p['patches']:,} patches:", "",
-           "| method | patches/s | ratio vs plain loop |", "|---|---:|---:|",
-           f"| plain single-process loop (read_region + encode) | {p['plain_loop_patches_per_s']:.0f} | 1.00 |"]
+    md += ["", f"Pixel extraction (`--save-patches`, JPEG q90) on the {p['side_px']:,} px slide, {p['patches']:,} patches "
+           f"({args.rounds} interleaved rounds; ratios within each round):", "",
+           "| method | patches/s | ratio vs plain loop | whole process (s) | peak RSS, all processes (MB) |",
+           "|---|---:|---:|---:|---:|",
+           f"| plain single-process loop (read_region + encode) | {m(p['plain_loop_patches_per_s'], '{:.0f}')} | 1.00 | | |"]
     for w in (1, 2):
         q = p[f"workers_{w}"]
-        md.append(f"| wsi-mil tile, {w} worker{'s' if w > 1 else ''} (pixel phase) | {q['patches_per_s']:.0f} | {q['ratio_vs_plain_loop']:.2f} |")
+        md.append(f"| wsi-mil tile, {w} worker{'s' if w > 1 else ''} (pixel phase) | {m(q['patches_per_s'], '{:.0f}')} "
+                  f"| {m(q['ratio_vs_plain_loop'], '{:.2f}')} | {m(q['end_to_end_wall_s'])} "
+                  f"| {m(q['peak_rss_tree_mb'], '{:.0f}')} |")
     md += ["", f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}. "
-           "Command: `.venv/bin/python benchmarks/bench_tile.py`."]
+           f"Command: `.venv/bin/python benchmarks/bench_tile.py --rounds {args.rounds}`."]
     (RESULTS / "tile.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -232,3 +232,23 @@ def test_non_finite_settings_are_refused_naming_the_option(tmp_path, cmu_slide) 
         assert not (tmp_path / "t" / "patches").exists()
     with pytest.raises(ConfigError, match="--min-tissue-area-um2 must be a finite number"):
         TileConfig(min_tissue_area_um2=float("inf"))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_qc_image_that_cannot_be_written_leaves_no_store(tmp_path, cmu_slide, workers) -> None:
+    """The QC image is written on a helper thread while the store is written (2 workers) or
+    before it (1): either way a slide whose QC cannot be written fails and leaves no store,
+    so the re-run redoes it instead of finding it cached without its QC."""
+    out = tmp_path / "o"
+    blocker = out / "qc" / f"{cmu_slide.stem}.png"
+    blocker.mkdir(parents=True)  # a folder where the QC file goes: the atomic rename onto it fails
+    args = ["tile", str(cmu_slide), "--out", str(out), "--workers", workers, "--no-progress"]
+    proc = _run(args)
+    report = json.loads((out / "run_report.json").read_text())
+    assert proc.returncode == 1 and report["slides"][0]["status"] == "failed", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not any((out / "patches").iterdir())  # neither a finished store nor a .partial
+    blocker.rmdir()
+    proc = _run(args)
+    report = json.loads((out / "run_report.json").read_text())
+    assert proc.returncode == 0 and report["slides"][0]["status"] == "ok" and blocker.is_file()

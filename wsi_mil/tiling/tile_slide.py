@@ -289,11 +289,21 @@ def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, q
     if not config.save_patches or plan.n_patches == 0:
         t = time.perf_counter()
         writer = open_store_writer(plan, stores_dir=stores_dir, fmt=config.format)  # type: ignore[arg-type]
-        if config.save_patches:  # zero patches: keep the layout of a pixel store
-            writer.begin_patches()
-            writer.end_patches()
+        try:
+            if config.save_patches:  # zero patches: keep the layout of a pixel store
+                writer.begin_patches()
+                writer.end_patches()
+            store_s = time.perf_counter() - t
+            # a slide is finished with its QC image: one that cannot be written (a full disk) leaves no store
+            # either, so the re-run redoes the slide rather than finding it cached without its QC
+            plan.finish_qc()
+        except BaseException:
+            writer.abort()
+            raise
+        t = time.perf_counter()
         plan.store = str(writer.commit())
-        plan.phases["store"] = time.perf_counter() - t
-    plan.finish_qc()
+        plan.phases["store"] = store_s + time.perf_counter() - t
+    else:
+        plan.finish_qc()
     plan.seconds = time.perf_counter() - plan.started
     return plan

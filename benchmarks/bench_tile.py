@@ -151,6 +151,11 @@ def floor_run(slide: Path, tissue_mpp: float) -> dict:
             "level_px": [int(w), int(h)], "peak_rss_mb": sampler.peak_single / 2**20}
 
 
+def m(st: dict, f: str = "{:.1f}") -> str:
+    """A :func:`_stat` as "median (min-max)"."""
+    return f"{f.format(st['median'])} ({f.format(st['min'])}-{f.format(st['max'])})"
+
+
 def _mask_um(report: dict) -> float:
     """The tissue mask's µm/px recorded in the run's store."""
     import h5py
@@ -206,9 +211,6 @@ def floor_main(args: argparse.Namespace) -> None:
             res["sizes"].append(row)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tile_floor.json").write_text(json.dumps(res, indent=2) + "\n")
-
-    def m(st: dict, f: str = "{:.1f}") -> str:
-        return f"{f.format(st['median'])} ({f.format(st['min'])}-{f.format(st['max'])})"
 
     md = [f"Coordinates-only `wsi-mil tile` against its floor, {args.rounds} interleaved rounds, medians (min-max), "
           "whole processes (start-up included); generated slides (real tissue, 0.5 µm/px).", "",
@@ -296,9 +298,6 @@ def main() -> None:
             "end_to_end_wall_s": _stat([x["wall_s"] for x in rr]), "peak_rss_tree_mb": _stat([x["peak_rss_total_mb"] for x in rr]),
         }
     results["pixels"] = pix
-
-    def m(st: dict, f: str = "{:.1f}") -> str:
-        return f"{f.format(st['median'])} ({f.format(st['min'])}-{f.format(st['max'])})"
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tile.json").write_text(json.dumps(results, indent=2) + "\n")

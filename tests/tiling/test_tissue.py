@@ -115,7 +115,13 @@ def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
     distance-to-ink rule equal scipy.ndimage's labelling and exact distance transform."""
     from scipy import ndimage
 
-    from wsi_mil.tiling.tissue import _drop_ink_halo, _drop_small, _enclosed_small_holes, use_threads
+    from wsi_mil.tiling.tissue import (
+        _drop_fringe,
+        _drop_small,
+        _enclosed_small_holes,
+        _near_ink,
+        use_threads,
+    )
 
     rng = np.random.default_rng(11)
     m = rng.random((1500, 1300)) < 0.58
@@ -141,7 +147,7 @@ def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
     fringe = np.bincount(lab8.ravel(), weights=near.ravel(), minlength=s8.size) >= 0.5 * np.maximum(s8, 1)
     fringe[0] = False
     assert fringe[1:].any() and not fringe[1:].all()  # the rule decides both ways here
-    assert np.array_equal(_drop_ink_halo(tissue, ink, radius_px=9.5), tissue & ~fringe[lab8])
+    assert np.array_equal(_drop_fringe(tissue, _near_ink(ink, 0, 9.5)), tissue & ~fringe[lab8])
 
 
 def test_component_areas_16_bit_labels_and_their_fallbacks_are_exact() -> None:
@@ -221,7 +227,14 @@ def test_integer_ink_rules_equal_the_float_hue_rules() -> None:
     """Pen ink by integer hue comparisons equals the float HSV rules (_ink, _blue_ink) on
     every colour of a dense grid and 300k random ones, except exactly on a hue bound, where
     float32 lands a hair off (65° computed as 64.99999°)."""
-    from wsi_mil.tiling.tissue import _blue_ink, _hsv, _ink, _ink_and_blue, _ink_pair_table, _pair_index
+    from wsi_mil.tiling.tissue import (
+        _blue_ink,
+        _hsv,
+        _ink,
+        _ink_and_blue,
+        _ink_pair_table,
+        _pair_index,
+    )
 
     rng = np.random.default_rng(5)
     grid = np.stack(np.meshgrid(*[np.arange(0, 256, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)

@@ -23,6 +23,7 @@ from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
+from wsi_mil.tiling.qc import qc_name
 from wsi_mil.tiling.tile_slide import (
     SlidePlan,
     config_fingerprint,
@@ -110,7 +111,7 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
     if attrs.get("config_fingerprint") != config_fingerprint(config, entry):
         return (f"{final} exists from a run with different settings or a changed slide file "
                 f"({settings_change(attrs, config, entry)}); use --overwrite to rebuild it or choose another --out")
-    qc = qc_dir / f"{entry.slide_id}.png"
+    qc = qc_dir / qc_name(entry.slide_id)
     message = "already tiled (cached)"
     method = int(attrs.get("tissue_method_version", 1))
     if method != TISSUE_METHOD_VERSION:  # kept (re-tiling a cohort is the user's call), but said

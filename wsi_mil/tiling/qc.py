@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Executor, Future
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,12 @@ def qc_canvas(thumbnail: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return canvas
 
 
+def qc_name(slide_id: str) -> str:
+    """The file name of a slide's QC image (in the run's ``qc/`` folder)."""
+    return f"{slide_id}.png"
+
+
+@lru_cache(maxsize=1)
 def _tint_table() -> npt.NDArray[np.uint8]:
     """Per-channel look-up (BGR) of a patch outline's colour: 22 % of the pixel, 78 % blue."""
     ramp = np.arange(256, dtype=np.float64)[:, None] * 0.22 + np.array(_PATCH_BLUE[::-1], dtype=np.float64) * 0.78

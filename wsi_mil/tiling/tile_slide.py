@@ -35,7 +35,7 @@ from wsi_mil.io.slide import (
 from wsi_mil.io.store import StoreFormat, StoreWriter, store_path
 from wsi_mil.io.thumbnail import plan_thumbnail, read_thumbnail
 from wsi_mil.tiling.grid import PatchGeometry, grid_coords, patch_geometry, tissue_fractions
-from wsi_mil.tiling.qc import qc_canvas, write_qc_png
+from wsi_mil.tiling.qc import qc_canvas, qc_name, write_qc_png
 from wsi_mil.tiling.tissue import (
     TISSUE_METHOD_VERSION,
     ColourClasses,
@@ -61,9 +61,13 @@ def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
     return content
 
 
-def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
+def settings_fingerprint(settings: dict[str, Any]) -> str:
     """Hash of :func:`content_settings`, for cache validation."""
-    return hashlib.sha256(json.dumps(content_settings(config, entry), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_fingerprint(config: TileConfig, entry: SlideEntry) -> str:
+    return settings_fingerprint(content_settings(config, entry))
 
 
 def settings_change(attrs: dict[str, Any], config: TileConfig, entry: SlideEntry) -> str:
@@ -172,7 +176,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     qc_path = qc_job = None
     if qc_dir is not None and config.qc:
         title = f"{entry.slide_id}  {len(coords)} patches  {geometry.effective_mpp:.3f} um/px ({smpp.source} mpp)"
-        qc_png = partial(write_qc_png, qc_dir / f"{entry.slide_id}.png", thumbnail=thumb, mask=mask,
+        qc_png = partial(write_qc_png, qc_dir / qc_name(entry.slide_id), thumbnail=thumb, mask=mask,
                          thumb_downsample=thumb_ds, coords_px=coords, extent_level0_px=geometry.extent_level0_px,
                          title=title, canvas=canvas, pool=helper)
         if helper is not None:  # drawn and written on the helper while the store is written (SlidePlan.finish_qc)
@@ -180,6 +184,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         else:
             qc_path = str(qc_png())
     phases["qc"] = time.perf_counter() - t
+    settings = content_settings(config, entry)
     root_attrs = {
         "format_version": STORE_FORMAT_VERSION,
         "wsi_mil_version": __version__,
@@ -213,8 +218,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "tissue_report": asdict(tissue),
         "has_patches": bool(config.save_patches),
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
-        "config_fingerprint": config_fingerprint(config, entry),
-        "tile_settings": content_settings(config, entry),
+        "config_fingerprint": settings_fingerprint(settings),
+        "tile_settings": settings,
     }
     if config.full_hash:
         root_attrs["slide_sha256"] = file_sha256(entry.path)
@@ -233,7 +238,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue, phases=phases,
         qc_job=qc_job,
     )
-    qc_hint = f"check {qc_dir / (entry.slide_id + '.png')}" if qc_path or qc_job else "check the QC image"
+    qc_hint = f"check {qc_dir / qc_name(entry.slide_id)}" if qc_dir is not None and config.qc else "check the QC image"
     if tissue.background_not_glass:
         plan.warnings.append(
             f"{entry.slide_id}: the background is not white glass (edge brightness {tissue.background_value:.2f}, "

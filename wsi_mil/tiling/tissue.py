@@ -305,17 +305,13 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, pool: Executor |
     return classes
 
 
-def _edge_ring(shape: tuple[int, ...]) -> int:
-    """Width in pixels of the outer ring whose colour is the background's (1/50 of the short side)."""
-    return max(1, min(shape[0], shape[1]) // 50)
-
-
 def _edge_counts(rgb: npt.NDArray[np.uint8], y0: int, height: int) -> npt.NDArray[np.int64]:
     """Pixel counts per (max, min) pair (:func:`_pair_index`) on the outer ring of an image
     ``height`` rows tall, from its rows ``y0 .. y0 + len(rgb)``: the top and bottom ``ring``
-    rows and the left and right ``ring`` columns (corners in both, as the ring is defined)."""
+    rows and the left and right ``ring`` columns (corners in both, as the ring is defined;
+    ``ring`` is 1/50 of the image's short side: the glass around a slide's tissue)."""
     h, w = rgb.shape[:2]
-    ring = _edge_ring((height, w))
+    ring = max(1, min(height, w) // 50)
     parts = [rgb[:, :ring], rgb[:, w - ring:]]
     top = min(h, max(0, ring - y0))
     bottom = max(0, y0 + h - (height - ring))
@@ -356,11 +352,6 @@ def _edge_colour_from_counts(counts: npt.NDArray[np.int64]) -> tuple[float, floa
     """Median brightness and saturation of the pixels counted by (max, min) pair."""
     (v, s), (v_order, s_order) = _pair_sv(), _pair_sv_orders()
     return _median_of_table(v, v_order, counts), _median_of_table(s, s_order, counts)
-
-
-def _edge_colour(rgb: npt.NDArray[np.uint8]) -> tuple[float, float]:
-    """Median brightness and saturation of the image's outer ring (the glass of a slide)."""
-    return _edge_colour_from_counts(_edge_counts(rgb, 0, rgb.shape[0]))
 
 
 def otsu_threshold(counts: npt.NDArray[np.int64]) -> int:
@@ -586,19 +577,14 @@ def _near_ink(artefact: BoolMask, min_ink_px: int, radius_px: float) -> BoolMask
     return cv2.distanceTransform((~ink).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius_px
 
 
-def _drop_ink_halo(mask: BoolMask, ink: BoolMask, *, radius_px: float) -> BoolMask:
-    """Remove tissue components lying mostly in the blurred fringe around ink strokes.
-
-    Out-of-focus marker ink fades into pink/red pixels that look like eosin. A component
-    whose pixels are mostly within ``radius_px`` of ink is that fringe; real tissue next
-    to ink is kept because most of it lies farther away.
-    """
-    near_ink = _near_ink(ink, 0, radius_px)
-    return mask if near_ink is None else _drop_fringe(mask, near_ink)
-
-
 def _drop_fringe(mask: BoolMask, near_ink: BoolMask) -> BoolMask:
-    """``mask`` without its 8-connected components that lie mostly on ``near_ink``."""
+    """Remove tissue components lying mostly in the blurred fringe around ink strokes
+    (``near_ink``: :func:`_near_ink`).
+
+    Out-of-focus marker ink fades into pink/red pixels that look like eosin. An 8-connected
+    component whose pixels are mostly near ink is that fringe; real tissue next to ink is
+    kept because most of it lies farther away.
+    """
     cv2 = _cv2()
     if not mask.any():
         return mask

@@ -47,8 +47,10 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=base, default=None, choices=f.metadata.get("choices"),
-                               metavar=f.name.upper() if "choices" not in f.metadata else None, help=help_text)
+            # the choices are checked by build_config, with the message a recipe's value gets too
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=f.name, type=base, default=None,
+                               metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_text)
 
 
 def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:

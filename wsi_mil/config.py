@@ -47,6 +47,7 @@ class TileConfig:
                                   "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         for f in dataclasses.fields(self):  # an infinite size or resolution would fail deep inside a slide's tiling
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -90,8 +91,25 @@ class TileConfig:
         return dataclasses.asdict(self)
 
 
+class RecipeSection(dict):  # type: ignore[type-arg]
+    """One section of a YAML recipe (option -> value) that knows where it came from, so a
+    bad key or value is named with its file and section."""
+
+    origin: str = "recipe"
+
+
+def _closest(word: str, names: Any) -> str:
+    """' (did you mean X?)' when ``word`` is close to one of ``names``, else ''."""
+    import difflib
+
+    match = difflib.get_close_matches(str(word), [str(n) for n in names], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
-    """Read one stage's section (e.g. ``tile``) of a YAML recipe."""
+    """Read one stage's section (e.g. ``tile``) of a YAML recipe. Every top-level key must
+    be a known section (a misspelt one is an error naming the closest), and the asked
+    section must be there: a recipe is never silently ignored."""
     import yaml
 
     path = Path(path)
@@ -101,25 +119,109 @@ def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
         raise ConfigError(f"recipe {path}: cannot read it ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: expected a mapping with a '{section}:' section")
-    body = data.get(section, {})
+    known = sorted(recipe_sections())
+    unknown = [str(k) for k in data if str(k) not in known]
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown section {unknown[0]!r}{_closest(unknown[0], known)}; the sections "
+                          f"are {', '.join(known)}")
+    if section not in data:
+        raise ConfigError(f"recipe {path} has no '{section}:' section (it has {', '.join(map(str, data)) or 'none'}); "
+                          f"this command reads '{section}:'")
+    body = data.get(section) or {}
     if not isinstance(body, dict):
         raise ConfigError(f"recipe {path}: '{section}' must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in body.items()}
+    out = RecipeSection({str(k).replace("-", "_"): v for k, v in body.items()})
+    out.origin = f"recipe {path}, section '{section}'"
+    return out
+
+
+def _field_type(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, optional) of a config field from its annotation."""
+    import types
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+        return base, type(None) in args
+    return hint, False
+
+
+def check_choice(option: str, value: Any, choices: Any) -> None:
+    """The one message for a value outside an option's choices, from a flag, a recipe or code."""
+    if value not in choices:
+        raise ConfigError(f"{option} {value!r}: invalid choice; choose from {', '.join(map(str, choices))}"
+                          f"{_closest(value, choices)}")
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """A recipe value checked against the option's type (YAML reads ``1e-3`` as text:
+    numbers written so are converted) and its choices."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    base, optional = _field_type(cls, name)
+    option = f"{where}{name}" if where else f"--{name.replace('_', '-')}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{option}: a value is needed (blank is not allowed; default {f.default!r})")
+    bad = ConfigError(f"{option} {value!r}: expected {'true or false' if base is bool else 'a whole number' if base is int else 'a number' if base is float else 'text'}")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise bad
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number) or number != int(number):
+            raise bad
+        value = int(number)
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise bad
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    elif base is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise bad
+        value = str(value)
+    if "choices" in f.metadata:
+        check_choice(option, value, f.metadata["choices"])
+    return value
 
 
 def build_config(cls: type, *, recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Instantiate a config dataclass from a recipe and CLI overrides, refusing unknown keys."""
+    """Instantiate a config dataclass from a recipe and CLI overrides. Before any work: an
+    unknown key is an error naming the closest valid one, and every value is checked
+    against its option's type and choices (the same list and message as the flag's)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for source, mapping in (("recipe", recipe or {}), ("command line", overrides or {})):
+    origin = getattr(recipe, "origin", "recipe")
+    for source, mapping in ((origin, recipe or {}), ("command line", overrides or {})):
         unknown = sorted(set(mapping) - names)
         if unknown:
-            raise ConfigError(f"unknown {source} option(s) {unknown}; valid options are {sorted(names)}")
-        values.update({k: v for k, v in mapping.items() if v is not None})
+            raise ConfigError(f"{source}: unknown option {unknown[0]!r}{_closest(unknown[0], names)}; valid options "
+                              f"are {', '.join(sorted(names))}")
+        if source == "command line":
+            values.update({k: _coerce(cls, k, v, "") for k, v in mapping.items() if v is not None})
+        else:
+            values.update({k: _coerce(cls, k, v, f"{source}: ") for k, v in mapping.items()})
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _check_choices(obj: Any) -> None:
+    """Every option with a list of choices holds one of them (configs made in code too)."""
+    for f in dataclasses.fields(obj):
+        if "choices" in f.metadata:
+            check_choice(f"--{f.name.replace('_', '-')}", getattr(obj, f.name), f.metadata["choices"])
 
 
 @dataclass(frozen=True)
@@ -144,6 +246,7 @@ class ExtractConfig:
     stain_norm: str = _opt("none", "test-time stain normalisation on the device, in the same pass: none or macenko (to a reference H&E)", choices=("none", "macenko"))
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         checks = [
             (self.batch_size >= 1, "--batch-size must be positive"),
             (self.readers >= 0, "--readers must be 0 or more"),
@@ -242,6 +345,7 @@ class CommonTrainConfig:
         ]
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
@@ -441,6 +545,12 @@ class VolumeTrainConfig(CommonTrainConfig):
 
     def reader_list(self) -> list[str] | None:
         return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
+
+
+def recipe_sections() -> dict[str, type]:
+    """The sections a YAML recipe may hold, with the settings each one sets."""
+    return {"tile": TileConfig, "extract_features": ExtractConfig, "train_mil": TrainConfig,
+            "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig}
 
 
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],

@@ -137,3 +137,37 @@ def test_consensus_majority_with_ties_left_unlabelled(tmp_path: Path) -> None:
     manifest.write_text("path,patient_id,r1,r2\n" + f"{img},p1,1,1\n{img},p2,0,1\n".replace(f"{img},p2", f"{img},p2"))
     with pytest.raises(Exception, match="duplicate image ids"):
         read_image_manifest(manifest, readers=["r1", "r2"])
+
+
+def test_a_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path: Path) -> None:
+    grey = _real()
+    pages = [Image.fromarray(grey), Image.fromarray(255 - grey)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with Image.open(tmp_path / "stack.tif") as check:
+        assert check.n_frames == 2  # what a peer reader sees
+    with pytest.raises(ImageReadError, match=r"stack.tif: a multi-page file \(2 pages\)"):
+        read_image(tmp_path / "stack.tif")
+    pages[0].save(tmp_path / "one.tif")  # a single page still reads
+    assert np.allclose(read_image(tmp_path / "one.tif"), grey / 255.0)
+
+
+@pytest.mark.parametrize(("orientation", "turn"), [(6, "cw"), (8, "ccw"), (3, "180")])
+def test_jpeg_exif_orientation_is_honoured(tmp_path: Path, orientation: int, turn: str) -> None:
+    """A phone photo of a film is stored sideways with an EXIF orientation tag: the reader
+    returns it upright, as every image viewer shows it."""
+    grey = _real()[:, : _real().shape[1] * 2 // 3]  # not square, so a wrong turn cannot pass
+    upright = grey
+    # stored pixels: the upright picture turned the other way, so that applying the tag turns it back
+    stored = {"cw": np.rot90(upright, 1), "ccw": np.rot90(upright, -1), "180": np.rot90(upright, 2)}[turn]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "photo.jpg", quality=98, exif=exif.tobytes())
+    out = read_image(tmp_path / "photo.jpg")
+    assert out.shape == upright.shape
+    assert np.abs(out - upright / 255.0).mean() < 0.01
+    # PIL's own exif_transpose (the reference users trust) gives the same picture
+    from PIL import ImageOps
+
+    with Image.open(tmp_path / "photo.jpg") as im:
+        ref = np.asarray(ImageOps.exif_transpose(im).convert("L"), np.float32) / 255.0
+    assert np.array_equal(out, ref)

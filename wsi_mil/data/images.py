@@ -9,9 +9,10 @@ Every reader returns one **grey image as float32 in [0, 1]** (H, W), 0 = black:
 * DICOM (pydicom): greyscale only (``MONOCHROME1`` / ``MONOCHROME2``, one sample per
   pixel, one frame); anything else (RGB, YBR, palette colour, multi-frame) is refused by
   name. The modality LUT (rescale slope / intercept) is applied first; then a window:
-  ``window=(centre, width)`` when given, else the file's VOI LUT or window if it has one
-  (``use_voi=True``), else the image's own minimum to maximum. The windowed range maps
-  onto [0, 1]; ``MONOCHROME1`` (bright = low values) is inverted so that bone is bright
+  ``window=(centre, width)`` when given (that window's range maps onto [0, 1]), else the
+  file's VOI LUT or window if it has one (``use_voi=True``), applied once by pydicom, whose
+  output range (:func:`voi_output_range`) maps onto [0, 1], else the image's own minimum
+  to maximum; ``MONOCHROME1`` (bright = low values) is inverted so that bone is bright
   in every output.
 * NPZ in the MedMNIST layout (``<split>_images`` uint8, ``<split>_labels``): value / 255.
 
@@ -69,12 +70,20 @@ def _scale_integer(a: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
 
 
 def read_picture(path: Path) -> npt.NDArray[np.float32]:
-    """PNG / JPEG / TIFF / BMP -> grey float32 in [0, 1] (see the module docstring)."""
-    from PIL import Image
+    """PNG / JPEG / TIFF / BMP -> grey float32 in [0, 1] (see the module docstring). The
+    EXIF orientation is honoured; a multi-page file is refused."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            pages = int(getattr(opened, "n_frames", 1) or 1)
+            if pages > 1:
+                raise ImageReadError(f"{path}: a multi-page file ({pages} pages); only its first would be read. Give one "
+                                     "radiograph per file (split the pages, e.g. with tiffsplit), or a volume to "
+                                     "train-volume")
+            opened.load()
+            # EXIF orientation (phone photos of films, some scanner exports): the picture as it is meant to be seen
+            im = ImageOps.exif_transpose(opened) or opened
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im)
                 if a.dtype == np.int32 and a.min() >= 0:
@@ -114,19 +123,20 @@ def read_dicom(path: Path, *, window: tuple[float, float] | None = None, use_voi
         raw = pixel_array(ds)
     except Exception as exc:
         raise ImageReadError(f"{path}: its pixels cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(raw, ds))
     if window is not None:
         centre, width = window
         if width <= 0:
             raise ConfigError(f"--window {centre},{width}: the width must be positive")
-        lo, hi = centre - width / 2.0, centre + width / 2.0
+        values, lo, hi = modality.astype(np.float64), centre - width / 2.0, centre + width / 2.0
     elif use_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        lo, hi = float(values.min()), float(values.max())
-        if "WindowCenter" in ds and "VOILUTSequence" not in ds:
-            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            lo, hi = c - w / 2.0, c + w / 2.0
+        # the VOI transform (a LUT or the window function, LINEAR / LINEAR_EXACT / SIGMOID) maps
+        # the modality values onto its own output range, which is what becomes [0, 1]: the
+        # window is applied once, by pydicom (windowing its output again was a double window)
+        lo, hi = voi_output_range(ds)
+        values = np.asarray(apply_voi_lut(_voi_input(modality, ds), ds, index=0), dtype=np.float64)
     else:
+        values = modality.astype(np.float64)
         lo, hi = float(values.min()), float(values.max())
     out = np.clip((values - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
     if photometric == "MONOCHROME1":
@@ -134,11 +144,32 @@ def read_dicom(path: Path, *, window: tuple[float, float] | None = None, use_voi
     return out
 
 
-def _first(v: Any) -> float:
-    try:
-        return float(v[0])
-    except TypeError:
-        return float(v)
+def voi_output_range(ds: Any) -> tuple[float, float]:
+    """The range a DICOM file's VOI transform maps onto, as pydicom applies it: for a VOI
+    LUT sequence (which pydicom prefers over a window) 0 to 2^n - 1, n the bits per LUT
+    entry (PS3.3 C.11.2.1.1); for a window, the values pydicom's window function takes
+    far below and far above the window (its y_min and y_max: the stored bit depth, signed
+    or not, through the rescale when there is one)."""
+    from pydicom.pixels import apply_voi_lut
+
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2 ** bits - 1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        ends = np.asarray(apply_voi_lut(np.asarray([-1e30, 1e30]), ds, index=0), dtype=np.float64)
+    return float(ends.min()), float(ends.max())
+
+
+def _voi_input(values: npt.NDArray[Any], ds: Any) -> npt.NDArray[Any]:
+    """Modality values as a VOI LUT indexes them: whole numbers as integers (pydicom warns,
+    rightly, on a float array); a window takes them as they are."""
+    if "VOILUTSequence" not in ds or np.issubdtype(values.dtype, np.integer):
+        return values
+    rounded = np.rint(values)
+    if not np.allclose(values, rounded, atol=1e-6):
+        logger.warning("a VOI LUT indexed by non-integer modality values (rescale slope %s): rounded to the nearest "
+                       "entry", getattr(ds, "RescaleSlope", "?"))
+    return rounded.astype(np.int64)
 
 
 def read_image(path: str | Path, *, window: tuple[float, float] | None = None, use_voi: bool = True

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("auto", "window", "zscore", "minmax", "unit")
+#: slice gaps that differ from the mean spacing by more than this share are warned about
+#: (more than 10 % from the median is refused: a missing slice)
+UNEVEN_GAP_WARN = 0.01
 
 
 class VolumeReadError(ImageReadError):
@@ -90,17 +93,60 @@ def _canonical(data: npt.NDArray[Any], affine: npt.NDArray[np.float64], kind: st
                   tuple(int(s) for s in data.shape), ornt, kind, modality)  # type: ignore[arg-type]
 
 
+#: the most voxels a volume may hold (2 GiB as float32): a whole-body CT at 512 x 512 x 2,000
+#: fits; a header claiming more is refused before anything is allocated
+MAX_VOXELS = 2 ** 29
+#: deflate cannot shrink data by more than about 1032:1, so a .nii.gz smaller than its
+#: claimed voxels / 1032 cannot hold them
+_MAX_DEFLATE_RATIO = 1032
+
+
+def check_nifti_header(path: Path, img: Any) -> None:
+    """Refuse a NIfTI whose header claims more than the file holds, or more than
+    :data:`MAX_VOXELS`, before any voxel is read (a 2 KB file claiming 2048 x 2048 x 1024
+    int16 would allocate 8.9 GB first)."""
+    header = img.header
+    shape = tuple(int(v) for v in header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    itemsize = np.dtype(header.get_data_dtype()).itemsize
+    claimed = voxels * itemsize
+    described = "x".join(map(str, shape))
+    if voxels > MAX_VOXELS:
+        raise VolumeReadError(f"{path}: its header claims {described} = {voxels:,} voxels, more than the {MAX_VOXELS:,} "
+                              "a volume may hold here; crop or resample it (e.g. to 1-2 mm) first")
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        if claimed > size * _MAX_DEFLATE_RATIO:
+            raise VolumeReadError(f"{path}: its header claims {described} voxels of {header.get_data_dtype()} "
+                                  f"({claimed / 1e6:,.1f} MB), which a {size:,}-byte gzip file cannot hold: the header "
+                                  "is wrong or the file is truncated")
+    else:
+        offset = int(float(header.get("vox_offset", 0) or 0)) if "vox_offset" in header else 0
+        if offset + claimed > size:
+            raise VolumeReadError(f"{path}: its header claims {described} voxels of {header.get_data_dtype()} "
+                                  f"({claimed:,} bytes after offset {offset}), but the file has {size:,} bytes: the "
+                                  "header is wrong or the file is truncated")
+
+
 def read_nifti(path: Path) -> Volume:
     try:
         import nibabel as nib
 
         img = nib.load(str(path))
+    except Exception as exc:
+        raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    check_nifti_header(path, img)
+    try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, np.float64)
     except Exception as exc:
         raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim == 2 or (data.ndim == 3 and 1 in data.shape):
+        raise VolumeReadError(f"{path}: a single slice ({'x'.join(map(str, data.shape))}), not a volume: a 2D image "
+                              "saved as NIfTI would be padded into a cube and trained as 3D. Give 2D images to "
+                              "train-image (PNG / DICOM), or a volume of several slices here")
     try:
         return _canonical(data, affine, "nifti")
     except VolumeReadError as exc:
@@ -136,6 +182,7 @@ def read_dicom_series(folder: Path) -> Volume:
                               "put each series in its own folder")
     items = next(iter(series.values()))
     first = items[0][1]
+    notes: list[str] = []
     if int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
         raise VolumeReadError(f"{folder}: multi-frame (enhanced) DICOM is not supported; export the series as "
                               "single-frame slices")
@@ -165,10 +212,20 @@ def read_dicom_series(folder: Path) -> Volume:
         if (gaps < 1e-3).any():
             raise VolumeReadError(f"{folder}: {int((gaps < 1e-3).sum())} duplicate slice position(s); the folder "
                                   "holds repeated slices or several volumes of one series")
-        step = float(np.median(gaps))
-        if np.abs(gaps - step).max() > 0.1 * step + 1e-3:
+        median = float(np.median(gaps))
+        if np.abs(gaps - median).max() > 0.1 * median + 1e-3:
             raise VolumeReadError(f"{folder}: uneven slice gaps ({gaps.min():.3g}-{gaps.max():.3g} mm, median "
-                                  f"{step:.3g}): a slice is missing, or the series mixes spacings")
+                                  f"{median:.3g}): a slice is missing, or the series mixes spacings")
+        # the true extent over the slices (as SimpleITK does), not the median gap: a series
+        # whose gaps vary a little keeps its length in mm
+        step = float((along[-1] - along[0]) / (len(along) - 1))
+        if np.abs(gaps - step).max() > UNEVEN_GAP_WARN * step:
+            uneven = (f"slice gaps vary from {gaps.min():.4g} to {gaps.max():.4g} mm (mean {step:.4g}); the volume is "
+                      "placed at the mean spacing over its true extent, so slices sit up to "
+                      f"{np.abs(np.cumsum(gaps) - step * np.arange(1, len(gaps) + 1)).max():.3g} mm from where a "
+                      "regular grid puts them")
+            logger.warning("%s: %s", folder, uneven)
+            notes.append(uneven)
     else:
         step = float(getattr(first, "SliceThickness", 1.0) or 1.0)
     from pydicom.pixels import pixel_array
@@ -192,9 +249,11 @@ def read_dicom_series(folder: Path) -> Volume:
     lps[:3, 3] = pos[order[0]]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> RAS
     try:
-        return _canonical(data, affine, "dicom", str(getattr(first, "Modality", "")))
+        vol = _canonical(data, affine, "dicom", str(getattr(first, "Modality", "")))
     except VolumeReadError as exc:
         raise VolumeReadError(f"{folder}: {exc}") from exc
+    vol.notes.extend(notes)
+    return vol
 
 
 def read_volume(path: str | Path) -> Volume:

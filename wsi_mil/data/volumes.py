@@ -121,7 +121,7 @@ def check_nifti_header(path: Path, img: Any) -> None:
                                   f"({claimed / 1e6:,.1f} MB), which a {size:,}-byte gzip file cannot hold: the header "
                                   "is wrong or the file is truncated")
     else:
-        offset = int(float(header.get("vox_offset", 0) or 0)) if "vox_offset" in header else 0
+        offset = int(header.get_data_offset()) if hasattr(header, "get_data_offset") else 0
         if offset + claimed > size:
             raise VolumeReadError(f"{path}: its header claims {described} voxels of {header.get_data_dtype()} "
                                   f"({claimed:,} bytes after offset {offset}), but the file has {size:,} bytes: the "

@@ -1,0 +1,93 @@
+"""Volume inputs that used to be read as something else without a word: a NIfTI whose
+header lies about its size (allocated before failing), a single-slice NIfTI (a radiograph
+padded into a cube), and DICOM slice gaps that vary a little (placed at the median gap)."""
+
+from __future__ import annotations
+
+import gzip
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.volumes.test_volume_readers import _hu, _real
+from wsi_mil.data import volumes
+from wsi_mil.data.volumes import VolumeReadError, read_volume
+from wsi_mil.synth.volumes import write_dicom_series, write_nifti
+
+
+def _lying_nifti(path: Path, shape: tuple[int, ...], dtype: str = "int16") -> Path:
+    """A real NIfTI header (nibabel's) claiming ``shape``, followed by 2 KB of voxels."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0\0\0\0" + np.arange(1024, dtype=np.int16).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+@pytest.mark.parametrize("name", ["liar.nii", "liar.nii.gz"])
+@pytest.mark.parametrize(("shape", "expected"), [
+    ((1024, 1024, 256), r"its header claims 1024x1024x256 voxels of int16 .*(cannot hold|but the file has [\d,]+ bytes)"),
+    ((2048, 2048, 1024), r"its header claims 2048x2048x1024 = 4,294,967,296 voxels, more than"),  # the issue's file
+])
+def test_a_header_claiming_more_than_the_file_holds_is_refused_before_reading(tmp_path: Path, name: str,
+                                                                               shape: tuple[int, ...],
+                                                                               expected: str) -> None:
+    path = _lying_nifti(tmp_path / name, shape)
+    assert path.stat().st_size < 4096
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(VolumeReadError, match=rf"{name}: {expected}"):
+        read_volume(path)
+    assert time.perf_counter() - t0 < 2  # nothing of 0.5-8.9 GB was allocated or zero-filled
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200
+
+
+def test_a_header_claiming_more_voxels_than_the_cap_is_refused(tmp_path: Path) -> None:
+    side = int(round(getattr(volumes, "MAX_VOXELS", 2 ** 29) ** (1 / 3))) + 8
+    with pytest.raises(VolumeReadError, match=r"more than the 536,870,912 a volume may hold here; crop or resample"):
+        read_volume(_lying_nifti(tmp_path / "huge.nii", (side, side, side), "uint8"))
+
+
+def test_a_real_volume_still_reads_through_the_checks(tmp_path: Path) -> None:
+    vol, _ = _real(2)
+    for name in ("ok.nii", "ok.nii.gz"):
+        v = read_volume(write_nifti(tmp_path / name, _hu(vol), np.eye(4)))
+        assert v.data.shape == (28, 28, 28)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (28, 28)])
+def test_a_single_slice_nifti_is_refused_as_a_2d_image(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    vol, _ = _real(4)
+    img = _hu(vol)[:, :, :1].reshape(shape)
+    with pytest.raises(VolumeReadError, match=r"a single slice .* not a volume: .*train-image"):
+        read_volume(write_nifti(tmp_path / "xray.nii.gz", img, np.eye(4)))
+
+
+def test_slightly_uneven_dicom_gaps_use_the_true_extent_and_are_warned(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import pydicom
+
+    vol, _ = _real(6)
+    folder, _ = write_dicom_series(tmp_path / "series", _hu(vol)[:12], spacing=(2.5, 0.8, 0.7), shuffle=None)
+    # gaps of 2.5 mm +- up to 5 % (under the 10 % that means a missing slice): a real export's rounding drift
+    gaps = 2.5 * (1 + np.array([0.05, 0.04, 0.05, 0.03, 0.05, 0.04, 0.05, 0.02, 0.05, 0.04, 0.05]))
+    z = np.concatenate([[40.0], 40.0 + np.cumsum(gaps)])
+    for k, f in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [-100.0, -120.0, float(z[k])]
+        ds.save_as(f)
+    v = read_volume(folder)
+    true_step = (z[-1] - z[0]) / 11  # what SimpleITK uses: the extent over the slices
+    assert v.spacing[0] == pytest.approx(true_step, rel=1e-6)
+    assert v.spacing[0] != pytest.approx(float(np.median(gaps)), rel=1e-3)  # not the median gap
+    assert any("slice gaps vary" in n for n in v.notes)
+    assert "slice gaps vary from" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import logging.handlers
 import os
 import sys
 import types
@@ -57,11 +58,15 @@ def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 
 
+_held: logging.handlers.MemoryHandler | None = None
+
+
 def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     """Console logging at the verbosity asked for, and the command's log file; the log
     file's folder (the command's --out) is checked writable first (exit 2 if not)."""
     from wsi_mil.logs import file_handler
 
+    global _held
     handler = file_handler(log_file) if log_file is not None else None
     root = logging.getLogger("wsi_mil")
     root.setLevel(logging.DEBUG)
@@ -72,6 +77,15 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     root.addHandler(console)
     if handler is not None:
         root.addHandler(handler)
+        if _held is not None:  # what was logged while the inputs were checked, before the run folder existed
+            _held.setTarget(handler)
+            _held.flush()
+            _held.close()
+            _held = None
+    else:  # held until the command's log file exists (or dropped when the command is refused)
+        _held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+        _held.setLevel(logging.DEBUG)
+        root.addHandler(_held)
 
 
 def _default_workers() -> int:
@@ -473,12 +487,19 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     from wsi_mil.commands.train_image import run_train_image
     from wsi_mil.train.runner import summary_text
 
+    from wsi_mil.commands.train_image import prepare_image_inputs
+
     recipe = load_recipe(args.config, "train_image") if args.config else None
     config = build_config(ImageTrainConfig, recipe=recipe, overrides=_config_overrides(args, ImageTrainConfig))
+    _setup_logging(args.verbose)
+    # every check that can refuse the run (manifest, labels, unreadable images, duplicates across the
+    # splits) comes before the run folder, and before any feature is computed
+    prepared = prepare_image_inputs(args.source, config, progress=not args.no_progress)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_image", {})
-    report = run_train_image(args.source, out_dir=args.out, config=config, progress=not args.no_progress)
+    report = run_train_image(args.source, out_dir=args.out, config=config, progress=not args.no_progress,
+                             prepared=prepared)
     print(summary_text(report))
     return EXIT_OK
 
@@ -490,13 +511,19 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
     from wsi_mil.commands.train_volume import run_train_volume
     from wsi_mil.train.runner import summary_text
 
+    from wsi_mil.commands.train_volume import prepare_volume_inputs, resolve_intensity
+
     recipe = load_recipe(args.config, "train_volume") if args.config else None
     config = build_config(VolumeTrainConfig, recipe=recipe, overrides=_config_overrides(args, VolumeTrainConfig))
+    config = resolve_intensity(config, args.source)  # the mode --intensity auto stands for, recorded as such
     config.prep()  # spacing / window checked before anything is read
+    _setup_logging(args.verbose)
+    prepared = prepare_volume_inputs(args.source, config, progress=not args.no_progress)  # refusals: no folder yet
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_volume", {})
-    report = run_train_volume(args.source, out_dir=args.out, config=config, progress=not args.no_progress)
+    report = run_train_volume(args.source, out_dir=args.out, config=config, progress=not args.no_progress,
+                              prepared=prepared)
     print(summary_text(report))
     return EXIT_OK
 

@@ -177,7 +177,7 @@ def test_planted_duplicates_across_splits_are_refused_then_merged(tmp_path: Path
     cfg = dict(mode="linear", image_size=32, folds=2, epochs=2, bootstrap=50)
     with pytest.raises(DuplicateLeakError, match=r"(?s)near-duplicate image pair\(s\) of different patients.*--duplicates merge"):
         run_train_image(manifest, out_dir=tmp_path / "refused", config=ImageTrainConfig(**cfg), progress=False)
-    assert not (tmp_path / "refused" / "models").exists()  # stopped before any training
+    assert not (tmp_path / "refused").exists()  # stopped before the run folder and any feature existed
     report = run_train_image(manifest, out_dir=tmp_path / "merged", config=ImageTrainConfig(**cfg, duplicates="merge"),
                              progress=False)
     dup = report.metrics["audit"]["duplicates"]
@@ -216,7 +216,7 @@ def test_duplicated_slide_features_are_refused(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "near-duplicate slide pair(s)" in res.stderr and "dup-exact" in res.stderr and "--duplicates merge" in res.stderr
-    assert not (tmp_path / "run" / "models").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 def test_duplicated_patches_inside_a_slide_are_flagged() -> None:

@@ -51,6 +51,7 @@ class SlideOutcome:
     qc_png: str | None = None
     message: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # seconds of this slide's steps (see SlidePlan)
+    fingerprint: str | None = None  # the slide file's content fingerprint, as its store records it
 
 
 @dataclass
@@ -70,6 +71,16 @@ class RunReport:
     def ok(self) -> bool:
         return self.n_failed == 0
 
+    def identical_files(self) -> list[dict[str, Any]]:
+        """Groups of rows whose slide files have one content fingerprint: one slide under
+        several ids (a copied file, or one path listed twice)."""
+        groups: dict[str, list[SlideOutcome]] = {}
+        for o in self.outcomes:
+            if o.fingerprint:
+                groups.setdefault(o.fingerprint, []).append(o)
+        return [{"fingerprint": fp, "slides": [o.slide_id for o in group], "paths": [o.path for o in group]}
+                for fp, group in groups.items() if len(group) > 1]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "seconds": round(self.seconds, 3), "counts": status_counts(o.status for o in self.outcomes),
@@ -79,6 +90,7 @@ class RunReport:
             "skipped_inputs": self.skipped_inputs,
             "disk_full": self.disk_full,
             "executor": self.executor,
+            "identical_files": self.identical_files(),
         }
 
     def table(self) -> str:
@@ -93,6 +105,15 @@ class RunReport:
             text += (f"\n\n{len(self.skipped_inputs)} file(s) in the input folders are not slides and were skipped:\n"
                      + "\n".join(f"  {Path(s['path']).name}: {s['reason']}" for s in shown)
                      + ("\n  ... all listed in run_report.json" if len(self.skipped_inputs) > 10 else ""))
+        same = self.identical_files()
+        if same:
+            n_rows = sum(len(g["slides"]) for g in same)
+            text += (f"\n\n{n_rows} slide rows are {len(same)} slide file(s) under several ids (the same content "
+                     "fingerprint): each is one slide, tiled once per id. Keep one row per slide (or give the copies "
+                     "one patient_id); train-mil refuses copies that land on both sides of its splits:\n"
+                     + "\n".join(f"  {', '.join(g['slides'][:6])}{' ...' if len(g['slides']) > 6 else ''} "
+                                  f"({len(g['slides'])} ids): {Path(g['paths'][0]).name}" for g in same[:10])
+                     + ("\n  ... all listed in run_report.json (identical_files)" if len(same) > 10 else ""))
         return text
 
 
@@ -123,6 +144,7 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
         entry.slide_id, str(entry.path), "cached" if attrs.get("n_patches", 0) else "no_tissue",
         n_patches=int(attrs.get("n_patches", 0)), mpp=attrs.get("slide_mpp"), mpp_source=attrs.get("mpp_source"),
         store=str(final), qc_png=str(qc) if qc.exists() else None, message=message,
+        fingerprint=attrs.get("slide_fingerprint"),
     )
 
 
@@ -138,6 +160,7 @@ def _outcome_from_plan(plan: SlidePlan, seconds: float) -> SlideOutcome:
         plan.slide_id, plan.slide_path, status, n_patches=plan.n_patches, seconds=seconds,
         mpp=plan.mpp, mpp_source=plan.mpp_source, store=plan.store, qc_png=plan.qc_path,
         message="; ".join(plan.warnings), phases={k: round(v, 3) for k, v in plan.phases.items()},
+        fingerprint=plan.root_attrs.get("slide_fingerprint"),
     )
 
 
@@ -210,6 +233,10 @@ def run_tile(
 
     report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases,
                        list(skipped_inputs or []), disk_full, used)
+    same = report.identical_files()
+    if same:
+        logger.warning("%d slide file(s) are listed under more than one slide id (same content fingerprint), e.g. %s; "
+                       "see the report's identical_files", len(same), " = ".join(same[0]["slides"][:4]))
     try:
         write_json(out_dir / "run_report.json", report.to_dict())
     except OSError as exc:  # a full disk must not hide the report: it is printed all the same

@@ -41,7 +41,7 @@ from wsi_mil.data.images import (
     resize_grey,
 )
 from wsi_mil.errors import ConfigError, ManifestError, MissingDataError
-from wsi_mil.train.runner import CvInputs, TrainReport, run_cv
+from wsi_mil.train.runner import CvInputs, TrainReport, checks_before_training, run_cv, tensor_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bo
     images, bad = load_pixels(entries, config.image_size, window=config.window_pair(), use_voi=config.use_voi,
                               progress=progress)
     refuse_unreadable(bad, len(entries))
+    # duplicates, splits and the rest are checked now: before the run folder and any feature exist
+    inputs.checked = checks_before_training(inputs.samples, tensor_pixels(images, inputs.samples), inputs.columns,
+                                            inputs.user_split, config, "image")
     return inputs, images
 
 
@@ -357,12 +360,15 @@ def patch_backbone(spec: dict[str, Any]) -> Any:
     return model.eval()
 
 
-def run_train_image(source: Path, *, out_dir: Path, config: ImageTrainConfig, progress: bool = True) -> TrainReport:
+def run_train_image(source: Path, *, out_dir: Path, config: ImageTrainConfig, progress: bool = True,
+                    prepared: tuple[CvInputs, torch.Tensor] | None = None) -> TrainReport:
+    """The run; ``prepared`` (:func:`prepare_image_inputs`) when the inputs were checked
+    before the run folder was made."""
     saved = torch.get_num_threads()
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        inputs, images = prepare_image_inputs(source, config, progress=progress)
+        inputs, images = prepared or prepare_image_inputs(source, config, progress=progress)
         device = config.resolved_device()
         road: ImageRoad | PatchMilRoad
         if config.mode == "mil":

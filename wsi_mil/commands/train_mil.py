@@ -35,9 +35,11 @@ from wsi_mil.train.runner import (  # noqa: F401 - the shared run's names, re-ex
     METRIC_KEYS,
     THRESHOLD_RULE,
     TRAINING_REVISION,
+    CheckedRun,
     CvInputs,
     TrainReport,
     _prediction,
+    checks_before_training,
     evaluate,
     report_markdown,
     run_cv,
@@ -93,6 +95,7 @@ class TrainInputs:
     skipped: list[dict[str, str]]
     user_split: dict[str, str]
     columns: dict[str, dict[str, str]] = field(default_factory=dict)  # slide_id -> manifest row
+    checked: CheckedRun | None = None  # duplicates, splits ...: checked before the run folder exists
 
 
 def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
@@ -124,7 +127,10 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     if len(bags) < 4:
         raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
                             f"({len(skipped)} left out, listed above)")
-    return TrainInputs(task, task_line, bags, skipped, user_split, entry_columns(entries))
+    columns = entry_columns(entries)
+    # every check that can refuse the run (duplicates across the splits, --subgroups ...) before its folder exists
+    checked = checks_before_training(bags, None, columns, user_split, config, "slide")
+    return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked)
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:
@@ -215,7 +221,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             torch.set_num_threads(threads)
             logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
         cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
-                      {"threads": threads if device == "cpu" else None}, inputs.columns)
+                      {"threads": threads if device == "cpu" else None}, inputs.columns, inputs.checked)
         return run_cv(road, cv, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)

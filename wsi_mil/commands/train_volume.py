@@ -42,7 +42,7 @@ from wsi_mil.data.volumes import (
     prepare_volume,
 )
 from wsi_mil.errors import ConfigError
-from wsi_mil.train.runner import TrainReport, run_cv
+from wsi_mil.train.runner import CvInputs, TrainReport, checks_before_training, run_cv, tensor_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -205,16 +205,44 @@ def prep_of(spec: dict[str, Any]) -> VolumePrep:
                       tuple(p["window"]) if p.get("window") else None)  # type: ignore[arg-type]
 
 
-def run_train_volume(source: Path, *, out_dir: Path, config: VolumeTrainConfig, progress: bool = True) -> TrainReport:
+def resolve_intensity(config: VolumeTrainConfig, source: Path) -> VolumeTrainConfig:
+    """``--intensity auto`` made the concrete mode it stands for (window with --window, unit
+    for a MedMNIST .npz, else minmax), so that the models record it and predict-volume
+    maps every input the way training did, whatever file type it is given."""
+    import dataclasses
+
+    if config.intensity != "auto":
+        return config
+    mode = "window" if config.window else "unit" if Path(source).suffix.lower() == ".npz" else "minmax"
+    logger.info("--intensity auto: %s (recorded with the models; predict-volume uses the same)", mode)
+    return dataclasses.replace(config, intensity=mode)
+
+
+def prepare_volume_inputs(source: Path, config: VolumeTrainConfig, *, progress: bool = False
+                          ) -> tuple[CvInputs, torch.Tensor, list[str]]:
+    """Checked inputs, the prepared volumes and the readers' notes; every check that can
+    refuse the run (unreadable volumes, duplicates across the splits ...) is made here,
+    before the run folder and any feature exist."""
+    config = resolve_intensity(config, source)
+    prep = config.prep()
+    entries, consensus = read_volume_entries(source, config)
+    inputs = check_entries(entries, consensus, config, unit="volume")
+    volumes, _, bad, notes = load_volumes(entries, prep, progress=progress)
+    refuse_unreadable(bad, len(entries), unit="volume")
+    inputs.checked = checks_before_training(inputs.samples, tensor_pixels(volumes, inputs.samples), inputs.columns,
+                                            inputs.user_split, config, "volume")
+    return inputs, volumes, notes
+
+
+def run_train_volume(source: Path, *, out_dir: Path, config: VolumeTrainConfig, progress: bool = True,
+                     prepared: tuple[CvInputs, torch.Tensor, list[str]] | None = None) -> TrainReport:
     saved = torch.get_num_threads()
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
+        config = resolve_intensity(config, source)
         prep = config.prep()
-        entries, consensus = read_volume_entries(source, config)
-        inputs = check_entries(entries, consensus, config, unit="volume")
-        volumes, _, bad, notes = load_volumes(entries, prep, progress=progress)
-        refuse_unreadable(bad, len(entries), unit="volume")
+        inputs, volumes, notes = prepared or prepare_volume_inputs(source, config, progress=progress)
         device = config.resolved_device()
         road: VolumeRoad | SliceMilRoad
         if config.mode == "slices":

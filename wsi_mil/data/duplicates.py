@@ -54,8 +54,8 @@ class DuplicatePair:
     b: str
     patient_a: str
     patient_b: str
-    distance: float  # differing bits (images), or 1 - matched share (slides)
-    kind: str  # exact | near
+    distance: float  # 1 - correlation (images), or 1 - matched share (slides)
+    kind: str  # exact | near | same file (slides whose stores record one file fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +163,24 @@ def slide_pairs(ids: list[str], patients: list[str], features: Callable[[int], n
                 pairs.append(DuplicatePair(ids[i], ids[j], patients[i], patients[j], round(1 - share, 4),
                                            "exact" if exact else "near"))
     return pairs, within
+
+
+def fingerprint_pairs(ids: list[str], patients: list[str], fingerprints: list[str]) -> list[DuplicatePair]:
+    """Slides whose stores record one slide-file content fingerprint: one file under
+    several ids, an exact duplicate whatever the embeddings say. Each group gives the pairs
+    of its first slide with every other one (linear in the group: enough for a group that
+    spans two sets to cross them, and for merging it into one patient)."""
+    first: dict[str, int] = {}
+    pairs: list[DuplicatePair] = []
+    for i, fp in enumerate(fingerprints):
+        if not fp:
+            continue
+        if fp not in first:
+            first[fp] = i
+            continue
+        k = first[fp]
+        pairs.append(DuplicatePair(ids[k], ids[i], patients[k], patients[i], 0.0, "same file"))
+    return pairs
 
 
 def _within_slide_duplicates(f: npt.NDArray[np.float32]) -> dict[str, Any]:

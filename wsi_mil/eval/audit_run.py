@@ -31,6 +31,7 @@ def duplicate_audit(samples: list[Any], pixels: Any = None) -> dict[str, Any]:
     """Near-duplicate pairs among ``samples`` (and duplicated patches inside slides);
     ``pixels`` (id -> array) gives images / volumes as the trainer already holds them."""
     from wsi_mil.data.duplicates import (
+        fingerprint_pairs,
         picture_signature,
         signature_pairs,
         slide_pairs,
@@ -43,8 +44,12 @@ def duplicate_audit(samples: list[Any], pixels: Any = None) -> dict[str, Any]:
         return {"method": "none", "pairs": [], "within": {}}
     if hasattr(samples[0], "load") and hasattr(samples[0], "store"):  # slides: patch embeddings
         pairs, within = slide_pairs(ids, patients, lambda i: samples[i].load()[0])
-        method = ("patch embeddings: 128 patches sampled per slide, candidates by 64 random-hyperplane sign bits; a pair "
-                  "when at least half of each slide's sampled patches have a patch in the other at cosine >= 0.99")
+        seen = {frozenset((p.a, p.b)) for p in pairs}
+        fingerprints = [str((getattr(s, "meta", None) or {}).get("slide_fingerprint") or "") for s in samples]
+        pairs += [p for p in fingerprint_pairs(ids, patients, fingerprints) if frozenset((p.a, p.b)) not in seen]
+        method = ("slide files: stores recording one file fingerprint are the same slide; patch embeddings: 128 "
+                  "patches sampled per slide, candidates by 64 random-hyperplane sign bits; a pair when at least half "
+                  "of each slide's sampled patches have a patch in the other at cosine >= 0.99")
     else:
         sigs = []
         for s in samples:
@@ -103,7 +108,9 @@ def check_leaks(found: dict[str, Any], plan: Any, policy: str, unit: str) -> lis
                               f"{x['set_b']}): {x['kind']} duplicate" for x in leaks[:15])
         fix = ("run again with --duplicates merge to treat each duplicate group as one patient (the splits then keep "
                "them together)" if plan.source != "manifest" else
-               "the manifest's split column puts them apart: put each pair in one set (or give them one patient_id)")
+               "the given split (a manifest's split column, or a MedMNIST file's official splits) puts them apart: put "
+               "each pair in one set (or give them one patient_id); a published split that must stay as it is can be "
+               "kept with --duplicates allow")
         raise DuplicateLeakError(
             f"{len(leaks)} near-duplicate {unit} pair(s) of different patients cross train / validation / test — the "
             f"same leak as a patient in two sets:\n  {listing}\nTo fix: {fix}; or --duplicates allow to train anyway "

@@ -209,6 +209,44 @@ class CvInputs:
     user_split: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # extra facts for the report (consensus, leaks ...)
     columns: dict[str, dict[str, str]] = field(default_factory=dict)  # sample id -> manifest column -> value
+    checked: CheckedRun | None = None  # the checks before training, when made before the run folder
+
+
+@dataclass
+class CheckedRun:
+    """What :func:`checks_before_training` found: the audit so far and the split plan."""
+
+    audit: dict[str, Any]
+    plan: Any
+
+
+def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, dict[str, str]],
+                           user_split: dict[str, str], config: Any, unit: str) -> CheckedRun:
+    """Every check that can refuse a run, made before its output folder exists and before
+    any feature is computed: the --subgroups columns, near-duplicates (with the --duplicates
+    policy: ``merge`` changes patient ids here, once), the label sources, the split plan and
+    the duplicates that would cross it. ``pixels`` (id -> array) gives images / volumes."""
+    from wsi_mil.eval.audit_run import (
+        apply_duplicate_policy,
+        check_leaks,
+        duplicate_audit,
+        label_source_audit,
+        subgroup_columns,
+    )
+
+    subgroup_columns([], columns, config.subgroups)  # a --subgroups typo stops the run now, not after training
+    found = duplicate_audit(samples, pixels)
+    audit: dict[str, Any] = {"duplicates": apply_duplicate_policy(samples, found, config.duplicates)}
+    audit["label_sources"] = label_source_audit([b.slide_id for b in samples], columns, config.label_sources)
+    plan = make_split_plan(samples, user_split, config)
+    audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
+    return CheckedRun(audit, plan)
+
+
+def tensor_pixels(images: Any, samples: list[Any]) -> Any:
+    """id -> the image / volume at its row of an (N, 1, ...) tensor (what a road holds)."""
+    row = {s.slide_id: i for i, s in enumerate(samples)}
+    return lambda sid: images[row[sid], 0].float().numpy()
 
 
 def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any) -> Any:
@@ -225,28 +263,17 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     from tqdm import tqdm
 
     from wsi_mil.data.splits import prevalence_weights
-    from wsi_mil.eval.audit_run import (
-        apply_duplicate_policy,
-        check_leaks,
-        duplicate_audit,
-        label_source_audit,
-        subgroup_columns,
-    )
     from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.train.loop import Predictions, fit, predict, seed_everything
 
     t0 = time.perf_counter()
     task, samples, skipped = inputs.task, inputs.samples, inputs.skipped
+    pixels = road_pixels(road)
+    checked = inputs.checked or checks_before_training(samples, pixels, inputs.columns, inputs.user_split, config,
+                                                       road.unit)
+    audit, plan = dict(checked.audit), checked.plan
     out_dir.mkdir(parents=True, exist_ok=True)
     by_id = {b.slide_id: b for b in samples}
-    audit: dict[str, Any] = {}
-    subgroup_columns([], inputs.columns, config.subgroups)  # a --subgroups typo stops the run now, not after training
-    pixels = road_pixels(road)
-    found = duplicate_audit(samples, pixels)
-    audit["duplicates"] = apply_duplicate_policy(samples, found, config.duplicates)
-    audit["label_sources"] = label_source_audit([b.slide_id for b in samples], inputs.columns, config.label_sources)
-    plan = make_split_plan(samples, inputs.user_split, config)
-    audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, road.unit)
     write_json(out_dir / "splits.json", plan.to_dict())
     device = config.resolved_device()
     test = [by_id[s] for s in plan.test]

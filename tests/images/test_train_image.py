@@ -149,6 +149,21 @@ def test_grad_cam_lands_on_planted_lesions_and_boxes_score(tmp_path: Path) -> No
     pred = run_predict_image(tmp_path / "run", sub, out_dir=tmp_path / "pred", cam="gradcam", boxes=box_csv, progress=False)
     loc = pred.localisation["lesion"]
     assert loc["n_images"] == len(test_ids)
+    # a manifest with some labels blank: metrics over the labelled images, the blank ones counted (before: no
+    # metrics.json at all when any label was blank)
+    label_of = {Path(r["path"]).stem: r["label"] for r in csv.DictReader(open(manifest))}
+    all_test = json.loads((tmp_path / "run" / "splits.json").read_text())["test"]
+    part = tmp_path / "part.csv"
+    with open(part, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "image_id", "label"])
+        for k, iid in enumerate(all_test):
+            w.writerow([f"img/{iid}.png", iid, "" if k % 3 == 0 else label_of[iid]])
+    some = run_predict_image(tmp_path / "run", part, out_dir=tmp_path / "part", progress=False)
+    n_blank = len(range(0, len(all_test), 3))
+    saved = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert saved["n_images_unlabelled"] == n_blank and saved["n"] == len(all_test) - n_blank
+    assert some.metrics["auc"] > 0.85
     assert loc["accuracy"]["0.1"] >= 0.6  # ChestX-ray8's T(IoU)=0.1 (its own figures: 0.2-0.7 per finding)
     gj = json.loads((tmp_path / "pred" / "cam" / f"{test_ids[0]}.geojson").read_text())
     assert gj["type"] == "FeatureCollection" and gj["features"][0]["geometry"]["type"] == "Polygon"

@@ -166,6 +166,28 @@ def test_3d_cnn_finds_planted_lesions_and_its_heatmap_aligns_with_the_input(tmp_
             hits.append(_source_peak_inside(np.asarray(heat.dataobj), vid, spheres, paths[vid]))
     assert np.mean(hits) >= 0.7, hits
     assert (tmp_path / "pred" / "maps" / f"{test_ids[0]}.png").stat().st_size > 0
+    # new scans without a label column are predicted (before: "--labels names column(s) ['label']"), and a
+    # NIfTI's id drops both parts of .nii.gz (before: maps/<id>.nii.nii.gz)
+    nifti_ids = [v for v in test_ids if paths[v].is_file()]
+    new_scans = tmp_path / "new.csv"
+    new_scans.write_text("path\n" + "".join(f"{paths[v]}\n" for v in nifti_ids))
+    unlabelled = run_predict_volume(tmp_path / "run", new_scans, out_dir=tmp_path / "new", maps=True, limit_maps=2,
+                                    progress=False)
+    assert unlabelled.n_images == len(nifti_ids) and unlabelled.metrics is None
+    assert not (tmp_path / "new" / "metrics.json").exists()
+    assert sorted(p.name for p in (tmp_path / "new" / "maps").glob("*.nii.gz")) == sorted(f"{v}.nii.gz" for v in nifti_ids[:2])
+    # some labels blank: metrics over the labelled volumes, the blank ones counted
+    part = tmp_path / "part.csv"
+    with open(part, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "image_id", "label"])
+        for k, vid in enumerate(test_ids):
+            w.writerow([str(paths[vid]), vid, "" if k % 4 == 0 else "lesion" if vid in spheres else "clear"])
+    some = run_predict_volume(tmp_path / "run", part, out_dir=tmp_path / "part", progress=False)
+    n_blank = len(range(0, len(test_ids), 4))
+    saved = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert saved["n_volumes_unlabelled"] == n_blank and saved["n_volumes_labelled"] == len(test_ids) - n_blank
+    assert some.metrics["n"] == len(test_ids) - n_blank and some.metrics["auc"] > 0.85
     # a DICOM series folder or a NIfTI file given directly
     for vid in (next(v for v in test_ids if paths[v].is_dir()), next(v for v in test_ids if paths[v].is_file())):
         one = run_predict_volume(tmp_path / "run", paths[vid], out_dir=tmp_path / f"one_{vid}", maps=True, progress=False)

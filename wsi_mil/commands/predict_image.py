@@ -59,6 +59,34 @@ def load_run(run_dir: Path, loader: Any = None, command: str = "train-image"
     return models, specs[0], thr
 
 
+def reference_target(task: Any, entry: Any, unit: str) -> np.ndarray | None:
+    """An input's reference label as a target (NaN where a cell is blank), or None when it
+    has no label at all (predicted only)."""
+    if not entry.labels or not any(v.strip() for v in entry.labels.values()):
+        return None
+    return np.asarray(task.target(entry.labels, f"{unit} {entry.slide_id}"), dtype=np.float32)
+
+
+def labelled_metrics(task: Any, targets: list[np.ndarray | None], probs: np.ndarray, thresholds: list[float],
+                     unit: str) -> dict[str, Any] | None:
+    """Metrics over the inputs that have a reference label (blank ones are predicted, not
+    scored, and counted), or None when none has."""
+    from types import SimpleNamespace
+
+    from wsi_mil.train.runner import evaluate
+
+    rows = [i for i, t in enumerate(targets) if t is not None and np.isfinite(t).any()]
+    if not rows:
+        return None
+    n_blank = len(targets) - len(rows)
+    if n_blank:
+        logger.warning("metrics over the %d labelled %s(s); %d %s(s) have no label and are predicted only",
+                       len(rows), unit, n_blank, unit)
+    metrics = evaluate(task, np.stack([targets[i] for i in rows]), np.asarray(probs)[rows], thresholds,  # type: ignore[misc]
+                       SimpleNamespace(bootstrap=1000, seed=0))
+    return {**metrics, f"n_{unit}s_labelled": len(rows), f"n_{unit}s_unlabelled": n_blank}
+
+
 def read_boxes(path: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
     """Ground-truth boxes: CSV with image_id, label, x, y, width, height (pixels of the
     image as read) -> {label: {image_id: [box]}}."""
@@ -96,7 +124,7 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
 
         entries = npz_entries(source)
     elif source.suffix.lower() == ".csv":
-        entries, _ = read_image_manifest(source, labels=list(task.label_columns))
+        entries, _ = read_image_manifest(source, labels=list(task.label_columns), labels_optional=True)
     else:
         from wsi_mil.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageEntry, _image_id
 
@@ -128,13 +156,13 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
                 x = images[idx].float()
                 probs[idx.numpy()] = np.mean([probabilities(m(x), task.kind).numpy() for m in models], axis=0)
     rows = []
-    targets = []
+    targets: list[np.ndarray | None] = []
     for i in ok:
         e = entries[i]
         row: dict[str, Any] = {"image_id": e.slide_id, "path": str(e.path) if e.path else ""}
-        if e.labels and any(v.strip() for v in e.labels.values()):
-            t = task.target(e.labels, f"image {e.slide_id}")
-            targets.append(t)
+        t = reference_target(task, e, "image")
+        targets.append(t)
+        if t is not None:
             truth = _prediction(task, t, [0.5] * task.n_outputs)
             row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, name in enumerate(task.outputs):
@@ -144,12 +172,8 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
         rows.append(row)
     write_csv(out_dir / "predictions.csv", rows)
     report = ImagePredictReport(out_dir, len(ok), failed=bad)
-    if targets and len(targets) == len(ok):
-        from types import SimpleNamespace
-
-        from wsi_mil.train.runner import evaluate
-
-        report.metrics = evaluate(task, np.stack(targets), probs[ok], thresholds, SimpleNamespace(bootstrap=1000, seed=0))
+    report.metrics = labelled_metrics(task, targets, probs[ok], thresholds, "image")
+    if report.metrics is not None:
         write_json(out_dir / "metrics.json", report.metrics)
     if cam == "attention":
         grid = _attention_maps(spec, attention)

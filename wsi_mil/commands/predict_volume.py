@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_mil.commands.predict_image import ImagePredictReport, load_run
+from wsi_mil.commands.predict_image import ImagePredictReport, labelled_metrics, load_run, reference_target
 from wsi_mil.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,13 @@ def _entries(source: Path, task: Any) -> list[Any]:
     if source.suffix.lower() == ".npz":
         return npz_volume_entries(source)
     if source.suffix.lower() == ".csv":
-        return read_image_manifest(source, labels=list(task.label_columns), folders=True)[0]
+        return read_image_manifest(source, labels=list(task.label_columns), folders=True, labels_optional=True)[0]
     if source.is_file() and source.name.lower().endswith(NIFTI_SUFFIXES):
-        return [ImageEntry(_image_id(source.name.split(".")[0]), source, None, {}, None, {})]
+        return [ImageEntry(_image_id(source.name), source, None, {}, None, {})]
     if source.is_dir():
         nifti = sorted(p for p in source.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES))
         if nifti:
-            return [ImageEntry(_image_id(p.name.split(".")[0]), p, None, {}, None, {}) for p in nifti]
+            return [ImageEntry(_image_id(p.name), p, None, {}, None, {}) for p in nifti]
         return [ImageEntry(_image_id(source.name), source, None, {}, None, {})]  # one DICOM series
     raise ConfigError(f"{source}: give a volume manifest CSV, a MedMNIST 3D .npz, a NIfTI file, a DICOM series folder "
                       "or a folder of NIfTI files")
@@ -94,9 +94,9 @@ def run_predict_volume(run_dir: Path, source: Path, *, out_dir: Path, maps: bool
             with torch.no_grad():
                 probs = np.mean([probabilities(m(x), task.kind).numpy()[0] for m in models], axis=0)
         row: dict[str, Any] = {"volume_id": e.slide_id, "path": str(e.path) if e.path else ""}
-        if e.labels and any(v.strip() for v in e.labels.values()):
-            t = task.target(e.labels, f"volume {e.slide_id}")
-            targets.append(t)
+        t = reference_target(task, e, "volume")
+        targets.append(t)
+        if t is not None:
             truth = _prediction(task, t, [0.5] * task.n_outputs)
             row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, name in enumerate(task.outputs):
@@ -112,13 +112,9 @@ def run_predict_volume(run_dir: Path, source: Path, *, out_dir: Path, maps: bool
     if att_rows:
         write_csv(out_dir / "attention.csv", att_rows)
     report = ImagePredictReport(out_dir, len(rows), failed=failed)
-    if targets and len(targets) == len(rows):
-        from types import SimpleNamespace
-
-        from wsi_mil.train.runner import evaluate
-
-        report.metrics = evaluate(task, np.stack(targets), np.stack(probs_ok), thresholds,
-                                  SimpleNamespace(bootstrap=1000, seed=0))
+    report.metrics = labelled_metrics(task, targets, np.stack(probs_ok) if probs_ok else np.zeros((0, 0)), thresholds,
+                                      "volume")
+    if report.metrics is not None:
         write_json(out_dir / "metrics.json", report.metrics)
     if failed:
         logger.warning("%d volume(s) could not be read (listed above); %d predicted", len(failed), len(rows))

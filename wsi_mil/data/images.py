@@ -250,17 +250,21 @@ class ImageEntry:
 
 
 def _image_id(path: str) -> str:
-    return _SAFE_ID.sub("_", Path(path).stem) or "image"
+    """The id of a file: its name without the suffix (both parts of ``.nii.gz``), made safe."""
+    name = Path(path).name
+    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+    return _SAFE_ID.sub("_", stem) or "image"
 
 
 def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, readers: list[str] | None = None,
-                        folders: bool = False) -> tuple[list[ImageEntry], dict[str, Any]]:
+                        folders: bool = False, labels_optional: bool = False) -> tuple[list[ImageEntry], dict[str, Any]]:
     """Rows of an image manifest CSV (see the module docstring).
 
     ``labels`` names the label columns (default: ``label`` / ``label_<name>``); with
     ``readers`` (several readers' label columns) the reference label is their majority
     vote (:func:`consensus`), reported with the readers' agreement. With ``folders`` a path
-    may be a folder (a DICOM series: volumes). Returns the entries and a record of how the
+    may be a folder (a DICOM series: volumes). With ``labels_optional`` (prediction) the
+    named label columns the manifest lacks are left out instead of refused. Returns the entries and a record of how the
     labels were made (``{}`` without readers)."""
     path = Path(path)
     try:
@@ -290,6 +294,11 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
             row["label"] = value
         columns = [*columns, "label"] if "label" not in columns else columns
         label_cols = ["label"]
+    elif labels is not None and labels_optional:
+        label_cols = [c for c in labels if c in columns]
+        if len(label_cols) < len(labels):
+            logger.info("%s: no label column(s) %s: %s predicted without a reference", where,
+                        [c for c in labels if c not in columns], "these outputs are" if label_cols else "every image is")
     elif labels:
         absent = [c for c in labels if c not in columns]
         if absent:

@@ -8,7 +8,7 @@ non-MIL baseline: each bag's instances mean- and max-pooled, then logistic regre
 
 One recipe for every set, nothing tuned per set, and every choice made on inner
 validation folds only (never on the test fold): the MIL models pick their number of epochs
-(at most ``--epochs``) by early stopping on a stratified inner validation fold (a fifth of
+(at most the largest of ``--epoch-candidates``) by early stopping on a stratified inner validation fold (a fifth of
 the training bags) and are then refitted on all training bags for that many; the baseline picks its regularisation by 5-fold inner cross-validation
 (``LogisticRegressionCV``). Instance features are standardised with the training folds'
 statistics.
@@ -19,7 +19,7 @@ the standard error over the 5 repeats (much smaller: repeats share the data) is 
 
 Results: benchmarks/results/mil_classic.{json,md} (quoted in the README).
 
-    .venv/bin/python benchmarks/bench_mil_classic.py [--repeats 5] [--epochs 40]
+    .venv/bin/python benchmarks/bench_mil_classic.py [--repeats 5] [--epoch-candidates 20 40 80]
 """
 
 from __future__ import annotations

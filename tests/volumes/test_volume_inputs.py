@@ -91,3 +91,26 @@ def test_slightly_uneven_dicom_gaps_use_the_true_extent_and_are_warned(tmp_path:
     assert v.spacing[0] != pytest.approx(float(np.median(gaps)), rel=1e-3)  # not the median gap
     assert any("slice gaps vary" in n for n in v.notes)
     assert "slice gaps vary from" in caplog.text
+
+
+def test_intensity_auto_is_resolved_once_at_training_and_recorded(tmp_path: Path) -> None:
+    """Before, a model trained on a MedMNIST .npz with --intensity auto recorded "auto",
+    which predict-volume then read as minmax for a NIfTI: another mapping than training's."""
+    from wsi_mil.commands.train_volume import resolve_intensity
+    from wsi_mil.commands.train_volume import prep_of
+    from wsi_mil.config import VolumeTrainConfig
+
+    auto = VolumeTrainConfig()
+    assert resolve_intensity(auto, Path("adrenal.npz")).intensity == "unit"
+    assert resolve_intensity(auto, Path("cohort.csv")).intensity == "minmax"
+    assert resolve_intensity(VolumeTrainConfig(window="-1000,400"), Path("a.npz")).intensity == "window"
+    assert resolve_intensity(VolumeTrainConfig(intensity="zscore"), Path("a.npz")).intensity == "zscore"
+    recorded = resolve_intensity(auto, Path("adrenal.npz")).prep().record()
+    assert recorded["intensity"] == "unit"
+    # what predict-volume rebuilds from the spec maps a NIfTI in HU the way training mapped the .npz: it says so
+    from wsi_mil.data.volumes import prepare_volume
+
+    vol, _ = _real(1)
+    nifti = read_volume(write_nifti(tmp_path / "hu.nii.gz", _hu(vol), np.eye(4)))
+    with pytest.raises(VolumeReadError, match="--intensity unit expects values in"):
+        prepare_volume(nifti, prep_of({"prep": recorded}))

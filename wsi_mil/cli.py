@@ -667,6 +667,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress, **sizes)
 
 
+def _remove_refused_output(out: Path) -> None:
+    """A refused command (exit 2) leaves no output folder behind: the folder this command
+    made is removed when it holds nothing but the command's own log and settings files."""
+    root = logging.getLogger("wsi_mil")
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    if all(p.is_file() and (p.suffix == ".log" or p.name.endswith("_config.yaml")) for p in entries):
+        for p in entries:
+            p.unlink()
+        out.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     from wsi_mil.errors import WsiMilError
 
@@ -676,10 +693,14 @@ def main(argv: list[str] | None = None) -> int:
                 "train-image": _cmd_train_image, "predict-image": _cmd_predict_image,
                 "train-volume": _cmd_train_volume, "predict-volume": _cmd_predict_volume,
                 "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo, "audit": _cmd_audit}
+    out = getattr(args, "out", None)
+    fresh = out is not None and not Path(out).exists()
     try:
         return commands[args.command](args)
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
+        if exc.exit_code == EXIT_USAGE and fresh:
+            _remove_refused_output(Path(out))
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished slides are kept and a re-run resumes", file=sys.stderr)

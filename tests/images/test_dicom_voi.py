@@ -21,10 +21,10 @@ def _reference(path: Path, y_range: tuple[float, float]) -> np.ndarray:
     """pydicom's own modality + VOI output, scaled from the range the DICOM standard gives
     that output (PS3.3 C.11.2.1) to [0, 1]."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = pydicom.dcmread(str(path))
-    values = apply_modality_lut(ds.pixel_array, ds)
+    values = apply_modality_lut(pixel_array(ds), ds)  # the function: wsidicom (imported by other tests) hooks ds
     if "VOILUTSequence" in ds:
         values = np.rint(values).astype(np.int64)
     out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)

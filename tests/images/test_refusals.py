@@ -38,3 +38,18 @@ def test_volume_options_that_do_not_apply_are_refused_before_the_run_folder(tmp_
                  "--no-progress"])
     assert code == 2 and "--readers / --labels apply to manifest CSVs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_refused_prediction_leaves_no_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    for command, out in (("predict-image", tmp_path / "pi"), ("predict-volume", tmp_path / "pv")):
+        code = main([command, str(not_a_run), str(shared("cxr", "pneumoniamnist.npz")), "--out", str(out),
+                     "--no-progress"])
+        assert code == 2, capsys.readouterr().err
+        assert not out.exists(), command  # before: predict.log left in a new folder
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's")
+    assert main(["predict-image", str(not_a_run), str(shared("cxr", "pneumoniamnist.npz")), "--out", str(kept)]) == 2
+    assert (kept / "mine.txt").read_text() == "the user's"  # a folder that was there is never touched

@@ -40,6 +40,8 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: str, *flags
     ("train_mil:\n  model: abmill\n", "model 'abmill': invalid choice; choose from abmil, gated_abmil, clam_sb, "
                                       "transmil, mean, max (did you mean 'abmil'?)"),
     ("train_mil:\n  patience:\n", "patience: a value is needed"),
+    ("train_mil:\n  monitor: AUC\n", "monitor 'AUC': invalid choice; choose from auc, loss (did you mean 'auc'?)"),
+    ("train_mil:\n  epochs: 1\n  folds: 2\n  epochs: 3\n", "'epochs' is given twice (line 4); keep one"),
     ("train_image:\n  epochs: 3\n", "has no 'train_mil:' section (it has train_image)"),
 ])
 def test_a_bad_recipe_stops_before_any_work_naming_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str],

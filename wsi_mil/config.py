@@ -102,8 +102,9 @@ def _closest(word: str, names: Any) -> str:
     """' (did you mean X?)' when ``word`` is close to one of ``names``, else ''."""
     import difflib
 
-    match = difflib.get_close_matches(str(word), [str(n) for n in names], n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    by_lower = {str(n).lower(): str(n) for n in names}
+    match = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
 
 
 def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
@@ -112,9 +113,23 @@ def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
     section must be there: a recipe is never silently ignored."""
     import yaml
 
+    class _Loader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+        without a word)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(f"recipe {path}: {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                      "keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 - a safe loader
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"recipe {path}: cannot read it ({exc})") from exc
     if not isinstance(data, dict):

@@ -298,7 +298,7 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         label_cols = [c for c in labels if c in columns]
         if len(label_cols) < len(labels):
             logger.info("%s: no label column(s) %s: %s predicted without a reference", where,
-                        [c for c in labels if c not in columns], "these outputs are" if label_cols else "every image is")
+                        [c for c in labels if c not in columns], "these outputs are" if label_cols else "every row is")
     elif labels:
         absent = [c for c in labels if c not in columns]
         if absent:

@@ -343,6 +343,10 @@ class CommonTrainConfig:
     subgroups: str | None = _opt(None, "manifest columns for per-subgroup AUC / sensitivity / specificity with CIs, "
                                        "comma-separated (e.g. sex,age,view,site; numeric columns are banded by quartiles)")
     prevalence: float | None = _opt(None, "deployment prevalence for the audit's PPV / NPV (e.g. 0.02)")
+    blank_patient: str = _opt("refuse", "a blank patient_id in a manifest whose other rows have one: refuse (stop, "
+                                        "listing them: two samples of one patient could land in train and test) or "
+                                        "own (each such sample is its own patient; counted in the report)",
+                              choices=("refuse", "own"))
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [

@@ -94,6 +94,11 @@ def check_entries(entries: list[ImageEntry], consensus: dict[str, Any], config: 
         notes["consensus"] = consensus
         logger.info("consensus of %d readers: %s %s, unanimous %s; %d tie(s) not labelled", consensus["readers"],
                     consensus["kappa_kind"], consensus["kappa"], consensus["unanimous_share"], len(consensus["ties"]))
+    from wsi_mil.data.splits import check_blank_patients
+
+    blank_patients = check_blank_patients(entries, config.blank_patient, unit)
+    if blank_patients:
+        notes["blank_patients"] = blank_patients
     blank = {c: sum(not e.labels.get(c, "").strip() for e in entries) for c in task.label_columns}
     if any(blank.values()):
         notes["blank_labels"] = ", ".join(f"{c} {n}" for c, n in blank.items() if n)

@@ -96,6 +96,7 @@ class TrainInputs:
     user_split: dict[str, str]
     columns: dict[str, dict[str, str]] = field(default_factory=dict)  # slide_id -> manifest row
     checked: CheckedRun | None = None  # duplicates, splits ...: checked before the run folder exists
+    notes: dict[str, Any] = field(default_factory=dict)  # facts for the report (blank patient ids ...)
 
 
 def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
@@ -112,6 +113,9 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
                       config.min_class_slides)
     task_line = task.describe(entries)
     logger.info("%s", task_line)
+    from wsi_mil.data.splits import check_blank_patients
+
+    blank = check_blank_patients(entries, config.blank_patient, "slide")
     user_split = {e.slide_id: e.split for e in entries if e.split}
     bags, skipped = bags_from_manifest(entries, features_dirs, task, user_split, cache=config.cache_bags,
                                        progress=progress)
@@ -130,7 +134,8 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     columns = entry_columns(entries)
     # every check that can refuse the run (duplicates across the splits, --subgroups ...) before its folder exists
     checked = checks_before_training(bags, None, columns, user_split, config, "slide")
-    return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked)
+    return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked,
+                       {"blank_patients": blank} if blank else {})
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:
@@ -221,7 +226,8 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             torch.set_num_threads(threads)
             logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
         cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
-                      {"threads": threads if device == "cpu" else None}, inputs.columns, inputs.checked)
+                      {"threads": threads if device == "cpu" else None, **inputs.notes}, inputs.columns,
+                      inputs.checked)
         return run_cv(road, cv, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)

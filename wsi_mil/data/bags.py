@@ -3,8 +3,10 @@
 A bag is one slide: its instance features (N, D), their level-0 coordinates, and its
 target. The task is inferred from the manifest's label columns unless given:
 
-* one ``label`` column with two values -> **binary** (one logit; the positive class is
-  ``1``/``true``/``yes``/``positive`` or, for other values, the second in sorted order);
+* one ``label`` column with two values -> **binary** (one logit; the positive class is the
+  value that names it — ``1``/``true``/``yes``/``positive``/``tumour``/``malignant``/
+  ``abnormal`` ..., or the other of ``0``/``normal``/``benign``/``negative`` ...; two values
+  these lists cannot order are refused: ``--classes NEG,POS`` says it);
 * one ``label`` column with more values -> **multi-class** (softmax over the classes);
 * several ``label_<name>`` columns of 0/1 -> **multi-label** (one sigmoid per label).
 """
@@ -23,8 +25,12 @@ from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, ManifestError, StoreError
 
 TASKS = ("auto", "binary", "multiclass", "multilabel")
-_POSITIVE = {"1", "true", "yes", "positive", "pos", "tumour", "tumor"}
-_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal"}
+#: label values that name the positive class of a binary task ...
+_POSITIVE = {"1", "true", "yes", "positive", "pos", "tumour", "tumor", "abnormal", "malignant", "malignancy", "cancer",
+             "carcinoma", "metastasis", "metastases", "metastatic", "lesion", "disease", "diseased"}
+#: ... and the negative one; two values that these lists cannot order are refused (--classes NEG,POS)
+_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign", "healthy", "control", "none", "no finding",
+             "non-tumour", "non-tumor", "nontumour", "nontumor"}
 #: values of a 0/1 label column; a column holding two of these and anything else has a stray value
 _BINARY_CODES = {"0", "1", "true", "false", "yes", "no"}
 #: cell values that mean "no label" in spreadsheets and pandas exports; never a class
@@ -172,10 +178,7 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
                                 f"{_rows_with(entries, col, set(values[2:]))}; a binary task takes exactly two")
         if len(values) == 1:  # a cohort with one class cannot be trained, but say so clearly
             raise ManifestError(f"every {unit} has label {values[0]!r}; a classifier needs both classes")
-        pos = [v for v in values if v.lower() in _POSITIVE]
-        neg = [v for v in values if v != (pos[0] if pos else None)]
-        pair = (neg[0], pos[0]) if pos else (values[0], values[1])
-        task = Task("binary", (pair[1],), (col,), pair)
+        task = Task("binary", *_binary_order(col, values))
     else:
         task = Task("multiclass", tuple(values), (col,), tuple(values))
     small = [(name, value) for name, value in zip(task.classes, task.label_values, strict=True)
@@ -185,6 +188,25 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
         raise ManifestError(f"fewer than {min_per_class} {unit}s in {listing}. A class this small cannot be trained "
                             f"or evaluated; fix the labels if these are typos, or add {unit}s of the class")
     return task
+
+
+def _binary_order(col: str, values: list[str]) -> tuple[tuple[str], tuple[str], tuple[str, str]]:
+    """(outputs, label columns, (negative, positive)) of a two-valued column, ordered by the
+    names' meaning (``_POSITIVE`` / ``_NEGATIVE``: ``normal`` is negative whatever it sorts
+    after), never by the alphabet: two values the lists cannot order are refused."""
+    a, b = values
+    pos = [v for v in values if v.lower() in _POSITIVE]
+    neg = [v for v in values if v.lower() in _NEGATIVE]
+    if len(pos) == 1 and pos[0] not in neg:
+        positive = pos[0]
+    elif len(neg) == 1 and neg[0] not in pos:
+        positive = b if neg[0] == a else a
+    else:
+        raise ManifestError(f"column {col!r} holds {a!r} and {b!r}: which is the positive class cannot be told from "
+                            f"the names. Say it with --classes NEG,POS (e.g. --classes {a},{b} makes {b!r} positive), "
+                            f"or a '# classes: NEG,POS' line at the top of the manifest")
+    negative = b if positive == a else a
+    return (positive,), (col,), (negative, positive)
 
 
 def _named_task(entries: list[SlideEntry], kind: str, col: str, values: list[str], classes: list[str]) -> Task:

@@ -306,9 +306,6 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         label_cols = list(labels)
     else:
         label_cols = [c for c in columns if c == "label" or c.startswith("label_")]
-    if "patient_id" not in columns:
-        logger.warning("%s: no 'patient_id' column; every image is taken as its own patient, so two images of one "
-                       "patient could land on both sides of a split", where)
     entries: list[ImageEntry] = []
     problems: list[str] = []
     skip = {path_col, "image_id", "patient_id", "split", *label_cols, *(readers or [])}

@@ -166,3 +166,27 @@ def prevalence_weights(labels: np.ndarray, true_share: float, minority: int) -> 
         return np.ones(len(labels))
     w_maj = n_min * (1 - true_share) / (true_share * n_maj)
     return np.where(is_min, 1.0, w_maj)
+
+
+def check_blank_patients(entries: list[Any], policy: str, unit: str = "slide") -> dict[str, Any] | None:
+    """Samples without a patient id become their own patient; say how many, and refuse
+    (``policy`` ``refuse``) when the manifest names the patient of its other rows: a blank
+    cell there is missing data, and two samples of that patient could land in train and
+    test while the report says no patient is in two sets. Returns the note for the report."""
+    import logging
+
+    blank = [e.slide_id for e in entries if not (e.patient_id or "").strip()]
+    if not blank:
+        return None
+    n = len(entries)
+    partly = len(blank) < n
+    if partly and policy != "own":
+        raise ManifestError(f"{len(blank)} of {n} {unit}(s) have a blank patient_id ({', '.join(blank[:8])}"
+                            f"{' ...' if len(blank) > 8 else ''}) while the others have one: several {unit}s of one "
+                            "patient could land in train and test. Fill in their patient_id, or pass --blank-patient "
+                            f"own to take each such {unit} as its own patient")
+    logging.getLogger(__name__).warning(
+        "%d of %d %s(s) have no patient_id: each is taken as its own patient, so %ss of one patient could land in "
+        "different sets", len(blank), n, unit, unit)
+    return {"n_blank": len(blank), "of": n, "rule": f"each {unit} without a patient_id is its own patient",
+            "examples": blank[:8]}

@@ -509,7 +509,9 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     lines = [f"# {m.get('command', 'train-mil')} report: {m['model']} ({task.kind}: {', '.join(task.outputs)})", "",
              f"{m[f'n_{unit}s']} {unit}s of {m['n_patients']} patients; encoder `{m['encoder'].get('encoder')}`.", "",
              f"Task: {m.get('task_line', task.kind)}.", "",
-             f"Splits: {how}; {s['folds']} cross-validation fold(s) and {test}; no patient is in two sets.", "",
+             f"Splits: {how}; {s['folds']} cross-validation fold(s) and {test}; no patient is in two sets"
+             + (f" ({m['blank_patients']['n_blank']} {unit}(s) without a patient_id each counted as its own patient: "
+                "two of one patient could still be)" if m.get("blank_patients") else "") + ".", "",
              f"Decision threshold: {m.get('threshold_rule', '')}.", ""]
     if s.get("test_sampling"):
         t = s["test_sampling"]

@@ -209,7 +209,7 @@ def gallery_png(path: Path, errors: dict[str, Any], picture: Any, *, title: str,
             (f"false positives (negative, flagged): {len(fp)}", fp[:GALLERY_MAX], len(fp), (200, 120, 0)),
             ("most confident true negatives", tn, len(tn), (40, 140, 40))]
     cols = max(4, max(len(r[1]) for r in rows))
-    cap, head = 28, 18
+    cap, head = 40, 18
     canvas = Image.new("RGB", (cols * (tile + 4) + 4, 22 + len(rows) * (head + tile + cap)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=(0, 0, 0))
@@ -232,12 +232,19 @@ def gallery_png(path: Path, errors: dict[str, Any], picture: Any, *, title: str,
                                  Image.Resampling.LANCZOS)
                 canvas.paste(pic, (x, y))
             draw.rectangle([x - 1, y - 1, x + tile, y + tile], outline=colour, width=2)
-            draw.text((x, y + tile + 2), f"{c['id'][:20]}", fill=(0, 0, 0))
-            draw.text((x, y + tile + 14), f"p={c['probability']:.3f} pt {str(c['patient_id'])[:8]}", fill=(60, 60, 60))
+            draw.text((x, y + tile + 2), _fit(str(c["id"])), fill=(0, 0, 0))
+            draw.text((x, y + tile + 14), f"p={c['probability']:.3f}", fill=(60, 60, 60))
+            draw.text((x, y + tile + 26), _fit(f"pt {c['patient_id']}"), fill=(60, 60, 60))
         y += tile + cap
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def _fit(text: str, width: int = 21) -> str:
+    """A caption that fits under a tile: a long one keeps its start and its end (ids and
+    patients differ at either), never only its first characters."""
+    return text if len(text) <= width else f"{text[:8]}...{text[-(width - 11):]}"
 
 
 def sample_picture(sample: Any) -> npt.NDArray[Any] | None:
@@ -271,8 +278,12 @@ def _slide_thumbnail(bag: Any) -> npt.NDArray[np.uint8] | None:
     slide_path = resolve_recorded(attrs, "slide_path", patch_store.parent)
     if slide_path is None or not slide_path.exists():
         return None
+    mpp = float(attrs.get("slide_mpp") or 1.0)
     with open_slide(slide_path) as slide:
-        thumb, _, _ = read_thumbnail(slide, slide_mpp=float(attrs.get("slide_mpp") or 1.0), pixel_um=1e6, max_side_px=256)
+        # the whole slide at about 256 px on its longer side (a resolution coarser than the slide asked
+        # for a 1-pixel average before)
+        side_um = mpp * max(int(v) for v in slide.dimensions)
+        thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=side_um / 256, max_side_px=256)
     return thumb
 
 

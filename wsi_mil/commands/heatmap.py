@@ -306,14 +306,24 @@ def _under(out_dir: Path, slide_dir: Path, names: dict[str, str]) -> dict[str, s
 
 
 def recorded_exports(marker: Path) -> dict[str, Path]:
-    """{format: file} of a slide's heatmap.json (names relative to its folder; absolute
-    paths written by older versions are taken as they are), existing files only."""
+    """{format: file} of a slide's heatmap.json: existing files inside the slide's own
+    heatmap folder only (names relative to it; an absolute path of an older version is
+    taken by its name in that folder). A name that leads elsewhere — ``..``, an absolute
+    path, a link out — is never offered: the review page serves what this returns."""
     try:
         files = json.loads(marker.read_text()).get("files", {})
     except (OSError, ValueError):
         return {}
+    home = marker.parent.resolve()
+
+    def inside(p: Path) -> bool:  # after resolving links: a crafted ../ or absolute name leads nowhere
+        try:
+            return p.resolve().is_relative_to(home) and p.is_file()
+        except (OSError, RuntimeError):
+            return False
+
     out = {k: (marker.parent / v) if not Path(v).is_absolute() else Path(v) for k, v in files.items()}
-    found = {k: p for k, p in out.items() if p.is_file()}
-    if not found and out:  # older versions recorded paths relative to the folder they ran in
-        found = {k: marker.parent / Path(v).name for k, v in files.items() if (marker.parent / Path(v).name).is_file()}
+    found = {k: p for k, p in out.items() if inside(p)}
+    if not found and out:  # older versions recorded absolute paths, or paths relative to the folder they ran in
+        found = {k: marker.parent / Path(v).name for k, v in files.items() if inside(marker.parent / Path(v).name)}
     return found

@@ -233,11 +233,33 @@ _ONE = re.compile(r"^/(?P<kind>api/slide|heatmap)/(?P<sid>[^/]+?)(?:\.png)?$")
 _EXPORT = re.compile(r"^/exports/(?P<sid>[^/]+)/(?P<name>[^/]+)$")
 
 
+#: the page's own scripts, styles and images only; no framing by another site
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _own_addresses() -> set[str]:
+    """This machine's names and addresses (what a client on the network puts in Host when
+    the server listens on every interface)."""
+    import socket
+
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    for name in list(names):
+        try:
+            names |= {str(info[4][0]).lower() for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            continue
+    return {n if ":" not in n else f"[{n}]" for n in names if n}
+
+
 def allowed_hosts(host: str, port: int) -> frozenset[str]:
     """Host header values the server answers: the loopback names and the address it was
-    bound to, with or without the port. Anything else (a DNS-rebinding page in the user's
-    browser naming its own domain) gets 400."""
+    bound to, with or without the port; listening on every interface (0.0.0.0 / ::), the
+    machine's own names and addresses too. Anything else (a DNS-rebinding page in the
+    user's browser naming its own domain) gets 400."""
     names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+    if host in ("0.0.0.0", "::", ""):
+        names |= _own_addresses()
     return frozenset(names | {f"{n}:{port}" for n in names})
 
 
@@ -255,6 +277,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Frame-Options", "DENY")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -271,7 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         host = (self.headers.get("Host") or "").strip().lower()
         if host not in self.hosts:
-            return self._send(b"bad request: unexpected Host header\n", "text/plain", HTTPStatus.BAD_REQUEST)
+            return self._send(b"bad request: unexpected Host header; this server answers only the names it was "
+                              b"started with (loopback, the --host address and, with --host 0.0.0.0, this machine's "
+                              b"own names and addresses): start wsi-mil review with --host set to the name or address "
+                              b"that clients use\n", "text/plain", HTTPStatus.BAD_REQUEST)
         path = unquote(urlsplit(self.path).path)
         site = self.site
         try:

@@ -54,6 +54,24 @@ def _stores(inputs: list[Path]) -> list[Path]:
     return out
 
 
+def check_resolution(attrs: dict[str, Any], enc: dict[str, Any], store: Path) -> None:
+    """A store tiled at another resolution or patch size than the run's is refused (the
+    model learnt one scale: a positive slide at twice the µm/px can read negative)."""
+    from wsi_mil.commands.train_mil import same_resolution
+
+    want_mpp, want_size = enc.get("effective_mpp"), enc.get("patch_size_px")
+    mpp, size = attrs.get("effective_mpp"), attrs.get("patch_size_px")
+    wrong = []
+    if want_mpp is not None and mpp not in (None, "none") and not same_resolution(float(mpp), float(want_mpp)):
+        wrong.append(f"{float(mpp):.3f} µm/px (the run: {float(want_mpp):.3f})")
+    if want_size is not None and size not in (None, "none") and int(size) != int(want_size):
+        wrong.append(f"{int(size)} px patches (the run: {int(want_size)})")
+    if wrong:
+        raise ConfigError(f"{store}: tiled at {' and '.join(wrong)}; the model was trained at one scale. Tile the "
+                          f"slide with --mpp {float(want_mpp or mpp):g} --patch-size {int(want_size or size)} and "
+                          "extract its features again")
+
+
 def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
     from wsi_mil.commands.train_mil import _prediction
     from wsi_mil.eval.metrics import ensemble_threshold
@@ -79,6 +97,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             if [str(t) for t in attrs.get("transforms", [])] != enc.get("transforms", []):
                 raise ConfigError(f"test-time transforms differ: store {list(attrs.get('transforms', []))}, "
                                   f"training run {enc.get('transforms', [])}; re-extract with the training settings")
+            check_resolution(attrs, enc, store)
             extent, step = patch_geometry(attrs, store)
             bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step, extent_px=extent).cache()
             preds = [predict(m, [bag], task, device=device) for m in models]

@@ -67,7 +67,45 @@ def encoder_of(bags: list[Bag]) -> dict[str, Any]:
         listing = "; ".join(f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in seen.items())
         raise StoreError(f"the feature stores come from different encoders ({listing}); features of different "
                          "encoders cannot be mixed in one model. Re-extract with one encoder.")
-    return info
+    return {**info, **patch_resolution_of(bags)}
+
+
+#: two patch resolutions closer than this (relative) are one: 20x and 40x scans tiled at 0.5 µm/px
+#: read at 0.49-0.51; 0.5 and 1.0 µm/px are two
+RESOLUTION_TOLERANCE = 0.1
+
+
+def same_resolution(a: float, b: float) -> bool:
+    return abs(a / b - 1) <= RESOLUTION_TOLERANCE
+
+
+def patch_resolution_of(bags: list[Bag]) -> dict[str, Any]:
+    """The patches' resolution (µm/px) and side (px) shared by every feature store, recorded
+    with the run; stores of several resolutions or patch sizes are refused (a model learns
+    one scale). Stores that do not record them (older wsi-mil) count as unknown."""
+    groups: list[tuple[float | None, int | None, list[str]]] = []
+    for b in bags:
+        mpp = b.meta.get("effective_mpp") if b.meta else None
+        size = b.meta.get("patch_size_px") if b.meta else None
+        mpp = float(mpp) if mpp not in (None, "none") else None
+        size = int(size) if size not in (None, "none") else None
+        for g_mpp, g_size, ids in groups:
+            if size == g_size and ((mpp is None and g_mpp is None) or (
+                    mpp is not None and g_mpp is not None and same_resolution(mpp, g_mpp))):
+                ids.append(b.slide_id)
+                break
+        else:
+            groups.append((mpp, size, [b.slide_id]))
+    known = [g for g in groups if g[0] is not None or g[1] is not None]
+    if len(known) > 1:
+        listing = "; ".join(f"{m if m is None else round(m, 3)} µm/px, {n} px patches: {', '.join(ids[:3])}"
+                            f"{' ...' if len(ids) > 3 else ''} ({len(ids)})" for m, n, ids in known)
+        raise StoreError(f"the feature stores were tiled at different resolutions or patch sizes ({listing}); one "
+                         "model learns one scale. Tile every slide with the same --mpp and --patch-size (or train on "
+                         "one group)")
+    if not known:
+        return {"effective_mpp": None, "patch_size_px": None}
+    return {"effective_mpp": known[0][0], "patch_size_px": known[0][1]}
 
 
 def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold: str, split: str,
@@ -128,6 +166,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
                 "(they are then listed in the report).")
         for x in skipped:
             logger.warning("%s: left out (--allow-missing): %s", x["slide_id"], x["reason"])
+    encoder_of(bags)  # one encoder, one resolution and patch size: refused now, before the run folder
     if len(bags) < 4:
         raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
                             f"({len(skipped)} left out, listed above)")

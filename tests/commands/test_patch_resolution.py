@@ -1,0 +1,65 @@
+"""Runs record the patches' resolution and size; a cohort that mixes them is refused, and
+so is predicting a slide tiled at another scale (before: exit 0 and a flipped call)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.conftest import shared
+from wsi_mil.cli import main
+
+
+def _cohort(tmp_path: Path) -> tuple[Path, Path, list[dict[str, str]]]:
+    from wsi_mil.data.mil_import import import_classic
+
+    manifest = import_classic("musk1", shared("mil"), tmp_path / "musk")
+    feats = tmp_path / "musk" / "features"
+    rows = list(csv.DictReader(open(manifest)))
+    for r in rows:  # as extract-features records them from the patch stores
+        with h5py.File(feats / f"{r['slide_id']}.h5", "r+") as f:
+            f.attrs["effective_mpp"] = 0.5
+            f.attrs["patch_size_px"] = 256
+    return manifest, feats, rows
+
+
+def test_a_cohort_of_two_resolutions_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, feats, rows = _cohort(tmp_path)
+    for r in rows[:5]:
+        with h5py.File(feats / f"{r['slide_id']}.h5", "r+") as f:
+            f.attrs["effective_mpp"] = 1.0  # tiled at 10x instead of 20x
+    out = tmp_path / "run"
+    code = main(["train-mil", str(manifest), "--features", str(feats), "--out", str(out), "--folds", "2",
+                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-1500:]
+    assert "tiled at different resolutions or patch sizes (" in err
+    assert "0.5 µm/px, 256 px patches" in err and "1.0 µm/px, 256 px patches" in err and "(5)" in err
+    assert not out.exists()
+
+
+def test_predict_refuses_a_store_of_another_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, feats, rows = _cohort(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
+                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    spec = json.loads((run / "models" / "fold0.json").read_text())
+    assert spec["encoder"]["effective_mpp"] == 0.5 and spec["encoder"]["patch_size_px"] == 256
+    new = tmp_path / "new"
+    new.mkdir()
+    for name, mpp, size in (("same", 0.51, 256), ("coarse", 1.0, 256), ("small", 0.5, 128)):
+        shutil.copy(feats / f"{rows[0]['slide_id']}.h5", new / f"{name}.h5")
+        with h5py.File(new / f"{name}.h5", "r+") as f:
+            f.attrs["effective_mpp"], f.attrs["patch_size_px"], f.attrs["slide_id"] = mpp, size, name
+    code = main(["predict", str(run), str(new), "--out", str(tmp_path / "pred")])
+    assert code == 1  # the batch goes on past the two stores of another scale and reports them
+    report = json.loads((tmp_path / "pred" / "predict_report.json").read_text())
+    failed = {f["slide_id"]: f["error"] for f in report["failed"]}
+    assert set(failed) == {"coarse", "small"}
+    assert "tiled at 1.000 µm/px (the run: 0.500)" in failed["coarse"]
+    assert "128 px patches (the run: 256)" in failed["small"] and "--patch-size 256" in failed["small"]

@@ -102,6 +102,32 @@ def _add_heatmap_style_options(parser: argparse.ArgumentParser) -> None:
                         help="perceptually uniform colour map")
 
 
+def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds another run (other settings or inputs): remove that run's files first and "
+                             "start again (without it such a folder is refused: one folder holds one run; the same "
+                             "run resumes)")
+
+
+def _claim_output(args: argparse.Namespace, command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Make --out this command's run folder (a folder of another run is refused, or with
+    --overwrite cleared first); called before anything is written into it."""
+    from wsi_mil.io.run_folder import claim, identity
+
+    state = claim(args.out, identity(command, settings, inputs), overwrite=args.overwrite)
+    if state != "new":
+        logger.info("%s: %s", args.out, "the same run: resuming" if state == "resumed"
+                    else "the earlier run's files were removed (--overwrite)")
+
+
+def _predict_inputs(run: Path, sources: list[Path]) -> dict[str, Any]:
+    from wsi_mil.io.run_folder import input_record, read_run
+
+    made = read_run(run)
+    return {"run": made["identity"] if made else str(Path(run).resolve()),
+            "sources": [input_record(p) for p in sources]}
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """Progress and log verbosity, the same for every batch command."""
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -177,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, help="output folder of the run (required)")
     tr.add_argument("--config", type=Path, help="YAML recipe with a 'train_mil:' section (see pipelines/); flags override it")
     tr.add_argument("--list-models", action="store_true", help="print the registered MIL models and exit")
+    _add_overwrite_option(tr)
     _add_output_options(tr)
     _add_config_options(tr, TrainConfig)
 
@@ -194,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("source", type=Path, nargs="?", help="image manifest CSV (path, patient_id, split, label columns) or a MedMNIST .npz")
     ti.add_argument("--out", type=Path, help="output folder of the run (required)")
     ti.add_argument("--config", type=Path, help="YAML recipe with a 'train_image:' section (see pipelines/); flags override it")
+    _add_overwrite_option(ti)
     _add_output_options(ti)
     _add_config_options(ti, ImageTrainConfig)
 
@@ -214,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "patient_id, split, label columns) or a MedMNIST 3D .npz")
     tv.add_argument("--out", type=Path, help="output folder of the run (required)")
     tv.add_argument("--config", type=Path, help="YAML recipe with a 'train_volume:' section (see pipelines/); flags override it")
+    _add_overwrite_option(tv)
     _add_output_options(tv)
     _add_config_options(tv, VolumeTrainConfig)
 
@@ -232,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--out", required=True, type=Path, help="output folder")
     pv.add_argument("--maps", action="store_true", help="write heatmaps (NIfTI + PNG) for every volume")
     pv.add_argument("--limit-maps", type=int, default=None, help="at most this many volumes get maps (the first ones)")
+    _add_overwrite_option(pv)
     _add_output_options(pv)
 
     pi = sub.add_parser(
@@ -251,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "patches) for train-image --mode mil runs")
     pi.add_argument("--cam-threshold", type=float, default=0.5, help="boxes and regions where the map reaches this share of its peak")
     pi.add_argument("--boxes", type=Path, default=None, help="ground-truth boxes CSV (image_id, label, x, y, width, height) to score the maps")
+    _add_overwrite_option(pi)
     _add_output_options(pi)
 
     pr = sub.add_parser(
@@ -265,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="feature stores, or folders of them (extract-features output)")
     pr.add_argument("--out", required=True, type=Path, help="output folder")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_overwrite_option(pr)
     _add_output_options(pr)
 
     hm = sub.add_parser(
@@ -470,6 +502,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = build_config(TrainConfig, recipe=recipe, overrides=_config_overrides(args, TrainConfig))
     # every check of the manifest, the labels and the feature stores comes before the run folder
     inputs = prepare_inputs(args.manifest, args.features, config, progress=not args.no_progress)
+    from wsi_mil.io.run_folder import claim
+    from wsi_mil.train.runner import run_record
+
+    claim(args.out, run_record("train-mil", config, inputs), overwrite=args.overwrite)  # type: ignore[arg-type]
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.manifest]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_mil",
@@ -495,6 +531,10 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     # every check that can refuse the run (manifest, labels, unreadable images, duplicates across the
     # splits) comes before the run folder, and before any feature is computed
     prepared = prepare_image_inputs(args.source, config, progress=not args.no_progress)
+    from wsi_mil.io.run_folder import claim
+    from wsi_mil.train.runner import run_record
+
+    claim(args.out, run_record("train-image", config, prepared[0]), overwrite=args.overwrite)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_image", {})
@@ -519,6 +559,10 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
     config.prep()  # spacing / window checked before anything is read
     _setup_logging(args.verbose)
     prepared = prepare_volume_inputs(args.source, config, progress=not args.no_progress)  # refusals: no folder yet
+    from wsi_mil.io.run_folder import claim
+    from wsi_mil.train.runner import run_record
+
+    claim(args.out, run_record("train-volume", config, prepared[0]), overwrite=args.overwrite)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_volume", {})
@@ -531,6 +575,9 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
 def _cmd_predict_volume(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict_volume import run_predict_volume
 
+    _setup_logging(args.verbose)
+    _claim_output(args, "predict-volume", {"maps": args.maps, "limit_maps": args.limit_maps},
+                  _predict_inputs(args.run, [args.source]))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict_volume(args.run, args.source, out_dir=args.out, maps=args.maps, limit_maps=args.limit_maps,
                                 progress=not args.no_progress)
@@ -548,6 +595,10 @@ def _cmd_predict_image(args: argparse.Namespace) -> int:
     if not 0 < args.cam_threshold < 1:
         print("wsi-mil predict-image: error: --cam-threshold must be in (0, 1)", file=sys.stderr)
         return EXIT_USAGE
+    _setup_logging(args.verbose)
+    _claim_output(args, "predict-image", {"cam": args.cam, "cam_threshold": args.cam_threshold,
+                                          "boxes": str(args.boxes) if args.boxes else None},
+                  _predict_inputs(args.run, [args.source, *([args.boxes] if args.boxes else [])]))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict_image(args.run, args.source, out_dir=args.out, cam=args.cam, cam_threshold=args.cam_threshold,
                                boxes=args.boxes, progress=not args.no_progress)
@@ -565,6 +616,8 @@ def _cmd_predict_image(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict import run_predict
 
+    _setup_logging(args.verbose)
+    _claim_output(args, "predict", {}, _predict_inputs(args.run, list(args.inputs)))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
@@ -678,7 +731,8 @@ def _remove_refused_output(out: Path) -> None:
     if not out.is_dir():
         return
     entries = list(out.iterdir())
-    if all(p.is_file() and (p.suffix == ".log" or p.name.endswith("_config.yaml")) for p in entries):
+    if all(p.is_file() and (p.suffix == ".log" or p.name.endswith("_config.yaml") or p.name == "run.json")
+           for p in entries):
         for p in entries:
             p.unlink()
         out.rmdir()

@@ -34,9 +34,12 @@ class PredictReport:
 def load_run(run_dir: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     from wsi_mil.train.checkpoint import load_model
 
-    stems = sorted(p.with_suffix("") for p in (run_dir / "models").glob("fold*.json"))
-    if not stems:
+    from wsi_mil.io.run_folder import listed_folds
+
+    found = sorted((run_dir / "models").glob("fold*.json"))
+    if not found:
         raise ConfigError(f"{run_dir}: no trained models (models/fold*.json); give the --out folder of train-mil")
+    stems = [p.with_suffix("") for p in listed_folds(run_dir, found)]  # the run's folds, and only those
     loaded = [load_model(s) for s in stems]
     return [m for m, _ in loaded], [s for _, s in loaded]
 

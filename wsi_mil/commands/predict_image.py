@@ -47,9 +47,12 @@ def load_run(run_dir: Path, loader: Any = None, command: str = "train-image"
     from wsi_mil.commands.train_image import load_image_model
     from wsi_mil.eval.metrics import ensemble_threshold
 
+    from wsi_mil.io.run_folder import listed_folds
+
     stems = sorted((run_dir / "models").glob("fold*.json"))
     if not stems:
         raise ConfigError(f"{run_dir}: no models/fold*.json; give the --out folder of a finished {command} run")
+    stems = listed_folds(run_dir, stems)  # the run's folds, and only those
     models, specs = [], []
     for s in stems:
         m, spec = (loader or load_image_model)(s.with_suffix(""))

@@ -135,6 +135,7 @@ class TrainInputs:
     columns: dict[str, dict[str, str]] = field(default_factory=dict)  # slide_id -> manifest row
     checked: CheckedRun | None = None  # duplicates, splits ...: checked before the run folder exists
     notes: dict[str, Any] = field(default_factory=dict)  # facts for the report (blank patient ids ...)
+    sources: dict[str, Any] = field(default_factory=dict)  # the inputs, as part of the run's identity
 
 
 def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
@@ -173,8 +174,11 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     columns = entry_columns(entries)
     # every check that can refuse the run (duplicates across the splits, --subgroups ...) before its folder exists
     checked = checks_before_training(bags, None, columns, user_split, config, "slide")
+    from wsi_mil.io.run_folder import input_record
+
+    sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs]}
     return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked,
-                       {"blank_patients": blank} if blank else {})
+                       {"blank_patients": blank} if blank else {}, sources)
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:
@@ -266,7 +270,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
         cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
                       {"threads": threads if device == "cpu" else None, **inputs.notes}, inputs.columns,
-                      inputs.checked)
+                      inputs.checked, inputs.sources)
         return run_cv(road, cv, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)

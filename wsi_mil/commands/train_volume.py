@@ -231,6 +231,9 @@ def prepare_volume_inputs(source: Path, config: VolumeTrainConfig, *, progress: 
     refuse_unreadable(bad, len(entries), unit="volume")
     inputs.checked = checks_before_training(inputs.samples, tensor_pixels(volumes, inputs.samples), inputs.columns,
                                             inputs.user_split, config, "volume")
+    from wsi_mil.io.run_folder import input_record
+
+    inputs.sources = {"source": input_record(source)}
     return inputs, volumes, notes
 
 

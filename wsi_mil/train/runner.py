@@ -210,6 +210,14 @@ class CvInputs:
     notes: dict[str, Any] = field(default_factory=dict)  # extra facts for the report (consensus, leaks ...)
     columns: dict[str, dict[str, str]] = field(default_factory=dict)  # sample id -> manifest column -> value
     checked: CheckedRun | None = None  # the checks before training, when made before the run folder
+    sources: dict[str, Any] = field(default_factory=dict)  # the inputs, as part of the run's identity
+
+
+def run_record(command: str, config: Any, inputs: CvInputs) -> dict[str, Any]:
+    """The identity of a training run (:mod:`wsi_mil.io.run_folder`): command, settings, inputs."""
+    from wsi_mil.io.run_folder import identity
+
+    return identity(command, config.to_dict(), inputs.sources)
 
 
 @dataclass
@@ -272,7 +280,10 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     checked = inputs.checked or checks_before_training(samples, pixels, inputs.columns, inputs.user_split, config,
                                                        road.unit)
     audit, plan = dict(checked.audit), checked.plan
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from wsi_mil.io.run_folder import claim, set_folds
+
+    claim(out_dir, run_record(road.command, config, inputs))  # a folder of another run is refused, never mixed
+    set_folds(out_dir, [f.index for f in plan.folds])
     by_id = {b.slide_id: b for b in samples}
     write_json(out_dir / "splits.json", plan.to_dict())
     device = config.resolved_device()

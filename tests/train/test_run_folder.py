@@ -1,0 +1,88 @@
+"""One folder holds one run. Before, a 2-fold run written over a 3-fold one exited 0 and
+kept the old models/fold2, which predict then averaged in (every probability shifted);
+now the folder of another run is refused naming what changed, --overwrite clears it first,
+the same run resumes, and predict uses exactly the folds the run lists."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared
+from wsi_mil.cli import main
+
+
+@pytest.fixture()
+def musk(tmp_path: Path) -> tuple[Path, Path]:
+    from wsi_mil.data.mil_import import import_classic
+
+    manifest = import_classic("musk1", shared("mil"), tmp_path / "musk")
+    return manifest, tmp_path / "musk" / "features"
+
+
+def _train(manifest: Path, feats: Path, out: Path, *extra: str) -> int:
+    return main(["train-mil", str(manifest), "--features", str(feats), "--out", str(out), "--epochs", "2",
+                 "--bootstrap", "20", "--no-progress", "-q", *extra])
+
+
+def test_a_run_with_other_settings_is_refused_then_replaced(musk, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, feats = musk
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run, "--folds", "3") == 0
+    assert json.loads((run / "run.json").read_text())["folds"] == [0, 1, 2]
+    before = (run / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert _train(manifest, feats, run, "--folds", "2", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "holds another run (folds 3 -> 2; seed 0 -> 1)" in err and "--overwrite" in err
+    assert (run / "metrics.json").read_bytes() == before  # nothing of the old run was touched
+    assert _train(manifest, feats, run, "--folds", "3") == 0  # the same run resumes
+    assert _train(manifest, feats, run, "--folds", "2", "--seed", "1", "--overwrite") == 0
+    assert sorted(p.name for p in (run / "models").glob("fold*.json")) == ["fold0.json", "fold1.json"]
+    assert json.loads((run / "run.json").read_text())["folds"] == [0, 1]
+    assert len(json.loads((run / "metrics.json").read_text())["folds"]) == 2
+
+
+def test_predict_uses_only_the_folds_the_run_lists(musk, tmp_path: Path) -> None:
+    manifest, feats = musk
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run, "--folds", "2") == 0
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    first = next(csv.DictReader(open(manifest)))["slide_id"]
+    shutil.copy(feats / f"{first}.h5", stores / f"{first}.h5")
+    assert main(["predict", str(run), str(stores), "--out", str(tmp_path / "p1")]) == 0
+    p1 = (tmp_path / "p1" / "predictions.csv").read_text()
+    # a stray model of another run left in models/ (copied in by hand) is not averaged in
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(run / "models" / f"fold1{suffix}", run / "models" / f"fold2{suffix}")
+    spec = json.loads((run / "models" / "fold2.json").read_text())
+    spec["thresholds"] = [0.99]
+    (run / "models" / "fold2.json").write_text(json.dumps(spec))
+    assert main(["predict", str(run), str(stores), "--out", str(tmp_path / "p2")]) == 0
+    assert (tmp_path / "p2" / "predictions.csv").read_text() == p1
+
+
+def test_a_prediction_folder_of_other_inputs_is_refused(musk, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, feats = musk
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run, "--folds", "2") == 0
+    rows = list(csv.DictReader(open(manifest)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, row in ((a, rows[0]), (b, rows[1])):
+        folder.mkdir()
+        shutil.copy(feats / f"{row['slide_id']}.h5", folder / f"{row['slide_id']}.h5")
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(a), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run), str(b), "--out", str(out)]) == 2
+    assert "holds another run (input sources changed)" in capsys.readouterr().err
+    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "attention" / f"{rows[0]['slide_id']}.h5").exists()  # the old slide's attention is gone
+    assert (out / "attention" / f"{rows[1]['slide_id']}.h5").exists()

@@ -1,0 +1,140 @@
+"""One output folder holds one run.
+
+A run has an identity: its command, its settings and its inputs, hashed. The first
+command into a folder writes ``run.json`` with them; a later command into the same folder
+resumes when its identity is the same and is refused when it differs (another seed, fewer
+folds, another cohort), with a message that names what changed and ``--overwrite``, which
+removes the earlier run's files first. Without this, a 2-fold run written over a 3-fold one
+kept the old ``fold2`` model, which ``predict`` then averaged in, and old attention files
+won over new ones in ``heatmap`` and ``review``.
+
+A folder holding the outputs of an earlier wsi-mil (models, metrics, predictions without a
+``run.json``) is treated as another run. Caches the command keeps beside its outputs
+(``features/``: keyed by content) survive ``--overwrite``; anything a run did not write is
+never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.errors import ConfigError
+
+RUN_FILE = "run.json"
+#: settings that change how a run is computed, not what it computes
+RUNTIME_SETTINGS = frozenset({"threads", "device", "feature_cache"})
+#: what runs write in their folder (removed by --overwrite); anything else is left alone
+RUN_OUTPUTS = frozenset({
+    RUN_FILE, "models", "attention", "history", "heatmaps", "audit", "cam", "maps", "metrics.json",
+    "predictions.csv", "attention.csv", "boxes.csv", "localisation.json", "predict_report.json", "report.md",
+    "splits.json", "errors.csv", "gallery.png", "roc.png", "confusion.png", "training_curves.png", "reliability.png",
+    "train_config.yaml", "train.log", "predict.log"})
+#: files that show a folder holds a run of an earlier wsi-mil (before run.json existed)
+_LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (manifests, .npz sources: small next to the work)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_record(path: Path) -> dict[str, Any]:
+    """An input as part of a run's identity: a file by its content, a folder by its path."""
+    p = Path(path)
+    if p.is_file():
+        return {"path": str(p.resolve()), "sha256": file_digest(p)}
+    return {"path": str(p.resolve())}
+
+
+def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The record of a run: command, settings (runtime ones left out), inputs, and their hash."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in RUNTIME_SETTINGS}
+    body = {"command": command, "settings": kept, "inputs": inputs}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return {**body, "identity": digest}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    parts = []
+    if old.get("command") != new["command"]:
+        parts.append(f"made by {old.get('command')}, not {new['command']}")
+    a, b = old.get("settings", {}), new["settings"]
+    parts += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    ai, bi = old.get("inputs", {}), new["inputs"]
+    parts += [f"input {k} changed" for k in sorted(set(ai) | set(bi)) if ai.get(k) != bi.get(k)]
+    return "; ".join(parts[:8]) + (" ..." if len(parts) > 8 else "") if parts else "another run"
+
+
+def read_run(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clear_run(folder: Path) -> list[str]:
+    """Remove what a run wrote in ``folder`` (see :data:`RUN_OUTPUTS`); returns the names."""
+    removed = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name in RUN_OUTPUTS:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False) -> str:
+    """Make ``folder`` the run ``record`` describes: "new", "resumed" (the same run was
+    there) or "replaced" (``overwrite``: the earlier run's files removed first). A folder
+    of another run is refused (:class:`ConfigError`, exit 2) naming what changed."""
+    from wsi_mil.io.atomic import ensure_writable, write_json
+
+    folder = Path(folder)
+    old = read_run(folder) if folder.is_dir() else None
+    legacy = old is None and folder.is_dir() and any((folder / m).exists() for m in _LEGACY_MARKS)
+    state = "new"
+    if old is not None and old.get("identity") == record["identity"]:
+        return "resumed"
+    if old is not None or legacy:
+        if not overwrite:
+            what = ("the outputs of a run made by an earlier wsi-mil (no run.json)" if legacy else
+                    f"another run ({_changes(old or {}, record)})")
+            raise ConfigError(f"{folder} holds {what}; one folder holds one run, so its files would mix with this "
+                              "one's. Choose another --out, or pass --overwrite to replace it (that run's files are "
+                              "removed first)")
+        clear_run(folder)
+        state = "replaced"
+    ensure_writable(folder)
+    write_json(folder / RUN_FILE, {**record, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return state
+
+
+def set_folds(folder: Path, folds: list[int]) -> None:
+    """Record the folds a run trained: ``predict`` and the heatmaps use these, and only these."""
+    from wsi_mil.io.atomic import write_json
+
+    run = read_run(folder)
+    if run is not None and run.get("folds") != folds:
+        write_json(Path(folder) / RUN_FILE, {**run, "folds": folds})
+
+
+def listed_folds(run_dir: Path, found: list[Path]) -> list[Path]:
+    """The model files of the folds ``run.json`` lists (all found ones for a run without
+    it); a listed fold whose model is missing is an error."""
+    run = read_run(run_dir)
+    if run is None or run.get("folds") is None:
+        return found
+    by_index = {p.stem.removeprefix("fold"): p for p in found}
+    missing = [f for f in run["folds"] if str(f) not in by_index]
+    if missing:
+        raise ConfigError(f"{run_dir}: the run lists fold(s) {missing} whose models are missing from models/; "
+                          "re-run the training command to finish it")
+    return [by_index[str(f)] for f in run["folds"]]

@@ -53,3 +53,27 @@ def test_a_refused_prediction_leaves_no_output_folder(tmp_path: Path, capsys: py
     (kept / "mine.txt").write_text("the user's")
     assert main(["predict-image", str(not_a_run), str(shared("cxr", "pneumoniamnist.npz")), "--out", str(kept)]) == 2
     assert (kept / "mine.txt").read_text() == "the user's"  # a folder that was there is never touched
+
+
+def test_two_files_with_one_stem_in_a_folder_are_refused(tmp_path: Path) -> None:
+    """x.png and x.jpg (or v.nii and v.nii.gz) in one input folder would give two rows with
+    one id and one map silently overwritten; a manifest refuses this, and so does a folder."""
+    from PIL import Image
+
+    from wsi_mil.commands.predict_volume import _entries
+    from wsi_mil.data.images import unique_file_ids
+    from wsi_mil.errors import ManifestError
+
+    pic = Image.open(sorted((shared("cxr", "nih1000") / "NIH1000" / "train" / "0_normal").glob("*.png"))[0])
+    pic.save(tmp_path / "x.png")
+    pic.convert("L").save(tmp_path / "x.jpg")
+    pic.save(tmp_path / "y.png")
+    with pytest.raises(ManifestError, match=r"1 image id\(s\) are shared by several files \(x: x.jpg, x.png\)"):
+        unique_file_ids(sorted(tmp_path.glob("*.*")))
+    assert unique_file_ids([tmp_path / "x.png", tmp_path / "y.png"]) == ["x", "y"]
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    (vols / "v2.nii").write_bytes(b"")
+    (vols / "v2.nii.gz").write_bytes(b"")
+    with pytest.raises(ManifestError, match=r"volume id\(s\) are shared by several files \(v2: v2.nii, v2.nii.gz\)"):
+        _entries(vols, None)

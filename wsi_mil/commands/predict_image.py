@@ -129,13 +129,13 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
     elif source.suffix.lower() == ".csv":
         entries, _ = read_image_manifest(source, labels=list(task.label_columns), labels_optional=True)
     else:
-        from wsi_mil.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageEntry, _image_id
+        from wsi_mil.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageEntry, unique_file_ids
 
         files = sorted(p for p in (source.rglob("*") if source.is_dir() else [source])
                        if p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES)
         if not files:
             raise ConfigError(f"{source}: no images (PNG, JPEG, TIFF, DICOM), manifest CSV or .npz")
-        entries = [ImageEntry(_image_id(str(p)), p, None, {}, None, {}) for p in files]
+        entries = [ImageEntry(i, p, None, {}, None, {}) for i, p in zip(unique_file_ids(files), files, strict=True)]
     images, bad = load_pixels(entries, size, window=window, use_voi=spec.get("use_voi", True), progress=progress)
     ok = [i for i, e in enumerate(entries) if e.slide_id not in {b["slide_id"] for b in bad}]
     for b in bad:

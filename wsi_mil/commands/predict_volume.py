@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def _entries(source: Path, task: Any) -> list[Any]:
-    from wsi_mil.data.images import ImageEntry, _image_id, read_image_manifest
+    from wsi_mil.data.images import ImageEntry, _image_id, read_image_manifest, unique_file_ids
     from wsi_mil.data.volumes import NIFTI_SUFFIXES, npz_volume_entries
 
     if source.suffix.lower() == ".npz":
@@ -47,7 +47,8 @@ def _entries(source: Path, task: Any) -> list[Any]:
     if source.is_dir():
         nifti = sorted(p for p in source.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES))
         if nifti:
-            return [ImageEntry(_image_id(p.name), p, None, {}, None, {}) for p in nifti]
+            return [ImageEntry(i, p, None, {}, None, {}) for i, p in zip(unique_file_ids(nifti, "volume"), nifti,
+                                                                          strict=True)]
         return [ImageEntry(_image_id(source.name), source, None, {}, None, {})]  # one DICOM series
     raise ConfigError(f"{source}: give a volume manifest CSV, a MedMNIST 3D .npz, a NIfTI file, a DICOM series folder "
                       "or a folder of NIfTI files")

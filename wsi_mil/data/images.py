@@ -256,6 +256,20 @@ def _image_id(path: str) -> str:
     return _SAFE_ID.sub("_", stem) or "image"
 
 
+def unique_file_ids(files: list[Path], what: str = "image") -> list[str]:
+    """The ids of files given as a folder (their names without suffix); two files that
+    would share one (``x.png`` and ``x.jpg``, ``v.nii`` and ``v.nii.gz``) are refused, as a
+    manifest's duplicate ids are: one row's outputs would overwrite the other's."""
+    ids = [_image_id(str(p)) for p in files]
+    clash = {i: [p.name for p, j in zip(files, ids, strict=True) if j == i] for i, n in Counter(ids).items() if n > 1}
+    if clash:
+        listing = "; ".join(f"{i}: {', '.join(names)}" for i, names in list(clash.items())[:8])
+        raise ManifestError(f"{len(clash)} {what} id(s) are shared by several files ({listing}); their predictions and "
+                            "maps would overwrite each other. Rename the files, or list them in a manifest with an "
+                            "image_id column")
+    return ids
+
+
 def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, readers: list[str] | None = None,
                         folders: bool = False, labels_optional: bool = False) -> tuple[list[ImageEntry], dict[str, Any]]:
     """Rows of an image manifest CSV (see the module docstring).

@@ -178,8 +178,11 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             if source == "store" and not has_pixels:
                 raise WsiMilError(f"{spec.slide_id}: --source store, but the store has no pixels (tile with --save-patches)")
             slide_path = _slide_path(attrs, spec.slide_id, [Path(d) for d in slide_dirs], Path(spec.store)) if source == "slide" else None
-            if slide_path is not None and Path(slide_path).stat().st_size != attrs.get("slide_size_bytes"):
-                raise WsiMilError(f"{spec.slide_id}: {slide_path} changed since it was tiled (size differs); re-run `wsi-mil tile`")
+            from wsi_mil.io.slide import changed_since
+
+            if slide_path is not None and changed_since(attrs, slide_path):
+                raise WsiMilError(f"{spec.slide_id}: {slide_path} changed since it was tiled (its size or content "
+                                  "differs); re-run `wsi-mil tile --overwrite` for it")
             c_sha = coords_sha256(coords)
             meta = {**desc, "dim": encoder.dim, "encoder_fingerprint": encoder.fingerprint(), "coords_sha256": c_sha,
                     "fingerprint": f"{encoder.fingerprint()}-{c_sha[:16]}",

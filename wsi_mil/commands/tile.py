@@ -132,6 +132,11 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
     if attrs.get("config_fingerprint") != config_fingerprint(config, entry):
         return (f"{final} exists from a run with different settings or a changed slide file "
                 f"({settings_change(attrs, config, entry)}); use --overwrite to rebuild it or choose another --out")
+    from wsi_mil.io.slide import changed_since
+
+    if entry.path.exists() and changed_since(attrs, entry.path):
+        return (f"{entry.path} changed since it was tiled (same size, other content: it was rewritten in place); its "
+                f"store {final.name} describes the old file. Use --overwrite to tile it again")
     qc = qc_dir / qc_name(entry.slide_id)
     message = "already tiled (cached)"
     method = int(attrs.get("tissue_method_version", 1))

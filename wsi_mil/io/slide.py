@@ -195,6 +195,20 @@ def file_fingerprint(path: str | Path, *, blocks: int = 64, block_bytes: int = 6
     return digest.hexdigest()
 
 
+def changed_since(attrs: dict[str, Any], path: str | Path) -> bool:
+    """Whether the slide file at ``path`` differs from the one a store was made from: its
+    size, or — when its modification time moved — its sampled content
+    (:func:`file_fingerprint`; a file only touched or copied keeps it). Stores without a
+    recorded time are judged by their size."""
+    st = Path(path).stat()
+    if attrs.get("slide_size_bytes") is not None and int(attrs["slide_size_bytes"]) != st.st_size:
+        return True
+    recorded = attrs.get("slide_mtime_ns")
+    if recorded in (None, "none") or int(recorded) == st.st_mtime_ns or not attrs.get("slide_fingerprint"):
+        return False
+    return file_fingerprint(path) != attrs["slide_fingerprint"]
+
+
 def read_region_image(slide: object, *, x_px: int, y_px: int, level: int, width: int, height: int) -> Any:
     """Read a region as an RGB Pillow image, compositing transparent pixels on white.
 

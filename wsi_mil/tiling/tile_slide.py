@@ -195,6 +195,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "slide_fingerprint": file_fingerprint(entry.path),
         "slide_fingerprint_method": FINGERPRINT_METHOD,
         "slide_size_bytes": entry.path.stat().st_size,
+        "slide_mtime_ns": entry.path.stat().st_mtime_ns,  # a change re-hashes the file (same size, new content)
         "slide_width_px": int(w0),
         "slide_height_px": int(h0),
         "slide_level_count": level_count,

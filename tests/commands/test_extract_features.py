@@ -159,6 +159,15 @@ def test_a_corrupt_region_is_reported_with_its_coordinates_and_the_slide_goes_on
     x, y = (int(v) for v in coords[len(coords) // 2])
     _corrupt_one_level0_tile(slide, x, y)  # after tiling, as when a file rots on disk
 
+    # the slide changed since it was tiled (same size, other bytes): refused, never read as the tiled one
+    stale = run_extract([tmp_path / "t"], out_dir=tmp_path / "stale", config=ExtractConfig(**FAST), progress=False)
+    assert stale.outcomes[0].status == "failed" and "changed since it was tiled" in stale.outcomes[0].message
+    # tiled again as it now is (the grid comes from a coarser level, so it is the same): the damaged
+    # region is reported patch by patch and the slide goes on
+    assert run_tile(resolve_inputs([slide]), out_dir=tmp_path / "t", config=TileConfig(), workers=1, progress=False,
+                    overwrite=True).ok
+    with PatchStore(tmp_path / "t" / "patches" / "damaged.h5") as ps:
+        np.testing.assert_array_equal(ps.coords, coords)
     report = run_extract([tmp_path / "t"], out_dir=tmp_path, config=ExtractConfig(**FAST), progress=False)
     o = report.outcomes[0]
     assert o.status == "ok" and 1 <= o.n_unreadable <= 4  # a patch overlaps at most 4 tiles

@@ -34,9 +34,9 @@ def kidney_slide() -> Path:
 
 @pytest.fixture(scope="session")
 def truncated_slide(tmp_path_factory: pytest.TempPathFactory, cmu_slide: Path) -> Path:
-    """The CMU slide cut in half."""
+    """The CMU slide cut in half (a neutral name: a test must not pass on its file name)."""
     data = cmu_slide.read_bytes()
-    path = tmp_path_factory.mktemp("broken") / "truncated.svs"
+    path = tmp_path_factory.mktemp("inputs") / "slide-0042.svs"
     path.write_bytes(data[: len(data) // 2])
     return path
 

@@ -36,7 +36,7 @@ def test_batch_continues_past_bad_slides_and_reports_each(tmp_path, cmu_slide, k
         f"cmu,{cmu_slide},p1,\n"
         f"kidney-no-mpp,{kidney_slide},p2,\n"
         f"kidney,{kidney_slide},p2,0.5\n"
-        f"truncated,{truncated_slide},p3,\n"
+        f"cut-copy,{truncated_slide},p3,\n"
         f"missing,{tmp_path / 'missing.svs'},p4,\n"
         f"notes,{tmp_path / 'notes.svs'},p5,\n"
         f"glass,{tmp_path / 'glass.png'},p6,0.5\n"
@@ -47,11 +47,12 @@ def test_batch_continues_past_bad_slides_and_reports_each(tmp_path, cmu_slide, k
     report = json.loads((out / "run_report.json").read_text())
     status = {s["slide_id"]: s for s in report["slides"]}
     assert {k: v["status"] for k, v in status.items()} == {
-        "cmu": "ok", "kidney-no-mpp": "failed", "kidney": "no_tissue", "truncated": "failed",
+        "cmu": "ok", "kidney-no-mpp": "failed", "kidney": "no_tissue", "cut-copy": "failed",
         "missing": "failed", "notes": "failed", "glass": "no_tissue",
     }
     assert "--slide-mpp" in status["kidney-no-mpp"]["message"]
-    assert "truncated" in status["truncated"]["message"] or "damaged" in status["truncated"]["message"]
+    assert "the file is truncated" in status["cut-copy"]["message"]
+    assert "past the end of the file" in status["cut-copy"]["message"]
     assert "not found" in status["missing"]["message"] and "not a slide" in status["notes"]["message"]
     assert status["cmu"]["n_patches"] > 20 and status["cmu"]["mpp_source"] == "metadata"
     assert status["kidney"]["mpp_source"] == "manifest"

@@ -24,9 +24,25 @@ def test_missing_mpp_is_refused_with_the_fix(kidney_slide) -> None:
 
 
 def test_truncated_slide_is_a_clear_error(truncated_slide) -> None:
-    with pytest.raises(SlideOpenError, match="truncated|damaged"):
+    assert "trunc" not in truncated_slide.name.lower()  # the diagnosis, not the file name, must say it
+    with pytest.raises(SlideOpenError, match=r"the file is truncated: its image directory 1 should start at byte "
+                                             r"1,275,950, past the end of the file \(969,477 bytes\)"):
         with open_slide(truncated_slide):
             pass
+
+
+@pytest.mark.parametrize("share", [0.9, 0.99, 0.9999])
+def test_a_slide_cut_anywhere_is_called_truncated_not_unsupported(tmp_path, cmu_slide, share) -> None:
+    """Before: "not a slide format OpenSlide or Pillow can read (OpenSlide says: 'cannot
+    identify image file ...')" — Pillow's words, and the wrong diagnosis."""
+    data = cmu_slide.read_bytes()
+    cut = tmp_path / "copy.svs"
+    cut.write_bytes(data[: int(len(data) * share)])
+    with pytest.raises(SlideOpenError) as info, open_slide(cut):
+        pass
+    msg = str(info.value)
+    assert "the file is truncated" in msg and "past the end of the file" in msg and "copy it again" in msg
+    assert "not a slide format" not in msg
 
 
 def test_missing_and_non_slide_files(tmp_path) -> None:

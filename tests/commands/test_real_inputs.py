@@ -39,8 +39,12 @@ def _tile(tmp_path: Path, *inputs: Path | str) -> tuple[subprocess.CompletedProc
 def test_a_dicom_series_folder_is_one_slide(dicom_wsi, tmp_path, cmu_slide) -> None:
     files = sorted(dicom_wsi.glob("*.dcm"))
     assert len(files) >= 3  # one file per level
+    import pydicom
+
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     resolved = resolve_inputs_reporting([dicom_wsi])
-    assert [e.slide_id for e in resolved.entries] == ["CMU-1-dicom"] and not resolved.skipped
+    # named by its series, not by its folder (which many exports call DICOM/)
+    assert [e.slide_id for e in resolved.entries] == [uid] and not resolved.skipped
     # the same files given one by one (a shell glob) are still one slide
     assert len(resolve_inputs_reporting(files).entries) == 1
     # .dicom is a DICOM suffix too
@@ -48,11 +52,11 @@ def test_a_dicom_series_folder_is_one_slide(dicom_wsi, tmp_path, cmu_slide) -> N
     renamed.mkdir()
     for f in files:
         shutil.copy(f, renamed / (f.stem + ".dicom"))
-    assert [e.slide_id for e in resolve_inputs_reporting([renamed]).entries] == ["renamed"]
+    assert [e.slide_id for e in resolve_inputs_reporting([renamed]).entries] == [uid]
 
     res, report = _tile(tmp_path, dicom_wsi)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert report["counts"] == {"ok": 1} and report["slides"][0]["slide_id"] == "CMU-1-dicom"
+    assert report["counts"] == {"ok": 1} and report["slides"][0]["slide_id"] == uid
     # the same tissue as the SVS it was converted from
     _, report2 = _tile(tmp_path / "svs", cmu_slide)
     assert abs(report["slides"][0]["n_patches"] - report2["slides"][0]["n_patches"]) <= 2
@@ -127,3 +131,29 @@ def test_truncated_slide_is_still_called_truncated(truncated_slide) -> None:
     with pytest.raises(SlideOpenError, match="the file is truncated: .* past the end of the file"), \
             open_slide(truncated_slide):
         pass
+
+
+def test_dicom_slides_in_folders_of_one_name_keep_their_own_ids(dicom_wsi, tmp_path) -> None:
+    """Two patients' exports both in a folder called DICOM/, and a lone file of each: before,
+    both slides were named "DICOM" (refused as two inputs of one name, or, tiled in two runs
+    into one --out, the second replaced the first's store)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ids = []
+    for patient in ("p1", "p2"):
+        folder = tmp_path / patient / "DICOM"
+        folder.mkdir(parents=True)
+        uid = generate_uid()
+        for f in dicom_wsi.glob("*.dcm"):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = uid
+            ds.save_as(folder / f.name)
+        ids.append(uid)
+    resolved = resolve_inputs_reporting([tmp_path / "p1" / "DICOM", tmp_path / "p2" / "DICOM"])
+    assert sorted(e.slide_id for e in resolved.entries) == sorted(ids)
+    lone = tmp_path / "lone" / "DICOM"
+    lone.mkdir(parents=True)
+    biggest = max(dicom_wsi.glob("*.dcm"), key=lambda p: p.stat().st_size)
+    shutil.copy(biggest, lone / "IM000123.dcm")
+    assert [e.slide_id for e in resolve_inputs_reporting([lone / "IM000123.dcm"]).entries] == ["IM000123"]

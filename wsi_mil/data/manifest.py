@@ -22,6 +22,7 @@ names the classes of the label column (negative first for a binary task), as
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -305,9 +306,9 @@ def group_dicom_series(paths: list[Path]) -> tuple[list[SlideEntry], list[dict[s
     """One slide per DICOM whole-slide series (headers only are read).
 
     The slide's path is the file of its largest level (OpenSlide opens the whole series
-    from any of its files, finding the others in the same folder); its id is the folder's
-    name when the folder holds one series, else the folder's name and the end of the
-    series UID. Files that are not whole-slide DICOM (CT, a report ...) or cannot be read
+    from any of its files, finding the others in the same folder); its id is the series'
+    SeriesInstanceUID, or the file's name without suffix for a series of one file — never
+    the folder's name, which many exports share (``.../DICOM/``). Files that are not whole-slide DICOM (CT, a report ...) or cannot be read
     are left out with the reason."""
     try:
         import pydicom
@@ -332,10 +333,6 @@ def group_dicom_series(paths: list[Path]) -> tuple[list[SlideEntry], list[dict[s
         if "LABEL" in image_type or "OVERVIEW" in image_type or "THUMBNAIL" in image_type:
             size = -1  # never the file the slide is opened by
         series.setdefault(uid, []).append((size, p))
-    per_folder: dict[Path, int] = {}
-    for members in series.values():
-        folder = members[0][1].parent.resolve()
-        per_folder[folder] = per_folder.get(folder, 0) + 1
     entries = []
     for uid, members in series.items():
         size, main = max(members, key=lambda m: (m[0], str(m[1])))
@@ -343,10 +340,13 @@ def group_dicom_series(paths: list[Path]) -> tuple[list[SlideEntry], list[dict[s
             skipped += [{"path": str(p), "reason": "a DICOM label/overview image whose slide's levels are not in the inputs"}
                         for _, p in members]
             continue
-        folder = main.parent.resolve()
-        sid = folder.name if per_folder[folder] == 1 else f"{folder.name}-{uid.replace('.', '')[-12:]}"
+        # named by the series, never the folder (per-patient .../DICOM/ folders, or two lone files of one
+        # folder tiled in two runs, would share a name and one store would replace the other's)
+        lone = len(members) == 1 or uid.startswith("file:")
+        sid = main.stem if lone else uid
         if not _SAFE_ID.match(sid):
-            sid = "dicom-" + uid.replace(".", "")[-16:]
+            sid = "dicom-" + (uid.replace(".", "")[-24:] if not uid.startswith("file:") else
+                              hashlib.sha256(str(main.resolve()).encode()).hexdigest()[:16])
         entries.append(SlideEntry(sid, main))
         if len(members) > 1:
             logger.info("%s: DICOM series %s of %d files read as one slide (opened by %s)", sid, uid, len(members), main.name)

@@ -59,6 +59,7 @@ def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 _held: logging.handlers.MemoryHandler | None = None
+_command = "?"  # the running command, recorded in the output folder's lock
 
 
 def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
@@ -67,6 +68,10 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     from wsi_mil.logs import file_handler
 
     global _held
+    if log_file is not None:  # the folder's lock first: a second run must not even open the log
+        from wsi_mil.io.lock import lock_folder
+
+        lock_folder(log_file.parent, _command)
     handler = file_handler(log_file) if log_file is not None else None
     root = logging.getLogger("wsi_mil")
     root.setLevel(logging.DEBUG)
@@ -114,10 +119,17 @@ def _claim_output(args: argparse.Namespace, command: str, settings: dict[str, An
     --overwrite cleared first); called before anything is written into it."""
     from wsi_mil.io.run_folder import claim, identity
 
+    _lock(args.out)
     state = claim(args.out, identity(command, settings, inputs), overwrite=args.overwrite)
     if state != "new":
         logger.info("%s: %s", args.out, "the same run: resuming" if state == "resumed"
                     else "the earlier run's files were removed (--overwrite)")
+
+
+def _lock(out: Path) -> None:
+    from wsi_mil.io.lock import lock_folder
+
+    lock_folder(out, _command)
 
 
 def _predict_inputs(run: Path, sources: list[Path]) -> dict[str, Any]:
@@ -505,6 +517,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from wsi_mil.io.run_folder import claim
     from wsi_mil.train.runner import run_record
 
+    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
     claim(args.out, run_record("train-mil", config, inputs), overwrite=args.overwrite)  # type: ignore[arg-type]
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.manifest]
@@ -534,6 +547,7 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     from wsi_mil.io.run_folder import claim
     from wsi_mil.train.runner import run_record
 
+    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
     claim(args.out, run_record("train-image", config, prepared[0]), overwrite=args.overwrite)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
@@ -562,6 +576,7 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
     from wsi_mil.io.run_folder import claim
     from wsi_mil.train.runner import run_record
 
+    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
     claim(args.out, run_record("train-volume", config, prepared[0]), overwrite=args.overwrite)
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
@@ -723,6 +738,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _remove_refused_output(out: Path) -> None:
     """A refused command (exit 2) leaves no output folder behind: the folder this command
     made is removed when it holds nothing but the command's own log and settings files."""
+    from wsi_mil.io.lock import LOCK_NAME
+
     root = logging.getLogger("wsi_mil")
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler):
@@ -731,7 +748,7 @@ def _remove_refused_output(out: Path) -> None:
     if not out.is_dir():
         return
     entries = list(out.iterdir())
-    if all(p.is_file() and (p.suffix == ".log" or p.name.endswith("_config.yaml") or p.name == "run.json")
+    if all(p.is_file() and (p.suffix == ".log" or p.name.endswith("_config.yaml") or p.name in ("run.json", LOCK_NAME))
            for p in entries):
         for p in entries:
             p.unlink()
@@ -747,6 +764,10 @@ def main(argv: list[str] | None = None) -> int:
                 "train-image": _cmd_train_image, "predict-image": _cmd_predict_image,
                 "train-volume": _cmd_train_volume, "predict-volume": _cmd_predict_volume,
                 "heatmap": _cmd_heatmap, "review": _cmd_review, "demo": _cmd_demo, "audit": _cmd_audit}
+    from wsi_mil.io.lock import release_all
+
+    global _command
+    _command = args.command
     out = getattr(args, "out", None)
     fresh = out is not None and not Path(out).exists()
     try:
@@ -754,11 +775,14 @@ def main(argv: list[str] | None = None) -> int:
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
         if exc.exit_code == EXIT_USAGE and fresh:
+            release_all()
             _remove_refused_output(Path(out))
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished slides are kept and a re-run resumes", file=sys.stderr)
         return 130
+    finally:
+        release_all()  # the folder is free for the next command (the process's end would free it too)
 
 
 

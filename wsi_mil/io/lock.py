@@ -1,0 +1,67 @@
+"""One running command per output folder.
+
+Two runs writing one folder at once mixed their outputs (two ``tile`` runs with different
+``--mpp``: 13 of one run's stores were the other's, both reported success). The first
+command to write into a folder takes an exclusive lock on ``<folder>/.wsi-mil.lock``
+(``flock``: the kernel releases it when the process ends, so a run killed with ``kill -9``
+leaves no stale lock behind); a second command is refused at once, naming the process
+that holds it. The lock is held until the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.errors import ConfigError
+
+LOCK_NAME = ".wsi-mil.lock"
+_held: dict[Path, Any] = {}  # folder -> open lock file (kept open: closing it would release the lock)
+
+
+def lock_folder(folder: Path, command: str) -> None:
+    """Take ``folder``'s lock for this process (a no-op when it already holds it); raise
+    :class:`ConfigError` naming the holder when another process does."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        try:
+            holder = json.loads(fh.read() or "{}")
+        except ValueError:
+            holder = {}
+        fh.close()
+        who = (f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, wsi-mil {holder.get('command', '?')} "
+               f"started {holder.get('started', '?')}")
+        raise ConfigError(f"{folder} is being written by another wsi-mil run ({who}); two runs into one folder would "
+                          "mix their outputs. Wait for it to finish, or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    fh.flush()
+    _held[folder] = fh
+
+
+def release_all() -> None:
+    """Release every lock this process holds (tests; a process's exit does it anyway)."""
+    import fcntl
+
+    for fh in _held.values():
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            fh.close()
+    _held.clear()

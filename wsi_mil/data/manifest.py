@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,11 +242,14 @@ def resolve_inputs_reporting(inputs: list[str | Path]) -> ResolvedInputs:
     entries: list[SlideEntry] = []
     skipped: list[dict[str, str]] = []
     dicoms: list[Path] = []
+    from_manifest: set[int] = set()
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
             if not item.exists():
                 raise ManifestError(f"manifest {item} not found")
-            entries.extend(read_manifest(item))
+            rows = read_manifest(item)
+            from_manifest.update(id(e) for e in rows)
+            entries.extend(rows)
         elif item.is_dir():
             found, left = _scan_folder(item)
             skipped += left
@@ -260,9 +264,10 @@ def resolve_inputs_reporting(inputs: list[str | Path]) -> ResolvedInputs:
         else:  # a slide file, possibly missing: reported per slide by the run
             entries.append(SlideEntry(slide_id_from_path(item), item))
     if dicoms:
-        series, left = group_dicom_series(dicoms)
+        series, left = group_dicom_series(list(dict.fromkeys(p.resolve() for p in dicoms)))
         entries += series
         skipped += left
+    entries = _one_entry_per_file(entries, skipped, from_manifest)
     for s in skipped:
         logger.debug("skipped %s: %s", s["path"], s["reason"])
     if not entries:
@@ -276,16 +281,61 @@ def resolve_inputs_reporting(inputs: list[str | Path]) -> ResolvedInputs:
     return ResolvedInputs(entries, skipped)
 
 
+def _one_entry_per_file(entries: list[SlideEntry], skipped: list[dict[str, str]],
+                        from_manifest: set[int]) -> list[SlideEntry]:
+    """Slides given as files or folders that are one file (a link and its target, one path
+    given twice): the first kept, the others listed as skipped; manifest rows are kept as
+    they are (their ids are the user's; tile reports them as one file)."""
+    seen: dict[Path, str] = {}
+    kept = []
+    for e in entries:
+        try:
+            real = Path(e.path).resolve() if e.path is not None and Path(e.path).exists() else None
+        except OSError:
+            real = None
+        if real is not None and real in seen and id(e) not in from_manifest:
+            skipped.append({"path": str(e.path), "reason": f"the same file as slide {seen[real]} ({real}); tiled once"})
+            continue
+        if real is not None:
+            seen.setdefault(real, e.slide_id)
+        kept.append(e)
+    return kept
+
+
 def _is_dicom_name(p: Path) -> bool:
     return p.suffix.lower() in DICOM_SUFFIXES
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """Slide candidates of one folder (not recursive) and the files left out, with why."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Slide candidates of one folder (not recursive) and every entry left out, with why:
+    subfolders, hidden files, links that lead nowhere or in a loop, sidecars and other
+    file types (nothing is dropped without a word)."""
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        try:
+            is_file, is_dir = p.is_file(), p.is_dir()
+        except OSError as exc:  # a link loop (ELOOP) and the like
+            skipped.append({"path": str(p), "reason": f"cannot be followed ({exc.strerror or exc}): a link loop?"})
+            continue
+        if p.is_symlink() and not (is_file or is_dir):
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            skipped.append({"path": str(p), "reason": f"a link to {target}, which does not exist (or loops)"})
+        elif is_dir:
+            skipped.append({"path": str(p), "reason": "a subfolder: folders are not scanned recursively; give it as an "
+                                                      "input of its own (a DICOM series folder too), or list its slides "
+                                                      "in a manifest"})
+        elif p.name.startswith("."):
+            skipped.append({"path": str(p), "reason": "a hidden file"})
+        elif is_file:
+            files.append(p)
+        else:
+            skipped.append({"path": str(p), "reason": "not a regular file (a device, socket or pipe)"})
     slide_like = SLIDE_SUFFIXES | DICOM_SUFFIXES
     stems = {slide_id_from_path(p) for p in files if p.suffix.lower() in slide_like - {".png", ".jpg", ".jpeg"}}
-    found, skipped = [], []
+    found = []
     for p in files:
         suffix = p.suffix.lower()
         if suffix in slide_like:

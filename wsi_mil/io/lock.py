@@ -31,7 +31,9 @@ def lock_folder(folder: Path, command: str) -> None:
     folder = Path(folder).resolve()
     if folder in _held:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    from wsi_mil.io.atomic import ensure_writable
+
+    ensure_writable(folder)  # a read-only or full disk: its clear error, before the lock file
     path = folder / LOCK_NAME
     fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the process
     try:
@@ -47,12 +49,15 @@ def lock_folder(folder: Path, command: str) -> None:
                f"started {holder.get('started', '?')}")
         raise ConfigError(f"{folder} is being written by another wsi-mil run ({who}); two runs into one folder would "
                           "mix their outputs. Wait for it to finish, or choose another --out") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    fh.flush()
     _held[folder] = fh
+    try:  # who holds it, for the message a second run gets (the lock itself needs no bytes: a full disk is fine)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        fh.flush()
+    except OSError:
+        pass
 
 
 def release_all() -> None:

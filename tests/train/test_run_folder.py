@@ -86,3 +86,20 @@ def test_a_prediction_folder_of_other_inputs_is_refused(musk, tmp_path: Path,
     assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "attention" / f"{rows[0]['slide_id']}.h5").exists()  # the old slide's attention is gone
     assert (out / "attention" / f"{rows[1]['slide_id']}.h5").exists()
+
+
+def test_model_files_get_the_same_permissions_as_every_other_output(tmp_path: Path) -> None:
+    """safetensors wrote models/*.safetensors 0600 while every other file was 0644 (a shared
+    group could read the report but not the model)."""
+    import os
+    import stat
+
+    from wsi_mil.mil import build_model
+    from wsi_mil.train.checkpoint import save_model
+
+    save_model(tmp_path / "fold0", build_model("abmil", 8, 1), {"model": "abmil", "in_dim": 8, "n_outputs": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for name in ("fold0.safetensors", "fold0.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name

@@ -64,3 +64,22 @@ def test_train_mil_refuses_partly_blank_patients_before_the_run_folder(tmp_path:
     assert code == 0
     assert "each counted as its own patient" in (out / "report.md").read_text()
     shutil.rmtree(out)
+
+
+def test_spreadsheet_csv_quirks(tmp_path: Path) -> None:
+    """Rows of empty cells after the data (as spreadsheets save them) are skipped, not
+    errors; a semicolon CSV is told to use commas; a row with extra cells is refused."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"slide_id,path,patient_id,label\r\ns1,a.svs,p1,tumour\r\ns2,b.svs,p2,normal\r\n,,,\r\n,,,\r\n")
+    entries = read_manifest(path, require_path=False)
+    assert [e.slide_id for e in entries] == ["s1", "s2"]
+    path.write_text("slide_id;path;patient_id\ns1;a.svs;p1\n")
+    with pytest.raises(ManifestError, match="separated by semicolons"):
+        read_manifest(path, require_path=False)
+    path.write_text("slide_id,path,patient_id\ns1,a.svs,p1,extra\n")
+    with pytest.raises(ManifestError, match="line 2 has 1 more cell"):
+        read_manifest(path, require_path=False)
+    images = tmp_path / "images.csv"
+    images.write_text("path;label\nx.png;1\n")
+    with pytest.raises(ManifestError, match="separated by semicolons"):
+        read_image_manifest(images)

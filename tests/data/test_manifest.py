@@ -58,5 +58,13 @@ def test_folder_and_file_inputs(tmp_path, cmu_slide) -> None:
     (tmp_path / "notes.txt").write_text("ignored")
     entries = resolve_inputs([tmp_path, cmu_slide])
     assert [e.slide_id for e in entries] == ["a", "cmu-1-small-region"]
+    # one file given twice is one slide (tiled once), and the second mention is reported
+    from wsi_mil.data.manifest import resolve_inputs_reporting
+
+    twice = resolve_inputs_reporting([tmp_path / "a.svs", tmp_path / "a.svs"])
+    assert [e.slide_id for e in twice.entries] == ["a"] and "the same file as slide a" in twice.skipped[0]["reason"]
+    # two different files of one name are still refused (their stores would share a name)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.svs").write_bytes(b"y")
     with pytest.raises(ManifestError, match="duplicate"):
-        resolve_inputs([tmp_path / "a.svs", tmp_path / "a.svs"])
+        resolve_inputs([tmp_path / "a.svs", tmp_path / "other" / "a.svs"])

@@ -286,10 +286,19 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
         reader = csv.DictReader(io.StringIO("\n".join(lines), newline=""))
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        rows = []
+        for row in reader:
+            if None in row:  # more cells than the header names: a shifted row is never read as another one
+                raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the "
+                                    f"header's {len(columns)} columns; quote values that hold commas")
+            rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+        rows = [r for r in rows if any(r.values())]  # rows of empty cells (",,,") that spreadsheets leave
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot read the image manifest ({exc}); it must be a UTF-8 CSV") from exc
     where = f"manifest {path}"
+    from wsi_mil.data.manifest import check_delimiter
+
+    check_delimiter(columns, where)
     path_col = "path" if "path" in columns else "image" if "image" in columns else None
     if path_col is None:
         raise ManifestError(f"{where}: no 'path' column (the image file, relative to the manifest); found {columns[:12]}")

@@ -57,6 +57,14 @@ class SlideEntry:
     meta: dict[str, str] = field(default_factory=dict)  # the row's other columns (site, sex, age ...)
 
 
+def check_delimiter(columns: list[str], where: str) -> None:
+    """A CSV saved with semicolons (spreadsheets in locales with a decimal comma) reads as
+    one column: say so, rather than "missing column slide_id"."""
+    if len(columns) == 1 and ";" in columns[0]:
+        raise ManifestError(f"{where}: its columns are separated by semicolons ({columns[0][:60]!r}); save it as a CSV "
+                            "with commas (in a spreadsheet: comma as the list separator, or export as 'CSV UTF-8')")
+
+
 def slide_id_from_path(path: Path) -> str:
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
@@ -129,10 +137,20 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
         _, text = _split_directives(path.read_text(encoding="utf-8-sig"))
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        rows, lines = [], []
+        for row in reader:
+            if None in row:  # more cells than the header names: a shifted row is never read as another one
+                raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the header's "
+                                    f"{len(columns)} columns ({row[None][:3]}); quote values that hold commas")
+            cells = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if not any(cells.values()):
+                continue  # a row of empty cells (",,,"), as spreadsheets save after the data: not a slide
+            rows.append(cells)
+            lines.append(reader.line_num)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc}). It must be a UTF-8 CSV.") from exc
     where = f"manifest {path}"
+    check_delimiter(columns, where)
     required = REQUIRED_COLUMNS if require_path else ("slide_id",)
     missing = [c for c in required if c not in columns]
     if missing:
@@ -158,7 +176,7 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
 
     entries: list[SlideEntry] = []
     problems: list[str] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         sid = row["slide_id"]
         if not sid or not _SAFE_ID.match(sid):
             problems.append(f"line {line}: slide_id {sid!r} is empty or not file-name safe (use letters, digits, . _ -)")

@@ -103,3 +103,31 @@ def test_model_files_get_the_same_permissions_as_every_other_output(tmp_path: Pa
     want = 0o666 & ~umask
     for name in ("fold0.safetensors", "fold0.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+def test_one_slide_in_two_features_folders_is_refused(musk, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, the first folder's store won silently."""
+    manifest, feats = musk
+    other = tmp_path / "rescanned" / "features"
+    other.mkdir(parents=True)
+    first = next(csv.DictReader(open(manifest)))["slide_id"]
+    shutil.copy(feats / f"{first}.h5", other / f"{first}.h5")
+    code = main(["train-mil", str(manifest), "--features", str(feats), "--features", str(other), "--out",
+                 str(tmp_path / "run"), "--folds", "2", "--epochs", "1", "--no-progress", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"1 slide(s) have a feature store in more than one --features folder ({first}:" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_heatmap_inputs_that_share_a_slide_are_refused(tmp_path: Path) -> None:
+    """Before, the last input's attention won silently (a map of another run)."""
+    from wsi_mil.commands.heatmap import attention_sources
+    from wsi_mil.errors import ConfigError
+
+    for run in ("pred_a", "pred_b"):
+        (tmp_path / run / "attention").mkdir(parents=True)
+        (tmp_path / run / "attention" / "slide-7.h5").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"slide slide-7 has attention in two inputs"):
+        attention_sources([tmp_path / "pred_a", tmp_path / "pred_b"])
+    assert set(attention_sources([tmp_path / "pred_a"])) == {"slide-7"}

@@ -113,20 +113,28 @@ def attention_sources(inputs: list[Path]) -> dict[str, Path]:
     from wsi_mil.io.attention import out_of_fold_stores
 
     found: dict[str, Path] = {}
+    origin: dict[str, Path] = {}
+
+    def add(here: dict[str, Path], inp: Path) -> None:
+        for sid, h5 in here.items():  # one slide from two inputs: which map is meant cannot be guessed
+            if sid in found and found[sid].resolve() != h5.resolve():
+                raise ConfigError(f"slide {sid} has attention in two inputs ({origin[sid]}: {found[sid].name}; {inp}: "
+                                  f"{h5.name}); give one run or prediction folder per slide")
+            found[sid], origin[sid] = h5, inp
+
     for inp in inputs:
         if inp.is_file():
-            found[inp.stem] = inp
+            add({inp.stem: inp}, inp)
             continue
         if (inp / "attention").is_dir():
             here = {h5.stem: h5 for h5 in sorted((inp / "attention").glob("*.h5"))}  # predict's output
             here.update(out_of_fold_stores(inp))
             if here:
-                found.update(here)
+                add(here, inp)
                 continue
         if inp.is_dir():
             stores = sorted(inp.glob("*.h5"))
-            for h5 in stores:
-                found[h5.stem] = h5
+            add({h5.stem: h5 for h5 in stores}, inp)
             if stores:
                 continue
         raise ConfigError(f"{inp}: no attention stores found. Give a train-mil run folder, a predict output "

@@ -375,6 +375,16 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
 
     bags: list[Bag] = []
     missing: list[dict[str, str]] = []
+    clashes = []
+    for e in entries:  # one slide id in two --features folders: which store is meant cannot be guessed
+        stores = [s for d in dict.fromkeys(Path(d).resolve() for d in features_dirs)
+                  if (s := find_feature_store(d, e.slide_id))]
+        if len(stores) > 1:
+            clashes.append(f"{e.slide_id}: {', '.join(map(str, stores))}")
+    if clashes:
+        raise ManifestError(f"{len(clashes)} slide(s) have a feature store in more than one --features folder "
+                            f"({'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}); which one is meant "
+                            "cannot be told. Give one --features folder per slide (remove the other stores or folders)")
     for e in tqdm(entries, desc="reading bags", unit="slide", disable=not progress):
         store = next((s for d in features_dirs if (s := find_feature_store(d, e.slide_id))), None)
         if store is None:

@@ -63,3 +63,22 @@ def test_predict_refuses_a_store_of_another_scale(tmp_path: Path, capsys: pytest
     assert set(failed) == {"coarse", "small"}
     assert "tiled at 1.000 µm/px (the run: 0.500)" in failed["coarse"]
     assert "128 px patches (the run: 256)" in failed["small"] and "--patch-size 256" in failed["small"]
+
+
+def test_absurd_features_are_blamed_on_the_store_not_the_model(tmp_path: Path) -> None:
+    manifest, feats, rows = _cohort(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
+                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(feats / f"{rows[0]['slide_id']}.h5", new / "rotten.h5")
+    with h5py.File(new / "rotten.h5", "r+") as f:
+        x = f["features"][...]
+        x[0, :] = 3e38  # finite, absurd: a damaged store
+        f["features"][...] = x
+        f.attrs["slide_id"] = "rotten"
+    assert main(["predict", str(run), str(new), "--out", str(tmp_path / "pred")]) == 1
+    failed = json.loads((tmp_path / "pred" / "predict_report.json").read_text())["failed"]
+    assert "its features reach 3e+38" in failed[0]["error"] and "extract this slide's features again" in failed[0]["error"]
+    assert "a model is damaged" not in failed[0]["error"]

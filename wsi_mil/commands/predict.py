@@ -57,6 +57,10 @@ def _stores(inputs: list[Path]) -> list[Path]:
     return out
 
 
+#: no encoder's embedding comes near this; a store holding such values is damaged
+ABSURD_FEATURE = 1e6
+
+
 def check_resolution(attrs: dict[str, Any], enc: dict[str, Any], store: Path) -> None:
     """A store tiled at another resolution or patch size than the run's is refused (the
     model learnt one scale: a positive slide at twice the µm/px can read negative)."""
@@ -107,8 +111,13 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)
             if not (np.isfinite(probs).all() and np.isfinite(att).all()):
+                peak = float(np.abs(bag.features).max()) if bag.features is not None and bag.features.size else 0.0
+                if peak > ABSURD_FEATURE:  # finite, but no encoder gives these: the store, not the model, is damaged
+                    raise StoreError(f"{store}: its features reach {peak:.3g}, far beyond what an encoder gives (the "
+                                     "models overflow on them); the store is damaged: extract this slide's features "
+                                     "again")
                 raise StoreError(f"{store}: the models gave a non-finite probability or attention for this slide "
-                                 "(its features are finite, so a model is damaged); retrain the run")
+                                 "(its features are finite and in range, so a model is damaged); retrain the run")
         except Exception as exc:  # noqa: BLE001 - one bad store must not stop the batch
             logger.error("%s: %s", sid, exc)
             report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})

@@ -100,3 +100,23 @@ def test_every_bundled_recipe_is_valid() -> None:
             build_config(recipe_sections()[section], recipe=load_recipe(path, section))
             found += 1
     assert found >= 8
+
+
+def test_library_warnings_are_log_lines_with_the_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's warning (pydicom's, say) in batch output reads like every other warning:
+    one line starting with WARNING:, not a raw "file.py:12: UserWarning" and its source line."""
+    import warnings
+
+    from wsi_mil.cli import _setup_logging
+
+    before = warnings.formatwarning
+    _setup_logging(1)
+    try:
+        warnings.warn("Invalid value for VR DS: '1,5'", UserWarning, stacklevel=1)
+        err = capsys.readouterr().err.strip().splitlines()
+    finally:
+        import logging
+
+        logging.captureWarnings(False)
+        warnings.formatwarning = before
+    assert len(err) == 1 and err[0].startswith("WARNING: UserWarning: Invalid value for VR DS: '1,5' (")

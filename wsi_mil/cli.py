@@ -80,6 +80,7 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     console.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(console)
+    _capture_warnings([console] + ([handler] if handler is not None else []))
     if handler is not None:
         root.addHandler(handler)
         if _held is not None:  # what was logged while the inputs were checked, before the run folder existed
@@ -91,6 +92,24 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
         _held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
         _held.setLevel(logging.DEBUG)
         root.addHandler(_held)
+
+
+def _capture_warnings(handlers: list[logging.Handler]) -> None:
+    """Python warnings raised by libraries (pydicom, tifffile ...) go through the command's
+    log like its own: one line, `WARNING:` first, in the log file too (not a raw
+    `file.py:12: UserWarning` line with a source line below it)."""
+    import warnings
+
+    def one_line(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+        return f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"
+
+    warnings.formatwarning = one_line  # type: ignore[assignment]
+    logging.captureWarnings(True)
+    caught = logging.getLogger("py.warnings")
+    caught.handlers.clear()
+    caught.propagate = False
+    for h in handlers:
+        caught.addHandler(h)
 
 
 def _default_workers() -> int:

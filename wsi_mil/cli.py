@@ -104,6 +104,7 @@ def _capture_warnings(handlers: list[logging.Handler]) -> None:
         return f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"
 
     warnings.formatwarning = one_line  # type: ignore[assignment]
+    logging.captureWarnings(False)  # re-installed each time: an earlier command in this process may have left it
     logging.captureWarnings(True)
     caught = logging.getLogger("py.warnings")
     caught.handlers.clear()

@@ -82,3 +82,30 @@ def test_absurd_features_are_blamed_on_the_store_not_the_model(tmp_path: Path) -
     failed = json.loads((tmp_path / "pred" / "predict_report.json").read_text())["failed"]
     assert "its features reach 3e+38" in failed[0]["error"] and "extract this slide's features again" in failed[0]["error"]
     assert "a model is damaged" not in failed[0]["error"]
+
+
+def test_a_store_another_program_holds_open_says_so(tmp_path: Path) -> None:
+    """HDF5's raw "unable to lock file, errno = 11" reached the user; now it says what it
+    means and what to do."""
+    import subprocess
+    import sys
+
+    manifest, feats, rows = _cohort(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
+                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    new = tmp_path / "new"
+    new.mkdir()
+    store = new / "held.h5"
+    shutil.copy(feats / f"{rows[0]['slide_id']}.h5", store)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); time.sleep(120)", str(store)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert main(["predict", str(run), str(new), "--out", str(tmp_path / "pred")]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    error = json.loads((tmp_path / "pred" / "predict_report.json").read_text())["failed"][0]["error"]
+    assert "HDF5 could not lock the file" in error and "HDF5_USE_FILE_LOCKING=FALSE" in error

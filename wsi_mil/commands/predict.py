@@ -83,7 +83,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
     from wsi_mil.commands.train_mil import _prediction
     from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.io.attention import write_attention
-    from wsi_mil.io.store import read_complete_attrs
+    from wsi_mil.io.store import PatchStore
     from wsi_mil.train.loop import predict
 
     models, specs = load_run(run_dir)
@@ -94,8 +94,9 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
     for store in _stores(inputs):
         sid = store.stem
         try:
-            attrs = read_complete_attrs(store)
-            if attrs is None:
+            with PatchStore(store) as opened:  # a store that cannot be opened says why (locked, damaged ...)
+                attrs = opened.attrs
+            if attrs.get("complete") is not True:
                 raise ConfigError(f"{store} is incomplete or not a feature store")
             if enc.get("weights_sha256") and attrs.get("weights_sha256") != enc["weights_sha256"]:
                 raise ConfigError(f"encoder mismatch: the store was made with {attrs.get('encoder')} "

@@ -45,9 +45,9 @@ def check_finite_attention(name: str, attention: npt.ArrayLike, probability: Any
 
 
 def read_attention(path: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], dict[str, Any]]:
-    import h5py
+    from wsi_mil.io.store import open_h5
 
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return f["coords"][...], f["attention"][...], {k: _attr(v) for k, v in f.attrs.items()}
 
 
@@ -70,9 +70,9 @@ def out_of_fold_stores(run_dir: Path) -> dict[str, Path]:
 
 def read_attention_attrs(path: Path) -> dict[str, Any]:
     """Only the attributes of an attention store (cheap: no arrays read)."""
-    import h5py
+    from wsi_mil.io.store import open_h5
 
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return {k: _attr(v) for k, v in f.attrs.items()}
 
 

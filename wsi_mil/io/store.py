@@ -153,9 +153,7 @@ class PatchStore:
         if not self.path.exists():
             raise StoreError(f"{self.path}: no such store. Run `wsi-mil tile` first.")
         if self.path.suffix == ".h5":
-            import h5py
-
-            self._root: Any = h5py.File(self.path, "r")
+            self._root: Any = open_h5(self.path)
         elif self.path.suffix == ".zarr":
             import zarr
 
@@ -231,6 +229,21 @@ def _decode(value: Any) -> Any:
         except json.JSONDecodeError:
             return value
     return value
+
+
+def open_h5(path: Path, mode: str = "r") -> Any:
+    """An HDF5 file, with HDF5's raw "unable to lock file" turned into what it means and
+    what to do."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        if "unable to lock file" not in str(exc):
+            raise
+        raise StoreError(f"{path}: HDF5 could not lock the file ({exc.strerror or exc}): another program has it open "
+                         "for writing (a run still going: wait for it to finish), or the file system does not support "
+                         "locks (network storage: set HDF5_USE_FILE_LOCKING=FALSE in the environment)") from exc
 
 
 def read_complete_attrs(path: Path) -> dict[str, Any] | None:

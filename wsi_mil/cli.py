@@ -134,30 +134,29 @@ def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
                              "run resumes)")
 
 
-def _claim_output(args: argparse.Namespace, command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Make --out this command's run folder (a folder of another run is refused, or with
-    --overwrite cleared first); called before anything is written into it."""
-    from wsi_mil.io.run_folder import claim, identity
+def _claim_output(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """Make --out the folder of the run ``record`` describes (:mod:`wsi_mil.io.run_folder`:
+    a folder of another run is refused, or with --overwrite cleared first), holding its
+    lock first so that a second run can neither clear nor mark a folder in use; called
+    before anything is written into it."""
+    from wsi_mil.io.lock import lock_folder
+    from wsi_mil.io.run_folder import claim
 
-    _lock(args.out)
-    state = claim(args.out, identity(command, settings, inputs), overwrite=args.overwrite)
+    lock_folder(args.out, _command)
+    state = claim(args.out, record, overwrite=args.overwrite)
     if state != "new":
         logger.info("%s: %s", args.out, "the same run: resuming" if state == "resumed"
                     else "the earlier run's files were removed (--overwrite)")
 
 
-def _lock(out: Path) -> None:
-    from wsi_mil.io.lock import lock_folder
+def _predict_record(args: argparse.Namespace, settings: dict[str, Any], sources: list[Path]) -> dict[str, Any]:
+    """A prediction's identity: its settings, the run it applies (by that run's identity)
+    and its inputs."""
+    from wsi_mil.io.run_folder import identity, input_record, read_run
 
-    lock_folder(out, _command)
-
-
-def _predict_inputs(run: Path, sources: list[Path]) -> dict[str, Any]:
-    from wsi_mil.io.run_folder import input_record, read_run
-
-    made = read_run(run)
-    return {"run": made["identity"] if made else str(Path(run).resolve()),
-            "sources": [input_record(p) for p in sources]}
+    made = read_run(args.run)
+    return identity(args.command, settings, {"run": made["identity"] if made else str(Path(args.run).resolve()),
+                                             "sources": [input_record(p) for p in sources]})
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -534,11 +533,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = build_config(TrainConfig, recipe=recipe, overrides=_config_overrides(args, TrainConfig))
     # every check of the manifest, the labels and the feature stores comes before the run folder
     inputs = prepare_inputs(args.manifest, args.features, config, progress=not args.no_progress)
-    from wsi_mil.io.run_folder import claim
     from wsi_mil.train.runner import run_record
 
-    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
-    claim(args.out, run_record("train-mil", config, inputs), overwrite=args.overwrite)  # type: ignore[arg-type]
+    _claim_output(args, run_record("train-mil", config, inputs))  # type: ignore[arg-type]
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.manifest]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_mil",
@@ -553,10 +550,8 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     from wsi_mil.config import ImageTrainConfig, build_config, load_recipe
 
     _require(args, "train-image", source="SOURCE", out="--out")
-    from wsi_mil.commands.train_image import run_train_image
-    from wsi_mil.train.runner import summary_text
-
-    from wsi_mil.commands.train_image import prepare_image_inputs
+    from wsi_mil.commands.train_image import prepare_image_inputs, run_train_image
+    from wsi_mil.train.runner import run_record, summary_text
 
     recipe = load_recipe(args.config, "train_image") if args.config else None
     config = build_config(ImageTrainConfig, recipe=recipe, overrides=_config_overrides(args, ImageTrainConfig))
@@ -564,11 +559,7 @@ def _cmd_train_image(args: argparse.Namespace) -> int:
     # every check that can refuse the run (manifest, labels, unreadable images, duplicates across the
     # splits) comes before the run folder, and before any feature is computed
     prepared = prepare_image_inputs(args.source, config, progress=not args.no_progress)
-    from wsi_mil.io.run_folder import claim
-    from wsi_mil.train.runner import run_record
-
-    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
-    claim(args.out, run_record("train-image", config, prepared[0]), overwrite=args.overwrite)
+    _claim_output(args, run_record("train-image", config, prepared[0]))
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_image", {})
@@ -582,10 +573,8 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
     from wsi_mil.config import VolumeTrainConfig, build_config, load_recipe
 
     _require(args, "train-volume", source="SOURCE", out="--out")
-    from wsi_mil.commands.train_volume import run_train_volume
-    from wsi_mil.train.runner import summary_text
-
-    from wsi_mil.commands.train_volume import prepare_volume_inputs, resolve_intensity
+    from wsi_mil.commands.train_volume import prepare_volume_inputs, resolve_intensity, run_train_volume
+    from wsi_mil.train.runner import run_record, summary_text
 
     recipe = load_recipe(args.config, "train_volume") if args.config else None
     config = build_config(VolumeTrainConfig, recipe=recipe, overrides=_config_overrides(args, VolumeTrainConfig))
@@ -593,11 +582,7 @@ def _cmd_train_volume(args: argparse.Namespace) -> int:
     config.prep()  # spacing / window checked before anything is read
     _setup_logging(args.verbose)
     prepared = prepare_volume_inputs(args.source, config, progress=not args.no_progress)  # refusals: no folder yet
-    from wsi_mil.io.run_folder import claim
-    from wsi_mil.train.runner import run_record
-
-    _lock(args.out)  # before the claim: a second run must not clear or mark a folder in use
-    claim(args.out, run_record("train-volume", config, prepared[0]), overwrite=args.overwrite)
+    _claim_output(args, run_record("train-volume", config, prepared[0]))
     _setup_logging(args.verbose, args.out / "train.log")
     args.inputs = [args.source]
     _write_resolved_config(args.out / "train_config.yaml", config, args, "train_volume", {})
@@ -611,8 +596,7 @@ def _cmd_predict_volume(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict_volume import run_predict_volume
 
     _setup_logging(args.verbose)
-    _claim_output(args, "predict-volume", {"maps": args.maps, "limit_maps": args.limit_maps},
-                  _predict_inputs(args.run, [args.source]))
+    _claim_output(args, _predict_record(args, {"maps": args.maps, "limit_maps": args.limit_maps}, [args.source]))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict_volume(args.run, args.source, out_dir=args.out, maps=args.maps, limit_maps=args.limit_maps,
                                 progress=not args.no_progress)
@@ -631,9 +615,9 @@ def _cmd_predict_image(args: argparse.Namespace) -> int:
         print("wsi-mil predict-image: error: --cam-threshold must be in (0, 1)", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(args.verbose)
-    _claim_output(args, "predict-image", {"cam": args.cam, "cam_threshold": args.cam_threshold,
-                                          "boxes": str(args.boxes) if args.boxes else None},
-                  _predict_inputs(args.run, [args.source, *([args.boxes] if args.boxes else [])]))
+    _claim_output(args, _predict_record(args, {"cam": args.cam, "cam_threshold": args.cam_threshold,
+                                               "boxes": str(args.boxes) if args.boxes else None},
+                                        [args.source, *([args.boxes] if args.boxes else [])]))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict_image(args.run, args.source, out_dir=args.out, cam=args.cam, cam_threshold=args.cam_threshold,
                                boxes=args.boxes, progress=not args.no_progress)
@@ -652,7 +636,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict import run_predict
 
     _setup_logging(args.verbose)
-    _claim_output(args, "predict", {}, _predict_inputs(args.run, list(args.inputs)))
+    _claim_output(args, _predict_record(args, {}, list(args.inputs)))
     _setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
@@ -803,7 +787,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_all()  # the folder is free for the next command (the process's end would free it too)
-
 
 
 def entry() -> None:

@@ -180,30 +180,19 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{option}: a value is needed (blank is not allowed; default {f.default!r})")
-    bad = ConfigError(f"{option} {value!r}: expected {'true or false' if base is bool else 'a whole number' if base is int else 'a number' if base is float else 'text'}")
-    if base is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise bad
+    wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(base, "text")
+    bad = ConfigError(f"{option} {value!r}: expected {wanted}")
+    if isinstance(value, bool) != (base is bool) or not isinstance(value, bool | int | float | str):
+        raise bad  # YAML's true / false only for a switch, and never for a number or text
+    if base in (int, float):
         try:
             number = float(value)
         except ValueError:
             raise bad from None
-        if not math.isfinite(number) or number != int(number):
+        if base is int and (not math.isfinite(number) or number != int(number)):
             raise bad
-        value = int(number)
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise bad
-        try:
-            value = float(value)
-        except ValueError:
-            raise bad from None
+        value = int(number) if base is int else number
     elif base is str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise bad
         value = str(value)
     if "choices" in f.metadata:
         check_choice(option, value, f.metadata["choices"])

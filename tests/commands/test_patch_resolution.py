@@ -28,14 +28,18 @@ def _cohort(tmp_path: Path) -> tuple[Path, Path, list[dict[str, str]]]:
     return manifest, feats, rows
 
 
+def _train(manifest: Path, feats: Path, out: Path) -> int:
+    return main(["train-mil", str(manifest), "--features", str(feats), "--out", str(out), "--folds", "2",
+                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"])
+
+
 def test_a_cohort_of_two_resolutions_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest, feats, rows = _cohort(tmp_path)
     for r in rows[:5]:
         with h5py.File(feats / f"{r['slide_id']}.h5", "r+") as f:
             f.attrs["effective_mpp"] = 1.0  # tiled at 10x instead of 20x
     out = tmp_path / "run"
-    code = main(["train-mil", str(manifest), "--features", str(feats), "--out", str(out), "--folds", "2",
-                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"])
+    code = _train(manifest, feats, out)
     err = capsys.readouterr().err
     assert code == 2, err[-1500:]
     assert "tiled at different resolutions or patch sizes (" in err
@@ -46,8 +50,7 @@ def test_a_cohort_of_two_resolutions_is_refused(tmp_path: Path, capsys: pytest.C
 def test_predict_refuses_a_store_of_another_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest, feats, rows = _cohort(tmp_path)
     run = tmp_path / "run"
-    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
-                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    assert _train(manifest, feats, run) == 0
     spec = json.loads((run / "models" / "fold0.json").read_text())
     assert spec["encoder"]["effective_mpp"] == 0.5 and spec["encoder"]["patch_size_px"] == 256
     new = tmp_path / "new"
@@ -68,8 +71,7 @@ def test_predict_refuses_a_store_of_another_scale(tmp_path: Path, capsys: pytest
 def test_absurd_features_are_blamed_on_the_store_not_the_model(tmp_path: Path) -> None:
     manifest, feats, rows = _cohort(tmp_path)
     run = tmp_path / "run"
-    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
-                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    assert _train(manifest, feats, run) == 0
     new = tmp_path / "new"
     new.mkdir()
     shutil.copy(feats / f"{rows[0]['slide_id']}.h5", new / "rotten.h5")
@@ -92,8 +94,7 @@ def test_a_store_another_program_holds_open_says_so(tmp_path: Path) -> None:
 
     manifest, feats, rows = _cohort(tmp_path)
     run = tmp_path / "run"
-    assert main(["train-mil", str(manifest), "--features", str(feats), "--out", str(run), "--folds", "2",
-                 "--epochs", "1", "--bootstrap", "20", "--no-progress", "-q"]) == 0
+    assert _train(manifest, feats, run) == 0
     new = tmp_path / "new"
     new.mkdir()
     store = new / "held.h5"

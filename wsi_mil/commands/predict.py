@@ -32,9 +32,8 @@ class PredictReport:
 
 
 def load_run(run_dir: Path) -> tuple[list[Any], list[dict[str, Any]]]:
-    from wsi_mil.train.checkpoint import load_model
-
     from wsi_mil.io.run_folder import listed_folds
+    from wsi_mil.train.checkpoint import load_model
 
     found = sorted((run_dir / "models").glob("fold*.json"))
     if not found:

@@ -46,7 +46,6 @@ def load_run(run_dir: Path, loader: Any = None, command: str = "train-image"
     first fold's spec and the ensemble thresholds."""
     from wsi_mil.commands.train_image import load_image_model
     from wsi_mil.eval.metrics import ensemble_threshold
-
     from wsi_mil.io.run_folder import listed_folds
 
     stems = sorted((run_dir / "models").glob("fold*.json"))

@@ -375,18 +375,15 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
 
     bags: list[Bag] = []
     missing: list[dict[str, str]] = []
-    clashes = []
-    for e in entries:  # one slide id in two --features folders: which store is meant cannot be guessed
-        stores = [s for d in dict.fromkeys(Path(d).resolve() for d in features_dirs)
-                  if (s := find_feature_store(d, e.slide_id))]
-        if len(stores) > 1:
-            clashes.append(f"{e.slide_id}: {', '.join(map(str, stores))}")
-    if clashes:
+    folders = list(dict.fromkeys(Path(d).resolve() for d in features_dirs))
+    found = {e.slide_id: [s for d in folders if (s := find_feature_store(d, e.slide_id))] for e in entries}
+    clashes = [f"{sid}: {', '.join(map(str, stores))}" for sid, stores in found.items() if len(stores) > 1]
+    if clashes:  # one slide id in two --features folders: which store is meant cannot be guessed
         raise ManifestError(f"{len(clashes)} slide(s) have a feature store in more than one --features folder "
                             f"({'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}); which one is meant "
                             "cannot be told. Give one --features folder per slide (remove the other stores or folders)")
     for e in tqdm(entries, desc="reading bags", unit="slide", disable=not progress):
-        store = next((s for d in features_dirs if (s := find_feature_store(d, e.slide_id))), None)
+        store = found[e.slide_id][0] if found[e.slide_id] else None
         if store is None:
             missing.append({"slide_id": e.slide_id, "reason": f"no feature store {e.slide_id}.h5/.zarr in "
                             f"{', '.join(map(str, features_dirs))}; check the slide_id, or run wsi-mil extract-features"})

@@ -30,7 +30,6 @@ metadata.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import re
 from collections import Counter
@@ -280,25 +279,17 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
     may be a folder (a DICOM series: volumes). With ``labels_optional`` (prediction) the
     named label columns the manifest lacks are left out instead of refused. Returns the entries and a record of how the
     labels were made (``{}`` without readers)."""
+    from wsi_mil.data.manifest import csv_rows
+
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
         lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-        reader = csv.DictReader(io.StringIO("\n".join(lines), newline=""))
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = []
-        for row in reader:
-            if None in row:  # more cells than the header names: a shifted row is never read as another one
-                raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the "
-                                    f"header's {len(columns)} columns; quote values that hold commas")
-            rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
-        rows = [r for r in rows if any(r.values())]  # rows of empty cells (",,,") that spreadsheets leave
+        columns, numbered = csv_rows("\n".join(lines), path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot read the image manifest ({exc}); it must be a UTF-8 CSV") from exc
+    rows = [row for _, row in numbered]
     where = f"manifest {path}"
-    from wsi_mil.data.manifest import check_delimiter
-
-    check_delimiter(columns, where)
     path_col = "path" if "path" in columns else "image" if "image" in columns else None
     if path_col is None:
         raise ManifestError(f"{where}: no 'path' column (the image file, relative to the manifest); found {columns[:12]}")

@@ -57,12 +57,28 @@ class SlideEntry:
     meta: dict[str, str] = field(default_factory=dict)  # the row's other columns (site, sex, age ...)
 
 
-def check_delimiter(columns: list[str], where: str) -> None:
-    """A CSV saved with semicolons (spreadsheets in locales with a decimal comma) reads as
-    one column: say so, rather than "missing column slide_id"."""
+def csv_rows(text: str, path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the (line, row) pairs of a manifest's CSV text, cells stripped. Rows
+    of empty cells (",,,", as spreadsheets save after the data) are skipped; a header split
+    by semicolons (spreadsheets in locales with a decimal comma: it reads as one column)
+    and a row with more cells than the header (a shifted row) are refused naming the fix."""
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
     if len(columns) == 1 and ";" in columns[0]:
-        raise ManifestError(f"{where}: its columns are separated by semicolons ({columns[0][:60]!r}); save it as a CSV "
-                            "with commas (in a spreadsheet: comma as the list separator, or export as 'CSV UTF-8')")
+        raise ManifestError(f"manifest {path}: its columns are separated by semicolons ({columns[0][:60]!r}); save it "
+                            "as a CSV with commas (in a spreadsheet: comma as the list separator, or export as "
+                            "'CSV UTF-8')")
+    rows = []
+    for row in reader:
+        if None in row:
+            raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the header's "
+                                f"{len(columns)} columns ({row[None][:3]}); quote values that hold commas")
+        cells = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if any(cells.values()):
+            rows.append((reader.line_num, cells))
+    return columns, rows
 
 
 def slide_id_from_path(path: Path) -> str:
@@ -132,25 +148,12 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
     """
     path = Path(path)
     try:
-        import io
-
         _, text = _split_directives(path.read_text(encoding="utf-8-sig"))
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows, lines = [], []
-        for row in reader:
-            if None in row:  # more cells than the header names: a shifted row is never read as another one
-                raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the header's "
-                                    f"{len(columns)} columns ({row[None][:3]}); quote values that hold commas")
-            cells = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            if not any(cells.values()):
-                continue  # a row of empty cells (",,,"), as spreadsheets save after the data: not a slide
-            rows.append(cells)
-            lines.append(reader.line_num)
+        columns, numbered = csv_rows(text, path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc}). It must be a UTF-8 CSV.") from exc
     where = f"manifest {path}"
-    check_delimiter(columns, where)
+    rows = [row for _, row in numbered]
     required = REQUIRED_COLUMNS if require_path else ("slide_id",)
     missing = [c for c in required if c not in columns]
     if missing:
@@ -176,7 +179,7 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
 
     entries: list[SlideEntry] = []
     problems: list[str] = []
-    for line, row in zip(lines, rows, strict=True):
+    for line, row in numbered:
         sid = row["slide_id"]
         if not sid or not _SAFE_ID.match(sid):
             problems.append(f"line {line}: slide_id {sid!r} is empty or not file-name safe (use letters, digits, . _ -)")

@@ -58,32 +58,25 @@ def open_slide(path: str | Path) -> Iterator[object]:
         raise SlideOpenError(f"{path}: file not found. Check the path (or the manifest's 'path' column).")
     if not path.is_file():
         raise SlideOpenError(f"{path}: not a file. Give slide files, a folder of slides or a manifest CSV.")
+    # a TIFF-based slide cut short (a broken copy) is said to be so, whatever OpenSlide and Pillow make of it:
+    # it reads as "unsupported" to both, or still opens (Pillow reads a cut SVS's first page as the slide)
+    cut = tiff_truncation(path)  # (half a millisecond for a 30k px slide)
     try:
-        slide = openslide.open_slide(str(path))
-    except (openslide.OpenSlideUnsupportedFormatError, UnidentifiedImageError) as exc:
-        cut = tiff_truncation(path)  # a cut-short SVS / TIFF reads as "unsupported" to OpenSlide and Pillow alike
         if cut:
             raise SlideOpenError(f"{path}: the file is truncated: {cut}. It was cut short while being copied or "
-                                 "downloaded: copy it again.") from exc
+                                 "downloaded: copy it again.")
+        slide = openslide.open_slide(str(path))
+    except SlideOpenError:
+        raise
+    except (openslide.OpenSlideUnsupportedFormatError, UnidentifiedImageError) as exc:
         said = "Pillow" if isinstance(exc, UnidentifiedImageError) else "OpenSlide"
         raise SlideOpenError(
             f"{path}: not a slide format OpenSlide or Pillow can read (OpenSlide does not recognise it; {said} says: "
             f"{str(exc)!r}). Convert it to a pyramidal TIFF/SVS or remove it from the input."
         ) from exc
     except Exception as exc:  # openslide raises OpenSlideError / PIL raises OSError on damaged files
-        cut = tiff_truncation(path)
-        if cut:
-            raise SlideOpenError(f"{path}: the file is truncated: {cut}. It was cut short while being copied or "
-                                 "downloaded: copy it again.") from exc
         raise SlideOpenError(_open_failure(path, exc)) from exc
     try:
-        # a TIFF-based slide cut short can still open (Pillow reads a cut SVS's first page; OpenSlide one
-        # whose lost bytes hold a directory's values): what its directories point to must be in the file
-        # (half a millisecond for a 30k px slide)
-        cut = tiff_truncation(path)
-        if cut:
-            raise SlideOpenError(f"{path}: the file is truncated: {cut}. It was cut short while being copied or "
-                                 "downloaded: copy it again.")
         _probe_readable(slide, path)
         yield slide
     finally:
@@ -115,15 +108,16 @@ def _open_failure(path: Path, exc: BaseException) -> str:
 
 #: TIFF tags whose values locate the pixel data (offsets, byte counts), strips or tiles
 _DATA_TAGS = {273: "offsets", 279: "counts", 324: "offsets", 325: "counts"}
-_TYPE_SIZES = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8), 13: ("I", 4), 18: ("Q", 8)}
-#: bytes per value of each TIFF field type (TIFF 6.0 and BigTIFF)
+#: bytes per value of each TIFF field type (TIFF 6.0 and BigTIFF) ...
 _TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
+#: ... and how the unsigned integer types that can locate data are unpacked
+_INT_FORMATS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}
 
 
 def tiff_truncation(path: str | Path, *, max_directories: int = 4096) -> str | None:
     """Evidence that a TIFF-based file (SVS, NDPI, pyramidal TIFF ...) was cut short: an
-    image directory, or the pixel data a directory points to, lies past the end of the
-    file. None when the file is not TIFF-based or everything it points to is there."""
+    image directory, a tag's value or the pixel data a directory points to lies past the
+    end of the file. None when the file is not TIFF-based or everything it points to is there."""
     import struct
 
     path = Path(path)
@@ -131,18 +125,19 @@ def tiff_truncation(path: str | Path, *, max_directories: int = 4096) -> str | N
     with open(path, "rb") as fh:
         head = fh.read(16)
         if head[:4] in (b"II*\0", b"MM\0*"):
-            big, order = False, "<" if head[:2] == b"II" else ">"
-            if len(head) < 8:
-                return f"the file ends inside its {len(head)}-byte header"
-            offset = struct.unpack(order + "I", head[4:8])[0]
+            big = False
         elif head[:4] in (b"II+\0", b"MM\0+"):
-            big, order = True, "<" if head[:2] == b"II" else ">"
-            if len(head) < 16:
-                return f"the file ends inside its {len(head)}-byte header"
-            offset = struct.unpack(order + "Q", head[8:16])[0]
+            big = True
         else:
             return None
-        count_fmt, count_len, entry_len, next_fmt, next_len = ("Q", 8, 20, "Q", 8) if big else ("H", 2, 12, "I", 4)
+        order = "<" if head[:2] == b"II" else ">"
+        # classic TIFF: 4-byte offsets, 2-byte entry counts; BigTIFF: 8 and 8
+        ptr, ptr_len, count_fmt, count_len = ("Q", 8, "Q", 8) if big else ("I", 4, "H", 2)
+        first = 8 if big else 4
+        if len(head) < first + ptr_len:
+            return f"the file ends inside its {len(head)}-byte header"
+        offset = struct.unpack(order + ptr, head[first:first + ptr_len])[0]
+        entry_len = 4 + 2 * ptr_len
         seen: set[int] = set()
         n = 0
         while offset and offset not in seen and n < max_directories:
@@ -153,45 +148,37 @@ def tiff_truncation(path: str | Path, *, max_directories: int = 4096) -> str | N
                         f"({size:,} bytes)")
             fh.seek(offset)
             entries = struct.unpack(order + count_fmt, fh.read(count_len))[0]
-            end = offset + count_len + entries * entry_len + next_len
+            end = offset + count_len + entries * entry_len + ptr_len
             if end > size:
                 return f"its image directory {n} runs to byte {end:,}, past the end of the file ({size:,} bytes)"
             raw = fh.read(entries * entry_len)
+            next_offset = struct.unpack(order + ptr, fh.read(ptr_len))[0]
             arrays: dict[str, npt.NDArray[np.int64]] = {}
             for k in range(entries):
                 e = raw[k * entry_len:(k + 1) * entry_len]
                 tag, typ = struct.unpack(order + "HH", e[:4])
-                num = struct.unpack(order + ("Q" if big else "I"), e[4:12] if big else e[4:8])[0]
+                num = struct.unpack(order + ptr, e[4:4 + ptr_len])[0]
                 value_bytes = num * _TIFF_TYPE_BYTES.get(typ, 1)
-                if value_bytes > (8 if big else 4):  # the value lives elsewhere in the file: is it there?
-                    at = struct.unpack(order + ("Q" if big else "I"), e[12:20] if big else e[8:12])[0]
+                inline = e[4 + ptr_len:]
+                at, data = 0, inline[:value_bytes]
+                if value_bytes > ptr_len:  # the value lives elsewhere in the file: is it there?
+                    at = struct.unpack(order + ptr, inline)[0]
                     if at + value_bytes > size:
                         return (f"its image directory {n} keeps tag {tag}'s value at bytes {at:,}-{at + value_bytes:,}, "
                                 f"past the end of the file ({size:,} bytes)")
-                if tag not in _DATA_TAGS or typ not in _TYPE_SIZES:
-                    continue
-                fmt, width = _TYPE_SIZES[typ]
-                inline = e[12:20] if big else e[8:12]
-                dtype = np.dtype(order + fmt)
-                if num * width <= len(inline):
-                    values = np.frombuffer(inline[:num * width], dtype=dtype)
-                else:
-                    at = struct.unpack(order + ("Q" if big else "I"), inline)[0]
-                    if at + num * width > size:
-                        return (f"its image directory {n} lists its pixel data at byte {at:,}, past the end of the "
-                                f"file ({size:,} bytes)")
-                    here = fh.tell()
-                    fh.seek(at)
-                    values = np.frombuffer(fh.read(num * width), dtype=dtype)
-                    fh.seek(here)
-                arrays.setdefault(_DATA_TAGS[tag], values.astype(np.int64))
+                if tag in _DATA_TAGS and typ in _INT_FORMATS:
+                    if value_bytes > ptr_len:
+                        fh.seek(at)
+                        data = fh.read(value_bytes)
+                    arrays.setdefault(_DATA_TAGS[tag], np.frombuffer(data, np.dtype(order + _INT_FORMATS[typ]))
+                                      .astype(np.int64))
             offsets, counts = arrays.get("offsets"), arrays.get("counts")
             if offsets is not None and counts is not None and len(offsets) and len(offsets) == len(counts):
                 data_end = int((offsets + counts).max())
                 if data_end > size:
                     return (f"image {n}'s pixel data runs to byte {data_end:,}, past the end of the file "
                             f"({size:,} bytes)")
-            offset = struct.unpack(order + next_fmt, fh.read(next_len))[0]
+            offset = next_offset
     return None
 
 

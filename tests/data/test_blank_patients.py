@@ -70,7 +70,7 @@ def test_spreadsheet_csv_quirks(tmp_path: Path) -> None:
     """Rows of empty cells after the data (as spreadsheets save them) are skipped, not
     errors; a semicolon CSV is told to use commas; a row with extra cells is refused."""
     path = tmp_path / "m.csv"
-    path.write_bytes(b"slide_id,path,patient_id,label\r\ns1,a.svs,p1,tumour\r\ns2,b.svs,p2,normal\r\n,,,\r\n,,,\r\n")
+    path.write_bytes(b"slide_id,path,patient_id,label\r\ns1,a.svs,p1,tumour\r\ns2,b.svs,p2,normal\r\n,,,\r\n,,,,\r\n")
     entries = read_manifest(path, require_path=False)
     assert [e.slide_id for e in entries] == ["s1", "s2"]
     path.write_text("slide_id;path;patient_id\ns1;a.svs;p1\n")

@@ -31,6 +31,7 @@ def _manifest(tmp_path: Path, a: str, b: str, n: int = 6) -> Path:
     ("healthy", "disease", "disease"),
     ("control", "case", "case"),  # one named value is enough: the other is the positive class
     ("0", "1", "1"),
+    ("0.0", "1.0", "1.0"),  # as pandas writes a 0/1 column that has empty cells
 ])
 def test_the_positive_class_is_the_one_the_names_mean(tmp_path: Path, a: str, b: str, positive: str) -> None:
     task = infer_task(read_manifest(_manifest(tmp_path, a, b), require_path=False))

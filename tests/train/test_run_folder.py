@@ -131,3 +131,23 @@ def test_heatmap_inputs_that_share_a_slide_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"slide slide-7 has attention in two inputs"):
         attention_sources([tmp_path / "pred_a", tmp_path / "pred_b"])
     assert set(attention_sources([tmp_path / "pred_a"])) == {"slide-7"}
+
+
+def test_predict_into_the_run_it_reads_is_refused_even_with_overwrite(musk, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict RUN --out RUN --overwrite` removed the trained run (a stranger's trial)."""
+    manifest, feats = musk
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run, "--folds", "2") == 0
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    first = next(csv.DictReader(open(manifest)))["slide_id"]
+    shutil.copy(feats / f"{first}.h5", stores / f"{first}.h5")
+    models = sorted(p.name for p in (run / "models").iterdir())
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        assert main(["predict", str(run), str(stores), "--out", str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds a train-mil run, not a predict one" in err and "a folder inside it is fine" in err
+        assert sorted(p.name for p in (run / "models").iterdir()) == models and (run / "metrics.json").exists()
+    assert main(["predict", str(run), str(stores), "--out", str(run / "pred")]) == 0

@@ -26,13 +26,13 @@ from wsi_mil.errors import ConfigError, ManifestError, StoreError
 
 TASKS = ("auto", "binary", "multiclass", "multilabel")
 #: label values that name the positive class of a binary task ...
-_POSITIVE = {"1", "true", "yes", "positive", "pos", "tumour", "tumor", "abnormal", "malignant", "malignancy", "cancer",
+_POSITIVE = {"1", "1.0", "true", "yes", "positive", "pos", "tumour", "tumor", "abnormal", "malignant", "malignancy", "cancer",
              "carcinoma", "metastasis", "metastases", "metastatic", "lesion", "disease", "diseased"}
 #: ... and the negative one; two values that these lists cannot order are refused (--classes NEG,POS)
-_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign", "healthy", "control", "none", "no finding",
+_NEGATIVE = {"0", "0.0", "false", "no", "negative", "neg", "normal", "benign", "healthy", "control", "none", "no finding",
              "non-tumour", "non-tumor", "nontumour", "nontumor"}
 #: values of a 0/1 label column; a column holding two of these and anything else has a stray value
-_BINARY_CODES = {"0", "1", "true", "false", "yes", "no"}
+_BINARY_CODES = {"0", "1", "0.0", "1.0", "true", "false", "yes", "no"}  # 0.0 / 1.0: pandas' writing
 #: cell values that mean "no label" in spreadsheets and pandas exports; never a class
 MISSING_TOKENS = {"nan", "na", "n/a", "none", "null", "?", "-", "missing", "unknown", "#n/a"}
 #: fewest slides a class (or a label's positives / negatives) may have; fewer is an error

@@ -72,10 +72,10 @@ def csv_rows(text: str, path: Path) -> tuple[list[str], list[tuple[int, dict[str
                             "'CSV UTF-8')")
     rows = []
     for row in reader:
-        if None in row:
+        if None in row and any(v.strip() for v in row[None]):
             raise ManifestError(f"{path}: line {reader.line_num} has {len(row[None])} more cell(s) than the header's "
                                 f"{len(columns)} columns ({row[None][:3]}); quote values that hold commas")
-        cells = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        cells = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
         if any(cells.values()):
             rows.append((reader.line_num, cells))
     return columns, rows

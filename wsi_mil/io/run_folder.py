@@ -65,8 +65,6 @@ def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
-    if old.get("command") != new["command"]:
-        parts.append(f"made by {old.get('command')}, not {new['command']}")
     a, b = old.get("settings", {}), new["settings"]
     parts += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     ai, bi = old.get("inputs", {}), new["inputs"]
@@ -103,6 +101,10 @@ def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False) -> s
     state = "new"
     if old is not None and old.get("identity") == record["identity"]:
         return "resumed"
+    if old is not None and old.get("command") != record["command"]:
+        # never replaced, not even with --overwrite: `predict RUN --out RUN --overwrite` removed the run it reads
+        raise ConfigError(f"{folder} holds a {old.get('command')} run, not a {record['command']} one; its files are "
+                          f"not this command's to replace. Choose another --out (a folder inside it is fine)")
     if old is not None or legacy:
         if not overwrite:
             what = ("the outputs of a run made by an earlier wsi-mil (no run.json)" if legacy else

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import WSI_MIL
@@ -157,3 +158,32 @@ def test_dicom_slides_in_folders_of_one_name_keep_their_own_ids(dicom_wsi, tmp_p
     biggest = max(dicom_wsi.glob("*.dcm"), key=lambda p: p.stat().st_size)
     shutil.copy(biggest, lone / "IM000123.dcm")
     assert [e.slide_id for e in resolve_inputs_reporting([lone / "IM000123.dcm"]).entries] == ["IM000123"]
+
+
+def test_a_dicom_of_tissue_to_its_edges_is_not_called_tinted_glass(tmp_path, cmu_slide) -> None:
+    """A region of the real CMU slide exported tissue to its edges, as a DICOM series
+    (wsidicomizer): there is no glass at the edge, so no "not white glass" or "mask covers
+    93%" warning; the slide is tiled and an INFO line says why its colours were not checked.
+    (The wrong-colour case that warning exists for stays flagged: tests/tiling/test_stains.py.)"""
+    wsidicomizer = pytest.importorskip("wsidicomizer")
+    import openslide
+    import tifffile
+    from wsidicomizer.extras.openslide.openslide_source import OpenSlideSource
+
+    with openslide.OpenSlide(str(cmu_slide)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+        mpp = float(s.properties["openslide.mpp-x"])
+    crop = np.ascontiguousarray(rgb[2300:2967, 500:1500])  # tissue everywhere, the edges included
+    tif = tmp_path / "region.tif"
+    with tifffile.TiffWriter(tif) as tw:
+        tw.write(crop, tile=(256, 256), photometric="rgb", compression="jpeg", resolution=(1e4 / mpp, 1e4 / mpp),
+                 resolutionunit="CENTIMETER")
+    series = tmp_path / "DICOM"
+    wsidicomizer.WsiDicomizer.convert(tif, series, include_label=False, include_overview=False,
+                                      preferred_source=OpenSlideSource, add_missing_levels=True)
+    res, report = _tile(tmp_path, series)
+    assert res.returncode == 0, res.stderr
+    assert report["counts"] == {"ok": 1}
+    assert "not white glass" not in res.stderr + res.stdout
+    assert "which is rare on a real slide" not in res.stderr + res.stdout
+    assert "tissue reaches the image's edges" in res.stderr

@@ -245,7 +245,10 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             f"{entry.slide_id}: the background is not white glass (edge brightness {tissue.background_value:.2f}, "
             f"saturation {tissue.background_saturation:.2f}): the colours may be decoded wrongly or the slide is "
             f"tinted, and the tissue mask may cover glass; {qc_hint}")
-    if tissue.mask_fraction > 0.9:
+    if tissue.edge_is_tissue:  # a crop, or a region exported tissue to its edges: no glass to judge by
+        logger.info("%s: tissue reaches the image's edges (the mask covers %.0f%%): no glass there to check the "
+                    "colours against; %s", entry.slide_id, 100 * tissue.mask_fraction, qc_hint)
+    elif tissue.mask_fraction > 0.9:
         plan.warnings.append(
             f"{entry.slide_id}: the tissue mask covers {100 * tissue.mask_fraction:.0f}% of the slide, which is rare "
             f"on a real slide (glass or background may be taken for tissue); {qc_hint}")

@@ -100,6 +100,13 @@ def _blue_ink(h: npt.NDArray[np.float32], s: npt.NDArray[np.float32], v: npt.NDA
     return (h >= 180) & (h <= 250) & (s > 0.25) & (v > 0.15)
 
 
+#: the edge is tissue, not glass, when the interquartile range of both its brightness and its
+#: saturation exceed these: glass, white or tinted, is flat (the CMU slide: 0.012 / 0.012;
+#: its colours decoded wrongly: 0.008 / 0.006, and 0.24 / 0.016 with tissue on one edge);
+#: its tissue cropped to the edges: 0.24-0.29 / 0.23-0.44 (0.11 / 0.21 decoded wrongly)
+EDGE_TISSUE_V_SPREAD = 0.1
+EDGE_TISSUE_S_SPREAD = 0.1
+
 #: blue counts as the slide's stain when blue "ink" pixels are at least this share of the stained pixels
 BLUE_STAIN_SHARE = 0.5
 
@@ -114,6 +121,10 @@ class TissueReport:
     blue_ink_min_saturation: float = 0.25
     background_value: float = 1.0  # median brightness of the image's edge (glass on a slide)
     background_saturation: float = 0.0
+    # interquartile range of the edge's brightness and saturation: glass (white or
+    # tinted by a decoding error) is flat, tissue that runs to the image's edges is not
+    background_value_spread: float = 0.0
+    background_saturation_spread: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -121,8 +132,16 @@ class TissueReport:
         return self.background_value < 0.35
 
     @property
+    def edge_is_tissue(self) -> bool:
+        """The image's edge is textured like stained tissue (a crop, or a DICOM region
+        exported tissue to its edges), so there is no glass there to judge colours by."""
+        return (not self.dark_background and self.background_value_spread > EDGE_TISSUE_V_SPREAD
+                and self.background_saturation_spread > EDGE_TISSUE_S_SPREAD)
+
+    @property
     def background_not_glass(self) -> bool:
-        return not self.dark_background and (self.background_value < 0.8 or self.background_saturation > 0.15)
+        return not self.dark_background and not self.edge_is_tissue and (
+            self.background_value < 0.8 or self.background_saturation > 0.15)
 
 
 _PRELOAD = ("h5py", "numpy.ma")  # the store's library (~0.1 s); numpy.ma, which np.unique imports on first use (~10-20 ms)
@@ -282,6 +301,7 @@ class ColourClasses:
             raise RuntimeError(f"colour classes cover {rows_done} of {self.sat.shape[0]} rows")
         params, sat, ink, blue = self.params, self.sat, self.ink, self.blue
         report.background_value, report.background_saturation = _edge_colour_from_counts(self._edge)
+        report.background_value_spread, report.background_saturation_spread = _edge_spread_from_counts(self._edge)
         stained = sum(n for _, n in self._strips)
         if params.reject_pen and stained and np.count_nonzero(blue) >= BLUE_STAIN_SHARE * stained:
             # blue is the stain (Giemsa, hematoxylin-rich IHC): only blue far more saturated than it is ink
@@ -330,6 +350,20 @@ def _pair_sv_orders() -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
     """The ascending orders of :func:`_pair_sv`'s value and saturation tables."""
     v, s = _pair_sv()
     return np.argsort(v, kind="stable"), np.argsort(s, kind="stable")
+
+
+def _edge_spread_from_counts(counts: npt.NDArray[np.int64]) -> tuple[float, float]:
+    """The interquartile range of brightness and saturation of the pixels counted."""
+    (v, s), (v_order, s_order) = _pair_sv(), _pair_sv_orders()
+
+    def spread(table: npt.NDArray[np.float32], order: npt.NDArray[np.intp]) -> float:
+        cum = np.cumsum(counts[order])
+        if cum[-1] == 0:
+            return 0.0
+        lo, hi = (table[order[int(np.searchsorted(cum, int(q * cum[-1]) + 1))]] for q in (0.25, 0.75))
+        return float(hi - lo)
+
+    return spread(v, v_order), spread(s, s_order)
 
 
 def _median_of_table(table: npt.NDArray[np.float32], order: npt.NDArray[np.intp],

@@ -778,9 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
-        if exc.exit_code == EXIT_USAGE and fresh:
-            release_all()
-            _remove_refused_output(Path(out))
+        if exc.exit_code == EXIT_USAGE:  # refused: the folder is left as it was found
+            release_all(remove_made=True)
+            if fresh:
+                _remove_refused_output(Path(out))
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished slides are kept and a re-run resumes", file=sys.stderr)

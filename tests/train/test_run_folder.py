@@ -151,3 +151,21 @@ def test_predict_into_the_run_it_reads_is_refused_even_with_overwrite(musk, tmp_
         assert "holds a train-mil run, not a predict one" in err and "a folder inside it is fine" in err
         assert sorted(p.name for p in (run / "models").iterdir()) == models and (run / "metrics.json").exists()
     assert main(["predict", str(run), str(stores), "--out", str(run / "pred")]) == 0
+
+
+def test_a_run_into_a_folder_of_stores_is_refused_and_leaves_it_as_it_was(musk, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`train-mil --out FEATURES` (the folder it reads) wrote models and metrics among the
+    feature stores; a refused command left its lock file behind in a folder it did not make."""
+    manifest, feats = musk
+    before = sorted(p.name for p in feats.iterdir())
+    assert _train(manifest, feats, feats) == 2
+    err = capsys.readouterr().err
+    assert f"{feats} holds patch or feature stores" in err and "Choose another --out" in err
+    assert sorted(p.name for p in feats.iterdir()) == before  # no run.json, log or .wsi-mil.lock among them
+    legacy = tmp_path / "old-run"  # a run of an earlier wsi-mil: refused, and left as it was (no lock file)
+    legacy.mkdir()
+    (legacy / "metrics.json").write_text("{}")
+    assert _train(manifest, feats, legacy) == 2
+    assert "made by an earlier wsi-mil" in capsys.readouterr().err
+    assert [p.name for p in legacy.iterdir()] == ["metrics.json"]

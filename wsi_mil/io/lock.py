@@ -21,6 +21,7 @@ from wsi_mil.errors import ConfigError
 
 LOCK_NAME = ".wsi-mil.lock"
 _held: dict[Path, Any] = {}  # folder -> open lock file (kept open: closing it would release the lock)
+_created: set[Path] = set()  # lock files this process made (a refused command removes them again)
 
 
 def lock_folder(folder: Path, command: str) -> None:
@@ -35,6 +36,7 @@ def lock_folder(folder: Path, command: str) -> None:
 
     ensure_writable(folder)  # a read-only or full disk: its clear error, before the lock file
     path = folder / LOCK_NAME
+    made = not path.exists()
     fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the process
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,6 +52,8 @@ def lock_folder(folder: Path, command: str) -> None:
         raise ConfigError(f"{folder} is being written by another wsi-mil run ({who}); two runs into one folder would "
                           "mix their outputs. Wait for it to finish, or choose another --out") from None
     _held[folder] = fh
+    if made:
+        _created.add(path)
     try:  # who holds it, for the message a second run gets (the lock itself needs no bytes: a full disk is fine)
         fh.seek(0)
         fh.truncate()
@@ -60,13 +64,19 @@ def lock_folder(folder: Path, command: str) -> None:
         pass
 
 
-def release_all() -> None:
-    """Release every lock this process holds (tests; a process's exit does it anyway)."""
+def release_all(*, remove_made: bool = False) -> None:
+    """Release every lock this process holds (a process's exit does it anyway);
+    ``remove_made``: a refused command also removes the lock files it made, so that a
+    folder it was refused in is left as it was found."""
     import fcntl
 
-    for fh in _held.values():
+    for folder, fh in _held.items():
+        path = folder / LOCK_NAME
         try:
+            if remove_made and path in _created:  # while still held: no other run can be using it
+                path.unlink(missing_ok=True)
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         finally:
             fh.close()
     _held.clear()
+    _created.clear()

@@ -36,6 +36,19 @@ RUN_OUTPUTS = frozenset({
     "train_config.yaml", "train.log", "predict.log"})
 #: files that show a folder holds a run of an earlier wsi-mil (before run.json existed)
 _LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
+#: what the data commands write in their --out: a run's folder is never one of theirs
+_DATA_MARKS = {"run_report.json": "tile", "tile.log": "tile", "features_report.json": "extract-features",
+               "extract.log": "extract-features"}
+
+
+def _data_folder(folder: Path) -> str | None:
+    """What makes ``folder`` another command's data folder (a tiling or feature output, or
+    a folder of stores such as ``features/``), or None."""
+    for name, command in _DATA_MARKS.items():
+        if (folder / name).exists():
+            return f"the output of wsi-mil {command} ({name})"
+    stores = next(folder.glob("*.h5"), None) or next(folder.glob("*.zarr"), None)
+    return f"patch or feature stores ({stores.name} ...)" if stores is not None else None
 
 
 def file_digest(path: Path) -> str:
@@ -101,6 +114,10 @@ def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False) -> s
     state = "new"
     if old is not None and old.get("identity") == record["identity"]:
         return "resumed"
+    data = _data_folder(folder) if old is None and folder.is_dir() else None
+    if data is not None:  # `train-mil --out features/` wrote models among the stores it reads
+        raise ConfigError(f"{folder} holds {data}, not a run; a run's files would mix with them (and --overwrite "
+                          "would not apply). Choose another --out, such as a new folder beside it")
     if old is not None and old.get("command") != record["command"]:
         # never replaced, not even with --overwrite: `predict RUN --out RUN --overwrite` removed the run it reads
         raise ConfigError(f"{folder} holds a {old.get('command')} run, not a {record['command']} one; its files are "

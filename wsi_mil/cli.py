@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity over the thumbnail in overlay.png")
     hm.add_argument("--slides", type=Path, default=None, metavar="MANIFEST",
                     help="manifest CSV giving slide paths (default: the paths recorded in the feature stores)")
-    hm.add_argument("--overwrite", action="store_true", help="redraw slides already drawn with the same settings")
+    hm.add_argument("--overwrite", action="store_true",
+                    help="redraw slides already drawn with the same settings; --out holding the heatmaps of other "
+                         "attention (another run or prediction) is refused without it, and cleared first with it")
     _add_output_options(hm)
 
     au = sub.add_parser(
@@ -667,6 +669,13 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
             print("wsi-mil heatmap: error: give --out when the input is not one folder", file=sys.stderr)
             return EXIT_USAGE
         args.out = args.inputs[0] / "heatmaps"
+    from wsi_mil.commands.heatmap import attention_sources, claim_heatmap_folder
+    from wsi_mil.io.lock import lock_folder
+
+    _setup_logging(args.verbose)
+    attention_sources(args.inputs)  # inputs without attention: refused before any folder is made
+    lock_folder(args.out, _command)
+    claim_heatmap_folder(args.inputs, args.out, overwrite=args.overwrite)  # before its log is written there
     _setup_logging(args.verbose, args.out / "heatmap.log")
     settings = HeatmapSettings(normalise=args.normalise, cmap=args.cmap, formats=tuple(args.formats),
                                top_k=args.top_k, geojson_top_k=args.geojson_top_k, smooth_um=args.smooth_um,

@@ -38,7 +38,7 @@ def crafted(attention_run, tmp_path: Path):
     slide.mkdir(parents=True)
     (slide / "overlay.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the one file that belongs here
     (slide / "link.txt").symlink_to(secret)  # a link out of the run
-    (slide / "heatmap.json").write_text(json.dumps({"files": {
+    (slide / "heatmap.json").write_text(json.dumps({"source": str(attention / "cmu-1.h5"), "files": {
         "png": "overlay.png", "a": "../../../secret.txt", "b": str(secret), "c": "link.txt"}}))
     site = ReviewSite([attention], slides_manifest=manifest, heatmaps=heatmaps)
     srv = make_server(site, port=0)

@@ -256,3 +256,34 @@ def test_the_slide_call_is_visible_in_every_view(drawn) -> None:
     assert heat_strength("cmu-1") < heat_strength("tumour-slide")
     assert call_opacity(0.5, slide_call({"outputs": ["t"], "probability": [0.0], "prediction": "n"})) == pytest.approx(0.1)
     assert call_opacity(0.5, slide_call({"outputs": ["t"], "probability": [0.9], "prediction": "t"})) == 0.5
+
+
+def test_heatmaps_of_other_attention_are_refused_and_review_does_not_offer_them(attention_run, tmp_path,
+                                                                                 capsys) -> None:
+    """Drawing prediction B into the folder of A's heatmaps exited 0 and kept A's drawing of
+    the slide B does not have; `review B --heatmaps A's` offered A's exports as B's."""
+    import shutil
+
+    from wsi_mil.cli import main
+    from wsi_mil.review.server import ReviewSite
+
+    attention, manifest, _ = attention_run
+    other = tmp_path / "prediction-b"  # another prediction: one of the two slides
+    other.mkdir()
+    shutil.copy(attention / "cmu-1.h5", other / "cmu-1.h5")
+    hm = tmp_path / "hm"
+    common = ["--slides", str(manifest), "--formats", "png", "geojson", "--no-progress", "-q"]
+    assert main(["heatmap", str(attention), "--out", str(hm), *common]) == 0
+    drawn = sorted(p.name for p in hm.iterdir())
+    capsys.readouterr()
+    assert main(["heatmap", str(other), "--out", str(hm), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"{hm} holds another run" in err and "--overwrite" in err
+    assert sorted(p.name for p in hm.iterdir()) == drawn  # left as it was
+    site = ReviewSite([other], slides_manifest=manifest, heatmaps=hm)
+    assert site.slides["cmu-1"].exports == {}  # A's drawing was made from another store
+    assert any("drawn from other attention" in p for p in site.problems)
+    assert ReviewSite([attention], slides_manifest=manifest, heatmaps=hm).slides["cmu-1"].exports  # A's own
+    assert main(["heatmap", str(other), "--out", str(hm), "--overwrite", *common]) == 0
+    assert not (hm / "tumour-slide").exists() and (hm / "cmu-1" / "overlay.png").exists()
+    assert [s["slide_id"] for s in json.loads((hm / "index.json").read_text())["slides"]] == ["cmu-1"]

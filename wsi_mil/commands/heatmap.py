@@ -257,6 +257,32 @@ def _patch(slide: object, xy: Any, extent: float) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((GALLERY_PATCH_PX, GALLERY_PATCH_PX), Image.Resampling.LANCZOS))
 
 
+def _heatmap_output(p: Path) -> bool:
+    """What a heatmap run writes in its folder: index.json, its log, and a folder per slide."""
+    return p.name in ("run.json", "index.json", "heatmap.log") or (p.is_dir() and (p / "heatmap.json").is_file())
+
+
+def claim_heatmap_folder(inputs: list[Path], out_dir: Path, *, overwrite: bool = False) -> str:
+    """Make ``out_dir`` the heatmaps of ``inputs`` (:func:`wsi_mil.io.run_folder.claim`):
+    the heatmaps of other attention (another run, another prediction) are refused, or with
+    ``overwrite`` removed first. Before, drawing run B into run A's heatmap folder kept A's
+    drawings of slides B does not have, which ``review`` then showed beside B's. The
+    settings are not part of the identity: a slide drawn with other settings is redrawn."""
+    from wsi_mil.io.run_folder import claim, file_digest, identity, read_run
+
+    def source(p: Path) -> dict[str, Any]:  # by what it is, not where: a moved run keeps its heatmaps
+        if p.is_file():
+            return {"store": file_digest(p)}
+        made = read_run(p)
+        if made and made.get("identity"):
+            return {"run": made["identity"]}
+        return {"stores": sorted(h5.name for h5 in p.glob("*.h5"))}
+
+    record = identity("heatmap", {}, {"attention": [source(Path(p)) for p in inputs]})
+    return claim(out_dir, record, overwrite=overwrite, outputs=_heatmap_output,
+                 legacy_marks=lambda p: p.name != "heatmap.log" and _heatmap_output(p))
+
+
 def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
                 slides_manifest: Path | None = None, overwrite: bool = False, progress: bool = True) -> HeatmapReport:
     """Draw every slide's exports; a slide that fails is reported and the rest carry on.
@@ -267,6 +293,7 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
 
     settings.validate()
     sources = attention_sources(inputs)
+    claim_heatmap_folder(inputs, out_dir, overwrite=overwrite)
     overrides: dict[str, Path] = {}
     if slides_manifest is not None:
         from wsi_mil.data.manifest import read_manifest
@@ -311,6 +338,19 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
 def _under(out_dir: Path, slide_dir: Path, names: dict[str, str]) -> dict[str, str]:
     """Export files as paths relative to the heatmap folder (as index.json lists them)."""
     return {k: (slide_dir.relative_to(out_dir) / v).as_posix() for k, v in names.items()}
+
+
+def drawn_from(marker: Path, store: Path) -> bool:
+    """Whether a slide's heatmap.json was drawn from the attention store ``store`` (the
+    file it records, found as :func:`wsi_mil.io.paths.resolve_recorded` finds it)."""
+    from wsi_mil.io.paths import resolve_recorded
+
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    source = resolve_recorded(done, "source", marker.parent)
+    return source is not None and source.resolve() == Path(store).resolve()
 
 
 def recorded_exports(marker: Path) -> dict[str, Path]:

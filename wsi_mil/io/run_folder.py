@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,25 +93,36 @@ def read_run(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def clear_run(folder: Path) -> list[str]:
-    """Remove what a run wrote in ``folder`` (see :data:`RUN_OUTPUTS`); returns the names."""
+def _run_output(p: Path) -> bool:
+    return p.name in RUN_OUTPUTS
+
+
+def clear_run(folder: Path, outputs: Callable[[Path], bool] = _run_output) -> list[str]:
+    """Remove what a run wrote in ``folder`` (``outputs`` says which entries: by default
+    :data:`RUN_OUTPUTS`); returns the names."""
     removed = []
     for p in sorted(Path(folder).iterdir()):
-        if p.name in RUN_OUTPUTS:
+        if outputs(p):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p.name)
     return removed
 
 
-def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False) -> str:
+def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False,
+          outputs: Callable[[Path], bool] = _run_output,
+          legacy_marks: Callable[[Path], bool] | None = None) -> str:
     """Make ``folder`` the run ``record`` describes: "new", "resumed" (the same run was
     there) or "replaced" (``overwrite``: the earlier run's files removed first). A folder
-    of another run is refused (:class:`ConfigError`, exit 2) naming what changed."""
+    of another run is refused (:class:`ConfigError`, exit 2) naming what changed.
+    ``outputs``: which entries of the folder a run of this command writes (what
+    ``overwrite`` removes); ``legacy_marks``: entries that show an earlier wsi-mil's run
+    without ``run.json`` (default: models, metrics, predictions, attention)."""
     from wsi_mil.io.atomic import ensure_writable, write_json
 
     folder = Path(folder)
     old = read_run(folder) if folder.is_dir() else None
-    legacy = old is None and folder.is_dir() and any((folder / m).exists() for m in _LEGACY_MARKS)
+    marks = legacy_marks or (lambda p: p.name in _LEGACY_MARKS)
+    legacy = old is None and folder.is_dir() and any(marks(p) for p in folder.iterdir())
     state = "new"
     if old is not None and old.get("identity") == record["identity"]:
         return "resumed"
@@ -129,7 +141,7 @@ def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False) -> s
             raise ConfigError(f"{folder} holds {what}; one folder holds one run, so its files would mix with this "
                               "one's. Choose another --out, or pass --overwrite to replace it (that run's files are "
                               "removed first)")
-        clear_run(folder)
+        clear_run(folder, outputs)
         state = "replaced"
     ensure_writable(folder)
     write_json(folder / RUN_FILE, {**record, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -154,6 +154,7 @@ class ReviewSite:
         from wsi_mil.commands.heatmap import (
             HeatmapSettings,
             attention_sources,
+            drawn_from,
             recorded_exports,
             slide_for_attention,
         )
@@ -177,6 +178,10 @@ class ReviewSite:
                 continue
             marker = heatmaps / sid / "heatmap.json" if heatmaps else None
             exports = recorded_exports(marker) if marker is not None and marker.exists() else {}
+            if exports and not drawn_from(marker, h5):  # another run's drawing of this slide: not this attention
+                self.problems.append(f"{sid}: the heatmap in {marker.parent} was drawn from other attention than "
+                                     f"{h5}; its exports are not offered (redraw with wsi-mil heatmap)")
+                exports = {}
             self.slides[sid] = ReviewSlide(sid, h5, path, mpp, attrs, exports)
         if not self.slides:
             shown = "\n  ".join(self.problems[:3]) + (f"\n  ... and {len(self.problems) - 3} more slide(s)"

@@ -135,7 +135,7 @@ def test_consensus_majority_with_ties_left_unlabelled(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     img = sorted(XRAY.glob("*.png"))[0]
     manifest.write_text("path,patient_id,r1,r2\n" + f"{img},p1,1,1\n{img},p2,0,1\n".replace(f"{img},p2", f"{img},p2"))
-    with pytest.raises(Exception, match="duplicate image ids"):
+    with pytest.raises(Exception, match="duplicate ids"):
         read_image_manifest(manifest, readers=["r1", "r2"])
 
 

@@ -114,3 +114,25 @@ def test_intensity_auto_is_resolved_once_at_training_and_recorded(tmp_path: Path
     nifti = read_volume(write_nifti(tmp_path / "hu.nii.gz", _hu(vol), np.eye(4)))
     with pytest.raises(VolumeReadError, match="--intensity unit expects values in"):
         prepare_volume(nifti, prep_of({"prep": recorded}))
+
+
+def test_a_volume_manifest_names_its_rows_by_its_volume_id_column(tmp_path: Path) -> None:
+    """Per-patient folders each holding ``ct.nii.gz``, named by a ``volume_id`` column: the
+    column was read as a covariate and the rows named by the file stem (all ``ct``: refused
+    as duplicates; with other stems, outputs named after files instead of the user's ids)."""
+    from wsi_mil.data.images import read_image_manifest
+    from wsi_mil.errors import ManifestError
+
+    vol = _hu(_real(1)[0])
+    rows = ["path,volume_id,patient_id,label"]
+    for i in range(3):
+        write_nifti(tmp_path / f"patient{i}" / "ct.nii.gz", vol.astype(np.float32), np.eye(4))
+        rows.append(f"patient{i}/ct.nii.gz,P{i}-CT-2019,p{i},{i % 2}")
+    manifest = tmp_path / "volumes.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    entries, _ = read_image_manifest(manifest, labels=["label"], folders=True)
+    assert [e.slide_id for e in entries] == ["P0-CT-2019", "P1-CT-2019", "P2-CT-2019"]
+    assert all("volume_id" not in e.meta for e in entries)
+    manifest.write_text("\n".join([rows[0] + ",image_id"] + [r + f",x{i}" for i, r in enumerate(rows[1:])]) + "\n")
+    with pytest.raises(ManifestError, match=r"2 id columns \['image_id', 'volume_id'\].*keep one"):
+        read_image_manifest(manifest, labels=["label"], folders=True)

@@ -36,7 +36,8 @@ def manifest_rows(path: Path) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for r in rows:
         r = {(k or "").strip(): (v or "").strip() for k, v in r.items()}
-        sid = r.get("slide_id") or r.get("image_id") or (_image_id(r["path"]) if r.get("path") else "")
+        sid = (r.get("slide_id") or r.get("image_id") or r.get("volume_id")
+               or (_image_id(r["path"]) if r.get("path") else ""))
         if sid:
             out[sid] = r
     if not out:

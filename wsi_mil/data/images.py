@@ -20,7 +20,7 @@ A grey image is fed to an ImageNet backbone as the same channel three times, nor
 with the backbone's own mean and std (see ``wsi_mil.encoders.image``).
 
 A manifest lists one image per row: ``path`` (relative to the manifest) and optionally
-``image_id`` (default: the file name without suffix), ``patient_id``, ``split`` and label
+``image_id`` (or ``volume_id`` or ``slide_id``; default: the file name without suffix), ``patient_id``, ``split`` and label
 columns (``label``, ``label_<name>``, or any columns named with ``--labels``). A blank
 label cell means *not labelled*: that label of that image is masked out of the loss and
 the metrics, never counted as negative. Other columns (age, sex, view ...) are kept as
@@ -248,6 +248,10 @@ class ImageEntry:
     pixels: npt.NDArray[np.float32] | None = None
 
 
+#: columns that name a manifest's rows (one of them; without one, the file name without suffix)
+ID_COLUMNS = ("image_id", "volume_id", "slide_id")
+
+
 def _image_id(path: str) -> str:
     """The id of a file: its name without the suffix (both parts of ``.nii.gz``), made safe."""
     name = Path(path).name
@@ -320,9 +324,14 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         label_cols = list(labels)
     else:
         label_cols = [c for c in columns if c == "label" or c.startswith("label_")]
+    id_cols = [c for c in ID_COLUMNS if c in columns]  # a volume manifest's volume_id was read as a covariate
+    if len(id_cols) > 1:
+        raise ManifestError(f"{where}: {len(id_cols)} id columns {id_cols}; which one names the rows cannot be "
+                            "guessed: keep one")
+    id_col = id_cols[0] if id_cols else "image_id"
     entries: list[ImageEntry] = []
     problems: list[str] = []
-    skip = {path_col, "image_id", "patient_id", "split", *label_cols, *(readers or [])}
+    skip = {path_col, id_col, "patient_id", "split", *label_cols, *(readers or [])}
     for line, row in enumerate(rows, start=2):
         rel = row.get(path_col, "")
         if not rel:
@@ -330,12 +339,12 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
             continue
         p = Path(rel)
         p = p if p.is_absolute() else path.parent / p
-        iid = row.get("image_id") or _image_id(rel)
+        iid = row.get(id_col) or _image_id(rel)
         entries.append(ImageEntry(iid, p, row.get("patient_id") or None, {c: row.get(c, "") for c in label_cols},
                                   (row.get("split") or "").lower() or None, {k: v for k, v in row.items() if k not in skip}))
     dup = [k for k, n in Counter(e.slide_id for e in entries).items() if n > 1]
     if dup:
-        problems.append(f"duplicate image ids {dup[:8]}: give an image_id column with unique values")
+        problems.append(f"duplicate ids {dup[:8]}: give an {id_col} column with unique values")
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     absent_files = [str(e.path) for e in entries

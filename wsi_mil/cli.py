@@ -413,10 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of slides with tumour")
     synth.add_argument("--size", type=int, default=8192, help="slide side in level-0 pixels")
     synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
-    synth.add_argument("--preset", choices=("hard", "easy"), default="hard",
-                       help="hard: normal tissue from several real sources without repeats, stain varied per slide, "
-                            "tumour colour-matched, 1-2 regions of 150-400 µm; easy: one mirror-tiled source and larger "
-                            "tumours in their own colours (a pipeline check that MIL solves perfectly)")
+    synth.add_argument("--preset", choices=("balanced", "confounded", "hard", "easy"), default="balanced",
+                       help="balanced: normal tissue from several real sources without repeats, stain varied per "
+                            "slide, both balanced across the classes (matched pairs), tumour colour-matched, 1-2 "
+                            "regions of 100-250 µm; confounded: balanced plus a site column whose stain comes with "
+                            "the label (80%% of positives, 20%% of negatives: for testing shortcut checks); hard: as "
+                            "balanced but sources and stain drawn per slide regardless of the label (small cohorts "
+                            "confound by chance), 150-400 µm; easy: one mirror-tiled source and larger tumours in "
+                            "their own colours (a pipeline check that MIL solves perfectly). The cohort's README.md "
+                            "tabulates classes against sources and sites")
     synth.add_argument("--tumour-size-um", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                        help="tumour region diameter range (default: the preset's)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")

@@ -292,7 +292,7 @@ class ExtractConfig:
         return dataclasses.asdict(self)
 
 
-MIL_MODELS = ("abmil", "gated_abmil", "clam_sb", "transmil", "mean", "max")
+MIL_MODELS = ("abmil", "gated_abmil", "clam_sb", "transmil", "mean", "max", "dsmil")
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,10 @@ class CommonTrainConfig:
     epochs: int = _opt(50, "maximum epochs per fold")
     patience: int = _opt(10, "early stopping: epochs without validation improvement")
     monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=("auc", "loss"))
+    select: str = _opt("best", "which weights a fold keeps: best (the epoch with the best --monitor on its validation "
+                               "set, with early stopping) or swa (every --epochs trained, the weights averaged over the "
+                               "second half: a fixed schedule, not an epoch picked on a few validation slides)",
+                       choices=("best", "swa"))
     lr: float = _opt(2e-4, "AdamW learning rate (1 warm-up epoch, then cosine decay)")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
     imbalance: str = _opt("weighted", "class-imbalance handling: weighted loss, sampler (weighted sampling), focal, none", choices=("weighted", "sampler", "focal", "none"))
@@ -378,7 +382,7 @@ class CommonTrainConfig:
 class TrainConfig(CommonTrainConfig):
     """Settings of ``wsi-mil train-mil``."""
 
-    model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max", choices=MIL_MODELS)
+    model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max, dsmil (Li et al.: small lesions)", choices=MIL_MODELS)
     allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
                                       "in the report); without it such slides stop the run (exit 1)")
     bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")

@@ -71,6 +71,18 @@ def test_agreeing_folds_keep_the_test_ensemble_as_headline() -> None:
     assert m["headline"] == {"set": "ensemble_test", "why": "held-out test set; the folds agree"}
     # spread folds without a failure still disagree
     spread = [_fold(0, 0.9, 0.95), _fold(1, 0.7, 0.6), _fold(2, 0.8, 0.9), _fold(3, 0.85, 0.7)]
-    m = _metrics(spread, 0.8, None)
+    m = _metrics(spread, 0.95, None)
     assert m["fold_health"]["disagree"] and not m["fold_health"]["failed"]
     assert m["headline"]["set"] == "pooled_validation" and "disagree" in m["headline"]["why"]
+
+
+def test_the_headline_is_never_kinder_than_the_held_out_test_when_folds_fail() -> None:
+    """The issue's cohort (small lesions, 60 slides): 3 of 5 folds failed, the held-out test
+    near chance, and the headline fell back to the pooled out-of-fold AUC, which was higher."""
+    folds = [_fold(0, 0.4, 0.45), _fold(1, 0.9, 0.6), _fold(2, 0.45, 0.5), _fold(3, 0.3, 0.42), _fold(4, 0.8, 0.55)]
+    m = _metrics(folds, 0.52, None)  # pooled out-of-fold: 0.918
+    assert len(m["fold_health"]["failed"]) == 3
+    assert m["headline"]["set"] == "ensemble_test"
+    assert "3 of 5 folds failed" in m["headline"]["why"] and "never quotes the more optimistic" in m["headline"]["why"]
+    spread = [_fold(0, 0.9, 0.95), _fold(1, 0.7, 0.6), _fold(2, 0.8, 0.9), _fold(3, 0.85, 0.7)]  # folds disagree
+    assert _metrics(spread, 0.8, None)["headline"]["set"] == "ensemble_test"

@@ -109,6 +109,41 @@ def test_max_pooling_is_a_smooth_maximum_between_the_mean_and_the_max() -> None:
 
 def test_unknown_model_and_bad_argument_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="choose one of"):
-        build_model("dsmil", 8, 1)
+        build_model("snuffy", 8, 1)
     with pytest.raises(ConfigError, match="abmil"):
         build_model("abmil", 8, 1, heads=3)
+
+
+def test_dsmil_finds_one_witness_in_fifty_from_bag_labels() -> None:
+    """A witness rate of 2 %: positive bags hold one instance shifted along a direction;
+    trained on bag labels only, DSMIL separates the bags and its attention is on the
+    witness; its instance loss is the aux loss of training (and absent in evaluation)."""
+    g = torch.Generator().manual_seed(0)
+    n_bags, n, d = 128, 50, 32
+    x = torch.randn(n_bags, n, d, generator=g)
+    y = (torch.arange(n_bags) % 2).float()[:, None]
+    witness = torch.randint(0, n, (n_bags,), generator=g)
+    direction = torch.randn(d, generator=g)
+    x[y[:, 0] == 1, witness[y[:, 0] == 1]] += 5 * direction / direction.norm()
+    mask = torch.ones(n_bags, n, dtype=torch.bool)
+    torch.manual_seed(0)
+    model = build_model("dsmil", d, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(150):
+        model.train()
+        out = model(x, mask, labels=y)
+        assert out.aux_loss is not None and out.aux_loss.item() > 0
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, y) + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(x, mask)
+    assert out.aux_loss is None
+    from wsi_mil.eval.metrics import auc
+
+    assert auc(y[:, 0].numpy(), out.logits[:, 0].numpy()) > 0.95
+    pos = y[:, 0] == 1
+    on_witness = (out.attention[pos].argmax(dim=1) == witness[pos]).float().mean()
+    assert on_witness > 0.8

@@ -230,7 +230,7 @@ class ImageRoad:
         from wsi_mil.train.loop import FitSettings
 
         return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
-                           monitor=config.monitor, imbalance=config.imbalance, focal_gamma=config.focal_gamma,
+                           monitor=config.monitor, select=config.select, imbalance=config.imbalance, focal_gamma=config.focal_gamma,
                            seed=config.seed + fold_index, device=device, min_epochs=min(5, config.epochs))
 
     def inputs_key(self) -> dict[str, Any]:
@@ -301,7 +301,7 @@ class PatchMilRoad(MilRoad):
         from wsi_mil.train.loop import FitSettings
 
         return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
-                           monitor=config.monitor, bags_per_batch=config.batch_size, max_instances=None,
+                           monitor=config.monitor, select=config.select, bags_per_batch=config.batch_size, max_instances=None,
                            imbalance=config.imbalance, focal_gamma=config.focal_gamma, seed=config.seed + fold_index,
                            device=device, min_epochs=min(5, config.epochs))
 

@@ -237,7 +237,7 @@ class MilRoad:
         from wsi_mil.train.loop import FitSettings
 
         return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
-                           monitor=config.monitor, bags_per_batch=config.bags_per_batch, max_instances=config.max_instances,
+                           monitor=config.monitor, select=config.select, bags_per_batch=config.bags_per_batch, max_instances=config.max_instances,
                            imbalance=config.imbalance, focal_gamma=config.focal_gamma, seed=config.seed + fold_index,
                            device=device)
 

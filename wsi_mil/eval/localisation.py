@@ -58,6 +58,30 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path]) -> dict[str, flo
     return per
 
 
+def run_localisation(run_dir: Path) -> dict[str, Any] | None:
+    """Localisation of a train-mil run over its generated slides with lesion masks (found
+    through each attention store's feature and patch stores; slides without a mask beside
+    them are left out): ``{"n", "mean", "min", "per_slide"}``, or None when no slide of the
+    run has one."""
+    from wsi_mil.commands.heatmap import slide_for_attention
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.io.attention import out_of_fold_stores, read_attention_attrs
+
+    slides: dict[str, Path] = {}
+    for sid, h5 in out_of_fold_stores(run_dir).items():
+        try:
+            path, _ = slide_for_attention(read_attention_attrs(h5), {}, h5)
+        except (WsiMilError, OSError):
+            continue
+        if path.with_name(path.stem + ".json").exists() and path.with_name(path.stem + ".tumour.png").exists():
+            slides[sid] = path
+    per = unseen_localisation(run_dir, slides) if slides else {}
+    if not per:
+        return None
+    values = list(per.values())
+    return {"n": len(values), "mean": float(np.mean(values)), "min": float(np.min(values)), "per_slide": per}
+
+
 # -- weak localisation with boxes (ChestX-ray8) -------------------------------------------
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 

@@ -182,6 +182,53 @@ class ClamSB(AttentionPool):
         return out
 
 
+class DSMIL(nn.Module):
+    """Dual-stream MIL (Li, Li and Eliceiri, CVPR 2021), for low witness rates.
+
+    The *instance stream* scores every instance with a linear classifier; its highest
+    instance per output (the critical instance) gives a max-pooling score, trained with
+    the bag label (``aux_loss``: ``instance_weight`` x binary cross-entropy of the maximum,
+    label cells that are blank masked). The *bag stream* attends to every instance by the
+    similarity of its query to the critical instance's (scaled dot product, softmax over
+    the bag), pools projected instances with that attention and classifies the pooled
+    embedding (one kernel per output over its own embedding, as the authors' 1-D
+    convolution does). ``logits`` are the bag stream's; ``attention`` the bag stream's,
+    averaged over outputs. A small lesion has a few strongly scored instances: the
+    critical instance finds them and the attention is measured against it, instead of a
+    softmax over thousands of normal patches learning them from the bag label alone.
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25, q_dim: int = 128,
+                 instance_weight: float = 0.5) -> None:
+        super().__init__()
+        if instance_weight < 0:
+            raise ConfigError(f"dsmil: instance_weight must be >= 0, not {instance_weight}")
+        self.embed = _embed(in_dim, hidden, dropout)
+        self.instance = nn.Linear(hidden, n_outputs)
+        self.query = nn.Sequential(nn.Linear(hidden, q_dim), nn.Tanh())
+        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.head = nn.Conv1d(n_outputs, n_outputs, kernel_size=hidden)
+        self.instance_weight = instance_weight
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MILOutput:
+        h = self.embed(x)  # (B, N, H)
+        inst = self.instance(h).masked_fill(~mask[..., None], NEG_INF)  # (B, N, C)
+        critical = inst.argmax(dim=1)  # (B, C)
+        q = self.query(h)  # (B, N, Q)
+        q_crit = torch.gather(q, 1, critical[..., None].expand(-1, -1, q.shape[-1]))  # (B, C, Q)
+        scores = torch.einsum("bnq,bcq->bcn", q, q_crit) / math.sqrt(q.shape[-1])
+        att = masked_softmax(scores, mask[:, None, :])  # (B, C, N)
+        bag = torch.einsum("bcn,bnh->bch", att, self.value(h))  # (B, C, H)
+        out = MILOutput(self.head(bag)[..., 0], att.mean(dim=1))
+        if labels is not None and self.training and self.instance_weight > 0:
+            known = torch.isfinite(labels)
+            top = inst.max(dim=1).values
+            loss = F.binary_cross_entropy_with_logits(top[known], labels[known].to(top.dtype)) if known.any() else None
+            out.aux_loss = None if loss is None else self.instance_weight * loss
+        return out
+
+
 def coord_encoding(coords: torch.Tensor, dim: int) -> torch.Tensor:
     """2D sinusoidal encoding of (B, N, 2) positions in patch units -> (B, N, dim)."""
     quarter = dim // 4
@@ -312,6 +359,8 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer, position convolved on the patch grid"),
     "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
     "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline: instance classifier, smooth maximum (log-sum-exp, r = 5)"),
+    "dsmil": (lambda d, c, **kw: DSMIL(d, c, **kw), "DSMIL style: max-instance stream + attention to the critical instance "
+                                                   "(Li et al. 2021), for small lesions"),
 }
 
 

@@ -1,6 +1,6 @@
 """A labelled cohort of generated slides in one call, with a manifest CSV.
 
-Two presets:
+Four presets:
 
 * ``hard`` (the default): normal tissue is a mosaic of several real sources, the stain
   varies per slide, the tumour is colour-matched to each slide and regions go down to
@@ -9,6 +9,15 @@ Two presets:
   300-1200 µm in the tumour texture's own colours. A pipeline check: attention MIL
   separates it perfectly, because the tumour is a novelty, not because it learns
   histology.
+* ``balanced``: the hard style with small lesions (100-250 µm, about 1 % of the tissue),
+  its normal sources and stains balanced across the classes (matched pairs), so no
+  nuisance comes with the label by chance (in ``hard`` cohorts of 40 slides it often
+  does: the median seed has a 25-point class gap for some source).
+* ``confounded``: ``balanced`` with a nuisance planted on purpose: a ``site`` column whose
+  site-B (its own stain) holds 80 % of the positive and 20 % of the negative slides; for
+  testing the shortcut checks (``wsi_mil.eval.shortcuts``).
+
+Each cohort's README.md tabulates the classes against sources and sites.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.data.manifest import write_manifest
+from wsi_mil.io.atomic import write_text
 from wsi_mil.errors import ConfigError
 from wsi_mil.synth.mosaic import TexturePool, default_pool
 from wsi_mil.synth.slide import SlideSpec, write_slide
@@ -30,10 +40,18 @@ from wsi_mil.synth.textures import Texture, default_textures
 logger = logging.getLogger(__name__)
 
 
-#: Per preset: slide style, tumour diameter range (µm) and regions per positive slide.
+#: Per preset: slide style, tumour diameter range (µm), regions per positive slide, and how
+#: each slide's normal sources and stain are drawn: "independent" of the label (``hard`` and
+#: ``easy``, kept as they were), or "balanced" across the classes (matched pairs: the k-th
+#: positive and the k-th negative slide share their normal sources and stain). ``confound``
+#: plants a nuisance on purpose: a site whose stain comes with the label.
 PRESETS: dict[str, dict[str, Any]] = {
-    "hard": {"style": "hard", "tumour_size_um": (150.0, 400.0), "tumour_regions": (1, 2)},
-    "easy": {"style": "easy", "tumour_size_um": (300.0, 1200.0), "tumour_regions": (1, 3)},
+    "hard": {"style": "hard", "tumour_size_um": (150.0, 400.0), "tumour_regions": (1, 2), "assign": "independent"},
+    "easy": {"style": "easy", "tumour_size_um": (300.0, 1200.0), "tumour_regions": (1, 3), "assign": "independent"},
+    "balanced": {"style": "hard", "tumour_size_um": (100.0, 250.0), "tumour_regions": (1, 2), "assign": "balanced"},
+    "confounded": {"style": "hard", "tumour_size_um": (100.0, 250.0), "tumour_regions": (1, 2), "assign": "balanced",
+                   "confound": {"column": "site", "level": "site-B", "other": "site-A", "positive_share": 0.8,
+                                "negative_share": 0.2, "stain_gain": (1.25, 0.8, 1.15)}},
 }
 
 
@@ -107,6 +125,14 @@ def make_cohort(
     for cls in (True, False):
         for k, i in enumerate(np.flatnonzero(positive == cls)):
             site_of[int(i)] = names[k % len(names)] if names else ""
+    context = _contexts(PRESETS[preset], positive, rng)
+    confound = PRESETS[preset].get("confound")
+    if confound:  # a site whose stain comes with the label, on purpose
+        sites = {confound["other"]: (1.0, 1.0, 1.0), confound["level"]: tuple(confound["stain_gain"])}
+        for cls, share in ((True, confound["positive_share"]), (False, confound["negative_share"])):
+            members = rng.permutation(np.flatnonzero(positive == cls))
+            k = int(round(share * len(members)))
+            site_of.update({int(i): confound["level"] if j < k else confound["other"] for j, i in enumerate(members)})
     normal, tumour = (textures or default_textures()) if style == "easy" else (None, None)
     if style == "hard" and pool is None:
         pool = default_pool()
@@ -118,6 +144,7 @@ def make_cohort(
             tumour_regions=int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0,
             tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
             stain_gain=tuple(sites[site_of[i]]) if sites else (1.0, 1.0, 1.0),  # type: ignore[arg-type]
+            context_seed=context.get(i),
         )
         path = out_dir / f"{slide_id}.tiff"
         if not _up_to_date(path, spec):
@@ -127,7 +154,60 @@ def make_cohort(
         if sites:
             row["site"] = site_of[i]
         rows.append(row)
-    return write_manifest(out_dir / "manifest.csv", rows)
+    manifest = write_manifest(out_dir / "manifest.csv", rows)
+    write_text(out_dir / "README.md", cohort_readme(out_dir, rows, preset=preset, seed=seed))
+    return manifest
+
+
+def _contexts(preset: dict[str, Any], positive: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
+    """Slide index -> the seed its normal sources and stain are drawn from. "balanced":
+    matched pairs, so the classes hold the same sources and stains (a model cannot learn
+    them as a shortcut); "independent" (``hard``, ``easy``): none, each slide draws its own
+    (the random numbers of those presets are not touched: they stay reproducible)."""
+    if preset.get("assign") != "balanced":
+        return {}
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    seeds = rng.integers(0, 2**31 - 1, size=max(len(pos), len(neg), 1))
+    out: dict[int, int] = {}
+    for members in (pos, neg):
+        order = rng.permutation(len(seeds))[:len(members)] if len(members) < len(seeds) else np.arange(len(members))
+        out.update({int(i): int(seeds[k]) for i, k in zip(rng.permutation(members), order, strict=True)})
+    return out
+
+
+def cohort_readme(out_dir: Path, rows: list[dict[str, Any]], *, preset: str, seed: int) -> str:
+    """The cohort's README: its preset and, per class, how many slides hold each normal
+    source, tumour source and site (from each slide's json): a confound is seen here."""
+    from collections import Counter
+
+    counts: dict[str, Counter[tuple[str, int]]] = {"normal source": Counter(), "tumour source": Counter(),
+                                                    "site": Counter()}
+    n = Counter(int(r["label"]) for r in rows)
+    for r in rows:
+        label = int(r["label"])
+        try:
+            drawn = json.loads((out_dir / (Path(r["path"]).stem + ".json")).read_text()).get("sources", {})
+        except (OSError, ValueError):
+            drawn = {}
+        for src in drawn.get("normal_sources", []):
+            counts["normal source"][(src, label)] += 1
+        if drawn.get("tumour_source"):
+            counts["tumour source"][(drawn["tumour_source"], label)] += 1
+        if r.get("site"):
+            counts["site"][(r["site"], label)] += 1
+    p = PRESETS[preset]
+    lines = [f"# Generated cohort: preset `{preset}`, seed {seed}", "",
+             f"{len(rows)} slides, {n[1]} with tumour ({p['tumour_regions'][0]}-{p['tumour_regions'][1]} region(s)); "
+             f"normal sources and stain {'balanced across the classes (matched pairs)' if p.get('assign') == 'balanced' else 'drawn per slide, independently of the label'}"
+             + (f"; **confounded on purpose**: {p['confound']['level']} (its own stain) holds "
+                f"{p['confound']['positive_share']:.0%} of the positive and {p['confound']['negative_share']:.0%} of "
+                "the negative slides" if p.get("confound") else "") + ".", "",
+             "Slides per class holding each source or site (a slide holds 2-3 normal sources):", "",
+             "| kind | value | negative | positive |", "|---|---|---:|---:|"]
+    for kind, c in counts.items():
+        for value in sorted({v for v, _ in c}):
+            lines.append(f"| {kind} | {value} | {c[(value, 0)]} | {c[(value, 1)]} |")
+    return "\n".join(lines) + "\n"
 
 
 def _up_to_date(path: Path, spec: SlideSpec) -> bool:

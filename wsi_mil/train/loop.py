@@ -39,6 +39,7 @@ class FitSettings:
     patience: int = 10
     min_epochs: int = 5
     monitor: str = "auc"  # "auc" (higher is better) or "loss"
+    select: str = "best"  # "best": the best validation epoch; "swa": weights averaged over the second half, no early stop
     bags_per_batch: int = 1
     max_instances: int | None = 4096
     imbalance: str = "weighted"
@@ -101,6 +102,15 @@ def as_feeder(samples: Any, s: FitSettings | None = None) -> Feeder:
     if hasattr(samples, "train_batches"):
         return samples  # type: ignore[no-any-return]
     return BagFeeder(samples, s.max_instances if s else None, s.bags_per_batch if s else 1)
+
+
+def _accumulate(mean: dict[str, torch.Tensor] | None, model: nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """The running mean of ``model``'s floating-point weights after ``n`` earlier ones
+    (other buffers: the latest)."""
+    state = state_copy(model)
+    if mean is None:
+        return state
+    return {k: (mean[k] * n + v) / (n + 1) if v.is_floating_point() else v for k, v in state.items()}
 
 
 @dataclass
@@ -218,6 +228,8 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     draw = sample_weights(targets, task.kind) if s.imbalance == "sampler" else None
     best: FitResult = FitResult(state_copy(model), 0, None)
     best_key, stale = (-math.inf, -math.inf), 0
+    averaged: dict[str, torch.Tensor] | None = None  # --select swa: the running mean of the weights
+    n_avg = 0
     history: list[dict[str, Any]] = []
     for epoch in range(1, s.epochs + 1):
         model.train()
@@ -262,9 +274,15 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
         history.append(row)
         if log:
             log(row)
+        if s.select == "swa":
+            if epoch > s.epochs // 2:  # stochastic weight averaging (Izmailov et al. 2018) of the second half
+                averaged, n_avg = _accumulate(averaged, model, n_avg), n_avg + 1
+            continue  # a fixed schedule: validation is watched, never used to stop or choose
         if val and epoch >= s.min_epochs and stale >= s.patience:
             break
-    if not val:
+    if s.select == "swa" and averaged is not None:
+        best = FitResult(averaged, len(history), None)
+    elif not val:
         best = FitResult(state_copy(model), len(history), None)
     best.history = history
     model.load_state_dict(best.state)

@@ -92,6 +92,10 @@ def choose_headline(metrics: dict[str, Any]) -> dict[str, str]:
     if ens.get("auc_ci_note"):
         reasons.append(f"the test set's AUC interval is {ens['auc_ci_note']}")
     if reasons and pooled and pooled.get("auc") is not None:
+        if ens.get("auc") is not None and ens["auc"] < pooled["auc"]:  # never quote the kinder of the two
+            return {"set": "ensemble_test", "why": "; ".join(reasons) + f"; but the held-out test's AUC "
+                    f"({ens['auc']:.3f}) is below the pooled out-of-fold one ({pooled['auc']:.3f}), and the headline "
+                    "never quotes the more optimistic figure"}
         return {"set": "pooled_validation", "why": "; ".join(reasons)}
     return {"set": "ensemble_test", "why": "held-out test set; the folds agree"}
 
@@ -226,6 +230,7 @@ class CheckedRun:
 
     audit: dict[str, Any]
     plan: Any
+    nuisances: dict[str, Any] = field(default_factory=dict)  # what the shortcut checks read (wsi_mil.eval.shortcuts)
 
 
 def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, dict[str, str]],
@@ -248,7 +253,42 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
     audit["label_sources"] = label_source_audit([b.slide_id for b in samples], columns, config.label_sources)
     plan = make_split_plan(samples, user_split, config)
     audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
-    return CheckedRun(audit, plan)
+    audit["shortcuts"], nz = shortcuts_before_training(samples, columns)
+    return CheckedRun(audit, plan, nz)
+
+
+def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
+    """Facts of each sample that could come with its label: a slide's patch count (its
+    tissue area) and resolution."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        facts: dict[str, Any] = {}
+        if getattr(s, "features", None) is not None:
+            facts["patch count"] = len(s.features)
+        meta = getattr(s, "meta", None) or {}
+        if isinstance(meta, dict) and meta.get("effective_mpp") is not None:
+            facts["µm per pixel"] = meta["effective_mpp"]
+        out[s.slide_id] = facts
+    return out
+
+
+def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, str]]
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every nuisance the inputs carry against the label (binary tasks), each warning
+    logged now, before training; returns (the audit's "shortcuts" record, the nuisances
+    the checks after training read)."""
+    from wsi_mil.eval.shortcuts import label_association, nuisances, warnings_of
+
+    targets = [np.atleast_1d(np.asarray(s.target, dtype=float)) for s in samples]
+    if not samples or any(len(t) != 1 for t in targets):
+        return {"note": "shortcut checks are made for binary tasks"}, {}
+    known = [(s.slide_id, int(t[0])) for s, t in zip(samples, targets, strict=True) if t[0] in (0.0, 1.0)]
+    ids = [i for i, _ in known]
+    found = nuisances(ids, columns, _sample_facts(samples))
+    before = label_association(ids, [v for _, v in known], found)
+    for line in warnings_of({"before": before}):
+        logger.warning("%s", line)
+    return {"before": before, "checked": sorted(found)}, found
 
 
 def tensor_pixels(images: Any, samples: list[Any]) -> Any:
@@ -401,6 +441,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         else:
             ev = ("pooled out-of-fold validation", pooled_ids, py[:, 0], pp[:, 0], per_fold_thr[0])
         audit["evaluation"] = _evaluation_audit(ev, by_id, inputs.columns, config, out_dir)
+        audit["shortcuts"] = _shortcuts_after(dict(audit.get("shortcuts") or {}), ev, checked.nuisances, out_dir, unit)
     else:
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
     metrics["audit"] = audit
@@ -412,6 +453,31 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
     return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
+
+
+def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[str, Any], out_dir: Path,
+                     unit: str) -> dict[str, Any]:
+    """The shortcut checks after training, on the headline's set (``ev``): predictions
+    against every nuisance, and, for slides with lesion masks, localisation; each warning
+    logged."""
+    from wsi_mil.eval.localisation import run_localisation
+    from wsi_mil.eval.metrics import auc
+    from wsi_mil.eval.shortcuts import localisation_warning, prediction_dependence, warnings_of
+
+    name, keys, y, p, _ = ev
+    ids = [k for k, _ in keys]
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    ok = np.isin(y, (0.0, 1.0))
+    record["set"] = name
+    record["after"] = prediction_dependence([i for i, k in zip(ids, ok, strict=True) if k], y[ok], p[ok], found)
+    if unit == "slide":
+        loc = run_localisation(out_dir)
+        if loc is not None:
+            record["localisation"] = loc
+            record["localisation_warning"] = localisation_warning(auc(y[ok], p[ok]), loc)
+    for line in warnings_of({"after": record["after"], "localisation_warning": record.get("localisation_warning")}):
+        logger.warning("%s", line)
+    return record
 
 
 def _evaluation_audit(ev: tuple[Any, ...], by_id: dict[str, Any], columns: dict[str, dict[str, str]], config: Any,
@@ -570,6 +636,10 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
         lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
     if task.kind != "multiclass":
         lines += ["", "ECE: expected calibration error, 10 equal-width probability bins (reliability.png shows the bins)."]
+    if (m.get("audit") or {}).get("shortcuts", {}).get("before") is not None:
+        from wsi_mil.eval.shortcuts import markdown as shortcuts_markdown
+
+        lines += [""] + shortcuts_markdown(m["audit"]["shortcuts"])
     if m.get("audit"):
         from wsi_mil.eval.audit_run import audit_markdown
 
@@ -652,6 +722,9 @@ def summary_text(report: TrainReport) -> str:
         lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ({failed_folds_text(health)})")
     if report.metrics.get("headline", {}).get("set") == "pooled_validation" and report.metrics.get("ensemble_test"):
         lines.append(f"  (not the test ensemble: {report.metrics['headline']['why']})")
+    from wsi_mil.eval.shortcuts import warnings_of
+
+    lines += [f"  WARNING: {w}" for w in warnings_of((report.metrics.get("audit") or {}).get("shortcuts") or {})]
     if report.skipped:
         lines.append(f"  {len(report.skipped)} labelled slide(s) LEFT OUT (--allow-missing; no usable feature store): "
                      + ", ".join(x["slide_id"] for x in report.skipped[:10]) + "; listed in report.md")

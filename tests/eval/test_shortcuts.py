@@ -1,0 +1,92 @@
+"""Shortcut checks on generated cohorts of real tissue: a cohort whose site (and its stain)
+comes with the label is warned about before training and after it, in the log, the
+summary and report.md; a balanced cohort (matched pairs of sources and stains) is not."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import WSI_MIL
+from wsi_mil.cli import main
+from wsi_mil.eval.shortcuts import label_association, nuisances, prediction_dependence
+
+
+def _road(root: Path, preset: str) -> tuple[Path, str]:
+    """synth -> tile -> extract-features -> train-mil, as a user runs them; (run, what
+    train-mil printed)."""
+    common = ["--no-progress", "-q"]
+    assert main(["synth", "--preset", preset, "--n-slides", "24", "--size", "1536", "--out", str(root / "slides"),
+                 *common]) == 0
+    assert main(["tile", str(root / "slides" / "manifest.csv"), "--out", str(root / "tiles"), "--workers", "1",
+                 *common]) == 0
+    assert main(["extract-features", str(root / "tiles"), "--out", str(root / "tiles"), *common]) == 0
+    res = subprocess.run(WSI_MIL + ["train-mil", str(root / "slides" / "manifest.csv"), "--features",
+                                    str(root / "tiles" / "features"), "--out", str(root / "run"), "--epochs", "10",
+                                    "--folds", "3", "--bootstrap", "50", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return root / "run", res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def confounded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return _road(tmp_path_factory.mktemp("confounded"), "confounded")
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return _road(tmp_path_factory.mktemp("balanced"), "balanced")
+
+
+def test_a_confounded_cohort_is_warned_about_before_and_after_training(confounded) -> None:
+    run, output = confounded
+    shortcuts = json.loads((run / "metrics.json").read_text())["audit"]["shortcuts"]
+    site = next(r for r in shortcuts["before"] if r["nuisance"] == "site")
+    assert site["warn"] and site["auc"] == pytest.approx(0.833, abs=1e-3) and site["p"] < 0.01
+    assert site["table"] == {"site-A": {"negative": 10, "positive": 2}, "site-B": {"negative": 2, "positive": 10}}
+    assert "WARNING: the label is associated with 'site'" in output  # logged before training, and in the summary
+    report = (run / "report.md").read_text()
+    assert "## Shortcut checks" in report and "**WARNING: the label is associated with 'site'" in report
+    after = next(r for r in shortcuts["after"] if r["nuisance"] == "site")
+    assert after["level_auc_within_class"] is not None and shortcuts["set"]
+    loc = shortcuts["localisation"]  # the generated slides' lesion masks are found through the stores
+    assert loc["n"] >= 5 and 0 <= loc["min"] <= loc["mean"] <= 1
+
+
+def test_a_balanced_cohort_raises_no_shortcut_warning(balanced) -> None:
+    run, output = balanced
+    shortcuts = json.loads((run / "metrics.json").read_text())["audit"]["shortcuts"]
+    assert shortcuts["checked"] == ["patch count"]  # the nuisance a slide cohort always carries
+    assert not any(r["warn"] for r in shortcuts["before"] + shortcuts["after"])
+    assert not shortcuts.get("localisation_warning")
+    assert "WARNING" not in output and "**WARNING" not in (run / "report.md").read_text()
+    # matched pairs: every normal source is held by as many positive as negative slides
+    rows = re.findall(r"^\| normal source \| (\S+) \| (\d+) \| (\d+) \|$", (run.parent / "slides" / "README.md").read_text(),
+                      re.M)
+    assert len(rows) >= 4 and all(neg == pos for _, neg, pos in rows)
+
+
+def test_a_balanced_column_is_not_associated_and_a_planted_one_is() -> None:
+    """Each level's positive share, not a leave-one-out share (which ranks a perfectly
+    balanced column at AUC 1.0, inverted)."""
+    ids = [f"s{i}" for i in range(40)]
+    y = np.array([i % 2 for i in range(40)])
+    columns = {i: {"scanner": "X" if k % 4 < 2 else "Y",  # balanced: 10 + 10 per scanner
+                   "site": "B" if (k < 32 and y[k]) or (k >= 36 and not y[k]) else "A",  # 16 / 20 vs 2 / 20
+                   "slide_id": i, "patient_id": f"p{k}"} for k, i in enumerate(ids)}
+    found = nuisances(ids, columns)
+    assert set(found) == {"scanner", "site"}  # ids and patients are never nuisances
+    by = {r["nuisance"]: r for r in label_association(ids, y, found)}
+    assert by["scanner"]["auc"] == pytest.approx(0.5) and not by["scanner"]["warn"]
+    assert by["site"]["warn"] and by["site"]["test"] == "Fisher's exact"
+    # predictions made of the site alone: the within-site AUC collapses and the within-class separation is perfect
+    p = np.array([0.9 if columns[i]["site"] == "B" else 0.1 for i in ids])
+    dep = {r["nuisance"]: r for r in prediction_dependence(ids, y, p, found)}
+    assert dep["site"]["warn"] and dep["site"]["within_level_auc"] == pytest.approx(0.5)
+    assert not dep["scanner"]["warn"]

@@ -3,11 +3,11 @@ tissue) on balanced generated cohorts of 60 and 120 slides, every registered mod
 a confounded cohort on which the shortcut check must fire (and on the balanced ones must
 not).
 
-1. ``prep``: a balanced cohort of 120 slides (``balanced`` preset: normal sources and
-   stains in matched pairs across the classes; 6144 px at 0.5 µm/px), tiled at 20x and
-   embedded with the offline encoder; the 60-slide cohort is 30 of its matched pairs (so
-   it stays balanced); a 40-slide ``confounded`` cohort (site-B, with its own stain, holds
-   80 % of positives and 20 % of negatives).
+1. ``prep``: a balanced cohort of 120 slides (``balanced`` preset: every normal source
+   shown by as many slides of each class; 6144 px at 0.5 µm/px), tiled at 20x and
+   embedded with the offline encoder; the 60-slide cohort is the first 30 slides of each
+   of its classes (balanced the same way); a 40-slide ``confounded`` cohort (site-B, with
+   its own stain, holds 80 % of positives and 20 % of negatives).
 2. ``train``: ``train-mil`` with every registered model and its defaults on each cohort
    (held-out test set of 20 % of patients + 5-fold CV): test AUC across folds (mean ± sd),
    the fold ensemble on the test set, localisation AUC (attention against the lesion
@@ -53,23 +53,18 @@ def prep(n_slides: int, preset: str, name: str) -> Path:
     return manifest
 
 
-def pair_subset(manifest: Path, n_pairs: int, out: Path) -> Path:
-    """A manifest of ``n_pairs`` matched pairs of a balanced cohort (the positive and the
-    negative slide that share their normal sources and stain), so the subset stays balanced."""
+def class_subset(manifest: Path, per_class: int, out: Path) -> Path:
+    """A manifest of the first ``per_class`` slides of each class of a balanced cohort
+    (the cohort balances its normal sources within +-1 in any such first k), paths absolute."""
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    by_context: dict[int, list[dict[str, str]]] = {}
-    for r in rows:
-        spec = json.loads((manifest.parent / (Path(r["path"]).stem + ".json")).read_text())["spec"]
-        by_context.setdefault(int(spec["context_seed"]), []).append(r)
-    pairs = [v for _, v in sorted(by_context.items()) if len(v) == 2][:n_pairs]
+    kept = [r for label in ("0", "1") for r in [x for x in rows if x["label"] == label][:per_class]]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
-        for pair in pairs:
-            for r in pair:
-                w.writerow({**r, "path": str((manifest.parent / r["path"]).resolve())})
+        for r in kept:
+            w.writerow({**r, "path": str((manifest.parent / r["path"]).resolve())})
     return out
 
 
@@ -106,8 +101,8 @@ def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, seed: int)
 def markdown(res: dict) -> str:
     lines = ["# Small lesions, weak supervision (generated cohorts of real tissue)", "",
              f"Cohorts: the `balanced` preset ({SIZE} px slides at 0.5 µm/px, 1-2 lesions of 100-250 µm per positive "
-             "slide, about 1 % of the tissue; normal sources and stains in matched pairs across the classes), 120 slides "
-             "and 30 of its matched pairs (60 slides); the `confounded` preset (40 slides; a site whose stain comes with "
+             "slide, about 1 % of the tissue; every normal source shown by as many slides of each class), 120 slides "
+             "and the first 30 of each of its classes (60 slides); the `confounded` preset (40 slides; a site whose stain comes with "
              "the label: 80 % of positives, 20 % of negatives). Tiled at 20x (256 px patches), embedded with the offline "
              "efficientnet_lite0; every model with its defaults; held-out test set (20 % of patients) and 5-fold CV; "
              f"{res.get('cpus', '?')} CPU cores.", ""]
@@ -150,7 +145,7 @@ def main() -> None:
     args = p.parse_args()
     if args.phase in ("prep", "all"):
         big = prep(120, "balanced", "balanced-120")
-        pair_subset(big, 30, cohorts()["60"])
+        class_subset(big, 30, cohorts()["60"])
         prep(40, "confounded", "confounded-40")
     if args.phase == "prep":
         return

@@ -10,7 +10,7 @@ Four presets:
   separates it perfectly, because the tumour is a novelty, not because it learns
   histology.
 * ``balanced``: the hard style with small lesions (100-250 µm, about 1 % of the tissue),
-  its normal sources and stains balanced across the classes (matched pairs), so no
+  each normal source shown by as many slides of each class (stratified), so no
   nuisance comes with the label by chance (in ``hard`` cohorts of 40 slides it often
   does: the median seed has a 25-point class gap for some source).
 * ``confounded``: ``balanced`` with a nuisance planted on purpose: a ``site`` column whose
@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: Per preset: slide style, tumour diameter range (µm), regions per positive slide, and how
 #: each slide's normal sources and stain are drawn: "independent" of the label (``hard`` and
-#: ``easy``, kept as they were), or "balanced" across the classes (matched pairs: the k-th
-#: positive and the k-th negative slide share their normal sources and stain). ``confound``
+#: ``easy``, kept as they were), or "balanced" across the classes (every normal source shown
+#: by as many slides of each class; stains drawn per slide from one distribution). ``confound``
 #: plants a nuisance on purpose: a site whose stain comes with the label.
 PRESETS: dict[str, dict[str, Any]] = {
     "hard": {"style": "hard", "tumour_size_um": (150.0, 400.0), "tumour_regions": (1, 2), "assign": "independent"},
@@ -125,7 +125,9 @@ def make_cohort(
     for cls in (True, False):
         for k, i in enumerate(np.flatnonzero(positive == cls)):
             site_of[int(i)] = names[k % len(names)] if names else ""
-    context = _contexts(PRESETS[preset], positive, rng)
+    if style == "hard" and pool is None:
+        pool = default_pool()
+    sources = _balanced_sources(PRESETS[preset], positive, rng, len(pool.normal) if pool is not None else 0)
     confound = PRESETS[preset].get("confound")
     if confound:  # a site whose stain comes with the label, on purpose
         sites = {confound["other"]: (1.0, 1.0, 1.0), confound["level"]: tuple(confound["stain_gain"])}
@@ -134,8 +136,6 @@ def make_cohort(
             k = int(round(share * len(members)))
             site_of.update({int(i): confound["level"] if j < k else confound["other"] for j, i in enumerate(members)})
     normal, tumour = (textures or default_textures()) if style == "easy" else (None, None)
-    if style == "hard" and pool is None:
-        pool = default_pool()
     rows = []
     for i in tqdm(range(n_slides), desc="generating slides", unit="slide", disable=not progress):
         slide_id = f"synth-{seed:03d}-{i:04d}"
@@ -144,7 +144,7 @@ def make_cohort(
             tumour_regions=int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0,
             tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
             stain_gain=tuple(sites[site_of[i]]) if sites else (1.0, 1.0, 1.0),  # type: ignore[arg-type]
-            context_seed=context.get(i),
+            normal_sources=sources.get(i),
         )
         path = out_dir / f"{slide_id}.tiff"
         if not _up_to_date(path, spec):
@@ -159,19 +159,27 @@ def make_cohort(
     return manifest
 
 
-def _contexts(preset: dict[str, Any], positive: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
-    """Slide index -> the seed its normal sources and stain are drawn from. "balanced":
-    matched pairs, so the classes hold the same sources and stains (a model cannot learn
-    them as a shortcut); "independent" (``hard``, ``easy``): none, each slide draws its own
+def _balanced_sources(preset: dict[str, Any], positive: np.ndarray, rng: np.random.Generator,
+                      n_sources: int) -> dict[int, tuple[int, ...]]:
+    """Slide index -> the normal sources it shows. "balanced": within each class, slides
+    take 2 and 3 sources in turn, read off a cycle of all sources (its order drawn per
+    class), so every source is shown by as many slides of one class as of the other (+-1,
+    and so in any first k slides of each class); the combinations themselves differ
+    between the classes, and each slide draws its own stain. (Sharing a slide's whole
+    recipe with one slide of the other class, as matched pairs, made the pair itself
+    learnable: with one of a pair in the test set, every model ranked the test set
+    inverted, AUC 0.2.) "independent" (``hard``, ``easy``): none, each slide draws its own
     (the random numbers of those presets are not touched: they stay reproducible)."""
     if preset.get("assign") != "balanced":
         return {}
-    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
-    seeds = rng.integers(0, 2**31 - 1, size=max(len(pos), len(neg), 1))
-    out: dict[int, int] = {}
-    for members in (pos, neg):
-        order = rng.permutation(len(seeds))[:len(members)] if len(members) < len(seeds) else np.arange(len(members))
-        out.update({int(i): int(seeds[k]) for i, k in zip(rng.permutation(members), order, strict=True)})
+    out: dict[int, tuple[int, ...]] = {}
+    for members in (np.flatnonzero(positive), np.flatnonzero(~positive)):
+        cycle = rng.permutation(n_sources)
+        at = 0
+        for j, i in enumerate(members):
+            k = 2 + j % 2
+            out[int(i)] = tuple(sorted(int(cycle[(at + t) % n_sources]) for t in range(k)))
+            at += k
     return out
 
 
@@ -198,7 +206,7 @@ def cohort_readme(out_dir: Path, rows: list[dict[str, Any]], *, preset: str, see
     p = PRESETS[preset]
     lines = [f"# Generated cohort: preset `{preset}`, seed {seed}", "",
              f"{len(rows)} slides, {n[1]} with tumour ({p['tumour_regions'][0]}-{p['tumour_regions'][1]} region(s)); "
-             f"normal sources and stain {'balanced across the classes (matched pairs)' if p.get('assign') == 'balanced' else 'drawn per slide, independently of the label'}"
+             f"normal sources {'balanced across the classes (each shown by as many slides of each class)' if p.get('assign') == 'balanced' else 'drawn per slide, independently of the label'}; stain drawn per slide"
              + (f"; **confounded on purpose**: {p['confound']['level']} (its own stain) holds "
                 f"{p['confound']['positive_share']:.0%} of the positive and {p['confound']['negative_share']:.0%} of "
                 "the negative slides" if p.get("confound") else "") + ".", "",

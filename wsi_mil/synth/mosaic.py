@@ -249,15 +249,16 @@ class _MosaicLevel:
 
 
 def slide_textures(pool: TexturePool, *, slide_mpp: float, shape_px: tuple[int, int], rng: np.random.Generator,
-                   layout_px: int, with_tumour: bool, context: np.random.Generator | None = None,
+                   layout_px: int, with_tumour: bool, sources: list[int] | None = None,
                    ) -> tuple[MosaicTexture, MosaicTexture | None, dict[str, object]]:
     """The normal and tumour mosaics of one slide, and what was drawn (for the slide's json).
-    ``context``: where the stain and the normal sources are drawn from when they are shared
-    with other slides (a balanced cohort's matched pairs); else from ``rng``."""
-    ctx = rng if context is None else context
-    stain = Stain.draw(ctx)
-    n_src = int(ctx.integers(2, 4))
-    chosen = sorted(ctx.choice(len(pool.normal), size=min(n_src, len(pool.normal)), replace=False).tolist())
+    ``sources``: the normal sources (pool indices) when the cohort assigns them (balanced
+    across classes); else drawn (the same random numbers are drawn either way)."""
+    stain = Stain.draw(rng)
+    n_src = int(rng.integers(2, 4))
+    chosen = sorted(rng.choice(len(pool.normal), size=min(n_src, len(pool.normal)), replace=False).tolist())
+    if sources is not None:
+        chosen = sorted(sources)
     normal_src = [_prepare(pool.normal[k], slide_mpp, stain, None) for k in chosen]
     normal = MosaicTexture(normal_src, shape_px=shape_px, rng=rng, compartments=4.0, layout_px=layout_px)
     drawn: dict[str, object] = {"normal_sources": [pool.normal[k].name for k in chosen],

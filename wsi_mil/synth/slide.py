@@ -56,9 +56,9 @@ class SlideSpec:
     #: a site's stain on top of the slide's own: per-channel scaling of (255 - value), so glass
     #: stays white and stained tissue shifts colour (e.g. (1.3, 0.8, 1.1): redder, darker)
     stain_gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    #: hard style: the seed its normal sources and stain are drawn from (a cohort gives the
-    #: same to a positive and a negative slide to balance them); None: the slide's own seed
-    context_seed: int | None = None
+    #: hard style: the normal sources it shows (indices into the pool; a balanced cohort
+    #: assigns them); None: drawn with the slide's seed
+    normal_sources: tuple[int, ...] | None = None
 
 
 def site_stain(rgb: npt.NDArray[np.uint8], gain: tuple[float, float, float]) -> npt.NDArray[np.uint8]:
@@ -251,7 +251,7 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
         normal_base, tumour_base, drawn = slide_textures(
             pool or default_pool(), slide_mpp=spec.mpp, shape_px=(spec.height_px, spec.width_px),
             rng=np.random.default_rng(spec.seed + 104_729), layout_px=LAYOUT_PX, with_tumour=bool(regions),
-            context=None if spec.context_seed is None else np.random.default_rng(spec.context_seed))
+            sources=None if spec.normal_sources is None else list(spec.normal_sources))
     elif spec.style == "easy":
         if normal is None:
             raise ValueError("the easy style needs a normal texture")

@@ -259,15 +259,18 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
 
 def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
     """Facts of each sample that could come with its label: a slide's patch count (its
-    tissue area) and resolution."""
+    tissue area) and its scanner's native resolution (slides of one scanner share it; the
+    resolution tiled at is one per run, checked elsewhere)."""
     out: dict[str, dict[str, Any]] = {}
     for s in samples:
         facts: dict[str, Any] = {}
-        if getattr(s, "features", None) is not None:
-            facts["patch count"] = len(s.features)
         meta = getattr(s, "meta", None) or {}
-        if isinstance(meta, dict) and meta.get("effective_mpp") is not None:
-            facts["µm per pixel"] = meta["effective_mpp"]
+        meta = meta if isinstance(meta, dict) else {}
+        n = len(s.features) if getattr(s, "features", None) is not None else meta.get("n_features")
+        if n is not None:
+            facts["patch count"] = int(n)
+        if meta.get("slide_mpp") is not None:
+            facts["scanner µm per pixel"] = meta["slide_mpp"]
         out[s.slide_id] = facts
     return out
 

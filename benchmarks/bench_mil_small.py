@@ -100,20 +100,20 @@ def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, seed: int)
 
 def markdown(res: dict) -> str:
     lines = ["# Small lesions, weak supervision (generated cohorts of real tissue)", "",
-             f"Cohorts: the `balanced` preset ({SIZE} px slides at 0.5 µm/px, 1-2 lesions of 100-250 µm per positive "
+             (f"Cohorts: the `balanced` preset ({SIZE} px slides at 0.5 µm/px, 1-2 lesions of 100-250 µm per positive "
              "slide, about 1 % of the tissue; every normal source shown by as many slides of each class), 120 slides "
              "and the first 30 of each of its classes (60 slides); the `confounded` preset (40 slides; a site whose stain comes with "
              "the label: 80 % of positives, 20 % of negatives). Tiled at 20x (256 px patches), embedded with the offline "
              "efficientnet_lite0; every model with its defaults; held-out test set (20 % of patients) and 5-fold CV; "
-             f"{res.get('cpus', '?')} CPU cores.", ""]
+             f"{res.get('cpus', '?')} CPU cores."), ""]
     for name, rows in res["cohorts"].items():
         if not rows:
             continue
         first = next(iter(rows.values()))
-        lines += [f"## Cohort {name}", "", f"Test set: {first['ensemble_test']['n']} slides "
-                  f"({first['ensemble_test']['n_positive']} positive).", "",
-                  "| model | test AUC across folds, mean ± sd | test AUC, fold ensemble (95% CI) | failed folds "
-                  "| localisation AUC mean (min) | best epochs | shortcut warnings | wall |",
+        lines += [f"## Cohort {name}", "", (f"Test set: {first['ensemble_test']['n']} slides "
+                  f"({first['ensemble_test']['n_positive']} positive)."), "",
+                  ("| model | test AUC across folds, mean ± sd | test AUC, fold ensemble (95% CI) | failed folds "
+                  "| localisation AUC mean (min) | best epochs | shortcut warnings | wall |"),
                   "|---|---|---|---|---|---|---|---:|"]
         for r in rows.values():
             af = r["across_folds_test_auc"]
@@ -124,10 +124,10 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['model']} | {af['mean']:.3f} ± {af['sd']:.3f} | {r['ensemble_test_text']} | {failed} "
                          f"| {loc} | {', '.join(str(e) for e in r['best_epochs'])} | {warn} | {r['wall_seconds']:.0f} s |")
         lines.append("")
-    lines += ["Test AUC across folds: each fold's model on the held-out test set (the sd shows how much one fold's model "
+    lines += [("Test AUC across folds: each fold's model on the held-out test set (the sd shows how much one fold's model "
               "varies). Localisation: AUC of instance attention against the lesion patches (at least half of the patch "
               "inside the mask), per positive slide a model did not train on. A failed fold has a validation or test "
-              "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts).", "",
+              "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts)."), "",
               f"Command: `{res['command']}`."]
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ def _road(root: Path, preset: str) -> tuple[Path, str]:
     res = subprocess.run(WSI_MIL + ["train-mil", str(root / "slides" / "manifest.csv"), "--features",
                                     str(root / "tiles" / "features"), "--out", str(root / "run"), "--epochs", "10",
                                     "--folds", "3", "--bootstrap", "50", "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr
     return root / "run", res.stdout + res.stderr
 
@@ -70,7 +70,7 @@ def test_a_balanced_cohort_raises_no_shortcut_warning(balanced) -> None:
         assert shortcut not in output and shortcut not in report
     # every normal source is shown by as many positive as negative slides (+-1)
     rows = re.findall(r"^\| normal source \| (\S+) \| (\d+) \| (\d+) \|$", (run.parent / "slides" / "README.md").read_text(),
-                      re.M)
+                      re.MULTILINE)
     assert len(rows) == 7 and all(abs(int(neg) - int(pos)) <= 1 for _, neg, pos in rows)
 
 

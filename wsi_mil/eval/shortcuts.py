@@ -260,25 +260,26 @@ def markdown(audit: dict[str, Any]) -> list[str]:
     lines += [f"- **WARNING: {w}.**" for w in warned] + ([""] if warned else [])
     before, after = audit.get("before", []), audit.get("after", [])
     if not before and not after:
-        lines += ["No nuisance to check: the inputs carry no column other than ids, labels and splits (add site, "
-                  "scanner or source columns to the manifest to have them checked).", ""]
+        lines += [("No nuisance to check: the inputs carry no column other than ids, labels and splits (add site, "
+                   "scanner or source columns to the manifest to have them checked)."), ""]
     if before:
-        lines += [f"Before training, each nuisance against the label (warned at AUC >= {ASSOCIATION_AUC} with "
-                  f"p < {ASSOCIATION_P}):", "", "| nuisance | kind | n | AUC alone | p | test | warning |",
+        lines += [(f"Before training, each nuisance against the label (warned at AUC >= {ASSOCIATION_AUC} with "
+                   f"p < {ASSOCIATION_P}):"), "", "| nuisance | kind | n | AUC alone | p | test | warning |",
                   "|---|---|---:|---:|---:|---|---|"]
-        lines += [f"| {r['nuisance']} | {r['kind']} | {r['n']} | {_f(r['auc'])} | {r['p']:.2g} | {r['test']} | "
-                  f"{'yes' if r['warn'] else ''} |" for r in before]
+        lines += [(f"| {r['nuisance']} | {r['kind']} | {r['n']} | {_f(r['auc'])} | {r['p']:.2g} | {r['test']} | "
+                   f"{'yes' if r['warn'] else ''} |") for r in before]
         lines.append("")
     if after:
-        lines += [f"After training ({audit.get('set', '')}): AUC within each level against overall (warned {WITHIN_DROP} "
-                  f"lower), and how well predictions separate a level within the classes (warned at AUC >= "
-                  f"{PREDICTION_AUC}):", "", "| nuisance | overall AUC | AUC within levels | level | separated within "
-                  "class (AUC) | warning |", "|---|---:|---:|---|---:|---|"]
-        lines += [f"| {r['nuisance']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} | {r.get('level', '')} "
-                  f"| {_f(r.get('level_auc_within_class'))} | {'yes' if r['warn'] else ''} |" for r in after]
+        lines += [(f"After training ({audit.get('set', '')}): AUC within each level against overall (warned "
+                   f"{WITHIN_DROP} lower), and how well predictions separate a level within the classes (warned at "
+                   f"AUC >= {PREDICTION_AUC}):"), "",
+                  "| nuisance | overall AUC | AUC within levels | level | separated within class (AUC) | warning |",
+                  "|---|---:|---:|---|---:|---|"]
+        lines += [(f"| {r['nuisance']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} | {r.get('level', '')} "
+                   f"| {_f(r.get('level_auc_within_class'))} | {'yes' if r['warn'] else ''} |") for r in after]
         lines.append("")
     loc = audit.get("localisation")
     if loc:
-        lines += [f"Localisation (attention against the lesion masks, {loc['n']} lesion slide(s) the models did not "
-                  f"train on): mean AUC {_f(loc['mean'])}, lowest {_f(loc['min'])}.", ""]
+        lines += [(f"Localisation (attention against the lesion masks, {loc['n']} lesion slide(s) the models did not "
+                   f"train on): mean AUC {_f(loc['mean'])}, lowest {_f(loc['min'])}."), ""]
     return lines

@@ -359,8 +359,8 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer, position convolved on the patch grid"),
     "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
     "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline: instance classifier, smooth maximum (log-sum-exp, r = 5)"),
-    "dsmil": (lambda d, c, **kw: DSMIL(d, c, **kw), "DSMIL style: max-instance stream + attention to the critical instance "
-                                                   "(Li et al. 2021), for small lesions"),
+    "dsmil": (lambda d, c, **kw: DSMIL(d, c, **kw),
+              "DSMIL style: max-instance stream + attention to the critical instance (Li et al. 2021), small lesions"),
 }
 
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.data.manifest import write_manifest
-from wsi_mil.io.atomic import write_text
 from wsi_mil.errors import ConfigError
+from wsi_mil.io.atomic import write_text
 from wsi_mil.synth.mosaic import TexturePool, default_pool
 from wsi_mil.synth.slide import SlideSpec, write_slide
 from wsi_mil.synth.textures import Texture, default_textures

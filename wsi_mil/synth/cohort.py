@@ -51,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "balanced": {"style": "hard", "tumour_size_um": (100.0, 250.0), "tumour_regions": (1, 2), "assign": "balanced"},
     "confounded": {"style": "hard", "tumour_size_um": (100.0, 250.0), "tumour_regions": (1, 2), "assign": "balanced",
                    "confound": {"column": "site", "level": "site-B", "other": "site-A", "positive_share": 0.8,
-                                "negative_share": 0.2, "stain_gain": (1.25, 0.8, 1.15)}},
+                                "negative_share": 0.2, "stain_gain": (1.2, 1.1, 0.85)}},
 }
 
 

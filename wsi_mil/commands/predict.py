@@ -107,6 +107,10 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             check_resolution(attrs, enc, store)
             extent, step = patch_geometry(attrs, store)
             bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step, extent_px=extent).cache()
+            if bag.features is not None and not len(bag.features):  # scored at a constant probability before
+                raise StoreError(f"{store} holds no patches (tiling found no tissue that passed its settings: see the "
+                                 "slide's QC image); there is nothing to predict from. Re-tile it with other tissue "
+                                 "settings (e.g. --min-tissue, --no-reject-pen)")
             preds = [predict(m, [bag], task, device=device) for m in models]
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)

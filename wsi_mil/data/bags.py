@@ -404,6 +404,12 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
             missing.append({"slide_id": e.slide_id, "reason": f"{store} cannot be read ({type(exc).__name__}: {exc}); "
                             "re-run extract-features for this slide"})
             continue
+        n = len(bag.features) if bag.features is not None else int(attrs.get("n_features", attrs.get("n_patches", 1)))
+        if n == 0:  # a bag of nothing was scored at a constant probability and counted in every metric
+            missing.append({"slide_id": e.slide_id, "reason": f"{store} holds no patches (tiling found no tissue that "
+                            "passed its settings: see the slide's QC image); re-tile it with other tissue settings "
+                            "(e.g. --min-tissue, --no-reject-pen), or leave it out of the manifest"})
+            continue
         bags.append(bag)
     return bags, missing
 

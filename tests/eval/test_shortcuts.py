@@ -92,3 +92,16 @@ def test_a_balanced_column_is_not_associated_and_a_planted_one_is() -> None:
     dep = {r["nuisance"]: r for r in prediction_dependence(ids, y, p, found)}
     assert dep["site"]["warn"] and dep["site"]["within_level_auc"] == pytest.approx(0.5)
     assert not dep["scanner"]["warn"]
+    # a handful of slides: a column that splits them perfectly within each class is chance, not a warning
+    few = ids[:8]
+    tray = {i: {"tray": "t1" if (k // 2) % 2 else "t2"} for k, i in enumerate(few)}
+    p8 = np.array([0.9 if tray[i]["tray"] == "t1" else 0.1 for i in few]) + y[:8] * 0.01
+    row = prediction_dependence(few, y[:8], p8, nuisances(few, tray))[0]
+    assert row["level_auc_within_class"] == pytest.approx(1.0) and row["p_level"] > 0.01 and not row["warn"]
+    # a note written for positives only is a nuisance too ("blank or not"); NA is blank, not a level
+    notes = {i: {"comment": "re-cut" if y[k] else "", "stain": "NA" if k % 5 == 0 else ["x", "y"][k % 2]}
+             for k, i in enumerate(ids)}
+    found = nuisances(ids, notes)
+    assert found["comment (blank or not)"]["kind"] == "categorical" and "NA" not in found["stain"]["values"].values()
+    by = {r["nuisance"]: r for r in label_association(ids, y, found)}
+    assert by["comment (blank or not)"]["warn"]

@@ -169,3 +169,8 @@ def test_a_run_into_a_folder_of_stores_is_refused_and_leaves_it_as_it_was(musk, 
     assert _train(manifest, feats, legacy) == 2
     assert "made by an earlier wsi-mil" in capsys.readouterr().err
     assert [p.name for p in legacy.iterdir()] == ["metrics.json"]
+    run = tmp_path / "run"  # a refused command leaves a finished run's lock record as it was
+    assert _train(manifest, feats, run, "--folds", "2") == 0
+    record = (run / ".wsi-mil.lock").read_text()
+    assert _train(manifest, feats, run, "--folds", "3") == 2
+    assert (run / ".wsi-mil.lock").read_text() == record

@@ -39,3 +39,6 @@ def test_swa_trains_every_epoch_of_every_fold(tmp_path: Path) -> None:
     assert [f["best_epoch"] for f in metrics["folds"]] == [8, 8, 8]  # patience 1 would have stopped early
     assert all(len(json.loads((run / "models" / f"fold{k}.json").read_text())["history"]) == 8 for k in range(3))
     assert metrics["pooled_validation"]["auc"] > 0.6
+    report = (run / "report.md").read_text()  # the report says how the weights were chosen
+    assert "Model selection: swa: every one of 8 epochs trained, the weights averaged over epochs 5-8" in report
+    assert "whose epoch was chosen on those same cases" not in report

@@ -136,3 +136,9 @@ def test_a_volume_manifest_names_its_rows_by_its_volume_id_column(tmp_path: Path
     manifest.write_text("\n".join([rows[0] + ",image_id"] + [r + f",x{i}" for i, r in enumerate(rows[1:])]) + "\n")
     with pytest.raises(ManifestError, match=r"2 id columns \['image_id', 'volume_id'\].*keep one"):
         read_image_manifest(manifest, labels=["label"], folders=True)
+    manifest.write_text("\n".join([rows[0], rows[1], rows[2].replace("P1-CT-2019", ""), rows[3]]) + "\n")
+    with pytest.raises(ManifestError, match=r"line 3: empty volume_id"):  # not the file stem among the ids
+        read_image_manifest(manifest, labels=["label"], folders=True)
+    manifest.write_text("\n".join([rows[0].replace("volume_id", "Volume_ID")] + rows[1:]) + "\n")
+    with pytest.raises(ManifestError, match=r"column 'Volume_ID' looks like an id column"):
+        read_image_manifest(manifest, labels=["label"], folders=True)

@@ -324,6 +324,10 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
         label_cols = list(labels)
     else:
         label_cols = [c for c in columns if c == "label" or c.startswith("label_")]
+    misspelt = [c for c in columns if c.lower() in ID_COLUMNS and c not in ID_COLUMNS]
+    if misspelt:
+        raise ManifestError(f"{where}: column {misspelt[0]!r} looks like an id column; id columns are spelt "
+                            f"{' / '.join(ID_COLUMNS)} (rename it)")
     id_cols = [c for c in ID_COLUMNS if c in columns]  # a volume manifest's volume_id was read as a covariate
     if len(id_cols) > 1:
         raise ManifestError(f"{where}: {len(id_cols)} id columns {id_cols}; which one names the rows cannot be "
@@ -339,12 +343,15 @@ def read_image_manifest(path: str | Path, *, labels: list[str] | None = None, re
             continue
         p = Path(rel)
         p = p if p.is_absolute() else path.parent / p
+        if id_col in columns and not (row.get(id_col) or "").strip():  # never a file stem among the given ids
+            problems.append(f"line {line}: empty {id_col} (fill it, or remove the column to name rows by file)")
+            continue
         iid = row.get(id_col) or _image_id(rel)
         entries.append(ImageEntry(iid, p, row.get("patient_id") or None, {c: row.get(c, "") for c in label_cols},
                                   (row.get("split") or "").lower() or None, {k: v for k, v in row.items() if k not in skip}))
     dup = [k for k, n in Counter(e.slide_id for e in entries).items() if n > 1]
     if dup:
-        problems.append(f"duplicate ids {dup[:8]}: give an {id_col} column with unique values")
+        problems.append(f"duplicate ids {dup[:8]}: give the {id_col} column unique values")
     if problems:
         raise ManifestError(f"{where} has {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]))
     absent_files = [str(e.path) for e in entries

@@ -19,7 +19,9 @@ about each sample, nothing specific to slides):
   count) against the overall AUC, and how well the predictions separate a nuisance's
   levels *within each class* (where the label cannot explain it). A within-level AUC
   :data:`WITHIN_DROP` below the overall one, or predictions that tell a level apart within
-  the classes at AUC >= :data:`PREDICTION_AUC`, is a warning that the score leans on it.
+  the classes at AUC >= :data:`PREDICTION_AUC`, each with a permutation p-value below
+  :data:`DEPENDENCE_P` (the nuisance shuffled within each class, so a few test slides do
+  not separate anything by chance), is a warning that the score leans on it.
 * **Localisation**: where lesion masks exist, a slide AUC >= :data:`SLIDE_AUC_HIGH` with a
   localisation AUC <= :data:`LOCALISATION_CHANCE` is a loud warning: the slides are told
   apart, but not by the lesion.
@@ -42,6 +44,9 @@ ASSOCIATION_P = 0.01
 PREDICTION_AUC = 0.75
 #: a within-level AUC this far below the overall AUC says part of the score is the nuisance
 WITHIN_DROP = 0.1
+#: ... each only with a permutation p-value below this (the nuisance shuffled within each class)
+DEPENDENCE_P = 0.01
+PERMUTATIONS = 999
 #: a slide AUC at least this high ...
 SLIDE_AUC_HIGH = 0.8
 #: ... with localisation at or below this: the slides are told apart, not by the lesion
@@ -51,6 +56,14 @@ NOT_NUISANCES = {"slide_id", "image_id", "volume_id", "patient_id", "path", "ima
                  "submitter_id", "file", "filename"}
 #: a categorical column with more levels than this share of the samples is an identifier
 MAX_LEVEL_SHARE = 0.5
+
+
+#: cells that mean "no value" (as spreadsheets and pandas write them), never a level
+BLANKS = {"", "na", "n/a", "nan", "none", "null", "-", "?"}
+
+
+def _blank(v: Any) -> bool:
+    return v is None or str(v).strip().lower() in BLANKS
 
 
 def _number(v: Any) -> float | None:
@@ -67,7 +80,8 @@ def nuisances(ids: list[str], columns: dict[str, dict[str, str]], facts: dict[st
     column that could be a nuisance: manifest columns other than ids, labels and splits
     (``columns``: id -> column -> value), and per-sample ``facts`` (id -> name -> value, e.g.
     patch count). Columns with one value, or as many levels as samples (identifiers), are
-    left out; a blank cell is missing, never a level of its own."""
+    left out; a blank cell (or NA, n/a, none ...) is missing, never a level of its own, and
+    a column blank for some samples is also checked as "<column> (blank or not)"."""
     skip = NOT_NUISANCES | (label_columns or set())
     names: list[str] = []
     for row in columns.values():
@@ -78,9 +92,13 @@ def nuisances(ids: list[str], columns: dict[str, dict[str, str]], facts: dict[st
     for name in names:
         if name in skip or name.startswith("label_"):
             continue
-        raw = {i: ((facts or {}).get(i, {}).get(name) if name in (facts or {}).get(i, {}) else
-                   columns.get(i, {}).get(name)) for i in ids}
-        raw = {i: v for i, v in raw.items() if v is not None and str(v).strip() != ""}
+        cells = {i: ((facts or {}).get(i, {}).get(name) if name in (facts or {}).get(i, {}) else
+                     columns.get(i, {}).get(name)) for i in ids}
+        raw = {i: v for i, v in cells.items() if not _blank(v)}
+        if name in {c for row in columns.values() for c in row} and 2 <= len(raw) <= len(ids) - 2:
+            # which slides have a value at all can itself come with the label (a note written for positives only)
+            out[f"{name} (blank or not)"] = {"kind": "categorical",
+                                             "values": {i: "filled" if i in raw else "blank" for i in ids}}
         if len(raw) < 4:
             continue
         nums = {i: _number(v) for i, v in raw.items()}
@@ -155,28 +173,51 @@ def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[st
 
 
 def _pair_auc(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], groups: npt.NDArray[Any]) -> float | None:
-    """AUC over (positive, negative) pairs of the same group only (ties count 1/2)."""
+    """AUC over (positive, negative) pairs of the same group only (ties count 1/2): the
+    Mann-Whitney U of each group from ranks, summed (n log n, not pairs)."""
+    from scipy.stats import rankdata
+
     num = den = 0.0
     for g in np.unique(groups):
         sel = groups == g
-        pos, neg = p[sel & (y == 1)], p[sel & (y == 0)]
-        if len(pos) and len(neg):
-            diff = pos[:, None] - neg[None, :]
-            num += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            den += diff.size
+        yy = y[sel]
+        n1, n0 = int((yy == 1).sum()), int((yy == 0).sum())
+        if n1 and n0:
+            r = rankdata(p[sel])
+            num += float(r[yy == 1].sum()) - n1 * (n1 + 1) / 2
+            den += n1 * n0
     return num / den if den else None
 
 
-def prediction_dependence(ids: list[str], y: npt.ArrayLike, p: npt.ArrayLike,
-                          found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _dependence(yy: npt.NDArray[np.int64], pp: npt.NDArray[np.float64], lv: npt.NDArray[Any],
+                numeric: bool) -> tuple[float | None, float | None, str | None]:
+    """(AUC within the nuisance's levels, the strongest separation of a level from the
+    rest within the classes as an AUC >= 0.5, that level) of one assignment of levels."""
+    within = None if numeric else _pair_auc(yy, pp, lv)
+    best: tuple[float, str] | None = None
+    for level in ([True] if numeric else np.unique(lv)):
+        a = _pair_auc((lv == level).astype(int), pp, yy)  # the level vs the rest, pairs within a class
+        if a is not None and (best is None or abs(a - 0.5) > abs(best[0] - 0.5)):
+            best = (a, str(level))
+    if best is None:
+        return within, None, None
+    return within, max(best[0], 1 - best[0]), f"{best[1]} ({'higher' if best[0] >= 0.5 else 'lower'})"
+
+
+def prediction_dependence(ids: list[str], y: npt.ArrayLike, p: npt.ArrayLike, found: dict[str, dict[str, Any]],
+                          *, n_perm: int = PERMUTATIONS, seed: int = 0) -> list[dict[str, Any]]:
     """After training: per nuisance, the AUC within its levels (categorical: pairs from the
     same level only) next to the overall AUC, and how well the predictions tell the
     nuisance apart within each class (categorical: the level most separated from the rest;
-    numeric: AUC of predictions for above- vs below-median values), pairs within a class
-    only, so the label cannot explain it. ``warn`` as in the module docstring."""
+    numeric: above- vs below-median values; as an AUC >= 0.5 with its direction), pairs
+    within a class only, so the label cannot explain it. Each comes with a p-value from
+    ``n_perm`` permutations of the nuisance within each class (a handful of test slides
+    separates anything by chance); ``warn`` when an effect passes its threshold with
+    p < :data:`DEPENDENCE_P`."""
     y_all, p_all = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     overall = _auc(y_all, p_all)
     pos = {i: k for k, i in enumerate(ids)}
+    rng = np.random.default_rng(seed)
     out = []
     for name, nz in found.items():
         have = [i for i in ids if i in nz["values"]]
@@ -184,28 +225,34 @@ def prediction_dependence(ids: list[str], y: npt.ArrayLike, p: npt.ArrayLike,
             continue
         idx = np.array([pos[i] for i in have])
         yy, pp = y_all[idx], p_all[idx]
-        row: dict[str, Any] = {"nuisance": name, "kind": nz["kind"], "n": len(have), "overall_auc": overall}
-        if nz["kind"] == "categorical":
-            lv = np.array([nz["values"][i] for i in have])
-            row["within_level_auc"] = _pair_auc(yy, pp, lv)
-            best: tuple[float, str] | None = None
-            for level in np.unique(lv):
-                a = _pair_auc((lv == level).astype(int), pp, yy)  # level vs rest, pairs within a class
-                if a is not None and (best is None or abs(a - 0.5) > abs(best[0] - 0.5)):
-                    best = (a, str(level))
-            if best is not None:
-                row["level_auc_within_class"], row["level"] = best
-        else:
+        numeric = nz["kind"] == "numeric"
+        if numeric:
             v = np.array([nz["values"][i] for i in have], dtype=float)
-            high = (v > np.median(v)).astype(int)
-            row["level_auc_within_class"] = _pair_auc(high, pp, yy) if 0 < high.sum() < len(high) else None
-            row["level"] = f"above the median ({np.median(v):g})"
-        drop = (overall - row["within_level_auc"]) if overall is not None and row.get("within_level_auc") is not None \
-            else None
-        sep = row.get("level_auc_within_class")
-        row["within_drop"] = drop
-        row["warn"] = bool((drop is not None and drop >= WITHIN_DROP)
-                           or (sep is not None and max(sep, 1 - sep) >= PREDICTION_AUC))
+            lv = v > np.median(v)
+        else:
+            lv = np.array([nz["values"][i] for i in have])
+        within, sep, level = _dependence(yy, pp, lv, numeric)
+        if numeric and level is not None:
+            level = f"above the median ({np.median(v):g}), {level.split('(')[1][:-1]}"
+        drop = overall - within if overall is not None and within is not None else None
+        p_drop = p_sep = None
+        if drop is not None or sep is not None:
+            hits_drop = hits_sep = 0
+            for _ in range(n_perm):
+                shuffled = lv.copy()
+                for c in (0, 1):  # the nuisance permuted within each class: the label's link to it kept
+                    members = np.flatnonzero(yy == c)
+                    shuffled[members] = lv[rng.permutation(members)]
+                w, s_, _ = _dependence(yy, pp, shuffled, numeric)
+                hits_drop += drop is not None and w is not None and overall - w >= drop - 1e-12
+                hits_sep += sep is not None and s_ is not None and s_ >= sep - 1e-12
+            p_drop = (hits_drop + 1) / (n_perm + 1) if drop is not None else None
+            p_sep = (hits_sep + 1) / (n_perm + 1) if sep is not None else None
+        row: dict[str, Any] = {"nuisance": name, "kind": nz["kind"], "n": len(have), "overall_auc": overall,
+                               "within_level_auc": within, "within_drop": drop, "p_within_drop": p_drop,
+                               "level_auc_within_class": sep, "level": level, "p_level": p_sep}
+        row["warn"] = bool((drop is not None and drop >= WITHIN_DROP and p_drop is not None and p_drop < DEPENDENCE_P)
+                           or (sep is not None and sep >= PREDICTION_AUC and p_sep is not None and p_sep < DEPENDENCE_P))
         out.append(row)
     return sorted(out, key=lambda r: (not r["warn"], r["nuisance"]))
 
@@ -236,14 +283,15 @@ def warnings_of(audit: dict[str, Any]) -> list[str]:
     for r in audit.get("after", []):
         if r["warn"]:
             parts = []
-            if r.get("within_drop") is not None and r["within_drop"] >= WITHIN_DROP:
+            if (r.get("within_drop") is not None and r["within_drop"] >= WITHIN_DROP
+                    and (r.get("p_within_drop") or 1) < DEPENDENCE_P):
                 parts.append(f"AUC {r['within_level_auc']:.3f} within each {r['nuisance']} vs {r['overall_auc']:.3f} "
-                             "overall")
+                             f"overall, permutation p = {r['p_within_drop']:.3f}")
             sep = r.get("level_auc_within_class")
-            if sep is not None and max(sep, 1 - sep) >= PREDICTION_AUC:
+            if sep is not None and sep >= PREDICTION_AUC and (r.get("p_level") or 1) < DEPENDENCE_P:
                 level = r["level"] if r["kind"] == "numeric" else f"= {r['level']}"
                 parts.append(f"within each class the predictions separate {r['nuisance']} {level} from the rest at AUC "
-                             f"{max(sep, 1 - sep):.2f}")
+                             f"{sep:.2f}, permutation p = {r['p_level']:.3f}")
             lines.append(f"the predictions depend on {r['nuisance']!r} ({'; '.join(parts)}): part of the score is "
                          f"{r['nuisance']}, not the disease")
     if audit.get("localisation_warning"):
@@ -273,10 +321,11 @@ def markdown(audit: dict[str, Any]) -> list[str]:
         lines += [(f"After training ({audit.get('set', '')}): AUC within each level against overall (warned "
                    f"{WITHIN_DROP} lower), and how well predictions separate a level within the classes (warned at "
                    f"AUC >= {PREDICTION_AUC}):"), "",
-                  "| nuisance | overall AUC | AUC within levels | level | separated within class (AUC) | warning |",
-                  "|---|---:|---:|---|---:|---|"]
-        lines += [(f"| {r['nuisance']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} | {r.get('level', '')} "
-                   f"| {_f(r.get('level_auc_within_class'))} | {'yes' if r['warn'] else ''} |") for r in after]
+                  "| nuisance | n | overall AUC | AUC within levels (p) | level | separated within class: AUC (p) "
+                  "| warning |", "|---|---:|---:|---:|---|---:|---|"]
+        lines += [(f"| {r['nuisance']} | {r['n']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} "
+                   f"({_f(r.get('p_within_drop'))}) | {r.get('level') or ''} | {_f(r.get('level_auc_within_class'))} "
+                   f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else ''} |") for r in after]
         lines.append("")
     loc = audit.get("localisation")
     if loc:

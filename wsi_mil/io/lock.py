@@ -22,6 +22,7 @@ from wsi_mil.errors import ConfigError
 LOCK_NAME = ".wsi-mil.lock"
 _held: dict[Path, Any] = {}  # folder -> open lock file (kept open: closing it would release the lock)
 _created: set[Path] = set()  # lock files this process made (a refused command removes them again)
+_before: dict[Path, str] = {}  # what a lock file it did not make said before (a refused command puts it back)
 
 
 def lock_folder(folder: Path, command: str) -> None:
@@ -56,6 +57,9 @@ def lock_folder(folder: Path, command: str) -> None:
         _created.add(path)
     try:  # who holds it, for the message a second run gets (the lock itself needs no bytes: a full disk is fine)
         fh.seek(0)
+        if not made:
+            _before[path] = fh.read()
+            fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -66,8 +70,8 @@ def lock_folder(folder: Path, command: str) -> None:
 
 def release_all(*, remove_made: bool = False) -> None:
     """Release every lock this process holds (a process's exit does it anyway);
-    ``remove_made``: a refused command also removes the lock files it made, so that a
-    folder it was refused in is left as it was found."""
+    ``remove_made``: a refused command also removes the lock files it made and puts back
+    what the others said, so that a folder it was refused in is left as it was found."""
     import fcntl
 
     for folder, fh in _held.items():
@@ -75,8 +79,14 @@ def release_all(*, remove_made: bool = False) -> None:
         try:
             if remove_made and path in _created:  # while still held: no other run can be using it
                 path.unlink(missing_ok=True)
+            elif remove_made and path in _before:  # the last run's record, as it was
+                fh.seek(0)
+                fh.truncate()
+                fh.write(_before[path])
+                fh.flush()
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         finally:
             fh.close()
     _held.clear()
     _created.clear()
+    _before.clear()

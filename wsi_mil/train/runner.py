@@ -453,6 +453,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
     metrics["seed"] = config.seed
+    select = getattr(config, "select", "best")
+    metrics["model_selection"] = (
+        f"swa: every one of {config.epochs} epochs trained, the weights averaged over epochs {config.epochs // 2 + 1}-"
+        f"{config.epochs} (a fixed schedule; validation not used to choose)" if select == "swa" else
+        f"best: the epoch with the best validation {getattr(config, 'monitor', 'auc')} (validation loss breaks ties), "
+        f"early stopping after {getattr(config, 'patience', '?')} epochs without improvement")
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
     return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
@@ -668,7 +674,9 @@ def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
     if head and task.kind == "binary":
         out += [f"Headline: {SET_NAMES.get(key, key)}, AUC {auc_text(head)}, n = {head.get('n')} "
                 f"({head.get('n_positive')} positive); {m.get('headline', {}).get('why', '')}.", ""]
-    if key == "pooled_validation" and m.get("folds"):
+    if m.get("model_selection"):
+        out += [f"Model selection: {m['model_selection']}.", ""]
+    if key == "pooled_validation" and m.get("folds") and not str(m.get("model_selection", "")).startswith("swa"):
         out += ["Out-of-fold predictions come from models whose epoch was chosen on those same cases (early "
                 "stopping), so they lean optimistic; the held-out test set has no such bias but fewer cases.", ""]
     return out

@@ -465,6 +465,9 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     config = build_config(TileConfig, recipe=recipe, overrides=_config_overrides(args, TileConfig))
     resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made
     entries = resolved.entries
+    from wsi_mil.io.run_folder import refuse_foreign_data_folder
+
+    refuse_foreign_data_folder(args.out, "tile")
     _setup_logging(args.verbose, args.out / "tile.log")
     _write_resolved_config(args.out / "tile_config.yaml", config, args)
     logger.info("tiling %d slide(s) into %s", len(entries), args.out)
@@ -508,6 +511,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     recipe = load_recipe(args.config, "extract_features") if args.config else None
     config = build_config(ExtractConfig, recipe=recipe, overrides=_config_overrides(args, ExtractConfig))
+    from wsi_mil.io.run_folder import refuse_foreign_data_folder
+
+    refuse_foreign_data_folder(args.out, "extract-features")
     _setup_logging(args.verbose, args.out / "extract.log")
     _write_resolved_config(args.out / "extract_config.yaml", config, args, "extract_features",
                            {"slides": [str(s) for s in args.slides], "scheduler": args.scheduler})

@@ -174,3 +174,24 @@ def test_a_run_into_a_folder_of_stores_is_refused_and_leaves_it_as_it_was(musk, 
     record = (run / ".wsi-mil.lock").read_text()
     assert _train(manifest, feats, run, "--folds", "3") == 2
     assert (run / ".wsi-mil.lock").read_text() == record
+
+
+def test_data_commands_and_trainers_refuse_folders_that_are_not_theirs(musk, tmp_path: Path, cmu_slide: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """tile / extract-features into a finished run, or into a folder of stores (extract
+    wrote features/features/ beside the stores); train-mil into the folder of the slides."""
+    manifest, feats = musk
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run, "--folds", "2") == 0
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(cmu_slide, slides / "cmu.svs")
+    before = {p: sorted(x.name for x in p.iterdir()) for p in (run, feats, slides)}
+    capsys.readouterr()
+    assert main(["tile", str(slides / "cmu.svs"), "--out", str(run), "--no-progress", "-q"]) == 2
+    assert "holds a train-mil run (run.json); tile would write its outputs among them" in capsys.readouterr().err
+    assert main(["extract-features", str(tmp_path), "--out", str(feats), "--no-progress", "-q"]) == 2
+    assert "holds patch or feature stores" in capsys.readouterr().err
+    assert _train(manifest, feats, slides) == 2
+    assert f"{slides} holds slide files (cmu.svs ...)" in capsys.readouterr().err
+    assert {p: sorted(x.name for x in p.iterdir()) for p in (run, feats, slides)} == before

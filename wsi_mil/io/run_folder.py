@@ -42,14 +42,40 @@ _DATA_MARKS = {"run_report.json": "tile", "tile.log": "tile", "features_report.j
                "extract.log": "extract-features"}
 
 
+#: slide files: a folder holding them is the user's slides, never a command's --out
+_SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
+
+
+def _stores_or_slides(folder: Path) -> str | None:
+    stores = next(folder.glob("*.h5"), None) or next(folder.glob("*.zarr"), None)
+    if stores is not None:
+        return f"patch or feature stores ({stores.name} ...)"
+    slide = next((p for p in folder.iterdir() if p.suffix.lower() in _SLIDE_SUFFIXES), None)
+    return f"slide files ({slide.name} ...)" if slide is not None else None
+
+
 def _data_folder(folder: Path) -> str | None:
-    """What makes ``folder`` another command's data folder (a tiling or feature output, or
-    a folder of stores such as ``features/``), or None."""
+    """What makes ``folder`` another command's data folder (a tiling or feature output, a
+    folder of stores such as ``features/``) or the user's slides, or None."""
     for name, command in _DATA_MARKS.items():
         if (folder / name).exists():
             return f"the output of wsi-mil {command} ({name})"
-    stores = next(folder.glob("*.h5"), None) or next(folder.glob("*.zarr"), None)
-    return f"patch or feature stores ({stores.name} ...)" if stores is not None else None
+    return _stores_or_slides(folder)
+
+
+def refuse_foreign_data_folder(folder: Path, command: str) -> None:
+    """``tile`` / ``extract-features`` --out: refused when it is a run's folder (a trainer's
+    or predictor's ``run.json``), a folder of stores (``features/`` itself: extract wrote
+    ``features/features/`` beside the stores) or of slides."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    run = read_run(folder)
+    what = (f"a {run.get('command')} run (run.json)" if run is not None else
+            _stores_or_slides(folder) if not any((folder / m).exists() for m in _DATA_MARKS) else None)
+    if what is not None:
+        raise ConfigError(f"{folder} holds {what}; {command} would write its outputs among them. Choose another "
+                          "--out (for extract-features, usually the tile --out folder that holds patches/)")
 
 
 def file_digest(path: Path) -> str:

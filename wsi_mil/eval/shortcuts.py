@@ -29,12 +29,13 @@ about each sample, nothing specific to slides):
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from wsi_mil.eval.audit import _number
 
 #: a nuisance that alone separates the classes at least this well (AUC), ...
 ASSOCIATION_AUC = 0.7
@@ -64,14 +65,6 @@ BLANKS = {"", "na", "n/a", "nan", "none", "null", "-", "?"}
 
 def _blank(v: Any) -> bool:
     return v is None or str(v).strip().lower() in BLANKS
-
-
-def _number(v: Any) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def nuisances(ids: list[str], columns: dict[str, dict[str, str]], facts: dict[str, dict[str, Any]] | None = None,
@@ -321,8 +314,8 @@ def markdown(audit: dict[str, Any]) -> list[str]:
         lines += [(f"After training ({audit.get('set', '')}): AUC within each level against overall (warned "
                    f"{WITHIN_DROP} lower), and how well predictions separate a level within the classes (warned at "
                    f"AUC >= {PREDICTION_AUC}):"), "",
-                  "| nuisance | n | overall AUC | AUC within levels (p) | level | separated within class: AUC (p) "
-                  "| warning |", "|---|---:|---:|---:|---|---:|---|"]
+                  ("| nuisance | n | overall AUC | AUC within levels (p) | level | separated within class: AUC (p) "
+                  "| warning |"), "|---|---:|---:|---:|---|---:|---|"]
         lines += [(f"| {r['nuisance']} | {r['n']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} "
                    f"({_f(r.get('p_within_drop'))}) | {r.get('level') or ''} | {_f(r.get('level_auc_within_class'))} "
                    f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else ''} |") for r in after]

@@ -192,8 +192,9 @@ class DSMIL(nn.Module):
     similarity of its query to the critical instance's (scaled dot product, softmax over
     the bag), pools projected instances with that attention and classifies the pooled
     embedding (one kernel per output over its own embedding, as the authors' 1-D
-    convolution does). ``logits`` are the bag stream's; ``attention`` the bag stream's,
-    averaged over outputs. A small lesion has a few strongly scored instances: the
+    convolution does). In training ``logits`` are the bag stream's (the trainer's loss) and
+    the maximum's loss is ``aux_loss``; in evaluation they are the mean of the two streams'
+    logits, as the authors predict. ``attention``: the bag stream's, averaged over outputs. A small lesion has a few strongly scored instances: the
     critical instance finds them and the attention is measured against it, instead of a
     softmax over thousands of normal patches learning them from the bag label alone.
     """
@@ -220,10 +221,12 @@ class DSMIL(nn.Module):
         scores = torch.einsum("bnq,bcq->bcn", q, q_crit) / math.sqrt(q.shape[-1])
         att = masked_softmax(scores, mask[:, None, :])  # (B, C, N)
         bag = torch.einsum("bcn,bnh->bch", att, self.value(h))  # (B, C, H)
-        out = MILOutput(self.head(bag)[..., 0], att.mean(dim=1))
-        if labels is not None and self.training and self.instance_weight > 0:
+        bag_logits, top = self.head(bag)[..., 0], inst.max(dim=1).values
+        if not self.training:  # the authors' prediction: both streams averaged
+            return MILOutput(0.5 * (bag_logits + top), att.mean(dim=1))
+        out = MILOutput(bag_logits, att.mean(dim=1))
+        if labels is not None and self.instance_weight > 0:
             known = torch.isfinite(labels)
-            top = inst.max(dim=1).values
             loss = F.binary_cross_entropy_with_logits(top[known], labels[known].to(top.dtype)) if known.any() else None
             out.aux_loss = None if loss is None else self.instance_weight * loss
         return out

@@ -17,6 +17,7 @@ not).
 Results: benchmarks/results/mil_small_lesions.{json,md} (quoted in the README).
 
     .venv/bin/python benchmarks/bench_mil_small.py [--phase prep|train|all] [--models abmil,dsmil] [--cohorts 60,120,confounded]
+    (rows of models not named are kept from earlier runs; the results list every command)
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def markdown(res: dict) -> str:
               "varies). Localisation: AUC of instance attention against the lesion patches (at least half of the patch "
               "inside the mask), per positive slide a model did not train on. A failed fold has a validation or test "
               "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts)."), "",
-              f"Command: `{res['command']}`."]
+              "Commands (rows of models a later command names are replaced by it): "
+              + "; ".join(f"`{c}`" for c in res.get("commands", [])) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +155,9 @@ def main() -> None:
     out = RESULTS / "mil_small_lesions.json"
     res = json.loads(out.read_text()) if out.exists() else {"cohorts": {}}
     res["cpus"] = os.cpu_count()
-    res["command"] = "python benchmarks/bench_mil_small.py " + " ".join(
+    command = "python benchmarks/bench_mil_small.py --phase train " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "phase")
+    res["commands"] = [*[c for c in res.get("commands", []) if c != command], command]
     feats = {"120": CACHE / "balanced-120" / "tiles" / "features", "60": CACHE / "balanced-120" / "tiles" / "features",
              "confounded": CACHE / "confounded-40" / "tiles" / "features"}
     for name in args.cohorts.split(","):

@@ -29,6 +29,14 @@ def _train(manifest: Path, feats: Path, out: Path, *extra: str) -> int:
                  "--bootstrap", "20", "--no-progress", "-q", *extra])
 
 
+def _one_store(manifest: Path, feats: Path, stores: Path) -> Path:
+    """A folder holding the feature store of the manifest's first slide (to predict)."""
+    stores.mkdir()
+    first = next(csv.DictReader(open(manifest)))["slide_id"]
+    shutil.copy(feats / f"{first}.h5", stores / f"{first}.h5")
+    return stores
+
+
 def test_a_run_with_other_settings_is_refused_then_replaced(musk, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     manifest, feats = musk
@@ -52,10 +60,7 @@ def test_predict_uses_only_the_folds_the_run_lists(musk, tmp_path: Path) -> None
     manifest, feats = musk
     run = tmp_path / "run"
     assert _train(manifest, feats, run, "--folds", "2") == 0
-    stores = tmp_path / "stores"
-    stores.mkdir()
-    first = next(csv.DictReader(open(manifest)))["slide_id"]
-    shutil.copy(feats / f"{first}.h5", stores / f"{first}.h5")
+    stores = _one_store(manifest, feats, tmp_path / "stores")
     assert main(["predict", str(run), str(stores), "--out", str(tmp_path / "p1")]) == 0
     p1 = (tmp_path / "p1" / "predictions.csv").read_text()
     # a stray model of another run left in models/ (copied in by hand) is not averaged in
@@ -139,10 +144,7 @@ def test_predict_into_the_run_it_reads_is_refused_even_with_overwrite(musk, tmp_
     manifest, feats = musk
     run = tmp_path / "run"
     assert _train(manifest, feats, run, "--folds", "2") == 0
-    stores = tmp_path / "stores"
-    stores.mkdir()
-    first = next(csv.DictReader(open(manifest)))["slide_id"]
-    shutil.copy(feats / f"{first}.h5", stores / f"{first}.h5")
+    stores = _one_store(manifest, feats, tmp_path / "stores")
     models = sorted(p.name for p in (run / "models").iterdir())
     capsys.readouterr()
     for extra in ([], ["--overwrite"]):

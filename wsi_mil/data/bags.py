@@ -396,7 +396,7 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
         bag = Bag(e.slide_id, e.patient_id or e.slide_id, task.target(e.labels, f"slide {e.slide_id}"), store,
                   (split_column or {}).get(e.slide_id), step_px=step, meta=attrs, extent_px=extent)
         try:
-            bag.cache() if cache else bag.load()
+            features = bag.cache().features if cache else bag.load()[0]
         except StoreError as exc:
             missing.append({"slide_id": e.slide_id, "reason": str(exc)})
             continue
@@ -404,8 +404,7 @@ def bags_from_manifest(entries: list[SlideEntry], features_dirs: list[Path], tas
             missing.append({"slide_id": e.slide_id, "reason": f"{store} cannot be read ({type(exc).__name__}: {exc}); "
                             "re-run extract-features for this slide"})
             continue
-        n = len(bag.features) if bag.features is not None else int(attrs.get("n_features", attrs.get("n_patches", 1)))
-        if n == 0:  # a bag of nothing was scored at a constant probability and counted in every metric
+        if features is None or not len(features):  # a bag of nothing was scored at a constant probability and counted in every metric
             missing.append({"slide_id": e.slide_id, "reason": f"{store} holds no patches (tiling found no tissue that "
                             "passed its settings: see the slide's QC image); re-tile it with other tissue settings "
                             "(e.g. --min-tissue, --no-reject-pen), or leave it out of the manifest"})

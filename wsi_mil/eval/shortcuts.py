@@ -76,19 +76,17 @@ def nuisances(ids: list[str], columns: dict[str, dict[str, str]], facts: dict[st
     left out; a blank cell (or NA, n/a, none ...) is missing, never a level of its own, and
     a column blank for some samples is also checked as "<column> (blank or not)"."""
     skip = NOT_NUISANCES | (label_columns or set())
-    names: list[str] = []
-    for row in columns.values():
-        names += [c for c in row if c not in names]
-    for row in (facts or {}).values():
-        names += [c for c in row if c not in names]
+    facts = facts or {}
+    column_names = dict.fromkeys(c for row in columns.values() for c in row)
+    names = [*column_names, *(c for c in dict.fromkeys(c for row in facts.values() for c in row)
+                              if c not in column_names)]
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         if name in skip or name.startswith("label_"):
             continue
-        cells = {i: ((facts or {}).get(i, {}).get(name) if name in (facts or {}).get(i, {}) else
-                     columns.get(i, {}).get(name)) for i in ids}
+        cells = {i: facts[i][name] if name in facts.get(i, {}) else columns.get(i, {}).get(name) for i in ids}
         raw = {i: v for i, v in cells.items() if not _blank(v)}
-        if name in {c for row in columns.values() for c in row} and 2 <= len(raw) <= len(ids) - 2:
+        if name in column_names and 2 <= len(raw) <= len(ids) - 2:
             # which slides have a value at all can itself come with the label (a note written for positives only)
             out[f"{name} (blank or not)"] = {"kind": "categorical",
                                              "values": {i: "filled" if i in raw else "blank" for i in ids}}

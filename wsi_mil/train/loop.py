@@ -104,6 +104,22 @@ def as_feeder(samples: Any, s: FitSettings | None = None) -> Feeder:
     return BagFeeder(samples, s.max_instances if s else None, s.bags_per_batch if s else 1)
 
 
+def instance_moments(feeder: Feeder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation over every real instance the feeder holds
+    (padding excluded), accumulated in float64."""
+    total, sq, n = None, None, 0
+    for inputs, _ in feeder.eval_batches():
+        x = inputs[0].double()
+        x = x[inputs[1]] if len(inputs) > 1 and inputs[1].shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        n += x.shape[0]
+    if total is None or sq is None or n == 0:
+        raise ValueError("no training instances to standardise the inputs with")
+    mean = total / n
+    return mean.float(), (sq / n - mean * mean).clamp(min=0).sqrt().float()
+
+
 def _accumulate(mean: dict[str, torch.Tensor] | None, model: nn.Module, n: int) -> dict[str, torch.Tensor]:
     """The running mean of ``model``'s floating-point weights after ``n`` earlier ones
     (other buffers: the latest)."""
@@ -206,6 +222,11 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     model.to(dev)
     train = as_feeder(train, s)
     val = as_feeder(val, s) if val is not None and len(val) else None
+    if s.select not in ("best", "swa"):
+        raise ValueError(f"FitSettings.select must be best or swa, not {s.select!r}")
+    select = s.select
+    if hasattr(model, "fit_inputs"):  # input standardisation from the training instances (kept with the weights)
+        model.fit_inputs(*(t.to(dev) for t in instance_moments(train)))
     targets = train.targets
     loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma).to(dev)
     eval_loss = BagLoss(task.kind, "none").to(dev)
@@ -274,13 +295,13 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
         history.append(row)
         if log:
             log(row)
-        if s.select == "swa":
+        if select == "swa":
             if epoch > s.epochs // 2:  # stochastic weight averaging (Izmailov et al. 2018) of the second half
                 averaged, n_avg = _accumulate(averaged, model, n_avg), n_avg + 1
             continue  # a fixed schedule: validation is watched, never used to stop or choose
         if val and epoch >= s.min_epochs and stale >= s.patience:
             break
-    if s.select == "swa" and averaged is not None:
+    if select == "swa" and averaged is not None:
         best = FitResult(averaged, len(history), None)
     elif not val:
         best = FitResult(state_copy(model), len(history), None)

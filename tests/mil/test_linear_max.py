@@ -104,7 +104,7 @@ def test_linear_max_standardises_so_the_feature_scale_does_not_matter(pools) -> 
     which travel with the weights."""
     from wsi_mil.eval.metrics import auc
 
-    model, pred, truth = _train_and_test(pools, scale=50.0, offset=20.0)
+    model, pred, _ = _train_and_test(pools, scale=50.0, offset=20.0)
     assert auc(pred.targets[:, 0], pred.probs[:, 0]) >= 0.95
     train, _ = _bags(*pools["train"], 60, seed=1, scale=50.0, offset=20.0)
     mean, std = instance_moments(BagFeeder(train))

@@ -108,7 +108,7 @@ def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, seed: int)
     from wsi_mil.commands.train_mil import run_train
     from wsi_mil.config import TrainConfig
     from wsi_mil.eval.metrics import auc_text
-    from wsi_mil.eval.shortcuts import warnings_of
+    from wsi_mil.eval.shortcuts import notes_of, warnings_of
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a whole fresh run: nothing resumed
     t = time.perf_counter()
@@ -125,7 +125,8 @@ def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, seed: int)
             "pooled_oof_text": auc_text(m["pooled_validation"]),
             "failed_folds": m["fold_health"]["failed"], "headline": m["headline"],
             "localisation_auc_mean": loc.get("mean"), "localisation_auc_min": loc.get("min"),
-            "shortcut_warnings": warnings_of(sc), "test_ceiling": test_ceiling(run_dir)}
+            "shortcut_warnings": warnings_of(sc), "shortcut_notes": notes_of(sc), "selection": m.get("model_selection"),
+            "test_ceiling": test_ceiling(run_dir)}
 
 
 def markdown(res: dict) -> str:
@@ -147,16 +148,19 @@ def markdown(res: dict) -> str:
         lines += [f"## Cohort {name}", "", (f"Test set: {first['ensemble_test']['n']} slides "
                   f"({first['ensemble_test']['n_positive']} positive{ceiling})."), "",
                   ("| model | test AUC across folds, mean ± sd | test AUC, fold ensemble (95% CI) | failed folds "
-                  "| localisation AUC mean (min) | best epochs | shortcut warnings | wall |"),
+                  "| localisation AUC mean (min) | epochs kept | shortcut warnings | wall |"),
                   "|---|---|---|---|---|---|---|---:|"]
         for r in rows.values():
             af = r["across_folds_test_auc"]
             failed = ", ".join(f"{f['fold']}" for f in r["failed_folds"]) or "none"
             loc = (f"{r['localisation_auc_mean']:.3f} ({r['localisation_auc_min']:.3f})"
                    if r["localisation_auc_mean"] is not None else "–")
-            warn = "; ".join(w.split(" (")[0] for w in r["shortcut_warnings"]) or "none"
+            warn = "; ".join([w.split(" (")[0] for w in r["shortcut_warnings"]]
+                             + [f"note: {n.split(' differs')[0]} differs" for n in r.get("shortcut_notes", [])]) or "none"
+            epochs = ("averaged over " + r["selection"].split("over epochs ")[1].split(" ")[0]
+                      if str(r.get("selection", "")).startswith("swa") else ", ".join(str(e) for e in r["best_epochs"]))
             lines.append(f"| {r['model']} | {af['mean']:.3f} ± {af['sd']:.3f} | {r['ensemble_test_text']} | {failed} "
-                         f"| {loc} | {', '.join(str(e) for e in r['best_epochs'])} | {warn} | {r['wall_seconds']:.0f} s |")
+                         f"| {loc} | {epochs} | {warn} | {r['wall_seconds']:.0f} s |")
         lines.append("")
     lines += [("Test AUC across folds: each fold's model on the held-out test set (the sd shows how much one fold's model "
               "varies). Localisation: AUC of instance attention against the lesion patches (at least half of the patch "

@@ -186,6 +186,8 @@ def test_threads_and_processes_give_the_same_store(tmp_path, big_slide) -> None:
     (ca, fa, aa), (cb, fb, ab) = stores["auto2"], stores["procs"]
     assert len(ca) > 100 and np.array_equal(ca, cb) and np.array_equal(fa, fb)
     assert aa["tissue_area_mm2"] == ab["tissue_area_mm2"] and aa["slide_fingerprint"] == ab["slide_fingerprint"]
+    for key in ("stain_haematoxylin", "stain_eosin", "tissue_lightness", "tissue_a", "tissue_b"):  # the tissue's colour
+        assert np.isfinite(aa[key]) and aa[key] == ab[key]
     assert ab["slide_sha256"] == hashlib.sha256(big_slide.read_bytes()).hexdigest() and "slide_sha256" not in aa
     bad = _run(["tile", str(big_slide), "--out", str(tmp_path / "bad"), "--executor", "threads",
                 "--scheduler", "tcp://127.0.0.1:1", "--no-progress"])

@@ -17,6 +17,11 @@ from wsi_mil.cli import main
 from wsi_mil.eval.shortcuts import label_association, nuisances, prediction_dependence
 
 
+#: what every slide's stores carry beside its patch count (wsi_mil.tiling.tissue.stain_statistics)
+SLIDE_FACTS = ["tissue area mm²", "tissue colour: a* (green-red)", "tissue colour: b* (blue-yellow)",
+               "tissue colour: eosin", "tissue colour: haematoxylin", "tissue colour: lightness"]
+
+
 def _road(root: Path, preset: str) -> tuple[Path, str]:
     """synth -> tile -> extract-features -> train-mil, as a user runs them; (run, what
     train-mil printed)."""
@@ -55,6 +60,13 @@ def test_a_confounded_cohort_is_warned_about_before_and_after_training(confounde
     assert "## Shortcut checks" in report and "**WARNING: the label is associated with 'site'" in report
     after = next(r for r in shortcuts["after"] if r["nuisance"] == "site")
     assert after["level_auc_within_class"] is not None and shortcuts["set"]
+    # site-B's stain, seen from the thumbnails alone (a cohort without the site column has this): a note, since
+    # large lesions in their own colours show there too
+    colour = next(r for r in shortcuts["before"] if r["nuisance"] == "tissue colour: b* (blue-yellow)")
+    assert colour["note"] and not colour["warn"] and colour["auc"] >= 0.7 and colour["p"] < 0.01
+    assert "- Note: the b* (blue-yellow) of the tissue differs between the classes" in report
+    assert "note: the b* (blue-yellow) of the tissue differs" in output
+    assert {r["nuisance"] for r in shortcuts["before"]} == {"patch count", "site", *SLIDE_FACTS}
     loc = shortcuts["localisation"]  # the generated slides' lesion masks are found through the stores
     assert loc["n"] >= 5 and 0 <= loc["min"] <= loc["mean"] <= 1
 
@@ -62,8 +74,8 @@ def test_a_confounded_cohort_is_warned_about_before_and_after_training(confounde
 def test_a_balanced_cohort_raises_no_shortcut_warning(balanced) -> None:
     run, output = balanced
     shortcuts = json.loads((run / "metrics.json").read_text())["audit"]["shortcuts"]
-    assert shortcuts["checked"] == ["patch count"]  # the nuisance a slide cohort always carries
-    assert not any(r["warn"] for r in shortcuts["before"] + shortcuts["after"])
+    assert shortcuts["checked"] == ["patch count", *SLIDE_FACTS]  # the nuisances a slide cohort always carries
+    assert not any(r["warn"] or r["note"] for r in shortcuts["before"] + shortcuts["after"])
     assert not shortcuts.get("localisation_warning")
     report = (run / "report.md").read_text()
     for shortcut in ("is associated with", "the predictions depend on", "its attention is not on the lesions"):
@@ -105,3 +117,22 @@ def test_a_balanced_column_is_not_associated_and_a_planted_one_is() -> None:
     assert found["comment (blank or not)"]["kind"] == "categorical" and "NA" not in found["stain"]["values"].values()
     by = {r["nuisance"]: r for r in label_association(ids, y, found)}
     assert by["comment (blank or not)"]["warn"]
+
+
+def test_a_colour_nuisance_is_a_note_not_a_warning() -> None:
+    """The tissue's colour separates the classes both when a stain comes with the label and
+    when large lesions have their own colour: it is reported as a note to check."""
+    from wsi_mil.eval.shortcuts import COLOUR, notes_of, warnings_of
+
+    ids = [f"s{i}" for i in range(30)]
+    y = np.array([i % 2 for i in range(30)])
+    facts = {i: {COLOUR + "b* (blue-yellow)": 8.0 + 3.0 * y[k] + 0.1 * k, "patch count": 100 + 40 * y[k] + k}
+             for k, i in enumerate(ids)}
+    before = {r["nuisance"]: r for r in label_association(ids, y, nuisances(ids, {}, facts))}
+    assert before["patch count"]["warn"] and not before["patch count"]["note"]
+    colour = before[COLOUR + "b* (blue-yellow)"]
+    assert colour["note"] and not colour["warn"] and colour["auc"] == pytest.approx(1.0)
+    audit = {"before": list(before.values())}
+    assert [w for w in warnings_of(audit) if "b*" in w] == []
+    (note,) = notes_of(audit)
+    assert note.startswith("the b* (blue-yellow) of the tissue differs between the classes (AUC 1.00")

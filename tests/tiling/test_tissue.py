@@ -67,8 +67,9 @@ def test_mask_on_real_slide_thumbnail_excludes_glass(cmu_slide) -> None:
 def test_fast_primitives_equal_scikit_image() -> None:
     """The tiler's own Otsu, disk closing, small-object removal, hole filling (OpenCV's
     labelling, on one thread or two) and outline give exactly what the scikit-image
-    functions they replace give (tiling imports neither scikit-image nor scipy.ndimage;
-    same masks, several times faster)."""
+    functions they replace give (the mask needs neither scikit-image nor scipy.ndimage;
+    same masks, several times faster; only the stain statistics use scikit-image, its colour
+    conversions)."""
     from skimage import measure, morphology
     from skimage.filters import threshold_otsu
     from skimage.segmentation import clear_border, find_boundaries
@@ -247,3 +248,27 @@ def test_integer_ink_rules_equal_the_float_hue_rules() -> None:
     assert ink.mean() > 0.2 and blue.mean() > 0.05  # both rules fire on many colours
     assert differ.sum() < 1e-3 * len(px) and on_bound[differ].all()
     assert np.array_equal(pen_mask(px[None])[0], ink)
+
+
+def test_stain_statistics_see_a_sites_stain_and_read_a_subsample_faithfully(cmu_slide, monkeypatch) -> None:
+    """The tissue colour the shortcut checks read: a stain that is redder and less blue (the
+    gain the confounded preset gives a site) lowers haematoxylin and turns b* from blue to
+    yellow; the subsample of a large thumbnail gives the means of all its tissue pixels."""
+    import wsi_mil.tiling.tissue as tissue
+    from wsi_mil.io.slide import open_slide
+    from wsi_mil.io.thumbnail import read_thumbnail
+
+    with open_slide(cmu_slide) as slide:
+        thumb, _, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=8.0)
+    mask = tissue_mask(thumb, pixel_um=um)
+    base = tissue.stain_statistics(thumb, mask)
+    assert base is not None and base["stain_haematoxylin"] > 0.02 and base["tissue_b"] < 0  # H&E: blue-purple
+    site_b = np.clip(thumb * np.array([1.2, 1.1, 0.85]), 0, 255).astype(np.uint8)
+    shifted = tissue.stain_statistics(site_b, mask)
+    assert shifted["stain_haematoxylin"] < 0.5 * base["stain_haematoxylin"]
+    assert shifted["tissue_b"] - base["tissue_b"] > 15 and shifted["tissue_lightness"] > base["tissue_lightness"]
+    assert tissue.stain_statistics(thumb, np.zeros_like(mask)) is None  # no tissue: nothing, not zeros
+    monkeypatch.setattr(tissue, "STAIN_SAMPLE", int(mask.sum()) // 7)
+    sampled = tissue.stain_statistics(thumb, mask)
+    assert sampled["tissue_b"] == pytest.approx(base["tissue_b"], abs=0.5)
+    assert sampled["stain_eosin"] == pytest.approx(base["stain_eosin"], rel=0.05)

@@ -196,6 +196,8 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                 "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
                 **{k: attrs[k] for k in ("slide_sha256", "slide_fingerprint") if k in attrs},
                 "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
+                **{k: attrs[k] for k in ("tissue_area_mm2", "stain_haematoxylin", "stain_eosin", "tissue_lightness",
+                                         "tissue_a", "tissue_b") if k in attrs},  # nuisances the shortcut checks read
                 "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
                 "patch_level": attrs.get("patch_level"), **path_record("source_store", spec.store, Path(spec.out).parent),
                 "extent_level0_px": geometry.extent_level0_px, "step_level0_px": geometry.step_level0_px,

@@ -59,6 +59,11 @@ NOT_NUISANCES = {"slide_id", "image_id", "volume_id", "patient_id", "path", "ima
 MAX_LEVEL_SHARE = 0.5
 
 
+#: nuisances named with this prefix measure the tissue's colour (wsi_mil.tiling.tissue.stain_statistics):
+#: a stain, site or scanner shows there, but so do large lesions in their own colours, so an
+#: association is a note to check, not a warning
+COLOUR = "tissue colour: "
+
 #: cells that mean "no value" (as spreadsheets and pandas write them), never a level
 BLANKS = {"", "na", "n/a", "nan", "none", "null", "-", "?"}
 
@@ -158,7 +163,8 @@ def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[st
                 test = "chi-square"
             a = _auc(yy, _level_share(yy, lv))
             row.update({"auc": max(a, 1 - a) if a is not None else None, "p": p, "test": test, "table": table})
-        row["warn"] = bool(row["auc"] is not None and row["auc"] >= ASSOCIATION_AUC and row["p"] < ASSOCIATION_P)
+        hit = bool(row["auc"] is not None and row["auc"] >= ASSOCIATION_AUC and row["p"] < ASSOCIATION_P)
+        row["warn"], row["note"] = (False, hit) if name.startswith(COLOUR) else (hit, False)
         out.append(row)
     return sorted(out, key=lambda r: -(r["auc"] or 0))
 
@@ -242,8 +248,9 @@ def prediction_dependence(ids: list[str], y: npt.ArrayLike, p: npt.ArrayLike, fo
         row: dict[str, Any] = {"nuisance": name, "kind": nz["kind"], "n": len(have), "overall_auc": overall,
                                "within_level_auc": within, "within_drop": drop, "p_within_drop": p_drop,
                                "level_auc_within_class": sep, "level": level, "p_level": p_sep}
-        row["warn"] = bool((drop is not None and drop >= WITHIN_DROP and p_drop is not None and p_drop < DEPENDENCE_P)
-                           or (sep is not None and sep >= PREDICTION_AUC and p_sep is not None and p_sep < DEPENDENCE_P))
+        hit = bool((drop is not None and drop >= WITHIN_DROP and p_drop is not None and p_drop < DEPENDENCE_P)
+                   or (sep is not None and sep >= PREDICTION_AUC and p_sep is not None and p_sep < DEPENDENCE_P))
+        row["warn"], row["note"] = (False, hit) if name.startswith(COLOUR) else (hit, False)
         out.append(row)
     return sorted(out, key=lambda r: (not r["warn"], r["nuisance"]))
 
@@ -290,13 +297,31 @@ def warnings_of(audit: dict[str, Any]) -> list[str]:
     return lines
 
 
+def notes_of(audit: dict[str, Any]) -> list[str]:
+    """One line per colour nuisance that passed a warning's thresholds (see :data:`COLOUR`)."""
+    lines = []
+    for r in audit.get("before", []):
+        if r.get("note"):
+            lines.append(f"the {r['nuisance'][len(COLOUR):]} of the tissue differs between the classes (AUC "
+                         f"{r['auc']:.2f}, {r['test']} p = {r['p']:.2g}; median {r['medians']['positive']:g} in "
+                         f"positives vs {r['medians']['negative']:g} in negatives): either the lesions' own colour "
+                         "(large lesions) or a stain, site or scanner that comes with the label; where lesions are "
+                         "small, suspect the stain, and check that the heatmaps point at lesions")
+    for r in audit.get("after", []):
+        if r.get("note"):
+            lines.append(f"within the classes the predictions follow the {r['nuisance'][len(COLOUR):]} of the tissue "
+                         f"(see the table): the lesions' colour, or a stain the model learned")
+    return lines
+
+
 def markdown(audit: dict[str, Any]) -> list[str]:
     """report.md's section on shortcuts."""
     from wsi_mil.eval.audit_run import _f
 
     lines = ["## Shortcut checks", ""]
     warned = warnings_of(audit)
-    lines += [f"- **WARNING: {w}.**" for w in warned] + ([""] if warned else [])
+    noted = notes_of(audit)
+    lines += [f"- **WARNING: {w}.**" for w in warned] + [f"- Note: {n}." for n in noted] + ([""] if warned or noted else [])
     before, after = audit.get("before", []), audit.get("after", [])
     if not before and not after:
         lines += [("No nuisance to check: the inputs carry no column other than ids, labels and splits (add site, "
@@ -306,7 +331,7 @@ def markdown(audit: dict[str, Any]) -> list[str]:
                    f"p < {ASSOCIATION_P}):"), "", "| nuisance | kind | n | AUC alone | p | test | warning |",
                   "|---|---|---:|---:|---:|---|---|"]
         lines += [(f"| {r['nuisance']} | {r['kind']} | {r['n']} | {_f(r['auc'])} | {r['p']:.2g} | {r['test']} | "
-                   f"{'yes' if r['warn'] else ''} |") for r in before]
+                   f"{'yes' if r['warn'] else 'note' if r.get('note') else ''} |") for r in before]
         lines.append("")
     if after:
         lines += [(f"After training ({audit.get('set', '')}): AUC within each level against overall (warned "
@@ -316,7 +341,7 @@ def markdown(audit: dict[str, Any]) -> list[str]:
                   "| warning |"), "|---|---:|---:|---:|---|---:|---|"]
         lines += [(f"| {r['nuisance']} | {r['n']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} "
                    f"({_f(r.get('p_within_drop'))}) | {r.get('level') or ''} | {_f(r.get('level_auc_within_class'))} "
-                   f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else ''} |") for r in after]
+                   f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else 'note' if r.get('note') else ''} |") for r in after]
         lines.append("")
     loc = audit.get("localisation")
     if loc:

@@ -42,6 +42,7 @@ from wsi_mil.tiling.tissue import (
     TissueReport,
     inspect_tissue,
     preload_imports,
+    stain_statistics,
     use_threads,
 )
 
@@ -216,6 +217,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "n_patches": len(coords),
         "n_grid_candidates": len(candidates),
         "tissue_area_mm2": float(mask.sum() * thumb_um * thumb_um / 1e6),
+        **(stain_statistics(thumb, mask) or {}),  # nuisances a model could learn instead of the disease
         "tissue_report": asdict(tissue),
         "has_patches": bool(config.save_patches),
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",

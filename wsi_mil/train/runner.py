@@ -257,10 +257,17 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
     return CheckedRun(audit, plan, nz)
 
 
+#: feature-store attributes (wsi_mil.tiling.tissue.stain_statistics) -> nuisance names
+COLOUR_FACTS = {"stain_haematoxylin": "haematoxylin", "stain_eosin": "eosin", "tissue_lightness": "lightness",
+                "tissue_a": "a* (green-red)", "tissue_b": "b* (blue-yellow)"}
+
+
 def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
-    """Facts of each sample that could come with its label: a slide's patch count (its
-    tissue area) and its scanner's native resolution (slides of one scanner share it; the
-    resolution tiled at is one per run, checked elsewhere)."""
+    """Facts of each sample that could come with its label: a slide's patch count and
+    tissue area, its scanner's native resolution (slides of one scanner share it; the
+    resolution tiled at is one per run, checked elsewhere) and its tissue's colour."""
+    from wsi_mil.eval.shortcuts import COLOUR
+
     out: dict[str, dict[str, Any]] = {}
     for s in samples:
         facts: dict[str, Any] = {}
@@ -271,6 +278,11 @@ def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
             facts["patch count"] = int(n)
         if meta.get("slide_mpp") is not None:
             facts["scanner µm per pixel"] = meta["slide_mpp"]
+        if meta.get("tissue_area_mm2") is not None:
+            facts["tissue area mm²"] = meta["tissue_area_mm2"]
+        for key, name in COLOUR_FACTS.items():  # the thumbnail's tissue colour (stores tiled since wsi-mil 0.x)
+            if meta.get(key) is not None:
+                facts[COLOUR + name] = meta[key]
         out[s.slide_id] = facts
     return out
 
@@ -280,7 +292,7 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     """Every nuisance the inputs carry against the label (binary tasks), each warning
     logged now, before training; returns (the audit's "shortcuts" record, the nuisances
     the checks after training read)."""
-    from wsi_mil.eval.shortcuts import label_association, nuisances, warnings_of
+    from wsi_mil.eval.shortcuts import label_association, notes_of, nuisances, warnings_of
 
     targets = [np.atleast_1d(np.asarray(s.target, dtype=float)) for s in samples]
     if not samples or any(len(t) != 1 for t in targets):
@@ -291,6 +303,8 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     before = label_association(ids, [v for _, v in known], found)
     for line in warnings_of({"before": before}):
         logger.warning("%s", line)
+    for line in notes_of({"before": before}):
+        logger.info("note: %s", line)
     return {"before": before, "checked": sorted(found)}, found
 
 
@@ -471,7 +485,7 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
     logged."""
     from wsi_mil.eval.localisation import run_localisation
     from wsi_mil.eval.metrics import auc
-    from wsi_mil.eval.shortcuts import localisation_warning, prediction_dependence, warnings_of
+    from wsi_mil.eval.shortcuts import localisation_warning, notes_of, prediction_dependence, warnings_of
 
     name, keys, y, p, _ = ev
     ids = [k for k, _ in keys]
@@ -486,6 +500,8 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
             record["localisation_warning"] = localisation_warning(auc(y[ok], p[ok]), loc)
     for line in warnings_of({"after": record["after"], "localisation_warning": record.get("localisation_warning")}):
         logger.warning("%s", line)
+    for line in notes_of({"after": record["after"]}):
+        logger.info("note: %s", line)
     return record
 
 
@@ -733,9 +749,10 @@ def summary_text(report: TrainReport) -> str:
         lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ({failed_folds_text(health)})")
     if report.metrics.get("headline", {}).get("set") == "pooled_validation" and report.metrics.get("ensemble_test"):
         lines.append(f"  (not the test ensemble: {report.metrics['headline']['why']})")
-    from wsi_mil.eval.shortcuts import warnings_of
+    from wsi_mil.eval.shortcuts import notes_of, warnings_of
 
-    lines += [f"  WARNING: {w}" for w in warnings_of((report.metrics.get("audit") or {}).get("shortcuts") or {})]
+    shortcuts = (report.metrics.get("audit") or {}).get("shortcuts") or {}
+    lines += [f"  WARNING: {w}" for w in warnings_of(shortcuts)] + [f"  note: {n}" for n in notes_of(shortcuts)]
     if report.skipped:
         lines.append(f"  {len(report.skipped)} labelled slide(s) LEFT OUT (--allow-missing; no usable feature store): "
                      + ", ".join(x["slide_id"] for x in report.skipped[:10]) + "; listed in report.md")

@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -155,8 +156,9 @@ def markdown(res: dict) -> str:
             failed = ", ".join(f"{f['fold']}" for f in r["failed_folds"]) or "none"
             loc = (f"{r['localisation_auc_mean']:.3f} ({r['localisation_auc_min']:.3f})"
                    if r["localisation_auc_mean"] is not None else "–")
+            colours = sorted({m for n in r.get("shortcut_notes", []) for m in re.findall(r"(?:follow the|^the) (.+?) of the tissue", n)})
             warn = "; ".join([w.split(" (")[0] for w in r["shortcut_warnings"]]
-                             + [f"note: {n.split(' differs')[0]} differs" for n in r.get("shortcut_notes", [])]) or "none"
+                             + ([f"note: tissue colour ({', '.join(colours)})"] if colours else [])) or "none"
             epochs = ("averaged over " + r["selection"].split("over epochs ")[1].split(" ")[0]
                       if str(r.get("selection", "")).startswith("swa") else ", ".join(str(e) for e in r["best_epochs"]))
             lines.append(f"| {r['model']} | {af['mean']:.3f} ± {af['sd']:.3f} | {r['ensemble_test_text']} | {failed} "
@@ -165,7 +167,10 @@ def markdown(res: dict) -> str:
     lines += [("Test AUC across folds: each fold's model on the held-out test set (the sd shows how much one fold's model "
               "varies). Localisation: AUC of instance attention against the lesion patches (at least half of the patch "
               "inside the mask), per positive slide a model did not train on. A failed fold has a validation or test "
-              "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts)."), "",
+              "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts); a note on "
+              "the tissue colour: the predictions (or the label) follow a colour statistic of the thumbnails, which "
+              "a stain or the lesions' own colour can cause (reported, not warned). Epochs kept: the best validation "
+              "epoch per fold, or the epochs whose weights were averaged (a fixed schedule)."), "",
               "Commands (rows of models a later command names are replaced by it): "
               + "; ".join(f"`{c}`" for c in res.get("commands", [])) + "."]
     return "\n".join(lines) + "\n"

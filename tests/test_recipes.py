@@ -38,7 +38,7 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], recipe: str, *flags
     ("train_mil:\n  epochs: 2.5\n", "epochs 2.5: expected a whole number"),
     ("train_mil:\n  cache_bags: maybe\n", "cache_bags 'maybe': expected true or false"),
     ("train_mil:\n  model: abmill\n", "model 'abmill': invalid choice; choose from abmil, gated_abmil, clam_sb, "
-                                      "transmil, mean, max, dsmil (did you mean 'abmil'?)"),
+                                      "transmil, mean, max, dsmil, linear_max (did you mean 'abmil'?)"),
     ("train_mil:\n  patience:\n", "patience: a value is needed"),
     ("train_mil:\n  monitor: AUC\n", "monitor 'AUC': invalid choice; choose from auc, loss (did you mean 'auc'?)"),
     ("train_mil:\n  epochs: 1\n  folds: 2\n  epochs: 3\n", "'epochs' is given twice (line 4); keep one"),

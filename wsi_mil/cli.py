@@ -746,6 +746,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         gap = rep["largest_gap"].get("auc")
         print(f"subgroups by {col}: {len(rep['groups'])}" + (f"; largest AUC gap {gap['gap']:.3f} ({gap['lowest']} vs "
                                                               f"{gap['highest']})" if gap else ""))
+    from wsi_mil.eval.shortcuts import notes_of, warnings_of
+
+    for line in warnings_of(audit.get("shortcuts") or {}):
+        print(f"WARNING: {line}")
+    for line in notes_of(audit.get("shortcuts") or {}):
+        print(f"note: {line}")
     print(f"report: {(args.out or args.run / 'audit') / 'report.md'}")
     return EXIT_OK
 

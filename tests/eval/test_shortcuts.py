@@ -4,6 +4,7 @@ summary and report.md; a balanced cohort (matched pairs of sources and stains) i
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -136,3 +137,31 @@ def test_a_colour_nuisance_is_a_note_not_a_warning() -> None:
     assert [w for w in warnings_of(audit) if "b*" in w] == []
     (note,) = notes_of(audit)
     assert note.startswith("the b* (blue-yellow) of the tissue differs between the classes (AUC 1.00")
+
+
+def test_the_audit_reruns_the_checks_with_a_column_added_after_training(confounded, tmp_path) -> None:
+    """`wsi-mil audit` checks again with the manifest it is given: a column the training
+    manifest lacked (the site, found out later, here called scanner) is warned about, before
+    (its association with the label) and after (the predictions' dependence on it); with
+    --features the stores' facts (tissue colour) are checked too."""
+    run, _ = confounded
+    slides = run.parent / "slides"
+    with open(slides / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(tmp_path / "later.csv", "w", newline="") as fh:  # the site's column under another name
+        w = csv.DictWriter(fh, fieldnames=["slide_id", "patient_id", "path", "label", "scanner"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"slide_id": r["slide_id"], "patient_id": r["patient_id"], "path": str(slides / r["path"]),
+                        "label": r["label"], "scanner": {"site-A": "S1", "site-B": "S2"}[r["site"]]})
+    done = subprocess.run(WSI_MIL + ["audit", str(run), "--manifest", str(tmp_path / "later.csv"), "--features",
+                                     str(run.parent / "tiles" / "features"), "--out", str(tmp_path / "audit"),
+                                     "--bootstrap", "50"], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shortcuts = json.loads((tmp_path / "audit" / "audit.json").read_text())["shortcuts"]
+    scanner = next(r for r in shortcuts["before"] if r["nuisance"] == "scanner")
+    assert scanner["warn"] and scanner["table"] == {"S1": {"negative": 10, "positive": 2}, "S2": {"negative": 2, "positive": 10}}
+    assert "WARNING: the label is associated with 'scanner'" in done.stdout
+    assert {"patch count", *SLIDE_FACTS} <= set(shortcuts["checked"])
+    assert any(r["nuisance"] == "scanner" for r in shortcuts["after"]) and shortcuts["localisation"]["n"] >= 5
+    assert "## Shortcut checks" in (tmp_path / "audit" / "report.md").read_text()

@@ -48,7 +48,8 @@ def _manifest(path: Path, rows: list[dict[str, str]], label_cols: dict[str, call
 
 def test_multiclass_softmax_over_three_classes(animals, tmp_path) -> None:
     feats, rows = animals
-    m = _manifest(tmp_path / "mc.csv", rows, {"label": lambda r: f"{r['source']}-{r['label']}" if r["label"] == "1" else "background"})
+    m = _manifest(tmp_path / "mc.csv", rows, {"label": lambda r: f"{r['source']}-{r['label']}" if r["label"] == "1" else "background",
+                                              "image_set": lambda r: r["source"]})
     report = run_train(m, [feats], out_dir=tmp_path / "run", config=TrainConfig(**CFG), progress=False)
     assert report.task.kind == "multiclass" and report.task.outputs == ("background", "elephant-1", "fox-1")
     ens = report.metrics["ensemble_test"]
@@ -57,13 +58,22 @@ def test_multiclass_softmax_over_three_classes(animals, tmp_path) -> None:
     preds = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
     probs = np.asarray([[float(r[f"prob_{c}"]) for c in report.task.outputs] for r in preds])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    # the shortcut checks of a multi-class task: the image set a bag comes from tells fox-1 from the rest (the
+    # fox images hold every fox-1 bag), over all three classes by chi-square
+    shortcuts = report.metrics["audit"]["shortcuts"]
+    before = next(r for r in shortcuts["before"] if r["nuisance"] == "image_set")
+    assert before["warn"] and before["test"] == "chi-square" and before["class"] in ("fox-1", "elephant-1")
+    assert set(before["table"]["fox"]) == {"background", "elephant-1", "fox-1"} and before["table"]["fox"]["elephant-1"] == 0
+    assert "the label is associated with 'image_set' (it alone separates class" in (tmp_path / "run" / "report.md").read_text()
+    after = {r["label"] for r in shortcuts["after"] if r["nuisance"] == "image_set"}
+    assert after == {"background", "elephant-1", "fox-1"}  # each class's probability against the nuisance
 
 
 def test_multilabel_independent_sigmoids(animals, tmp_path) -> None:
     feats, rows = animals
     m = _manifest(tmp_path / "ml.csv", rows, {
         "label_elephant": lambda r: int(r["source"] == "elephant" and r["label"] == "1"),
-        "label_fox": lambda r: int(r["source"] == "fox" and r["label"] == "1")})
+        "label_fox": lambda r: int(r["source"] == "fox" and r["label"] == "1"), "image_set": lambda r: r["source"]})
     report = run_train(m, [feats], out_dir=tmp_path / "run", config=TrainConfig(**CFG), progress=False)
     assert report.task.kind == "multilabel" and report.task.outputs == ("elephant", "fox")
     ens = report.metrics["ensemble_test"]
@@ -78,3 +88,9 @@ def test_multilabel_independent_sigmoids(animals, tmp_path) -> None:
     assert dup["n_labels_differ"] >= 1 and "carry different labels" in (tmp_path / "run" / "report.md").read_text()
     saved = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
     assert len(saved["thresholds"]) == 2 and saved["task"]["kind"] == "multilabel"
+    # the shortcut checks of a multi-label task: each label against every nuisance
+    shortcuts = report.metrics["audit"]["shortcuts"]
+    by_label = {r["label"]: r for r in shortcuts["before"] if r["nuisance"] == "image_set"}
+    assert set(by_label) == {"elephant", "fox"} and by_label["fox"]["warn"] and by_label["fox"]["test"] == "Fisher's exact"
+    assert "label 'fox' is associated with 'image_set'" in (tmp_path / "run" / "report.md").read_text()
+    assert {r["label"] for r in shortcuts["after"]} == {"elephant", "fox"}

@@ -106,12 +106,56 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
     audit["evaluation"] = prediction_audit(ids, [r["patient_id"] for r in rows], y, p, thr, set_name=set_name,
                                            columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot,
                                            seed=seed, links=links)
+    audit["shortcuts"] = _shortcuts(run, preds, key, positive, rows, ids, y, p, columns, samples, set_name, unit)
     out.mkdir(parents=True, exist_ok=True)
     by_id = {s.slide_id: s for s in samples}
     write_audit_files(out, audit, (lambda sid: sample_picture(by_id.get(sid))) if samples else None)
     write_json(out / "audit.json", audit)
-    write_text(out / "report.md", "\n".join([f"# Audit of {run.name}", ""] + audit_markdown(audit, unit)))
+    from wsi_mil.eval.shortcuts import markdown as shortcuts_markdown
+
+    write_text(out / "report.md", "\n".join([f"# Audit of {run.name}", ""] + audit_markdown(audit, unit) + [""]
+                                            + shortcuts_markdown(audit["shortcuts"])))
     return audit
+
+
+def _shortcuts(run: Path, preds: list[dict[str, str]], key: str, positive: str, rows: list[dict[str, str]],
+               ids: list[str], y: np.ndarray, p: np.ndarray, columns: dict[str, dict[str, str]], samples: list[Any],
+               set_name: str, unit: str) -> dict[str, Any]:
+    """The trainers' shortcut checks, again, with this manifest's columns (a site column
+    added since training is checked now) and the stores' facts (with ``--features``): every
+    labelled sample of the run against its label, the headline set's predictions against
+    every nuisance, and localisation on generated slides; each warning logged."""
+    from wsi_mil.eval.localisation import run_localisation
+    from wsi_mil.eval.metrics import auc
+    from wsi_mil.eval.shortcuts import (
+        label_association,
+        localisation_warning,
+        notes_of,
+        nuisances,
+        prediction_dependence,
+        warnings_of,
+    )
+    from wsi_mil.train.runner import sample_facts
+
+    labels = {r[key]: r["label"] for r in preds if r["label"] != ""}
+    known = sorted(labels)
+    facts = sample_facts([s for s in samples if s.slide_id in labels])
+    found = nuisances(known, {i: columns[i] for i in known if i in columns}, facts)
+    record: dict[str, Any] = {"checked": sorted(found), "set": set_name,
+                              "before": label_association(known, [int(labels[i] == positive) for i in known], found)}
+    ok = ~np.isnan(y)
+    record["after"] = prediction_dependence([i for i, k in zip(ids, ok, strict=True) if k], y[ok].astype(int), p[ok],
+                                            found)
+    if unit == "slide":
+        loc = run_localisation(run)
+        if loc is not None:
+            record["localisation"] = loc
+            record["localisation_warning"] = localisation_warning(auc(y[ok].astype(int), p[ok]), loc)
+    for line in warnings_of(record):
+        logger.warning("%s", line)
+    for line in notes_of(record):
+        logger.info("note: %s", line)
+    return record
 
 
 def _samples(columns: dict[str, dict[str, str]], manifest: Path, features: Path | None, unit: str) -> list[Any]:
@@ -124,8 +168,13 @@ def _samples(columns: dict[str, dict[str, str]], manifest: Path, features: Path 
         bags = []
         for sid, r in columns.items():
             store = next((features / f"{sid}{ext}" for ext in (".h5", ".zarr") if (features / f"{sid}{ext}").exists()), None)
-            if store is not None:
-                bags.append(Bag(sid, r.get("patient_id") or sid, np.zeros(1, np.float32), store))
+            if store is not None:  # with the store's attributes: patch count, tissue area and colour (shortcut checks)
+                from wsi_mil.data.bags import feature_store_attrs
+
+                meta = feature_store_attrs(store) or {}
+                if "n_features" not in meta and meta.get("n_patches") is not None:
+                    meta["n_features"] = meta["n_patches"]
+                bags.append(Bag(sid, r.get("patient_id") or sid, np.zeros(1, np.float32), store, meta=meta))
         return bags
     out = []
     for sid, r in columns.items():

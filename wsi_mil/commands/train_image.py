@@ -140,7 +140,7 @@ def prepare_image_inputs(source: Path, config: ImageTrainConfig, *, progress: bo
     refuse_unreadable(bad, len(entries))
     # duplicates, splits and the rest are checked now: before the run folder and any feature exist
     inputs.checked = checks_before_training(inputs.samples, tensor_pixels(images, inputs.samples), inputs.columns,
-                                            inputs.user_split, config, "image")
+                                            inputs.user_split, config, "image", task=inputs.task)
     from wsi_mil.io.run_folder import input_record
 
     inputs.sources = {"source": input_record(source)}

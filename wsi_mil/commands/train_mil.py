@@ -173,7 +173,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
                             f"({len(skipped)} left out, listed above)")
     columns = entry_columns(entries)
     # every check that can refuse the run (duplicates across the splits, --subgroups ...) before its folder exists
-    checked = checks_before_training(bags, None, columns, user_split, config, "slide")
+    checked = checks_before_training(bags, None, columns, user_split, config, "slide", task=task)
     from wsi_mil.io.run_folder import input_record
 
     sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs]}

@@ -230,7 +230,7 @@ def prepare_volume_inputs(source: Path, config: VolumeTrainConfig, *, progress: 
     volumes, _, bad, notes = load_volumes(entries, prep, progress=progress)
     refuse_unreadable(bad, len(entries), unit="volume")
     inputs.checked = checks_before_training(inputs.samples, tensor_pixels(volumes, inputs.samples), inputs.columns,
-                                            inputs.user_split, config, "volume")
+                                            inputs.user_split, config, "volume", task=inputs.task)
     from wsi_mil.io.run_folder import input_record
 
     inputs.sources = {"source": input_record(source)}

@@ -126,10 +126,13 @@ def _level_share(y: npt.NDArray[np.int64], levels: list[str]) -> npt.NDArray[np.
     return out
 
 
-def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[str, Any]], *,
+                      class_names: list[str] | None = None) -> list[dict[str, Any]]:
     """How well each nuisance alone separates the classes: AUC (oriented: >= 0.5), p-value
     and, for categorical ones, the class x level table; ``warn`` when both pass the
-    thresholds. Most associated first."""
+    thresholds. ``y``: 0/1, or class indices (named by ``class_names``) for more than two
+    classes, where the AUC is the best one-vs-rest AUC and the p-value the test over all
+    classes (Kruskal-Wallis, chi-square). Most associated first."""
     from scipy import stats
 
     y_all = np.asarray(y).astype(int)
@@ -141,7 +144,9 @@ def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[st
         if len(np.unique(yy)) < 2:
             continue
         row: dict[str, Any] = {"nuisance": name, "kind": nz["kind"], "n": len(have)}
-        if nz["kind"] == "numeric":
+        if class_names is not None and len(class_names) > 2:
+            row.update(_multiclass_association(yy, [nz["values"][i] for i in have], nz["kind"], class_names))
+        elif nz["kind"] == "numeric":
             v = np.array([nz["values"][i] for i in have], dtype=float)
             a = _auc(yy, v)
             p = float(stats.mannwhitneyu(v[yy == 1], v[yy == 0]).pvalue) if a is not None else 1.0
@@ -167,6 +172,38 @@ def label_association(ids: list[str], y: npt.ArrayLike, found: dict[str, dict[st
         row["warn"], row["note"] = (False, hit) if name.startswith(COLOUR) else (hit, False)
         out.append(row)
     return sorted(out, key=lambda r: -(r["auc"] or 0))
+
+
+def _multiclass_association(yy: npt.NDArray[np.int64], values: list[Any], kind: str,
+                            names: list[str]) -> dict[str, Any]:
+    """A nuisance against several classes: the test over all classes, and the class it
+    separates best from the others (one-vs-rest AUC, oriented)."""
+    from scipy import stats
+
+    present = [c for c in range(len(names)) if (yy == c).any()]
+    best: tuple[float, int] | None = None
+    if kind == "numeric":
+        v = np.asarray(values, dtype=float)
+        groups = [v[yy == c] for c in present]
+        p = float(stats.kruskal(*groups).pvalue) if len({float(x) for x in v}) > 1 else 1.0
+        for c in present:
+            a = _auc((yy == c).astype(int), v)
+            if a is not None and (best is None or max(a, 1 - a) > best[0]):
+                best = (max(a, 1 - a), c)
+        extra: dict[str, Any] = {"test": "Kruskal-Wallis",
+                                 "medians": {names[c]: float(np.median(v[yy == c])) for c in present}}
+    else:
+        levels = sorted(set(values))
+        lv = np.asarray(values)
+        table = {lev: {names[c]: int(((lv == lev) & (yy == c)).sum()) for c in present} for lev in levels}
+        counts = np.array([[table[lev][names[c]] for c in present] for lev in levels])
+        p = float(stats.chi2_contingency(counts).pvalue)
+        for c in present:
+            a = _auc((yy == c).astype(int), _level_share((yy == c).astype(int), list(values)))
+            if a is not None and (best is None or max(a, 1 - a) > best[0]):
+                best = (max(a, 1 - a), c)
+        extra = {"test": "chi-square", "table": table}
+    return {"auc": best[0] if best else None, "p": p, "class": names[best[1]] if best else None, **extra}
 
 
 def _pair_auc(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], groups: npt.NDArray[Any]) -> float | None:
@@ -267,17 +304,29 @@ def localisation_warning(slide_auc: float | None, localisation: dict[str, Any] |
     return None
 
 
+def _what(r: dict[str, Any]) -> str:
+    """The class x level table, or the medians, of a label-association row, in words."""
+    if r["kind"] == "categorical":
+        if all(set(v) == {"negative", "positive"} for v in r["table"].values()):
+            return "; ".join(f"{k}: {v['positive']} positive / {v['negative']} negative" for k, v in r["table"].items())
+        return "; ".join(f"{k}: " + ", ".join(f"{n} {c}" for c, n in v.items()) for k, v in r["table"].items())
+    med = r["medians"]
+    if set(med) == {"negative", "positive"}:
+        return f"median {med['positive']:g} in positives vs {med['negative']:g} in negatives"
+    return "medians " + ", ".join(f"{c} {m:g}" for c, m in med.items())
+
+
 def warnings_of(audit: dict[str, Any]) -> list[str]:
     """One line per warning of a run's shortcut audit (for the log and report.md)."""
     lines = []
     for r in audit.get("before", []):
         if r["warn"]:
-            what = ("; ".join(f"{k}: {v['positive']} positive / {v['negative']} negative" for k, v in r["table"].items())
-                    if r["kind"] == "categorical" else
-                    f"median {r['medians']['positive']:g} in positives vs {r['medians']['negative']:g} in negatives")
-            lines.append(f"the label is associated with {r['nuisance']!r} (it alone separates the classes at AUC "
-                         f"{r['auc']:.2f}, {r['test']} p = {r['p']:.2g}; {what}): a model can learn "
-                         f"{r['nuisance']} instead of the disease. Balance it, or hold it out (e.g. folds by site)")
+            label = f"label {r['label']!r}" if r.get("label") else "the label"
+            sep = (f"it alone separates class {r['class']} from the others at AUC" if r.get("class") else
+                   "it alone separates the classes at AUC")
+            lines.append(f"{label} is associated with {r['nuisance']!r} ({sep} {r['auc']:.2f}, {r['test']} p = "
+                         f"{r['p']:.2g}; {_what(r)}): a model can learn {r['nuisance']} instead of the disease. "
+                         "Balance it, or hold it out (e.g. folds by site)")
     for r in audit.get("after", []):
         if r["warn"]:
             parts = []
@@ -290,7 +339,8 @@ def warnings_of(audit: dict[str, Any]) -> list[str]:
                 level = r["level"] if r["kind"] == "numeric" else f"= {r['level']}"
                 parts.append(f"within each class the predictions separate {r['nuisance']} {level} from the rest at AUC "
                              f"{sep:.2f}, permutation p = {r['p_level']:.3f}")
-            lines.append(f"the predictions depend on {r['nuisance']!r} ({'; '.join(parts)}): part of the score is "
+            whose = f"the predictions of {r['label']!r}" if r.get("label") else "the predictions"
+            lines.append(f"{whose} depend on {r['nuisance']!r} ({'; '.join(parts)}): part of the score is "
                          f"{r['nuisance']}, not the disease")
     if audit.get("localisation_warning"):
         lines.append(audit["localisation_warning"])
@@ -302,16 +352,22 @@ def notes_of(audit: dict[str, Any]) -> list[str]:
     lines = []
     for r in audit.get("before", []):
         if r.get("note"):
-            lines.append(f"the {r['nuisance'][len(COLOUR):]} of the tissue differs between the classes (AUC "
-                         f"{r['auc']:.2f}, {r['test']} p = {r['p']:.2g}; median {r['medians']['positive']:g} in "
-                         f"positives vs {r['medians']['negative']:g} in negatives): either the lesions' own colour "
+            of = f" for label {r['label']!r}" if r.get("label") else ""
+            lines.append(f"the {r['nuisance'][len(COLOUR):]} of the tissue differs between the classes{of} (AUC "
+                         f"{r['auc']:.2f}, {r['test']} p = {r['p']:.2g}; {_what(r)}): either the lesions' own colour "
                          "(large lesions) or a stain, site or scanner that comes with the label; where lesions are "
                          "small, suspect the stain, and check that the heatmaps point at lesions")
     for r in audit.get("after", []):
         if r.get("note"):
-            lines.append(f"within the classes the predictions follow the {r['nuisance'][len(COLOUR):]} of the tissue "
+            whose = f"the predictions of {r['label']!r}" if r.get("label") else "the predictions"
+            lines.append(f"within the classes {whose} follow the {r['nuisance'][len(COLOUR):]} of the tissue "
                          f"(see the table): the lesions' colour, or a stain the model learned")
     return lines
+
+
+def _named(r: dict[str, Any]) -> str:
+    """A table row's nuisance, with the label (multi-label) or class it concerns."""
+    return r["nuisance"] + (f" ({r['label']})" if r.get("label") else "") + (f" (class {r['class']})" if r.get("class") else "")
 
 
 def markdown(audit: dict[str, Any]) -> list[str]:
@@ -330,7 +386,7 @@ def markdown(audit: dict[str, Any]) -> list[str]:
         lines += [(f"Before training, each nuisance against the label (warned at AUC >= {ASSOCIATION_AUC} with "
                    f"p < {ASSOCIATION_P}):"), "", "| nuisance | kind | n | AUC alone | p | test | warning |",
                   "|---|---|---:|---:|---:|---|---|"]
-        lines += [(f"| {r['nuisance']} | {r['kind']} | {r['n']} | {_f(r['auc'])} | {r['p']:.2g} | {r['test']} | "
+        lines += [(f"| {_named(r)} | {r['kind']} | {r['n']} | {_f(r['auc'])} | {r['p']:.2g} | {r['test']} | "
                    f"{'yes' if r['warn'] else 'note' if r.get('note') else ''} |") for r in before]
         lines.append("")
     if after:
@@ -339,7 +395,7 @@ def markdown(audit: dict[str, Any]) -> list[str]:
                    f"AUC >= {PREDICTION_AUC}):"), "",
                   ("| nuisance | n | overall AUC | AUC within levels (p) | level | separated within class: AUC (p) "
                   "| warning |"), "|---|---:|---:|---:|---|---:|---|"]
-        lines += [(f"| {r['nuisance']} | {r['n']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} "
+        lines += [(f"| {_named(r)} | {r['n']} | {_f(r['overall_auc'])} | {_f(r.get('within_level_auc'))} "
                    f"({_f(r.get('p_within_drop'))}) | {r.get('level') or ''} | {_f(r.get('level_auc_within_class'))} "
                    f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else 'note' if r.get('note') else ''} |") for r in after]
         lines.append("")

@@ -234,7 +234,7 @@ class CheckedRun:
 
 
 def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, dict[str, str]],
-                           user_split: dict[str, str], config: Any, unit: str) -> CheckedRun:
+                           user_split: dict[str, str], config: Any, unit: str, *, task: Task | None = None) -> CheckedRun:
     """Every check that can refuse a run, made before its output folder exists and before
     any feature is computed: the --subgroups columns, near-duplicates (with the --duplicates
     policy: ``merge`` changes patient ids here, once), the label sources, the split plan and
@@ -253,7 +253,7 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
     audit["label_sources"] = label_source_audit([b.slide_id for b in samples], columns, config.label_sources)
     plan = make_split_plan(samples, user_split, config)
     audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
-    audit["shortcuts"], nz = shortcuts_before_training(samples, columns)
+    audit["shortcuts"], nz = shortcuts_before_training(samples, columns, task)
     return CheckedRun(audit, plan, nz)
 
 
@@ -262,7 +262,7 @@ COLOUR_FACTS = {"stain_haematoxylin": "haematoxylin", "stain_eosin": "eosin", "t
                 "tissue_a": "a* (green-red)", "tissue_b": "b* (blue-yellow)"}
 
 
-def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
+def sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
     """Facts of each sample that could come with its label: a slide's patch count and
     tissue area, its scanner's native resolution (slides of one scanner share it; the
     resolution tiled at is one per run, checked elsewhere) and its tissue's colour."""
@@ -287,25 +287,52 @@ def _sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, str]]
+def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, str]], task: Task | None = None
                               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every nuisance the inputs carry against the label (binary tasks), each warning
-    logged now, before training; returns (the audit's "shortcuts" record, the nuisances
-    the checks after training read)."""
+    """Every nuisance the inputs carry against the label, each warning logged now, before
+    training: binary and multi-class tasks against the class, multi-label tasks against
+    each label (one-vs-rest, blanks left out). Returns (the audit's "shortcuts" record, the
+    nuisances the checks after training read)."""
     from wsi_mil.eval.shortcuts import label_association, notes_of, nuisances, warnings_of
 
     targets = [np.atleast_1d(np.asarray(s.target, dtype=float)) for s in samples]
-    if not samples or any(len(t) != 1 for t in targets):
-        return {"note": "shortcut checks are made for binary tasks"}, {}
-    known = [(s.slide_id, int(t[0])) for s, t in zip(samples, targets, strict=True) if t[0] in (0.0, 1.0)]
-    ids = [i for i, _ in known]
-    found = nuisances(ids, columns, _sample_facts(samples))
-    before = label_association(ids, [v for _, v in known], found)
+    if not samples:
+        return {"note": "no samples"}, {}
+    kind = task.kind if task is not None else ("binary" if all(len(t) == 1 for t in targets) else "unknown")
+    if kind == "unknown":
+        return {"note": "shortcut checks need the task (binary, multiclass or multilabel)"}, {}
+    all_ids = [s.slide_id for s in samples]
+    found = nuisances(all_ids, columns, sample_facts(samples))
+    before: list[dict[str, Any]] = []
+    for label, ids, y, names in _labelled(kind, all_ids, targets, task):
+        rows = label_association(ids, y, found, class_names=names)
+        before += [{**r, "label": label} if label else r for r in rows]
     for line in warnings_of({"before": before}):
         logger.warning("%s", line)
     for line in notes_of({"before": before}):
         logger.info("note: %s", line)
-    return {"before": before, "checked": sorted(found)}, found
+    return {"before": before, "checked": sorted(found), "task": kind}, found
+
+
+def _labelled(kind: str, ids: list[str], targets: Any, task: Task | None
+              ) -> list[tuple[str | None, list[str], list[int], list[str] | None]]:
+    """(label name or None, ids with a known value, their class index, class names) per
+    question the shortcut checks ask: one for binary and multi-class tasks, one per label
+    for multi-label ones."""
+    t = np.stack([np.asarray(x, dtype=float) for x in targets])
+    if kind == "binary":
+        ok = np.isin(t[:, 0], (0.0, 1.0))
+        return [(None, [i for i, k in zip(ids, ok, strict=True) if k], t[ok, 0].astype(int).tolist(), None)]
+    if kind == "multiclass":
+        ok = ~np.isnan(t).any(axis=1) & (t.sum(axis=1) > 0)
+        names = list(task.classes or task.outputs) if task is not None else None
+        return [(None, [i for i, k in zip(ids, ok, strict=True) if k], t[ok].argmax(axis=1).tolist(), names)]
+    out = []
+    for c in range(t.shape[1]):
+        ok = np.isin(t[:, c], (0.0, 1.0))
+        name = task.outputs[c] if task is not None else str(c)
+        out.append((name, [i for i, k in zip(ids, ok, strict=True) if k], t[ok, c].astype(int).tolist(), None))
+    return out
 
 
 def tensor_pixels(images: Any, samples: list[Any]) -> Any:
@@ -335,7 +362,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     task, samples, skipped = inputs.task, inputs.samples, inputs.skipped
     pixels = road_pixels(road)
     checked = inputs.checked or checks_before_training(samples, pixels, inputs.columns, inputs.user_split, config,
-                                                       road.unit)
+                                                       road.unit, task=task)
     audit, plan = dict(checked.audit), checked.plan
     from wsi_mil.io.run_folder import claim, set_folds
 
@@ -461,6 +488,11 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         audit["shortcuts"] = _shortcuts_after(dict(audit.get("shortcuts") or {}), ev, checked.nuisances, out_dir, unit)
     else:
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
+        on_test = bool(test) and headline_set(metrics) == "ensemble_test"
+        audit["shortcuts"] = _shortcuts_after_per_output(
+            dict(audit.get("shortcuts") or {}), "ensemble test" if on_test else "pooled out-of-fold validation",
+            [b.slide_id for b in test] if on_test else [k for k, _ in pooled_ids],
+            ens_y if on_test else py, mean_p if on_test else pp, task, checked.nuisances)
     metrics["audit"] = audit
     _audit_files(out_dir, audit, by_id, pixels)
     metrics["skipped"] = skipped
@@ -485,7 +517,12 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
     logged."""
     from wsi_mil.eval.localisation import run_localisation
     from wsi_mil.eval.metrics import auc
-    from wsi_mil.eval.shortcuts import localisation_warning, notes_of, prediction_dependence, warnings_of
+    from wsi_mil.eval.shortcuts import (
+        localisation_warning,
+        notes_of,
+        prediction_dependence,
+        warnings_of,
+    )
 
     name, keys, y, p, _ = ev
     ids = [k for k, _ in keys]
@@ -539,6 +576,35 @@ def _audit_files(out_dir: Path, audit: dict[str, Any], by_id: dict[str, Any], pi
         return a[a.shape[0] // 2] if a.ndim == 3 else a  # a volume: its middle slice
 
     write_audit_files(out_dir, audit, picture)
+
+
+def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list[str], y: np.ndarray, p: np.ndarray,
+                                task: Task, found: dict[str, Any]) -> dict[str, Any]:
+    """The checks after training of a multi-class or multi-label run: each class (one
+    against the rest) or label, its probability against every nuisance; each warning
+    logged."""
+    from wsi_mil.eval.shortcuts import notes_of, prediction_dependence, warnings_of
+
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    record["set"], record["after"] = set_name, []
+    names = list(task.classes or task.outputs) if task.kind == "multiclass" else list(task.outputs)
+    for c, name in enumerate(names):
+        if task.kind == "multiclass":
+            ok = ~np.isnan(y).any(axis=1)
+            yc = (y[ok].argmax(axis=1) == c).astype(int)
+        else:
+            ok = np.isin(y[:, c], (0.0, 1.0))
+            yc = y[ok, c].astype(int)
+        if len(np.unique(yc)) < 2:
+            continue
+        kept = [i for i, k in zip(ids, ok, strict=True) if k]
+        rows = prediction_dependence(kept, yc, p[ok, c], found)
+        record["after"] += [{**r, "label": name} for r in rows]
+    for line in warnings_of({"after": record["after"]}):
+        logger.warning("%s", line)
+    for line in notes_of({"after": record["after"]}):
+        logger.info("note: %s", line)
+    return record
 
 
 def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ from tests.conftest import WSI_MIL
 from wsi_mil.cli import main
 from wsi_mil.eval.shortcuts import label_association, nuisances, prediction_dependence
 
-
 #: what every slide's stores carry beside its patch count (wsi_mil.tiling.tissue.stain_statistics)
 SLIDE_FACTS = ["tissue area mm²", "tissue colour: a* (green-red)", "tissue colour: b* (blue-yellow)",
                "tissue colour: eosin", "tissue colour: haematoxylin", "tissue colour: lightness"]

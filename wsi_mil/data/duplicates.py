@@ -12,7 +12,9 @@ signature and the pairs are found by similarity:
   pairs of the 1,000 NIH images within 4 bits, nearly all of different patients.)
 - slides: the cached patch embeddings, each reduced to 64 random-hyperplane sign bits
   (cosine-preserving); two slides are duplicates when most of one's sampled patches have
-  a near-identical patch in the other. Within a slide, patches whose embeddings are
+  a near-identical patch in the other. The pairs to compare come from an inverted index
+  over the bits (locality-sensitive hashing), so the cost grows with the slides, not with
+  their pairs (1,000 slides: seconds). Within a slide, patches whose embeddings are
   nearly identical (cosine >= 0.999) are flagged too.
 
 :func:`leaking_pairs` lists the duplicate pairs that cross train / validation / test under
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -105,8 +108,11 @@ def signature_pairs(ids: list[str], patients: list[str], signatures: list[npt.ND
     return pairs
 
 
+@lru_cache(maxsize=8)
 def _planes(dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
-    return np.random.default_rng(seed).standard_normal((dim, 64)).astype(np.float32)
+    planes = np.random.default_rng(seed).standard_normal((dim, 64)).astype(np.float32)
+    planes.flags.writeable = False  # shared by every caller
+    return planes
 
 
 def _sign_codes(centred: npt.NDArray[np.float32], planes: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:
@@ -129,40 +135,126 @@ def _sample(n: int, k: int) -> npt.NDArray[np.int64]:
 def slide_pairs(ids: list[str], patients: list[str], features: Callable[[int], npt.NDArray[np.float32]], *,
                 min_share: float = SLIDE_MIN_SHARE, max_bits: int = PATCH_MAX_BITS) -> tuple[list[DuplicatePair], dict[str, Any]]:
     """Near-duplicate slides from their patch embeddings (``features(i)`` gives slide i's),
-    and the slides with duplicated patches inside them."""
+    and the slides with duplicated patches inside them.
+
+    Sub-quadratic: each slide keeps only its sampled patches' 64-bit sign codes (1 KB; the
+    embeddings are read twice, once for the cohort's centre, once for the codes), an
+    inverted index over the codes proposes the slide pairs that share enough of them
+    (:func:`candidate_slide_pairs`), and only those are compared patch by patch as before:
+    sign bits, then the embeddings' cosine. A group of copies is reported as its first
+    slide paired with each other one (linear in the group), the others not compared again."""
     if not ids:
         return [], {}
     within: dict[str, Any] = {}
-    raw: list[npt.NDArray[np.float32]] = []
-    for i in range(len(ids)):
+    total: npt.NDArray[np.float64] | None = None
+    count = 0
+    for i in range(len(ids)):  # pass 1: the cohort's centre (codes must compare across slides) and within-slide copies
         f = np.asarray(features(i), dtype=np.float32)
-        raw.append(f[_sample(len(f), SLIDE_SAMPLE)])
+        sample = f[_sample(len(f), SLIDE_SAMPLE)].astype(np.float64)
+        total = sample.sum(axis=0) if total is None else total + sample.sum(axis=0)
+        count += len(sample)
         dup = _within_slide_duplicates(f)
         if dup["n_patches_duplicated"]:
             within[ids[i]] = dup
-    allf = np.concatenate(raw)
-    centre = allf.mean(axis=0, keepdims=True)  # one centre for the cohort, so codes compare across slides
-    planes = _planes(allf.shape[1])
-    centred = [f - centre for f in raw]
-    packed = [_sign_codes(g, planes) for g in centred]
-    unit = [g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12) for g in centred]
+    if total is None or not count:
+        return [], within
+    centre = (total / count).astype(np.float32)[None]
+    planes = _planes(centre.shape[1])
+    codes = []
+    for i in range(len(ids)):  # pass 2: 1 KB per slide
+        f = np.asarray(features(i), dtype=np.float32)
+        codes.append(_sign_codes(f[_sample(len(f), SLIDE_SAMPLE)] - centre, planes))
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
     pairs: list[DuplicatePair] = []
-    for i in range(len(ids)):
-        for j in range(i + 1, len(ids)):
-            if not len(packed[i]) or not len(packed[j]):
-                continue
-            d = np.bitwise_count(packed[i][:, None] ^ packed[j][None, :])
-            share = min(float((d.min(axis=1) <= max_bits).mean()), float((d.min(axis=0) <= max_bits).mean()))
-            if share < min_share:  # the sign bits say no: no need to compare the embeddings themselves
-                continue
-            a, b = unit[i], unit[j]
-            c = a @ b.T
-            share = min(float((c.max(axis=1) >= PATCH_MATCH_COSINE).mean()), float((c.max(axis=0) >= PATCH_MATCH_COSINE).mean()))
-            if share >= min_share:
-                exact = raw[i].shape == raw[j].shape and np.array_equal(raw[i], raw[j])
-                pairs.append(DuplicatePair(ids[i], ids[j], patients[i], patients[j], round(1 - share, 4),
-                                           "exact" if exact else "near"))
+    for i, j in candidate_slide_pairs(codes):
+        if root(i) == root(j) or not len(codes[i]) or not len(codes[j]):
+            continue  # already one group through another copy
+        d = np.bitwise_count(codes[i][:, None] ^ codes[j][None, :])
+        share = min(float((d.min(axis=1) <= max_bits).mean()), float((d.min(axis=0) <= max_bits).mean()))
+        if share < min_share:  # the sign bits say no: no need to compare the embeddings themselves
+            continue
+        fi, fj = (np.asarray(features(k), dtype=np.float32) for k in (i, j))
+        raw_i, raw_j = fi[_sample(len(fi), SLIDE_SAMPLE)], fj[_sample(len(fj), SLIDE_SAMPLE)]
+        a, b = (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12) for g in (raw_i - centre, raw_j - centre))
+        c = a @ b.T
+        share = min(float((c.max(axis=1) >= PATCH_MATCH_COSINE).mean()), float((c.max(axis=0) >= PATCH_MATCH_COSINE).mean()))
+        if share >= min_share:
+            exact = raw_i.shape == raw_j.shape and np.array_equal(raw_i, raw_j)
+            first = min(root(i), root(j))
+            parent[root(i)] = parent[root(j)] = first
+            a_id, b_id = (i, j) if i < j else (j, i)
+            pairs.append(DuplicatePair(ids[a_id], ids[b_id], patients[a_id], patients[b_id], round(1 - share, 4),
+                                       "exact" if exact else "near"))
     return pairs, within
+
+
+#: the index's hash tables (classic LSH over the 64 sign bits): each keys a patch by 24 of
+#: its bits, drawn at random (fixed seed). A patch and its near-copy with d differing bits
+#: share a table's key with probability C(64 - d, 24) / C(64, 24): 1 for d = 0, 0.39 for
+#: d = 2, 0.14 for d = 4 (the most a match allows), so two slides with 64 matched patches
+#: share about 73 keys even when every match differs in 4 bits, and 400 when they are copies
+INDEX_TABLES = 8
+INDEX_BITS = 24
+#: a key held by more slides than this proposes no pairs (a pattern common in the cohort's
+#: tissue, not a copy: a search engine's stop word)
+TOKEN_MAX_SLIDES = 32
+#: a slide pair is compared when it shares at least this many keys (two unrelated slides
+#: share ~0: a 24-bit key is held by one patch in 16 million by chance)
+CANDIDATE_KEYS = 16
+
+
+@lru_cache(maxsize=1)
+def _index_bits() -> npt.NDArray[np.int64]:
+    rng = np.random.default_rng(64)
+    return np.stack([np.sort(rng.choice(64, INDEX_BITS, replace=False)) for _ in range(INDEX_TABLES)])
+
+
+def index_keys(codes: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """The distinct (table, 24-bit key) tokens of a slide's patch codes, as int64."""
+    c = np.asarray(codes, dtype=np.uint64)
+    if not len(c):
+        return np.zeros(0, np.int64)
+    bits = ((c[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(np.int64)  # (n, 64)
+    weights = np.int64(1) << np.arange(INDEX_BITS, dtype=np.int64)
+    keys = [(bits[:, sel] * weights).sum(axis=1) | (t << INDEX_BITS) for t, sel in enumerate(_index_bits())]
+    return np.unique(np.concatenate(keys))
+
+
+def candidate_slide_pairs(codes: list[npt.NDArray[np.uint64]]) -> list[tuple[int, int]]:
+    """Slide pairs worth comparing, from an inverted index over their patches' codes
+    (locality-sensitive hashing: :data:`INDEX_TABLES` tables of :data:`INDEX_BITS` random
+    bits each): every key a slide's patches hold, the slides holding each key, and the
+    pairs of slides sharing at least :data:`CANDIDATE_KEYS` keys. Work and memory grow with
+    the number of patches, not of slide pairs (keys held by more than
+    :data:`TOKEN_MAX_SLIDES` slides are skipped). Sorted by how many keys they share."""
+    n = len(codes)
+    if n < 2:
+        return []
+    toks = [index_keys(c) for c in codes]
+    tok = np.concatenate(toks)
+    own = np.concatenate([np.full(len(t), i, np.int64) for i, t in enumerate(toks)])
+    order = np.argsort(tok, kind="stable")
+    tok, own = tok[order], own[order]
+    starts = np.flatnonzero(np.r_[True, tok[1:] != tok[:-1]])
+    sizes = np.diff(np.r_[starts, len(tok)])
+    keys = []
+    for m in np.unique(sizes[(sizes >= 2) & (sizes <= TOKEN_MAX_SLIDES)]):
+        members = own[starts[sizes == m][:, None] + np.arange(m)[None, :]]  # (keys held by m slides, m), in slide order
+        a, b = np.triu_indices(int(m), 1)
+        keys.append(members[:, a].ravel() * n + members[:, b].ravel())
+    if not keys:
+        return []
+    pair, shared = np.unique(np.concatenate(keys), return_counts=True)
+    keep = shared >= CANDIDATE_KEYS
+    best = np.argsort(-shared[keep], kind="stable")
+    return [(int(p // n), int(p % n)) for p in pair[keep][best]]
 
 
 def fingerprint_pairs(ids: list[str], patients: list[str], fingerprints: list[str]) -> list[DuplicatePair]:

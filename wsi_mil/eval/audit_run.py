@@ -48,8 +48,10 @@ def duplicate_audit(samples: list[Any], pixels: Any = None) -> dict[str, Any]:
         fingerprints = [str((getattr(s, "meta", None) or {}).get("slide_fingerprint") or "") for s in samples]
         pairs += [p for p in fingerprint_pairs(ids, patients, fingerprints) if frozenset((p.a, p.b)) not in seen]
         method = ("slide files: stores recording one file fingerprint are the same slide; patch embeddings: 128 "
-                  "patches sampled per slide, candidates by 64 random-hyperplane sign bits; a pair when at least half "
-                  "of each slide's sampled patches have a patch in the other at cosine >= 0.99")
+                  "patches sampled per slide, each reduced to 64 random-hyperplane sign bits; candidate slide pairs "
+                  "from an inverted index over those bits (8 hash tables of 24 bits, sub-quadratic); a pair when at "
+                  "least half of each slide's sampled patches have a patch in the other at cosine >= 0.99; a group of "
+                  "copies is listed as a chain of pairs, not every pair")
     else:
         sigs = []
         for s in samples:

@@ -141,6 +141,44 @@ def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: 
                       "slides, or tile with --save-patches and use --source store")
 
 
+def request_key(config: ExtractConfig) -> str:
+    """What the encoder's fingerprint follows from, known without building the encoder:
+    the encoder's name, its weights file's SHA-256 (the whole file), the test-time
+    transforms, and this wsi-mil's version. Stores written under the same key hold features
+    of the same encoder, so a re-run whose every store has it does not build one."""
+    import hashlib
+    import json
+
+    from wsi_mil.io.slide import file_sha256
+
+    weights = file_sha256(config.weights) if config.weights and Path(config.weights).is_file() else config.weights
+    body = {"wsi_mil_version": __version__, "encoder": config.encoder, "weights": weights,
+            "random_init": config.random_init, "tta_flips": config.tta_flips, "stain_norm": config.stain_norm}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _all_cached(stores: list[Path], features_dir: Path, config: ExtractConfig, key: str
+                ) -> tuple[list[FeatureOutcome], dict[str, Any]] | None:
+    """Every slide already embedded under ``key`` from its current patch coordinates: their
+    outcomes and the encoder's description (from the stores), else None (the encoder is
+    built and each slide planned as usual)."""
+    outcomes, desc = [], None
+    for store in stores:
+        out = features_dir / f"{store.stem}{SUFFIX[config.format]}"
+        done = read_complete_attrs(out)
+        if done is None or done.get("extract_request") != key or read_complete_attrs(store) is None:
+            return None
+        with PatchStore(store) as s:
+            if done.get("coords_sha256") != coords_sha256(s.coords):
+                return None
+        desc = desc or {k: done.get(k) for k in ("encoder", "dim", "weights", "weights_sha256", "preprocess",
+                                                  "transforms", "tta_flips")}
+        outcomes.append(FeatureOutcome(store.stem, "cached", int(done.get("n_patches", 0) or done.get("n_features", 0)),
+                                       int(done.get("n_features", 0)), int(done.get("n_unreadable", 0)), store=str(out),
+                                       message="already embedded (cached)"))
+    return (outcomes, desc or {}) if outcomes else None
+
+
 # -- one device -----------------------------------------------------------------------------
 def _build(config: ExtractConfig) -> Any:
     """The encoder with the run's test-time transforms (part of its fingerprint)."""
@@ -166,6 +204,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
     if encoder is None:
         encoder = _build(config)
     desc = encoder.describe()
+    key = request_key(config)  # lets a re-run decide before building an encoder
     settings = _settings(config, device)
     outcomes: dict[str, FeatureOutcome] = {}
     jobs, writers, finals = [], [], []
@@ -185,6 +224,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                                   "differs); re-run `wsi-mil tile --overwrite` for it")
             c_sha = coords_sha256(coords)
             meta = {**desc, "dim": encoder.dim, "encoder_fingerprint": encoder.fingerprint(), "coords_sha256": c_sha,
+                    "extract_request": key,
                     "fingerprint": f"{encoder.fingerprint()}-{c_sha[:16]}",
                     "chunk_patches": settings.chunk_patches, "batch_size": settings.batch_size}
             writer = FeatureWriter(Path(spec.out), config.format, meta, len(coords))  # type: ignore[arg-type]
@@ -320,6 +360,15 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     slide_dirs = [Path(d).resolve() for d in slide_dirs or []]
     features_dir = out_dir / "features"
     features_dir.mkdir(parents=True, exist_ok=True)
+    key = request_key(config)
+    cached = None if overwrite else _all_cached(stores, features_dir, config, key)
+    if cached is not None:  # decided before building the encoder (seconds with a large one)
+        report = ExtractReport(cached[0], time.perf_counter() - t0, cached[1])
+        if (out_dir / "features_report.json").is_file():
+            logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
+        else:
+            write_json(out_dir / "features_report.json", report.to_dict())
+        return report
     probe = _build(config)
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
     planned = [_plan(s, features_dir, config, encoder_fp, overwrite) for s in stores]
@@ -353,5 +402,9 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
                     for o in outs:
                         results[o.slide_id] = o
     report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)
-    write_json(out_dir / "features_report.json", report.to_dict())
+    if report.outcomes and all(o.status == "cached" for o in report.outcomes) and \
+            (out_dir / "features_report.json").is_file():
+        logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
+    else:
+        write_json(out_dir / "features_report.json", report.to_dict())
     return report

@@ -283,6 +283,19 @@ def claim_heatmap_folder(inputs: list[Path], out_dir: Path, *, overwrite: bool =
                  legacy_marks=lambda p: p.name != "heatmap.log" and _heatmap_output(p))
 
 
+def attention_digest(h5: Path) -> str:
+    """What a heatmap is drawn from, by content: the attention store's coordinates,
+    scores and attributes (the prediction, the class, the patch geometry)."""
+    import hashlib
+
+    from wsi_mil.io.attention import read_attention
+
+    coords, att, attrs = read_attention(h5)
+    digest = hashlib.sha256(np.ascontiguousarray(coords).tobytes() + np.ascontiguousarray(att).tobytes())
+    digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
                 slides_manifest: Path | None = None, overwrite: bool = False, progress: bool = True) -> HeatmapReport:
     """Draw every slide's exports; a slide that fails is reported and the rest carry on.
@@ -309,8 +322,8 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         # paths are recorded relative to the slide's folder (and the source also absolutely),
         # so the exports are found from any folder and after the tree moved
         stamp = {"settings": asdict(settings), "settings_key": settings.key(),
-                 **path_record("source", h5, slide_dir), "source_mtime_ns": h5.stat().st_mtime_ns}
-        same = ("settings_key", "source_rel", "source_mtime_ns")
+                 **path_record("source", h5, slide_dir), "source_digest": attention_digest(h5)}
+        same = ("settings_key", "source_rel", "source_digest")  # by content: a rewritten, unchanged store is not new
         if not overwrite and marker.exists():
             done = json.loads(marker.read_text())
             if all(done.get(k) == stamp[k] for k in same) and all(
@@ -331,7 +344,10 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
-    write_json(out_dir / "index.json", report.to_dict())
+    if outcomes and all(o.status == "skipped" for o in outcomes) and (out_dir / "index.json").is_file():
+        logger.info("%s: up to date (every slide already drawn from the same attention): nothing written", out_dir)
+    else:
+        write_json(out_dir / "index.json", report.to_dict())
     return report
 
 

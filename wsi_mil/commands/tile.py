@@ -242,6 +242,10 @@ def run_tile(
     if same:
         logger.warning("%d slide file(s) are listed under more than one slide id (same content fingerprint), e.g. %s; "
                        "see the report's identical_files", len(same), " = ".join(same[0]["slides"][:4]))
+    if (outcomes and all(o.status == "cached" for o in report.outcomes) and not report.skipped_inputs
+            and (out_dir / "run_report.json").is_file()):
+        logger.info("%s: up to date (every slide already tiled with these settings): nothing written", out_dir)
+        return report
     try:
         write_json(out_dir / "run_report.json", report.to_dict())
     except OSError as exc:  # a full disk must not hide the report: it is printed all the same

@@ -176,9 +176,21 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     checked = checks_before_training(bags, None, columns, user_split, config, "slide", task=task)
     from wsi_mil.io.run_folder import input_record
 
-    sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs]}
+    sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs],
+               "stores": stores_digest(bags)}
     return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked,
                        {"blank_patients": blank} if blank else {}, sources)
+
+
+def stores_digest(bags: list[Bag]) -> str:
+    """The feature stores' content as part of the run's identity: each slide's store
+    fingerprint (the encoder's and its patch coordinates') and feature count, so features
+    re-extracted into the same folder make another run, never a silent resume."""
+    import hashlib
+    import json
+
+    body = sorted((b.slide_id, str(b.meta.get("fingerprint")), int(b.meta.get("n_features") or 0)) for b in bags)
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
 
 def cpu_threads(bags: list[Bag], requested: int | None) -> int:

@@ -30,10 +30,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _same_text(path: Path, text: str) -> bool:
+    """Whether ``path`` is a plain file that already holds exactly ``text``."""
+    data = text.encode("utf-8")
+    try:
+        return path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
 def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    """Write ``text`` atomically; a file that already holds it is left as it is (an
+    unchanged output keeps its time, so nothing downstream takes it for new)."""
+    path = Path(path)
+    if _same_text(path, text):
+        return path
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return path
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -44,12 +58,14 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write dict rows as a UTF-8 CSV atomically; columns in order of first appearance."""
     import csv
 
+    import io
+
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return Path(path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -174,6 +174,16 @@ def claim(folder: Path, record: dict[str, Any], *, overwrite: bool = False,
     return state
 
 
+def mark_finished(folder: Path) -> None:
+    """Record in ``run.json`` that the run wrote every output (a re-run with the same
+    identity has nothing to do)."""
+    from wsi_mil.io.atomic import write_json
+
+    run = read_run(folder)
+    if run is not None and not run.get("finished"):
+        write_json(Path(folder) / RUN_FILE, {**run, "finished": True})
+
+
 def set_folds(folder: Path, folds: list[int]) -> None:
     """Record the folds a run trained: ``predict`` and the heatmaps use these, and only these."""
     from wsi_mil.io.atomic import write_json

@@ -366,8 +366,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     audit, plan = dict(checked.audit), checked.plan
     from wsi_mil.io.run_folder import claim, set_folds
 
-    claim(out_dir, run_record(road.command, config, inputs))  # a folder of another run is refused, never mixed
+    state = claim(out_dir, run_record(road.command, config, inputs))  # a folder of another run is refused, never mixed
     set_folds(out_dir, [f.index for f in plan.folds])
+    if state == "resumed":
+        done = _finished(out_dir, road, config, plan, task, skipped)
+        if done is not None:
+            return done
     by_id = {b.slide_id: b for b in samples}
     write_json(out_dir / "splits.json", plan.to_dict())
     device = config.resolved_device()
@@ -507,7 +511,43 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         f"early stopping after {getattr(config, 'patience', '?')} epochs without improvement")
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
+    from wsi_mil.io.run_folder import mark_finished
+
+    mark_finished(out_dir)  # a re-run of the same run with the same inputs now has nothing to do
     return TrainReport(out_dir, task, metrics, skipped, metrics["seconds"])
+
+
+#: what a finished run holds besides its models (a run missing one is evaluated again)
+FINISHED_OUTPUTS = ("metrics.json", "predictions.csv", "report.md", "splits.json")
+
+
+def _finished(out_dir: Path, road: Road, config: Any, plan: Any, task: Task, skipped: list[Any]) -> TrainReport | None:
+    """The report of a run that is already finished with these settings and inputs (its
+    identity is checked by ``claim``): every fold's model trained with these settings and
+    every output there, so nothing is trained, evaluated or written again; else None."""
+    from wsi_mil.io.run_folder import read_run
+
+    run = read_run(out_dir) or {}
+    if not run.get("finished") or not all((out_dir / name).is_file() for name in FINISHED_OUTPUTS):
+        return None
+    if road.unit == "slide" and not (out_dir / "attention").is_dir():
+        return None
+    for fold in plan.folds:
+        spec_path = out_dir / "models" / f"fold{fold.index}.json"
+        try:
+            spec = json.loads(spec_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if spec.get("settings_hash") != _settings_hash(config, fold, road.dim, road.inputs_key()) or \
+                not spec_path.with_suffix(".safetensors").is_file():
+            return None
+    try:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    logger.info("%s: up to date (every fold trained, every output written, nothing changed): nothing to do; "
+                "--overwrite trains it again", out_dir)
+    return TrainReport(out_dir, task, metrics, skipped, 0.0)
 
 
 def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[str, Any], out_dir: Path,

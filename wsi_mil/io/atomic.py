@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 _UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
 os.umask(_UMASK)
 
@@ -57,7 +56,6 @@ def write_json(path: str | Path, data: Any) -> Path:
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write dict rows as a UTF-8 CSV atomically; columns in order of first appearance."""
     import csv
-
     import io
 
     fields = list(dict.fromkeys(k for row in rows for k in row))

@@ -237,11 +237,11 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
         files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, cmap=settings.cmap, mpp=mpp,
                                                description=desc))
     if "geojson" in settings.formats:
-        from wsi_mil.viz.geojson import patch_features, write_geojson
+        from wsi_mil.viz.geojson import write_patch_geojson
 
         index = order[:settings.geojson_top_k] if settings.geojson_top_k else None
-        feats = patch_features(coords, extent, scores, att, probability=probability, index=index)
-        files["geojson"] = str(write_geojson(slide_dir / "patches.geojson", feats))
+        files["geojson"] = str(write_patch_geojson(slide_dir / "patches.geojson", coords, extent, scores, att,
+                                                   probability=probability, index=index))
     return files, meta
 
 

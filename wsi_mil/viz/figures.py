@@ -46,38 +46,108 @@ def grid_on_thumbnail(grid: ScoreGrid, thumb_shape: tuple[int, int]) -> npt.NDAr
     return out
 
 
+#: the overlay's width in pixels (two panels side by side)
+OVERLAY_WIDTH_PX = 1200
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """``text`` broken into lines no wider than ``width`` pixels in ``font``."""
+    lines: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
 def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, scores: Scores, *, cmap: str,
                 title: str, opacity: float = 0.5, banner: str = "", positive: bool | None = None) -> Path:
     """Thumbnail with the heatmap blended where patches were scored, a colour bar in the
     normalisation's units, the slide's prediction in the title and its call in a banner
-    (red for a positive call, grey for a negative one)."""
-    plt = _figure_module()
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    (red for a positive call, grey for a negative one). Composed with Pillow (a matplotlib
+    figure cost 0.7 s of a slide's 0.9 s)."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    on = grid_on_thumbnail(grid, thumbnail.shape[:2])
-    rgb = colourise(on, cmap).astype(np.float32)
+    from wsi_mil.io.atomic import atomic_path
+
+    pad, gap = 12, 16
+    panel_w = (OVERLAY_WIDTH_PX - 2 * pad - gap) // 2
+    h, w = thumbnail.shape[:2]
+    panel_h = max(1, round(panel_w * h / max(w, 1)))
+    small = Image.fromarray(thumbnail).resize((panel_w, panel_h), Image.Resampling.BILINEAR)
+    tissue = np.asarray(small.convert("RGB"), dtype=np.float32)
+    on = grid_on_thumbnail(grid, (panel_h, panel_w))
     a = np.where(np.isfinite(on), opacity, 0.0)[..., None]
-    blend = (thumbnail.astype(np.float32) * (1 - a) + rgb * a).round().astype(np.uint8)
-    h, w = blend.shape[:2]
-    fig_w = 12.0
-    extra = 0.8 if banner else 0.0  # room for the banner's two lines over the heatmap panel
-    fig, axes = plt.subplots(1, 2, figsize=(fig_w, fig_w / 2 * h / w + 1.4 + extra), layout="constrained")
-    for ax, img, sub in ((axes[0], thumbnail, "tissue"), (axes[1], blend, "attention")):
-        ax.imshow(img)
-        ax.set_title(sub, fontsize=10)
-        ax.set_axis_off()
-    sm = ScalarMappable(norm=Normalize(scores.vmin, scores.vmax), cmap=cmap)
-    bar = fig.colorbar(sm, ax=axes, orientation="horizontal", fraction=0.05, aspect=50)
-    bar.set_label(scores.description, fontsize=9)
-    fig.suptitle(title, fontsize=11)
-    if banner:  # the slide's call, over the heatmap panel (its title), wrapped to the panel's width
-        import textwrap
+    blend = (tissue * (1 - a) + colourise(on, cmap).astype(np.float32) * a).round().astype(np.uint8)
 
+    title_font, font, small_font = (_font(s) for s in (15, 13, 12))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_lines = _wrap(probe, title, title_font, OVERLAY_WIDTH_PX - 2 * pad)
+    banner_lines = _wrap(probe, banner, font, panel_w - 12) if banner else []
+    y_title = pad
+    y_banner = y_title + 20 * len(title_lines) + 6
+    y_caption = y_banner + (17 * len(banner_lines) + 10 if banner_lines else 0)
+    y_panel = y_caption + 20
+    y_bar = y_panel + panel_h + 14
+    height = y_bar + 14 + 44
+    sheet = Image.new("RGB", (OVERLAY_WIDTH_PX, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, line in enumerate(title_lines):
+        tw = draw.textlength(line, font=title_font)
+        draw.text(((OVERLAY_WIDTH_PX - tw) / 2, y_title + 20 * k), line, fill="black", font=title_font)
+    x_left, x_right = pad, pad + panel_w + gap
+    if banner_lines:  # the slide's call, over the heatmap panel
         colour = {True: "#b2182b", False: "#4d4d4d"}.get(positive, "#2166ac")  # type: ignore[arg-type]
-        axes[1].set_title(textwrap.fill(banner, width=72), fontsize=9, color="white",
-                          bbox={"facecolor": colour, "edgecolor": "none", "pad": 4})
-    return _save(fig, path)
+        draw.rectangle([x_right, y_banner, x_right + panel_w, y_caption - 4], fill=colour)
+        for k, line in enumerate(banner_lines):
+            draw.text((x_right + 6, y_banner + 4 + 17 * k), line, fill="white", font=font)
+    for x, name in ((x_left, "tissue"), (x_right, "attention")):
+        draw.text((x + (panel_w - draw.textlength(name, font=font)) / 2, y_caption + 2), name, fill="black", font=font)
+    sheet.paste(small.convert("RGB"), (x_left, y_panel))
+    sheet.paste(Image.fromarray(blend), (x_right, y_panel))
+    bar_w = 2 * panel_w + gap  # the colour bar in the normalisation's units, under both panels
+    ramp = colourise(np.tile(np.linspace(0, 1, bar_w)[None, :], (14, 1)), cmap)
+    sheet.paste(Image.fromarray(ramp), (x_left, y_bar))
+    draw.rectangle([x_left, y_bar, x_left + bar_w - 1, y_bar + 13], outline="black")
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = x_left + frac * (bar_w - 1)
+        label = f"{scores.vmin + frac * (scores.vmax - scores.vmin):.3g}"
+        draw.line([x, y_bar + 14, x, y_bar + 18], fill="black")
+        tw = draw.textlength(label, font=small_font)
+        draw.text((min(max(x - tw / 2, x_left), x_left + bar_w - tw), y_bar + 19), label, fill="black", font=small_font)
+    desc = scores.description
+    draw.text((x_left + (bar_w - draw.textlength(desc, font=font)) / 2, y_bar + 35), desc, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG", pnginfo=_png_info())
+    return path
+
+
+def _font(size: int):  # type: ignore[no-untyped-def]
+    """DejaVu Sans (shipped with matplotlib: it has the dashes, µ and arrows titles use),
+    else Pillow's default font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
+
+
+def _png_info():  # type: ignore[no-untyped-def]
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "wsi-mil")
+    return info
 
 
 def gallery_png(path: Path, top: list[tuple[npt.NDArray[np.uint8], float, int, tuple[int, int]]],

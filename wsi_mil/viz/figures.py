@@ -72,7 +72,7 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     normalisation's units, the slide's prediction in the title and its call in a banner
     (red for a positive call, grey for a negative one). Composed with Pillow (a matplotlib
     figure cost 0.7 s of a slide's 0.9 s)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     from wsi_mil.io.atomic import atomic_path
 

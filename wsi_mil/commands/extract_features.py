@@ -141,6 +141,14 @@ def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: 
                       "slides, or tile with --save-patches and use --source store")
 
 
+def _still(out_dir: Path, report: ExtractReport) -> bool:
+    """features_report.json already says what this run found (every slide embedded)."""
+    from wsi_mil.commands.report import still_reported
+
+    return still_reported(out_dir / "features_report.json", {o.slide_id: o.status for o in report.outcomes},
+                          {"cached": {"ok", "cached"}})
+
+
 def request_key(config: ExtractConfig) -> str:
     """What the encoder's fingerprint follows from, known without building the encoder:
     the encoder's name, its weights file's SHA-256 (the whole file), the test-time
@@ -364,7 +372,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     cached = None if overwrite else _all_cached(stores, features_dir, config, key)
     if cached is not None:  # decided before building the encoder (seconds with a large one)
         report = ExtractReport(cached[0], time.perf_counter() - t0, cached[1])
-        if (out_dir / "features_report.json").is_file():
+        if _still(out_dir, report):
             logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
         else:
             write_json(out_dir / "features_report.json", report.to_dict())
@@ -402,8 +410,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
                     for o in outs:
                         results[o.slide_id] = o
     report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)
-    if report.outcomes and all(o.status == "cached" for o in report.outcomes) and \
-            (out_dir / "features_report.json").is_file():
+    if report.outcomes and all(o.status == "cached" for o in report.outcomes) and _still(out_dir, report):
         logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
     else:
         write_json(out_dir / "features_report.json", report.to_dict())

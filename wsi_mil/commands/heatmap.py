@@ -344,7 +344,10 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
-    if outcomes and all(o.status == "skipped" for o in outcomes) and (out_dir / "index.json").is_file():
+    from wsi_mil.commands.report import still_reported
+
+    if outcomes and all(o.status == "skipped" for o in outcomes) and still_reported(
+            out_dir / "index.json", {o.slide_id: o.status for o in outcomes}, {"skipped": {"ok", "skipped"}}):
         logger.info("%s: up to date (every slide already drawn from the same attention): nothing written", out_dir)
     else:
         write_json(out_dir / "index.json", report.to_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from wsi_mil.errors import WsiMilError
 
@@ -38,3 +39,21 @@ def failure_message(exc: BaseException, expected: tuple[type[BaseException], ...
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
     return f"unexpected {type(exc).__name__}: {exc}{where}"
+
+
+def still_reported(path: Path, now: dict[str, str], same: dict[str, set[str]], key: str = "slides") -> bool:
+    """Whether the report at ``path`` already tells what a run that found everything done
+    would: the same items (``now``: id -> this run's status) and, for each, a status that
+    ``same`` maps this run's status to (the store a run made, "ok", is the one found now,
+    "cached"), nothing failed or left out. Then the report is left as it was: a re-run
+    that changes nothing rewrites nothing."""
+    import json
+
+    try:
+        old = json.loads(Path(path).read_text())
+        rows = {str(r["slide_id"]): str(r["status"]) for r in old[key]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if old.get("skipped_inputs") or set(rows) != set(now):
+        return False
+    return all(rows[i] in same.get(s, set()) for i, s in now.items())

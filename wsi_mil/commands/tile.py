@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.commands.report import failure_message, format_table, status_counts
+from wsi_mil.commands.report import failure_message, format_table, status_counts, still_reported
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, SlideError
@@ -34,6 +34,8 @@ from wsi_mil.tiling.tile_slide import (
 from wsi_mil.tiling.tissue import TISSUE_METHOD_VERSION
 
 logger = logging.getLogger(__name__)
+#: the message of a slide found already tiled with these settings (and nothing more to say)
+CACHED = "already tiled (cached)"
 
 
 @dataclass
@@ -138,7 +140,7 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
         return (f"{entry.path} changed since it was tiled (same size, other content: it was rewritten in place); its "
                 f"store {final.name} describes the old file. Use --overwrite to tile it again")
     qc = qc_dir / qc_name(entry.slide_id)
-    message = "already tiled (cached)"
+    message = CACHED
     method = int(attrs.get("tissue_method_version", 1))
     if method != TISSUE_METHOD_VERSION:  # kept (re-tiling a cohort is the user's call), but said
         message += (f"; made by an earlier tissue-detection method (version {method}, now {TISSUE_METHOD_VERSION}, "
@@ -242,8 +244,9 @@ def run_tile(
     if same:
         logger.warning("%d slide file(s) are listed under more than one slide id (same content fingerprint), e.g. %s; "
                        "see the report's identical_files", len(same), " = ".join(same[0]["slides"][:4]))
-    if (outcomes and all(o.status == "cached" for o in report.outcomes) and not report.skipped_inputs
-            and (out_dir / "run_report.json").is_file()):
+    if (report.outcomes and not report.skipped_inputs and all(o.message == CACHED for o in report.outcomes)
+            and still_reported(out_dir / "run_report.json", {o.slide_id: o.status for o in report.outcomes},
+                               {"cached": {"ok", "cached"}, "no_tissue": {"no_tissue"}})):
         logger.info("%s: up to date (every slide already tiled with these settings): nothing written", out_dir)
         return report
     try:

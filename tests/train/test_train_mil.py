@@ -111,7 +111,15 @@ def test_rerun_resumes_without_retraining(musk, musk_run) -> None:
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()} == before
-    assert "not training again" in (out / "train.log").read_text()
+    # a finished run with the same settings and inputs: nothing trained, evaluated or written again
+    assert "up to date (every fold trained, every output written" in (out / "train.log").read_text()
+    # an output missing (as after a kill during evaluation): the trained folds are loaded, not trained again
+    (out / "metrics.json").unlink()
+    res = subprocess.run(WSI_MIL + ["train-mil", str(musk), "--features", str(musk.parent / "features"), "--out", str(out), *FAST],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and (out / "metrics.json").is_file(), res.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()} == before
+    assert "trained model found, not training again" in (out / "train.log").read_text()
 
 
 def test_manifest_split_leaking_a_patient_is_refused(musk, tmp_path) -> None:

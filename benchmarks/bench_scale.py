@@ -72,7 +72,8 @@ def cohort(n: int, size: int) -> dict:
         "tile": ["tile", str(manifest), "--out", str(root / "tiles"), "--workers", "2"],
         "extract-features": ["extract-features", str(root / "tiles"), "--out", str(root / "tiles")],
         "train-mil": ["train-mil", str(manifest), "--features", str(root / "tiles" / "features"), "--out",
-                      str(root / "run"), "--folds", "3", "--epochs", "5", "--bootstrap", "200", "--threads", "2"],
+                      str(root / "run"), "--folds", "3", "--epochs", "5", "--bootstrap", "200", "--threads", "2",
+                      "--allow-missing"],  # a generated slide can come out without tissue patches
         "heatmap": ["heatmap", str(root / "run"), "--out", str(root / "heatmaps")],
     }
     rows = {}

@@ -22,7 +22,7 @@ from wsi_mil.encoders.base import Encoder
 from wsi_mil.encoders.loader import BatchDataset, SlideJob, make_loader
 from wsi_mil.errors import OutputError, StoreError
 from wsi_mil.io.features import FeatureWriter
-from wsi_mil.runtime import reuse_freed_memory
+from wsi_mil.runtime import release_freed_memory, reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -157,4 +157,5 @@ def embed_jobs(
                 yield j, p.seconds, exc
                 continue
         if end == p.job.n_patches:
+            release_freed_memory()  # the slide's odd-sized last batch left fragments: memory flat in the slides
             yield j, p.seconds, None

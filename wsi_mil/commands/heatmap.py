@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -283,6 +284,10 @@ def claim_heatmap_folder(inputs: list[Path], out_dir: Path, *, overwrite: bool =
                  legacy_marks=lambda p: p.name != "heatmap.log" and _heatmap_output(p))
 
 
+#: slides drawn at once (threads)
+DRAW_THREADS = 4
+
+
 def attention_digest(h5: Path) -> str:
     """What a heatmap is drawn from, by content: the attention store's coordinates,
     scores and attributes (the prediction, the class, the patch geometry)."""
@@ -316,7 +321,7 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
     outcomes = []
     logger.info("drawing %d slide(s) into %s (%s normalisation, %s)", len(sources), out_dir, settings.normalise,
                 ", ".join(settings.formats))
-    for sid, h5 in tqdm(sources.items(), desc="heatmaps", unit="slide", disable=not progress):
+    def one(sid: str, h5: Path) -> SlideHeatmap:
         slide_dir = out_dir / sid
         marker = slide_dir / "heatmap.json"
         # paths are recorded relative to the slide's folder (and the source also absolutely),
@@ -328,21 +333,30 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
             done = json.loads(marker.read_text())
             if all(done.get(k) == stamp[k] for k in same) and all(
                     (slide_dir / f).exists() for f in done.get("files", {}).values()):
-                outcomes.append(SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]),
-                                             0.0, "already drawn"))
-                continue
+                return SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]), 0.0,
+                                    "already drawn")
         s0 = time.perf_counter()
         try:
             files, meta = draw_slide(h5, slide_dir, settings, overrides)
         except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch
             logger.warning("%s: %s", sid, failure_message(exc))
-            outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc)))
-            continue
+            return SlideHeatmap(sid, "failed", str(h5), {}, time.perf_counter() - s0, failure_message(exc))
         secs = time.perf_counter() - s0
         logger.debug("%s: %s drawn in %.1f s from %s (%s)", sid, ", ".join(files), secs, h5.name, meta["call"]["text"])
         names = {k: Path(v).name for k, v in files.items()}
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
-        outcomes.append(SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs))
+        return SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs)
+
+    # slides are drawn on a few threads (reading, Deflate and PNG encoding release the GIL),
+    # reported in order; each slide's files are its own
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1))) as pool, \
+            tqdm(total=len(sources), desc="heatmaps", unit="slide", disable=not progress) as bar:
+        futures = [pool.submit(one, sid, h5) for sid, h5 in sources.items()]
+        for fut in futures:
+            outcomes.append(fut.result())
+            bar.update(1)
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
     from wsi_mil.commands.report import still_reported
 

@@ -146,7 +146,7 @@ def _still(out_dir: Path, report: ExtractReport) -> bool:
     from wsi_mil.commands.report import still_reported
 
     return still_reported(out_dir / "features_report.json", {o.slide_id: o.status for o in report.outcomes},
-                          {"cached": {"ok", "cached"}})
+                          {"cached": {"ok", "cached", "empty"}})  # a store of no patches is found as well
 
 
 def request_key(config: ExtractConfig) -> str:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

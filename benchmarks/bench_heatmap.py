@@ -83,7 +83,7 @@ def main() -> None:
             for fmt in ("png", "tiff", "geojson", "gallery"):
                 out = tmp / f"out-{case}-{fmt}"
                 t = time.perf_counter()
-                files = draw_slide(h5, out, HeatmapSettings(formats=(fmt,)), manifest)
+                files, _ = draw_slide(h5, out, HeatmapSettings(formats=(fmt,)), manifest)
                 row["seconds"][fmt] = time.perf_counter() - t
                 row.setdefault("bytes", {})[fmt] = Path(files[fmt]).stat().st_size
             out = tmp / f"out-{case}-all"

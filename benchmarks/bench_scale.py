@@ -34,7 +34,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_tile import RssSampler  # noqa: E402
+from bench_tile import cli_process  # noqa: E402
 
 CACHE = HERE / ".cache" / "scale"
 RESULTS = HERE / "results"
@@ -42,15 +42,7 @@ RESULTS = HERE / "results"
 
 def run(args: list[str]) -> dict:
     """One CLI command as its own process: wall time and peak RSS."""
-    cmd = [sys.executable, "-m", "wsi_mil.cli", *args, "--no-progress", "-q"]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sampler = RssSampler(proc.pid)
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t
-    sampler.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:2])} failed: {err.decode()[-2000:]}")
+    wall, sampler = cli_process(args)
     return {"wall_s": wall, "peak_rss_single_mb": sampler.peak_single / 2**20}
 
 

@@ -87,8 +87,10 @@ class RssSampler:
         self._thread.join()
 
 
-def tile_cli(slide: Path, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "wsi_mil.cli", "tile", str(slide), "--out", str(out), "--no-progress", "-q", *extra]
+def cli_process(args: list[str]) -> tuple[float, RssSampler]:
+    """``wsi-mil ARGS --no-progress -q`` as its own process: (whole-process wall seconds,
+    its RSS sampler, stopped); a failure raises with the end of its stderr."""
+    cmd = [sys.executable, "-m", "wsi_mil.cli", *args, "--no-progress", "-q"]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = RssSampler(proc.pid)
@@ -96,7 +98,12 @@ def tile_cli(slide: Path, out: Path, *extra: str) -> dict:
     wall = time.perf_counter() - t
     sampler.stop()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed: {err.decode()[-2000:]}")
+        raise RuntimeError(f"{' '.join(args[:2])} failed: {err.decode()[-2000:]}")
+    return wall, sampler
+
+
+def tile_cli(slide: Path, out: Path, *extra: str) -> dict:
+    wall, sampler = cli_process(["tile", str(slide), "--out", str(out), *extra])
     report = json.loads((out / "run_report.json").read_text())
     return {"wall_s": wall, "report": report, "peak_rss_total_mb": sampler.peak_total / 2**20,
             "peak_rss_single_process_mb": sampler.peak_single / 2**20}

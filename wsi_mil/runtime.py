@@ -32,13 +32,9 @@ def reuse_freed_memory() -> bool:
     variable ``WSI_MIL_GLIBC_MMAP=default`` asks to keep glibc's behaviour)."""
     if not sys.platform.startswith("linux") or os.environ.get("WSI_MIL_GLIBC_MMAP") == "default":
         return False
-    import ctypes  # (here: ctypes.util costs every command ~10 ms of start-up)
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:  # musl or another libc: nothing to tune
         return False
     ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
     logger.debug("glibc heap reuse for large blocks: %s", "on" if ok else "refused")
@@ -86,14 +82,23 @@ def release_freed_memory() -> bool:
 
 
 def _malloc_trim() -> bool:
-    import ctypes
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():  # type: ignore[no-untyped-def]
+    """The C library (found once: ``ctypes.util.find_library`` runs a subprocess), or None."""
+    import ctypes  # (here: ctypes.util costs every command ~10 ms of start-up)
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def prefer_passive_omp() -> None:

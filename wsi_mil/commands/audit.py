@@ -130,10 +130,9 @@ def _shortcuts(run: Path, preds: list[dict[str, str]], key: str, positive: str, 
     from wsi_mil.eval.shortcuts import (
         label_association,
         localisation_warning,
-        notes_of,
+        log_findings,
         nuisances,
         prediction_dependence,
-        warnings_of,
     )
     from wsi_mil.train.runner import sample_facts
 
@@ -151,10 +150,7 @@ def _shortcuts(run: Path, preds: list[dict[str, str]], key: str, positive: str, 
         if loc is not None:
             record["localisation"] = loc
             record["localisation_warning"] = localisation_warning(auc(y[ok].astype(int), p[ok]), loc)
-    for line in warnings_of(record):
-        logger.warning("%s", line)
-    for line in notes_of(record):
-        logger.info("note: %s", line)
+    log_findings(record, logger)
     return record
 
 

@@ -22,6 +22,7 @@ from wsi_mil.io.atomic import write_json
 from wsi_mil.io.features import FeatureWriter, coords_sha256
 from wsi_mil.io.paths import path_record, resolve_recorded
 from wsi_mil.io.store import SUFFIX, PatchStore, _remove, read_complete_attrs
+from wsi_mil.tiling.tissue import STAIN_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,16 @@ def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: 
                       "slides, or tile with --save-patches and use --source store")
 
 
-def _still(out_dir: Path, report: ExtractReport) -> bool:
-    """features_report.json already says what this run found (every slide embedded)."""
+def _write_report(out_dir: Path, report: ExtractReport) -> None:
+    """features_report.json, unless it already says what this run found (every slide
+    embedded before: a re-run that changes nothing rewrites nothing)."""
     from wsi_mil.commands.report import still_reported
 
-    return still_reported(out_dir / "features_report.json", {o.slide_id: o.status for o in report.outcomes},
-                          {"cached": {"ok", "cached", "empty"}})  # a store of no patches is found as well
+    if still_reported(out_dir / "features_report.json", {o.slide_id: o.status for o in report.outcomes},
+                      {"cached": {"ok", "cached", "empty"}}):  # a store of no patches is found as well
+        logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
+    else:
+        write_json(out_dir / "features_report.json", report.to_dict())
 
 
 def request_key(config: ExtractConfig) -> str:
@@ -244,8 +249,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
                 "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
                 **{k: attrs[k] for k in ("slide_sha256", "slide_fingerprint") if k in attrs},
                 "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),
-                **{k: attrs[k] for k in ("tissue_area_mm2", "stain_haematoxylin", "stain_eosin", "tissue_lightness",
-                                         "tissue_a", "tissue_b") if k in attrs},  # nuisances the shortcut checks read
+                **{k: attrs[k] for k in ("tissue_area_mm2", *STAIN_NAMES) if k in attrs},  # nuisances the shortcut checks read
                 "effective_mpp": attrs.get("effective_mpp"), "patch_size_px": attrs.get("patch_size_px"),
                 "patch_level": attrs.get("patch_level"), **path_record("source_store", spec.store, Path(spec.out).parent),
                 "extent_level0_px": geometry.extent_level0_px, "step_level0_px": geometry.step_level0_px,
@@ -372,10 +376,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     cached = None if overwrite else _all_cached(stores, features_dir, config, key)
     if cached is not None:  # decided before building the encoder (seconds with a large one)
         report = ExtractReport(cached[0], time.perf_counter() - t0, cached[1])
-        if _still(out_dir, report):
-            logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
-        else:
-            write_json(out_dir / "features_report.json", report.to_dict())
+        _write_report(out_dir, report)
         return report
     probe = _build(config)
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
@@ -410,8 +411,5 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
                     for o in outs:
                         results[o.slide_id] = o
     report = ExtractReport([results[s.stem] for s in stores], time.perf_counter() - t0, encoder_desc)
-    if report.outcomes and all(o.status == "cached" for o in report.outcomes) and _still(out_dir, report):
-        logger.info("%s: up to date (every slide already embedded with this encoder): nothing written", out_dir)
-    else:
-        write_json(out_dir / "features_report.json", report.to_dict())
+    _write_report(out_dir, report)
     return report

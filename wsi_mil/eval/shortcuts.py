@@ -347,6 +347,14 @@ def warnings_of(audit: dict[str, Any]) -> list[str]:
     return lines
 
 
+def log_findings(audit: dict[str, Any], log: Any) -> None:
+    """Each warning of ``audit`` (a shortcut record, or part of one) at WARNING, each note at INFO."""
+    for line in warnings_of(audit):
+        log.warning("%s", line)
+    for line in notes_of(audit):
+        log.info("note: %s", line)
+
+
 def notes_of(audit: dict[str, Any]) -> list[str]:
     """One line per colour nuisance that passed a warning's thresholds (see :data:`COLOUR`)."""
     lines = []

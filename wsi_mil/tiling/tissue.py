@@ -636,6 +636,11 @@ def _drop_fringe(mask: BoolMask, near_ink: BoolMask) -> BoolMask:
 STAIN_SAMPLE = 200_000
 
 
+#: what :func:`stain_statistics` records (store attributes) -> the names the shortcut checks give them
+STAIN_NAMES = {"stain_haematoxylin": "haematoxylin", "stain_eosin": "eosin", "tissue_lightness": "lightness",
+               "tissue_a": "a* (green-red)", "tissue_b": "b* (blue-yellow)"}
+
+
 def stain_statistics(rgb: npt.NDArray[np.uint8], mask: BoolMask) -> dict[str, float] | None:
     """Colour of the tissue pixels: the mean haematoxylin and eosin optical densities
     (colour deconvolution with scikit-image's ``rgb2hed``, Ruifrok & Johnston's vectors) and

@@ -257,16 +257,12 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
     return CheckedRun(audit, plan, nz)
 
 
-#: feature-store attributes (wsi_mil.tiling.tissue.stain_statistics) -> nuisance names
-COLOUR_FACTS = {"stain_haematoxylin": "haematoxylin", "stain_eosin": "eosin", "tissue_lightness": "lightness",
-                "tissue_a": "a* (green-red)", "tissue_b": "b* (blue-yellow)"}
-
-
 def sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
     """Facts of each sample that could come with its label: a slide's patch count and
     tissue area, its scanner's native resolution (slides of one scanner share it; the
     resolution tiled at is one per run, checked elsewhere) and its tissue's colour."""
     from wsi_mil.eval.shortcuts import COLOUR
+    from wsi_mil.tiling.tissue import STAIN_NAMES
 
     out: dict[str, dict[str, Any]] = {}
     for s in samples:
@@ -280,7 +276,7 @@ def sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
             facts["scanner µm per pixel"] = meta["slide_mpp"]
         if meta.get("tissue_area_mm2") is not None:
             facts["tissue area mm²"] = meta["tissue_area_mm2"]
-        for key, name in COLOUR_FACTS.items():  # the thumbnail's tissue colour (stores tiled since wsi-mil 0.x)
+        for key, name in STAIN_NAMES.items():  # the thumbnail's tissue colour (stores tiled since wsi-mil 0.x)
             if meta.get(key) is not None:
                 facts[COLOUR + name] = meta[key]
         out[s.slide_id] = facts
@@ -293,7 +289,7 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     training: binary and multi-class tasks against the class, multi-label tasks against
     each label (one-vs-rest, blanks left out). Returns (the audit's "shortcuts" record, the
     nuisances the checks after training read)."""
-    from wsi_mil.eval.shortcuts import label_association, notes_of, nuisances, warnings_of
+    from wsi_mil.eval.shortcuts import label_association, log_findings, nuisances
 
     targets = [np.atleast_1d(np.asarray(s.target, dtype=float)) for s in samples]
     if not samples:
@@ -307,10 +303,7 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     for label, ids, y, names in _labelled(kind, all_ids, targets, task):
         rows = label_association(ids, y, found, class_names=names)
         before += [{**r, "label": label} if label else r for r in rows]
-    for line in warnings_of({"before": before}):
-        logger.warning("%s", line)
-    for line in notes_of({"before": before}):
-        logger.info("note: %s", line)
+    log_findings({"before": before}, logger)
     return {"before": before, "checked": sorted(found), "task": kind}, found
 
 
@@ -557,12 +550,7 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
     logged."""
     from wsi_mil.eval.localisation import run_localisation
     from wsi_mil.eval.metrics import auc
-    from wsi_mil.eval.shortcuts import (
-        localisation_warning,
-        notes_of,
-        prediction_dependence,
-        warnings_of,
-    )
+    from wsi_mil.eval.shortcuts import localisation_warning, log_findings, prediction_dependence
 
     name, keys, y, p, _ = ev
     ids = [k for k, _ in keys]
@@ -575,10 +563,7 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
         if loc is not None:
             record["localisation"] = loc
             record["localisation_warning"] = localisation_warning(auc(y[ok], p[ok]), loc)
-    for line in warnings_of({"after": record["after"], "localisation_warning": record.get("localisation_warning")}):
-        logger.warning("%s", line)
-    for line in notes_of({"after": record["after"]}):
-        logger.info("note: %s", line)
+    log_findings({"after": record["after"], "localisation_warning": record.get("localisation_warning")}, logger)
     return record
 
 
@@ -623,7 +608,7 @@ def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list
     """The checks after training of a multi-class or multi-label run: each class (one
     against the rest) or label, its probability against every nuisance; each warning
     logged."""
-    from wsi_mil.eval.shortcuts import notes_of, prediction_dependence, warnings_of
+    from wsi_mil.eval.shortcuts import log_findings, prediction_dependence
 
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
     record["set"], record["after"] = set_name, []
@@ -640,10 +625,7 @@ def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list
         kept = [i for i, k in zip(ids, ok, strict=True) if k]
         rows = prediction_dependence(kept, yc, p[ok, c], found)
         record["after"] += [{**r, "label": name} for r in rows]
-    for line in warnings_of({"after": record["after"]}):
-        logger.warning("%s", line)
-    for line in notes_of({"after": record["after"]}):
-        logger.info("note: %s", line)
+    log_findings({"after": record["after"]}, logger)
     return record
 
 

@@ -70,3 +70,31 @@ def test_a_bad_manifest_creates_no_output_folder(tmp_path) -> None:
         out = tmp_path / f"out-{args[0]}"
         res = subprocess.run(WSI_MIL + args + ["--out", str(out)], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "lable" in res.stderr and not out.exists(), (args, res.stderr)
+
+
+@pytest.mark.parametrize("section,field,value,expect", [
+    ("train_mil", "lr", float("inf"), "--lr inf: give a finite number"),
+    ("train_mil", "lr", float("nan"), "--lr nan: give a finite number"),
+    ("train_image", "weight_decay", float("nan"), "--weight-decay nan"),
+    ("tile", "mpp", float("inf"), "--mpp inf"),
+    ("train_mil", "hidden", 0, "--hidden must be positive"),
+    ("train_image", "hidden", 0, "--hidden must be positive"),
+    ("train_volume", "hidden", 0, "--hidden must be positive"),
+    ("train_mil", "weight_decay", -1e-4, "--weight-decay must be 0 or more"),
+])
+def test_settings_that_would_fail_mid_run_or_train_nothing_are_refused(section, field, value, expect) -> None:
+    """``--lr inf`` passed "lr > 0" and crashed in the middle of a fold, leaving a half-made run; ``--hidden 0``
+    trained a zero-width model and exited 0."""
+    from wsi_mil.config import recipe_sections
+    from wsi_mil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        recipe_sections()[section](**{field: value})
+
+
+def test_an_infinite_learning_rate_creates_no_output_folder(tmp_path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,label\na,0\nb,1\n")
+    out = tmp_path / "run"
+    res = _run(["train-mil", str(manifest), "--features", str(tmp_path), "--out", str(out), "--lr", "inf"])
+    assert res.returncode == 2 and "--lr inf: give a finite number" in res.stderr and not out.exists(), res.stderr

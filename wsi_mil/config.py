@@ -222,10 +222,15 @@ def build_config(cls: type, *, recipe: dict[str, Any] | None = None, overrides: 
 
 
 def _check_choices(obj: Any) -> None:
-    """Every option with a list of choices holds one of them (configs made in code too)."""
+    """Every option with a list of choices holds one of them, and every number is finite (configs made in
+    code too): ``--lr nan`` or ``--lr inf`` passes every "> 0" test and fails mid-run instead."""
     for f in dataclasses.fields(obj):
+        flag = f"--{f.name.replace('_', '-')}"
+        value = getattr(obj, f.name)
         if "choices" in f.metadata:
-            check_choice(f"--{f.name.replace('_', '-')}", getattr(obj, f.name), f.metadata["choices"])
+            check_choice(flag, value, f.metadata["choices"])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: give a finite number")
 
 
 @dataclass(frozen=True)
@@ -356,6 +361,8 @@ class CommonTrainConfig:
             (self.epochs >= 1, "--epochs must be positive"),
             (self.patience >= 1, "--patience must be positive"),
             (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be 0 or more"),
+            (self.focal_gamma >= 0, "--focal-gamma must be 0 or more"),
             (0 < self.target_sensitivity <= 1, "--target-sensitivity must be in (0, 1]"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.min_class_slides >= 1, "--min-class-slides must be positive"),
@@ -409,6 +416,7 @@ class TrainConfig(CommonTrainConfig):
     def _checks(self) -> list[tuple[bool, str]]:
         return super()._checks() + [
             (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
+            (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
         ]
 
@@ -477,6 +485,7 @@ class ImageTrainConfig(CommonTrainConfig):
             (16 <= self.image_size <= 2048, "--image-size must be in 16..2048"),
             (self.batch_size >= 1, "--batch-size must be positive"),
             (self.patch_grid >= 1, "--patch-grid must be positive"),
+            (self.hidden >= 1, "--hidden must be positive"),
             (not (self.mode in ("linear", "mil") and self.random_init),
              (f"--mode {self.mode} uses a frozen pretrained backbone; a random one needs --mode full (training "
               "from scratch)")),
@@ -552,6 +561,7 @@ class VolumeTrainConfig(CommonTrainConfig):
     def _checks(self) -> list[tuple[bool, str]]:
         return super()._checks() + [
             (self.width >= 4, "--width must be at least 4"),
+            (self.hidden >= 1, "--hidden must be positive"),
             (8 <= self.volume_size <= 512, "--volume-size must be in 8..512"),
             (32 <= self.slice_size <= 1024, "--slice-size must be in 32..1024"),
             (self.batch_size >= 1, "--batch-size must be positive"),

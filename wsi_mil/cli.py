@@ -161,7 +161,7 @@ def _predict_record(args: argparse.Namespace, settings: dict[str, Any], sources:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """Progress and log verbosity, the same for every batch command."""
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars (also hidden by -q and by TQDM_DISABLE=1 in the environment)")
     parser.add_argument("-v", "--verbose", action="count", default=1, help="more log output (-vv for debug; default: info)")
     parser.add_argument("-q", "--quiet", action="store_const", const=0, dest="verbose", help="only warnings and errors")
 
@@ -668,7 +668,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
                            size_px=args.size, mpp=args.mpp, seed=args.seed,
                            tumour_size_um=args.tumour_size_um,
                            progress=not args.no_progress)
-    print(f"cohort of {args.n_slides} slides written; manifest: {manifest}")
+    print(f"cohort of {args.n_slides} slides in {args.out}; manifest: {manifest}")
     return EXIT_OK
 
 
@@ -790,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "no_progress") and (args.verbose == 0 or os.environ.get("TQDM_DISABLE", "").strip().lower()
+                                         in ("1", "true", "yes")):
+        args.no_progress = True  # tqdm reads TQDM_DISABLE only where no one passes disable= (every bar here does)
     commands = {"tile": _cmd_tile, "extract-features": _cmd_extract, "synth": _cmd_synth, "train-mil": _cmd_train, "predict": _cmd_predict,
                 "train-image": _cmd_train_image, "predict-image": _cmd_predict_image,
                 "train-volume": _cmd_train_volume, "predict-volume": _cmd_predict_volume,

@@ -139,3 +139,22 @@ def test_synth_refuses_bad_options_before_making_the_folder(tmp_path) -> None:
                              text=True, timeout=120)
         assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
         assert not out.exists()
+
+
+def test_synth_rerun_says_up_to_date_and_tqdm_disable_hides_the_bar(tmp_path) -> None:
+    """A re-run said "written" though nothing was; TQDM_DISABLE=1 (the variable tqdm documents) was ignored
+    because every bar passes disable= itself."""
+    import os
+    import subprocess
+
+    from tests.conftest import WSI_MIL
+
+    out = tmp_path / "c"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    runs = [subprocess.run(WSI_MIL + ["synth", "--out", str(out), "--n-slides", "2", "--size", "256"],
+                           capture_output=True, text=True, timeout=300, env=env) for _ in range(2)]
+    for res in runs:
+        assert res.returncode == 0, res.stderr[-1500:]
+        assert "generating slides" not in res.stderr and "slide/s" not in res.stderr and "written" not in res.stdout
+    assert "2 slide(s) generated, 0 already up to date" in runs[0].stderr
+    assert "0 slide(s) generated, 2 already up to date" in runs[1].stderr

@@ -137,6 +137,7 @@ def make_cohort(
             site_of.update({int(i): confound["level"] if j < k else confound["other"] for j, i in enumerate(members)})
     normal, tumour = (textures or default_textures()) if style == "easy" else (None, None)
     rows = []
+    kept = 0
     for i in tqdm(range(n_slides), desc="generating slides", unit="slide", disable=not progress):
         slide_id = f"synth-{seed:03d}-{i:04d}"
         spec = SlideSpec(
@@ -147,7 +148,9 @@ def make_cohort(
             normal_sources=sources.get(i),
         )
         path = out_dir / f"{slide_id}.tiff"
-        if not _up_to_date(path, spec):
+        if _up_to_date(path, spec):
+            kept += 1
+        else:
             write_slide(path, spec, normal=normal, tumour=tumour, pool=pool)
         row: dict[str, Any] = {"slide_id": slide_id, "path": path.name, "patient_id": f"patient-{seed:03d}-{i:04d}",
                                "label": int(positive[i])}
@@ -155,6 +158,7 @@ def make_cohort(
             row["site"] = site_of[i]
         rows.append(row)
     manifest = write_manifest(out_dir / "manifest.csv", rows)
+    logger.info("%d slide(s) generated, %d already up to date (same spec)", n_slides - kept, kept)
     write_text(out_dir / "README.md", cohort_readme(out_dir, rows, preset=preset, seed=seed))
     return manifest
 

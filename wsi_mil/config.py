@@ -47,11 +47,7 @@ class TileConfig:
                                   "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
 
     def __post_init__(self) -> None:
-        _check_choices(self)
-        for f in dataclasses.fields(self):  # an infinite size or resolution would fail deep inside a slide's tiling
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+        _check_choices(self)  # (an infinite size or resolution would fail deep inside a slide's tiling)
         checks = [
             (self.mpp > 0, "--mpp must be positive"),
             (self.patch_size >= 8, "--patch-size must be at least 8"),
@@ -230,7 +226,7 @@ def _check_choices(obj: Any) -> None:
         if "choices" in f.metadata:
             check_choice(flag, value, f.metadata["choices"])
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag} {value}: give a finite number")
+            raise ConfigError(f"{flag} must be a finite number, not {value}")
 
 
 @dataclass(frozen=True)

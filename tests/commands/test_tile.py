@@ -58,6 +58,8 @@ def test_batch_continues_past_bad_slides_and_reports_each(tmp_path, cmu_slide, k
     assert status["kidney"]["mpp_source"] == "manifest"
     for sid in ("cmu", "kidney-no-mpp", "missing"):
         assert sid in proc.stdout  # the printed table lists every slide
+    for sid in ("kidney", "glass", "kidney-no-mpp"):  # each message once in the printed report (was twice, and logged)
+        assert proc.stdout.count(status[sid]["message"][:60]) == 1, proc.stdout
     assert Path(status["cmu"]["qc_png"]).exists()
     with PatchStore(out / "patches" / "cmu.h5") as store:
         attrs = store.attrs

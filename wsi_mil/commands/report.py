@@ -27,6 +27,17 @@ def format_table(rows: Sequence[Sequence[str]], problems: Sequence[str] = ()) ->
     return "\n".join(lines)
 
 
+def note_of(message: str | None, width: int = 90) -> tuple[str, bool]:
+    """A table's note for ``message`` and whether its full text goes to the problems list:
+    a message that fits is shown once, in the table; a longer one once, below it (the table
+    pointing there), not both."""
+    if not message:
+        return "", False
+    if "\n" not in message and len(message) <= width:
+        return message, False
+    return "(full message below)", True
+
+
 def failure_message(exc: BaseException, expected: tuple[type[BaseException], ...] = (WsiMilError,)) -> str:
     """Expected errors speak for themselves; anything else keeps its type and the last
     frame, for the bug report."""

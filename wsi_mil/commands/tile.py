@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.commands.report import failure_message, format_table, status_counts, still_reported
+from wsi_mil.commands.report import failure_message, format_table, note_of, status_counts, still_reported
 from wsi_mil.config import TileConfig
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, SlideError
@@ -97,10 +97,13 @@ class RunReport:
 
     def table(self) -> str:
         rows = [("slide", "status", "patches", "sec", "mpp (source)", "note")]
+        problems = []
         for o in self.outcomes:
             mpp = f"{o.mpp:.3f} ({o.mpp_source})" if o.mpp else "-"
-            rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, o.message.splitlines()[0][:90] if o.message else ""))
-        problems = [f"[{o.status}] {o.message}" for o in self.outcomes if o.status in ("failed", "no_tissue") and o.message]
+            note, below = note_of(o.message)
+            if below:
+                problems.append(f"[{o.status}] {o.message}")
+            rows.append((o.slide_id, o.status, str(o.n_patches), f"{o.seconds:.1f}", mpp, note))
         text = format_table(rows, problems)
         if self.skipped_inputs:
             shown = self.skipped_inputs[:10]

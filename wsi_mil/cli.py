@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity over the thumbnail in overlay.png")
     hm.add_argument("--slides", type=Path, default=None, metavar="MANIFEST",
                     help="manifest CSV giving slide paths (default: the paths recorded in the feature stores)")
+    hm.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786): one task per slide on "
+                                        "its workers, which must see the stores, slides and --out at the same paths "
+                                        "(default: a few threads of this process)")
     hm.add_argument("--overwrite", action="store_true",
                     help="redraw slides already drawn with the same settings; --out holding the heatmaps of other "
                          "attention (another run or prediction) is refused without it, and cleared first with it")
@@ -692,7 +695,7 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
                                top_k=args.top_k, geojson_top_k=args.geojson_top_k, smooth_um=args.smooth_um,
                                opacity=args.opacity)
     report = run_heatmap(args.inputs, out_dir=args.out, settings=settings, slides_manifest=args.slides,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+                         overwrite=args.overwrite, progress=not args.no_progress, scheduler=args.scheduler)
     print(report.table())
     print(f"\nheatmaps of {len(report.outcomes)} slide(s) in {args.out} ({report.seconds:.1f} s); index: {args.out / 'index.json'}")
     return EXIT_OK if report.ok else EXIT_SLIDES_FAILED

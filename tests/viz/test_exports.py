@@ -310,3 +310,26 @@ def test_the_fast_geojson_writer_writes_the_same_bytes_as_the_features_it_replac
         write_geojson(tmp_path / "a.geojson", patch_features(coords, 256.0, scores, att, probability=prob, index=index))
         write_patch_geojson(tmp_path / "b.geojson", coords, 256.0, scores, att, probability=prob, index=index)
         assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()
+
+
+def test_heatmaps_drawn_on_a_dask_cluster_equal_the_local_ones(attention_run, drawn, tmp_path) -> None:
+    """``heatmap --scheduler``: one task per slide on the cluster's workers (here a local cluster's
+    worker process, reached by address as a user's cluster would be), the same files as drawn here."""
+    from distributed import Client, LocalCluster
+
+    attention, manifest, _ = attention_run
+    local_out, made, _ = drawn
+    out = tmp_path / "hm"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        res = subprocess.run(WSI_MIL + ["heatmap", str(attention), "--out", str(out), "--slides", str(manifest),
+                                        "--top-k", "4", "--scheduler", cluster.scheduler_address, "--no-progress"],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        ran = client.run(lambda dask_worker: sorted({str(e[0]) for e in dask_worker.state.log
+                                                     if str(e[0]).startswith("wsi-mil-heatmap-")}))
+    keys = [k for v in ran.values() for k in v]
+    assert {k.rsplit("-", 1)[0] for k in keys} == {f"wsi-mil-heatmap-{sid}" for sid in made}
+    for sid in made:
+        for name in ("overlay.png", "patches.geojson", "gallery.png"):
+            assert (out / sid / name).read_bytes() == (local_out / sid / name).read_bytes(), (sid, name)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,9 +303,14 @@ def attention_digest(h5: Path) -> str:
 
 
 def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
-                slides_manifest: Path | None = None, overwrite: bool = False, progress: bool = True) -> HeatmapReport:
+                slides_manifest: Path | None = None, overwrite: bool = False, progress: bool = True,
+                scheduler: str | None = None) -> HeatmapReport:
     """Draw every slide's exports; a slide that fails is reported and the rest carry on.
-    A slide already drawn with the same settings from the same store is skipped."""
+    A slide already drawn with the same settings from the same store is skipped.
+
+    Slides are drawn on a few threads of this process, or with ``scheduler`` (the address
+    of a Dask scheduler, as for ``tile`` / ``extract-features``) one task per slide on its
+    workers, which must see the attention stores, the slides and ``out_dir`` at the same paths."""
     from tqdm import tqdm
 
     from wsi_mil.io.atomic import write_json
@@ -347,15 +353,27 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
         return SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs)
 
-    # slides are drawn on a few threads (reading, Deflate and PNG encoding release the GIL),
-    # reported in order; each slide's files are its own
+    # slides are drawn on a few threads (reading, Deflate and PNG encoding release the GIL) or
+    # on a cluster's workers, reported in order; each slide's files are its own
     from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
 
-    with ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1))) as pool, \
+    from wsi_mil.parallel import dask_client
+
+    with (dask_client(scheduler=scheduler) if scheduler else nullcontext()) as client, \
+            ThreadPoolExecutor(max(1, min(DRAW_THREADS, os.cpu_count() or 1))) as pool, \
             tqdm(total=len(sources), desc="heatmaps", unit="slide", disable=not progress) as bar:
-        futures = [pool.submit(one, sid, h5) for sid, h5 in sources.items()]
-        for fut in futures:
-            outcomes.append(fut.result())
+        if client is not None:
+            futures = [client.submit(one, sid, h5, key=f"wsi-mil-heatmap-{sid}-{uuid.uuid4().hex[:8]}")
+                       for sid, h5 in sources.items()]
+        else:
+            futures = [pool.submit(one, sid, h5) for sid, h5 in sources.items()]
+        for (sid, h5), fut in zip(sources.items(), futures, strict=True):
+            try:
+                outcomes.append(fut.result())
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails its slide, not the batch
+                logger.warning("%s: %s", sid, failure_message(exc))
+                outcomes.append(SlideHeatmap(sid, "failed", str(h5), {}, 0.0, failure_message(exc)))
             bar.update(1)
     report = HeatmapReport(out_dir, outcomes, time.perf_counter() - t0)
     from wsi_mil.commands.report import still_reported

@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-extraction) as: overlay.png (thumbnail + heatmap + colour bar + prediction), heatmap.tif "
                     "(pyramidal TIFF with the slide's level-0 size and mpp: open it in QuPath/OpenSlide next to "
                     "the slide), patches.geojson (QuPath: File > Import objects; tiles with attention "
-                    "measurements) and gallery.png (top/bottom patches). A train-mil run folder gives every "
+                    "measurements) and gallery.jpg (top/bottom patches). A train-mil run folder gives every "
                     "slide its out-of-fold map. Finer maps: tile with --overlap 0.5 (about 4x the extraction "
                     "time), extract, predict, then draw; --smooth-um blurs at no extraction cost. Exit status: "
                     "0 all drawn, 1 some slides failed, 2 bad options.",

@@ -3,6 +3,7 @@ is aligned to the slide, states its normalisation, and carries nothing identifyi
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -121,7 +122,7 @@ def test_overlay_and_gallery_pngs(drawn) -> None:
     for sid in made:
         ov = Image.open(out / sid / "overlay.png")
         assert ov.width >= 800 and ov.mode in ("RGB", "RGBA")
-        gal = Image.open(out / sid / "gallery.png")
+        gal = Image.open(out / sid / "gallery.jpg")
         assert gal.width > 4 * 160 and gal.height > 2 * 160
     index = json.loads((out / "index.json").read_text())
     assert index["counts"] == {"ok": 2}
@@ -141,7 +142,7 @@ def test_no_export_carries_the_label_macro_or_slide_metadata(drawn, cmu_slide) -
     secrets = source_identity_strings(cmu_slide)
     assert any("Aperio" in v or "ScanScope" in v for v in secrets) and len(secrets) >= 5
     files = sorted((out / "cmu-1").iterdir())
-    assert {f.name for f in files} >= {"overlay.png", "heatmap.tif", "patches.geojson", "gallery.png"}
+    assert {f.name for f in files} >= {"overlay.png", "heatmap.tif", "patches.geojson", "gallery.jpg"}
     for f in files:
         blob = f.read_bytes()
         for secret in secrets:
@@ -149,9 +150,9 @@ def test_no_export_carries_the_label_macro_or_slide_metadata(drawn, cmu_slide) -
     with openslide.OpenSlide(str(out / "cmu-1" / "heatmap.tif")) as hm:
         assert dict(hm.associated_images) == {}
         assert all(not k.startswith("aperio.") for k in hm.properties)
-    for name in ("overlay.png", "gallery.png"):
+    for name in ("overlay.png", "gallery.jpg"):  # no EXIF, comment or text chunk: only the format's own header
         info = Image.open(out / "cmu-1" / name).info
-        assert set(info) <= {"Software", "dpi"}, info
+        assert set(info) <= {"Software", "dpi", "jfif", "jfif_version", "jfif_unit", "jfif_density"}, info
 
 
 def test_rerun_skips_drawn_slides_and_redraws_on_new_settings(attention_run, drawn) -> None:
@@ -331,5 +332,41 @@ def test_heatmaps_drawn_on_a_dask_cluster_equal_the_local_ones(attention_run, dr
     keys = [k for v in ran.values() for k in v]
     assert {k.rsplit("-", 1)[0] for k in keys} == {f"wsi-mil-heatmap-{sid}" for sid in made}
     for sid in made:
-        for name in ("overlay.png", "patches.geojson", "gallery.png"):
+        for name in ("overlay.png", "patches.geojson", "gallery.jpg"):
             assert (out / sid / name).read_bytes() == (local_out / sid / name).read_bytes(), (sid, name)
+
+
+def test_the_gallery_is_a_small_faithful_jpeg_and_a_redraw_leaves_no_file_of_the_old_drawing(attention_run,
+                                                                                             tmp_path) -> None:
+    """gallery.png took 0.5-0.9 MB per slide (16 photographs as PNG); as JPEG it is a fraction, its patches
+    the slide's pixels within JPEG error. Drawn again with fewer formats, the slide's folder holds the new
+    drawing only (the old exports were left beside it)."""
+    from PIL import Image
+
+    from wsi_mil.commands.heatmap import _patch
+    from wsi_mil.io.slide import open_slide
+
+    attention, manifest, made = attention_run
+    out = tmp_path / "hm"
+    run_heatmap([attention], out_dir=out, settings=HeatmapSettings(top_k=8, formats=("gallery", "geojson")),
+                slides_manifest=manifest, progress=False)
+    gallery = out / "tumour-slide" / "gallery.jpg"
+    sheet = np.asarray(Image.open(gallery).convert("RGB"), dtype=np.float64)
+    as_png = io.BytesIO()
+    Image.fromarray(sheet.astype(np.uint8)).save(as_png, format="PNG")
+    assert gallery.stat().st_size < 0.4 * len(as_png.getvalue()), (gallery.stat().st_size, len(as_png.getvalue()))
+    coords, att, path = made["tumour-slide"]
+    top = int(np.argmax(att))
+    with open_slide(path) as slide:
+        patch = np.asarray(_patch(slide, coords[top], EXTENT), dtype=np.float64)
+    side = patch.shape[0]
+    # the highest patch is the first of the top row (under the 60 px heading and its 42 px caption, after the
+    # 24 px row label and 6 px padding); the lowest patch is a different picture there
+    error = np.abs(sheet[102:102 + side, 30:30 + side] - patch).mean()
+    with open_slide(path) as slide:
+        other = np.asarray(_patch(slide, coords[int(np.argmin(att))], EXTENT), dtype=np.float64)
+    assert error < 4.0 and np.abs(other - patch).mean() > 4 * error, error  # mean absolute error in 0..255
+    assert sorted(p.name for p in (out / "tumour-slide").iterdir()) == ["gallery.jpg", "heatmap.json", "patches.geojson"]
+    run_heatmap([attention], out_dir=out, settings=HeatmapSettings(top_k=8, formats=("geojson",)),
+                slides_manifest=manifest, progress=False)
+    assert sorted(p.name for p in (out / "tumour-slide").iterdir()) == ["heatmap.json", "patches.geojson"]

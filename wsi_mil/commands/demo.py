@@ -163,7 +163,7 @@ def _heatmaps(out_dir: Path, run_dir: Path, *, progress: bool) -> int:
     counts = report.to_dict()["counts"]
     print(f"{len(report.outcomes)} slides in {report.seconds:.1f} s: {counts}")
     example = next((o for o in report.outcomes if o.status != "failed"), None)
-    print(f"heatmaps:   {run_dir / 'heatmaps'}  (per slide: overlay.png, heatmap.tif, patches.geojson, gallery.png)")
+    print(f"heatmaps:   {run_dir / 'heatmaps'}  (per slide: overlay.png, heatmap.tif, patches.geojson, gallery.jpg)")
     if example is not None and example.files.get("png"):
         print(f"            e.g. {run_dir / 'heatmaps' / example.files['png']}")
     print("            QuPath: open the slide, then File > Import objects > patches.geojson (colour by a measurement:")

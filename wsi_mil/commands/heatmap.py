@@ -7,7 +7,7 @@ No re-tiling and no re-extraction: every export is drawn from the attention stor
 - ``overlay.png``   heatmap over the thumbnail, colour bar, prediction
 - ``heatmap.tif``   pyramidal TIFF, slide's level-0 size and mpp (OpenSlide/QuPath)
 - ``patches.geojson`` patch squares with attention measurements (QuPath import)
-- ``gallery.png``   top-k and bottom-k patches with their scores
+- ``gallery.jpg``   top-k and bottom-k patches with their scores
 - ``heatmap.json``  what was drawn, how it was normalised, and the settings (resume key)
 
 A run folder gives each slide its out-of-fold map: the fold ensemble's for held-out
@@ -218,7 +218,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
                                            title=title, opacity=meta["overlay_opacity"], banner=call["text"],
                                            positive=call["positive"]))
         if "gallery" in settings.formats and len(coords):
-            from wsi_mil.viz.figures import gallery_png
+            from wsi_mil.viz.figures import patch_gallery
 
             k = min(settings.top_k, len(order))
 
@@ -228,8 +228,8 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
 
             top = [entry(i) for i in order[:k]]
             bottom = [entry(i) for i in order[::-1][:k]]
-            files["gallery"] = str(gallery_png(slide_dir / "gallery.png", top, bottom, method=scores.method,
-                                               title=f"{sid} - prediction: {pred}", subtitle=call["text"]))
+            files["gallery"] = str(patch_gallery(slide_dir / "gallery.jpg", top, bottom, method=scores.method,
+                                                 title=f"{sid} - prediction: {pred}", subtitle=call["text"]))
     if "tiff" in settings.formats:
         from wsi_mil.viz.tiff import write_heatmap_tiff
 
@@ -335,8 +335,13 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         stamp = {"settings": asdict(settings), "settings_key": settings.key(),
                  **path_record("source", h5, slide_dir), "source_digest": attention_digest(h5)}
         same = ("settings_key", "source_rel", "source_digest")  # by content: a rewritten, unchanged store is not new
-        if not overwrite and marker.exists():
-            done = json.loads(marker.read_text())
+        done: dict[str, Any] = {}
+        if marker.exists():
+            try:
+                done = json.loads(marker.read_text())
+            except ValueError:  # a marker cut short: the slide is drawn again
+                done = {}
+        if not overwrite and done:
             if all(done.get(k) == stamp[k] for k in same) and all(
                     (slide_dir / f).exists() for f in done.get("files", {}).values()):
                 return SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]), 0.0,
@@ -351,6 +356,9 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
         logger.debug("%s: %s drawn in %.1f s from %s (%s)", sid, ", ".join(files), secs, h5.name, meta["call"]["text"])
         names = {k: Path(v).name for k, v in files.items()}
         write_json(marker, {**stamp, "files": names, "seconds": secs, **meta})
+        for old in set(done.get("files", {}).values()) - set(names.values()):  # the folder holds this drawing only
+            if "/" not in old and "\\" not in old and old != marker.name:
+                (slide_dir / old).unlink(missing_ok=True)
         return SlideHeatmap(sid, "ok", str(h5), _under(out_dir, slide_dir, names), secs)
 
     # slides are drawn on a few threads (reading, Deflate and PNG encoding release the GIL) or

@@ -257,3 +257,32 @@ def test_a_qc_image_that_cannot_be_written_leaves_no_store(tmp_path, cmu_slide, 
     proc = _run(args)
     report = json.loads((out / "run_report.json").read_text())
     assert proc.returncode == 0 and report["slides"][0]["status"] == "ok" and blocker.is_file()
+
+
+def test_slides_waiting_for_their_pixels_keep_their_coordinates_on_disk_not_in_the_driver(tmp_path, cohort,
+                                                                                         monkeypatch) -> None:
+    """With --save-patches the driver held every slide's coordinates until the pixel phase (2 GB at 10,000
+    slides): they wait in mapped files beside the stores, which the run removes; the stores are unchanged."""
+    import wsi_mil.commands.tile as tile_cmd
+
+    entries = read_manifest(cohort)[:2]
+    seen: list[tuple[str, bool, bool]] = []
+    real = tile_cmd._pixel_phase
+
+    def watched(client, plans, config, stores_dir, outcomes, progress):
+        for p in plans:
+            seen.append((p.slide_id, isinstance(p.coords_px, np.memmap), isinstance(p.tissue_fraction, np.memmap)))
+        return real(client, plans, config, stores_dir, outcomes, progress)
+
+    monkeypatch.setattr(tile_cmd, "_pixel_phase", watched)
+    config = TileConfig(save_patches=True, chunk_patches=16, mpp=2.0, patch_size=128)
+    report = run_tile(entries, out_dir=tmp_path / "px", config=config, workers=1, progress=False)
+    assert report.ok and seen == [(e.slide_id, True, True) for e in entries]
+    assert not (tmp_path / "px" / "patches" / tile_cmd.PLANS_DIR).exists()
+    coords_only = run_tile(entries, out_dir=tmp_path / "xy", config=TileConfig(mpp=2.0, patch_size=128), workers=1,
+                           progress=False)
+    for a, b in zip(report.outcomes, coords_only.outcomes, strict=True):
+        with PatchStore(a.store) as sa, PatchStore(b.store) as sb:
+            assert sa.has_patches and len(sa) == len(sb) > 0
+            np.testing.assert_array_equal(sa.coords, sb.coords)
+            np.testing.assert_array_equal(sa.tissue_fraction, sb.tissue_fraction)

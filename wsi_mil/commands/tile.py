@@ -126,6 +126,7 @@ def _clean_partials(stores_dir: Path) -> None:
     for leftover in stores_dir.glob(f"*{PARTIAL}"):
         logger.info("removing unfinished store from an interrupted run: %s", leftover.name)
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    shutil.rmtree(stores_dir / PLANS_DIR, ignore_errors=True)  # coordinates an interrupted run kept for its pixels
 
 
 def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_dir: Path, overwrite: bool) -> SlideOutcome | str | None:
@@ -240,6 +241,8 @@ def run_tile(
                 t = time.perf_counter()
                 disk_full = _pixel_phase(client, plans, config, stores_dir, outcomes, progress)
                 phases["patch_pixels"] = time.perf_counter() - t
+            del plans  # (their mapped arrays) before the folder they map goes
+            shutil.rmtree(stores_dir / PLANS_DIR, ignore_errors=True)
 
     report = RunReport([outcomes[e.slide_id] for e in entries], time.perf_counter() - t_start, phases,
                        list(skipped_inputs or []), disk_full, used)
@@ -278,16 +281,36 @@ def _coordinate_phase(client: Any, todo: list[SlideEntry], config: TileConfig, s
             except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch
                 outcomes[entry.slide_id] = _failure(entry, exc)
             else:
-                _accept_plan(plan, config, outcomes, plans)
+                _accept_plan(plan, config, outcomes, plans, stores_dir)
             bar.update(1)
     order = {e.slide_id: i for i, e in enumerate(todo)}
     return sorted(plans, key=lambda p: order[p.slide_id])
 
 
-def _accept_plan(plan: SlidePlan, config: TileConfig, outcomes: dict[str, SlideOutcome], plans: list[SlidePlan]) -> None:
+#: the folder (under the stores) where the driver keeps the coordinates of slides waiting for their pixels
+PLANS_DIR = ".plans"
+
+
+def _spill(plan: SlidePlan, stores_dir: Path) -> None:
+    """Keep a plan's per-patch arrays on disk, mapped (the pixel phase reads them chunk by
+    chunk): the driver held every slide's coordinates until the end (about 20 bytes a patch:
+    2 GB for 10,000 slides of 10,000 patches)."""
+    import numpy as np
+
+    folder = stores_dir / PLANS_DIR
+    folder.mkdir(exist_ok=True)
+    for name in ("coords_px", "tissue_fraction"):
+        path = folder / f"{plan.slide_id}.{name}.npy"
+        np.save(path, getattr(plan, name))
+        setattr(plan, name, np.load(path, mmap_mode="r"))
+
+
+def _accept_plan(plan: SlidePlan, config: TileConfig, outcomes: dict[str, SlideOutcome], plans: list[SlidePlan],
+                 stores_dir: Path) -> None:
     for warning in plan.warnings:
         logger.warning("%s", warning)
     if config.save_patches and plan.n_patches:
+        _spill(plan, stores_dir)
         plans.append(plan)
     outcomes[plan.slide_id] = _outcome_from_plan(plan, plan.seconds)
 
@@ -306,7 +329,7 @@ def _coordinate_phase_threads(client: Any, todo: list[SlideEntry], config: TileC
         except Exception as exc:  # noqa: BLE001 - every slide failure is reported, none stops the batch
             outcomes[entry.slide_id] = _failure(entry, exc)
         else:
-            _accept_plan(plan, config, outcomes, plans)
+            _accept_plan(plan, config, outcomes, plans, stores_dir)
     return plans
 
 
@@ -329,6 +352,8 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
     from wsi_mil.errors import DiskFullError
     from wsi_mil.io.atomic import free_bytes, is_disk_full
     from wsi_mil.parallel import worker_count
+    import numpy as np
+
     from wsi_mil.tiling.patches import extract_jpeg_chunk
 
     window = 3 * worker_count(client)
@@ -342,7 +367,7 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
         for plan, a, b, last in chunk_iter:
             if plan.slide_id in failed:
                 continue
-            fut = client.submit(extract_jpeg_chunk, plan.slide_path, plan.coords_px[a:b], plan.geometry,
+            fut = client.submit(extract_jpeg_chunk, plan.slide_path, np.array(plan.coords_px[a:b]), plan.geometry,
                                 config.jpeg_quality, pure=False)
             pending.append((fut, plan, b - a, last))
             return True

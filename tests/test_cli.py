@@ -97,3 +97,24 @@ def test_an_infinite_learning_rate_creates_no_output_folder(tmp_path) -> None:
     out = tmp_path / "run"
     res = _run(["train-mil", str(manifest), "--features", str(tmp_path), "--out", str(out), "--lr", "inf"])
     assert res.returncode == 2 and "--lr must be a finite number, not inf" in res.stderr and not out.exists(), res.stderr
+
+
+def test_python_dash_m_wsi_mil_runs_the_program() -> None:
+    """``python -m wsi_mil`` (cluster job scripts, notebooks) failed: no wsi_mil/__main__.py."""
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "wsi_mil", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("wsi-mil "), res.stderr
+
+
+def test_every_verb_is_one_module_of_the_cli_package() -> None:
+    """Each sub-command lives in wsi_mil/cli/<verb>.py (its flags, help and run) and is listed once."""
+    from pathlib import Path
+
+    import wsi_mil.cli as cli
+
+    names = [v.NAME for v in cli.VERBS]
+    assert sorted(names) == sorted(COMMANDS + ["audit"]) and len(set(names)) == len(names)
+    for verb in cli.VERBS:
+        assert Path(verb.__file__).stem == verb.NAME.replace("-", "_") and callable(verb.run)
+    assert len(Path(cli.__file__).read_text().splitlines()) <= 250

@@ -1,0 +1,48 @@
+"""`wsi-mil predict`: the sub-command's flags, help and what it runs (the work itself: `wsi_mil.commands`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.cli.common import (
+    EXIT_OK,
+    EXIT_SLIDES_FAILED,
+    add_output_options,
+    add_overwrite_option,
+    claim_output,
+    predict_record,
+    setup_logging,
+)
+
+NAME = "predict"
+
+
+def add_parser(sub: Any) -> None:
+    """The ``predict`` sub-command: its flags and help."""
+    pr = sub.add_parser(
+        "predict", help="apply a trained run (ensemble of its fold models) to new slides' feature stores",
+        description="Predict slide labels with the fold models of a train-mil run (probabilities averaged; "
+                    "threshold = the mean of the folds' validation thresholds). Writes predictions.csv, "
+                    "attention/<slide>.h5 and predict_report.json. A store that cannot be read or holds "
+                    "non-finite features is reported as failed, never predicted. Exit status: 0 all predicted, 1 some "
+                    "stores failed, 2 bad options.",
+    )
+    pr.add_argument("run", type=Path, help="output folder of train-mil")
+    pr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="feature stores, or folders of them (extract-features output)")
+    pr.add_argument("--out", required=True, type=Path, help="output folder")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_overwrite_option(pr)
+    add_output_options(pr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_mil.commands.predict import run_predict
+
+    setup_logging(args.verbose)
+    claim_output(args, predict_record(args, {}, list(args.inputs)))
+    setup_logging(args.verbose, args.out / "predict.log")
+    report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
+    print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
+    return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import names
 from wsi_mil.errors import ConfigError
 
 
@@ -40,7 +42,7 @@ class TileConfig:
     reject_pen: bool = _opt(True, "exclude pen/marker ink and its blurred fringe from tissue")
     save_patches: bool = _opt(False, "also store JPEG-compressed patch pixels")
     jpeg_quality: int = _opt(90, "JPEG quality of stored patches (1-100)")
-    format: str = _opt("h5", "store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
+    format: str = _opt("h5", "store format: h5 (CLAM-compatible) or zarr", choices=names(choices.STORE_FORMATS))
     chunk_patches: int = _opt(512, "patches per pixel-extraction task sent to a worker")
     qc: bool = _opt(True, "write a QC PNG per slide (thumbnail, tissue outline, patch grid)")
     full_hash: bool = _opt(False, "record the SHA-256 of every slide file's whole content (reads every byte; by "
@@ -125,7 +127,7 @@ def load_recipe(path: str | Path, section: str) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 - a safe loader
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"recipe {path}: cannot read it ({exc})") from exc
     if not isinstance(data, dict):
@@ -236,19 +238,19 @@ class ExtractConfig:
     encoder: str = _opt("efficientnet_lite0", "encoder: a registered name (efficientnet_lite0: offline ImageNet weights) or any timm model name, e.g. resnet50.a1_in1k; MODEL@STAGE cuts it after a stage and average-pools (resnet50.tv_in1k@layer3: 1024-d)")
     weights: str | None = _opt(None, "local weights file (.safetensors or .pth state dict) for the encoder; loaded as weights only")
     random_init: bool = _opt(False, "allow a randomly initialised encoder (tests and debugging only; recorded in every store)")
-    source: str = _opt("auto", "where pixels come from: slide (read by coordinates), store (JPEG pixels saved by tile --save-patches), auto", choices=("auto", "slide", "store"))
+    source: str = _opt("auto", "where pixels come from: slide (read by coordinates), store (JPEG pixels saved by tile --save-patches), auto", choices=names(choices.PIXEL_SOURCES))
     batch_size: int = _opt(32, "patches per forward pass")
     readers: int = _opt(1, "background reader processes (each with its own slide handle); 0 reads in the main process")
     prefetch: int = _opt(4, "batches each reader prepares ahead")
-    precision: str = _opt("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", "auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=names(choices.PRECISIONS))
     channels_last: bool = _opt(True, "run the encoder in channels-last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _opt(False, "torch.compile the encoder (slow start, faster steady state on GPU)")
     threads: int | None = _opt(None, "intra-op threads of the encoder on CPU (default: PyTorch's choice, one per core)")
     devices: str = _opt("auto", "auto (every CUDA GPU, else cpu), cpu, cuda, or a list such as cuda:0,cuda:1; slides are sharded across devices, one process each")
     chunk_batches: int = _opt(8, "batches per resumable chunk written to disk")
-    format: str = _opt("h5", "feature store format: h5 (CLAM-compatible) or zarr", choices=("h5", "zarr"))
+    format: str = _opt("h5", "feature store format: h5 (CLAM-compatible) or zarr", choices=names(choices.STORE_FORMATS))
     tta_flips: bool = _opt(False, "test-time augmentation: average features over the patch and its horizontal and vertical flips")
-    stain_norm: str = _opt("none", "test-time stain normalisation on the device, in the same pass: none or macenko (to a reference H&E)", choices=("none", "macenko"))
+    stain_norm: str = _opt("none", "test-time stain normalisation on the device, in the same pass: none or macenko (to a reference H&E)", choices=names(choices.STAIN_NORMS))
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -293,7 +295,7 @@ class ExtractConfig:
         return dataclasses.asdict(self)
 
 
-MIL_MODELS = ("abmil", "gated_abmil", "clam_sb", "transmil", "mean", "max", "dsmil", "linear_max")
+MIL_MODELS = names(choices.MIL_MODELS)
 #: What ``--select auto`` and an unset ``--lr`` (train-mil) become for a MIL model (others: best, 2e-4).
 #: linear_max: a fixed schedule with weight averaging, chosen because early stopping on a few
 #: validation slides picked chance-level epochs; lr 3e-3 chosen on out-of-fold AUC of the
@@ -305,7 +307,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"linear_max": {"select": "swa", "lr
 class CommonTrainConfig:
     """Settings every trainer shares (slides, images): task, splits, optimisation, evaluation."""
 
-    task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=("auto", "binary", "multiclass", "multilabel"))
+    task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=names(choices.TASKS))
     label: str | None = _opt(None, "label column to use when the manifest has several (default: every label column)")
     classes: str | None = _opt(None, "class names in order, comma-separated (negative first for binary), e.g. normal,tumour: "
                                      "the label values themselves, or names for the codes 0,1,...; any other value is an "
@@ -317,18 +319,18 @@ class CommonTrainConfig:
     min_minority_share: float | None = _opt(None, "sample the test set so the minority class is at least this share (e.g. 0.5); metrics also at the true prevalence")
     epochs: int = _opt(50, "maximum epochs per fold")
     patience: int = _opt(10, "early stopping: epochs without validation improvement")
-    monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=("auc", "loss"))
+    monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=names(choices.MONITORS))
     select: str = _opt("auto", "which weights a fold keeps: best (the epoch with the best --monitor on its validation "
                                "set, with early stopping), swa (every --epochs trained, the weights averaged over the "
                                "second half: a fixed schedule, not an epoch picked on a few validation slides) or auto "
                                "(swa for linear_max, best for the other models)",
-                       choices=("auto", "best", "swa"))
+                       choices=names(choices.SELECT))
     lr: float = _opt(2e-4, "AdamW learning rate (1 warm-up epoch, then cosine decay)")
     weight_decay: float = _opt(1e-4, "AdamW weight decay")
-    imbalance: str = _opt("weighted", "class-imbalance handling: weighted loss, sampler (weighted sampling), focal, none", choices=("weighted", "sampler", "focal", "none"))
+    imbalance: str = _opt("weighted", "class-imbalance handling: weighted loss, sampler (weighted sampling), focal, none", choices=names(choices.IMBALANCE))
     focal_gamma: float = _opt(2.0, "focal-loss gamma (with --imbalance focal)")
     dropout: float = _opt(0.25, "dropout in the instance embedding")
-    threshold: str = _opt("youden", "decision threshold chosen on validation: youden, or sensitivity (see --target-sensitivity)", choices=("youden", "sensitivity"))
+    threshold: str = _opt("youden", "decision threshold chosen on validation: youden, or sensitivity (see --target-sensitivity)", choices=names(choices.THRESHOLDS))
     target_sensitivity: float = _opt(0.9, "with --threshold sensitivity: the lowest validation sensitivity accepted")
     bootstrap: int = _opt(1000, "bootstrap resamples for the AUC confidence intervals")
     seed: int = _opt(0, "random seed (splits, initialisation, sampling)")
@@ -337,16 +339,19 @@ class CommonTrainConfig:
                                      "instances, where more threads only contend; else up to 4)")
     duplicates: str = _opt("refuse", "near-duplicate samples of different patients across train / validation / test: "
                                      "refuse (stop, listing them), merge (treat each duplicate group as one patient "
-                                     "before splitting) or allow (train anyway; reported)", choices=("refuse", "merge", "allow"))
+                                     "before splitting) or allow (train anyway; reported)", choices=names(choices.DUPLICATES))
     label_sources: str | None = _opt(None, "two manifest columns holding the label from different sources (e.g. "
                                            "abnormal_folder,finding_labels): their disagreements are reported")
     subgroups: str | None = _opt(None, "manifest columns for per-subgroup AUC / sensitivity / specificity with CIs, "
                                        "comma-separated (e.g. sex,age,view,site; numeric columns are banded by quartiles)")
     prevalence: float | None = _opt(None, "deployment prevalence for the audit's PPV / NPV (e.g. 0.02)")
+    model_options: str | None = _opt(None, "the MIL aggregator's own settings, comma-separated key=value, e.g. "
+                                           "heads=8,layers=1 for transmil or k_sample=16 for clam_sb (each model's "
+                                           "settings and defaults: --list-models)")
     blank_patient: str = _opt("refuse", "a blank patient_id in a manifest whose other rows have one: refuse (stop, "
                                         "listing them: two samples of one patient could land in train and test) or "
                                         "own (each such sample is its own patient; counted in the report)",
-                              choices=("refuse", "own"))
+                              choices=names(choices.BLANK_PATIENT))
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
@@ -373,6 +378,38 @@ class CommonTrainConfig:
         for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
+        if self.model_options:
+            self.model_options_dict()  # an unknown key or a bad value stops here, before any folder exists
+
+    def model_options_dict(self) -> dict[str, Any]:
+        """``--model-options`` as the model's keyword arguments, each checked against the
+        model's constructor (:func:`wsi_mil.mil.models.model_settings`) and typed by it."""
+        if not self.model_options:
+            return {}
+        model = self.schedule_model()
+        if model is None:
+            raise ConfigError("--model-options sets a MIL aggregator's settings: this run has none (train-image "
+                              "--mode mil or train-volume --mode slices have one)")
+        from wsi_mil.mil.models import model_settings
+
+        known = model_settings(model)
+        out: dict[str, Any] = {}
+        for item in self.model_options.split(","):
+            key, eq, text = (s.strip() for s in item.partition("="))
+            if not eq or not key or not text:
+                raise ConfigError(f"--model-options {self.model_options!r}: give key=value pairs separated by commas")
+            if key not in known:
+                listed = ", ".join(f"{k} (default {d!r})" for k, (_, d) in known.items()) or "none"
+                raise ConfigError(f"--model-options: {model} has no setting {key!r}; its settings: {listed}")
+            kind = known[key][0]
+            try:
+                value: Any = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"--model-options {key}={text}: give a {kind.__name__}") from exc
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--model-options {key}={text}: give a finite number")
+            out[key] = value
+        return out
 
     def schedule_model(self) -> str | None:
         """The MIL model whose defaults ``--select auto`` follows (None: not a MIL model)."""
@@ -399,7 +436,7 @@ class TrainConfig(CommonTrainConfig):
     """Settings of ``wsi-mil train-mil``."""
 
     model: str = _opt("abmil", "MIL aggregator: abmil, gated_abmil (Ilse et al.), clam_sb, transmil, mean, max, dsmil (Li et al.), "
-                               "linear_max (one linear score per patch, smooth maximum, fixed schedule: small lesions)", choices=MIL_MODELS)
+                               "linear_max (one linear score per patch, smooth maximum, fixed schedule: small lesions)", choices=names(choices.MIL_MODELS))
     allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
                                       "in the report); without it such slides stop the run (exit 1)")
     bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")
@@ -425,10 +462,10 @@ class TrainConfig(CommonTrainConfig):
         return self.model
 
     def model_args(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "dropout": self.dropout}
+        return {"hidden": self.hidden, "dropout": self.dropout, **self.model_options_dict()}
 
 
-IMAGE_MODES = ("linear", "partial", "full", "mil")
+IMAGE_MODES = names(choices.IMAGE_MODES)
 
 
 @dataclass(frozen=True)
@@ -448,14 +485,14 @@ class ImageTrainConfig(CommonTrainConfig):
                                 "(fine-tune the last --train-stages stages), full (fine-tune everything, learning "
                                 "rates decaying by --layer-decay per stage towards the input), mil (the image as a bag of "
                                 "--patch-grid overlapping patches: frozen, cached patch features and the MIL aggregator "
-                                "--mil-model attending over them)", choices=IMAGE_MODES)
+                                "--mil-model attending over them)", choices=names(choices.IMAGE_MODES))
     train_stages: int = _opt(2, "with --mode partial: how many of the backbone's last stages are trained")
     layer_decay: float = _opt(0.7, "with --mode full: learning-rate factor per stage, from the head towards the input")
     image_size: int = _opt(224, "side of the square network input in pixels (images are resized, antialiased)")
     batch_size: int = _opt(32, "images per optimisation step")
     augment: str = _opt("xray", "training augmentation: xray (small rotation, shift, zoom, brightness / contrast / "
                                 "gamma; NO left-right flip), histology (adds flips, 90-degree turns, colour jitter), "
-                                "none", choices=("xray", "histology", "none"))
+                                "none", choices=names(choices.IMAGE_AUGMENT))
     labels: str | None = _opt(None, "label columns, comma-separated (default: 'label' / 'label_<name>' columns); a blank "
                                     "cell is 'not labelled', masked out of loss and metrics")
     readers: str | None = _opt(None, "several readers' label columns, comma-separated: the reference label is their "
@@ -466,7 +503,7 @@ class ImageTrainConfig(CommonTrainConfig):
     patch_grid: int = _opt(3, "with --mode mil: patches per side; neighbours overlap by half (3: nine patches of half "
                               "the image's side)")
     mil_model: str = _opt("abmil", "with --mode mil: the MIL aggregator over the patches (as in train-mil --model)",
-                          choices=MIL_MODELS)
+                          choices=names(choices.MIL_MODELS))
     hidden: int = _opt(128, "with --mode mil: width of the aggregator's instance embedding")
     resplit: bool = _opt(False, "when the manifest's split column puts one patient in two sets, name them and split "
                                 "again by patient (default: stop with the list)")
@@ -492,7 +529,7 @@ class ImageTrainConfig(CommonTrainConfig):
 
     def model_args(self) -> dict[str, Any]:
         """The MIL aggregator's hyper-parameters (``--mode mil``)."""
-        return {"hidden": self.hidden, "dropout": self.dropout}
+        return {"hidden": self.hidden, "dropout": self.dropout, **self.model_options_dict()}
 
     def window_pair(self) -> tuple[float, float] | None:
         if not self.window:
@@ -510,7 +547,7 @@ class ImageTrainConfig(CommonTrainConfig):
         return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
 
 
-VOLUME_MODES = ("cnn", "slices")
+VOLUME_MODES = names(choices.VOLUME_MODES)
 
 
 @dataclass(frozen=True)
@@ -524,16 +561,16 @@ class VolumeTrainConfig(CommonTrainConfig):
 
     mode: str = _opt("cnn", "cnn: a 3D CNN on the whole volume (--arch); slices: 2.5D slice-MIL, a frozen 2D encoder "
                             "(--backbone) embeds every axial slice (cached) and --mil-model pools them (mean, or "
-                            "attention: a heatmap along the volume)", choices=VOLUME_MODES)
+                            "attention: a heatmap along the volume)", choices=names(choices.VOLUME_MODES))
     arch: str = _opt("resnet18_3d", "with --mode cnn: resnet18_3d (compact 3D ResNet-18 from scratch), acs or inflate "
                                     "(the pretrained 2D --backbone turned 3D: ACS convolutions or inflated kernels)",
-                     choices=("resnet18_3d", "acs", "inflate"))
+                     choices=names(choices.VOLUME_ARCHS))
     width: int = _opt(32, "with --arch resnet18_3d: channels of the first stage (x2 per stage)")
     backbone: str = _opt("efficientnet_lite0", "2D backbone for --arch acs / inflate and --mode slices: a registered "
                                                "encoder (efficientnet_lite0: offline ImageNet weights) or a timm name")
     weights: str | None = _opt(None, "local weights file for the 2D backbone (weights only)")
     mil_model: str = _opt("abmil", "with --mode slices: the aggregator over the slices (mean, max, abmil, gated_abmil, "
-                                   "clam_sb, transmil, dsmil, linear_max)", choices=MIL_MODELS)
+                                   "clam_sb, transmil, dsmil, linear_max)", choices=names(choices.MIL_MODELS))
     hidden: int = _opt(128, "with --mode slices: width of the aggregator's instance embedding")
     volume_size: int = _opt(64, "side of the cubic network input in voxels (after --spacing; aspect kept by padding)")
     slice_size: int = _opt(64, "with --mode slices: side in pixels each slice is resized to for the 2D encoder")
@@ -542,12 +579,12 @@ class VolumeTrainConfig(CommonTrainConfig):
     intensity: str = _opt("auto", "intensity mapping to [0, 1]: window (--window, CT in HU), zscore (MRI, per volume), "
                                   "minmax (0.5-99.5th percentile, per volume), unit (already in [0, 1]); auto: window "
                                   "when --window is given, unit for MedMNIST .npz, else minmax",
-                          choices=("auto", "window", "zscore", "minmax", "unit"))
+                          choices=names(choices.INTENSITY))
     window: str | None = _opt(None, "intensity window LOW,HIGH in the modality's units, e.g. -1000,400 (HU)")
     augment: str = _opt("volume", "training augmentation: volume (small rotations, scaling, shifts, intensity jitter; "
                                   "NO left-right flip), volume-elastic (adds elastic deformation), volume-flip (adds "
                                   "left-right flips: only where laterality carries no label), none",
-                        choices=("volume", "volume-elastic", "volume-flip", "none"))
+                        choices=names(choices.VOLUME_AUGMENT))
     batch_size: int = _opt(16, "volumes (slice-MIL: bags) per optimisation step")
     labels: str | None = _opt(None, "label columns, comma-separated (default: 'label' / 'label_<name>' columns)")
     readers: str | None = _opt(None, "several readers' label columns: majority vote, agreement reported")
@@ -586,7 +623,7 @@ class VolumeTrainConfig(CommonTrainConfig):
         return self.mil_model if self.mode == "slices" else None
 
     def model_args(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "dropout": self.dropout}
+        return {"hidden": self.hidden, "dropout": self.dropout, **self.model_options_dict()}
 
     def label_list(self) -> list[str] | None:
         return [c.strip() for c in self.labels.split(",") if c.strip()] if self.labels else None

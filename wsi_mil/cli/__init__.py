@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
         if exc.exit_code == EXIT_USAGE:  # refused: the folder is left as it was found
             release_all(remove_made=True)
-            if fresh:
+            if fresh and out is not None:
                 remove_refused_output(Path(out))
         return exc.exit_code
     except KeyboardInterrupt:

@@ -14,6 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import described, names
+
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
 logger = logging.getLogger("wsi_mil")
 
@@ -61,7 +64,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             # the choices are checked by build_config, with the message a recipe's value gets too
             choices = f.metadata.get("choices")
-            group.add_argument(flag, dest=f.name, type=base, default=None,
+            group.add_argument(flag, dest=f.name, type=typing.cast("typing.Callable[[str], Any]", base), default=None,
                                metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_text)
 
 
@@ -125,12 +128,9 @@ def default_workers() -> int:
 
 
 def add_heatmap_style_options(parser: argparse.ArgumentParser) -> None:
-    # the choices are wsi_mil.viz.scores.NORMALISATIONS / COLOURMAPS, spelled out so that
-    # --help imports nothing heavy
-    parser.add_argument("--normalise", default="rank", choices=["rank", "softmax", "raw"],
-                        help="rank: percentile within the slide; softmax: attention as the model weighs it; "
-                             "raw: log attention")
-    parser.add_argument("--cmap", default="viridis", choices=["viridis", "magma", "inferno", "plasma", "cividis"],
+    parser.add_argument("--normalise", default="rank", choices=names(choices.NORMALISATIONS),
+                        help=described(choices.NORMALISATIONS))
+    parser.add_argument("--cmap", default="viridis", choices=names(choices.COLOURMAPS),
                         help="perceptually uniform colour map")
 
 

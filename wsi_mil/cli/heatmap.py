@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import described, names
 from wsi_mil.cli import common
 from wsi_mil.cli.common import (
     EXIT_OK,
@@ -39,8 +41,8 @@ def add_parser(sub: Any) -> None:
                     help="train-mil run folder, predict output folder, or attention .h5 files")
     hm.add_argument("--out", type=Path, default=None, help="output folder (default: INPUT/heatmaps for one folder)")
     add_heatmap_style_options(hm)
-    hm.add_argument("--formats", nargs="+", default=["png", "tiff", "geojson", "gallery"],
-                    choices=["png", "tiff", "geojson", "gallery"], help="exports to write")
+    hm.add_argument("--formats", nargs="+", default=list(choices.HEATMAP_FORMATS),
+                    choices=names(choices.HEATMAP_FORMATS), help="exports to write: " + described(choices.HEATMAP_FORMATS))
     hm.add_argument("--top-k", type=int, default=8, help="patches per row of the gallery")
     hm.add_argument("--geojson-top-k", type=int, default=0, help="only the k highest patches in the GeoJSON (0: all)")
     hm.add_argument("--smooth-um", type=float, default=0.0, help="Gaussian smoothing sigma in µm within the tissue (0: none)")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import described, names
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
@@ -35,9 +37,8 @@ def add_parser(sub: Any) -> None:
     pi.add_argument("run", type=Path, help="output folder of train-image")
     pi.add_argument("source", type=Path, help="image manifest CSV, MedMNIST .npz, an image file or a folder of images")
     pi.add_argument("--out", required=True, type=Path, help="output folder")
-    pi.add_argument("--cam", choices=["gradcam", "gradcam++", "attention"], default=None,
-                    help="write maps with this method: gradcam / gradcam++ for whole-image runs, attention (over the "
-                         "patches) for train-image --mode mil runs")
+    pi.add_argument("--cam", choices=names(choices.CAM_METHODS), default=None,
+                    help="write maps with this method: " + described(choices.CAM_METHODS))
     pi.add_argument("--cam-threshold", type=float, default=0.5, help="boxes and regions where the map reaches this share of its peak")
     pi.add_argument("--boxes", type=Path, default=None, help="ground-truth boxes CSV (image_id, label, x, y, width, height) to score the maps")
     add_overwrite_option(pi)

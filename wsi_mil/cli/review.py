@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach it can see these slides", file=sys.stderr)
     server = make_server(site, host=args.host, port=args.port)
-    host, port = server.server_address[:2]
+    host, port = (str(v) for v in server.server_address[:2])
     print(f"reviewing {len(site.slides)} slide(s): open http://{host}:{port}/ in a browser (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

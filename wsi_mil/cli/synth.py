@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import described, names
 from wsi_mil.cli.common import EXIT_OK, DefaultsFormatter, add_output_options, setup_logging
 
 NAME = "synth"
@@ -25,15 +27,9 @@ def add_parser(sub: Any) -> None:
     synth.add_argument("--positive-fraction", type=float, default=0.5, help="fraction of slides with tumour")
     synth.add_argument("--size", type=int, default=8192, help="slide side in level-0 pixels")
     synth.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px written in the metadata")
-    synth.add_argument("--preset", choices=("balanced", "confounded", "hard", "easy"), default="balanced",
-                       help="balanced: normal tissue from several real sources without repeats, stain varied per "
-                            "slide, both balanced across the classes (matched pairs), tumour colour-matched, 1-2 "
-                            "regions of 100-250 µm; confounded: balanced plus a site column whose stain comes with "
-                            "the label (80%% of positives, 20%% of negatives: for testing shortcut checks); hard: as "
-                            "balanced but sources and stain drawn per slide regardless of the label (small cohorts "
-                            "confound by chance), 150-400 µm; easy: one mirror-tiled source and larger tumours in "
-                            "their own colours (a pipeline check that MIL solves perfectly). The cohort's README.md "
-                            "tabulates classes against sources and sites")
+    synth.add_argument("--preset", choices=names(choices.SYNTH_PRESETS), default="balanced",
+                       help=(described(choices.SYNTH_PRESETS) + ". The cohort's README.md tabulates classes against "
+                             "sources and sites").replace("%", "%%"))
     synth.add_argument("--tumour-size-um", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                        help="tumour region diameter range (default: the preset's)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsi_mil import choices
+from wsi_mil.choices import described, names
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
@@ -37,10 +39,8 @@ def add_parser(sub: Any) -> None:
     tile.add_argument("--config", type=Path, help="YAML recipe with a 'tile:' section (see pipelines/); flags override it")
     tile.add_argument("--workers", type=int, default=default_workers(),
                       help=f"worker processes of the local Dask cluster, or threads with --executor threads (default: {default_workers()})")
-    tile.add_argument("--executor", choices=("auto", "threads", "processes"), default="auto",
-                      help="processes: a local Dask cluster, one slide per worker process; threads: this process, one "
-                           "slide at a time shared by --workers threads (no cluster start); auto (default): threads when "
-                           "one slide needs coordinates only, processes for a batch or --save-patches")
+    tile.add_argument("--executor", choices=names(choices.EXECUTORS), default="auto",
+                      help=described(choices.EXECUTORS) + " (default: auto)")
     tile.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     tile.add_argument("--overwrite", action="store_true", help="rebuild stores that already exist")
     tile.add_argument("--dashboard", metavar="ADDRESS", default=None,

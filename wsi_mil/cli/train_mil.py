@@ -51,9 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list_models:
         from wsi_mil.mil import available
+        from wsi_mil.mil.models import model_settings
 
         for name, desc in available().items():
-            print(f"{name:14s} {desc}")
+            own = ", ".join(f"{k}={d}" for k, (_, d) in model_settings(name).items())
+            print(f"{name:14s} {desc}" + (f"\n{'':14s} --model-options (defaults): {own}" if own else ""))
         return EXIT_OK
     require(args, "train-mil", manifest="MANIFEST", features="--features", out="--out")
     from wsi_mil.commands.train_mil import prepare_inputs, run_train, summary_text

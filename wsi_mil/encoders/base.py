@@ -58,6 +58,9 @@ BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 class _Normalise(nn.Module):
     """uint8 NCHW -> normalised float, then optional float-space transforms (all on device)."""
 
+    scale: torch.Tensor  # buffers
+    shift: torch.Tensor
+
     def __init__(self, pre: Preprocess, transforms: list[tuple[str, BatchTransform]]) -> None:
         super().__init__()
         self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in pre.std]).view(1, 3, 1, 1), persistent=False)

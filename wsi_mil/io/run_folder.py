@@ -95,9 +95,15 @@ def input_record(path: Path) -> dict[str, Any]:
     return {"path": str(p.resolve())}
 
 
+#: settings added after runs were made, left out of a run's identity while at their default
+#: (so a run made before them keeps its identity: its re-run resumes instead of being refused)
+LATER_SETTINGS: dict[str, Any] = {"model_options": None}
+
+
 def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """The record of a run: command, settings (runtime ones left out), inputs, and their hash."""
-    kept = {k: v for k, v in sorted(settings.items()) if k not in RUNTIME_SETTINGS}
+    kept = {k: v for k, v in sorted(settings.items())
+            if k not in RUNTIME_SETTINGS and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     body = {"command": command, "settings": kept, "inputs": inputs}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
     return {**body, "identity": digest}

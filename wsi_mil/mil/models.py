@@ -118,6 +118,9 @@ class LinearMax(nn.Module):
     (see ``wsi_mil.config.MODEL_DEFAULTS``).
     """
 
+    in_mean: torch.Tensor  # buffers (saved with the weights)
+    in_std: torch.Tensor
+
     def __init__(self, in_dim: int, n_outputs: int, dropout: float = 0.25, smooth: float = 5.0) -> None:
         super().__init__()
         if smooth < 0:
@@ -398,29 +401,51 @@ class TransMIL(nn.Module):
         return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, z)), att)
 
 
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], str]] = {
-    "abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=False, **kw), "attention MIL (Ilse et al. 2018)"),
-    "gated_abmil": (lambda d, c, **kw: AttentionPool(d, c, gated=True, **kw), "gated attention MIL (Ilse et al. 2018)"),
-    "clam_sb": (lambda d, c, **kw: ClamSB(d, c, **kw), "CLAM-SB style: gated attention + instance clustering loss"),
-    "transmil": (lambda d, c, **kw: TransMIL(d, c, **kw), "TransMIL style: transformer, position convolved on the patch grid"),
-    "mean": (lambda d, c, **kw: MeanPool(d, c, **kw), "mean-pooling baseline"),
-    "max": (lambda d, c, **kw: MaxPool(d, c, **kw), "max-pooling baseline: instance classifier, smooth maximum (log-sum-exp, r = 5)"),
-    "dsmil": (lambda d, c, **kw: DSMIL(d, c, **kw),
-              "DSMIL style: max-instance stream + attention to the critical instance (Li et al. 2021)"),
-    "linear_max": (lambda d, c, hidden=None, **kw: LinearMax(d, c, **kw),
-                   "one linear score per patch on standardised features, smooth maximum, fixed schedule: small lesions"),
+#: how each model of :data:`wsi_mil.choices.MIL_MODELS` is built (the names and their meaning live there)
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "abmil": lambda d, c, **kw: AttentionPool(d, c, gated=False, **kw),
+    "gated_abmil": lambda d, c, **kw: AttentionPool(d, c, gated=True, **kw),
+    "clam_sb": lambda d, c, **kw: ClamSB(d, c, **kw),
+    "transmil": lambda d, c, **kw: TransMIL(d, c, **kw),
+    "mean": lambda d, c, **kw: MeanPool(d, c, **kw),
+    "max": lambda d, c, **kw: MaxPool(d, c, **kw),
+    "dsmil": lambda d, c, **kw: DSMIL(d, c, **kw),
+    "linear_max": lambda d, c, hidden=None, **kw: LinearMax(d, c, **kw),
 }
+_CLASSES: dict[str, type[nn.Module]] = {"abmil": AttentionPool, "gated_abmil": AttentionPool, "clam_sb": ClamSB,
+                                        "transmil": TransMIL, "mean": MeanPool, "max": MaxPool, "dsmil": DSMIL,
+                                        "linear_max": LinearMax}
+#: constructor arguments that are not the user's to set: the shapes, the settings every
+#: model takes from their own flags (--hidden, --dropout), and what the builder fixes
+_NOT_OPTIONS = {"self", "in_dim", "n_outputs", "hidden", "dropout", "gated", "multiclass"}
 
 
 def available() -> dict[str, str]:
-    return {k: v[1] for k, v in _REGISTRY.items()}
+    from wsi_mil.choices import MIL_MODELS
+
+    return dict(MIL_MODELS)
+
+
+def model_settings(name: str) -> dict[str, tuple[type, Any]]:
+    """A model's own settings (``--model-options key=value``): name -> (type, default),
+    read off its constructor, so that every setting a model has is reachable."""
+    import inspect
+
+    if name not in _CLASSES:
+        raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(_CLASSES)}")
+    out: dict[str, tuple[type, Any]] = {}
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    for p in inspect.signature(_CLASSES[name].__init__).parameters.values():
+        if p.name not in _NOT_OPTIONS and p.default is not inspect.Parameter.empty:
+            out[p.name] = (types[str(p.annotation)], p.default)
+    return out
 
 
 def build_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
     """A registered aggregator; ``kwargs`` are the model's own hyper-parameters."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(_REGISTRY)}")
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown MIL model {name!r}; choose one of {sorted(_BUILDERS)}")
     try:
-        return _REGISTRY[name][0](in_dim, n_outputs, **kwargs)
+        return _BUILDERS[name](in_dim, n_outputs, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"model {name!r}: {exc}") from exc

@@ -51,6 +51,8 @@ def sample_weights(targets: npt.NDArray[np.float32], kind: str) -> npt.NDArray[n
 
 
 class BagLoss(nn.Module):
+    weights: torch.Tensor | None  # a buffer (None: unweighted)
+
     def __init__(self, kind: str, mode: str = "weighted", weights: torch.Tensor | None = None, gamma: float = 2.0) -> None:
         super().__init__()
         if mode not in IMBALANCE:

@@ -53,7 +53,7 @@ def _stop_resource_tracker() -> None:
 
         tracker = resource_tracker._resource_tracker
         if getattr(tracker, "_pid", None) is not None:
-            tracker._stop()
+            tracker._stop()  # type: ignore[attr-defined]  # private, missing from typeshed; on purpose (see except)
     except Exception:  # noqa: BLE001 - private API; missing it only leaves a zombie behind
         pass
 

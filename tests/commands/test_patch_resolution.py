@@ -110,3 +110,15 @@ def test_a_store_another_program_holds_open_says_so(tmp_path: Path) -> None:
         holder.wait()
     error = json.loads((tmp_path / "pred" / "predict_report.json").read_text())["failed"][0]["error"]
     assert "HDF5 could not lock the file" in error and "HDF5_USE_FILE_LOCKING=FALSE" in error
+
+
+def test_the_refusal_of_another_scale_names_only_what_the_run_recorded(tmp_path: Path) -> None:
+    """A run that recorded its mpp but not its patch size (older stores: "none"): building the refusal's advice
+    raised ValueError (int("none")), so the store failed with a bare error instead of the advice."""
+    from wsi_mil.commands.predict import check_resolution
+    from wsi_mil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tiled at 1\.000 µm/px \(the run: 0\.500\).*--mpp 0\.5 and extract") as err:
+        check_resolution({"effective_mpp": 1.0, "patch_size_px": "none"}, {"effective_mpp": 0.5, "patch_size_px": None},
+                         tmp_path / "s.h5")
+    assert "--patch-size" not in str(err.value)

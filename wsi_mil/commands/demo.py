@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from wsi_mil.config import ExtractConfig, TileConfig, write_settings
-from wsi_mil.data.manifest import read_manifest, write_manifest
+from wsi_mil.data.manifest import read_manifest, slide_file, write_manifest
 from wsi_mil.logs import step_log
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _train_and_evaluate(out_dir: Path, manifest: Path, *, seed: int, progress: b
     with step_log(run_dir / "train.log"):
         report = run_train(manifest, features, out_dir=run_dir, config=config, progress=progress)
     print(summary_text(report))
-    slides = {e.slide_id: e.path for e in read_manifest(manifest)}
+    slides = {e.slide_id: slide_file(e) for e in read_manifest(manifest)}
     # localisation on every positive slide the models did not train on
     per_slide = unseen_localisation(run_dir, slides)
     loc = sum(per_slide.values()) / len(per_slide) if per_slide else None

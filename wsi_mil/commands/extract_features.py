@@ -245,7 +245,7 @@ def run_shard(specs: list[SlideSpec], config: ExtractConfig, device: str, slide_
             geometry = PatchGeometry.from_store_attrs(attrs)
             jobs.append(SlideJob(spec.slide_id, source, slide_path, spec.store, geometry, coords, start))
             writers.append(writer)
-            final_attrs = {
+            final_attrs: dict[str, Any] = {
                 "created_by": "wsi-mil extract-features", "wsi_mil_version": __version__, "slide_id": spec.slide_id,
                 **{k: attrs[k] for k in ("slide_sha256", "slide_fingerprint") if k in attrs},
                 "slide_mpp": attrs.get("slide_mpp"), "mpp_source": attrs.get("mpp_source"),

@@ -204,7 +204,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
     with open_slide(path) as slide:
         if mpp is None:
             mpp = resolve_mpp(slide, slide_name=path.name).mpp
-        w, h = slide.dimensions  # type: ignore[attr-defined]
+        w, h = slide.dimensions
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h,
                           smooth_um=settings.smooth_um, mpp=mpp)
         pred = attrs.get("prediction")
@@ -320,9 +320,9 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
     claim_heatmap_folder(inputs, out_dir, overwrite=overwrite)
     overrides: dict[str, Path] = {}
     if slides_manifest is not None:
-        from wsi_mil.data.manifest import read_manifest
+        from wsi_mil.data.manifest import read_manifest, slide_file
 
-        overrides = {e.slide_id: e.path for e in read_manifest(slides_manifest)}
+        overrides = {e.slide_id: slide_file(e) for e in read_manifest(slides_manifest)}
     t0 = time.perf_counter()
     outcomes = []
     logger.info("drawing %d slide(s) into %s (%s normalisation, %s)", len(sources), out_dir, settings.normalise,

@@ -65,17 +65,20 @@ def check_resolution(attrs: dict[str, Any], enc: dict[str, Any], store: Path) ->
     model learnt one scale: a positive slide at twice the µm/px can read negative)."""
     from wsi_mil.commands.train_mil import same_resolution
 
-    want_mpp, want_size = enc.get("effective_mpp"), enc.get("patch_size_px")
-    mpp, size = attrs.get("effective_mpp"), attrs.get("patch_size_px")
+    want_mpp: Any = enc.get("effective_mpp")  # JSON values: a number, None or "none" when not recorded
+    want_size: Any = enc.get("patch_size_px")
+    mpp: Any = attrs.get("effective_mpp")
+    size: Any = attrs.get("patch_size_px")
     wrong = []
     if want_mpp is not None and mpp not in (None, "none") and not same_resolution(float(mpp), float(want_mpp)):
         wrong.append(f"{float(mpp):.3f} µm/px (the run: {float(want_mpp):.3f})")
     if want_size is not None and size not in (None, "none") and int(size) != int(want_size):
         wrong.append(f"{int(size)} px patches (the run: {int(want_size)})")
-    if wrong:
+    if wrong:  # the advice names what the run recorded (a value it did not record is left out, not guessed)
+        flags = [f"--mpp {float(want_mpp):g}" if want_mpp not in (None, "none") else "",
+                 f"--patch-size {int(want_size)}" if want_size not in (None, "none") else ""]
         raise ConfigError(f"{store}: tiled at {' and '.join(wrong)}; the model was trained at one scale. Tile the "
-                          f"slide with --mpp {float(want_mpp or mpp):g} --patch-size {int(want_size or size)} and "
-                          "extract its features again")
+                          f"slide with {' '.join(f for f in flags if f)} and extract its features again")
 
 
 def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
@@ -128,6 +131,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             continue
         pred = _prediction(task, probs, thresholds)
         att_dir = out_dir / "attention"
+        assert bag.coords is not None  # Bag.cache() holds them
         write_attention(att_dir / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,

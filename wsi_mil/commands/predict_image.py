@@ -21,7 +21,7 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class ImagePredictReport:
     out_dir: Path
     n_images: int
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = field(default_factory=dict)  # None when no input has a reference label
     localisation: dict[str, Any] = field(default_factory=dict)
     failed: list[dict[str, str]] = field(default_factory=list)
 
@@ -120,7 +120,9 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
     models, spec, thresholds = load_run(run_dir)
     task = Task.from_dict(spec["task"])
     size = int(spec["image_size"])
-    window = tuple(float(v) for v in spec["window"].split(",")) if spec.get("window") else None
+    # CENTRE,WIDTH as the training run recorded it (checked then: two numbers)
+    window = cast("tuple[float, float] | None",
+                  tuple(float(v) for v in spec["window"].split(",")) if spec.get("window") else None)
     if source.suffix.lower() == ".npz":
         from wsi_mil.data.images import npz_entries
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from wsi_mil.commands.report import failure_message, format_table, note_of, status_counts, still_reported
 from wsi_mil.config import TileConfig
-from wsi_mil.data.manifest import SlideEntry
+from wsi_mil.data.manifest import SlideEntry, slide_file
 from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io.atomic import write_json
 from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
@@ -140,7 +140,8 @@ def _cached_outcome(entry: SlideEntry, config: TileConfig, stores_dir: Path, qc_
                 f"({settings_change(attrs, config, entry)}); use --overwrite to rebuild it or choose another --out")
     from wsi_mil.io.slide import changed_since
 
-    if entry.path.exists() and changed_since(attrs, entry.path):
+    path = slide_file(entry)
+    if path.exists() and changed_since(attrs, path):
         return (f"{entry.path} changed since it was tiled (same size, other content: it was rewritten in place); its "
                 f"store {final.name} describes the old file. Use --overwrite to tile it again")
     qc = qc_dir / qc_name(entry.slide_id)

@@ -246,12 +246,14 @@ class PatchMilRoad(MilRoad):
 
     unit = "image"
     command = "train-image"
+    # train-mil's road run with train-image's settings: every MilRoad method that reads them is overridden here
+    config: ImageTrainConfig  # type: ignore[assignment]
 
     def __init__(self, config: ImageTrainConfig, task: Task, samples: list[ImageSample], images: torch.Tensor,
                  out_dir: Path, device: str, progress: bool) -> None:
         from wsi_mil.encoders.image import build_classifier, cached_features, patch_grid
 
-        self.config, self.n_outputs, self.task = config, task.n_outputs, task  # type: ignore[assignment]
+        self.config, self.n_outputs, self.task = config, task.n_outputs, task
         self.images, self.row = images, {s.slide_id: i for i, s in enumerate(samples)}  # (for the audit)
         backbone, info = build_classifier(config.backbone, task.n_outputs, weights=config.weights)
         corners, side, step = patch_grid(config.image_size, config.patch_grid)
@@ -316,6 +318,7 @@ class PatchMilRoad(MilRoad):
         folder = out_dir / "attention" / (fold if fold == "ensemble" else f"fold{fold}")
         for s, probs, att in zip(samples, pred.probs, pred.attention, strict=True):
             bag = self.bags[s.slide_id]
+            assert bag.coords is not None  # set_bags: in-memory bags with their coordinates
             write_attention(folder / f"{s.slide_id}.h5", coords=bag.coords, attention=att, attrs={
                 "slide_id": s.slide_id, "fold": fold, "split": split, "model": self.config.mil_model,
                 "outputs": list(task.outputs), "probability": [float(v) for v in probs],

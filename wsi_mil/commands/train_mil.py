@@ -114,6 +114,7 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
 
     for bag, probs, att in zip(bags, pred.probs, pred.attention, strict=True):
         _, coords = bag.load()
+        assert bag.store is not None  # train-mil's bags are read from feature stores (read_bags)
         write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, attrs={
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
             "outputs": list(task.outputs), "probability": [float(v) for v in probs],
@@ -248,12 +249,13 @@ class MilRoad:
     def fit_settings(self, config: TrainConfig, fold_index: int, device: str) -> Any:
         from wsi_mil.train.loop import FitSettings
 
+        assert config.lr is not None  # TrainConfig.__post_init__ puts the model's default in for an unset --lr
         return FitSettings(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
                            monitor=config.monitor, select=config.select, bags_per_batch=config.bags_per_batch, max_instances=config.max_instances,
                            imbalance=config.imbalance, focal_gamma=config.focal_gamma, seed=config.seed + fold_index,
                            device=device)
 
-    def inputs_key(self) -> None:
+    def inputs_key(self) -> dict[str, Any] | None:
         return None
 
     def after_predict(self, out_dir: Path, samples: list[Bag], pred: Any, task: Task, *, fold: str, split: str,

@@ -13,9 +13,10 @@ target. The task is inferred from the manifest's label columns unless given:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +24,9 @@ import torch
 
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, ManifestError, StoreError
+
+if TYPE_CHECKING:
+    from wsi_mil.data.images import ImageEntry
 
 TASKS = ("auto", "binary", "multiclass", "multilabel")
 #: label values that name the positive class of a binary task ...
@@ -87,7 +91,7 @@ class Task:
         onehot[values.index(value)] = 1.0
         return onehot
 
-    def describe(self, entries: list[SlideEntry] | None = None) -> str:
+    def describe(self, entries: Sequence[SlideEntry | ImageEntry] | None = None) -> str:
         """One line: the task, its classes and (given the entries) slides per class."""
         if self.kind == "multilabel":
             counts = ""

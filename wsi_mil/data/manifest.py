@@ -57,6 +57,15 @@ class SlideEntry:
     meta: dict[str, str] = field(default_factory=dict)  # the row's other columns (site, sex, age ...)
 
 
+def slide_file(entry: SlideEntry) -> Path:
+    """The entry's slide file. Entries of :func:`read_manifest` (``require_path=True``, the
+    default) and of :func:`resolve_inputs` always have one; only a training manifest may
+    leave the path out."""
+    if entry.path is None:
+        raise ManifestError(f"slide {entry.slide_id!r} has no path to its file")
+    return entry.path
+
+
 def csv_rows(text: str, path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """The header and the (line, row) pairs of a manifest's CSV text, cells stripped. Rows
     of empty cells (",,,", as spreadsheets save after the data) are skipped; a header split

@@ -62,6 +62,7 @@ def import_classic(name: str, data_dir: Path, out_dir: Path, feature_space: str 
     rows = []
     for bag in load_classic(name, data_dir):
         path = feats_dir / f"{bag.slide_id}.h5"
+        assert bag.features is not None and bag.coords is not None  # load_classic's bags are held in memory
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=bag.features)
             f.create_dataset("coords", data=bag.coords)

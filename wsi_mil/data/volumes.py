@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -132,7 +132,9 @@ def read_nifti(path: Path) -> Volume:
     try:
         import nibabel as nib
 
-        img = nib.load(str(path))
+        # load's declared type is the FileBasedImage base; what it gives here is a spatial
+        # image (NIfTI), and anything else fails get_fdata / affine below, reported
+        img = cast("nib.spatialimages.SpatialImage", nib.load(str(path)))
     except Exception as exc:
         raise VolumeReadError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     check_nifti_header(path, img)

@@ -30,6 +30,9 @@ from wsi_mil.errors import ConfigError
 
 
 class ImageClassifier(nn.Module):
+    mean: torch.Tensor  # buffers (register_buffer)
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], n_outputs: int,
                  dropout: float = 0.0) -> None:
         super().__init__()
@@ -68,10 +71,11 @@ class ImageClassifier(nn.Module):
 def stage_groups(backbone: nn.Module) -> list[list[str]]:
     """Parameter names per stage, input first (timm's coarse grouping when the model has
     one, else its top-level children)."""
-    if hasattr(backbone, "group_matcher"):
+    group_matcher = getattr(backbone, "group_matcher", None)  # timm's (Module.__getattr__ types only tensors/modules)
+    if group_matcher is not None:
         from timm.models import group_parameters
 
-        groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        groups = group_parameters(backbone, group_matcher(coarse=True))
         return [list(v) for _, v in sorted(groups.items()) if v]
     by_child: dict[str, list[str]] = {}
     for name, _ in backbone.named_parameters():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -132,7 +133,8 @@ def _build_timm_full(model_name: str, *, weights: str | Path | None, allow_rando
             ) from exc
         source = f"hub:{model_name}"
     return Encoder(
-        name=f"timm:{model_name}", dim=int(model.num_features), preprocess=_timm_preprocess(model), model=model,
+        name=f"timm:{model_name}", dim=int(cast(int, model.num_features)),  # (timm's plain int attribute)
+        preprocess=_timm_preprocess(model), model=model,
         weights=source, weights_sha256=state_dict_sha256(model.state_dict()),
     )
 
@@ -157,7 +159,7 @@ def build_efficientnet_lite0(*, weights: str | Path | None = None, allow_random_
     if state is not None:
         load_into(model, state, source=source)
     return Encoder(
-        name="efficientnet_lite0", dim=int(model.num_features),
+        name="efficientnet_lite0", dim=int(cast(int, model.num_features)),  # (timm's plain int attribute)
         preprocess=Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"), model=model,
         weights=source, weights_sha256=state_dict_sha256(model.state_dict()),
     )

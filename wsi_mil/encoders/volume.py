@@ -98,7 +98,7 @@ class Conv3dFrom2d(nn.Module):
         third = cout // 3
         self.splits = [(0, cout - 2 * third), (cout - 2 * third, cout - third), (cout - third, cout)]
 
-    def _padding(self, x: torch.Tensor, kernel: tuple[int, int, int]) -> list[int]:
+    def _padding(self, x: torch.Tensor, kernel: tuple[int, ...]) -> list[int]:
         pads: list[int] = []
         for size, k in zip(reversed(x.shape[2:]), reversed(kernel), strict=True):  # F.pad: last dim first
             if self.same:
@@ -113,7 +113,7 @@ class Conv3dFrom2d(nn.Module):
             w = self.weight.unsqueeze(2)
             if self.k > 1:
                 w = w.repeat(1, 1, self.k, 1, 1) / self.k
-            kernel = (self.k,) * 3
+            kernel: tuple[int, ...] = (self.k,) * 3
             return F.conv3d(F.pad(x, self._padding(x, kernel)), w, self.bias, self.s, 0, self.d, self.groups)
         outs = []
         for axis, (lo, hi) in enumerate(self.splits):

@@ -25,6 +25,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--weights {path}: no such file")
+    state: object  # a checkpoint holds anything until checked below
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -44,7 +44,7 @@ def wilson_ci(k: float, n: float, level: float = 0.95) -> tuple[float, float] | 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _number(v: str) -> float | None:
+def _number(v: Any) -> float | None:  # a cell's text or a fact's value; None when not a finite number
     try:
         x = float(v)
     except (TypeError, ValueError):

@@ -194,14 +194,14 @@ def summarise(values: list[float | None]) -> dict[str, float | None]:
 def calibration_bins(y: npt.ArrayLike, p: npt.ArrayLike, n_bins: int = 10) -> dict[str, Any]:
     """Equal-width probability bins: mean predicted probability, observed positive rate and
     count per bin (empty bins left out)."""
-    y, p = np.asarray(y, dtype=float), np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
-    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ya, pa = np.asarray(y, dtype=float), np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    idx = np.minimum((pa * n_bins).astype(int), n_bins - 1)
     conf, freq, count = [], [], []
     for b in range(n_bins):
         sel = idx == b
         if sel.any():
-            conf.append(float(p[sel].mean()))
-            freq.append(float(y[sel].mean()))
+            conf.append(float(pa[sel].mean()))
+            freq.append(float(ya[sel].mean()))
             count.append(int(sel.sum()))
     return {"confidence": conf, "observed": freq, "count": count}
 

@@ -278,7 +278,8 @@ def prediction_dependence(ids: list[str], y: npt.ArrayLike, p: npt.ArrayLike, fo
                     members = np.flatnonzero(yy == c)
                     shuffled[members] = lv[rng.permutation(members)]
                 w, s_, _ = _dependence(yy, pp, shuffled, numeric)
-                hits_drop += drop is not None and w is not None and overall - w >= drop - 1e-12
+                hits_drop += (drop is not None and overall is not None  # (a drop needs the overall AUC)
+                              and w is not None and overall - w >= drop - 1e-12)
                 hits_sep += sep is not None and s_ is not None and s_ >= sep - 1e-12
             p_drop = (hits_drop + 1) / (n_perm + 1) if drop is not None else None
             p_sep = (hits_sep + 1) / (n_perm + 1) if sep is not None else None

@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from wsi_mil.errors import MissingMppError, SlideOpenError
+
+if TYPE_CHECKING:
+    from openslide import AbstractSlide
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class SlideMpp:
 
 
 @contextmanager
-def open_slide(path: str | Path) -> Iterator[object]:
+def open_slide(path: str | Path) -> Iterator[AbstractSlide]:
     """Open a slide with OpenSlide (plain TIFF/PNG/JPEG through its image fallback).
 
     Args:

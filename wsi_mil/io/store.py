@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -161,7 +161,7 @@ class PatchStore:
         else:
             raise StoreError(f"{self.path}: unknown store type (expected .h5 or .zarr)")
 
-    def __enter__(self) -> PatchStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -164,9 +164,9 @@ class ReviewSite:
         self.normalise, self.cmap = normalise, cmap
         overrides: dict[str, Path] = {}
         if slides_manifest is not None:
-            from wsi_mil.data.manifest import read_manifest
+            from wsi_mil.data.manifest import read_manifest, slide_file
 
-            overrides = {e.slide_id: e.path for e in read_manifest(slides_manifest)}
+            overrides = {e.slide_id: slide_file(e) for e in read_manifest(slides_manifest)}
         self.slides: dict[str, ReviewSlide] = {}
         self.problems: list[str] = []
         for sid, h5 in attention_sources(inputs).items():
@@ -178,7 +178,8 @@ class ReviewSite:
                 continue
             marker = heatmaps / sid / "heatmap.json" if heatmaps else None
             exports = recorded_exports(marker) if marker is not None and marker.exists() else {}
-            if exports and not drawn_from(marker, h5):  # another run's drawing of this slide: not this attention
+            # another run's drawing of this slide: not this attention (exports come only with a marker)
+            if exports and marker is not None and not drawn_from(marker, h5):
                 self.problems.append(f"{sid}: the heatmap in {marker.parent} was drawn from other attention than "
                                      f"{h5}; its exports are not offered (redraw with wsi-mil heatmap)")
                 exports = {}
@@ -347,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(site: ReviewSite, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    handler = type("ReviewHandler", (_Handler,), {"site": site})
+    handler = cast("type[_Handler]", type("ReviewHandler", (_Handler,), {"site": site}))  # a subclass, one per server
     server = ThreadingHTTPServer((host, port), handler)
     handler.hosts = allowed_hosts(host.lower(), server.server_address[1])
     server.daemon_threads = True

@@ -35,7 +35,9 @@ def plant_lesion(img: npt.NDArray[np.float32], rng: np.random.Generator, *, radi
 def planted_cohort(images: list[npt.NDArray[np.float32]], rng: np.random.Generator, share: float = 0.5,
                    **kw: Any) -> tuple[list[npt.NDArray[np.float32]], list[int], list[dict[str, float] | None]]:
     """A lesion planted in a random ``share`` of the images: (images, labels, boxes)."""
-    out, labels, boxes = [], [], []
+    out: list[npt.NDArray[np.float32]] = []
+    labels: list[int] = []
+    boxes: list[dict[str, float] | None] = []
     for img in images:
         if rng.random() < share:
             new, box = plant_lesion(img, rng, **kw)

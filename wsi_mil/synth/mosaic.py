@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -73,7 +74,7 @@ class TexturePool:
         n = sum(m[0] for m in moments)
         if not n:
             return np.zeros(3, np.float32), np.full(3, 1e-3, np.float32)
-        mean = sum(m[1] for m in moments) / n
+        mean = cast("npt.NDArray[np.float64]", sum(m[1] for m in moments)) / n  # n > 0: a sum of arrays, not 0
         var = np.maximum(sum(m[2] for m in moments) / n - mean * mean, 0.0)
         return mean.astype(np.float32), (np.sqrt(var) + 1e-3).astype(np.float32)
 
@@ -191,7 +192,7 @@ class MosaicTexture:
     """
 
     def __init__(self, sources: list[_Source], *, shape_px: tuple[int, int], rng: np.random.Generator,
-                 compartments: int, layout_px: int) -> None:
+                 compartments: float, layout_px: int) -> None:
         from wsi_mil.synth.slide import _smooth_noise
 
         self.sources = sources

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,7 @@ from wsi_mil.io.atomic import atomic_path, write_json
 from wsi_mil.synth.textures import Texture
 
 if TYPE_CHECKING:
-    from wsi_mil.synth.mosaic import TexturePool
+    from wsi_mil.synth.mosaic import MosaicTexture, TexturePool
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +135,13 @@ def make_layout(spec: SlideSpec) -> tuple[npt.NDArray[np.float32], npt.NDArray[n
     return tissue, tumour, regions
 
 
-def _bilinear(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+def _bilinear(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.floating], xs: npt.NDArray[np.floating]
+              ) -> npt.NDArray[np.float32]:
     """Sample a coarse field at level-0 pixel centres ``ys`` (rows) × ``xs`` (cols)."""
     return _bilinear_at(field_, ys, xs, LAYOUT_PX)
 
 
-def _bilinear_at(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], xs: npt.NDArray[np.float64],
+def _bilinear_at(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.floating], xs: npt.NDArray[np.floating],
                  cell_px: float) -> npt.NDArray[np.float32]:
     """Sample a field of ``cell_px`` level-0 pixels per cell at ``ys`` (rows) × ``xs`` (cols)."""
     gy, gx = ys / cell_px, xs / cell_px
@@ -152,7 +153,8 @@ def _bilinear_at(field_: npt.NDArray[np.float32], ys: npt.NDArray[np.float64], x
     f01 = field_[np.ix_(y0, x0 + 1)]
     f10 = field_[np.ix_(y0 + 1, x0)]
     f11 = field_[np.ix_(y0 + 1, x0 + 1)]
-    return (f00 * (1 - wx) + f01 * wx) * (1 - wy) + (f10 * (1 - wx) + f11 * wx) * wy
+    # float32 throughout (numpy's stubs widen float32 arithmetic of this depth to float64)
+    return cast("npt.NDArray[np.float32]", (f00 * (1 - wx) + f01 * wx) * (1 - wy) + (f10 * (1 - wx) + f11 * wx) * wy)
 
 
 _PERIOD_ALIGN = 256  # texture periods are multiples of every pyramid downsample (1, 4, 16, 64, 256)
@@ -245,6 +247,8 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
     path = Path(path)
     tissue, tumour_field, regions = make_layout(spec)
     drawn: dict[str, object] = {}
+    normal_base: MosaicTexture | _BaseTexture
+    tumour_base: MosaicTexture | _BaseTexture | None
     if spec.style == "hard":
         from wsi_mil.synth.mosaic import default_pool, slide_textures
 
@@ -261,9 +265,10 @@ def write_slide(path: str | Path, spec: SlideSpec, *, normal: Texture | None = N
         gain = rng.uniform(0.93, 1.07, size=3).astype(np.float32)  # per-slide stain variation
         offsets = [(int(rng.integers(0, 1 << 20)), int(rng.integers(0, 1 << 20))) for _ in range(2)]
         normal_base = _BaseTexture(normal, slide_mpp=spec.mpp, gain=gain, offset=offsets[0])
-        tumour_base = (_BaseTexture(tumour, slide_mpp=spec.mpp, gain=gain, offset=offsets[1])
-                       if tumour is not None and regions else None)
-        drawn = {"normal_sources": [normal.name], "tumour_source": tumour.name if tumour_base is not None else None}
+        tumour_base, tumour_source = None, None
+        if tumour is not None and regions:
+            tumour_base, tumour_source = _BaseTexture(tumour, slide_mpp=spec.mpp, gain=gain, offset=offsets[1]), tumour.name
+        drawn = {"normal_sources": [normal.name], "tumour_source": tumour_source}
     else:
         raise ValueError(f"slide style {spec.style!r}: choose 'easy' or 'hard'")
 

@@ -39,7 +39,7 @@ def _load_rgb(path: Path) -> tuple[npt.NDArray[np.uint8], float | None]:
     from wsi_mil.io.slide import metadata_mpp, open_slide, read_region_rgb
 
     with open_slide(path) as slide:
-        w, h = slide.dimensions  # type: ignore[attr-defined]
+        w, h = slide.dimensions
         return read_region_rgb(slide, x_px=0, y_px=0, level=0, width=w, height=h), metadata_mpp(slide)
 
 

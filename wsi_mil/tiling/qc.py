@@ -127,9 +127,8 @@ def write_qc_png(
 
     scale, out_w, out_h = qc_size(mask.shape)
     sx, sy = scale / thumb_downsample[0], scale / thumb_downsample[1]
-    outline_args = ((out_h, out_w), coords_px)
-    outline_kw = {"extent": (extent_level0_px * sx, extent_level0_px * sy), "scale": (sx, sy)}
-    drawing = pool.submit(patch_outlines, *outline_args, **outline_kw) if pool is not None else None
+    outline_shape, extent = (out_h, out_w), (extent_level0_px * sx, extent_level0_px * sy)
+    drawing = pool.submit(patch_outlines, outline_shape, coords_px, extent=extent, scale=(sx, sy)) if pool is not None else None
     # the tissue outline is traced on the mask at the drawing's size (a full-size mask costs more and is thinned away)
     tissue_outline = inner_boundary(_fit(mask.view(np.uint8), scale, (out_w, out_h), nearest=True).view(bool))
     if isinstance(canvas, Future):
@@ -141,7 +140,7 @@ def write_qc_png(
     if canvas.shape != (out_h + _BANNER_PX, out_w, 3):
         raise ValueError(f"QC canvas of shape {canvas.shape} does not fit a mask of shape {mask.shape}")
     bgr = canvas[_BANNER_PX:]
-    outline = drawing.result() if drawing is not None else patch_outlines(*outline_args, **outline_kw)
+    outline = drawing.result() if drawing is not None else patch_outlines(outline_shape, coords_px, extent=extent, scale=(sx, sy))
     cv2.copyTo(cv2.LUT(bgr, _tint_table()), outline.view(np.uint8), bgr)
     del outline
     bgr[tissue_outline] = (0, 200, 0)

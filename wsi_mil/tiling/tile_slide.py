@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from wsi_mil import __version__
 from wsi_mil.config import TileConfig
-from wsi_mil.data.manifest import SlideEntry
+from wsi_mil.data.manifest import SlideEntry, slide_file
 from wsi_mil.errors import NoTissueError, SlideError
 from wsi_mil.io.paths import path_record
 from wsi_mil.io.slide import (
@@ -57,7 +57,8 @@ def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
     """Everything that determines a store's content (recorded in the store as ``tile_settings``)."""
     content = {k: v for k, v in config.to_dict().items() if k not in _NON_CONTENT_KEYS}
     content["manifest_mpp"] = entry.mpp
-    content["slide_size_bytes"] = entry.path.stat().st_size if entry.path.exists() else None
+    path = slide_file(entry)
+    content["slide_size_bytes"] = path.stat().st_size if path.exists() else None
     content["store_format_version"] = STORE_FORMAT_VERSION
     return content
 
@@ -132,16 +133,17 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         SlideOpenError, MissingMppError, ResolutionError: per-slide failures.
     """
     t0 = time.perf_counter()
+    path = slide_file(entry)
     preload_imports()
     width = pool_width(pool)
     use_threads(1)  # the read's bands are the parallel work: OpenCV's own threads in each band only contend (~10 %)
     helper = pool if width > 1 else None  # a thread free for side work (the QC) while this one works
     params = config.tissue_params()
-    with open_slide(entry.path) as slide:
+    with open_slide(path) as slide:
         smpp = resolve_mpp(slide, slide_name=entry.slide_id, override_mpp=config.slide_mpp, manifest_mpp=entry.mpp)
-        w0, h0 = slide.dimensions  # type: ignore[attr-defined]
+        w0, h0 = slide.dimensions
         geometry = patch_geometry(
-            slide_mpp=smpp.mpp, level_downsamples=tuple(slide.level_downsamples),  # type: ignore[attr-defined]
+            slide_mpp=smpp.mpp, level_downsamples=tuple(slide.level_downsamples),
             target_mpp=config.mpp, patch_size_px=config.patch_size, stride_px=config.stride_px,
             slide_name=entry.slide_id,
         )
@@ -150,8 +152,8 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         classes = ColourClasses((thumb_plan.height, thumb_plan.width), params)  # classified band by band as decoded
         thumb, thumb_ds, thumb_um = read_thumbnail(slide, slide_mpp=smpp.mpp, pixel_um=config.tissue_mpp, pool=pool,
                                                    on_band=classes.add, plan=thumb_plan)
-        level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]  # type: ignore[attr-defined]
-        level_count = int(slide.level_count)  # type: ignore[attr-defined]
+        level_dim = [int(v) for v in slide.level_dimensions[geometry.level]]
+        level_count = int(slide.level_count)
     phases = {"open": t_read - t0, "read": time.perf_counter() - t_read}
     use_threads(width)  # labelling and the distance transform: OpenCV's threads, one per worker
     t = time.perf_counter()
@@ -191,12 +193,12 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "wsi_mil_version": __version__,
         "created_by": "wsi-mil tile",
         "slide_id": entry.slide_id,
-        "slide_file": entry.path.name,
-        "slide_path": str(entry.path.resolve()),
-        "slide_fingerprint": file_fingerprint(entry.path),
+        "slide_file": path.name,
+        "slide_path": str(path.resolve()),
+        "slide_fingerprint": file_fingerprint(path),
         "slide_fingerprint_method": FINGERPRINT_METHOD,
-        "slide_size_bytes": entry.path.stat().st_size,
-        "slide_mtime_ns": entry.path.stat().st_mtime_ns,  # a change re-hashes the file (same size, new content)
+        "slide_size_bytes": path.stat().st_size,
+        "slide_mtime_ns": path.stat().st_mtime_ns,  # a change re-hashes the file (same size, new content)
         "slide_width_px": int(w0),
         "slide_height_px": int(h0),
         "slide_level_count": level_count,
@@ -225,7 +227,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "tile_settings": settings,
     }
     if config.full_hash:
-        root_attrs["slide_sha256"] = file_sha256(entry.path)
+        root_attrs["slide_sha256"] = file_sha256(path)
     clam_attrs = {
         "patch_size": geometry.read_size_px,
         "patch_level": geometry.level,
@@ -236,7 +238,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "target_patch_size": geometry.patch_size_px,
     }
     plan = SlidePlan(
-        slide_id=entry.slide_id, slide_path=str(entry.path), geometry=geometry, coords_px=coords,
+        slide_id=entry.slide_id, slide_path=str(path), geometry=geometry, coords_px=coords,
         tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
         mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue, phases=phases,
         qc_job=qc_job,

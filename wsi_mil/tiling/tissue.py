@@ -321,8 +321,11 @@ def _classify(rgb: npt.NDArray[np.uint8], params: TissueParams, pool: Executor |
     """:class:`ColourClasses` of a whole image, strip by strip (on ``pool``'s threads when given)."""
     classes = ColourClasses(rgb.shape[:2], params)
     starts = range(0, rgb.shape[0], _STRIP_ROWS)
-    list(pool.map(lambda y: classes.add(rgb[y:y + _STRIP_ROWS], y), starts) if pool is not None
-         else (classes.add(rgb[y:y + _STRIP_ROWS], y) for y in starts))
+    if pool is not None:
+        list(pool.map(lambda y: classes.add(rgb[y:y + _STRIP_ROWS], y), starts))  # list: wait, re-raise
+    else:
+        for y in starts:
+            classes.add(rgb[y:y + _STRIP_ROWS], y)
     return classes
 
 

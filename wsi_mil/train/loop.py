@@ -204,8 +204,8 @@ def score(pred: Predictions, task: Task) -> float | None:
         return float(roc_auc_score(y, pred.probs[rows], multi_class="ovr", labels=list(range(task.n_outputs))))
     known = ~np.isnan(pred.targets)
     aucs = [auc(pred.targets[known[:, c], c], pred.probs[known[:, c], c]) for c in range(task.n_outputs)]
-    aucs = [a for a in aucs if a is not None]
-    return float(np.mean(aucs)) if aucs else None
+    defined = [a for a in aucs if a is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
@@ -225,8 +225,9 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     if s.select not in ("best", "swa"):
         raise ValueError(f"FitSettings.select must be best or swa, not {s.select!r}")
     select = s.select
-    if hasattr(model, "fit_inputs"):  # input standardisation from the training instances (kept with the weights)
-        model.fit_inputs(*(t.to(dev) for t in instance_moments(train)))
+    fit_inputs = getattr(model, "fit_inputs", None)  # a method of some models (Module.__getattr__ types only tensors/modules)
+    if fit_inputs is not None:  # input standardisation from the training instances (kept with the weights)
+        fit_inputs(*(t.to(dev) for t in instance_moments(train)))
     targets = train.targets
     loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma).to(dev)
     eval_loss = BagLoss(task.kind, "none").to(dev)
@@ -285,8 +286,11 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
             # AUC first, validation loss breaks ties: once AUC saturates (small validation sets
             # reach 1.0 within a few epochs) the model keeps improving its calibration instead
             # of stopping at the first, barely trained epoch with that AUC
-            primary = -pred.loss if (s.monitor == "loss" or metric is None) else float(metric)  # type: ignore[arg-type]
-            key = (primary, -pred.loss)
+            val_loss = pred.loss
+            if val_loss is None:  # predict weighs each bag's loss by its known targets: none known, no loss
+                raise ValueError("no validation loss: none of the validation bags has a known target")
+            primary = -val_loss if (s.monitor == "loss" or metric is None) else float(metric)
+            key = (primary, -val_loss)
             if key[0] > best_key[0] + 1e-6 or (abs(key[0] - best_key[0]) <= 1e-6 and key[1] > best_key[1] + 1e-6):
                 best_key, stale = key, 0
                 best = FitResult(state_copy(model), epoch, primary)

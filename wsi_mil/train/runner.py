@@ -320,7 +320,7 @@ def _labelled(kind: str, ids: list[str], targets: Any, task: Task | None
         ok = ~np.isnan(t).any(axis=1) & (t.sum(axis=1) > 0)
         names = list(task.classes or task.outputs) if task is not None else None
         return [(None, [i for i, k in zip(ids, ok, strict=True) if k], t[ok].argmax(axis=1).tolist(), names)]
-    out = []
+    out: list[tuple[str | None, list[str], list[int], list[str] | None]] = []
     for c in range(t.shape[1]):
         ok = np.isin(t[:, c], (0.0, 1.0))
         name = task.outputs[c] if task is not None else str(c)
@@ -452,6 +452,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         curves["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
         calibration["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
     if test:
+        assert test_feed is not None  # made whenever there is a test set
         mean_p = np.mean(test_probs, axis=0)
         ens_y = test_feed.targets
         metrics["ensemble_test"] = evaluate(task, ens_y, mean_p, pooled_thr, config)
@@ -468,7 +469,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             curves["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
             calibration["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
     if task.kind == "multilabel":  # one reliability line per label: the test ensemble, else out of fold
-        ys, ps, where = (test_feed.targets, np.mean(test_probs, axis=0), "test") if test else (py, pp, "out of fold")
+        ys, ps, where = ((test_feed.targets, np.mean(test_probs, axis=0), "test") if test_feed is not None  # (iff test)
+                         else (py, pp, "out of fold"))
         for c, name in enumerate(task.outputs):
             calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
     metrics["across_folds_val"] = _across(folds_out, "val")

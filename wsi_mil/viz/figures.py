@@ -116,11 +116,12 @@ def overlay_png(path: Path, thumbnail: npt.NDArray[np.uint8], grid: ScoreGrid, s
     sheet.paste(Image.fromarray(ramp), (x_left, y_bar))
     draw.rectangle([x_left, y_bar, x_left + bar_w - 1, y_bar + 13], outline="black")
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = x_left + frac * (bar_w - 1)
+        x_tick = x_left + frac * (bar_w - 1)
         label = f"{scores.vmin + frac * (scores.vmax - scores.vmin):.3g}"
-        draw.line([x, y_bar + 14, x, y_bar + 18], fill="black")
+        draw.line([x_tick, y_bar + 14, x_tick, y_bar + 18], fill="black")
         tw = draw.textlength(label, font=small_font)
-        draw.text((min(max(x - tw / 2, x_left), x_left + bar_w - tw), y_bar + 19), label, fill="black", font=small_font)
+        draw.text((min(max(x_tick - tw / 2, x_left), x_left + bar_w - tw), y_bar + 19), label, fill="black",
+                  font=small_font)
     desc = scores.description
     draw.text((x_left + (bar_w - draw.textlength(desc, font=font)) / 2, y_bar + 35), desc, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ class ScoreGrid:
     slide_width_px: int
     slide_height_px: int
 
-    def cell_index(self, xs: npt.NDArray[np.float64], ys: npt.NDArray[np.float64]
+    def cell_index(self, xs: npt.NDArray[np.floating], ys: npt.NDArray[np.floating]
                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Grid (col, row) of level-0 positions; -1 outside the grid."""
         ny, nx = self.values.shape
@@ -38,7 +38,7 @@ class ScoreGrid:
         return c, r
 
 
-def grid_step(coords: npt.NDArray[np.int64], extent_px: float) -> float:
+def grid_step(coords: npt.NDArray[np.integer] | npt.NDArray[np.floating], extent_px: float) -> float:
     """The tiling step: the smallest positive spacing between patch origins (the patch
     extent when patches do not touch), never more than the extent."""
     best = float(extent_px)
@@ -53,17 +53,17 @@ def score_grid(coords: npt.NDArray[np.int64], unit: npt.NDArray[np.floating], *,
                slide_width_px: int, slide_height_px: int, smooth_um: float = 0.0, mpp: float | None = None
                ) -> ScoreGrid:
     """Average each cell over the patches that cover it (``unit`` scores in [0, 1])."""
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    cell = grid_step(coords, extent_px) if len(coords) else float(extent_px)
-    ox, oy = (coords.min(axis=0) % cell) if len(coords) else (0.0, 0.0)
+    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    cell = grid_step(xy, extent_px) if len(xy) else float(extent_px)
+    ox, oy = (xy.min(axis=0) % cell) if len(xy) else (0.0, 0.0)
     nx = max(1, int(np.ceil((slide_width_px - ox) / cell)))
     ny = max(1, int(np.ceil((slide_height_px - oy) / cell)))
     total = np.zeros((ny, nx), np.float64)
     count = np.zeros((ny, nx), np.float64)
-    if len(coords):
+    if len(xy):
         span = max(1, int(round(extent_px / cell)))  # cells per patch side
-        c0 = np.round((coords[:, 0] - ox) / cell).astype(np.int64)
-        r0 = np.round((coords[:, 1] - oy) / cell).astype(np.int64)
+        c0 = np.round((xy[:, 0] - ox) / cell).astype(np.int64)
+        r0 = np.round((xy[:, 1] - oy) / cell).astype(np.int64)
         u = np.asarray(unit, dtype=np.float64)
         for dr in range(span):
             for dc in range(span):

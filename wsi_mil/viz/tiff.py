@@ -149,12 +149,14 @@ def write_heatmap_tiff(path: Path, grid: ScoreGrid, *, cmap: str, mpp: float | N
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for i, ds in enumerate(level_downsamples(w, h)):
-            kw = {}
+            # None is tifffile's default for both: no resolution tags without an mpp
+            resolution: tuple[float, float] | None = None
+            resolutionunit: str | None = None
             if mpp:
                 px_per_cm = 1e4 / (mpp * ds)
-                kw = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+                resolution, resolutionunit = (px_per_cm, px_per_cm), "CENTIMETER"
             tif.write(_tiles(grid, rgb, bg, ds), shape=(-(-h // ds), -(-w // ds), 3), dtype=np.uint8,
                       tile=(TILE_PX, TILE_PX), photometric="rgb", compression="deflate",
                       subfiletype=0 if i == 0 else 1, description=description if i == 0 else None,
-                      metadata=None, software="wsi-mil", **kw)
+                      metadata=None, software="wsi-mil", resolution=resolution, resolutionunit=resolutionunit)
     return path

@@ -54,8 +54,11 @@ def orthogonal_png(path: Path, volume: npt.NDArray[np.float32], maps: dict[str, 
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.1 * rows), layout="constrained", squeeze=False)
     vol = np.clip(volume, 0, 1)
     for r, (name, m) in enumerate(maps.items()):
-        peak = (tuple(int(i) for i in np.unravel_index(int(np.argmax(m)), m.shape)) if m.max() > 0
-                else tuple(n // 2 for n in m.shape))  # an empty map: the planes through the centre
+        if m.max() > 0:
+            d, h, w = (int(i) for i in np.unravel_index(int(np.argmax(m)), m.shape))
+        else:  # an empty map: the planes through the centre
+            d, h, w = (n // 2 for n in m.shape)
+        peak = (d, h, w)
         for c, (img, hm, label) in enumerate(zip(_planes(vol, peak), _planes(np.clip(m, 0, 1), peak),
                                                  (f"axial {peak[0]}", f"coronal {peak[1]}", f"sagittal {peak[2]}"),
                                                  strict=True)):

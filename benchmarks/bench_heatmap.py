@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_tile import CACHE, RESULTS, RssSampler, make_slide, tile_cli
+from bench_tile import CACHE, RESULTS, RssSampler, make_slide, tile_cli  # noqa: E402 - found through sys.path above
 
 # (slide side px, tiling stride px at 0.5 µm/px, 256-px patches) → about 1k, 10k, 100k patches
 CASES = {"1k": (15000, 256), "10k": (50000, 286), "100k": (100000, 176)}

@@ -29,7 +29,6 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +102,7 @@ def choose_recipe(sets: list[str], args: argparse.Namespace) -> dict:
     from wsi_mil.data.mil_import import load_classic
 
     torch.set_num_threads(1)
-    hits = {c: 0 for c in args.epoch_candidates}
+    hits = dict.fromkeys(args.epoch_candidates, 0)
     total = 0
     for name in sets:
         bags = load_classic(name, DATA)

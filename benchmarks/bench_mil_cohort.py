@@ -44,7 +44,7 @@ def to_zarr(h5_dir: Path, zarr_dir: Path) -> None:
         f[...] = feats
         c = root.create_array("coords", shape=coords.shape, dtype=np.int64, chunks=(max(1, len(coords)), 2))
         c[...] = coords
-        c.attrs.update({k: v for k, v in cattrs.items()})
+        c.attrs.update(dict(cattrs.items()))
         root.attrs.update({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in attrs.items()})
 
 
@@ -133,13 +133,13 @@ def whole_runs(manifest: Path, features: Path, model: str, epochs: int, seed: in
 
 def model_row(manifest: Path, feats: Path, run_dir: Path, model: str, epochs: int, seed: int) -> dict:
     """One whole train-mil run of ``model`` with its defaults: the figures of the table."""
+    import shutil
+
     from wsi_mil.commands.train_mil import run_train
     from wsi_mil.config import TrainConfig
     from wsi_mil.data.manifest import read_manifest
     from wsi_mil.eval.localisation import unseen_localisation
     from wsi_mil.eval.metrics import auc_text
-
-    import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a whole fresh run: nothing resumed, the wall time is all of it
     t = time.perf_counter()
@@ -265,7 +265,7 @@ def main() -> None:
             md.append(f"| {cond} | {one['median']:.1f} ({one['min']:.1f}-{one['max']:.1f}) | {many['median']:.1f} "
                       f"({many['min']:.1f}-{many['max']:.1f}) | {one['median'] / many['median']:.2f}× |")
         whole = threads["whole_run_seconds"]
-        md += ["", f"Whole `train-mil` runs (abmil, 5 folds, fresh folders, idle machine, interleaved): "
+        md += ["", "Whole `train-mil` runs (abmil, 5 folds, fresh folders, idle machine, interleaved): "
                + "; ".join(f"{k} thread(s) {', '.join(f'{v:.0f} s' for v in vs)}" for k, vs in whole.items()) + "."]
     md += ["", f"Command: `.venv/bin/python benchmarks/bench_mil_cohort.py {' '.join(sys.argv[1:])}`".rstrip() + "."
            + (" Rows of models not named in `--models` are kept from earlier runs of the same preset and settings."

@@ -98,7 +98,7 @@ def test_ceiling(run_dir: Path) -> dict:
             mask, ds = read_truth_mask(path)
             share = float(patch_tumour_share(coords, attention_patch_extent(attrs, h5), mask, ds).max(initial=0.0))
         best.append(share)
-    pos = [b for t, b in zip(y, best) if t]
+    pos = [b for t, b in zip(y, best, strict=False) if t]
     return {"n_positive": len(pos), "positive_with_tumour_patch": sum(b > 0 for b in pos),
             "positive_with_lesion_patch": sum(b >= 0.5 for b in pos),
             "ceiling_auc": auc([int(t) for t in y], [float(b > 0) for b in best])}

@@ -72,7 +72,7 @@ def test_tile_leaves_no_process_behind_and_no_port_warning(tmp_path, cmu_slide) 
         proc = subprocess.Popen(WSI_MIL + ["tile", str(cmu_slide), "--out", str(tmp_path / "t"), "--workers", "2",
                                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
-        out, err = proc.communicate(timeout=300)
+        _out, err = proc.communicate(timeout=300)
     finally:
         busy.close()
     assert proc.returncode == 0, err[-2000:]

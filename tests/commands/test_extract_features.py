@@ -177,7 +177,7 @@ def test_a_corrupt_region_is_reported_with_its_coordinates_and_the_slide_goes_on
     assert {(b["x"], b["y"]) for b in bad} >= {(x, y)}
     assert all("OpenSlide" in b["error"] or "JPEG" in b["error"] or "Error" in b["error"] for b in bad)
     np.testing.assert_array_equal(kept_coords, coords[kept_idx])
-    assert not set(b["index"] for b in bad) & set(kept_idx.tolist())
+    assert not {b["index"] for b in bad} & set(kept_idx.tolist())
 
 
 def test_sigkilled_extraction_resumes_mid_slide_to_identical_features(cmu_tiles, tmp_path) -> None:

@@ -41,7 +41,7 @@ def test_a_store_without_patches_is_not_a_bag(stores) -> None:
 
 
 def test_predict_names_a_store_without_patches(stores, tmp_path: Path) -> None:
-    manifest, features = stores
+    _manifest, features = stores
     # a tiny run on the CMU slide's store (two copies under two ids: a two-class cohort is needed)
     import shutil
 

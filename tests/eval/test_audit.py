@@ -174,7 +174,7 @@ def test_planted_duplicates_across_splits_are_refused_then_merged(tmp_path: Path
         Image.fromarray(a.clip(0, 255).astype(np.uint8)).resize((80, 80)).save(p, quality=85)
         extra.append((str(p), f"other{k}", r))
     manifest = _manifest(tmp_path, rows, extra)
-    cfg = dict(mode="linear", image_size=32, folds=2, epochs=2, bootstrap=50)
+    cfg = {"mode": "linear", "image_size": 32, "folds": 2, "epochs": 2, "bootstrap": 50}
     with pytest.raises(DuplicateLeakError, match=r"(?s)near-duplicate image pair\(s\) of different patients.*--duplicates merge"):
         run_train_image(manifest, out_dir=tmp_path / "refused", config=ImageTrainConfig(**cfg), progress=False)
     assert not (tmp_path / "refused").exists()  # stopped before the run folder and any feature existed

@@ -96,7 +96,7 @@ def test_raw_region_read_equals_openslides_rgba_on_white(cmu_slide, kidney_slide
     from wsi_mil.io.thumbnail import read_thumbnail
 
     with open_slide(cmu_slide) as slide:
-        w, h = slide.level_dimensions[0]
+        w, _h = slide.level_dimensions[0]
         for x, y, level, size in ((100, 200, 0, (300, 200)), (w - 150, -40, 0, (300, 120)), (-64, 0, 1, (200, 90))):
             bgra = read_region_bgra(slide, x_px=x, y_px=y, level=level, width=size[0], height=size[1])
             ref = np.asarray(on_white(slide.read_region((x, y), level, size)))

@@ -92,9 +92,9 @@ def test_linear_max_finds_one_or_two_tumour_patches_among_80_and_points_at_them(
     _, pred, truth = _train_and_test(pools)
     y = pred.targets[:, 0]
     assert auc(y, pred.probs[:, 0]) >= 0.95
-    hits = [bool(t[int(np.argmax(a))]) for t, a, label in zip(truth, pred.attention, y) if label]
+    hits = [bool(t[int(np.argmax(a))]) for t, a, label in zip(truth, pred.attention, y, strict=False) if label]
     assert np.mean(hits) >= 0.9, f"the top-scored patch is a tumour patch in {np.mean(hits):.0%} of positive bags"
-    loc = [auc(t.astype(int), a) for t, a, label in zip(truth, pred.attention, y) if label]
+    loc = [auc(t.astype(int), a) for t, a, label in zip(truth, pred.attention, y, strict=False) if label]
     assert np.mean(loc) >= 0.95
 
 

@@ -50,7 +50,7 @@ def crafted(attention_run, tmp_path: Path):
 
 
 def test_a_crafted_heatmap_json_cannot_reach_files_outside_the_run(crafted) -> None:
-    srv, slide, secret = crafted
+    srv, slide, _secret = crafted
     offered = recorded_exports(slide / "heatmap.json")
     assert set(offered) == {"png"} and offered["png"].name == "overlay.png"
     for name in ("secret.txt", "link.txt"):

@@ -72,7 +72,7 @@ def giemsa_like() -> tuple[np.ndarray, np.ndarray]:
 
 def test_blue_stained_tissue_is_not_taken_for_blue_pen(giemsa_like) -> None:
     img, truth = giemsa_like
-    _, s, v = _hsv(img)
+    _, s, _v = _hsv(img)
     stained = truth & (s > 0.15)
     assert pen_mask(img)[stained].mean() > 0.5  # the colour rule alone calls most of the stain ink ...
     mask, report = inspect_tissue(img, pixel_um=UM)
@@ -88,7 +88,7 @@ def test_blue_pen_over_blue_stain_is_still_ink(giemsa_like) -> None:
     pen = np.zeros(truth.shape, bool)
     pen[20:300, 340:352] = True  # a marker stroke down the glass, 100 µm wide
     ink = np.asarray(Image.open(shared("tiles", "histolab", "wsi-blue-pen.png")).convert("RGB"))
-    h, s, v = _hsv(ink)
+    h, s, _v = _hsv(ink)
     colour = np.median(ink[(h > 200) & (h < 240) & (s > 0.6)], axis=0)  # the real pen's colour
     img[pen] = colour
     mask, _ = inspect_tissue(img, pixel_um=UM)
@@ -120,7 +120,7 @@ def test_a_stain_removed_as_ink_names_no_reject_pen(tmp_path) -> None:
     """Green-counterstained tissue (the real IHC texture, hue-rotated to green): pen
     rejection takes it all, and the message says so and names the flag."""
     green = _saturate(_ihc_texture((300, 400), seed=2), 2.0, hue_shift=-0.3)
-    img, truth = _slide(green)
+    img, _truth = _slide(green)
     big = np.asarray(Image.fromarray(img).resize((1200, 900), Image.Resampling.BICUBIC))  # 2.0 µm/px
     slide = _write(tmp_path / "green.tif", big)
     report = _tile_one(tmp_path, slide, 2.0)

@@ -57,7 +57,7 @@ def test_mask_on_real_slide_thumbnail_excludes_glass(cmu_slide) -> None:
     from wsi_mil.io.thumbnail import read_thumbnail
 
     with open_slide(cmu_slide) as slide:
-        thumb, ds, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=8.0)
+        thumb, _ds, um = read_thumbnail(slide, slide_mpp=0.499, pixel_um=8.0)
     mask = tissue_mask(thumb, pixel_um=um)
     assert 0.2 < mask.mean() < 0.6  # a strip of skin on glass
     glass = thumb[~mask].mean(axis=-1)
@@ -89,7 +89,7 @@ def test_fast_primitives_equal_scikit_image() -> None:
         counts = rng.integers(0, 1000, 256) * (rng.random(256) < rng.random())
         if np.count_nonzero(counts) >= 2:
             assert otsu_threshold(counts) == threshold_otsu(hist=(counts, np.arange(256)))
-    for radius in range(0, 9):
+    for radius in range(9):
         assert np.array_equal(disk(radius), morphology.disk(radius).astype(bool))
     u = np.zeros((131, 197), dtype=bool)  # a U whose arms meet only below the seam, and a ring around a hole
     u[10:120, 20:25] = u[10:120, 60:65] = u[115:120, 20:65] = True
@@ -126,7 +126,7 @@ def test_labelling_and_ink_distance_on_a_large_mask_equal_scipy() -> None:
 
     rng = np.random.default_rng(11)
     m = rng.random((1500, 1300)) < 0.58
-    lab, n = ndimage.label(m)  # 4-connected
+    lab, _n = ndimage.label(m)  # 4-connected
     sizes = np.bincount(lab.ravel())
     blab, _ = ndimage.label(~m)
     bsizes = np.bincount(blab.ravel())

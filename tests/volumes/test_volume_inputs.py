@@ -96,8 +96,7 @@ def test_slightly_uneven_dicom_gaps_use_the_true_extent_and_are_warned(tmp_path:
 def test_intensity_auto_is_resolved_once_at_training_and_recorded(tmp_path: Path) -> None:
     """Before, a model trained on a MedMNIST .npz with --intensity auto recorded "auto",
     which predict-volume then read as minmax for a NIfTI: another mapping than training's."""
-    from wsi_mil.commands.train_volume import resolve_intensity
-    from wsi_mil.commands.train_volume import prep_of
+    from wsi_mil.commands.train_volume import prep_of, resolve_intensity
     from wsi_mil.config import VolumeTrainConfig
 
     auto = VolumeTrainConfig()

@@ -322,7 +322,7 @@ def cluster_plan(workers: dict[str, Any], devices: str) -> tuple[int, str, dict[
     else one per CPU worker."""
     gpus = sum(1 for w in workers.values() if (w.get("resources") or {}).get("GPU", 0) >= 1)
     want = devices.strip().lower()
-    if want.startswith("cuda") or want == "auto" and gpus:
+    if want.startswith("cuda") or (want == "auto" and gpus):
         if not gpus:
             raise ConfigError(f"--devices {devices}: no worker of the Dask cluster advertises a GPU; start GPU workers with "
                               "`dask worker ADDRESS --resources GPU=1` (one per GPU), or use --devices cpu")

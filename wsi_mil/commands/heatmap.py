@@ -341,11 +341,10 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
                 done = json.loads(marker.read_text())
             except ValueError:  # a marker cut short: the slide is drawn again
                 done = {}
-        if not overwrite and done:
-            if all(done.get(k) == stamp[k] for k in same) and all(
-                    (slide_dir / f).exists() for f in done.get("files", {}).values()):
-                return SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]), 0.0,
-                                    "already drawn")
+        if not overwrite and done and all(done.get(k) == stamp[k] for k in same) and all(
+                (slide_dir / f).exists() for f in done.get("files", {}).values()):
+            return SlideHeatmap(sid, "skipped", str(h5), _under(out_dir, slide_dir, done["files"]), 0.0,
+                                "already drawn")
         s0 = time.perf_counter()
         try:
             files, meta = draw_slide(h5, slide_dir, settings, overrides)

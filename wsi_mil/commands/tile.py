@@ -348,13 +348,12 @@ def _pixel_phase(client: Any, plans: list[SlidePlan], config: TileConfig, stores
     When the output disk fills up the phase stops cleanly: finished stores stay, the slide
     being written is left as ``.partial`` (a re-run redoes it), slides not started are
     reported as not written, and the space still needed is estimated and returned."""
+    import numpy as np
     from tqdm import tqdm
 
     from wsi_mil.errors import DiskFullError
     from wsi_mil.io.atomic import free_bytes, is_disk_full
     from wsi_mil.parallel import worker_count
-    import numpy as np
-
     from wsi_mil.tiling.patches import extract_jpeg_chunk
 
     window = 3 * worker_count(client)

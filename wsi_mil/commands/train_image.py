@@ -30,7 +30,6 @@ import torch
 from wsi_mil.commands.train_mil import MilRoad
 from wsi_mil.config import ImageTrainConfig
 from wsi_mil.data.bags import Task, infer_task
-from wsi_mil.data.manifest import entry_columns
 from wsi_mil.data.images import (
     ImageEntry,
     ImageReadError,
@@ -40,6 +39,7 @@ from wsi_mil.data.images import (
     read_image_manifest,
     resize_grey,
 )
+from wsi_mil.data.manifest import entry_columns
 from wsi_mil.errors import ConfigError, ManifestError, MissingDataError
 from wsi_mil.train.runner import CvInputs, TrainReport, checks_before_training, run_cv, tensor_pixels
 

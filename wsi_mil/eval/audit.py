@@ -17,6 +17,7 @@ One implementation for every modality (slides, images, volumes): it works on the
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -71,7 +72,7 @@ def band_values(values: list[str]) -> tuple[list[str], str | None]:
         return f"{x:.0f}" if integer else f"{x:g}"
 
     names = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         names.append(f">= {fmt(a)}" if b == math.inf else (f"{fmt(a)}-{fmt(b - 1)}" if integer else f"[{fmt(a)}, {fmt(b)})"))
     out = []
     for x in nums:

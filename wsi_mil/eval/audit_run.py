@@ -92,9 +92,9 @@ def split_sets(folds: list[tuple[list[str], list[str]]], test: list[str]) -> lis
     """One {sample id: train | validation | test} map per fold, from the folds' (train, val) ids."""
     sets = []
     for train, val in folds:
-        where = {s: "train" for s in train}
-        where.update({s: "validation" for s in val})
-        where.update({s: "test" for s in test})
+        where = dict.fromkeys(train, "train")
+        where.update(dict.fromkeys(val, "validation"))
+        where.update(dict.fromkeys(test, "test"))
         sets.append(where)
     return sets
 
@@ -186,7 +186,7 @@ def write_audit_files(out_dir: Path, audit: dict[str, Any], picture: Any = None)
     if not post:
         return
     e = post["errors"]
-    rows = [{k: v for k, v in c.items()} for c in e["false_negatives"] + e["false_positives"]]
+    rows = [dict(c.items()) for c in e["false_negatives"] + e["false_positives"]]
     write_csv(out_dir / "errors.csv", rows or [{"id": "", "patient_id": "", "label": "", "probability": "",
                                                  "threshold": "", "kind": "", "link": ""}])
     if picture is not None:

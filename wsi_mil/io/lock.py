@@ -38,7 +38,7 @@ def lock_folder(folder: Path, command: str) -> None:
     ensure_writable(folder)  # a read-only or full disk: its clear error, before the lock file
     path = folder / LOCK_NAME
     made = not path.exists()
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the process
+    fh = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -253,6 +253,6 @@ def read_complete_attrs(path: Path) -> dict[str, Any] | None:
     try:
         with PatchStore(path) as store:
             attrs = store.attrs
-    except Exception:  # a damaged store is treated as absent and rebuilt
+    except Exception:  # noqa: BLE001 - a damaged store (any error of any backend) is treated as absent and rebuilt
         return None
     return attrs if attrs.get("complete") is True else None

@@ -9,8 +9,6 @@ levels agree with each other. The ground-truth tumour mask is saved beside the s
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import logging
 from collections.abc import Iterator

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"", "errors", "choices", "runtime", "parallel"},
     {"io", "logs"},
     {"config"},
-    {"data", "mil", "viz"},
+    {"data", "mil", "viz", "tasks"},
     {"tiling"},
     {"encoders", "synth"},
     {"train", "eval"},
@@ -35,6 +35,9 @@ UPWARD: dict[tuple[str, str], str] = {
     ("config.py", "mil"): "--model-options is checked against the MIL model's constructor",
     ("data/bags.py", "tiling"): "old feature stores without the patch geometry get it from their patch store",
     ("eval/localisation.py", "commands"): "localisation finds each attention store's slide as heatmap does",
+    ("tasks/base.py", "eval"): "a task kind's metrics and thresholds are the evaluation layer's functions",
+    ("tasks/binary.py", "eval"): "the binary report's AUC with its interval is the evaluation layer's text",
+    ("tasks/multiclass.py", "eval"): "the multi-class metrics are the evaluation layer's",
 }
 
 

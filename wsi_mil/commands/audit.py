@@ -65,7 +65,9 @@ def run_audit(run: Path, manifest: Path, *, out_dir: Path | None = None, subgrou
             raise ConfigError(f"{run} is not a finished run of train-mil / train-image / train-volume (no {name})")
     metrics = json.loads((run / "metrics.json").read_text())
     task, unit = metrics["task"], metrics.get("unit", "slide")
-    if task["kind"] != "binary":
+    from wsi_mil.tasks import kind_of
+
+    if not kind_of(task["kind"]).single_positive:
         raise ConfigError(f"the audit's subgroups, operating points and errors need a binary task; this run is {task['kind']}")
     with open(run / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))

@@ -150,7 +150,7 @@ def _write_maps(out_dir: Path, vid: str, vol: Any, geo: Any, x: np.ndarray, mode
         maps = {"attention": grid}
         titles = {"attention": f"slice attention; p = {', '.join(f'{p:.3f}' for p in probs)}"}
     else:
-        c = int(np.argmax(probs)) if task.kind == "multiclass" else 0
+        c = int(np.argmax(probs)) if task.kind_obj.argmax_call else 0
         t = torch.from_numpy(x)[None, None]
         layer = cam_layer(models[0], max_reduction=max(2, x.shape[0] // 7))  # a map of 7 or more voxels a side
         cam = np.mean([grad_cam(m, t, c, "gradcam", layer) for m in models], axis=0)

@@ -22,19 +22,23 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from wsi_mil import choices
+from wsi_mil.choices import names
 from wsi_mil.data.manifest import SlideEntry
 from wsi_mil.errors import ConfigError, ManifestError, StoreError
 
 if TYPE_CHECKING:
     from wsi_mil.data.images import ImageEntry
+    from wsi_mil.tasks import TaskKind
 
-TASKS = ("auto", "binary", "multiclass", "multilabel")
+TASKS = names(choices.TASKS)
 #: label values that name the positive class of a binary task ...
 _POSITIVE = {"1", "1.0", "true", "yes", "positive", "pos", "tumour", "tumor", "abnormal", "malignant", "malignancy", "cancer",
              "carcinoma", "metastasis", "metastases", "metastatic", "lesion", "disease", "diseased"}
 #: ... and the negative one; two values that these lists cannot order are refused (--classes NEG,POS)
 _NEGATIVE = {"0", "0.0", "false", "no", "negative", "neg", "normal", "benign", "healthy", "control", "none", "no finding",
              "non-tumour", "non-tumor", "nontumour", "nontumor"}
+POSITIVE_VALUES, NEGATIVE_VALUES = _POSITIVE, _NEGATIVE  # (what the task kinds read)
 #: values of a 0/1 label column; a column holding two of these and anything else has a stray value
 _BINARY_CODES = {"0", "1", "0.0", "1.0", "true", "false", "yes", "no"}  # 0.0 / 1.0: pandas' writing
 #: cell values that mean "no label" in spreadsheets and pandas exports; never a class
@@ -66,48 +70,20 @@ class Task:
     def label_values(self) -> tuple[str, ...]:
         return self.values or self.classes
 
+    @property
+    def kind_obj(self) -> TaskKind:
+        """What this kind of task does (:mod:`wsi_mil.tasks`): loss, activation, metrics, report."""
+        from wsi_mil.tasks import kind_of
+
+        return kind_of(self.kind)
+
     def target(self, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:
-        """The float target vector of one slide (one-hot for multi-class)."""
-        if self.kind == "multilabel":
-            out = []
-            for col in self.label_columns:
-                v = labels.get(col, "").strip().lower()
-                if not v:  # not labelled (only images allow it; infer_task refuses blank slide labels)
-                    out.append(np.nan)
-                    continue
-                if v not in _POSITIVE | _NEGATIVE:
-                    raise ManifestError(f"{where}: {col}={labels.get(col)!r}; multi-label columns take 0 or 1")
-                out.append(1.0 if v in _POSITIVE else 0.0)
-            return np.asarray(out, np.float32)
-        value = labels.get(self.label_columns[0], "").strip()
-        if not value:
-            return np.full(self.n_outputs, np.nan, np.float32)
-        values = self.label_values
-        if value not in values:
-            raise ManifestError(f"{where}: label {value!r} is not one of {list(values)}")
-        if self.kind == "binary":
-            return np.asarray([float(value == values[1])], np.float32)
-        onehot = np.zeros(len(values), np.float32)
-        onehot[values.index(value)] = 1.0
-        return onehot
+        """The float target vector of one slide (one-hot for multi-class; NaN: not labelled)."""
+        return self.kind_obj.encode(self, labels, where)
 
     def describe(self, entries: Sequence[SlideEntry | ImageEntry] | None = None) -> str:
         """One line: the task, its classes and (given the entries) slides per class."""
-        if self.kind == "multilabel":
-            counts = ""
-            if entries:
-                counts = ", ".join(f"{name} {sum(e.labels.get(col, '').strip().lower() in _POSITIVE for e in entries)} "
-                                   f"positive" for name, col in zip(self.outputs, self.label_columns, strict=True))
-            return f"multilabel task over {len(self.outputs)} labels ({counts or ', '.join(self.outputs)})"
-        parts = []
-        for name, value in zip(self.classes, self.label_values, strict=True):
-            shown = name if name == value else f"{name} (label {value})"
-            if entries is not None:
-                n = sum(e.labels.get(self.label_columns[0], "").strip() == value for e in entries)
-                shown += f": {n} slide(s)"
-            parts.append(shown)
-        role = "negative, positive: " if self.kind == "binary" else ""
-        return f"{self.kind} task on column {self.label_columns[0]!r}, classes ({role}{'; '.join(parts)})"
+        return self.kind_obj.describe(self, entries)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),

@@ -144,7 +144,10 @@ def seed_everything(seed: int) -> None:
 
 
 def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=1) if kind == "multiclass" else torch.sigmoid(logits.float())
+    """The task kind's output activation (softmax for multi-class, sigmoid per output else)."""
+    from wsi_mil.tasks import kind_of
+
+    return kind_of(kind).activation(logits)
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
@@ -192,20 +195,7 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
 def score(pred: Predictions, task: Task) -> float | None:
     """The validation metric: AUC (binary), macro one-vs-rest AUC (multi-class), mean AUC
     over labels (multi-label); None when it is undefined (a single class)."""
-    from wsi_mil.eval.metrics import auc
-
-    if task.kind == "multiclass":
-        rows = ~np.isnan(pred.targets).any(axis=1)
-        y = pred.targets[rows].argmax(axis=1)
-        if len(np.unique(y)) < task.n_outputs:
-            return None
-        from sklearn.metrics import roc_auc_score
-
-        return float(roc_auc_score(y, pred.probs[rows], multi_class="ovr", labels=list(range(task.n_outputs))))
-    known = ~np.isnan(pred.targets)
-    aucs = [auc(pred.targets[known[:, c], c], pred.probs[known[:, c], c]) for c in range(task.n_outputs)]
-    defined = [a for a in aucs if a is not None]
-    return float(np.mean(defined)) if defined else None
+    return task.kind_obj.score(task, pred.targets, pred.probs)
 
 
 def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,

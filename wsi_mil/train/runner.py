@@ -130,13 +130,7 @@ def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | Non
 
 
 def _threshold(task: Task, y: np.ndarray, p: np.ndarray, config: Any) -> list[float]:
-    from wsi_mil.eval.metrics import choose_threshold
-
-    if task.kind == "multiclass":
-        return []
-    known = ~np.isnan(y)
-    return [choose_threshold(y[known[:, c], c], p[known[:, c], c], config.threshold, config.target_sensitivity)
-            for c in range(task.n_outputs)]
+    return task.kind_obj.thresholds(task, y, p, config.threshold, config.target_sensitivity)
 
 
 def evaluate(task: Task, y: np.ndarray, p: np.ndarray, thresholds: list[float] | list[np.ndarray], config: Any,
@@ -144,40 +138,13 @@ def evaluate(task: Task, y: np.ndarray, p: np.ndarray, thresholds: list[float] |
     """Metrics of predictions ``p`` (n, C) against targets ``y`` (n, C); a NaN target (a
     blank label) leaves that sample out of that label's metrics. Binary and multi-label
     metrics include the expected calibration error (``ece``)."""
-    from wsi_mil.eval.metrics import binary_metrics, expected_calibration_error, multiclass_metrics
-
     if len(y) == 0:
         return {}
-    known = ~np.isnan(y)
-    if task.kind == "multiclass":
-        rows = known.all(axis=1)
-        return multiclass_metrics(y[rows].argmax(axis=1), p[rows], list(task.outputs))
-    per = {}
-    for c, name in enumerate(task.outputs):
-        k = known[:, c]
-        thr = thresholds[c] if np.ndim(thresholds[c]) == 0 else np.asarray(thresholds[c])[k]
-        m = binary_metrics(y[k, c], p[k, c], thr, weights=None if weights is None else weights[k], ci=ci,
-                           n_boot=config.bootstrap, seed=config.seed)
-        m["ece"] = expected_calibration_error(y[k, c], p[k, c])
-        if not k.all():
-            m["n_not_labelled"] = int((~k).sum())
-        per[name] = m
-    if task.kind == "binary":
-        return next(iter(per.values()))
-    aucs = [m["auc"] for m in per.values() if m["auc"] is not None]
-    return {"per_label": per, "auc": float(np.mean(aucs)) if aucs else None, "n": len(y)}
-
+    return task.kind_obj.evaluate(task, y, p, thresholds, config, weights, ci)
 
 
 def _prediction(task: Task, probs: np.ndarray, thresholds: list[float]) -> Any:
-    if np.isnan(probs).any():  # a blank label (targets): not labelled
-        return "" if task.kind != "multilabel" else [name for c, name in enumerate(task.outputs) if probs[c] >= 0.5]
-    if task.kind == "multiclass":
-        return task.outputs[int(np.argmax(probs))]
-    if task.kind == "binary":
-        return task.classes[int(probs[0] >= thresholds[0])]
-    return [name for c, name in enumerate(task.outputs) if probs[c] >= thresholds[c]]
-
+    return task.kind_obj.predicted(task, probs, thresholds)
 
 
 # ---- run ----
@@ -312,20 +279,10 @@ def _labelled(kind: str, ids: list[str], targets: Any, task: Task | None
     """(label name or None, ids with a known value, their class index, class names) per
     question the shortcut checks ask: one for binary and multi-class tasks, one per label
     for multi-label ones."""
+    from wsi_mil.tasks import kind_of
+
     t = np.stack([np.asarray(x, dtype=float) for x in targets])
-    if kind == "binary":
-        ok = np.isin(t[:, 0], (0.0, 1.0))
-        return [(None, [i for i, k in zip(ids, ok, strict=True) if k], t[ok, 0].astype(int).tolist(), None)]
-    if kind == "multiclass":
-        ok = ~np.isnan(t).any(axis=1) & (t.sum(axis=1) > 0)
-        names = list(task.classes or task.outputs) if task is not None else None
-        return [(None, [i for i, k in zip(ids, ok, strict=True) if k], t[ok].argmax(axis=1).tolist(), names)]
-    out: list[tuple[str | None, list[str], list[int], list[str] | None]] = []
-    for c in range(t.shape[1]):
-        ok = np.isin(t[:, c], (0.0, 1.0))
-        name = task.outputs[c] if task is not None else str(c)
-        out.append((name, [i for i, k in zip(ids, ok, strict=True) if k], t[ok, c].astype(int).tolist(), None))
-    return out
+    return kind_of(kind).questions(task, ids, t)
 
 
 def tensor_pixels(images: Any, samples: list[Any]) -> Any:
@@ -430,7 +387,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         for split, sample_list, pred in (("val", val, val_pred), ("test", test, test_pred)):
             road.after_predict(out_dir, sample_list, pred, task, fold=str(fold.index), split=split, thresholds=thresholds)
             rows += _rows(task, sample_list, pred, thresholds, fold=str(fold.index), split=split, unit=unit)
-        if test and task.kind == "binary":
+        if test and task.kind_obj.single_positive:
             curves[f"fold {fold.index} test"] = _known(test_pred.targets[:, 0], test_pred.probs[:, 0])
         test_probs.append(test_pred.probs)
         test_atts.append(test_pred.attention)
@@ -448,7 +405,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     pooled_thr = [ensemble_threshold([t[c] for t in thresholds_all]) for c in range(n_thr)]
     metrics["pooled_validation"] = evaluate(task, py, pp, per_fold_thr, config)
     calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if task.kind == "binary":
+    if task.kind_obj.single_positive:
         curves["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
         calibration["pooled validation (out of fold)"] = _known(py[:, 0], pp[:, 0])
     if test:
@@ -457,7 +414,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         ens_y = test_feed.targets
         metrics["ensemble_test"] = evaluate(task, ens_y, mean_p, pooled_thr, config)
         metrics["across_folds_test"] = _across(folds_out, "test")
-        if plan.test_sampling and task.kind == "binary":
+        if plan.test_sampling and task.kind_obj.single_positive:
             w = prevalence_weights(ens_y[:, 0].astype(int), plan.test_sampling["true_share"],
                                    plan.test_sampling["minority_class"])
             metrics["ensemble_test_at_true_prevalence"] = evaluate(task, ens_y, mean_p, pooled_thr, config, weights=w)
@@ -465,19 +422,18 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         ens = Predictions([b.slide_id for b in test], ens_y, mean_p, ens_att)
         road.after_predict(out_dir, test, ens, task, fold="ensemble", split="test", thresholds=pooled_thr)
         rows += _rows(task, test, ens, pooled_thr, fold="ensemble", split="test", unit=unit)
-        if task.kind == "binary":
+        if task.kind_obj.single_positive:
             curves["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
             calibration["ensemble test"] = _known(ens_y[:, 0], mean_p[:, 0])
-    if task.kind == "multilabel":  # one reliability line per label: the test ensemble, else out of fold
-        ys, ps, where = ((test_feed.targets, np.mean(test_probs, axis=0), "test") if test_feed is not None  # (iff test)
-                         else (py, pp, "out of fold"))
-        for c, name in enumerate(task.outputs):
-            calibration[f"{name} ({where})"] = _known(ys[:, c], ps[:, c])
+    # kinds with several outputs add a reliability line per output: the test ensemble, else out of fold
+    ys, ps, where = ((test_feed.targets, np.mean(test_probs, axis=0), "test") if test_feed is not None  # (iff test)
+                     else (py, pp, "out of fold"))
+    calibration.update(task.kind_obj.calibration_lines(task, ys, ps, where))
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["fold_health"] = fold_health(folds_out)
     metrics["headline"] = choose_headline(metrics)
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
-    if task.kind == "binary":
+    if task.kind_obj.single_positive:
         ev: tuple[Any, ...]
         if test and headline_set(metrics) == "ensemble_test":
             ev = ("ensemble test", [(b.slide_id, "ensemble") for b in test], ens_y[:, 0], mean_p[:, 0], pooled_thr[0])
@@ -614,14 +570,8 @@ def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list
 
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
     record["set"], record["after"] = set_name, []
-    names = list(task.classes or task.outputs) if task.kind == "multiclass" else list(task.outputs)
-    for c, name in enumerate(names):
-        if task.kind == "multiclass":
-            ok = ~np.isnan(y).any(axis=1)
-            yc = (y[ok].argmax(axis=1) == c).astype(int)
-        else:
-            ok = np.isin(y[:, c], (0.0, 1.0))
-            yc = y[ok, c].astype(int)
+    for c, name in enumerate(task.kind_obj.output_names(task)):
+        ok, yc = task.kind_obj.one_vs_rest(y, c)
         if len(np.unique(yc)) < 2:
             continue
         kept = [i for i, k in zip(ids, ok, strict=True) if k]
@@ -683,7 +633,7 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
     key = headline_set(metrics)
     head = metrics.get(key) or {}
     if "confusion" in head:
-        classes = list(task.classes) if task.kind == "binary" else list(task.outputs)
+        classes = task.kind_obj.confusion_classes(task)
         confusion_plot(out / "confusion.png", head["confusion"], classes, SET_NAMES.get(key, key))
     if any(histories.values()):
         curves_plot(out / "training_curves.png", histories)
@@ -711,35 +661,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
                   "metrics are given at both prevalences."), ""]
     lines += _notes_markdown(m)
     lines += _headline_markdown(task, m)
-    if task.kind == "binary":
-        header = ("| set | n | AUC (95% CI) | sensitivity | specificity | PPV | NPV | F1 | accuracy | balanced acc. "
-                  "| threshold | ECE |")
-        lines += [header, "|" + "---|" * 12]
-        for name, key in (("ensemble of folds, test", "ensemble_test"), ("… at the true prevalence", "ensemble_test_at_true_prevalence"),
-                          ("pooled out-of-fold validation", "pooled_validation")):
-            if m.get(key):
-                lines.append(_binary_line(name, m[key]))
-        for f in m["folds"]:
-            if f["test"]:
-                lines.append(_binary_line(f"fold {f['fold']}, test", f["test"]))
-            lines.append(_binary_line(f"fold {f['fold']}, validation", f["val"]))
-    elif task.kind == "multilabel":
-        lines += ["| set | label | n labelled | positives | AUC (95% CI) | sensitivity | specificity | PPV | F1 | threshold | ECE |",
-                  "|" + "---|" * 11]
-        for name, key in (("ensemble of folds, test", "ensemble_test"), ("pooled out-of-fold validation", "pooled_validation")):
-            for label, mm in (m.get(key) or {}).get("per_label", {}).items():
-                ci = mm.get("auc_ci95")
-                auc = _fmt(mm.get("auc")) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
-                lines.append("| " + " | ".join([name, label, str(mm.get("n")), str(mm.get("n_positive")), auc]
-                                                + [_fmt(mm.get(k)) for k in ("sensitivity", "specificity", "ppv", "f1", "threshold", "ece")]) + " |")
-        lines += ["", ("Per-label AUC needs both classes among the labelled images; a label with few positives has a wide "
-                  "interval (or none: '–').")]
-    else:
-        lines += ["| set | n | AUC | accuracy | balanced acc. |", "|---|---|---|---|---|"]
-        for name, key in (("ensemble of folds, test", "ensemble_test"), ("pooled out-of-fold validation", "pooled_validation")):
-            if m.get(key):
-                mm = m[key]
-                lines.append(f"| {name} | {mm.get('n')} | {_fmt(mm.get('auc'))} | {_fmt(mm.get('accuracy'))} | {_fmt(mm.get('balanced_accuracy'))} |")
+    lines += task.kind_obj.report_table(task, m)
     for split in ("test", "val"):
         acc = m.get(f"across_folds_{split}")
         if acc:
@@ -749,7 +671,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
         lines += ["", (f"**Left out with --allow-missing ({len(m['skipped'])} labelled slide(s) without a usable "
                   "feature store; the figures above do not include them):**"), ""]
         lines += [f"- {x['slide_id']}: {x['reason']}" for x in m["skipped"]]
-    if task.kind != "multiclass":
+    if task.kind_obj.calibrated_per_output:
         lines += ["", "ECE: expected calibration error, 10 equal-width probability bins (reliability.png shows the bins)."]
     if (m.get("audit") or {}).get("shortcuts", {}).get("before") is not None:
         from wsi_mil.eval.shortcuts import markdown as shortcuts_markdown
@@ -777,7 +699,7 @@ def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
         out += [f"**The folds disagree** on the test set (AUC sd {health['test_auc_sd']:.3f} over folds).", ""]
     key = headline_set(m)
     head = m.get(key) or {}
-    if head and task.kind == "binary":
+    if head and task.kind_obj.single_positive:
         out += [f"Headline: {SET_NAMES.get(key, key)}, AUC {auc_text(head)}, n = {head.get('n')} "
                 f"({head.get('n_positive')} positive); {m.get('headline', {}).get('why', '')}.", ""]
     if m.get("model_selection"):
@@ -820,20 +742,11 @@ def summary_text(report: TrainReport) -> str:
     key = headline_set(report.metrics)
     where = SET_NAMES.get(key, key)
     t = report.task
-    what = f"{t.classes[1]} vs {t.classes[0]}" if t.kind == "binary" else ", ".join(t.outputs)
+    what = t.kind_obj.what(t)
     unit = report.metrics.get("unit", "slide")
     lines = [f"{report.metrics.get('task_line') or f'task {t.kind} ({what})'}",
              f"{report.metrics[f'n_{unit}s']} {unit}s; {where}:"]
-    if report.task.kind == "multilabel":
-        lines.append("  mean AUC over labels " + (f"{head['auc']:.3f}" if head.get("auc") is not None else "n/a") + "; "
-                     + ", ".join(f"{k} {v['auc']:.3f}" for k, v in head.get("per_label", {}).items() if v.get("auc") is not None))
-    elif report.task.kind == "binary":
-        from wsi_mil.eval.metrics import auc_text
-
-        lines.append(f"  AUC {auc_text(head) if head.get('auc') is not None else 'n/a'}, n = {head.get('n')}"
-                     + "".join(f", {k} {head[k]:.3f}" for k in ("sensitivity", "specificity", "ppv", "f1") if head.get(k) is not None))
-    else:
-        lines.append("  " + ", ".join(f"{k} {head[k]:.3f}" for k in ("auc", "accuracy", "balanced_accuracy") if head.get(k) is not None))
+    lines.append(t.kind_obj.summary_line(head))
     health = report.metrics.get("fold_health") or {}
     if health.get("failed"):
         lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ({failed_folds_text(health)})")

@@ -1,0 +1,194 @@
+"""What every task kind provides, and what the kinds with one sigmoid output per label
+(binary, multi-label) share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from wsi_mil.data.bags import Task
+
+
+#: (label name or None, ids with a known value, their class index, class names or None)
+Question = tuple[str | None, list[str], list[int], list[str] | None]
+
+
+def fmt(v: Any) -> str:
+    """A figure in a report table ('–' when undefined)."""
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def single_column_target(task: Task, labels: dict[str, str], where: str) -> tuple[str, tuple[str, ...]] | None:
+    """(the sample's label value, the task's values) of a one-column task; None when the
+    sample is not labelled; an unknown value is an error naming the sample."""
+    from wsi_mil.errors import ManifestError
+
+    value = labels.get(task.label_columns[0], "").strip()
+    if not value:
+        return None
+    values = task.label_values
+    if value not in values:
+        raise ManifestError(f"{where}: label {value!r} is not one of {list(values)}")
+    return value, values
+
+
+def single_column_describe(task: Task, entries: Sequence[Any] | None, role: str) -> str:
+    """The description of a one-column task: each class (and its label value when it was
+    named with --classes) with its count of samples."""
+    parts = []
+    for name, value in zip(task.classes, task.label_values, strict=True):
+        shown = name if name == value else f"{name} (label {value})"
+        if entries is not None:
+            n = sum(e.labels.get(task.label_columns[0], "").strip() == value for e in entries)
+            shown += f": {n} slide(s)"
+        parts.append(shown)
+    return f"{task.kind} task on column {task.label_columns[0]!r}, classes ({role}{'; '.join(parts)})"
+
+
+class TaskKind:
+    """One kind of target. The methods take the run's :class:`wsi_mil.data.bags.Task` (its
+    outputs, classes and label columns) where they need it. Defaults are those of the kinds
+    with one sigmoid output per label; :class:`~wsi_mil.tasks.multiclass.Multiclass`
+    overrides them."""
+
+    name = ""
+    #: a single positive class: one ROC curve, operating points, prevalence reweighting and
+    #: the audit's list of errors apply
+    single_positive = False
+    #: the report states the expected calibration error (probabilities per output)
+    calibrated_per_output = True
+    #: the call is the most probable output (no thresholds)
+    argmax_call = False
+
+    # ---- targets
+    def encode(self, task: Task, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:
+        """The float target vector of one sample (NaN: not labelled)."""
+        raise NotImplementedError
+
+    def describe(self, task: Task, entries: Sequence[Any] | None = None) -> str:
+        """One line: the task, its classes and (given the entries) samples per class."""
+        raise NotImplementedError
+
+    # ---- training
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities from the model's logits."""
+        return torch.sigmoid(logits.float())
+
+    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+        """(2, C) [negative, positive] weights per output from the training targets."""
+        t = np.asarray(targets, dtype=np.float64)
+        pos = np.nan_to_num(np.nanmean(t, axis=0), nan=0.5)  # blank labels (NaN) do not count
+        # positive weight = negatives / total, negative weight = positives / total; x2 so that
+        # a balanced set gets weight 1 for both
+        return torch.tensor(np.stack([2 * pos, 2 * (1 - pos)]).clip(min=1e-3), dtype=torch.float32)
+
+    def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """Drawing probability per bag, inverse to the frequency of its class."""
+        t = np.nan_to_num(np.asarray(targets, dtype=float), nan=0.0) > 0.5
+        cls = t.argmax(axis=1) if t.shape[1] > 1 else t[:, 0].astype(int)
+        counts = np.bincount(cls, minlength=2).astype(float)
+        w = 1.0 / counts[cls]
+        return w / w.sum()
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
+             gamma: float) -> torch.Tensor:
+        """Mean loss over the labelled entries: a NaN target (a blank label) is masked out,
+        never counted as negative; a batch with no labelled entry gives 0."""
+        logits = logits.float()
+        known = ~torch.isnan(y)
+        y = torch.nan_to_num(y, nan=0.0)
+        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        if weights is not None:
+            bce = bce * (y * weights[1] + (1 - y) * weights[0])
+        if mode == "focal":
+            p = torch.sigmoid(logits)
+            pt = y * p + (1 - y) * (1 - p)
+            bce = bce * (1 - pt) ** gamma
+        return (bce * known).sum() / known.sum().clamp(min=1)
+
+    def score(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float | None:
+        """The validation metric: the mean AUC over the outputs (None: undefined, one class)."""
+        from wsi_mil.eval.metrics import auc
+
+        known = ~np.isnan(targets)
+        aucs = [auc(targets[known[:, c], c], probs[known[:, c], c]) for c in range(task.n_outputs)]
+        defined = [a for a in aucs if a is not None]
+        return float(np.mean(defined)) if defined else None
+
+    # ---- evaluation
+    def thresholds(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], rule: str,
+                   target_sensitivity: float) -> list[float]:
+        """One decision threshold per output, chosen on validation by ``rule``."""
+        from wsi_mil.eval.metrics import choose_threshold
+
+        known = ~np.isnan(y)
+        return [choose_threshold(y[known[:, c], c], p[known[:, c], c], rule, target_sensitivity)
+                for c in range(task.n_outputs)]
+
+    def per_output_metrics(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], thresholds: Sequence[Any],
+                           config: Any, weights: npt.NDArray[Any] | None, ci: bool) -> dict[str, dict[str, Any]]:
+        """Binary metrics of each output at its threshold, with the expected calibration error."""
+        from wsi_mil.eval.metrics import binary_metrics, expected_calibration_error
+
+        known = ~np.isnan(y)
+        per = {}
+        for c, name in enumerate(task.outputs):
+            k = known[:, c]
+            thr = thresholds[c] if np.ndim(thresholds[c]) == 0 else np.asarray(thresholds[c])[k]
+            m = binary_metrics(y[k, c], p[k, c], thr, weights=None if weights is None else weights[k], ci=ci,
+                               n_boot=config.bootstrap, seed=config.seed)
+            m["ece"] = expected_calibration_error(y[k, c], p[k, c])
+            if not k.all():
+                m["n_not_labelled"] = int((~k).sum())
+            per[name] = m
+        return per
+
+    def evaluate(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], thresholds: Sequence[Any], config: Any,
+                 weights: npt.NDArray[Any] | None = None, ci: bool = True) -> dict[str, Any]:
+        """Metrics of predictions ``p`` (n, C) against targets ``y`` (n, C) (non-empty)."""
+        raise NotImplementedError
+
+    def predicted(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> Any:
+        """The predicted label of one sample (as predictions.csv writes it)."""
+        raise NotImplementedError
+
+    def output_names(self, task: Task) -> list[str]:
+        """The outputs judged one against the rest (the shortcut checks after training)."""
+        return list(task.outputs)
+
+    def one_vs_rest(self, y: npt.NDArray[Any], c: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int_]]:
+        """(samples with a target, their 0/1 target) for output ``c``."""
+        ok = np.isin(y[:, c], (0.0, 1.0))
+        return ok, y[ok, c].astype(int)
+
+    def confusion_classes(self, task: Task) -> list[str]:
+        return list(task.outputs)
+
+    def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
+        """What the shortcut checks before training ask: (label name or None, ids with a
+        known value, their class index, class names) per question; ``t``: (n, C) targets."""
+        raise NotImplementedError
+
+    def calibration_lines(self, task: Task, ys: npt.NDArray[Any], ps: npt.NDArray[Any],
+                          where: str) -> dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]]:
+        """Reliability-plot lines beyond the single-positive ones (one per label)."""
+        return {}
+
+    # ---- report
+    def report_table(self, task: Task, m: dict[str, Any]) -> list[str]:
+        """The report's table of figures (report.md)."""
+        raise NotImplementedError
+
+    def summary_line(self, head: dict[str, Any]) -> str:
+        """The headline figures printed at the end of a run."""
+        raise NotImplementedError
+
+    def what(self, task: Task) -> str:
+        """What is predicted, in a few words."""
+        return ", ".join(task.outputs)

@@ -118,3 +118,34 @@ def test_every_verb_is_one_module_of_the_cli_package() -> None:
     for verb in cli.VERBS:
         assert Path(verb.__file__).stem == verb.NAME.replace("-", "_") and callable(verb.run)
     assert len(Path(cli.__file__).read_text().splitlines()) <= 250
+
+
+def test_every_command_takes_its_settings_as_flags_and_as_its_recipe_section() -> None:
+    """One settings dataclass per command: its fields are the flags (with help and default), a recipe
+    section of the same name, and the checks; nothing is spelt twice."""
+    import dataclasses
+
+    import wsi_mil.cli as cli
+    from wsi_mil.config import recipe_sections
+
+    sections = recipe_sections()
+    for verb in cli.VERBS:
+        cls, section = verb.SETTINGS
+        assert sections[section] is cls, verb.NAME
+        text = " ".join(_run([verb.NAME, "--help"]).stdout.split())
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text, (verb.NAME, f.name)
+        assert "--config" in text
+
+
+def test_a_recipe_section_drives_synth_and_a_bad_heatmap_setting_is_refused_before_any_folder(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("synth:\n  n_slides: 1\n  size: 256\n  seed: 3\n")
+    out = tmp_path / "cohort"
+    res = _run(["synth", "--out", str(out), "--config", str(recipe), "--no-progress"])
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in out.glob("*.tiff")] == ["synth-003-0000.tiff"]
+    hm = tmp_path / "hm"
+    res = _run(["heatmap", str(tmp_path), "--out", str(hm), "--formats", "png", "pnj"])
+    assert res.returncode == 2 and "--formats 'pnj': invalid choice; choose from png, tiff, geojson, gallery" in res.stderr
+    assert not hm.exists()

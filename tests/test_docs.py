@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,16 +163,47 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
     return dict(actions[0].choices)
 
 
+def _settings(command: str) -> type | None:
+    """The settings dataclass of a sub-command (its flags' types and choices are checked there)."""
+    from wsi_mil.cli import VERBS
+
+    verb = next((v for v in VERBS if command == v.NAME), None)
+    return verb.SETTINGS[0] if verb is not None and getattr(verb, "SETTINGS", None) else None
+
+
 def parse_error(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The parser's complaint, or the settings' (a value outside a flag's choices, a bad number):
+    what the command would say before doing anything."""
+    from wsi_mil.cli.common import config_overrides
+    from wsi_mil.config import build_config
+    from wsi_mil.errors import ConfigError
+
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parser.parse_args(argv)
+            args = parser.parse_args(argv)
     except SystemExit as exc:
         if exc.code not in (0, None):  # --help / --version exit 0
             lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
             return lines[-1] if lines else f"exit {exc.code}"
+        return None
+    cls = _settings(args.command)
+    if cls is not None:
+        try:
+            build_config(cls, overrides=config_overrides(args, cls))
+        except ConfigError as exc:
+            return str(exc)
     return None
+
+
+def _choices(command: str, action: argparse.Action) -> Any:
+    """A flag's fixed choices: argparse's, or those of its settings field."""
+    if action.choices:
+        return action.choices
+    cls = _settings(command)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    f = fields.get(action.dest)
+    return f.metadata.get("choices") if f is not None else None
 
 
 def synopsis_error(subs: dict[str, argparse.ArgumentParser], argv: list[str]) -> str | None:
@@ -189,10 +222,11 @@ def synopsis_error(subs: dict[str, argparse.ArgumentParser], argv: list[str]) ->
             problems.append(f"unrecognized option {flag}")
             continue
         value = tok.split("=", 1)[1] if "=" in tok else (tokens[i + 1] if i + 1 < len(tokens) else "")
-        if action.choices and value and not value.startswith("-") and not re.search(r"[A-Z<>]|\.\.\.", value):
+        allowed = _choices(argv[0], action)
+        if allowed and value and not value.startswith("-") and not re.search(r"[A-Z<>]|\.\.\.", value):
             for choice in value.split("|"):
-                if choice and choice not in action.choices:
-                    problems.append(f"{flag}: invalid choice {choice!r} (choose from {', '.join(map(str, action.choices))})")
+                if choice and choice not in allowed:
+                    problems.append(f"{flag}: invalid choice {choice!r} (choose from {', '.join(map(str, allowed))})")
     return "; ".join(problems) or None
 
 
@@ -275,15 +309,17 @@ def test_a_bogus_flag_is_caught(tmp_path: Path) -> None:
         "wsi-mil tile slides/ --out tiles \\\n    --no-such-flag 3   # a comment\n"
         "wsi-mil heatmap RUN [--normalise rank|bogus] [--formats png]\n"
         "wsi-mil tile slides/ --out tiles --mpp 0.5\n"
+        "wsi-mil train-mil m.csv --features f --out r --model abmill\n"
         "```\n",
         encoding="utf-8",
     )
     found = [Example(f"page.md:{no}", cmd) for no, line in code_block_lines(page) for cmd in split_commands(line)]
     failures, parsed, synopses = check_examples(found)
-    assert (parsed, synopses) == (2, 1)
-    assert len(failures) == 2, failures
+    assert (parsed, synopses) == (3, 1)
+    assert len(failures) == 3, failures
     assert failures[0].startswith("page.md:2:") and "--no-such-flag" in failures[0]
     assert failures[1].startswith("page.md:4:") and "bogus" in failures[1]
+    assert failures[2].startswith("page.md:6:") and "'abmill': invalid choice" in failures[2]
 
 
 @pytest.mark.parametrize(

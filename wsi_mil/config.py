@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wsi_mil import choices
-from wsi_mil.choices import names
+from wsi_mil.choices import described, names
 from wsi_mil.errors import ConfigError
 
 
@@ -178,6 +179,22 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{option}: a value is needed (blank is not allowed; default {f.default!r})")
+    import typing
+
+    if typing.get_origin(base) is tuple:  # a list of values (--formats png tiff; a YAML list)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items:
+            raise ConfigError(f"{option} {value!r}: expected a list of values")
+        element = typing.get_args(base)[0]
+        n = f.metadata.get("nargs")
+        if isinstance(n, int) and len(items) != n:
+            raise ConfigError(f"{option} {value!r}: expected {n} values")
+        return tuple(_coerce_one(element, f, v, option) for v in items)
+    return _coerce_one(base, f, value, option)
+
+
+def _coerce_one(base: Any, f: Any, value: Any, option: str) -> Any:
+    """One value of an option: its type, then its choices."""
     wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(base, "text")
     bad = ConfigError(f"{option} {value!r}: expected {wanted}")
     if isinstance(value, bool) != (base is bool) or not isinstance(value, bool | int | float | str):
@@ -225,10 +242,11 @@ def _check_choices(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         flag = f"--{f.name.replace('_', '-')}"
         value = getattr(obj, f.name)
-        if "choices" in f.metadata:
-            check_choice(flag, value, f.metadata["choices"])
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag} must be a finite number, not {value}")
+        for v in value if isinstance(value, tuple) else (value,):
+            if "choices" in f.metadata:
+                check_choice(flag, v, f.metadata["choices"])
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{flag} must be a finite number, not {v}")
 
 
 @dataclass(frozen=True)
@@ -632,10 +650,158 @@ class VolumeTrainConfig(CommonTrainConfig):
         return [c.strip() for c in self.readers.split(",") if c.strip()] if self.readers else None
 
 
+def _validated(obj: Any, checks: list[tuple[bool, str]]) -> None:
+    _check_choices(obj)
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``wsi-mil predict``."""
+
+    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu, cuda or cuda:N")])
+
+
+@dataclass(frozen=True)
+class PredictImageConfig:
+    """Settings of ``wsi-mil predict-image``."""
+
+    cam: str | None = _opt(None, "write maps with this method: " + described(choices.CAM_METHODS),
+                           choices=names(choices.CAM_METHODS))
+    cam_threshold: float = _opt(0.5, "boxes and regions where the map reaches this share of its peak")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(0 < self.cam_threshold < 1, "--cam-threshold must be in (0, 1)")])
+
+
+@dataclass(frozen=True)
+class PredictVolumeConfig:
+    """Settings of ``wsi-mil predict-volume``."""
+
+    maps: bool = _opt(False, "write heatmaps (NIfTI + PNG) for every volume")
+    limit_maps: int | None = _opt(None, "at most this many volumes get maps (the first ones)")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.limit_maps is None or self.limit_maps >= 0, "--limit-maps must be 0 or more")])
+
+
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """Settings of ``wsi-mil heatmap`` (their hash keys each slide's drawing: see ``key``)."""
+
+    normalise: str = _opt("rank", described(choices.NORMALISATIONS), choices=names(choices.NORMALISATIONS))
+    cmap: str = _opt("viridis", "perceptually uniform colour map", choices=names(choices.COLOURMAPS))
+    formats: tuple[str, ...] = _opt(names(choices.HEATMAP_FORMATS), "exports to write: "
+                                    + described(choices.HEATMAP_FORMATS), choices=names(choices.HEATMAP_FORMATS))
+    top_k: int = _opt(8, "patches per row of the gallery")
+    geojson_top_k: int = _opt(0, "only the k highest patches in the GeoJSON (0: all)")
+    smooth_um: float = _opt(0.0, "Gaussian smoothing sigma in µm within the tissue (0: none)")
+    opacity: float = _opt(0.5, "heatmap opacity over the thumbnail in overlay.png")
+
+    def __post_init__(self) -> None:
+        self.validate()  # (its messages say why: a colour map that is not perceptually uniform ...)
+        _check_choices(self)
+
+    def validate(self) -> None:
+        problems = []
+        if self.normalise not in choices.NORMALISATIONS:
+            problems.append(f"--normalise must be one of {', '.join(choices.NORMALISATIONS)}")
+        if self.cmap not in choices.COLOURMAPS:
+            problems.append(f"--cmap must be a perceptually uniform map: {', '.join(choices.COLOURMAPS)}")
+        bad = [f for f in self.formats if f not in choices.HEATMAP_FORMATS]
+        if bad or not self.formats:
+            problems.append(f"--formats takes some of {', '.join(choices.HEATMAP_FORMATS)} (got "
+                            f"{', '.join(self.formats) or 'none'})")
+        if self.top_k < 1 or self.geojson_top_k < 0 or self.smooth_um < 0 or not 0 < self.opacity <= 1:
+            problems.append("--top-k ≥ 1, --geojson-top-k ≥ 0, --smooth-um ≥ 0 and 0 < --opacity ≤ 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def key(self) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """Settings of ``wsi-mil review``."""
+
+    host: str = _opt("127.0.0.1", "address to listen on (anything but loopback exposes the slides)")
+    port: int = _opt(8765, "port (0: any free port)")
+    normalise: str = _opt("rank", described(choices.NORMALISATIONS), choices=names(choices.NORMALISATIONS))
+    cmap: str = _opt("viridis", "perceptually uniform colour map", choices=names(choices.COLOURMAPS))
+
+    def __post_init__(self) -> None:
+        _validated(self, [(0 <= self.port <= 65535, "--port must be in 0..65535")])
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of ``wsi-mil audit``."""
+
+    subgroups: str | None = _opt(None, "manifest columns, comma-separated (e.g. sex,age,view,site)")
+    prevalence: float | None = _opt(None, "deployment prevalence for PPV / NPV (e.g. 0.02)")
+    label_sources: str | None = _opt(None, "two manifest columns with labels from different sources, a,b")
+    bootstrap: int = _opt(1000, "bootstrap resamples for the intervals")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.prevalence is None or 0 < self.prevalence < 1, "--prevalence must be in (0, 1)"),
+                          (self.bootstrap >= 1, "--bootstrap must be positive")])
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Settings of ``wsi-mil synth``."""
+
+    n_slides: int = _opt(8, "number of slides")
+    positive_fraction: float = _opt(0.5, "fraction of slides with tumour")
+    size: int = _opt(8192, "slide side in level-0 pixels")
+    mpp: float = _opt(0.5, "level-0 µm/px written in the metadata")
+    preset: str = _opt("balanced", described(choices.SYNTH_PRESETS) + ". The cohort's README.md tabulates classes "
+                                   "against sources and sites", choices=names(choices.SYNTH_PRESETS))
+    tumour_size_um: tuple[float, ...] | None = _opt(None, "tumour region diameter range (default: the preset's)",
+                                                    nargs=2, metavar=("MIN", "MAX"))
+    seed: int = _opt(0, "random seed (same seed, same cohort)")
+
+    def __post_init__(self) -> None:
+        from wsi_mil.synth.cohort import cohort_settings
+
+        # the generator's own checks first (their messages name the option as the generator takes it)
+        cohort_settings(self.preset, n_slides=self.n_slides, positive_fraction=self.positive_fraction,
+                        size_px=self.size, mpp=self.mpp, tumour_regions=None,
+                        tumour_size_um=typing.cast("tuple[float, float] | None", self.tumour_size_um))  # (2 values: nargs)
+        _check_choices(self)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``wsi-mil demo``."""
+
+    workers: int | None = _opt(None, "worker processes (default: one per core, at most 4)")
+    seed: int = _opt(0, "random seed")
+    n_slides: int | None = _opt(None, "generated slides (default: the built-in cohort's)")
+    size: int | None = _opt(None, "generated slide side in level-0 px (default: built-in)")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.workers is None or self.workers >= 1, "--workers must be positive"),
+                          (self.n_slides is None or self.n_slides >= 1, "--n-slides must be at least 1"),
+                          (self.size is None or self.size >= 256, "--size must be at least 256 px")])
+
+
 def recipe_sections() -> dict[str, type]:
-    """The sections a YAML recipe may hold, with the settings each one sets."""
+    """The sections a YAML recipe may hold, with the settings each one sets (one per command
+    with settings; ``--config`` reads the command's own section)."""
     return {"tile": TileConfig, "extract_features": ExtractConfig, "train_mil": TrainConfig,
-            "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig}
+            "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig, "predict": PredictConfig,
+            "predict_image": PredictImageConfig, "predict_volume": PredictVolumeConfig, "heatmap": HeatmapSettings,
+            "review": ReviewConfig, "audit": AuditConfig, "synth": SynthConfig, "demo": DemoConfig}
 
 
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],

@@ -6,9 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cli.common import EXIT_OK, DefaultsFormatter, add_output_options, setup_logging
+from wsi_mil.cli.common import EXIT_OK, DefaultsFormatter, add_output_options, add_settings, settings_of, setup_logging
+from wsi_mil.config import AuditConfig
 
 NAME = "audit"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (AuditConfig, "audit")
 
 
 def add_parser(sub: Any) -> None:
@@ -27,21 +30,16 @@ def add_parser(sub: Any) -> None:
     au.add_argument("run", type=Path, help="output folder of train-mil, train-image or train-volume")
     au.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on (its columns give the subgroups)")
     au.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/audit)")
-    au.add_argument("--subgroups", default=None, help="manifest columns, comma-separated (e.g. sex,age,view,site)")
-    au.add_argument("--prevalence", type=float, default=None, help="deployment prevalence for PPV / NPV (e.g. 0.02)")
-    au.add_argument("--label-sources", default=None, help="two manifest columns with labels from different sources, a,b")
     au.add_argument("--features", type=Path, default=None, help="features/ folder of the run's slides (near-duplicate slides)")
-    au.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     add_output_options(au)
+    add_settings(au, AuditConfig, "audit")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.audit import run_audit
-    from wsi_mil.errors import ConfigError
 
     setup_logging(args.verbose)
-    if args.prevalence is not None and not 0 < args.prevalence < 1:
-        raise ConfigError("--prevalence must be in (0, 1)")
+    settings_of(args, AuditConfig, "audit")
     audit = run_audit(args.run, args.manifest, out_dir=args.out, subgroups=args.subgroups, prevalence=args.prevalence,
                       label_sources=args.label_sources, features=args.features, n_boot=args.bootstrap)
     ev = audit["evaluation"]

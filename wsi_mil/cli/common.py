@@ -14,9 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from wsi_mil import choices
-from wsi_mil.choices import described, names
-
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_USAGE = 0, 1, 2
 logger = logging.getLogger("wsi_mil")
 
@@ -55,17 +52,43 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default
         help_text = f.metadata.get("help", "")
         if "(default" not in help_text and default is not None:
-            help_text += f" (default: {default})"
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {shown})"
+        help_text = help_text.replace("%", "%%")  # (argparse formats help with %)
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+        choices = f.metadata.get("choices")
         if base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is tuple:  # several values: --formats png tiff
+            element = typing.get_args(base)[0]
+            group.add_argument(flag, dest=f.name, type=element, default=None, nargs=f.metadata.get("nargs", "+"),
+                               metavar=f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices
+                                                                     else f.name.upper()), help=help_text)
         else:
             # the choices are checked by build_config, with the message a recipe's value gets too
-            choices = f.metadata.get("choices")
             group.add_argument(flag, dest=f.name, type=typing.cast("typing.Callable[[str], Any]", base), default=None,
                                metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(), help=help_text)
+
+
+def add_settings(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+    """A command's settings: ``--config RECIPE`` (its ``section``) and one flag per field of
+    ``cls`` (type, choices, help and default from the field)."""
+    parser.add_argument("--config", type=Path, help=f"YAML recipe with a '{section}:' section (see pipelines/); "
+                                                     "flags override it")
+    add_config_options(parser, cls)
+
+
+def settings_of(args: argparse.Namespace, cls: type, section: str) -> Any:
+    """The command's settings: the recipe's section, then the flags given, checked (exit 2)."""
+    from wsi_mil.config import build_config, load_recipe
+
+    recipe = load_recipe(args.config, section) if args.config else None
+    settings = build_config(cls, recipe=recipe, overrides=config_overrides(args, cls))
+    for f in dataclasses.fields(cls):  # the resolved values, as the command reads them
+        setattr(args, f.name, getattr(settings, f.name))
+    return settings
 
 
 def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -125,13 +148,6 @@ def capture_warnings(handlers: list[logging.Handler]) -> None:
 
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def add_heatmap_style_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--normalise", default="rank", choices=names(choices.NORMALISATIONS),
-                        help=described(choices.NORMALISATIONS))
-    parser.add_argument("--cmap", default="viridis", choices=names(choices.COLOURMAPS),
-                        help="perceptually uniform colour map")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:

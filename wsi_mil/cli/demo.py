@@ -6,10 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cli.common import DefaultsFormatter, add_output_options, default_workers, setup_logging
+from wsi_mil.cli.common import DefaultsFormatter, add_output_options, add_settings, default_workers, settings_of, setup_logging
+from wsi_mil.config import DemoConfig
 from wsi_mil.runtime import prefer_passive_omp
 
 NAME = "demo"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (DemoConfig, "demo")
 
 
 def add_parser(sub: Any) -> None:
@@ -25,17 +28,17 @@ def add_parser(sub: Any) -> None:
         formatter_class=DefaultsFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="output folder")
-    demo.add_argument("--workers", type=int, default=default_workers(), help="worker processes")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--n-slides", type=int, default=None, help="generated slides (default: the built-in cohort's)")
-    demo.add_argument("--size", type=int, default=None, help="generated slide side in level-0 px (default: built-in)")
     add_output_options(demo)
+    add_settings(demo, DemoConfig, "demo")
 
 
 def run(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.demo import run_demo
 
+    settings_of(args, DemoConfig, "demo")
+    if args.workers is None:
+        args.workers = default_workers()
     setup_logging(args.verbose, args.out / "demo.log")
     sizes = {k: v for k, v in (("n_slides", args.n_slides), ("size_px", args.size)) if v is not None}
     return run_demo(out_dir=args.out, workers=args.workers, seed=args.seed, progress=not args.no_progress, **sizes)

@@ -10,8 +10,8 @@ from typing import Any
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
-    add_config_options,
     add_output_options,
+    add_settings,
     config_overrides,
     require,
     setup_logging,
@@ -21,6 +21,8 @@ from wsi_mil.config import ExtractConfig
 from wsi_mil.runtime import prefer_passive_omp
 
 NAME = "extract-features"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (ExtractConfig, "extract_features")
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +38,6 @@ def add_parser(sub: Any) -> None:
     )
     ext.add_argument("inputs", nargs="*", metavar="INPUT", help="tile output folders (with patches/), folders of patch stores, or store files")
     ext.add_argument("--out", type=Path, help="output folder (features/, features_report.json, extract.log); required")
-    ext.add_argument("--config", type=Path, help="YAML recipe with an 'extract_features:' section (see pipelines/); flags override it")
     ext.add_argument("--slides", type=Path, action="append", default=[], help="folder holding the slides, when they moved since tiling (repeatable)")
     ext.add_argument("--overwrite", action="store_true", help="replace existing feature stores (needed to switch encoder)")
     ext.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
@@ -44,7 +45,7 @@ def add_parser(sub: Any) -> None:
                                          "workers (one per GPU with `dask worker ADDR --resources GPU=1`, else per CPU "
                                          "worker) instead of the local devices; the workers must see the same files")
     add_output_options(ext)
-    add_config_options(ext, ExtractConfig)
+    add_settings(ext, ExtractConfig, "extract_features")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,20 +7,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wsi_mil import choices
-from wsi_mil.choices import described, names
 from wsi_mil.cli import common
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
     EXIT_USAGE,
     DefaultsFormatter,
-    add_heatmap_style_options,
     add_output_options,
+    add_settings,
+    settings_of,
     setup_logging,
 )
+from wsi_mil.config import HeatmapSettings
 
 NAME = "heatmap"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (HeatmapSettings, "heatmap")
 
 
 def add_parser(sub: Any) -> None:
@@ -40,13 +42,6 @@ def add_parser(sub: Any) -> None:
     hm.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                     help="train-mil run folder, predict output folder, or attention .h5 files")
     hm.add_argument("--out", type=Path, default=None, help="output folder (default: INPUT/heatmaps for one folder)")
-    add_heatmap_style_options(hm)
-    hm.add_argument("--formats", nargs="+", default=list(choices.HEATMAP_FORMATS),
-                    choices=names(choices.HEATMAP_FORMATS), help="exports to write: " + described(choices.HEATMAP_FORMATS))
-    hm.add_argument("--top-k", type=int, default=8, help="patches per row of the gallery")
-    hm.add_argument("--geojson-top-k", type=int, default=0, help="only the k highest patches in the GeoJSON (0: all)")
-    hm.add_argument("--smooth-um", type=float, default=0.0, help="Gaussian smoothing sigma in µm within the tissue (0: none)")
-    hm.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity over the thumbnail in overlay.png")
     hm.add_argument("--slides", type=Path, default=None, metavar="MANIFEST",
                     help="manifest CSV giving slide paths (default: the paths recorded in the feature stores)")
     hm.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786): one task per slide on "
@@ -56,11 +51,13 @@ def add_parser(sub: Any) -> None:
                     help="redraw slides already drawn with the same settings; --out holding the heatmaps of other "
                          "attention (another run or prediction) is refused without it, and cleared first with it")
     add_output_options(hm)
+    add_settings(hm, HeatmapSettings, "heatmap")
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.commands.heatmap import HeatmapSettings, run_heatmap
+    from wsi_mil.commands.heatmap import run_heatmap
 
+    settings = settings_of(args, HeatmapSettings, "heatmap")  # bad settings: refused before any folder
     if args.out is None:
         if len(args.inputs) != 1 or not args.inputs[0].is_dir():
             print("wsi-mil heatmap: error: give --out when the input is not one folder", file=sys.stderr)
@@ -74,9 +71,6 @@ def run(args: argparse.Namespace) -> int:
     lock_folder(args.out, common.current_command())
     claim_heatmap_folder(args.inputs, args.out, overwrite=args.overwrite)  # before its log is written there
     setup_logging(args.verbose, args.out / "heatmap.log")
-    settings = HeatmapSettings(normalise=args.normalise, cmap=args.cmap, formats=tuple(args.formats),
-                               top_k=args.top_k, geojson_top_k=args.geojson_top_k, smooth_um=args.smooth_um,
-                               opacity=args.opacity)
     report = run_heatmap(args.inputs, out_dir=args.out, settings=settings, slides_manifest=args.slides,
                          overwrite=args.overwrite, progress=not args.no_progress, scheduler=args.scheduler)
     print(report.table())

@@ -11,12 +11,17 @@ from wsi_mil.cli.common import (
     EXIT_SLIDES_FAILED,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     predict_record,
+    settings_of,
     setup_logging,
 )
+from wsi_mil.config import PredictConfig
 
 NAME = "predict"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (PredictConfig, "predict")
 
 
 def add_parser(sub: Any) -> None:
@@ -32,17 +37,18 @@ def add_parser(sub: Any) -> None:
     pr.add_argument("run", type=Path, help="output folder of train-mil")
     pr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="feature stores, or folders of them (extract-features output)")
     pr.add_argument("--out", required=True, type=Path, help="output folder")
-    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_overwrite_option(pr)
     add_output_options(pr)
+    add_settings(pr, PredictConfig, "predict")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict import run_predict
 
     setup_logging(args.verbose)
+    settings = settings_of(args, PredictConfig, "predict")
     claim_output(args, predict_record(args, {}, list(args.inputs)))
     setup_logging(args.verbose, args.out / "predict.log")
-    report = run_predict(args.run, args.inputs, out_dir=args.out, device=args.device)
+    report = run_predict(args.run, args.inputs, out_dir=args.out, device=settings.device)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
     return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED

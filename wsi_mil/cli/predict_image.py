@@ -7,20 +7,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wsi_mil import choices
-from wsi_mil.choices import described, names
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
-    EXIT_USAGE,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     predict_record,
+    settings_of,
     setup_logging,
 )
+from wsi_mil.config import PredictImageConfig
 
 NAME = "predict-image"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (PredictImageConfig, "predict_image")
 
 
 def add_parser(sub: Any) -> None:
@@ -37,29 +39,25 @@ def add_parser(sub: Any) -> None:
     pi.add_argument("run", type=Path, help="output folder of train-image")
     pi.add_argument("source", type=Path, help="image manifest CSV, MedMNIST .npz, an image file or a folder of images")
     pi.add_argument("--out", required=True, type=Path, help="output folder")
-    pi.add_argument("--cam", choices=names(choices.CAM_METHODS), default=None,
-                    help="write maps with this method: " + described(choices.CAM_METHODS))
-    pi.add_argument("--cam-threshold", type=float, default=0.5, help="boxes and regions where the map reaches this share of its peak")
     pi.add_argument("--boxes", type=Path, default=None, help="ground-truth boxes CSV (image_id, label, x, y, width, height) to score the maps")
     add_overwrite_option(pi)
     add_output_options(pi)
+    add_settings(pi, PredictImageConfig, "predict_image")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict_image import run_predict_image
 
-    if not 0 < args.cam_threshold < 1:
-        print("wsi-mil predict-image: error: --cam-threshold must be in (0, 1)", file=sys.stderr)
-        return EXIT_USAGE
     setup_logging(args.verbose)
-    claim_output(args, predict_record(args, {"cam": args.cam, "cam_threshold": args.cam_threshold,
+    settings = settings_of(args, PredictImageConfig, "predict_image")
+    claim_output(args, predict_record(args, {"cam": settings.cam, "cam_threshold": settings.cam_threshold,
                                                "boxes": str(args.boxes) if args.boxes else None},
                                         [args.source, *([args.boxes] if args.boxes else [])]))
     setup_logging(args.verbose, args.out / "predict.log")
-    report = run_predict_image(args.run, args.source, out_dir=args.out, cam=args.cam, cam_threshold=args.cam_threshold,
+    report = run_predict_image(args.run, args.source, out_dir=args.out, cam=settings.cam, cam_threshold=settings.cam_threshold,
                                boxes=args.boxes, progress=not args.no_progress)
     print(f"{report.n_images} image(s) predicted; predictions: {args.out / 'predictions.csv'}"
-          + (f"; maps: {args.out / 'cam'}" if args.cam else ""))
+          + (f"; maps: {args.out / 'cam'}" if settings.cam else ""))
     for label, loc in report.localisation.items():
         acc = ", ".join(f"T(IoU)={t}: {v:.2f}" for t, v in loc["accuracy"].items() if v is not None)
         print(f"  {label}: localisation accuracy {acc}; avg false positives at 0.5: {loc['average_false_positives']['0.5']:.2f}")

@@ -12,12 +12,17 @@ from wsi_mil.cli.common import (
     EXIT_SLIDES_FAILED,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     predict_record,
+    settings_of,
     setup_logging,
 )
+from wsi_mil.config import PredictVolumeConfig
 
 NAME = "predict-volume"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (PredictVolumeConfig, "predict_volume")
 
 
 def add_parser(sub: Any) -> None:
@@ -35,15 +40,15 @@ def add_parser(sub: Any) -> None:
     pv.add_argument("source", type=Path, help="volume manifest CSV, MedMNIST 3D .npz, a NIfTI file, a DICOM series "
                                               "folder, or a folder of NIfTI files")
     pv.add_argument("--out", required=True, type=Path, help="output folder")
-    pv.add_argument("--maps", action="store_true", help="write heatmaps (NIfTI + PNG) for every volume")
-    pv.add_argument("--limit-maps", type=int, default=None, help="at most this many volumes get maps (the first ones)")
     add_overwrite_option(pv)
     add_output_options(pv)
+    add_settings(pv, PredictVolumeConfig, "predict_volume")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.predict_volume import run_predict_volume
 
+    settings_of(args, PredictVolumeConfig, "predict_volume")
     setup_logging(args.verbose)
     claim_output(args, predict_record(args, {"maps": args.maps, "limit_maps": args.limit_maps}, [args.source]))
     setup_logging(args.verbose, args.out / "predict.log")

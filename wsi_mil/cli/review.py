@@ -7,9 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cli.common import EXIT_OK, DefaultsFormatter, add_heatmap_style_options, add_output_options, setup_logging
+from wsi_mil.cli.common import (
+    EXIT_OK,
+    DefaultsFormatter,
+    add_output_options,
+    add_settings,
+    settings_of,
+    setup_logging,
+)
+from wsi_mil.config import ReviewConfig
 
 NAME = "review"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (ReviewConfig, "review")
 
 
 def add_parser(sub: Any) -> None:
@@ -30,15 +40,14 @@ def add_parser(sub: Any) -> None:
     rv.add_argument("--heatmaps", type=Path, default=None,
                     help="heatmap folder whose exports to offer (default: INPUT/heatmaps when it exists)")
     rv.add_argument("--slides", type=Path, default=None, metavar="MANIFEST", help="manifest CSV giving slide paths")
-    rv.add_argument("--host", default="127.0.0.1", help="address to listen on (anything but loopback exposes the slides)")
-    rv.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
-    add_heatmap_style_options(rv)
     add_output_options(rv)
+    add_settings(rv, ReviewConfig, "review")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.review.server import ReviewSite, make_server
 
+    settings_of(args, ReviewConfig, "review")
     setup_logging(args.verbose)
     heatmaps = args.heatmaps
     if heatmaps is None and len(args.inputs) == 1 and (args.inputs[0] / "heatmaps").is_dir():

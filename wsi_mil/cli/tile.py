@@ -12,8 +12,8 @@ from wsi_mil.choices import described, names
 from wsi_mil.cli.common import (
     EXIT_OK,
     EXIT_SLIDES_FAILED,
-    add_config_options,
     add_output_options,
+    add_settings,
     config_overrides,
     default_workers,
     logger,
@@ -23,6 +23,8 @@ from wsi_mil.cli.common import (
 from wsi_mil.config import TileConfig
 
 NAME = "tile"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (TileConfig, "tile")
 
 
 def add_parser(sub: Any) -> None:
@@ -36,7 +38,6 @@ def add_parser(sub: Any) -> None:
     )
     tile.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders of slides, or manifest CSVs (see slides_manifest/)")
     tile.add_argument("--out", required=True, type=Path, help="output folder (patches/, qc/, run_report.json, tile.log)")
-    tile.add_argument("--config", type=Path, help="YAML recipe with a 'tile:' section (see pipelines/); flags override it")
     tile.add_argument("--workers", type=int, default=default_workers(),
                       help=f"worker processes of the local Dask cluster, or threads with --executor threads (default: {default_workers()})")
     tile.add_argument("--executor", choices=names(choices.EXECUTORS), default="auto",
@@ -46,7 +47,7 @@ def add_parser(sub: Any) -> None:
     tile.add_argument("--dashboard", metavar="ADDRESS", default=None,
                       help="serve Dask's dashboard at ADDRESS (e.g. :8787) while tiling (default: no dashboard)")
     add_output_options(tile)
-    add_config_options(tile, TileConfig)
+    add_settings(tile, TileConfig, "tile")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from typing import Any
 
 from wsi_mil.cli.common import (
     EXIT_OK,
-    add_config_options,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     config_overrides,
     require,
@@ -20,6 +20,8 @@ from wsi_mil.cli.common import (
 from wsi_mil.config import ImageTrainConfig
 
 NAME = "train-image"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (ImageTrainConfig, "train_image")
 
 
 def add_parser(sub: Any) -> None:
@@ -37,10 +39,9 @@ def add_parser(sub: Any) -> None:
     )
     ti.add_argument("source", type=Path, nargs="?", help="image manifest CSV (path, patient_id, split, label columns) or a MedMNIST .npz")
     ti.add_argument("--out", type=Path, help="output folder of the run (required)")
-    ti.add_argument("--config", type=Path, help="YAML recipe with a 'train_image:' section (see pipelines/); flags override it")
     add_overwrite_option(ti)
     add_output_options(ti)
-    add_config_options(ti, ImageTrainConfig)
+    add_settings(ti, ImageTrainConfig, "train_image")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from typing import Any
 
 from wsi_mil.cli.common import (
     EXIT_OK,
-    add_config_options,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     config_overrides,
     require,
@@ -20,6 +20,8 @@ from wsi_mil.cli.common import (
 from wsi_mil.config import TrainConfig
 
 NAME = "train-mil"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (TrainConfig, "train_mil")
 
 
 def add_parser(sub: Any) -> None:
@@ -39,11 +41,10 @@ def add_parser(sub: Any) -> None:
     tr.add_argument("manifest", type=Path, nargs="?", help="manifest CSV with slide_id, patient_id and label column(s) (see slides_manifest/)")
     tr.add_argument("--features", type=Path, action="append", help="features/ folder of extract-features (repeatable; required)")
     tr.add_argument("--out", type=Path, help="output folder of the run (required)")
-    tr.add_argument("--config", type=Path, help="YAML recipe with a 'train_mil:' section (see pipelines/); flags override it")
     tr.add_argument("--list-models", action="store_true", help="print the registered MIL models and exit")
     add_overwrite_option(tr)
     add_output_options(tr)
-    add_config_options(tr, TrainConfig)
+    add_settings(tr, TrainConfig, "train_mil")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from typing import Any
 
 from wsi_mil.cli.common import (
     EXIT_OK,
-    add_config_options,
     add_output_options,
     add_overwrite_option,
+    add_settings,
     claim_output,
     config_overrides,
     require,
@@ -20,6 +20,8 @@ from wsi_mil.cli.common import (
 from wsi_mil.config import VolumeTrainConfig
 
 NAME = "train-volume"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (VolumeTrainConfig, "train_volume")
 
 
 def add_parser(sub: Any) -> None:
@@ -40,10 +42,9 @@ def add_parser(sub: Any) -> None:
     tv.add_argument("source", type=Path, nargs="?", help="volume manifest CSV (path = NIfTI file or DICOM series folder, "
                                                          "patient_id, split, label columns) or a MedMNIST 3D .npz")
     tv.add_argument("--out", type=Path, help="output folder of the run (required)")
-    tv.add_argument("--config", type=Path, help="YAML recipe with a 'train_volume:' section (see pipelines/); flags override it")
     add_overwrite_option(tv)
     add_output_options(tv)
-    add_config_options(tv, VolumeTrainConfig)
+    add_settings(tv, VolumeTrainConfig, "train_volume")
 
 
 def run(args: argparse.Namespace) -> int:

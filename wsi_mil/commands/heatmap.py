@@ -32,45 +32,18 @@ from typing import Any
 
 import numpy as np
 
+from wsi_mil import choices
+from wsi_mil.choices import names
 from wsi_mil.commands.report import failure_message, format_table, status_counts
+from wsi_mil.config import HeatmapSettings  # (the settings of this command; re-exported)
 from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.io.paths import path_record
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("png", "tiff", "geojson", "gallery")
+FORMATS = names(choices.HEATMAP_FORMATS)
 THUMBNAIL_MAX_PX = 1200
 GALLERY_PATCH_PX = 160
-
-
-@dataclass(frozen=True)
-class HeatmapSettings:
-    normalise: str = "rank"
-    cmap: str = "viridis"
-    formats: tuple[str, ...] = FORMATS
-    top_k: int = 8
-    geojson_top_k: int = 0  # 0: every patch
-    smooth_um: float = 0.0
-    opacity: float = 0.5
-
-    def validate(self) -> None:
-        from wsi_mil.viz.scores import COLOURMAPS, NORMALISATIONS
-
-        problems = []
-        if self.normalise not in NORMALISATIONS:
-            problems.append(f"--normalise must be one of {', '.join(NORMALISATIONS)}")
-        if self.cmap not in COLOURMAPS:
-            problems.append(f"--cmap must be a perceptually uniform map: {', '.join(COLOURMAPS)}")
-        bad = [f for f in self.formats if f not in FORMATS]
-        if bad or not self.formats:
-            problems.append(f"--formats takes some of {', '.join(FORMATS)} (got {', '.join(self.formats) or 'none'})")
-        if self.top_k < 1 or self.geojson_top_k < 0 or self.smooth_um < 0 or not 0 < self.opacity <= 1:
-            problems.append("--top-k ≥ 1, --geojson-top-k ≥ 0, --smooth-um ≥ 0 and 0 < --opacity ≤ 1")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -292,7 +265,6 @@ DRAW_THREADS = 4
 def attention_digest(h5: Path) -> str:
     """What a heatmap is drawn from, by content: the attention store's coordinates,
     scores and attributes (the prediction, the class, the patch geometry)."""
-    import hashlib
 
     from wsi_mil.io.attention import read_attention
 

@@ -12,8 +12,8 @@ from wsi_mil.cli.common import (
     EXIT_SLIDES_FAILED,
     add_output_options,
     add_settings,
-    config_overrides,
     require,
+    settings_of,
     setup_logging,
     write_resolved_config,
 )
@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     prefer_passive_omp()
     from wsi_mil.commands.extract_features import run_extract
-    from wsi_mil.config import ExtractConfig, build_config, load_recipe
+    from wsi_mil.config import ExtractConfig
     if args.list_encoders:
         from wsi_mil.encoders import available
 
@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     require(args, "extract-features", inputs="INPUT (a tile output folder)", out="--out")
     setup_logging(args.verbose)
-    recipe = load_recipe(args.config, "extract_features") if args.config else None
-    config = build_config(ExtractConfig, recipe=recipe, overrides=config_overrides(args, ExtractConfig))
+    config = settings_of(args, ExtractConfig, "extract_features")
     from wsi_mil.io.run_folder import refuse_foreign_data_folder
 
     refuse_foreign_data_folder(args.out, "extract-features")

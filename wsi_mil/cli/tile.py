@@ -14,9 +14,9 @@ from wsi_mil.cli.common import (
     EXIT_SLIDES_FAILED,
     add_output_options,
     add_settings,
-    config_overrides,
     default_workers,
     logger,
+    settings_of,
     setup_logging,
     write_resolved_config,
 )
@@ -52,11 +52,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.tile import run_tile
-    from wsi_mil.config import TileConfig, build_config, load_recipe
+    from wsi_mil.config import TileConfig
     from wsi_mil.data.manifest import resolve_inputs_reporting
     setup_logging(args.verbose)
-    recipe = load_recipe(args.config, "tile") if args.config else None
-    config = build_config(TileConfig, recipe=recipe, overrides=config_overrides(args, TileConfig))
+    config = settings_of(args, TileConfig, "tile")
     resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made
     entries = resolved.entries
     from wsi_mil.io.run_folder import refuse_foreign_data_folder

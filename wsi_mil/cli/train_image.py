@@ -12,8 +12,8 @@ from wsi_mil.cli.common import (
     add_overwrite_option,
     add_settings,
     claim_output,
-    config_overrides,
     require,
+    settings_of,
     setup_logging,
     write_resolved_config,
 )
@@ -45,14 +45,13 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.config import ImageTrainConfig, build_config, load_recipe
+    from wsi_mil.config import ImageTrainConfig
 
     require(args, "train-image", source="SOURCE", out="--out")
     from wsi_mil.commands.train_image import prepare_image_inputs, run_train_image
     from wsi_mil.train.runner import run_record, summary_text
 
-    recipe = load_recipe(args.config, "train_image") if args.config else None
-    config = build_config(ImageTrainConfig, recipe=recipe, overrides=config_overrides(args, ImageTrainConfig))
+    config = settings_of(args, ImageTrainConfig, "train_image")
     setup_logging(args.verbose)
     # every check that can refuse the run (manifest, labels, unreadable images, duplicates across the
     # splits) comes before the run folder, and before any feature is computed

@@ -12,8 +12,8 @@ from wsi_mil.cli.common import (
     add_overwrite_option,
     add_settings,
     claim_output,
-    config_overrides,
     require,
+    settings_of,
     setup_logging,
     write_resolved_config,
 )
@@ -48,7 +48,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.config import TrainConfig, build_config, load_recipe
+    from wsi_mil.config import TrainConfig
 
     if args.list_models:
         from wsi_mil.mil import available
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     require(args, "train-mil", manifest="MANIFEST", features="--features", out="--out")
     from wsi_mil.commands.train_mil import prepare_inputs, run_train, summary_text
     setup_logging(args.verbose)
-    recipe = load_recipe(args.config, "train_mil") if args.config else None
-    config = build_config(TrainConfig, recipe=recipe, overrides=config_overrides(args, TrainConfig))
+    config = settings_of(args, TrainConfig, "train_mil")
     # every check of the manifest, the labels and the feature stores comes before the run folder
     inputs = prepare_inputs(args.manifest, args.features, config, progress=not args.no_progress)
     from wsi_mil.train.runner import run_record

@@ -12,8 +12,8 @@ from wsi_mil.cli.common import (
     add_overwrite_option,
     add_settings,
     claim_output,
-    config_overrides,
     require,
+    settings_of,
     setup_logging,
     write_resolved_config,
 )
@@ -48,14 +48,13 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.config import VolumeTrainConfig, build_config, load_recipe
+    from wsi_mil.config import VolumeTrainConfig
 
     require(args, "train-volume", source="SOURCE", out="--out")
     from wsi_mil.commands.train_volume import prepare_volume_inputs, resolve_intensity, run_train_volume
     from wsi_mil.train.runner import run_record, summary_text
 
-    recipe = load_recipe(args.config, "train_volume") if args.config else None
-    config = build_config(VolumeTrainConfig, recipe=recipe, overrides=config_overrides(args, VolumeTrainConfig))
+    config = settings_of(args, VolumeTrainConfig, "train_volume")
     config = resolve_intensity(config, args.source)  # the mode --intensity auto stands for, recorded as such
     config.prep()  # spacing / window checked before anything is read
     setup_logging(args.verbose)

@@ -91,6 +91,24 @@ def settings_of(args: argparse.Namespace, cls: type, section: str) -> Any:
     return settings
 
 
+def train_from_source(args: argparse.Namespace, config: Any, section: str, prepare: Any, train: Any) -> int:
+    """train-image / train-volume after their settings: every check that can refuse the run
+    (manifest, labels, unreadable inputs, duplicates across the splits) by ``prepare``, before
+    the run folder and before any feature is computed; then the run folder, its log and
+    resolved settings, and ``train``."""
+    from wsi_mil.train.runner import run_record, summary_text
+
+    setup_logging(args.verbose)
+    prepared = prepare(args.source, config, progress=not args.no_progress)
+    claim_output(args, run_record(args.command, config, prepared[0]))
+    setup_logging(args.verbose, args.out / "train.log")
+    args.inputs = [args.source]
+    write_resolved_config(args.out / "train_config.yaml", config, args, section, {})
+    report = train(args.source, out_dir=args.out, config=config, progress=not args.no_progress, prepared=prepared)
+    print(summary_text(report))
+    return EXIT_OK
+
+
 def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
 

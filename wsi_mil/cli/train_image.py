@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.cli.common import (
-    EXIT_OK,
     add_output_options,
     add_overwrite_option,
     add_settings,
-    claim_output,
     require,
     settings_of,
-    setup_logging,
-    write_resolved_config,
+    train_from_source,
 )
 from wsi_mil.config import ImageTrainConfig
 
@@ -45,22 +42,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.config import ImageTrainConfig
-
     require(args, "train-image", source="SOURCE", out="--out")
     from wsi_mil.commands.train_image import prepare_image_inputs, run_train_image
-    from wsi_mil.train.runner import run_record, summary_text
 
-    config = settings_of(args, ImageTrainConfig, "train_image")
-    setup_logging(args.verbose)
-    # every check that can refuse the run (manifest, labels, unreadable images, duplicates across the
-    # splits) comes before the run folder, and before any feature is computed
-    prepared = prepare_image_inputs(args.source, config, progress=not args.no_progress)
-    claim_output(args, run_record("train-image", config, prepared[0]))
-    setup_logging(args.verbose, args.out / "train.log")
-    args.inputs = [args.source]
-    write_resolved_config(args.out / "train_config.yaml", config, args, "train_image", {})
-    report = run_train_image(args.source, out_dir=args.out, config=config, progress=not args.no_progress,
-                             prepared=prepared)
-    print(summary_text(report))
-    return EXIT_OK
+    return train_from_source(args, settings_of(args, ImageTrainConfig, "train_image"), "train_image", prepare_image_inputs, run_train_image)

@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.cli.common import (
-    EXIT_OK,
     add_output_options,
     add_overwrite_option,
     add_settings,
-    claim_output,
     require,
     settings_of,
-    setup_logging,
-    write_resolved_config,
+    train_from_source,
 )
 from wsi_mil.config import VolumeTrainConfig
 
@@ -48,22 +45,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_mil.config import VolumeTrainConfig
-
     require(args, "train-volume", source="SOURCE", out="--out")
     from wsi_mil.commands.train_volume import prepare_volume_inputs, resolve_intensity, run_train_volume
-    from wsi_mil.train.runner import run_record, summary_text
 
     config = settings_of(args, VolumeTrainConfig, "train_volume")
     config = resolve_intensity(config, args.source)  # the mode --intensity auto stands for, recorded as such
     config.prep()  # spacing / window checked before anything is read
-    setup_logging(args.verbose)
-    prepared = prepare_volume_inputs(args.source, config, progress=not args.no_progress)  # refusals: no folder yet
-    claim_output(args, run_record("train-volume", config, prepared[0]))
-    setup_logging(args.verbose, args.out / "train.log")
-    args.inputs = [args.source]
-    write_resolved_config(args.out / "train_config.yaml", config, args, "train_volume", {})
-    report = run_train_volume(args.source, out_dir=args.out, config=config, progress=not args.no_progress,
-                              prepared=prepared)
-    print(summary_text(report))
-    return EXIT_OK
+    return train_from_source(args, config, "train_volume", prepare_volume_inputs, run_train_volume)

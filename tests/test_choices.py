@@ -5,6 +5,7 @@ from a recipe."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,14 @@ def test_every_mil_model_is_registered_reachable_and_takes_each_of_its_settings(
     x, mask = torch.randn(1, 12, 16), torch.ones(1, 12, dtype=torch.bool)
     coords = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(1, 12, 2) * 256
     for key, (kind, default) in model_settings(name).items():
-        config = build_config(TrainConfig, recipe={"model_options": f"{key}={default}"}, overrides={"model": name})
-        assert config.model_args()[key] == default and isinstance(config.model_args()[key], kind)
+        # another value than the default where the type allows one (a text setting keeps its default: the run
+        # records no option then, as the identity of a run with the default must not change)
+        value = default * 2 if kind is int else default / 2 if kind is float else default
+        config = build_config(TrainConfig, recipe={"model_options": f"{key}={value}"}, overrides={"model": name})
+        if value == default:
+            assert config.model_options is None and key not in config.model_args()
+        else:
+            assert config.model_args()[key] == value and isinstance(config.model_args()[key], kind)
         out = build_model(name, 16, 2, **config.model_args()).eval()(x, mask, coords)
         assert out.logits.shape == (1, 2), (name, key)
 
@@ -65,7 +72,7 @@ def test_a_model_setting_takes_effect_and_a_wrong_one_is_refused_naming_the_sett
     assert build_model("clam_sb", 16, 2, **TrainConfig(model="clam_sb", model_options="k_sample=3").model_args()).k_sample == 3
     with pytest.raises(ConfigError, match="transmil has no setting 'k_sample'; its settings: heads"):
         TrainConfig(model="transmil", model_options="k_sample=3")
-    with pytest.raises(ConfigError, match="layers=two: give a int"):
+    with pytest.raises(ConfigError, match="layers=two: give a whole number"):
         TrainConfig(model="transmil", model_options="layers=two")
     with pytest.raises(ConfigError, match="key=value"):
         TrainConfig(model="transmil", model_options="layers")
@@ -82,3 +89,19 @@ def test_runs_made_before_model_options_keep_their_identity() -> None:
     assert identity("train-mil", settings, {})["identity"] == identity("train-mil", before, {})["identity"]
     changed = TrainConfig(model_options="attn_dim=64").to_dict()
     assert identity("train-mil", changed, {})["identity"] != identity("train-mil", before, {})["identity"]
+
+
+def test_model_options_are_one_run_whatever_their_order_and_settings_that_cannot_run_are_refused_first() -> None:
+    """A stranger's trial: 'heads=2,layers=1' was "another run" than 'layers=1,heads=2'; heads=3 (not dividing
+    --hidden), attn_dropout=2 and readout=foo failed in the middle of a fold, leaving a half-made run."""
+    same = {TrainConfig(model="transmil", model_options=o).model_options
+            for o in ("layers=1,heads=2", "heads=2, layers=1", "layers=1,heads=2,pos=grid")}
+    assert same == {"heads=2,layers=1"}
+    assert TrainConfig(model="transmil", model_options="pos=grid").model_options is None
+    for bad, says in (("heads=3", "heads=3 must divide the width --hidden 256"), ("heads=0", "1 or more"),
+                      ("attn_dropout=2", "in [0, 1]"), ("readout=foo", "readout must be attention or cls, not 'foo'"),
+                      ("layers=1,layers=2", "layers is given twice")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            TrainConfig(model="transmil", model_options=bad)
+    with pytest.raises(ConfigError, match="bag_weight=1.5: give a number in"):
+        TrainConfig(model="clam_sb", model_options="bag_weight=1.5")

@@ -149,3 +149,40 @@ def test_a_recipe_section_drives_synth_and_a_bad_heatmap_setting_is_refused_befo
     res = _run(["heatmap", str(tmp_path), "--out", str(hm), "--formats", "png", "pnj"])
     assert res.returncode == 2 and "--formats 'pnj': invalid choice; choose from png, tiff, geojson, gallery" in res.stderr
     assert not hm.exists()
+
+
+@pytest.mark.parametrize("args,says", [
+    (["train-mil", "m.csv", "--features", "f", "--bootstrap", "0"], "--bootstrap must be 10 or more"),
+    (["train-mil", "m.csv", "--features", "f", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["train-mil", "m.csv", "--features", "f", "--seed", "-1"], "--seed must be a whole number"),
+    (["train-image", "m.csv", "--seed", "-1"], "--seed must be a whole number"),
+    (["synth", "--seed", "-1"], "--seed must be a whole number"),
+    (["synth", "--n-slides", "2", "--size", "100000000"], "--size must be at most 200000 px"),
+    (["demo", "--seed", "-1"], "--seed must be a whole number"),
+    (["tile", "SLIDE", "--workers", "0"], "--workers must be at least 1"),
+    (["extract-features", "TILES", "--encoder", "nosuchmodel"], "unknown encoder 'nosuchmodel'"),
+    (["heatmap", "TILES", "--opacity", "0"], "--opacity must be in (0, 1], not 0.0"),
+    (["review", "TILES", "--host", ""], "--host must name an address"),
+])
+def test_values_that_failed_mid_run_are_refused_before_any_folder(tmp_path, cmu_slide, args, says) -> None:
+    """A stranger's trial: each of these crashed with a traceback (exit 1) or was refused only after its output
+    folder existed, which then blocked the corrected command."""
+    (tmp_path / "m.csv").write_text("slide_id,patient_id,label\na,p1,0\nb,p2,1\n")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "tiles").mkdir()
+    args = [{"SLIDE": str(cmu_slide), "TILES": str(tmp_path / "tiles")}.get(a, a) for a in args]
+    out = tmp_path / "out"
+    extra = [] if args[0] == "review" else ["--out", str(out)]  # (review writes nothing)
+    res = subprocess.run(WSI_MIL + args + extra, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_predict_image_runs_without_maps_and_a_recipe_takes_model_options_as_a_mapping(tmp_path) -> None:
+    """``predict-image`` without --cam was refused ("--cam None: invalid choice"); ``model_options: {layers: 1}``
+    in a recipe was refused as "expected text"."""
+    from wsi_mil.config import PredictImageConfig, TrainConfig, build_config
+
+    assert build_config(PredictImageConfig, overrides={"cam_threshold": 0.4}).cam is None
+    config = build_config(TrainConfig, recipe={"model": "transmil", "model_options": {"layers": 1, "heads": 2}})
+    assert config.model_options == "heads=2,layers=1"

@@ -181,10 +181,14 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{option}: a value is needed (blank is not allowed; default {f.default!r})")
     import typing
 
+    if isinstance(value, dict) and f.metadata.get("mapping"):  # a recipe's {key: value, ...}: key=value,...
+        value = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
     if typing.get_origin(base) is tuple:  # a list of values (--formats png tiff; a YAML list)
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not items:
+        if not isinstance(items, list | tuple):
             raise ConfigError(f"{option} {value!r}: expected a list of values")
+        if not items:
+            raise ConfigError(f"{option}: give at least one value")
         element = typing.get_args(base)[0]
         n = f.metadata.get("nargs")
         if isinstance(n, int) and len(items) != n:
@@ -243,7 +247,7 @@ def _check_choices(obj: Any) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         value = getattr(obj, f.name)
         for v in value if isinstance(value, tuple) else (value,):
-            if "choices" in f.metadata:
+            if "choices" in f.metadata and v is not None:  # (an optional setting left unset)
                 check_choice(flag, v, f.metadata["choices"])
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{flag} must be a finite number, not {v}")
@@ -365,7 +369,8 @@ class CommonTrainConfig:
     prevalence: float | None = _opt(None, "deployment prevalence for the audit's PPV / NPV (e.g. 0.02)")
     model_options: str | None = _opt(None, "the MIL aggregator's own settings, comma-separated key=value, e.g. "
                                            "heads=8,layers=1 for transmil or k_sample=16 for clam_sb (each model's "
-                                           "settings and defaults: --list-models)")
+                                           "settings and defaults: --list-models; in a recipe also a mapping, e.g. "
+                                           "{layers: 1, heads: 8})", mapping=True)
     blank_patient: str = _opt("refuse", "a blank patient_id in a manifest whose other rows have one: refuse (stop, "
                                         "listing them: two samples of one patient could land in train and test) or "
                                         "own (each such sample is its own patient; counted in the report)",
@@ -386,6 +391,10 @@ class CommonTrainConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.min_class_slides >= 1, "--min-class-slides must be positive"),
             (self.threads is None or self.threads >= 1, "--threads must be positive"),
+            (self.bootstrap >= 10, "--bootstrap must be 10 or more (resamples for the confidence intervals)"),
+            (0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
+            (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+             "--device must be auto, cpu, cuda or cuda:N"),
         ]
 
     def __post_init__(self) -> None:
@@ -396,8 +405,9 @@ class CommonTrainConfig:
         for ok, message in self._checks():
             if not ok:
                 raise ConfigError(message)
-        if self.model_options:
-            self.model_options_dict()  # an unknown key or a bad value stops here, before any folder exists
+        if self.model_options:  # an unknown key or a bad value stops here, before any folder exists
+            object.__setattr__(self, "model_options", self.canonical_model_options())
+            self.try_model()
 
     def model_options_dict(self) -> dict[str, Any]:
         """``--model-options`` as the model's keyword arguments, each checked against the
@@ -415,19 +425,62 @@ class CommonTrainConfig:
         for item in self.model_options.split(","):
             key, eq, text = (s.strip() for s in item.partition("="))
             if not eq or not key or not text:
-                raise ConfigError(f"--model-options {self.model_options!r}: give key=value pairs separated by commas")
+                raise ConfigError(f"--model-options {self.model_options!r}: give key=value pairs separated by commas, "
+                                  "e.g. layers=1,heads=8")
             if key not in known:
                 listed = ", ".join(f"{k} (default {d!r})" for k, (_, d) in known.items()) or "none"
                 raise ConfigError(f"--model-options: {model} has no setting {key!r}; its settings: {listed}")
+            if key in out:
+                raise ConfigError(f"--model-options: {key} is given twice; keep one")
             kind = known[key][0]
             try:
                 value: Any = {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
             except (KeyError, ValueError) as exc:
-                raise ConfigError(f"--model-options {key}={text}: give a {kind.__name__}") from exc
+                wanted = {int: "a whole number", float: "a number", bool: "true or false"}.get(kind, "text")
+                raise ConfigError(f"--model-options {key}={text}: give {wanted}") from exc
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--model-options {key}={text}: give a finite number")
+            if kind is int and value < 1:
+                raise ConfigError(f"--model-options {key}={text}: give a whole number of 1 or more")
+            if kind is float and (value < 0 or ((key.endswith(("dropout", "_weight"))) and value > 1)):
+                bound = "in [0, 1]" if key.endswith(("dropout", "_weight")) else "of 0 or more"
+                raise ConfigError(f"--model-options {key}={text}: give a number {bound}")
             out[key] = value
         return out
+
+    def canonical_model_options(self) -> str | None:
+        """The options as the run records them: sorted, defaults left out (so ``heads=2,layers=1``,
+        ``layers=1, heads=2`` and ``layers=1,heads=2,pos=grid`` are one run); None when nothing is left."""
+        from wsi_mil.mil.models import model_settings
+
+        opts = self.model_options_dict()
+        model = self.schedule_model()
+        known = model_settings(model) if model else {}
+        kept = {k: v for k, v in sorted(opts.items()) if v != known[k][1]}
+        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kept.items()) or None
+
+    def try_model(self) -> None:
+        """Build the MIL model with these settings and run it on a small bag: settings that
+        cannot work (heads that do not divide --hidden, a readout it does not have) are
+        refused now, before any folder exists, not in the middle of a fold."""
+        import torch
+
+        from wsi_mil.mil.models import build_model
+
+        model = self.schedule_model()
+        if model is None:
+            return
+        args = {"hidden": getattr(self, "hidden", 256), "dropout": self.dropout, **self.model_options_dict()}
+        try:
+            net = build_model(model, 16, 2, **args).eval()
+            coords = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+            with torch.no_grad():
+                net(torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool), coords * 256)
+        except ConfigError as exc:
+            raise ConfigError(f"--model-options {self.model_options}: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(f"--model-options {self.model_options}: {model} cannot run with these settings "
+                              f"({type(exc).__name__}: {exc})") from exc
 
     def schedule_model(self) -> str | None:
         """The MIL model whose defaults ``--select auto`` follows (None: not a MIL model)."""
@@ -717,8 +770,12 @@ class HeatmapSettings:
         if bad or not self.formats:
             problems.append(f"--formats takes some of {', '.join(choices.HEATMAP_FORMATS)} (got "
                             f"{', '.join(self.formats) or 'none'})")
-        if self.top_k < 1 or self.geojson_top_k < 0 or self.smooth_um < 0 or not 0 < self.opacity <= 1:
-            problems.append("--top-k ≥ 1, --geojson-top-k ≥ 0, --smooth-um ≥ 0 and 0 < --opacity ≤ 1")
+        for ok, what, value in ((self.top_k >= 1, "--top-k must be 1 or more", self.top_k),
+                                (self.geojson_top_k >= 0, "--geojson-top-k must be 0 or more", self.geojson_top_k),
+                                (self.smooth_um >= 0, "--smooth-um must be 0 or more", self.smooth_um),
+                                (0 < self.opacity <= 1, "--opacity must be in (0, 1]", self.opacity)):
+            if not ok:
+                problems.append(f"{what}, not {value}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -739,7 +796,9 @@ class ReviewConfig:
     cmap: str = _opt("viridis", "perceptually uniform colour map", choices=names(choices.COLOURMAPS))
 
     def __post_init__(self) -> None:
-        _validated(self, [(0 <= self.port <= 65535, "--port must be in 0..65535")])
+        _validated(self, [(0 <= self.port <= 65535, "--port must be in 0..65535"),
+                          (bool(self.host.strip()), "--host must name an address (127.0.0.1 to stay on this machine; an "
+                                                    "empty one listens on every interface)")])
 
 
 @dataclass(frozen=True)
@@ -773,6 +832,8 @@ class SynthConfig:
     def __post_init__(self) -> None:
         from wsi_mil.synth.cohort import cohort_settings
 
+        _validated(self, [(0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
+                          (self.size <= 200_000, "--size must be at most 200000 px (a larger slide does not fit in memory)")])
         # the generator's own checks first (their messages name the option as the generator takes it)
         cohort_settings(self.preset, n_slides=self.n_slides, positive_fraction=self.positive_fraction,
                         size_px=self.size, mpp=self.mpp, tumour_regions=None,
@@ -791,6 +852,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _validated(self, [(self.workers is None or self.workers >= 1, "--workers must be positive"),
+                          (0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
                           (self.n_slides is None or self.n_slides >= 1, "--n-slides must be at least 1"),
                           (self.size is None or self.size >= 256, "--size must be at least 256 px")])
 

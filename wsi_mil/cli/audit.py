@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     """The ``audit`` sub-command: its flags and help."""
     au = sub.add_parser(
         "audit", help="audit a finished run: subgroups, operating points, every error, duplicates, label sources",
-        description="The audit train-mil / train-image / train-volume run, alone on a finished run folder: per-subgroup "
+        description="Run the audit of train-mil / train-image / train-volume again on a finished run folder: per-subgroup "
                     "AUC, sensitivity and specificity with CIs (--subgroups; numeric columns banded by quartiles, small "
                     "subgroups flagged, the largest gap stated), sensitivity at fixed specificity and the reverse, PPV / "
                     "NPV at --prevalence, every false negative and false positive with its probability, patient and "

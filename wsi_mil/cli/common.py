@@ -75,8 +75,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def add_settings(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
     """A command's settings: ``--config RECIPE`` (its ``section``) and one flag per field of
     ``cls`` (type, choices, help and default from the field)."""
-    parser.add_argument("--config", type=Path, help=f"YAML recipe with a '{section}:' section (see pipelines/); "
-                                                     "flags override it")
+    parser.add_argument("--config", type=Path, help=f"YAML recipe whose '{section}:' section sets these options (see "
+                                                     "pipelines/); flags override it")
     add_config_options(parser, cls)
 
 

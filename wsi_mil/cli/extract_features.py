@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     require(args, "extract-features", inputs="INPUT (a tile output folder)", out="--out")
     setup_logging(args.verbose)
     config = settings_of(args, ExtractConfig, "extract_features")
+    from wsi_mil.encoders.registry import check_encoder_name
+
+    check_encoder_name(config.encoder)  # a name that names nothing: refused before the folder is made
     from wsi_mil.io.run_folder import refuse_foreign_data_folder
 
     refuse_foreign_data_folder(args.out, "extract-features")

@@ -21,6 +21,7 @@ from wsi_mil.cli.common import (
     write_resolved_config,
 )
 from wsi_mil.config import TileConfig
+from wsi_mil.errors import ConfigError
 
 NAME = "tile"
 #: the settings this command takes (its flags, recipe section, help and checks come from them)
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from wsi_mil.data.manifest import resolve_inputs_reporting
     setup_logging(args.verbose)
     config = settings_of(args, TileConfig, "tile")
+    if args.workers < 1:  # (checked again by the cluster, after the folder would exist)
+        raise ConfigError("--workers must be at least 1")
     resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made
     entries = resolved.entries
     from wsi_mil.io.run_folder import refuse_foreign_data_folder

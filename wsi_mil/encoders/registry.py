@@ -107,13 +107,21 @@ def build_timm(model_name: str, *, weights: str | Path | None = None, allow_rand
                    weights=full.weights, weights_sha256=state_dict_sha256(model.state_dict()))
 
 
-def _build_timm_full(model_name: str, *, weights: str | Path | None, allow_random_init: bool) -> Encoder:
+def check_encoder_name(name: str) -> None:
+    """An encoder name that names nothing is refused (before any output folder is made)."""
     import timm
 
-    if not timm.is_model(model_name.split(".")[0]):
+    model_name = name.removeprefix("timm:").partition("@")[0]
+    if name not in _REGISTRY and not timm.is_model(model_name.split(".")[0]):
         known = ", ".join(sorted(_REGISTRY))
         raise ConfigError(f"unknown encoder {model_name!r}: not a registered encoder ({known}) and not a timm model. "
                           "See `timm.list_models()` for timm names")
+
+
+def _build_timm_full(model_name: str, *, weights: str | Path | None, allow_random_init: bool) -> Encoder:
+    import timm
+
+    check_encoder_name(model_name)
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     if weights is not None:
         state = read_state_dict(weights)

@@ -363,9 +363,12 @@ class TransMIL(nn.Module):
                  dropout: float = 0.25, attn_dropout: float = 0.1, pos: str = "grid", readout: str = "attention",
                  attn_dim: int = 128, score_from: str = "instance") -> None:
         super().__init__()
-        if pos not in ("grid", "sincos", "none") or readout not in ("attention", "cls") or score_from not in ("instance", "context"):
-            raise ConfigError(f"transmil: pos must be grid, sincos or none, readout attention or cls, score_from instance or "
-                              f"context, not {pos!r} / {readout!r} / {score_from!r}")
+        for name, value, allowed in (("pos", pos, ("grid", "sincos", "none")), ("readout", readout, ("attention", "cls")),
+                                     ("score_from", score_from, ("instance", "context"))):
+            if value not in allowed:
+                raise ConfigError(f"transmil: {name} must be {' or '.join(allowed)}, not {value!r}")
+        if hidden % heads:
+            raise ConfigError(f"transmil: heads={heads} must divide the width --hidden {hidden}")
         self.embed = _embed(in_dim, hidden, dropout)
         self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.normal_(self.cls, std=0.02)

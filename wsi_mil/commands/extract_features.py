@@ -102,6 +102,28 @@ class SlideSpec:
     n_patches: int
 
 
+def warn_resolution(todo: list[SlideSpec], encoder: str) -> list[str]:
+    """A warning when patches were tiled at another resolution than the encoder was trained
+    at (its recipe's µm/px): the features are still made (a user may mean it), but said.
+    Returns the slides concerned."""
+    from wsi_mil.encoders.registry import encoder_mpp
+
+    want = encoder_mpp(encoder)
+    if want is None:
+        return []
+    off = []
+    for spec in todo:
+        attrs = read_complete_attrs(Path(spec.store)) or {}
+        mpp = attrs.get("effective_mpp")
+        if isinstance(mpp, int | float) and abs(float(mpp) - want) > 0.05 * want:
+            off.append(f"{spec.slide_id} ({float(mpp):.3g} µm/px)")
+    if off:
+        logger.warning("encoder %s was trained at %.3g µm/px (20x) but %d slide(s) were tiled at another resolution, "
+                       "e.g. %s: its features there are not what its authors measured. Tile with --mpp %g to match",
+                       encoder, want, len(off), ", ".join(off[:3]), want)
+    return off
+
+
 def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: str,
           overwrite: bool) -> SlideSpec | FeatureOutcome:
     attrs = read_complete_attrs(store)
@@ -382,6 +404,7 @@ def run_extract(inputs: list[str | Path], *, out_dir: Path, config: ExtractConfi
     encoder_fp, encoder_desc = probe.fingerprint(), probe.describe()
     planned = [_plan(s, features_dir, config, encoder_fp, overwrite) for s in stores]
     todo = [p for p in planned if isinstance(p, SlideSpec)]
+    warn_resolution(todo, config.encoder)
     results: dict[str, FeatureOutcome] = {p.slide_id: p for p in planned if isinstance(p, FeatureOutcome)}
     for o in results.values():
         if o.status == "failed":

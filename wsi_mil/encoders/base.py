@@ -31,16 +31,22 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # antialiased resize filter: "bilinear" or "bicubic"
+    resize_to: int | None = None  # resize to this side first, then centre-crop input_size (e.g. 256 -> 224)
 
     def resize_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> uint8 (B, 3, S, S), antialiased (torch's uint8 kernel,
         within 1 grey level of Pillow's resize and about 6x faster); unchanged when the
-        patches already have the input size. Memory format is kept."""
+        patches already have the input size. With ``resize_to``: resized to that side, then
+        the centre ``input_size`` crop (the recipe of encoders trained so). Memory format is kept."""
         s = self.input_size
-        if tuple(batch.shape[-2:]) == (s, s):
-            return batch
+        r = self.resize_to or s
         mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-        return torch.nn.functional.interpolate(batch, size=(s, s), mode=mode, antialias=True, align_corners=False)
+        if tuple(batch.shape[-2:]) != (r, r):
+            batch = torch.nn.functional.interpolate(batch, size=(r, r), mode=mode, antialias=True, align_corners=False)
+        if r != s:
+            top = int(round((r - s) / 2.0))  # torchvision's centre crop
+            batch = batch[..., top:top + s, top:top + s]
+        return batch
 
     def resize_uint8(self, rgb: npt.NDArray[np.uint8] | Any) -> npt.NDArray[np.uint8]:
         """One (H, W, 3) uint8 array or RGB Pillow image -> (S, S, 3) uint8, exactly as
@@ -49,7 +55,10 @@ class Preprocess:
         return self.resize_batch(x)[0].permute(1, 2, 0).contiguous().numpy()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["resize_to"] is None:  # recorded only when used: stores of earlier encoders keep their fingerprint
+            del out["resize_to"]
+        return out
 
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]

@@ -207,3 +207,32 @@ def imagenet_classifier_lite0() -> torch.nn.Module:
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     full.load_state_dict(_packaged_lite0_state(full))
     return full.eval()
+
+
+def _register_foundation() -> None:
+    """The foundation encoders of :mod:`wsi_mil.encoders.foundation`, by name."""
+    from functools import partial
+
+    from wsi_mil.encoders.foundation import RECIPES, build_named
+
+    for name, r in RECIPES.items():
+        register(name, f"{r.title}: {r.dim}-d, {r.mpp} µm/px; {r.licence}; weights from disk (--weights)")(
+            partial(build_named, name))
+
+
+_register_foundation()
+
+
+@register("resnet50_trunc", "ResNet-50 (torchvision ImageNet weights) cut after layer3, average-pooled: 1024-d, 0.5 µm/px; "
+                            "BSD; the CLAM baseline (= resnet50.tv_in1k@layer3)")
+def build_resnet50_trunc(*, weights: str | Path | None = None, allow_random_init: bool = False) -> Encoder:
+    return build_timm("resnet50.tv_in1k@layer3", weights=weights, allow_random_init=allow_random_init)
+
+
+def encoder_mpp(name: str) -> float | None:
+    """The resolution (µm/px) an encoder was trained at, where its recipe says."""
+    from wsi_mil.encoders.foundation import RECIPES
+
+    if name in RECIPES:
+        return RECIPES[name].mpp
+    return 0.5 if name in ("resnet50_trunc",) else None

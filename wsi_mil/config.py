@@ -832,9 +832,12 @@ class SynthConfig:
     def __post_init__(self) -> None:
         from wsi_mil.synth.cohort import cohort_settings
 
-        _validated(self, [(0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
-                          (self.size <= 200_000, "--size must be at most 200000 px (a larger slide does not fit in memory)")])
         # the generator's own checks first (their messages name the option as the generator takes it)
+        for ok, message in ((0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
+                            (self.size <= 200_000, "--size must be at most 200000 px (a larger slide does not fit in "
+                                                   "memory)")):
+            if not ok:
+                raise ConfigError(message)
         cohort_settings(self.preset, n_slides=self.n_slides, positive_fraction=self.positive_fraction,
                         size_px=self.size, mpp=self.mpp, tumour_regions=None,
                         tumour_size_um=typing.cast("tuple[float, float] | None", self.tumour_size_um))  # (2 values: nargs)

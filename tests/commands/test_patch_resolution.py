@@ -122,3 +122,26 @@ def test_the_refusal_of_another_scale_names_only_what_the_run_recorded(tmp_path:
         check_resolution({"effective_mpp": 1.0, "patch_size_px": "none"}, {"effective_mpp": 0.5, "patch_size_px": None},
                          tmp_path / "s.h5")
     assert "--patch-size" not in str(err.value)
+
+
+def test_predict_names_a_missing_input_and_a_patch_store_for_what_they_are(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A stranger's trial: a missing input read "nosuch: nosuch: no such store. Run `wsi-mil tile` first"
+    (exit 1, a folder left); a patch store given instead of a feature store read "encoder mismatch: the store
+    was made with None"."""
+    manifest, feats, rows = _cohort(tmp_path)
+    run = tmp_path / "run"
+    assert _train(manifest, feats, run) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tmp_path / "nosuch"), "--out", str(tmp_path / "p1")]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch: no such file or folder; give extract-features output folders" in err and "tile" not in err
+    assert not (tmp_path / "p1").exists()
+    patch_like = tmp_path / "stores" / "patchy.h5"
+    patch_like.parent.mkdir()
+    shutil.copy(feats / f"{rows[0]['slide_id']}.h5", patch_like)
+    with h5py.File(patch_like, "r+") as f:
+        del f.attrs["encoder"]
+    assert main(["predict", str(run), str(patch_like.parent), "--out", str(tmp_path / "p2")]) == 1
+    failed = json.loads((tmp_path / "p2" / "predict_report.json").read_text())["failed"]
+    assert "is a patch store (tile's output), not a feature store" in failed[0]["error"]

@@ -49,6 +49,9 @@ def _stores(inputs: list[Path]) -> list[Path]:
         if p.is_dir() and p.suffix != ".zarr":
             base = p / "features" if (p / "features").is_dir() else p
             out += sorted(q for q in base.iterdir() if q.suffix in (".h5", ".zarr"))
+        elif not p.exists():  # said now, before any folder (was: "p: p: no such store. Run `wsi-mil tile` first")
+            raise ConfigError(f"{p}: no such file or folder; give extract-features output folders (holding "
+                              "features/) or feature store files")
         else:
             out.append(p)
     if not out:
@@ -100,6 +103,9 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
                 attrs = opened.attrs
             if attrs.get("complete") is not True:
                 raise ConfigError(f"{store} is incomplete or not a feature store")
+            if attrs.get("encoder") is None:  # (was reported as "encoder mismatch: ... made with None")
+                raise ConfigError(f"{store} is a patch store (tile's output), not a feature store: run "
+                                  "`wsi-mil extract-features` on it first and predict from its features/")
             if enc.get("weights_sha256") and attrs.get("weights_sha256") != enc["weights_sha256"]:
                 raise ConfigError(f"encoder mismatch: the store was made with {attrs.get('encoder')} "
                                   f"(weights {str(attrs.get('weights_sha256'))[:12]}), the model was trained on "

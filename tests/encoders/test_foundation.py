@@ -94,8 +94,7 @@ def test_patches_tiled_at_another_resolution_than_the_encoder_are_said(monkeypat
     import wsi_mil.commands.extract_features as ef
 
     mpps = {"a": 0.5, "b": 1.0}
-    monkeypatch.setattr(ef, "read_complete_attrs", lambda store: {"effective_mpp": mpps[Path(store).stem]})
-    todo = [ef.SlideSpec(s, f"/x/{s}.h5", f"/y/{s}.h5", 1) for s in mpps]
+    todo = [ef.SlideSpec(s, f"/x/{s}.h5", f"/y/{s}.h5", 1, mpp) for s, mpp in mpps.items()]
     assert ef.warn_resolution(todo, "uni") == ["b (1 µm/px)"]
     assert "trained at 0.5 µm/px" in caplog.text and "--mpp 0.5" in caplog.text
     assert ef.warn_resolution(todo, "efficientnet_lite0") == []  # no recipe: nothing said

@@ -100,6 +100,7 @@ class SlideSpec:
     store: str
     out: str
     n_patches: int
+    effective_mpp: float | None = None  # the patches' resolution (the encoder's is compared with it)
 
 
 def warn_resolution(todo: list[SlideSpec], encoder: str) -> list[str]:
@@ -111,12 +112,8 @@ def warn_resolution(todo: list[SlideSpec], encoder: str) -> list[str]:
     want = encoder_mpp(encoder)
     if want is None:
         return []
-    off = []
-    for spec in todo:
-        attrs = read_complete_attrs(Path(spec.store)) or {}
-        mpp = attrs.get("effective_mpp")
-        if isinstance(mpp, int | float) and abs(float(mpp) - want) > 0.05 * want:
-            off.append(f"{spec.slide_id} ({float(mpp):.3g} µm/px)")
+    off = [f"{s.slide_id} ({s.effective_mpp:.3g} µm/px)" for s in todo
+           if s.effective_mpp is not None and abs(s.effective_mpp - want) > 0.05 * want]
     if off:
         logger.warning("encoder %s was trained at %.3g µm/px (20x) but %d slide(s) were tiled at another resolution, "
                        "e.g. %s: its features there are not what its authors measured. Tile with --mpp %g to match",
@@ -148,7 +145,8 @@ def _plan(store: Path, features_dir: Path, config: ExtractConfig, encoder_fp: st
     if overwrite:
         _remove(out)
         _remove(out.with_name(out.name + ".parts"))
-    return SlideSpec(sid, str(store), str(out), n)
+    mpp = attrs.get("effective_mpp")
+    return SlideSpec(sid, str(store), str(out), n, float(mpp) if isinstance(mpp, int | float) else None)
 
 
 def _slide_path(attrs: dict[str, Any], sid: str, slide_dirs: list[Path], store: Path) -> str:

@@ -287,7 +287,6 @@ def run_heatmap(inputs: list[Path], *, out_dir: Path, settings: HeatmapSettings,
 
     from wsi_mil.io.atomic import write_json
 
-    settings.validate()
     sources = attention_sources(inputs)
     claim_heatmap_folder(inputs, out_dir, overwrite=overwrite)
     overrides: dict[str, Path] = {}

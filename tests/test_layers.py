@@ -33,6 +33,7 @@ UPWARD: dict[tuple[str, str], str] = {
     ("config.py", "tiling"): "TileConfig.tissue_params builds the tiler's TissueParams from the settings",
     ("config.py", "data"): "VolumeTrainConfig.prep builds the volume reader's VolumePrep from the settings",
     ("config.py", "mil"): "--model-options is checked against the MIL model's constructor",
+    ("config.py", "encoders"): "tile --encoder: --mpp defaults to the encoder's training resolution (its recipe)",
     ("config.py", "synth"): "synth's settings are checked by the generator's own checks (one message for code and flags)",
     ("data/bags.py", "tiling"): "old feature stores without the patch geometry get it from their patch store",
     ("eval/localisation.py", "commands"): "localisation finds each attention store's slide as heatmap does",

@@ -27,7 +27,10 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TileConfig:
     """Settings of ``wsi-mil tile``."""
 
-    mpp: float = _opt(0.5, "target resolution in µm/px of the patches (0.5 ≈ 20x, 0.25 ≈ 40x, 1.0 ≈ 10x)")
+    mpp: float = _opt(None, "target resolution in µm/px of the patches (0.5 ≈ 20x, 0.25 ≈ 40x, 1.0 ≈ 10x); default: "  # type: ignore[assignment]
+                            "the --encoder's training resolution, else 0.5")
+    encoder: str | None = _opt(None, "the encoder the patches are for (extract-features --list-encoders): --mpp defaults "
+                                     "to the resolution it was trained at, and a --mpp that differs is warned about")
     patch_size: int = _opt(256, "patch side in pixels at the target resolution")
     stride: int | None = _opt(None, "grid step in pixels at the target resolution (default: patch size, no overlap)")
     overlap: float = _opt(0.0, "overlap between neighbouring patches as a fraction of the patch size (alternative to --stride)")
@@ -50,6 +53,14 @@ class TileConfig:
                                   "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
 
     def __post_init__(self) -> None:
+        if self.encoder is not None:
+            from wsi_mil.encoders.registry import check_encoder_name, encoder_mpp
+
+            check_encoder_name(self.encoder)
+            if self.mpp is None and encoder_mpp(self.encoder) is None:
+                raise ConfigError(f"--encoder {self.encoder}: its training resolution is not recorded; give --mpp")
+        if self.mpp is None:  # (resolved here: what is recorded and hashed is the resolution used)
+            object.__setattr__(self, "mpp", (encoder_mpp(self.encoder) if self.encoder else None) or 0.5)
         _check_choices(self)  # (an infinite size or resolution would fail deep inside a slide's tiling)
         checks = [
             (self.mpp > 0, "--mpp must be positive"),

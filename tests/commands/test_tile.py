@@ -286,3 +286,25 @@ def test_slides_waiting_for_their_pixels_keep_their_coordinates_on_disk_not_in_t
             assert sa.has_patches and len(sa) == len(sb) > 0
             np.testing.assert_array_equal(sa.coords, sb.coords)
             np.testing.assert_array_equal(sa.tissue_fraction, sb.tissue_fraction)
+
+
+def test_tiling_for_an_encoder_takes_its_resolution_and_says_when_told_another(tmp_path, cmu_slide) -> None:
+    """--encoder makes the encoder's training resolution the default --mpp (CTransPath: 1.0 µm/px), records
+    the resolution used (not the encoder: a store tiled at 1.0 without it is the same store), warns when a
+    given --mpp differs, and refuses an encoder without a recorded resolution unless --mpp is given."""
+    out = tmp_path / "o"
+    base = ["tile", str(cmu_slide), "--out", str(out), "--workers", "1", "--no-progress"]
+    proc = _run(base + ["--encoder", "ctranspath"])
+    assert proc.returncode == 0, proc.stderr
+    assert "trained at" not in proc.stderr
+    with PatchStore(out / "patches" / "cmu-1-small-region.h5") as store:
+        assert store.attrs["tile_settings"]["mpp"] == 1.0
+    proc = _run(base + ["--mpp", "1.0"])
+    assert proc.returncode == 0 and "up to date (every slide already tiled with these settings)" in proc.stderr
+    proc = _run(base + ["--encoder", "uni", "--mpp", "1.0"])
+    assert proc.returncode == 0 and "for encoder uni, which was trained at 0.5 µm/px" in proc.stderr, proc.stderr
+    proc = _run(["tile", str(cmu_slide), "--out", str(tmp_path / "x"), "--encoder", "efficientnet_lite0"])
+    assert proc.returncode == 2 and "training resolution is not recorded; give --mpp" in proc.stderr
+    proc = _run(["tile", str(cmu_slide), "--out", str(tmp_path / "y"), "--encoder", "no_such_encoder"])
+    assert proc.returncode == 2 and "no_such_encoder" in proc.stderr and not (tmp_path / "y").exists()
+    assert TileConfig().mpp == 0.5 and TileConfig(encoder="uni").mpp == 0.5 and TileConfig(encoder="ctranspath").mpp == 1.0

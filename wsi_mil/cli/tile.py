@@ -51,12 +51,28 @@ def add_parser(sub: Any) -> None:
     add_settings(tile, TileConfig, "tile")
 
 
+def warn_encoder_resolution(config: TileConfig) -> bool:
+    """Say when the patches are tiled at another resolution than their --encoder was trained at."""
+    if config.encoder is None:
+        return False
+    from wsi_mil.encoders.registry import encoder_mpp
+
+    trained = encoder_mpp(config.encoder)
+    if trained is None or abs(trained - config.mpp) <= 1e-6 * trained:
+        return False
+    logger.warning("tiling at %g µm/px for encoder %s, which was trained at %g µm/px: its features will describe "
+                   "tissue at another scale than it learned (leave --mpp out to tile at %g)", config.mpp,
+                   config.encoder, trained, trained)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.tile import run_tile
     from wsi_mil.config import TileConfig
     from wsi_mil.data.manifest import resolve_inputs_reporting
     setup_logging(args.verbose)
     config = settings_of(args, TileConfig, "tile")
+    warn_encoder_resolution(config)
     if args.workers < 1:  # (checked again by the cluster, after the folder would exist)
         raise ConfigError("--workers must be at least 1")
     resolved = resolve_inputs_reporting(args.inputs)  # a bad manifest stops here, before --out is made

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
 #: Settings that do not change a store's content (so changing them keeps the cache valid).
-_NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash"}
+_NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash", "encoder"}  # (the encoder acts through --mpp)
 
 
 def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:

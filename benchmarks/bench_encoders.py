@@ -73,6 +73,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0, help="per timed round")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--merge", action="store_true", help="keep the rows of encoders not measured this time (a re-run "
+                                                        "of some encoders, e.g. ones disturbed by another process)")
     a = p.parse_args()
     rows = []
     for name in a.encoders:
@@ -87,13 +89,21 @@ def main() -> None:
         print(f"{name}: limit {row['limit'][0]:.2f}, pipeline {row['pipeline'][0]:.2f} patches/s", flush=True)
         rows.append(row)
     machine = f"{a.device}; {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    if a.merge and (RESULTS / "encoders.json").exists():
+        old = json.loads((RESULTS / "encoders.json").read_text())
+        if old.get("batch_size") != a.batch_size:
+            sys.exit(f"--merge: the earlier rows were measured at batch size {old.get('batch_size')}, not {a.batch_size}")
+        new = {r["encoder"]: r for r in rows}
+        order = [*RECIPES, "resnet50_trunc", "efficientnet_lite0"]
+        kept = {r["encoder"]: r for r in old["rows"]} | new
+        rows = sorted(kept.values(), key=lambda r: order.index(r["encoder"]) if r["encoder"] in order else len(order))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "encoders.json").write_text(json.dumps({"machine": machine, "batch_size": a.batch_size, "rows": rows},
                                                       indent=2) + "\n")
     lines = ["# Foundation encoders: patches/s against the pure-forward limit", "",
              (f"Random initialisation (speed does not depend on the weights); batches of {a.batch_size} 256-px uint8 "
               f"patches; median (min-max) of 3 rounds of {a.seconds:g} s after a warm-up; each encoder in its own "
-              f"process. Machine: {machine}. Command: `python benchmarks/bench_encoders.py`."), "",
+              f"process. Machine: {machine}. Command: `python benchmarks/bench_encoders.py {' '.join(sys.argv[1:])}`."), "",
              "| encoder | dim | params (M) | pure forward (patches/s) | pipeline: resize, normalise, forward, pool "
              "(patches/s) | pipeline / limit | build (s) | peak RSS (MB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

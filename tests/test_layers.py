@@ -34,12 +34,15 @@ UPWARD: dict[tuple[str, str], str] = {
     ("config.py", "data"): "VolumeTrainConfig.prep builds the volume reader's VolumePrep from the settings",
     ("config.py", "mil"): "--model-options is checked against the MIL model's constructor",
     ("config.py", "encoders"): "tile --encoder: --mpp defaults to the encoder's training resolution (its recipe)",
+    ("config.py", "tasks"): "train-mil's --bags-per-batch default and minimum are the task kind's (survival: 16, at least 4)",
     ("config.py", "synth"): "synth's settings are checked by the generator's own checks (one message for code and flags)",
     ("data/bags.py", "tiling"): "old feature stores without the patch geometry get it from their patch store",
     ("eval/localisation.py", "commands"): "localisation finds each attention store's slide as heatmap does",
     ("tasks/base.py", "eval"): "a task kind's metrics and thresholds are the evaluation layer's functions",
     ("tasks/binary.py", "eval"): "the binary report's AUC with its interval is the evaluation layer's text",
     ("tasks/multiclass.py", "eval"): "the multi-class metrics are the evaluation layer's",
+    ("tasks/regression.py", "eval"): "the regression metrics and calibration plot are the evaluation layer's",
+    ("tasks/survival.py", "eval"): "the survival metrics (scikit-survival) and Kaplan-Meier plot are the evaluation layer's",
 }
 
 

@@ -29,6 +29,8 @@ TASKS: dict[str, str] = {
     "binary": "one label column with two classes",
     "multiclass": "one label column with three or more classes (one each)",
     "multilabel": "several label columns, each 0 / 1 (a slide may have several)",
+    "regression": "one numeric label column: a continuous target (Huber loss on the standardised target)",
+    "survival": "label_time (follow-up) and label_event (1: event, 0: censored) columns: Cox partial likelihood",
 }
 
 #: class-imbalance handling, i.e. the loss (``--imbalance``)

@@ -521,7 +521,8 @@ class TrainConfig(CommonTrainConfig):
                                "linear_max (one linear score per patch, smooth maximum, fixed schedule: small lesions)", choices=names(choices.MIL_MODELS))
     allow_missing: bool = _opt(False, "train even when labelled slides have no usable feature store (they are listed "
                                       "in the report); without it such slides stop the run (exit 1)")
-    bags_per_batch: int = _opt(1, "bags per optimisation step (padded, with masks)")
+    bags_per_batch: int = _opt(None, "bags per optimisation step (padded, with masks); default 1, 16 for --task "  # type: ignore[assignment]
+                                     "survival (the Cox likelihood compares the bags of a batch)")
     max_instances: int | None = _opt(4096, "random subset of at most this many instances per bag in training (full bags at evaluation)")
     lr: float | None = _opt(None, "AdamW learning rate (1 warm-up epoch, then cosine decay); default 2e-4, 3e-3 for "  # type: ignore[assignment]
                                   "linear_max")
@@ -536,8 +537,16 @@ class TrainConfig(CommonTrainConfig):
         ]
 
     def __post_init__(self) -> None:
+        from wsi_mil.tasks import KINDS
+
         if self.lr is None:  # the model's own default, recorded as the value used
             object.__setattr__(self, "lr", MODEL_DEFAULTS.get(self.model, {}).get("lr", 2e-4))
+        kind = KINDS.get(self.task)
+        if self.bags_per_batch is None:  # (resolved here: what is recorded is the value used)
+            object.__setattr__(self, "bags_per_batch", kind.bags_per_batch if kind is not None else 1)
+        if kind is not None and isinstance(self.bags_per_batch, int) and self.bags_per_batch < kind.min_bags_per_batch:
+            raise ConfigError(f"--task {self.task} needs --bags-per-batch {kind.min_bags_per_batch} or more: "
+                              f"{kind.why_batches}")
         super().__post_init__()
 
     def schedule_model(self) -> str | None:

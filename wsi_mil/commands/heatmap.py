@@ -180,8 +180,10 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
         w, h = slide.dimensions
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h,
                           smooth_um=settings.smooth_um, mpp=mpp)
+        from wsi_mil.tasks import kind_of
+
         pred = attrs.get("prediction")
-        prob_txt = ", ".join(f"p({k}) = {v:.3f}" for k, v in probability.items())
+        prob_txt = kind_of(str(attrs.get("task_kind") or "binary")).value_text(probability, 3)
         title = f"{sid} — prediction: {pred} ({prob_txt}) — {attrs.get('model', '')}, fold {attrs.get('fold', '')}"
         if "png" in settings.formats:
             from wsi_mil.viz.figures import overlay_png

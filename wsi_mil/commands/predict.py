@@ -86,7 +86,6 @@ def check_resolution(attrs: dict[str, Any], enc: dict[str, Any], store: Path) ->
 
 def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
     from wsi_mil.commands.train_mil import _prediction
-    from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.io.attention import write_attention
     from wsi_mil.io.store import PatchStore
     from wsi_mil.train.loop import predict
@@ -94,7 +93,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
     models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
     enc = specs[0].get("encoder", {})
-    thresholds = [ensemble_threshold([s["thresholds"][c] for s in specs]) for c in range(len(specs[0]["thresholds"]))]
+    thresholds = [task.kind_obj.ensemble_threshold([s["thresholds"][c] for s in specs])
+                  for c in range(len(specs[0]["thresholds"]))]
     report = PredictReport()
     for store in _stores(inputs):
         sid = store.stem
@@ -115,7 +115,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
                                   f"training run {enc.get('transforms', [])}; re-extract with the training settings")
             check_resolution(attrs, enc, store)
             extent, step = patch_geometry(attrs, store)
-            bag = Bag(sid, sid, np.zeros(task.n_outputs, np.float32), store, step_px=step, extent_px=extent).cache()
+            bag = Bag(sid, sid, np.zeros(task.n_targets, np.float32), store, step_px=step, extent_px=extent).cache()
             if bag.features is not None and not len(bag.features):  # scored at a constant probability before
                 raise StoreError(f"{store} holds no patches (tiling found no tissue that passed its settings: see the "
                                  "slide's QC image); there is nothing to predict from. Re-tile it with other tissue "
@@ -141,11 +141,12 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
         write_attention(att_dir / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
+            "task_kind": task.kind,
             **path_record("feature_store", store, att_dir), **path_record("run", run_dir, att_dir),
             "patch_extent_level0_px": extent,
             "grid_step_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
-        row.update({f"prob_{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
+        row.update({f"{task.kind_obj.column_prefix}{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
         report.rows.append(row)
     if report.rows:

@@ -117,7 +117,7 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
         assert bag.store is not None  # train-mil's bags are read from feature stores (read_bags)
         write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, attrs={
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
-            "outputs": list(task.outputs), "probability": [float(v) for v in probs],
+            "outputs": list(task.outputs), "probability": [float(v) for v in probs], "task_kind": task.kind,
             "prediction": _prediction(task, probs, thresholds), **path_record("feature_store", bag.store, out),
             "patch_extent_level0_px": bag.extent_px, "grid_step_level0_px": bag.step_px,
             "attention_kind": "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score",

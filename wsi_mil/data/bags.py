@@ -61,10 +61,18 @@ class Task:
     label_columns: tuple[str, ...]
     classes: tuple[str, ...] = ()
     values: tuple[str, ...] = ()
+    #: a regression's (mean, sd) of the development slides' targets: the model predicts the
+    #: standardised target, reported in the target's units (recorded with the models)
+    scale: tuple[float, float] | None = None
 
     @property
     def n_outputs(self) -> int:
         return len(self.outputs)
+
+    @property
+    def n_targets(self) -> int:
+        """Values per sample's target: one per output, or a survival's time and event."""
+        return len(self.label_columns) if self.kind == "survival" else self.n_outputs
 
     @property
     def label_values(self) -> tuple[str, ...]:
@@ -86,13 +94,15 @@ class Task:
         return self.kind_obj.describe(self, entries)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
-                "classes": list(self.classes), "values": list(self.label_values)}
+        d = {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
+             "classes": list(self.classes), "values": list(self.label_values)}
+        return d | ({"scale": list(self.scale)} if self.scale is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
+        scale = d.get("scale")
         return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())),
-                   tuple(d.get("values", ())))
+                   tuple(d.get("values", ())), (float(scale[0]), float(scale[1])) if scale else None)
 
 
 def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int = 6) -> str:
@@ -111,6 +121,8 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
     ``unit`` is the word the errors use (slide, image, volume)."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
+    if kind == "survival":
+        return _survival_task(entries, label, classes, min_per_class, allow_blank, unit)
     columns = sorted({c for e in entries for c in e.labels})
     if label:
         if label not in columns:
@@ -127,6 +139,8 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
         if tokens:
             raise ManifestError(f"column {c!r} holds missing-value markers instead of labels: "
                                 f"{_rows_with(entries, c, tokens)}. Label these {unit}s or leave them out of the manifest")
+    if kind == "regression":
+        return _regression_task(entries, columns, classes, min_per_class, unit)
     said_multiclass = kind == "multiclass"
     if kind == "auto" and classes:
         kind = "binary" if len(classes) == 2 else "multiclass"
@@ -167,6 +181,59 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
         listing = "; ".join(f"class {name!r}: {_rows_with(entries, col, {value})}" for name, value in small)
         raise ManifestError(f"fewer than {min_per_class} {unit}s in {listing}. A class this small cannot be trained "
                             f"or evaluated; fix the labels if these are typos, or add {unit}s of the class")
+    return task
+
+
+def _regression_task(entries: list[Any], columns: list[str], classes: list[str] | None, min_per_class: int,
+                     unit: str) -> Task:
+    """One numeric label column, every value a finite number (a typo is named, never read as 0)."""
+    from wsi_mil.tasks.regression import parse_number
+
+    if classes:
+        raise ConfigError("--classes names classes; a regression target has none")
+    if len(columns) > 1:
+        raise ManifestError(f"a regression task needs one label column; the manifest has {columns} (pick one with --label)")
+    col = columns[0]
+    bad = {e.labels[col].strip() for e in entries if e.labels[col].strip() and parse_number(e.labels[col]) is None}
+    if bad:
+        raise ManifestError(f"column {col!r} of a regression task holds values that are not finite numbers: "
+                            f"{_rows_with(entries, col, bad)}. Fix them or leave these {unit}s out")
+    values = [parse_number(e.labels[col]) for e in entries if e.labels[col].strip()]
+    if len(values) < 2 * min_per_class:
+        raise ManifestError(f"{len(values)} labelled {unit}(s): too few to train and evaluate a regression "
+                            f"(at least {2 * min_per_class})")
+    if len(set(values)) < 2:
+        raise ManifestError(f"every {unit} has the value {values[0]!r} in column {col!r}: nothing to regress")
+    return Task("regression", (col,), (col,))
+
+
+def _survival_task(entries: list[Any], label: str | None, classes: list[str] | None, min_per_class: int,
+                   allow_blank: bool, unit: str) -> Task:
+    """Follow-up time and event columns, each value checked (a time < 0, an event other than 0 / 1 is named)."""
+    from wsi_mil.tasks.survival import EVENT, TIME
+
+    if label or classes:
+        raise ConfigError(f"a survival task reads the columns {TIME} and {EVENT}; --label and --classes do not apply")
+    columns = sorted({c for e in entries for c in e.labels})
+    missing = [c for c in (TIME, EVENT) if c not in columns]
+    if missing:
+        raise ManifestError(f"--task survival needs the columns {TIME} (follow-up time) and {EVENT} (1: event, "
+                            f"0: censored); the manifest lacks {missing} (it has {columns or 'no label columns'})")
+    task = Task("survival", ("risk",), (TIME, EVENT))
+    half = [e.slide_id for e in entries if bool(e.labels.get(TIME, "").strip()) != bool(e.labels.get(EVENT, "").strip())]
+    if half:
+        raise ManifestError(f"{len(half)} {unit}(s) have a follow-up time without an event or the reverse: "
+                            f"{', '.join(half[:5])}. Give both or neither")
+    blank = [e.slide_id for e in entries if not e.labels.get(TIME, "").strip()]
+    if blank and not allow_blank:
+        raise ManifestError(f"{len(blank)} {unit}(s) have no follow-up ({', '.join(blank[:5])}); give their "
+                            f"{TIME} and {EVENT} or leave them out of the manifest")
+    targets = np.stack([task.target(e.labels, f"{unit} {e.slide_id}") for e in entries])  # (each value checked)
+    known = ~np.isnan(targets).any(axis=1)
+    n_events = int(targets[known, 1].sum())
+    if n_events < min_per_class or known.sum() - n_events < min_per_class:
+        raise ManifestError(f"{n_events} event(s) and {int(known.sum()) - n_events} censored {unit}(s): a survival "
+                            f"model needs at least {min_per_class} of each to be trained and evaluated")
     return task
 
 
@@ -235,6 +302,7 @@ class Bag:
     step_px: float = 1.0  # tiling grid step, level-0 px (positions for coordinate-aware models)
     meta: dict[str, Any] = field(default_factory=dict)
     extent_px: float = 1.0  # patch side, level-0 px (what a heatmap draws)
+    stratum: str | None = None  # the splits' stratum where the task kind gives one (else the class)
 
     def load(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(features, level-0 coords); read from the store unless held in memory."""

@@ -42,8 +42,10 @@ class SplitPlan:
 
 
 def _strata(bags: list[Bag]) -> np.ndarray:
-    """One stratum per bag: its class (binary / multi-class) or label combination (multi-label)."""
-    keys = ["".join(str(int(v > 0.5)) for v in b.target) if b.label_index < 0 else str(b.label_index) for b in bags]
+    """One stratum per bag: the one its task kind gave it (a survival's event, a regression's quartile),
+    else its class (binary / multi-class) or label combination (multi-label)."""
+    keys = [getattr(b, "stratum", None) or ("".join(str(int(v > 0.5)) for v in b.target) if b.label_index < 0
+                                            else str(b.label_index)) for b in bags]
     uniq = {k: i for i, k in enumerate(sorted(set(keys)))}
     return np.asarray([uniq[k] for k in keys])
 

@@ -1,4 +1,5 @@
-"""Task kinds as objects: each kind of target (binary, multi-class, multi-label) owns its
+"""Task kinds as objects: each kind of target (binary, multi-class, multi-label, regression,
+survival) owns its
 target encoding, output activation, loss, class weights, validation score, threshold rule,
 metrics, predicted label and report section, so that the trainer, the runner, the report
 and the audit ask the kind instead of testing its name. A new kind (survival, regression)
@@ -10,9 +11,11 @@ from wsi_mil.tasks.base import TaskKind
 from wsi_mil.tasks.binary import Binary
 from wsi_mil.tasks.multiclass import Multiclass
 from wsi_mil.tasks.multilabel import Multilabel
+from wsi_mil.tasks.regression import Regression
+from wsi_mil.tasks.survival import Survival
 
 #: every task kind by name (``--task auto`` picks one of these from the label columns)
-KINDS: dict[str, TaskKind] = {k.name: k for k in (Binary(), Multiclass(), Multilabel())}
+KINDS: dict[str, TaskKind] = {k.name: k for k in (Binary(), Multiclass(), Multilabel(), Regression(), Survival())}
 
 
 def kind_of(name: str) -> TaskKind:
@@ -23,4 +26,4 @@ def kind_of(name: str) -> TaskKind:
         raise ValueError(f"unknown task kind {name!r}; one of {sorted(KINDS)}") from None
 
 
-__all__ = ["KINDS", "Binary", "Multiclass", "Multilabel", "TaskKind", "kind_of"]
+__all__ = ["KINDS", "Binary", "Multiclass", "Multilabel", "Regression", "Survival", "TaskKind", "kind_of"]

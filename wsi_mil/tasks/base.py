@@ -65,6 +65,14 @@ class TaskKind:
     calibrated_per_output = True
     #: the call is the most probable output (no thresholds)
     argmax_call = False
+    #: the prefix of the output columns of predictions.csv
+    column_prefix = "prob_"
+    #: the validation score model selection maximises (``--monitor auc``)
+    score_name = "AUC"
+    #: train-mil's default bags per optimisation step, the fewest allowed, and why
+    bags_per_batch = 1
+    min_bags_per_batch = 1
+    why_batches = ""
 
     # ---- targets
     def encode(self, task: Task, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:
@@ -76,8 +84,8 @@ class TaskKind:
         raise NotImplementedError
 
     # ---- training
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities from the model's logits."""
+    def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
+        """Probabilities (a regression: values in the target's units) from the model's logits."""
         return torch.sigmoid(logits.float())
 
     def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
@@ -97,7 +105,7 @@ class TaskKind:
         return w / w.sum()
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
-             gamma: float) -> torch.Tensor:
+             gamma: float, task: Task | None = None) -> torch.Tensor:
         """Mean loss over the labelled entries: a NaN target (a blank label) is masked out,
         never counted as negative; a batch with no labelled entry gives 0."""
         logits = logits.float()
@@ -174,6 +182,39 @@ class TaskKind:
         """What the shortcut checks before training ask: (label name or None, ids with a
         known value, their class index, class names) per question; ``t``: (n, C) targets."""
         raise NotImplementedError
+
+    #: the loss compares samples with each other (a validation loss over the whole set, not per bag)
+    loss_over_set = False
+    #: a heatmap's slide call is a positive / negative class call (its colours fade on a negative one)
+    class_call = True
+
+    def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
+        """The slide's outputs as a heatmap's caption shows them."""
+        return ", ".join(f"p({k}) = {v:.{digits}f}" for k, v in probability.items())
+
+    def threshold_rule(self, rule: str) -> str:
+        """How the report says thresholds were chosen (``rule``: the classifiers' text)."""
+        return rule
+
+    def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
+        """The task with what it learns from the development samples' targets (a regression's scale)."""
+        return task
+
+    def ensemble_threshold(self, thresholds: list[float]) -> float:
+        """The threshold of the fold ensemble (its output: the mean of the folds'): the folds'
+        thresholds averaged in logit space (probabilities)."""
+        from wsi_mil.eval.metrics import ensemble_threshold
+
+        return ensemble_threshold(thresholds)
+
+    def strata(self, task: Task, targets: npt.NDArray[Any]) -> list[str] | None:
+        """One stratum per sample for the splits (None: by class, the default)."""
+        return None
+
+    def plots(self, task: Task, out: Any, y: npt.NDArray[Any], p: npt.NDArray[Any], where: str,
+              thresholds: Sequence[Any] = ()) -> list[str]:
+        """The kind's own figures of the headline set, written into ``out``; their file names."""
+        return []
 
     def calibration_lines(self, task: Task, ys: npt.NDArray[Any], ps: npt.NDArray[Any],
                           where: str) -> dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]]:

@@ -33,7 +33,7 @@ class Multiclass(TaskKind):
     def describe(self, task: Task, entries: Sequence[Any] | None = None) -> str:
         return single_column_describe(task, entries, "")
 
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+    def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1)
 
     def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
@@ -45,7 +45,7 @@ class Multiclass(TaskKind):
         return torch.tensor(w / w.mean(), dtype=torch.float32)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
-             gamma: float) -> torch.Tensor:
+             gamma: float, task: Task | None = None) -> torch.Tensor:
         logits = logits.float()
         rows = (~torch.isnan(y)).all(dim=1)
         target = torch.nan_to_num(y, nan=0.0).argmax(dim=1)

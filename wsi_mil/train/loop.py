@@ -143,11 +143,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """The task kind's output activation (softmax for multi-class, sigmoid per output else)."""
+def probabilities(logits: torch.Tensor, kind: str, task: Task | None = None) -> torch.Tensor:
+    """The task kind's output activation (softmax for multi-class, sigmoid per output, the
+    target's units for a regression, the log risk for survival)."""
     from wsi_mil.tasks import kind_of
 
-    return kind_of(kind).activation(logits)
+    return kind_of(kind).activation(logits, task)
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
@@ -176,18 +177,27 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
         reuse_freed_memory()
     model.eval().to(dev)
     probs, att, losses, weights = [], [], [], []
+    logits_all: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    over_set = task.kind_obj.loss_over_set
     for inputs, y in feeder.eval_batches():
         inputs = tuple(t.to(dev) for t in inputs)
         y = y.to(dev)
         with _autocast(dev, amp):
             out = feeder.forward(model, inputs)
-        probs.append(probabilities(out.logits, task.kind).cpu().numpy())
+        probs.append(probabilities(out.logits, task.kind, task).cpu().numpy())
         att += feeder.attention(out, inputs)
-        if loss_fn is not None:
+        if loss_fn is not None and over_set:
+            logits_all.append(out.logits.float())
+            ys.append(y)
+        elif loss_fn is not None:
             losses.append(float(loss_fn(out.logits, y)))
             weights.append(int((~torch.isnan(y)).sum()))
-    targets = feeder.targets if len(feeder) else np.zeros((0, task.n_outputs), np.float32)
+    targets = feeder.targets if len(feeder) else np.zeros((0, task.n_targets), np.float32)
     loss = float(np.average(losses, weights=weights)) if losses and sum(weights) else None
+    if loss_fn is not None and over_set and logits_all:  # (a Cox likelihood ranks the whole set: one bag has none)
+        known = int((~torch.isnan(torch.cat(ys))).sum())
+        loss = float(loss_fn(torch.cat(logits_all), torch.cat(ys))) if known else None
     return Predictions(list(feeder.ids), targets, np.concatenate(probs) if probs else np.zeros((0, task.n_outputs)),
                        att, loss)
 
@@ -219,8 +229,8 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     if fit_inputs is not None:  # input standardisation from the training instances (kept with the weights)
         fit_inputs(*(t.to(dev) for t in instance_moments(train)))
     targets = train.targets
-    loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma).to(dev)
-    eval_loss = BagLoss(task.kind, "none").to(dev)
+    loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma, task=task).to(dev)
+    eval_loss = BagLoss(task.kind, "none", task=task).to(dev)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for g in groups:
         g["lr"] = s.lr * g.pop("lr_scale", 1.0)

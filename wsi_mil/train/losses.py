@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -38,13 +40,14 @@ def sample_weights(targets: npt.NDArray[np.float32], kind: str) -> npt.NDArray[n
 class BagLoss(nn.Module):
     weights: torch.Tensor | None  # a buffer (None: unweighted)
 
-    def __init__(self, kind: str, mode: str = "weighted", weights: torch.Tensor | None = None, gamma: float = 2.0) -> None:
+    def __init__(self, kind: str, mode: str = "weighted", weights: torch.Tensor | None = None, gamma: float = 2.0,
+                 task: Any = None) -> None:
         super().__init__()
         if mode not in IMBALANCE:
             raise ValueError(f"imbalance {mode!r}: choose one of {IMBALANCE}")
         from wsi_mil.tasks import kind_of
 
-        self.kind, self.mode, self.gamma = kind, mode, gamma
+        self.kind, self.mode, self.gamma, self.task = kind, mode, gamma, task
         self.task_kind = kind_of(kind)
         use = weights is not None and mode in ("weighted", "focal")
         self.register_buffer("weights", weights if use else None, persistent=False)
@@ -52,4 +55,4 @@ class BagLoss(nn.Module):
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean loss over the labelled entries: a NaN target (a blank label) is masked out,
         never counted as negative; a batch with no labelled entry gives 0 (the task kind's loss)."""
-        return self.task_kind.loss(logits, y, self.weights, self.mode, self.gamma)
+        return self.task_kind.loss(logits, y, self.weights, self.mode, self.gamma, self.task)

@@ -218,6 +218,10 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
     found = duplicate_audit(samples, pixels)
     audit: dict[str, Any] = {"duplicates": apply_duplicate_policy(samples, found, config.duplicates)}
     audit["label_sources"] = label_source_audit([b.slide_id for b in samples], columns, config.label_sources)
+    strata = task.kind_obj.strata(task, np.stack([np.asarray(s.target, float) for s in samples])) \
+        if task is not None and samples else None
+    for s, stratum in zip(samples, strata or [], strict=False):
+        s.stratum = stratum
     plan = make_split_plan(samples, user_split, config)
     audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
     audit["shortcuts"], nz = shortcuts_before_training(samples, columns, task)
@@ -305,7 +309,6 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     from tqdm import tqdm
 
     from wsi_mil.data.splits import prevalence_weights
-    from wsi_mil.eval.metrics import ensemble_threshold
     from wsi_mil.train.loop import Predictions, fit, predict, seed_everything
 
     t0 = time.perf_counter()
@@ -314,6 +317,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     checked = inputs.checked or checks_before_training(samples, pixels, inputs.columns, inputs.user_split, config,
                                                        road.unit, task=task)
     audit, plan = dict(checked.audit), checked.plan
+    in_test = set(plan.test)  # what the task learns from targets (a regression's scale): the development samples only
+    task = task.kind_obj.fitted(task, np.stack([np.asarray(s.target, float) for s in samples if s.slide_id not in in_test]))
     from wsi_mil.io.run_folder import claim, set_folds
 
     state = claim(out_dir, run_record(road.command, config, inputs))  # a folder of another run is refused, never mixed
@@ -374,7 +379,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         thresholds = spec["thresholds"]
         thresholds_all.append(thresholds)
         test_pred = predict(model, test_feed, task, device=device) if test_feed is not None else Predictions(
-            [], np.zeros((0, task.n_outputs), np.float32), np.zeros((0, task.n_outputs)), [])
+            [], np.zeros((0, task.n_targets), np.float32), np.zeros((0, task.n_outputs)), [])
         pooled_ids += [(b.slide_id, f"fold{fold.index}") for b in val]
         pooled_y.append(val_pred.targets)
         pooled_p.append(val_pred.probs)
@@ -402,7 +407,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     # fold ensemble (mean probability) at the logit-space mean of the folds' thresholds
     n_thr = len(thresholds_all[0])
     per_fold_thr = [np.concatenate([t[c] for t in pooled_t]) for c in range(n_thr)]
-    pooled_thr = [ensemble_threshold([t[c] for t in thresholds_all]) for c in range(n_thr)]
+    pooled_thr = [task.kind_obj.ensemble_threshold([t[c] for t in thresholds_all]) for c in range(n_thr)]
     metrics["pooled_validation"] = evaluate(task, py, pp, per_fold_thr, config)
     calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if task.kind_obj.single_positive:
@@ -429,6 +434,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     ys, ps, where = ((test_feed.targets, np.mean(test_probs, axis=0), "test") if test_feed is not None  # (iff test)
                      else (py, pp, "out of fold"))
     calibration.update(task.kind_obj.calibration_lines(task, ys, ps, where))
+    metrics["figures"] = task.kind_obj.plots(task, out_dir, ys, ps, where,
+                                             pooled_thr if test_feed is not None else per_fold_thr)
     metrics["across_folds_val"] = _across(folds_out, "val")
     metrics["fold_health"] = fold_health(folds_out)
     metrics["headline"] = choose_headline(metrics)
@@ -451,14 +458,15 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["audit"] = audit
     _audit_files(out_dir, audit, by_id, pixels)
     metrics["skipped"] = skipped
-    metrics["threshold_rule"] = THRESHOLD_RULE.replace("validation slides", f"validation {unit}s")
+    metrics["threshold_rule"] = task.kind_obj.threshold_rule(THRESHOLD_RULE).replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
     metrics["seed"] = config.seed
     select = getattr(config, "select", "best")
     metrics["model_selection"] = (
         f"swa: every one of {config.epochs} epochs trained, the weights averaged over epochs {config.epochs // 2 + 1}-"
         f"{config.epochs} (a fixed schedule; validation not used to choose)" if select == "swa" else
-        f"best: the epoch with the best validation {getattr(config, 'monitor', 'auc')} (validation loss breaks ties), "
+        f"best: the epoch with the best validation "
+        f"{task.kind_obj.score_name if getattr(config, 'monitor', 'auc') == 'auc' else 'loss'} (validation loss breaks ties), "
         f"early stopping after {getattr(config, 'patience', '?')} epochs without improvement")
     metrics["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, task, metrics, rows, curves, histories, calibration)
@@ -602,7 +610,7 @@ def _rows(task: Task, bags: list[Any], pred: Any, thresholds: list[float], *, fo
         truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
         row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, name in enumerate(task.outputs):
-            row[f"prob_{name}"] = round(float(probs[c]), 6)
+            row[f"{task.kind_obj.column_prefix}{name}"] = round(float(probs[c]), 6)
         pr = _prediction(task, probs, thresholds)
         row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
         rows.append(row)

@@ -76,10 +76,17 @@ def slide_call(attrs: dict[str, Any]) -> dict[str, Any]:
     """The slide-level call of an attention store, for every view of its heatmap:
     ``positive`` (True / False; None for multi-class), the probability of the positive
     class (``p``), and a sentence that says what the colours do and do not mean."""
+    from wsi_mil.tasks import kind_of
+
     outputs = list(attrs.get("outputs") or [])
     probs = [float(v) for v in (attrs.get("probability") or [])]
     pred = attrs.get("prediction")
     probability = dict(zip(outputs, probs, strict=False))
+    kind = kind_of(str(attrs.get("task_kind") or "binary"))  # (stores of earlier runs: a classifier's)
+    if not kind.class_call:  # a risk or a value: no positive call, colours at full strength
+        text = (f"call: {pred} ({kind.value_text(probability)}). Colours rank patches by attention within this "
+                "slide: where the model looked, not a map of the outcome")
+        return {"positive": None, "p": None, "label": str(pred), "text": text}
     if isinstance(pred, list):  # multi-label: the labels called
         positive: bool | None = bool(pred)
         p = max(probs) if probs else None

@@ -1,0 +1,205 @@
+"""Survival and regression through train-mil and predict, on real MIL bags (the Fox and Elephant
+Corel sets, 230-d instances) with outcomes planted in them: a bag's "lesion burden" is the share
+of its instances beyond a fixed direction of the real feature space; the regression target is that
+burden, the survival time is drawn with a hazard rising with it and with a covariate, censored
+(wsi_mil/synth/outcomes.py). The Cox loss and the figures are checked against scikit-survival and
+scipy."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import shared
+from wsi_mil.commands.train_mil import run_train
+from wsi_mil.config import TrainConfig
+from wsi_mil.errors import ConfigError, ManifestError
+from wsi_mil.synth.outcomes import plant_outcomes
+
+CFG = {"folds": 2, "test_fraction": 0.25, "epochs": 12, "lr": 1e-3, "bootstrap": 100, "duplicates": "merge"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, list[dict[str, object]]]:
+    import h5py
+
+    from wsi_mil.data.mil_import import import_classic
+
+    root = tmp_path_factory.mktemp("outcomes")
+    feats = root / "features"
+    feats.mkdir()
+    for name in ("fox", "elephant"):
+        import_classic(name, shared("mil"), root / name, feature_space="corel-230")
+        for p in (root / name / "features").iterdir():
+            p.rename(feats / p.name)
+    stores = sorted(feats.glob("*.h5"))
+    xs = [h5py.File(s, "r")["features"][:] for s in stores]
+    w = np.random.default_rng(0).normal(size=xs[0].shape[1])
+    cut = np.quantile(np.concatenate(xs) @ w, 0.7)
+    burden = np.asarray([float(np.mean(x @ w > cut)) for x in xs])
+    age = np.random.default_rng(1).normal(62, 9, len(xs))
+    out = plant_outcomes(burden, age, burden_effect=1.2, covariate_effect=0.4, censoring=0.4, seed=2)
+    rows = [{"slide_id": s.stem, "path": str(s), "patient_id": s.stem, "burden": b, "time": t, "event": e, "age": a}
+            for s, b, t, e, a in zip(stores, burden, out.time, out.event, age, strict=True)]
+    return feats, rows
+
+
+def _manifest(path: Path, rows: list[dict[str, object]], columns: dict[str, object]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["slide_id", "path", "patient_id", *columns])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"slide_id": r["slide_id"], "path": r["path"], "patient_id": r["patient_id"],
+                        **{c: f(r) for c, f in columns.items()}})  # type: ignore[operator]
+    return path
+
+
+def test_planted_outcomes_are_censored_as_asked_and_follow_the_burden() -> None:
+    from sksurv.metrics import concordance_index_censored
+
+    burden = np.random.default_rng(0).uniform(0, 1, 2000)
+    out = plant_outcomes(burden, censoring=0.4, seed=1)
+    assert abs(1 - out.event.mean() - 0.4) < 0.03 and (out.time > 0).all()
+    c = concordance_index_censored(out.event.astype(bool), out.time, burden)[0]
+    assert c > 0.6  # the burden predicts the time; a planted outcome with no link would sit at 0.5
+
+
+def test_cox_loss_is_the_partial_likelihood_scikit_survival_maximises() -> None:
+    """A linear Cox model fitted by minimising cox_loss (Breslow ties) lands on scikit-survival's coefficients."""
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
+    from wsi_mil.tasks.survival import cox_loss
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 3))
+    out = plant_outcomes(x @ np.array([1.0, -0.5, 0.0]), censoring=0.3, seed=4)
+    time = np.round(out.time, 1)  # tied times, as follow-up in months has
+    ref = CoxPHSurvivalAnalysis(alpha=0.0, ties="breslow").fit(x, Surv.from_arrays(out.event.astype(bool), time))
+    beta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([beta], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    xt, tt, et = torch.from_numpy(x), torch.from_numpy(time), torch.from_numpy(out.event.astype(float))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = cox_loss(xt @ beta, tt, et)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    np.testing.assert_allclose(beta.detach().numpy(), ref.coef_, atol=1e-4)
+    assert float(cox_loss(xt[:5] @ beta.detach(), tt[:5], torch.zeros(5, dtype=torch.float64))) == 0.0  # no event: 0
+
+
+def test_regression_figures_are_scipys_and_sklearns() -> None:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    from wsi_mil.eval.regression import regression_metrics
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=60)
+    p = y + rng.normal(scale=0.5, size=60)
+    m = regression_metrics(y, p, n_boot=200, seed=0)
+    assert m["r2"] == pytest.approx(r2_score(y, p)) and m["mae"] == pytest.approx(mean_absolute_error(y, p))
+    assert m["pearson"] == pytest.approx(pearsonr(y, p)[0]) and m["spearman"] == pytest.approx(spearmanr(y, p)[0])
+    assert m["r2_ci"][0] < m["r2"] < m["r2_ci"][1] and m["spearman_ci"][0] < m["spearman"] < m["spearman_ci"][1]
+
+
+def test_regression_end_to_end_in_the_targets_units(cohort, tmp_path) -> None:
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, {"label": lambda r: f"{100 * r['burden']:.2f}"})  # percent: far from 0 / 1
+    report = run_train(m, [feats], out_dir=tmp_path / "run", config=TrainConfig(task="regression", **CFG), progress=False)
+    assert report.task.kind == "regression" and report.task.scale is not None
+    test = report.metrics["ensemble_test"]
+    assert test["n"] == len(json.loads((tmp_path / "run" / "splits.json").read_text())["test"])
+    assert test["r2"] > 0.4 and test["spearman"] > 0.6, test  # the burden is learnt, in its units
+    preds = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["fold"] == "ensemble"]
+    y = np.array([float(r["label"]) for r in preds])
+    p = np.array([float(r["predicted_label"]) for r in preds])
+    assert abs(np.mean(p) - np.mean(y)) < 0.5 * np.std(y)  # percent, not standardised units
+    assert test["mae"] == pytest.approx(float(np.mean(np.abs(y - p))), abs=1e-4)
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    assert "| set | n | MAE | RMSE | R² (95% CI)" in report_md and "Decision threshold: none" in report_md
+    assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
+    # predict: the fold models' mean prediction, in percent, as the run's ensemble gave it
+    from wsi_mil.commands.predict import run_predict
+
+    ids = [r["slide_id"] for r in preds[:5]]
+    run_predict(tmp_path / "run", [feats / f"{i}.h5" for i in ids], out_dir=tmp_path / "pred")
+    again = {r["slide_id"]: float(r["predicted_label"]) for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
+    for r in preds[:5]:
+        assert again[r["slide_id"]] == pytest.approx(float(r["predicted_label"]), abs=1e-4)
+
+
+def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path) -> None:
+    from sksurv.metrics import concordance_index_censored
+
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, {"label_time": lambda r: f"{r['time']:.4f}",
+                                             "label_event": lambda r: r["event"], "age": lambda r: f"{r['age']:.1f}"})
+    config = TrainConfig(task="survival", **CFG)
+    assert config.bags_per_batch == 16  # the Cox likelihood needs several bags a step
+    report = run_train(m, [feats], out_dir=tmp_path / "run", config=config, progress=False)
+    test = report.metrics["ensemble_test"]
+    preds = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["fold"] == "ensemble"]
+    by_id = {r["slide_id"]: r for r in rows}
+    t = np.array([by_id[r["slide_id"]]["time"] for r in preds], float)
+    e = np.array([by_id[r["slide_id"]]["event"] for r in preds], bool)
+    risk = np.array([float(r["log_risk"]) for r in preds])
+    assert test["c_index"] == pytest.approx(concordance_index_censored(e, t, risk)[0], abs=1e-4)
+    assert test["c_index"] > 0.62 and test["c_index_ci"][0] < test["c_index"] < test["c_index_ci"][1], test
+    assert test["n_events"] == int(e.sum()) and 0.4 < test["td_auc_mean"] <= 1.0
+    assert test["logrank_p"] < 0.05 and {r["prediction"] for r in preds} == {"high risk", "low risk"}
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    share = [np.mean([by_id[s]["event"] for s in ids]) for ids in (splits["test"], splits["folds"][0]["val"])]
+    assert abs(share[0] - share[1]) < 0.1  # stratified on the event
+    assert (tmp_path / "run" / "kaplan_meier.png").stat().st_size > 5000
+    history = list(csv.DictReader(open(tmp_path / "run" / "history" / "fold0.csv")))
+    val_loss = [float(h["val_loss"]) for h in history]  # the Cox loss of the whole validation set (a bag alone has none)
+    assert min(val_loss) > 0 and len(set(val_loss)) > 1
+    assert "Harrell's C (95% CI)" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("columns", "task", "message"), [
+    ({"label": lambda r: "12,5" if r["slide_id"].endswith("1") else r["burden"]}, "regression",
+     r"not finite numbers: .*='12,5'"),
+    ({"label_time": lambda r: r["time"]}, "survival", r"needs the columns label_time .* lacks \['label_event'\]"),
+    ({"label_time": lambda r: r["time"], "label_event": lambda r: 2 if r["slide_id"].endswith("3") else r["event"]},
+     "survival", r"label_event '2' is not 1 \(event\) or 0 \(censored\)"),
+    ({"label_time": lambda r: -1 if r["slide_id"].endswith("5") else r["time"], "label_event": lambda r: r["event"]},
+     "survival", r"label_time '-1' is not a follow-up time"),
+    ({"label_time": lambda r: "" if r["slide_id"].endswith("7") else r["time"], "label_event": lambda r: r["event"]},
+     "survival", r"follow-up time without an event or the reverse"),
+])
+def test_bad_outcomes_are_refused_naming_the_slides(cohort, tmp_path, columns, task, message) -> None:
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, columns)
+    with pytest.raises(ManifestError, match=message):
+        run_train(m, [feats], out_dir=tmp_path / "run", config=TrainConfig(task=task, **CFG), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_survival_with_one_bag_per_step_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--task survival needs --bags-per-batch 4 or more"):
+        TrainConfig(task="survival", bags_per_batch=1)
+    assert TrainConfig().bags_per_batch == 1 and TrainConfig(task="regression").bags_per_batch == 1
+
+
+def test_heatmap_captions_of_a_risk_or_a_value_make_no_class_call() -> None:
+    """A survival slide called "high risk" is not a NEGATIVE call of a class named "risk" (what a
+    classifier's caption logic made of it), and its colours are not faded as a negative slide's are."""
+    from wsi_mil.viz.scores import call_opacity, slide_call
+
+    risk = slide_call({"outputs": ["risk"], "probability": [1.17], "prediction": "high risk", "task_kind": "survival"})
+    assert risk["positive"] is None and "NEGATIVE" not in risk["text"] and "log relative risk = 1.17" in risk["text"]
+    assert call_opacity(0.5, risk) == 0.5
+    value = slide_call({"outputs": ["label"], "probability": [12.3], "prediction": 12.3, "task_kind": "regression"})
+    assert "predicted label = 12.3" in value["text"] and value["positive"] is None
+    binary = slide_call({"outputs": ["tumour"], "probability": [0.1], "prediction": "normal"})  # (an earlier store)
+    assert binary["positive"] is False and "NEGATIVE call" in binary["text"]

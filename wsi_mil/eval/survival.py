@@ -1,0 +1,116 @@
+"""Survival figures from scikit-survival: Harrell's and Uno's concordance, time-dependent
+AUC, Kaplan-Meier curves of risk groups and the log-rank test between them. Nothing here is
+written by hand but the bootstrap around Harrell's concordance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+def _surv(time: npt.NDArray[Any], event: npt.NDArray[Any]) -> Any:
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(event=np.asarray(event, bool), time=np.asarray(time, float))
+
+
+def harrell_c(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any]) -> float | None:
+    """Harrell's concordance index (None: no comparable pair)."""
+    from sksurv.metrics import concordance_index_censored
+
+    try:
+        return float(concordance_index_censored(np.asarray(event, bool), np.asarray(time, float),
+                                                np.asarray(risk, float))[0])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _harrell_ci(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], n_boot: int,
+                seed: int) -> tuple[float, float] | None:
+    if n_boot <= 0 or event.sum() < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(time), len(time))
+        c = harrell_c(time[i], event[i], risk[i]) if event[i].any() else None
+        if c is not None:
+            stats.append(c)
+    if len(stats) < n_boot // 2:
+        return None
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def eval_times(time: npt.NDArray[Any], event: npt.NDArray[Any]) -> list[float]:
+    """The times the time-dependent AUC is read at: the quartiles of the event times, inside the follow-up."""
+    t_event = time[event.astype(bool)]
+    if len(t_event) < 2:
+        return []
+    qs = np.unique(np.quantile(t_event, [0.25, 0.5, 0.75]))
+    return [float(t) for t in qs if time.min() <= t < time.max()]
+
+
+def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], threshold: Any,
+                     *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Figures of a risk score (higher: earlier event) against follow-up ``time`` and ``event``
+    (1: event seen, 0: censored). Uno's concordance and the time-dependent AUC weigh by the
+    censoring distribution estimated on this same set (scikit-survival's IPCW)."""
+    from sksurv.compare import compare_survival
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+
+    time, event, risk = np.asarray(time, float), np.asarray(event, float), np.asarray(risk, float)
+    out: dict[str, Any] = {"n": len(time), "n_events": int(event.sum())}
+    if len(time) < 2 or event.sum() == 0:
+        return out
+    out["c_index"] = harrell_c(time, event, risk)
+    out["c_index_ci"] = _harrell_ci(time, event, risk, n_boot, seed)
+    y = _surv(time, event)
+    try:
+        out["c_index_uno"] = float(concordance_index_ipcw(y, y, risk)[0])
+    except ValueError:
+        out["c_index_uno"] = None
+    times = eval_times(time, event)
+    if times:
+        try:
+            aucs, mean_auc = cumulative_dynamic_auc(y, y, risk, times)
+            out["td_auc"] = {f"{t:.4g}": float(a) for t, a in zip(times, aucs, strict=True)}
+            out["td_auc_mean"] = float(mean_auc)
+        except ValueError:
+            pass
+    if threshold is not None:
+        high = risk >= threshold  # (one threshold, or each sample's fold's own)
+        if np.ndim(threshold) == 0:
+            out["threshold"] = float(threshold)
+        out["n_high_risk"] = int(high.sum())
+        if 0 < high.sum() < len(high):
+            chisq, p = compare_survival(y, high.astype(int))[:2]
+            out["logrank_chi2"], out["logrank_p"] = float(chisq), float(p)
+    return out
+
+
+def km_plot(path: Path, time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], threshold: Any,
+            where: str) -> None:
+    """Kaplan-Meier curves (with 95% log-log bands) of the patients above and below the risk threshold."""
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    from wsi_mil.eval.plots import _plt, _save
+
+    fig, ax = _plt().subplots(figsize=(5.2, 4.2))
+    high = risk >= threshold
+    for group, name, colour in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
+        if group.sum() == 0:
+            continue
+        t, s, band = kaplan_meier_estimator(event[group].astype(bool), time[group], conf_type="log-log")
+        ax.step(t, s, where="post", color=colour, label=f"{name} (n = {int(group.sum())}, events {int(event[group].sum())})")
+        ax.fill_between(t, band[0], band[1], step="post", color=colour, alpha=0.15)
+    m = survival_metrics(time, event, risk, threshold, n_boot=0)
+    p = m.get("logrank_p")
+    ax.set_title(f"Kaplan-Meier by predicted risk ({where})" + (f"\nlog-rank p = {p:.3g}" if p is not None else ""))
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    _save(fig, path)

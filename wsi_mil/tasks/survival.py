@@ -1,0 +1,187 @@
+"""Survival: follow-up time and event (1: the event was seen, 0: censored) in the manifest's
+``label_time`` and ``label_event`` columns; one output, the log relative risk, trained with the
+Cox partial likelihood over each batch of bags (Breslow's handling of tied times). Splits are
+stratified on the event; the validation median of the risk splits patients into a high- and
+a low-risk group (Kaplan-Meier curves and a log-rank test in the report)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from wsi_mil.tasks.base import Question, TaskKind, fmt
+from wsi_mil.tasks.regression import parse_number
+
+if TYPE_CHECKING:
+    from wsi_mil.data.bags import Task
+
+TIME, EVENT = "label_time", "label_event"
+EVENT_VALUES = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0}
+
+
+def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """The negative Cox log partial likelihood per event (Breslow ties): for each event, its
+    risk against the log-sum-exp of the risks of everyone still at risk at its time. Zero
+    (with a gradient path) for a batch without an event."""
+    at_risk = time[None, :] >= time[:, None]  # row i: who is at risk at time_i
+    masked = risk[None, :].expand(len(risk), -1).masked_fill(~at_risk, float("-inf"))
+    terms = (risk - torch.logsumexp(masked, dim=1)) * event
+    n_events = event.sum()
+    if n_events == 0:
+        return risk.sum() * 0.0
+    return -terms.sum() / n_events
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}"
+
+
+def _ci_text(m: dict[str, Any]) -> str:
+    c, ci = m.get("c_index"), m.get("c_index_ci")
+    return "–" if c is None else f"{c:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
+class Survival(TaskKind):
+    name = "survival"
+    calibrated_per_output = False
+    bags_per_batch = 16
+    loss_over_set = True
+    min_bags_per_batch = 4
+    why_batches = "the Cox partial likelihood ranks the bags of one batch against each other (one bag alone has no loss)"
+
+    column_prefix = "log_"
+    score_name = "Harrell's C"
+
+    class_call = False
+
+    def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
+        return ", ".join(f"log relative {k} = {v:.{digits}f}" for k, v in probability.items())
+
+    def threshold_rule(self, rule: str) -> str:
+        return ("each fold's median validation risk splits its slides into a high- and a low-risk group; the fold "
+                "ensemble, whose risk is the mean of the folds' log risks, at the mean of the folds' medians")
+
+    def ensemble_threshold(self, thresholds: list[float]) -> float:
+        return float(np.mean(thresholds))  # (log risks average as they are)
+
+    def encode(self, task: Task, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:
+        from wsi_mil.errors import ManifestError
+
+        t_raw, e_raw = labels.get(TIME, "").strip(), labels.get(EVENT, "").strip()
+        if not t_raw and not e_raw:
+            return np.full(2, np.nan, np.float32)
+        t = parse_number(t_raw)
+        if t is None or t < 0:
+            raise ManifestError(f"{where}: {TIME} {t_raw!r} is not a follow-up time (a finite number >= 0)")
+        if e_raw not in EVENT_VALUES:
+            raise ManifestError(f"{where}: {EVENT} {e_raw!r} is not 1 (event) or 0 (censored)")
+        return np.asarray([t, EVENT_VALUES[e_raw]], np.float32)
+
+    def describe(self, task: Task, entries: Sequence[Any] | None = None) -> str:
+        text = f"survival task on columns {TIME!r} (follow-up) and {EVENT!r} (1: event, 0: censored)"
+        if entries is not None:
+            ev = [e.labels.get(EVENT, "").strip() for e in entries]
+            n = sum(bool(v) for v in ev)
+            text += f" ({n} slide(s), {sum(EVENT_VALUES.get(v, 0.0) for v in ev):.0f} events)"
+        return text
+
+    # ---- training
+    def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
+        return logits.float()  # the log relative risk
+
+    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+        return torch.ones(1)
+
+    def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        n = len(targets)
+        return np.full(n, 1.0 / max(n, 1))
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
+             gamma: float, task: Task | None = None) -> torch.Tensor:
+        known = ~torch.isnan(y).any(dim=1)
+        return cox_loss(logits.float()[known, 0], y[known, 0], y[known, 1])
+
+    def score(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float | None:
+        """Harrell's concordance index."""
+        from wsi_mil.eval.survival import harrell_c
+
+        k = ~np.isnan(targets).any(axis=1)
+        if k.sum() < 2 or targets[k, 1].sum() == 0:
+            return None
+        return harrell_c(targets[k, 0], targets[k, 1], probs[k, 0])
+
+    # ---- evaluation
+    def thresholds(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], rule: str,
+                   target_sensitivity: float) -> list[float]:
+        """The median validation risk: the split into a high- and a low-risk group."""
+        return [float(np.median(p[:, 0]))] if len(p) else [0.0]
+
+    def evaluate(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], thresholds: Sequence[Any], config: Any,
+                 weights: npt.NDArray[Any] | None = None, ci: bool = True) -> dict[str, Any]:
+        from wsi_mil.eval.survival import survival_metrics
+
+        k = ~np.isnan(y).any(axis=1)
+        thr = None if not len(thresholds) else (thresholds[0] if np.ndim(thresholds[0]) == 0 else np.asarray(thresholds[0])[k])
+        return survival_metrics(y[k, 0], y[k, 1], p[k, 0], thr, n_boot=config.bootstrap if ci else 0, seed=config.seed)
+
+    def predicted(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> Any:
+        if len(probs) == 2:  # (a target: time and event, as predictions.csv shows the truth)
+            return "" if np.isnan(probs).any() else f"time {probs[0]:.4g}, {'event' if probs[1] else 'censored'}"
+        if np.isnan(probs[0]):
+            return ""
+        return "high risk" if probs[0] >= thresholds[0] else "low risk"
+
+    def output_names(self, task: Task) -> list[str]:
+        return []
+
+    def confusion_classes(self, task: Task) -> list[str]:
+        return []
+
+    def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
+        ok = ~np.isnan(t).any(axis=1)  # (the event against the nuisances: a site with every death is a shortcut)
+        return [("event", [i for i, k in zip(ids, ok, strict=True) if k], t[ok, 1].astype(int).tolist(),
+                 ["censored", "event"])]
+
+    def strata(self, task: Task, targets: npt.NDArray[Any]) -> list[str] | None:
+        return ["blank" if np.isnan(t[1]) else ("event" if t[1] > 0.5 else "censored") for t in targets]
+
+    def plots(self, task: Task, out: Any, y: npt.NDArray[Any], p: npt.NDArray[Any], where: str,
+              thresholds: Sequence[Any] = ()) -> list[str]:
+        from wsi_mil.eval.survival import km_plot
+
+        k = ~np.isnan(y).any(axis=1)
+        if k.sum() < 4 or not len(thresholds):
+            return []
+        thr = thresholds[0] if np.ndim(thresholds[0]) == 0 else np.asarray(thresholds[0])[k]
+        km_plot(out / "kaplan_meier.png", y[k, 0], y[k, 1], p[k, 0], thr, where)
+        return ["kaplan_meier.png"]
+
+    # ---- report
+    def report_table(self, task: Task, m: dict[str, Any]) -> list[str]:
+        lines = ["Risk: the model's log relative risk (higher: earlier event). Uno's C and the time-dependent AUC "
+                 "weigh by the censoring distribution of the set itself (scikit-survival, IPCW); risk groups split at "
+                 "the median validation risk.", "",
+                 "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
+                 "log-rank p (high vs low risk) |", "|---|---|---|---|---|---|---|"]
+        sets = [("ensemble of folds, test", m.get("ensemble_test")), ("pooled out-of-fold validation", m.get("pooled_validation"))]
+        sets += [(f"fold {f['fold']}, {s}", f[s]) for f in m["folds"] for s in ("test", "val") if f.get(s)]
+        for name, mm in sets:
+            if mm:
+                td = mm.get("td_auc") or {}
+                at = "; ".join(f"{t}: {a:.3f}" for t, a in td.items())
+                lines.append(f"| {name} | {mm.get('n')} | {mm.get('n_events')} | {_ci_text(mm)} | "
+                             f"{fmt(mm.get('c_index_uno'))} | {fmt(mm.get('td_auc_mean'))}{f' ({at})' if at else ''} | "
+                             f"{_p(mm.get('logrank_p'))} |")
+        return lines
+
+    def summary_line(self, head: dict[str, Any]) -> str:
+        return (f"  Harrell's C {_ci_text(head)}, Uno's C {fmt(head.get('c_index_uno'))}, time-dependent AUC "
+                f"{fmt(head.get('td_auc_mean'))}, log-rank p {_p(head.get('logrank_p'))}, n = {head.get('n')} "
+                f"({head.get('n_events')} events)")
+
+    def what(self, task: Task) -> str:
+        return "risk of the event (Cox)"

@@ -33,6 +33,12 @@ TASKS: dict[str, str] = {
     "survival": "label_time (follow-up) and label_event (1: event, 0: censored) columns: Cox partial likelihood",
 }
 
+#: how clinical covariates join the slide embedding (``--fusion``, with ``--covariates``)
+FUSION: dict[str, str] = {
+    "concat": "covariates joined to the slide embedding before the linear head (the image logits plus a linear map of them)",
+    "gated": "as concat, and the covariates also scale each image logit through a gate 2 * sigmoid(g(c))",
+}
+
 #: class-imbalance handling, i.e. the loss (``--imbalance``)
 IMBALANCE: dict[str, str] = {
     "weighted": "class-weighted cross-entropy",
@@ -183,7 +189,7 @@ SYNTH_PRESETS: dict[str, str] = {
 #: every list above by the name the docs and tests use
 ALL: dict[str, dict[str, str]] = {
     "MIL models": MIL_MODELS, "tasks": TASKS, "imbalance (loss)": IMBALANCE, "thresholds": THRESHOLDS,
-    "monitors": MONITORS, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
+    "monitors": MONITORS, "fusion": FUSION, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
     "store formats": STORE_FORMATS, "pixel sources": PIXEL_SOURCES, "precisions": PRECISIONS,
     "stain normalisation": STAIN_NORMS, "tile executors": EXECUTORS, "image modes": IMAGE_MODES,
     "image augmentation": IMAGE_AUGMENT, "volume modes": VOLUME_MODES, "3D architectures": VOLUME_ARCHS,

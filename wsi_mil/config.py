@@ -527,6 +527,10 @@ class TrainConfig(CommonTrainConfig):
     lr: float | None = _opt(None, "AdamW learning rate (1 warm-up epoch, then cosine decay); default 2e-4, 3e-3 for "  # type: ignore[assignment]
                                   "linear_max")
     hidden: int = _opt(256, "width of the instance embedding (linear_max has none)")
+    covariates: str | None = _opt(None, "manifest columns fused with the slide embedding, e.g. age,sex,stage: numbers "
+                                        "standardised, other values one-hot, each with a missing indicator; the "
+                                        "encoding is fitted on each fold's training slides and kept with its model")
+    fusion: str = _opt("concat", "with --covariates: " + described(choices.FUSION), choices=names(choices.FUSION))
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
 
     def _checks(self) -> list[tuple[bool, str]]:
@@ -735,6 +739,8 @@ class PredictConfig:
     """Settings of ``wsi-mil predict``."""
 
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
+    manifest: str | None = _opt(None, "a manifest holding the slides' covariate columns (needed by a run trained with "
+                                      "--covariates; other columns are not read)")
 
     def __post_init__(self) -> None:
         _validated(self, [(self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu, cuda or cuda:N")])

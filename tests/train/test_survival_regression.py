@@ -203,3 +203,56 @@ def test_heatmap_captions_of_a_risk_or_a_value_make_no_class_call() -> None:
     assert "predicted label = 12.3" in value["text"] and value["positive"] is None
     binary = slide_call({"outputs": ["tumour"], "probability": [0.1], "prediction": "normal"})  # (an earlier store)
     assert binary["positive"] is False and "NEGATIVE call" in binary["text"]
+
+
+def test_covariates_fused_in_the_network_are_learnt_and_kept_with_each_fold(cohort, tmp_path) -> None:
+    """A target made of the planted burden and the patient's age: the image alone cannot know the age, the model
+    given --covariates age,sex can (R² rises); the encoding (fitted on each fold's training slides, a blank age
+    an indicator, never a zero) is stored with each fold's model, and predict needs the covariates back."""
+    from wsi_mil.commands.predict import run_predict
+    from wsi_mil.data.covariates import CovariateEncoder
+
+    feats, rows = cohort
+    ages = np.array([r["age"] for r in rows], float)
+    z = (ages - ages.mean()) / ages.std()
+
+    def target(r: dict[str, object]) -> str:
+        i = rows.index(r)
+        return f"{100 * float(r['burden']) + 25 * z[i]:.3f}"
+
+    columns = {"label": target, "age": lambda r: "" if r["slide_id"].endswith("9") else f"{r['age']:.1f}",
+               "sex": lambda r: "FM"[rows.index(r) % 2]}
+    m = _manifest(tmp_path / "m.csv", rows, columns)
+    image = run_train(m, [feats], out_dir=tmp_path / "image", config=TrainConfig(task="regression", **CFG), progress=False)
+    fused = run_train(m, [feats], out_dir=tmp_path / "fused", config=TrainConfig(task="regression", covariates="age,sex",
+                                                                               **CFG), progress=False)
+    r2_image, r2_fused = image.metrics["ensemble_test"]["r2"], fused.metrics["ensemble_test"]["r2"]
+    assert r2_fused > r2_image + 0.2, (r2_image, r2_fused)
+    spec = json.loads((tmp_path / "fused" / "models" / "fold0.json").read_text())
+    enc = CovariateEncoder.from_dict(spec["covariates"])
+    assert enc.columns() == ["age", "age missing", "sex=F", "sex=M", "sex missing"] and spec["fusion"] == "concat"
+    np.testing.assert_array_equal(enc.encode({"age": "", "sex": "M"}), [0, 1, 0, 1, 0])  # blank: the indicator
+    train_ids = set(json.loads((tmp_path / "fused" / "splits.json").read_text())["folds"][0]["train"])
+    train_ages = [r["age"] for r in rows if r["slide_id"] in train_ids and not r["slide_id"].endswith("9")]
+    assert enc.numeric["age"][0] == pytest.approx(np.mean(train_ages), abs=0.06)  # fitted on the fold's training slides
+    assert "covariates age, sex (concat fusion)" in (tmp_path / "fused" / "report.md").read_text()
+    preds = [r for r in csv.DictReader(open(tmp_path / "fused" / "predictions.csv")) if r["fold"] == "ensemble"][:4]
+    stores = [feats / f"{r['slide_id']}.h5" for r in preds]
+    with pytest.raises(ConfigError, match="take the covariates age, sex: give --manifest"):
+        run_predict(tmp_path / "fused", stores, out_dir=tmp_path / "p0")
+    run_predict(tmp_path / "fused", stores, out_dir=tmp_path / "p1", manifest=m)
+    again = {r["slide_id"]: float(r["predicted_label"]) for r in csv.DictReader(open(tmp_path / "p1" / "predictions.csv"))}
+    for r in preds:
+        assert again[r["slide_id"]] == pytest.approx(float(r["predicted_label"]), abs=1e-3)
+
+
+def test_a_misspelt_or_label_covariate_is_refused_before_any_folder(cohort, tmp_path) -> None:
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, {"label": lambda r: f"{r['burden']:.4f}", "age": lambda r: r["age"]})
+    with pytest.raises(ManifestError, match=r"\['agee'\] not in the manifest \(its other columns: \['age'\]\)"):
+        run_train(m, [feats], out_dir=tmp_path / "r", config=TrainConfig(task="regression", covariates="agee", **CFG),
+                  progress=False)
+    with pytest.raises(ConfigError, match=r"\['label'\] are label columns"):
+        run_train(m, [feats], out_dir=tmp_path / "r", config=TrainConfig(task="regression", covariates="age,label",
+                                                                         **CFG), progress=False)
+    assert not (tmp_path / "r").exists()

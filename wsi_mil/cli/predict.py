@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     settings = settings_of(args, PredictConfig, "predict")
-    claim_output(args, predict_record(args, {}, list(args.inputs)))
+    manifest = Path(settings.manifest) if settings.manifest else None
+    claim_output(args, predict_record(args, {}, list(args.inputs) + ([manifest] if manifest else [])))
     setup_logging(args.verbose, args.out / "predict.log")
-    report = run_predict(args.run, args.inputs, out_dir=args.out, device=settings.device)
+    report = run_predict(args.run, args.inputs, out_dir=args.out, device=settings.device, manifest=manifest)
     print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
     return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED

@@ -84,7 +84,27 @@ def check_resolution(attrs: dict[str, Any], enc: dict[str, Any], store: Path) ->
                           f"slide with {' '.join(f for f in flags if f)} and extract its features again")
 
 
-def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu") -> PredictReport:
+def _covariate_rows(specs: list[dict[str, Any]], manifest: Path | None) -> tuple[list[Any], dict[str, dict[str, str]]]:
+    """Each fold model's covariate encoding and the manifest's rows (refused now when the run needs them)."""
+    from wsi_mil.data.covariates import CovariateEncoder
+    from wsi_mil.data.manifest import entry_columns, read_manifest
+
+    if not any(s.get("covariates") for s in specs):
+        return [], {}
+    names = specs[0]["covariates"]["names"]
+    if manifest is None:
+        raise ConfigError(f"this run's models take the covariates {', '.join(names)}: give --manifest with those "
+                          "columns for the slides to predict")
+    columns = entry_columns(read_manifest(manifest, require_path=False))
+    held = {k for row in columns.values() for k in row}
+    missing = [n for n in names if n not in held]
+    if missing:
+        raise ConfigError(f"--manifest {manifest} lacks the covariate column(s) {missing} the run was trained with")
+    return [CovariateEncoder.from_dict(s["covariates"]) for s in specs], columns
+
+
+def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str = "cpu",
+                manifest: Path | None = None) -> PredictReport:
     from wsi_mil.commands.train_mil import _prediction
     from wsi_mil.io.attention import write_attention
     from wsi_mil.io.store import PatchStore
@@ -92,6 +112,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
 
     models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
+    encodings, covariate_rows = _covariate_rows(specs, manifest)
     enc = specs[0].get("encoder", {})
     thresholds = [task.kind_obj.ensemble_threshold([s["thresholds"][c] for s in specs])
                   for c in range(len(specs[0]["thresholds"]))]
@@ -120,7 +141,13 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
                 raise StoreError(f"{store} holds no patches (tiling found no tissue that passed its settings: see the "
                                  "slide's QC image); there is nothing to predict from. Re-tile it with other tissue "
                                  "settings (e.g. --min-tissue, --no-reject-pen)")
-            preds = [predict(m, [bag], task, device=device) for m in models]
+            preds = []
+            for i, m in enumerate(models):
+                if encodings:  # (each fold model with its own fitted encoding)
+                    if sid not in covariate_rows:
+                        raise ConfigError(f"{sid}: not in --manifest {manifest}, whose covariates the models need")
+                    bag.covariates = encodings[i].encode(covariate_rows[sid], f"slide {sid}")
+                preds.append(predict(m, [bag], task, device=device))
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)
             if not (np.isfinite(probs).all() and np.isfinite(att).all()):

@@ -137,6 +137,7 @@ class TrainInputs:
     checked: CheckedRun | None = None  # duplicates, splits ...: checked before the run folder exists
     notes: dict[str, Any] = field(default_factory=dict)  # facts for the report (blank patient ids ...)
     sources: dict[str, Any] = field(default_factory=dict)  # the inputs, as part of the run's identity
+    covariates: list[str] = field(default_factory=list)  # --covariates, checked against the manifest
 
 
 def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfig, *,
@@ -152,6 +153,12 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
                       config.min_class_slides)
     task_line = task.describe(entries)
+    from wsi_mil.data.covariates import parse_covariates
+
+    covariates = parse_covariates(config.covariates, sorted({k for e in entries for k in e.meta} - NOT_COVARIATES),
+                                  list(task.label_columns))
+    if covariates:
+        task_line += f"; covariates {', '.join(covariates)} ({config.fusion} fusion)"
     logger.info("%s", task_line)
     from wsi_mil.data.splits import check_blank_patients
 
@@ -180,7 +187,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs],
                "stores": stores_digest(bags)}
     return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked,
-                       {"blank_patients": blank} if blank else {}, sources)
+                       {"blank_patients": blank} if blank else {}, sources, covariates)
 
 
 def stores_digest(bags: list[Bag]) -> str:
@@ -207,17 +214,34 @@ def cpu_threads(bags: list[Bag], requested: int | None) -> int:
     return 1 if median <= 4096 else max(1, min(4, os.cpu_count() or 1))
 
 
+#: manifest columns that identify or place a slide, never a patient's clinical value
+NOT_COVARIATES = {"slide_id", "path", "patient_id", "split", "mpp"}
+
+
 class MilRoad:
     """Slides as bags of patch features through the shared run (``wsi_mil.train.runner``)."""
 
     unit = "slide"
     command = "train-mil"
 
-    def __init__(self, config: TrainConfig, bags: list[Bag], n_outputs: int) -> None:
+    def __init__(self, config: TrainConfig, bags: list[Bag], n_outputs: int,
+                 columns: dict[str, dict[str, str]] | None = None, covariates: list[str] | None = None) -> None:
         self.config, self.n_outputs = config, n_outputs
         self.encoder = encoder_of(bags)
         self.dim = int(bags[0].load()[0].shape[1])
-        self.model_name = config.model
+        self.model_name = config.model + (f" + covariates ({config.fusion})" if covariates else "")
+        self.columns, self.covariates = columns or {}, covariates or []
+        self.encoding: Any = None  # the fold's fitted covariate encoding (wsi_mil.data.covariates)
+
+    def prepare_fold(self, train: list[Bag], samples: list[Bag]) -> None:
+        """With --covariates: the encoding fitted on this fold's training slides, every slide's vector from it."""
+        if not self.covariates:
+            return
+        from wsi_mil.data.covariates import CovariateEncoder
+
+        self.encoding = CovariateEncoder.fit(self.covariates, [self.columns[b.slide_id] for b in train])
+        for b in samples:
+            b.covariates = self.encoding.encode(self.columns[b.slide_id], f"slide {b.slide_id}")
 
     def feeder(self, samples: list[Bag], train: bool) -> Any:
         from wsi_mil.train.loop import BagFeeder
@@ -227,14 +251,22 @@ class MilRoad:
     def new_model(self) -> Any:
         from wsi_mil.mil import build_model
 
-        return build_model(self.config.model, self.dim, self.n_outputs, **self.config.model_args())
+        model = build_model(self.config.model, self.dim, self.n_outputs, **self.config.model_args())
+        if self.encoding is None:
+            return model
+        from wsi_mil.mil.fusion import CovariateFusion
+
+        return CovariateFusion(model, self.encoding.width, self.n_outputs, self.config.fusion)
 
     def param_groups(self, model: Any) -> None:
         return None
 
     def spec(self) -> dict[str, Any]:
-        return {"model": self.config.model, "in_dim": self.dim, "n_outputs": self.n_outputs,
+        spec = {"model": self.config.model, "in_dim": self.dim, "n_outputs": self.n_outputs,
                 "model_args": self.config.model_args()}
+        if self.encoding is not None:
+            spec |= {"covariates": self.encoding.to_dict(), "fusion": self.config.fusion}
+        return spec
 
     def save(self, stem: Path, model: Any, spec: dict[str, Any]) -> None:
         from wsi_mil.train.checkpoint import save_model
@@ -276,7 +308,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             inputs = prepare_inputs(manifest, features_dirs, config, progress=progress)
         else:  # already printed when the inputs were checked; the run's log file gets it too
             logger.debug("%s", inputs.task_line)
-        road = MilRoad(config, inputs.bags, inputs.task.n_outputs)
+        road = MilRoad(config, inputs.bags, inputs.task.n_outputs, inputs.columns, inputs.covariates)
         device = config.resolved_device()
         threads = cpu_threads(inputs.bags, config.threads)
         if device == "cpu":

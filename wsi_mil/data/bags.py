@@ -303,6 +303,7 @@ class Bag:
     meta: dict[str, Any] = field(default_factory=dict)
     extent_px: float = 1.0  # patch side, level-0 px (what a heatmap draws)
     stratum: str | None = None  # the splits' stratum where the task kind gives one (else the class)
+    covariates: npt.NDArray[np.float32] | None = None  # the encoded --covariates of the fold being trained
 
     def load(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(features, level-0 coords); read from the store unless held in memory."""

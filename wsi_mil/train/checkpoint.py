@@ -41,6 +41,12 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
         if spec["model"] == "max" and "smooth" not in args and spec.get("training_revision", 0) < 4:
             args["smooth"] = 0.0  # trained before max pooling became a smooth maximum: the hard maximum
         model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **args)
+        if spec.get("covariates"):  # fused with clinical covariates (wsi_mil.mil.fusion)
+            from wsi_mil.data.covariates import CovariateEncoder
+            from wsi_mil.mil.fusion import CovariateFusion
+
+            width = CovariateEncoder.from_dict(spec["covariates"]).width
+            model = CovariateFusion(model, width, spec["n_outputs"], spec.get("fusion", "concat"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{spec_path}: not a readable model description ({type(exc).__name__}: {exc}); the run's "
                           "models/ folder is damaged: retrain (train-mil resumes at the first missing fold)") from exc

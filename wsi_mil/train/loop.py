@@ -79,19 +79,25 @@ class BagFeeder:
     def n_steps(self) -> int:
         return math.ceil(len(self.bags) / self.per_batch)
 
+    def _covariates(self, bags: Sequence[Bag]) -> tuple[torch.Tensor, ...]:
+        """The bags' encoded covariates as one more input (none when the run has none)."""
+        if bags[0].covariates is None:
+            return ()
+        return (torch.from_numpy(np.stack([np.asarray(b.covariates, np.float32) for b in bags])),)
+
     def train_batches(self, order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         for a in range(0, len(order), self.per_batch):
-            x, mask, coords, y = collate([bag_item(self.bags[i], self.max_instances, rng) for i in order[a:a + self.per_batch]])
-            yield (x, mask, coords), y
+            batch = [self.bags[i] for i in order[a:a + self.per_batch]]
+            x, mask, coords, y = collate([bag_item(b, self.max_instances, rng) for b in batch])
+            yield (x, mask, coords, *self._covariates(batch)), y
 
     def eval_batches(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         for bag in self.bags:
             x, mask, coords, y = collate([bag_item(bag, None, None)])
-            yield (x, mask, coords), y
+            yield (x, mask, coords, *self._covariates([bag])), y
 
     def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None = None) -> Any:
-        x, mask, coords = inputs
-        return model(x, mask, coords, labels=labels) if labels is not None else model(x, mask, coords)
+        return model(*inputs, labels=labels) if labels is not None else model(*inputs)
 
     def attention(self, out: Any, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         return [out.attention[0].float().cpu().numpy()]

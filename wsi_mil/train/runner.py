@@ -344,6 +344,9 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     test_feed = road.feeder(test, False) if test else None
     for fold in plan.folds:
         train, val = [by_id[s] for s in fold.train], [by_id[s] for s in fold.val]
+        prepare_fold = getattr(road, "prepare_fold", None)  # (what a fold fits on its training samples: covariates)
+        if prepare_fold is not None:
+            prepare_fold(train, samples)
         val_feed = road.feeder(val, False)
         stem = out_dir / "models" / f"fold{fold.index}"
         h = _settings_hash(config, fold, road.dim, road.inputs_key())

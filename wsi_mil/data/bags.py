@@ -187,18 +187,18 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
 def _regression_task(entries: list[Any], columns: list[str], classes: list[str] | None, min_per_class: int,
                      unit: str) -> Task:
     """One numeric label column, every value a finite number (a typo is named, never read as 0)."""
-    from wsi_mil.tasks.regression import parse_number
+    from wsi_mil.tasks.base import finite_number
 
     if classes:
         raise ConfigError("--classes names classes; a regression target has none")
     if len(columns) > 1:
         raise ManifestError(f"a regression task needs one label column; the manifest has {columns} (pick one with --label)")
     col = columns[0]
-    bad = {e.labels[col].strip() for e in entries if e.labels[col].strip() and parse_number(e.labels[col]) is None}
+    bad = {e.labels[col].strip() for e in entries if e.labels[col].strip() and finite_number(e.labels[col]) is None}
     if bad:
         raise ManifestError(f"column {col!r} of a regression task holds values that are not finite numbers: "
                             f"{_rows_with(entries, col, bad)}. Fix them or leave these {unit}s out")
-    values = [parse_number(e.labels[col]) for e in entries if e.labels[col].strip()]
+    values = [finite_number(e.labels[col]) for e in entries if e.labels[col].strip()]
     if len(values) < 2 * min_per_class:
         raise ManifestError(f"{len(values)} labelled {unit}(s): too few to train and evaluate a regression "
                             f"(at least {2 * min_per_class})")

@@ -11,7 +11,6 @@ training slides only and stored with that fold's model."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +18,11 @@ import numpy as np
 import numpy.typing as npt
 
 from wsi_mil.errors import ConfigError, ManifestError
+from wsi_mil.tasks.base import finite_number
 
 logger = logging.getLogger(__name__)
 
 _MISSING = {"", "nan", "na", "n/a", "none", "null", "?", "-", "unknown"}
-
-
-def _number(value: str) -> float | None:
-    try:
-        v = float(value)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _blank(value: str | None) -> bool:
@@ -53,7 +45,7 @@ class CovariateEncoder:
             given = [r.get(name, "").strip() for r in rows if not _blank(r.get(name))]
             if not given:
                 raise ManifestError(f"covariate {name!r}: no training slide has a value")
-            numbers = [_number(v) for v in given]
+            numbers = [finite_number(v) for v in given]
             if all(v is not None for v in numbers):
                 arr = np.asarray(numbers, dtype=float)
                 sd = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -79,7 +71,7 @@ class CovariateEncoder:
             raw = row.get(n)
             if n in self.numeric:
                 mean, sd = self.numeric[n]
-                v = None if _blank(raw) else _number(str(raw))
+                v = None if _blank(raw) else finite_number(str(raw))
                 if not _blank(raw) and v is None:
                     raise ManifestError(f"{where}: covariate {n!r} is {raw!r}, not a number (the training slides' "
                                         "values are numbers)")

@@ -233,3 +233,33 @@ class TaskKind:
     def what(self, task: Task) -> str:
         """What is predicted, in a few words."""
         return ", ".join(task.outputs)
+
+
+def finite_number(value: str) -> float | None:
+    """A finite number, or None (not a number, NaN or infinite): a manifest's numeric cell."""
+    try:
+        v = float(value)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
+
+
+class NoClassKind(TaskKind):
+    """What the kinds without classes share (regression, survival): no class weights or balanced
+    drawing, no class outputs for the shortcut checks after training, no confusion matrix, no
+    class call on a heatmap, no calibration per output."""
+
+    calibrated_per_output = False
+    class_call = False
+
+    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+        return torch.ones(1)
+
+    def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return np.full(len(targets), 1.0 / max(len(targets), 1))
+
+    def output_names(self, task: Task) -> list[str]:
+        return []
+
+    def confusion_classes(self, task: Task) -> list[str]:
+        return []

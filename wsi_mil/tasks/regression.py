@@ -5,7 +5,6 @@ prediction is given, and every figure computed, in the target's own units."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,19 +13,10 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from wsi_mil.tasks.base import Question, TaskKind, fmt
+from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt
 
 if TYPE_CHECKING:
     from wsi_mil.data.bags import Task
-
-
-def parse_number(value: str) -> float | None:
-    """A finite number, or None (not a number, NaN or infinite)."""
-    try:
-        v = float(value)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _scale(task: Task) -> tuple[float, float]:
@@ -39,13 +29,10 @@ def _with_ci(v: float | None, ci: tuple[float, float] | None) -> str:
     return f"{v:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
-class Regression(TaskKind):
+class Regression(NoClassKind):
     name = "regression"
-    calibrated_per_output = False
     column_prefix = "predicted_"
     score_name = "R²"
-
-    class_call = False
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"predicted {k} = {v:.4g}" for k, v in probability.items())
@@ -59,7 +46,7 @@ class Regression(TaskKind):
         raw = labels.get(task.label_columns[0], "").strip()
         if not raw:
             return np.full(1, np.nan, np.float32)
-        value = parse_number(raw)
+        value = finite_number(raw)
         if value is None:
             raise ManifestError(f"{where}: label {raw!r} of column {task.label_columns[0]!r} is not a finite number")
         return np.asarray([value], np.float32)
@@ -68,7 +55,7 @@ class Regression(TaskKind):
         col = task.label_columns[0]
         text = f"regression task on column {col!r}"
         if entries is not None:
-            v = np.asarray([parse_number(e.labels.get(col, "")) for e in entries if e.labels.get(col, "").strip()], float)
+            v = np.asarray([finite_number(e.labels.get(col, "")) for e in entries if e.labels.get(col, "").strip()], float)
             if len(v):
                 text += (f" ({len(v)} slide(s); mean {v.mean():.4g}, sd {v.std(ddof=1) if len(v) > 1 else 0.0:.4g}, "
                          f"range {v.min():.4g} to {v.max():.4g})")
@@ -78,13 +65,6 @@ class Regression(TaskKind):
     def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         mean, sd = _scale(task) if task is not None else (0.0, 1.0)
         return logits.float() * sd + mean
-
-    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
-        return torch.ones(1)  # (no classes to balance)
-
-    def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        n = len(targets)
-        return np.full(n, 1.0 / max(n, 1))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
              gamma: float, task: Task | None = None) -> torch.Tensor:
@@ -125,12 +105,6 @@ class Regression(TaskKind):
 
     def predicted(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> Any:
         return "" if np.isnan(probs[0]) else round(float(probs[0]), 6)
-
-    def output_names(self, task: Task) -> list[str]:
-        return []  # (the shortcut checks judge classes; none here)
-
-    def confusion_classes(self, task: Task) -> list[str]:
-        return []
 
     def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
         return []

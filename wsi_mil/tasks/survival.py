@@ -13,8 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from wsi_mil.tasks.base import Question, TaskKind, fmt
-from wsi_mil.tasks.regression import parse_number
+from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt
 
 if TYPE_CHECKING:
     from wsi_mil.data.bags import Task
@@ -45,9 +44,8 @@ def _ci_text(m: dict[str, Any]) -> str:
     return "–" if c is None else f"{c:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
-class Survival(TaskKind):
+class Survival(NoClassKind):
     name = "survival"
-    calibrated_per_output = False
     bags_per_batch = 16
     loss_over_set = True
     min_bags_per_batch = 4
@@ -55,8 +53,6 @@ class Survival(TaskKind):
 
     column_prefix = "log_"
     score_name = "Harrell's C"
-
-    class_call = False
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"log relative {k} = {v:.{digits}f}" for k, v in probability.items())
@@ -74,7 +70,7 @@ class Survival(TaskKind):
         t_raw, e_raw = labels.get(TIME, "").strip(), labels.get(EVENT, "").strip()
         if not t_raw and not e_raw:
             return np.full(2, np.nan, np.float32)
-        t = parse_number(t_raw)
+        t = finite_number(t_raw)
         if t is None or t < 0:
             raise ManifestError(f"{where}: {TIME} {t_raw!r} is not a follow-up time (a finite number >= 0)")
         if e_raw not in EVENT_VALUES:
@@ -92,13 +88,6 @@ class Survival(TaskKind):
     # ---- training
     def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         return logits.float()  # the log relative risk
-
-    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
-        return torch.ones(1)
-
-    def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        n = len(targets)
-        return np.full(n, 1.0 / max(n, 1))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
              gamma: float, task: Task | None = None) -> torch.Tensor:
@@ -134,12 +123,6 @@ class Survival(TaskKind):
         if np.isnan(probs[0]):
             return ""
         return "high risk" if probs[0] >= thresholds[0] else "low risk"
-
-    def output_names(self, task: Task) -> list[str]:
-        return []
-
-    def confusion_classes(self, task: Task) -> list[str]:
-        return []
 
     def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
         ok = ~np.isnan(t).any(axis=1)  # (the event against the nuisances: a site with every death is a shortcut)

@@ -256,3 +256,23 @@ def test_a_misspelt_or_label_covariate_is_refused_before_any_folder(cohort, tmp_
         run_train(m, [feats], out_dir=tmp_path / "r", config=TrainConfig(task="regression", covariates="age,label",
                                                                          **CFG), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_survival_fold_at_chance_is_a_failed_fold_and_the_headline_says_so() -> None:
+    """Fold health judged AUC only: a survival fold at Harrell's C 0.45 (or a regression fold at R² < 0) passed
+    as healthy and the fold ensemble led the report."""
+    from wsi_mil.tasks import kind_of
+    from wsi_mil.train.runner import choose_headline, fold_health
+
+    kind = kind_of("survival")
+    folds = [{"fold": 0, "val": {"c_index": 0.62}, "test": {"c_index": 0.45}},
+             {"fold": 1, "val": {"c_index": 0.70}, "test": {"c_index": 0.71}}]
+    health = fold_health(folds, kind.score_key, kind.score_name, kind.chance)
+    assert health["failed"] == [{"fold": 0, "why": "test Harrell's C 0.450"}]
+    m = {"ensemble_test": {"c_index": 0.66}, "pooled_validation": {"c_index": 0.64}, "fold_health": health}
+    head = choose_headline(m, kind.score_key, kind.score_name)
+    assert head == {"set": "pooled_validation", "why": "1 of 2 folds failed, and a fold ensemble hides failed folds "
+                                                  "behind the confident ones"}
+    reg = kind_of("regression")
+    assert fold_health([{"fold": 0, "val": {"r2": -0.1}, "test": {"r2": 0.3}}], reg.score_key, reg.score_name,
+                       reg.chance)["failed"][0]["why"] == "validation R² -0.100"

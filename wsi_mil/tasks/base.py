@@ -67,8 +67,11 @@ class TaskKind:
     argmax_call = False
     #: the prefix of the output columns of predictions.csv
     column_prefix = "prob_"
-    #: the validation score model selection maximises (``--monitor auc``)
+    #: the validation score model selection maximises (``--monitor auc``), its key in the metrics, and
+    #: the value at which a fold counts as failed (chance)
     score_name = "AUC"
+    score_key = "auc"
+    chance = 0.5
     #: train-mil's default bags per optimisation step, the fewest allowed, and why
     bags_per_batch = 1
     min_bags_per_batch = 1

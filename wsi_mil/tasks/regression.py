@@ -33,6 +33,8 @@ class Regression(NoClassKind):
     name = "regression"
     column_prefix = "predicted_"
     score_name = "R²"
+    score_key = "r2"
+    chance = 0.0
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"predicted {k} = {v:.4g}" for k, v in probability.items())

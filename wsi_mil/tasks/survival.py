@@ -53,6 +53,7 @@ class Survival(NoClassKind):
 
     column_prefix = "log_"
     score_name = "Harrell's C"
+    score_key = "c_index"
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"log relative {k} = {v:.{digits}f}" for k, v in probability.items())

@@ -57,18 +57,21 @@ SET_NAMES = {"ensemble_test": "ensemble of folds on the held-out test set",
              "pooled_validation": "pooled out-of-fold validation"}
 
 
-def fold_health(folds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Failed folds (validation or test AUC <= ``FAILED_FOLD_AUC``) and whether the folds
-    disagree (a failed fold, or test AUCs spread by more than ``DISAGREE_SD``)."""
+def fold_health(folds: list[dict[str, Any]], key: str = "auc", name: str = "AUC",
+                failed_at: float = FAILED_FOLD_AUC) -> dict[str, Any]:
+    """Failed folds (validation or test score ``key`` <= ``failed_at``: chance) and whether the folds
+    disagree (a failed fold, or test scores spread by more than ``DISAGREE_SD``). The score is the
+    task kind's: AUC, Harrell's C (chance 0.5), R² (chance 0)."""
     failed = []
     for f in folds:
-        why = [f"{name} AUC {f[split]['auc']:.3f}" for split, name in (("val", "validation"), ("test", "test"))
-               if f.get(split) and f[split].get("auc") is not None and f[split]["auc"] <= FAILED_FOLD_AUC]
+        why = [f"{split_name} {name} {f[split][key]:.3f}" for split, split_name in (("val", "validation"), ("test", "test"))
+               if f.get(split) and f[split].get(key) is not None and f[split][key] <= failed_at]
         if why:
             failed.append({"fold": f["fold"], "why": ", ".join(why)})
-    test = [f["test"]["auc"] for f in folds if f.get("test") and f["test"].get("auc") is not None]
+    test = [f["test"][key] for f in folds if f.get("test") and f["test"].get(key) is not None]
     sd = float(np.std(test, ddof=1)) if len(test) > 1 else 0.0
-    return {"failed": failed, "n_folds": len(folds), "test_auc_sd": sd, "disagree": bool(failed) or sd > DISAGREE_SD}
+    return {"failed": failed, "n_folds": len(folds), "test_auc_sd": sd, "disagree": bool(failed) or sd > DISAGREE_SD,
+            "score": name}
 
 
 def failed_folds_text(health: dict[str, Any]) -> str:
@@ -76,9 +79,10 @@ def failed_folds_text(health: dict[str, Any]) -> str:
     return "; ".join(f"fold {f['fold']}: {f['why']}" for f in health.get("failed", []))
 
 
-def choose_headline(metrics: dict[str, Any]) -> dict[str, str]:
+def choose_headline(metrics: dict[str, Any], key: str = "auc", name: str = "AUC") -> dict[str, str]:
     """The set whose figures lead the report: the held-out test ensemble when it can be
-    trusted, else the pooled out-of-fold predictions (more cases, every fold's own model)."""
+    trusted, else the pooled out-of-fold predictions (more cases, every fold's own model);
+    ``key`` / ``name``: the task kind's score."""
     ens, pooled = metrics.get("ensemble_test"), metrics.get("pooled_validation")
     if not ens:
         return {"set": "pooled_validation", "why": "no held-out test set"}
@@ -88,13 +92,13 @@ def choose_headline(metrics: dict[str, Any]) -> dict[str, str]:
         reasons.append(f"{len(health['failed'])} of {health['n_folds']} folds failed, and a fold ensemble hides "
                        "failed folds behind the confident ones")
     elif health.get("disagree"):
-        reasons.append(f"the folds disagree on the test set (AUC sd {health['test_auc_sd']:.3f})")
-    if ens.get("auc_ci_note"):
-        reasons.append(f"the test set's AUC interval is {ens['auc_ci_note']}")
-    if reasons and pooled and pooled.get("auc") is not None:
-        if ens.get("auc") is not None and ens["auc"] < pooled["auc"]:  # never quote the kinder of the two
-            return {"set": "ensemble_test", "why": "; ".join(reasons) + f"; but the held-out test's AUC "
-                    f"({ens['auc']:.3f}) is below the pooled out-of-fold one ({pooled['auc']:.3f}), and the headline "
+        reasons.append(f"the folds disagree on the test set ({name} sd {health['test_auc_sd']:.3f})")
+    if ens.get(f"{key}_ci_note"):
+        reasons.append(f"the test set's {name} interval is {ens[f'{key}_ci_note']}")
+    if reasons and pooled and pooled.get(key) is not None:
+        if ens.get(key) is not None and ens[key] < pooled[key]:  # never quote the kinder of the two
+            return {"set": "ensemble_test", "why": "; ".join(reasons) + f"; but the held-out test's {name} "
+                    f"({ens[key]:.3f}) is below the pooled out-of-fold one ({pooled[key]:.3f}), and the headline "
                     "never quotes the more optimistic figure"}
         return {"set": "pooled_validation", "why": "; ".join(reasons)}
     return {"set": "ensemble_test", "why": "held-out test set; the folds agree"}
@@ -440,8 +444,9 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["figures"] = task.kind_obj.plots(task, out_dir, ys, ps, where,
                                              pooled_thr if test_feed is not None else per_fold_thr)
     metrics["across_folds_val"] = _across(folds_out, "val")
-    metrics["fold_health"] = fold_health(folds_out)
-    metrics["headline"] = choose_headline(metrics)
+    kind = task.kind_obj
+    metrics["fold_health"] = fold_health(folds_out, kind.score_key, kind.score_name, kind.chance)
+    metrics["headline"] = choose_headline(metrics, kind.score_key, kind.score_name)
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind_obj.single_positive:
         ev: tuple[Any, ...]
@@ -704,15 +709,20 @@ def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
     out: list[str] = []
     health = m.get("fold_health") or {}
     if health.get("failed"):
-        out += [f"**{len(health['failed'])} of {health['n_folds']} folds failed** (AUC at or below chance): "
+        out += [f"**{len(health['failed'])} of {health['n_folds']} folds failed** ({task.kind_obj.score_name} at or below "
+                "chance): "
                 + failed_folds_text(health) + ". The fold ensemble's test figure is not the headline: confident folds outvote failed ones.", ""]
     elif health.get("disagree"):
-        out += [f"**The folds disagree** on the test set (AUC sd {health['test_auc_sd']:.3f} over folds).", ""]
+        out += [f"**The folds disagree** on the test set ({task.kind_obj.score_name} sd {health['test_auc_sd']:.3f} "
+                "over folds).", ""]
     key = headline_set(m)
     head = m.get(key) or {}
     if head and task.kind_obj.single_positive:
         out += [f"Headline: {SET_NAMES.get(key, key)}, AUC {auc_text(head)}, n = {head.get('n')} "
                 f"({head.get('n_positive')} positive); {m.get('headline', {}).get('why', '')}.", ""]
+    elif head and not task.kind_obj.class_call:  # (a risk or a value)
+        out += [f"Headline: {SET_NAMES.get(key, key)}: {task.kind_obj.summary_line(head).strip()}; "
+                f"{m.get('headline', {}).get('why', '')}.", ""]
     if m.get("model_selection"):
         out += [f"Model selection: {m['model_selection']}.", ""]
     if key == "pooled_validation" and m.get("folds") and not str(m.get("model_selection", "")).startswith("swa"):

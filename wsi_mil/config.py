@@ -340,7 +340,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"linear_max": {"select": "swa", "lr
 class CommonTrainConfig:
     """Settings every trainer shares (slides, images): task, splits, optimisation, evaluation."""
 
-    task: str = _opt("auto", "auto (from the label columns), binary, multiclass or multilabel", choices=names(choices.TASKS))
+    task: str = _opt("auto", "auto (from the label columns: binary, multiclass or multilabel), or regression or survival "
+                             "(said, never guessed)", choices=names(choices.TASKS))
     label: str | None = _opt(None, "label column to use when the manifest has several (default: every label column)")
     classes: str | None = _opt(None, "class names in order, comma-separated (negative first for binary), e.g. normal,tumour: "
                                      "the label values themselves, or names for the codes 0,1,...; any other value is an "
@@ -352,7 +353,8 @@ class CommonTrainConfig:
     min_minority_share: float | None = _opt(None, "sample the test set so the minority class is at least this share (e.g. 0.5); metrics also at the true prevalence")
     epochs: int = _opt(50, "maximum epochs per fold")
     patience: int = _opt(10, "early stopping: epochs without validation improvement")
-    monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc or loss", choices=names(choices.MONITORS))
+    monitor: str = _opt("auc", "validation metric for early stopping and model selection: auc (the task's score: AUC, R² "
+                               "for regression, Harrell's C for survival) or loss", choices=names(choices.MONITORS))
     select: str = _opt("auto", "which weights a fold keeps: best (the epoch with the best --monitor on its validation "
                                "set, with early stopping), swa (every --epochs trained, the weights averaged over the "
                                "second half: a fixed schedule, not an epoch picked on a few validation slides) or auto "
@@ -546,6 +548,17 @@ class TrainConfig(CommonTrainConfig):
         if self.lr is None:  # the model's own default, recorded as the value used
             object.__setattr__(self, "lr", MODEL_DEFAULTS.get(self.model, {}).get("lr", 2e-4))
         kind = KINDS.get(self.task)
+        if self.fusion != "concat" and not self.covariates:
+            raise ConfigError(f"--fusion {self.fusion} joins covariates: give --covariates too")
+        if kind is not None and not kind.class_call:  # (a regression or survival: options of classifiers refused)
+            ignored = [flag for flag, used in (
+                ("--imbalance " + self.imbalance, self.imbalance in ("sampler", "focal")),
+                ("--threshold " + self.threshold, self.threshold != "youden"),
+                ("--min-minority-share", self.min_minority_share is not None),
+                ("--subgroups", bool(self.subgroups)), ("--prevalence", self.prevalence is not None)) if used]
+            if ignored:
+                raise ConfigError(f"--task {self.task} has no classes: {', '.join(ignored)} would be ignored; leave "
+                                  f"{'them' if len(ignored) > 1 else 'it'} out")
         if self.bags_per_batch is None:  # (resolved here: what is recorded is the value used)
             object.__setattr__(self, "bags_per_batch", kind.bags_per_batch if kind is not None else 1)
         if kind is not None and isinstance(self.bags_per_batch, int) and self.bags_per_batch < kind.min_bags_per_batch:

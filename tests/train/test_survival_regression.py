@@ -126,6 +126,9 @@ def test_regression_end_to_end_in_the_targets_units(cohort, tmp_path) -> None:
     assert test["mae"] == pytest.approx(float(np.mean(np.abs(y - p))), abs=1e-4)
     report_md = (tmp_path / "run" / "report.md").read_text()
     assert "| set | n | MAE | RMSE | R² (95% CI)" in report_md and "Decision threshold: none" in report_md
+    files = report_md.split("Files: ")[1]  # (it listed roc.png, confusion.png ... that a regression never writes)
+    assert "calibration.png" in files and "roc.png" not in files
+    assert report.metrics["audit"]["shortcuts"]["note"].startswith("the shortcut checks compare nuisances between classes")
     assert (tmp_path / "run" / "calibration.png").stat().st_size > 5000
     # predict: the fold models' mean prediction, in percent, as the run's ensemble gave it
     from wsi_mil.commands.predict import run_predict
@@ -276,3 +279,34 @@ def test_a_survival_fold_at_chance_is_a_failed_fold_and_the_headline_says_so() -
     reg = kind_of("regression")
     assert fold_health([{"fold": 0, "val": {"r2": -0.1}, "test": {"r2": 0.3}}], reg.score_key, reg.score_name,
                        reg.chance)["failed"][0]["why"] == "validation R² -0.100"
+
+
+def test_what_a_stranger_fed_it_is_refused_before_any_folder(cohort, tmp_path) -> None:
+    """Found by a trial run as a new user: a '>90' among ages made age categorical after the run folder
+    existed; id columns and unused label columns were "not in the manifest"; classifier options were silently
+    ignored by a regression; --task auto on a survival manifest spoke of positives; times that are all 0 trained."""
+    feats, rows = cohort
+
+    def run(columns: dict[str, object], **cfg: object) -> None:
+        m = _manifest(tmp_path / "m.csv", rows, columns)
+        run_train(m, [feats], out_dir=tmp_path / "r", config=TrainConfig(**{**CFG, **cfg}), progress=False)
+
+    base = {"label": lambda r: f"{r['burden']:.4f}", "label_grade": lambda r: "1",
+            "age": lambda r: ">90" if r["slide_id"].endswith("3") else f"{r['age']:.1f}"}
+    with pytest.raises(ManifestError, match=r"covariate 'age' holds numbers and \d+ value\(s\) that are not: .*='>90'"):
+        run(base, task="regression", label="label", covariates="age")
+    with pytest.raises(ConfigError, match=r"\['slide_id'\] identify or place a slide"):
+        run(base, task="regression", label="label", covariates="slide_id")
+    with pytest.raises(ConfigError, match=r"\['label_grade'\] are label columns"):
+        run(base, task="regression", label="label", covariates="label_grade")
+    for option in ({"imbalance": "focal"}, {"min_minority_share": 0.5}, {"subgroups": "age"}):
+        with pytest.raises(ConfigError, match="--task regression has no classes: .* would be ignored"):
+            TrainConfig(task="regression", **option)
+    with pytest.raises(ConfigError, match="--fusion gated joins covariates: give --covariates too"):
+        TrainConfig(fusion="gated")
+    surv = {"label_time": lambda r: f"{r['time']:.3f}", "label_event": lambda r: r["event"]}
+    with pytest.raises(ManifestError, match="a survival task, which is never guessed; pass --task survival"):
+        run(surv)
+    with pytest.raises(ManifestError, match="follow-up times that do not differ"):
+        run({"label_time": lambda r: "0", "label_event": lambda r: r["event"]}, task="survival")
+    assert not (tmp_path / "r").exists()

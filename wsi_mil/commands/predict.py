@@ -145,7 +145,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             for i, m in enumerate(models):
                 if encodings:  # (each fold model with its own fitted encoding)
                     if sid not in covariate_rows:
-                        raise ConfigError(f"{sid}: not in --manifest {manifest}, whose covariates the models need")
+                        raise ConfigError(f"not in --manifest {manifest}, whose covariates the models need")
                     bag.covariates = encodings[i].encode(covariate_rows[sid], f"slide {sid}")
                 preds.append(predict(m, [bag], task, device=device))
             probs = np.mean([p.probs[0] for p in preds], axis=0)

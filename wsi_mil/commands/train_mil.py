@@ -153,10 +153,11 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
                       config.min_class_slides)
     task_line = task.describe(entries)
-    from wsi_mil.data.covariates import parse_covariates
+    from wsi_mil.data.covariates import check_values, parse_covariates
 
     covariates = parse_covariates(config.covariates, sorted({k for e in entries for k in e.meta} - NOT_COVARIATES),
-                                  list(task.label_columns))
+                                  sorted({k for e in entries for k in e.labels}), NOT_COVARIATES)
+    check_values(covariates, {e.slide_id: e.meta for e in entries})
     if covariates:
         task_line += f"; covariates {', '.join(covariates)} ({config.fusion} fusion)"
     logger.info("%s", task_line)

@@ -142,6 +142,9 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
     if kind == "regression":
         return _regression_task(entries, columns, classes, min_per_class, unit)
     said_multiclass = kind == "multiclass"
+    if kind == "auto" and {"label_time", "label_event"} <= set(columns):
+        raise ManifestError("the manifest has label_time and label_event: a survival task, which is never guessed; "
+                            "pass --task survival")
     if kind == "auto" and classes:
         kind = "binary" if len(classes) == 2 else "multiclass"
     if kind == "auto":
@@ -230,6 +233,9 @@ def _survival_task(entries: list[Any], label: str | None, classes: list[str] | N
                             f"{TIME} and {EVENT} or leave them out of the manifest")
     targets = np.stack([task.target(e.labels, f"{unit} {e.slide_id}") for e in entries])  # (each value checked)
     known = ~np.isnan(targets).any(axis=1)
+    if len(np.unique(targets[known, 0])) < 2:
+        raise ManifestError(f"every {unit}'s {TIME} is {targets[known, 0][0]:g}: follow-up times that do not differ "
+                            "cannot order anyone's risk")
     n_events = int(targets[known, 1].sum())
     if n_events < min_per_class or known.sum() - n_events < min_per_class:
         raise ManifestError(f"{n_events} event(s) and {int(known.sum()) - n_events} censored {unit}(s): a survival "

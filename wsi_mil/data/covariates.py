@@ -22,6 +22,7 @@ from wsi_mil.tasks.base import finite_number
 
 logger = logging.getLogger(__name__)
 
+_WARNED: set[tuple[str, str, str]] = set()
 _MISSING = {"", "nan", "na", "n/a", "none", "null", "?", "-", "unknown"}
 
 
@@ -80,8 +81,10 @@ class CovariateEncoder:
                 cats = self.categories[n]
                 value = "" if _blank(raw) else str(raw).strip()
                 if value and value not in cats:
-                    logger.warning("%s: covariate %r = %r was not among the training slides' values %s: counted as "
-                                   "missing", where, n, value, cats)
+                    if (where, n, value) not in _WARNED:  # (once, not once per fold model)
+                        _WARNED.add((where, n, value))
+                        logger.warning("%s: covariate %r = %r was not among the training slides' values %s: counted "
+                                       "as missing", where, n, value, cats)
                     value = ""
                 out += [float(value == c) for c in cats] + [float(not value)]
         return np.asarray(out, np.float32)
@@ -96,7 +99,22 @@ class CovariateEncoder:
                    {k: list(v) for k, v in d["categories"].items()})
 
 
-def parse_covariates(text: str | None, available: list[str], label_columns: list[str]) -> list[str]:
+def check_values(names: list[str], rows: dict[str, dict[str, str]]) -> None:
+    """Before any folder: each covariate has values, and a column of numbers holds only numbers
+    (one ``>90`` or ``12,5`` would otherwise turn age into categories)."""
+    for name in names:
+        given = {sid: r[name].strip() for sid, r in rows.items() if not _blank(r.get(name))}
+        if not given:
+            raise ManifestError(f"covariate {name!r}: no slide has a value")
+        words = {sid: v for sid, v in given.items() if finite_number(v) is None}
+        if words and len(words) < len(given):
+            shown = ", ".join(f"{sid}={v!r}" for sid, v in list(words.items())[:5])
+            raise ManifestError(f"covariate {name!r} holds numbers and {len(words)} value(s) that are not: {shown}"
+                                f"{' ...' if len(words) > 5 else ''}. Fix them, or blank them (a missing value)")
+
+
+def parse_covariates(text: str | None, available: list[str], label_columns: list[str],
+                     id_columns: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """The names of ``--covariates`` checked against the manifest's columns (a typo or a label column
     is refused by name, never dropped)."""
     if not text:
@@ -106,7 +124,11 @@ def parse_covariates(text: str | None, available: list[str], label_columns: list
         raise ConfigError(f"--covariates {text}: a column is named twice")
     labels = [n for n in names if n in label_columns]
     if labels:
-        raise ConfigError(f"--covariates {text}: {labels} are label columns (a model given its own target learns nothing)")
+        raise ConfigError(f"--covariates {text}: {labels} are label columns (a model given a target learns nothing "
+                          "from the slide)")
+    ids = [n for n in names if n in id_columns]
+    if ids:
+        raise ConfigError(f"--covariates {text}: {ids} identify or place a slide; they are not clinical values")
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ManifestError(f"--covariates {text}: {unknown} not in the manifest (its other columns: "

@@ -65,12 +65,12 @@ def confusion_plot(path: Path, cm: list[list[float]], classes: list[str], title:
     return _save(fig, path)
 
 
-def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]]) -> Path:
-    """Training loss and validation loss / AUC per epoch, one line per fold."""
-    return _save(curves_figure(histories), path)
+def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]], score: str = "AUC") -> Path:
+    """Training loss and validation loss / score (``score``: the task's, AUC by default) per epoch, one line per fold."""
+    return _save(curves_figure(histories, score), path)
 
 
-def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
+def curves_figure(histories: dict[str, list[dict[str, Any]]], score: str = "AUC") -> Any:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, hist in histories.items():
@@ -80,7 +80,8 @@ def curves_figure(histories: dict[str, list[dict[str, Any]]]) -> Any:
             axes[0].plot(ep, [h.get("val_loss") for h in hist], ls="--", c=line.get_color(), label=f"{name} val")
             axes[1].plot(ep, [h.get("val_auc") if h.get("val_auc") is not None else np.nan for h in hist], c=line.get_color(), label=name)
     axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="AUC", title="validation AUC", ylim=(-0.02, 1.02))  # an AUC is in [0, 1]
+    bounded = score != "R²"  # (an AUC or a concordance is in [0, 1]; an R² can be anything below 1)
+    axes[1].set(xlabel="epoch", ylabel=score, title=f"validation {score}", ylim=(-0.02, 1.02) if bounded else None)
     axes[0].legend(fontsize=7)
     return fig
 

@@ -67,6 +67,8 @@ def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.
         return out
     out["c_index"] = harrell_c(time, event, risk)
     out["c_index_ci"] = _harrell_ci(time, event, risk, n_boot, seed)
+    if event.sum() < 5:  # (a concordance of one or two events is 0 or 1 by chance)
+        out["c_index_ci_note"] = f"not informative: {int(event.sum())} event(s)"
     y = _surv(time, event)
     try:
         out["c_index_uno"] = float(concordance_index_ipcw(y, y, risk)[0])

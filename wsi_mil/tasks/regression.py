@@ -106,7 +106,7 @@ class Regression(NoClassKind):
         return regression_metrics(y[k, 0], p[k, 0], n_boot=config.bootstrap if ci else 0, seed=config.seed)
 
     def predicted(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> Any:
-        return "" if np.isnan(probs[0]) else round(float(probs[0]), 6)
+        return "" if np.isnan(probs[0]) else float(f"{float(probs[0]):.6g}")  # (a float32 label: 49.65, not 49.650002)
 
     def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
         return []

@@ -41,7 +41,8 @@ def _p(p: float | None) -> str:
 
 def _ci_text(m: dict[str, Any]) -> str:
     c, ci = m.get("c_index"), m.get("c_index_ci")
-    return "–" if c is None else f"{c:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    note = f" ({m['c_index_ci_note']})" if m.get("c_index_ci_note") else ""
+    return "–" if c is None else f"{c:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "") + note
 
 
 class Survival(NoClassKind):
@@ -147,8 +148,10 @@ class Survival(NoClassKind):
     # ---- report
     def report_table(self, task: Task, m: dict[str, Any]) -> list[str]:
         lines = ["Risk: the model's log relative risk (higher: earlier event). Uno's C and the time-dependent AUC "
-                 "weigh by the censoring distribution of the set itself (scikit-survival, IPCW); risk groups split at "
-                 "the median validation risk.", "",
+                 "weigh by the censoring distribution of the set itself (scikit-survival, IPCW; – where that "
+                 "distribution cannot be estimated, e.g. no censored slide or times that do not differ); risk groups "
+                 "split at the median validation risk; a concordance from fewer than 5 events is marked not "
+                 "informative.", "",
                  "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
                  "log-rank p (high vs low risk) |", "|---|---|---|---|---|---|---|"]
         sets = [("ensemble of folds, test", m.get("ensemble_test")), ("pooled out-of-fold validation", m.get("pooled_validation"))]

@@ -275,7 +275,10 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     all_ids = [s.slide_id for s in samples]
     found = nuisances(all_ids, columns, sample_facts(samples))
     before: list[dict[str, Any]] = []
-    for label, ids, y, names in _labelled(kind, all_ids, targets, task):
+    questions = _labelled(kind, all_ids, targets, task)
+    if not questions:
+        return {"note": f"the shortcut checks compare nuisances between classes; a {kind} task has none (not run)"}, {}
+    for label, ids, y, names in questions:
         rows = label_association(ids, y, found, class_names=names)
         before += [{**r, "label": label} if label else r for r in rows]
     log_findings({"before": before}, logger)
@@ -652,7 +655,7 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
         classes = task.kind_obj.confusion_classes(task)
         confusion_plot(out / "confusion.png", head["confusion"], classes, SET_NAMES.get(key, key))
     if any(histories.values()):
-        curves_plot(out / "training_curves.png", histories)
+        curves_plot(out / "training_curves.png", histories, task.kind_obj.score_name)
     if calibration:
         reliability_plot(out / "reliability.png", calibration)
     write_text(out / "report.md", report_markdown(task, metrics))
@@ -698,7 +701,9 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
 
         lines += audit_markdown(m["audit"], unit)
     extra = ", attention/" if unit == "slide" or (m.get("transfer") or {}).get("mode") in ("mil", "slices") else ""
-    lines += ["", f"Files: metrics.json, predictions.csv, roc.png, reliability.png, confusion.png, training_curves.png, models/{extra}.", ""]
+    figures = ("roc.png, reliability.png, confusion.png" if task.kind_obj.class_call
+               else ", ".join(m.get("figures") or []) or "no figure of the kind")
+    lines += ["", f"Files: metrics.json, predictions.csv, {figures}, training_curves.png, models/{extra}.", ""]
     return "\n".join(lines)
 
 
@@ -711,7 +716,10 @@ def _headline_markdown(task: Task, m: dict[str, Any]) -> list[str]:
     if health.get("failed"):
         out += [f"**{len(health['failed'])} of {health['n_folds']} folds failed** ({task.kind_obj.score_name} at or below "
                 "chance): "
-                + failed_folds_text(health) + ". The fold ensemble's test figure is not the headline: confident folds outvote failed ones.", ""]
+                + failed_folds_text(health) + (". The fold ensemble's test figure is not the headline: confident folds "
+                                               "outvote failed ones." if headline_set(m) != "ensemble_test" else
+                                               ". The held-out test figure stays the headline: it is the less "
+                                               "optimistic one."), ""]
     elif health.get("disagree"):
         out += [f"**The folds disagree** on the test set ({task.kind_obj.score_name} sd {health['test_auc_sd']:.3f} "
                 "over folds).", ""]

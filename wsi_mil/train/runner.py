@@ -123,8 +123,14 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
              "duplicates", "label_sources", "subgroups", "prevalence")
 
 
+#: settings added since folds were last hashed, left out while at their default (a fold trained by the
+#: previous version is found again instead of being retrained)
+_LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat"}
+
+
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
-    model_settings = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY}
+    model_settings = {k: v for k, v in config.to_dict().items() if k not in _RUN_ONLY
+                      and not (k in _LATER_FOLD_SETTINGS and v == _LATER_FOLD_SETTINGS[k])}
     payload: dict[str, Any] = {"config": model_settings, "train": fold.train, "val": fold.val, "dim": dim,
                                "training_revision": TRAINING_REVISION}
     if extra:

@@ -21,8 +21,10 @@ interrupted run resumes at the next fold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -224,6 +226,11 @@ class MilRoad:
 
     unit = "slide"
     command = "train-mil"
+    #: --covariates, the manifest's rows and the fold's fitted encoding (the image and volume roads built on
+    #: this one have none: they keep these defaults)
+    covariates: Sequence[str] = ()
+    columns: Mapping[str, dict[str, str]] = MappingProxyType({})
+    encoding: Any = None
 
     def __init__(self, config: TrainConfig, bags: list[Bag], n_outputs: int,
                  columns: dict[str, dict[str, str]] | None = None, covariates: list[str] | None = None) -> None:
@@ -232,7 +239,6 @@ class MilRoad:
         self.dim = int(bags[0].load()[0].shape[1])
         self.model_name = config.model + (f" + covariates ({config.fusion})" if covariates else "")
         self.columns, self.covariates = columns or {}, covariates or []
-        self.encoding: Any = None  # the fold's fitted covariate encoding (wsi_mil.data.covariates)
 
     def prepare_fold(self, train: list[Bag], samples: list[Bag]) -> None:
         """With --covariates: the encoding fitted on this fold's training slides, every slide's vector from it."""
@@ -240,7 +246,7 @@ class MilRoad:
             return
         from wsi_mil.data.covariates import CovariateEncoder
 
-        self.encoding = CovariateEncoder.fit(self.covariates, [self.columns[b.slide_id] for b in train])
+        self.encoding = CovariateEncoder.fit(list(self.covariates), [self.columns[b.slide_id] for b in train])
         for b in samples:
             b.covariates = self.encoding.encode(self.columns[b.slide_id], f"slide {b.slide_id}")
 

@@ -159,6 +159,9 @@ def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path
     assert test["c_index"] > 0.62 and test["c_index_ci"][0] < test["c_index"] < test["c_index_ci"][1], test
     assert test["n_events"] == int(e.sum()) and 0.4 < test["td_auc_mean"] <= 1.0
     assert test["logrank_p"] < 0.05 and {r["prediction"] for r in preds} == {"high risk", "low risk"}
+    for r in preds:  # the truth in its own columns (was one text: "time 2.82, censored")
+        assert float(r["label_time"]) == pytest.approx(by_id[r["slide_id"]]["time"], abs=1e-4)  # (as the manifest)
+        assert int(r["label_event"]) == by_id[r["slide_id"]]["event"] and "label" not in r
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     share = [np.mean([by_id[s]["event"] for s in ids]) for ids in (splits["test"], splits["folds"][0]["val"])]
     assert abs(share[0] - share[1]) < 0.1  # stratified on the event

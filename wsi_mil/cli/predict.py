@@ -29,7 +29,9 @@ def add_parser(sub: Any) -> None:
     pr = sub.add_parser(
         "predict", help="apply a trained run (ensemble of its fold models) to new slides' feature stores",
         description="Predict slide labels with the fold models of a train-mil run (probabilities averaged; "
-                    "threshold = the mean of the folds' validation thresholds). Writes predictions.csv, "
+                    "threshold = the mean of the folds' validation thresholds; a regression: the mean predicted "
+                    "value, column predicted_<target>; survival: the mean log risk, column log_risk, and its risk "
+                    "group). A run trained with --covariates needs --manifest. Writes predictions.csv, "
                     "attention/<slide>.h5 and predict_report.json. A store that cannot be read or holds "
                     "non-finite features is reported as failed, never predicted. Exit status: 0 all predicted, 1 some "
                     "stores failed, 2 bad options.",

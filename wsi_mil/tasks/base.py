@@ -195,6 +195,10 @@ class TaskKind:
         """The slide's outputs as a heatmap's caption shows them."""
         return ", ".join(f"p({k}) = {v:.{digits}f}" for k, v in probability.items())
 
+    def truth_columns(self, task: Task, target: npt.NDArray[Any]) -> dict[str, Any] | None:
+        """predictions.csv's truth columns of one sample (None: one ``label`` column, the predicted-label text)."""
+        return None
+
     def threshold_rule(self, rule: str) -> str:
         """How the report says thresholds were chosen (``rule``: the classifiers' text)."""
         return rule

@@ -119,9 +119,11 @@ class Survival(NoClassKind):
         thr = None if not len(thresholds) else (thresholds[0] if np.ndim(thresholds[0]) == 0 else np.asarray(thresholds[0])[k])
         return survival_metrics(y[k, 0], y[k, 1], p[k, 0], thr, n_boot=config.bootstrap if ci else 0, seed=config.seed)
 
+    def truth_columns(self, task: Task, target: npt.NDArray[Any]) -> dict[str, Any] | None:
+        blank = bool(np.isnan(target).any())
+        return {TIME: "" if blank else float(f"{float(target[0]):.6g}"), EVENT: "" if blank else int(target[1])}
+
     def predicted(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> Any:
-        if len(probs) == 2:  # (a target: time and event, as predictions.csv shows the truth)
-            return "" if np.isnan(probs).any() else f"time {probs[0]:.4g}, {'event' if probs[1] else 'censored'}"
         if np.isnan(probs[0]):
             return ""
         return "high risk" if probs[0] >= thresholds[0] else "low risk"

@@ -624,8 +624,12 @@ def _rows(task: Task, bags: list[Any], pred: Any, thresholds: list[float], *, fo
     rows = []
     for bag, probs in zip(bags, pred.probs, strict=True):
         row: dict[str, Any] = {f"{unit}_id": bag.slide_id, "patient_id": bag.patient_id, "fold": fold, "split": split}
-        truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
-        row["label"] = ";".join(truth) if isinstance(truth, list) else truth
+        own = task.kind_obj.truth_columns(task, bag.target)
+        if own is not None:  # (a survival's follow-up and event, each in its column)
+            row.update(own)
+        else:
+            truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
+            row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, name in enumerate(task.outputs):
             row[f"{task.kind_obj.column_prefix}{name}"] = round(float(probs[c]), 6)
         pr = _prediction(task, probs, thresholds)

@@ -93,6 +93,15 @@ def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.
     return out
 
 
+def _logrank_p(time: npt.NDArray[Any], event: npt.NDArray[Any], high: npt.NDArray[np.bool_]) -> float | None:
+    """The log-rank p of two groups (None: one group is empty)."""
+    from sksurv.compare import compare_survival
+
+    if not 0 < high.sum() < len(high):
+        return None
+    return float(compare_survival(_surv(time, event), high.astype(int))[1])
+
+
 def km_plot(path: Path, time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], threshold: Any,
             where: str) -> None:
     """Kaplan-Meier curves (with 95% log-log bands) of the patients above and below the risk threshold."""
@@ -108,8 +117,7 @@ def km_plot(path: Path, time: npt.NDArray[Any], event: npt.NDArray[Any], risk: n
         t, s, band = kaplan_meier_estimator(event[group].astype(bool), time[group], conf_type="log-log")
         ax.step(t, s, where="post", color=colour, label=f"{name} (n = {int(group.sum())}, events {int(event[group].sum())})")
         ax.fill_between(t, band[0], band[1], step="post", color=colour, alpha=0.15)
-    m = survival_metrics(time, event, risk, threshold, n_boot=0)
-    p = m.get("logrank_p")
+    p = _logrank_p(time, event, high)
     ax.set_title(f"Kaplan-Meier by predicted risk ({where})" + (f"\nlog-rank p = {p:.3g}" if p is not None else ""))
     ax.set_xlabel("time")
     ax.set_ylabel("survival probability")

@@ -251,6 +251,13 @@ def finite_number(value: str) -> float | None:
     return v if np.isfinite(v) else None
 
 
+def report_sets(m: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, figures) of every set a run reports, headline sets first; sets without figures left out."""
+    sets = [("ensemble of folds, test", m.get("ensemble_test")), ("pooled out-of-fold validation", m.get("pooled_validation"))]
+    sets += [(f"fold {f['fold']}, {s}", f[s]) for f in m["folds"] for s in ("test", "val") if f.get(s)]
+    return [(name, mm) for name, mm in sets if mm]
+
+
 class NoClassKind(TaskKind):
     """What the kinds without classes share (regression, survival): no class weights or balanced
     drawing, no class outputs for the shortcut checks after training, no confusion matrix, no

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt
+from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt, report_sets
 
 if TYPE_CHECKING:
     from wsi_mil.data.bags import Task
@@ -136,13 +136,10 @@ class Regression(NoClassKind):
                  f"{_scale(task)[0]:.4g} and sd {_scale(task)[1]:.4g} (recorded with the models); figures in its units.", "",
                  "| set | n | MAE | RMSE | R² (95% CI) | Pearson r (95% CI) | Spearman ρ (95% CI) |",
                  "|---|---|---|---|---|---|---|"]
-        sets = [("ensemble of folds, test", m.get("ensemble_test")), ("pooled out-of-fold validation", m.get("pooled_validation"))]
-        sets += [(f"fold {f['fold']}, {s}", f[s]) for f in m["folds"] for s in ("test", "val") if f.get(s)]
-        for name, mm in sets:
-            if mm:
-                lines.append(f"| {name} | {mm.get('n')} | {fmt(mm.get('mae'))} | {fmt(mm.get('rmse'))} | "
-                             f"{_with_ci(mm.get('r2'), mm.get('r2_ci'))} | {_with_ci(mm.get('pearson'), mm.get('pearson_ci'))} | "
-                             f"{_with_ci(mm.get('spearman'), mm.get('spearman_ci'))} |")
+        for name, mm in report_sets(m):
+            lines.append(f"| {name} | {mm.get('n')} | {fmt(mm.get('mae'))} | {fmt(mm.get('rmse'))} | "
+                         f"{_with_ci(mm.get('r2'), mm.get('r2_ci'))} | {_with_ci(mm.get('pearson'), mm.get('pearson_ci'))} | "
+                         f"{_with_ci(mm.get('spearman'), mm.get('spearman_ci'))} |")
         return lines
 
     def summary_line(self, head: dict[str, Any]) -> str:

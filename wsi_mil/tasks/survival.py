@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt
+from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt, report_sets
 
 if TYPE_CHECKING:
     from wsi_mil.data.bags import Task
@@ -156,15 +156,12 @@ class Survival(NoClassKind):
                  "informative.", "",
                  "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
                  "log-rank p (high vs low risk) |", "|---|---|---|---|---|---|---|"]
-        sets = [("ensemble of folds, test", m.get("ensemble_test")), ("pooled out-of-fold validation", m.get("pooled_validation"))]
-        sets += [(f"fold {f['fold']}, {s}", f[s]) for f in m["folds"] for s in ("test", "val") if f.get(s)]
-        for name, mm in sets:
-            if mm:
-                td = mm.get("td_auc") or {}
-                at = "; ".join(f"{t}: {a:.3f}" for t, a in td.items())
-                lines.append(f"| {name} | {mm.get('n')} | {mm.get('n_events')} | {_ci_text(mm)} | "
-                             f"{fmt(mm.get('c_index_uno'))} | {fmt(mm.get('td_auc_mean'))}{f' ({at})' if at else ''} | "
-                             f"{_p(mm.get('logrank_p'))} |")
+        for name, mm in report_sets(m):
+            td = mm.get("td_auc") or {}
+            at = "; ".join(f"{t}: {a:.3f}" for t, a in td.items())
+            lines.append(f"| {name} | {mm.get('n')} | {mm.get('n_events')} | {_ci_text(mm)} | "
+                         f"{fmt(mm.get('c_index_uno'))} | {fmt(mm.get('td_auc_mean'))}{f' ({at})' if at else ''} | "
+                         f"{_p(mm.get('logrank_p'))} |")
         return lines
 
     def summary_line(self, head: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ UPWARD: dict[tuple[str, str], str] = {
     ("tasks/multiclass.py", "eval"): "the multi-class metrics are the evaluation layer's",
     ("tasks/regression.py", "eval"): "the regression metrics and calibration plot are the evaluation layer's",
     ("tasks/survival.py", "eval"): "the survival metrics (scikit-survival) and Kaplan-Meier plot are the evaluation layer's",
+    ("tasks/multitask.py", "eval"): "a binary target's ROC curve is the evaluation layer's plot",
 }
 
 

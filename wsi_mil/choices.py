@@ -31,6 +31,8 @@ TASKS: dict[str, str] = {
     "multilabel": "several label columns, each 0 / 1 (a slide may have several)",
     "regression": "one numeric label column: a continuous target (Huber loss on the standardised target)",
     "survival": "label_time (follow-up) and label_event (1: event, 0: censored) columns: Cox partial likelihood",
+    "multitask": "several targets at once (--targets): a head each on one shared aggregator, the weighted sum of their "
+                 "losses, a blank cell masking that target only",
 }
 
 #: how clinical covariates join the slide embedding (``--fusion``, with ``--covariates``)

@@ -533,6 +533,13 @@ class TrainConfig(CommonTrainConfig):
                                         "standardised, other values one-hot, each with a missing indicator; the "
                                         "encoding is fitted on each fold's training slides and kept with its model")
     fusion: str = _opt("concat", "with --covariates: " + described(choices.FUSION), choices=names(choices.FUSION))
+    targets: str | None = _opt(None, "several targets in one model (--task multitask, implied): COLUMN[:KIND] entries "
+                                     "separated by commas, KIND one of auto (binary or multiclass from the values), "
+                                     "binary, multiclass, regression; the word survival for label_time / label_event, "
+                                     "e.g. label_subtype,label_grade:regression,survival. A blank cell masks that "
+                                     "target for that slide")
+    target_weights: str | None = _opt(None, "with --targets: each target's loss weight, in the same order (default 1 "
+                                            "each); model selection follows the mean skill over chance with these weights")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
 
     def _checks(self) -> list[tuple[bool, str]]:
@@ -547,10 +554,11 @@ class TrainConfig(CommonTrainConfig):
 
         if self.lr is None:  # the model's own default, recorded as the value used
             object.__setattr__(self, "lr", MODEL_DEFAULTS.get(self.model, {}).get("lr", 2e-4))
+        self._resolve_targets()
         kind = KINDS.get(self.task)
         if self.fusion != "concat" and not self.covariates:
             raise ConfigError(f"--fusion {self.fusion} joins covariates: give --covariates too")
-        if kind is not None and not kind.class_call:  # (a regression or survival: options of classifiers refused)
+        if kind is not None and not kind.has_classes:  # (a regression or survival: options of classifiers refused)
             ignored = [flag for flag, used in (
                 ("--imbalance " + self.imbalance, self.imbalance in ("sampler", "focal")),
                 ("--threshold " + self.threshold, self.threshold != "youden"),
@@ -559,12 +567,42 @@ class TrainConfig(CommonTrainConfig):
             if ignored:
                 raise ConfigError(f"--task {self.task} has no classes: {', '.join(ignored)} would be ignored; leave "
                                   f"{'them' if len(ignored) > 1 else 'it'} out")
+        if kind is not None and self.targets:  # (a multi-task run batches as its most demanding target)
+            from wsi_mil.tasks.multitask import parse_targets
+
+            kind = max((KINDS[k] for _, k in parse_targets(self.targets) if k in KINDS),
+                       key=lambda k: k.min_bags_per_batch, default=kind)
         if self.bags_per_batch is None:  # (resolved here: what is recorded is the value used)
             object.__setattr__(self, "bags_per_batch", kind.bags_per_batch if kind is not None else 1)
         if kind is not None and isinstance(self.bags_per_batch, int) and self.bags_per_batch < kind.min_bags_per_batch:
-            raise ConfigError(f"--task {self.task} needs --bags-per-batch {kind.min_bags_per_batch} or more: "
+            raise ConfigError(f"--task {kind.name} needs --bags-per-batch {kind.min_bags_per_batch} or more: "
                               f"{kind.why_batches}")
         super().__post_init__()
+
+    def _resolve_targets(self) -> None:
+        """--targets makes a multi-task run (checked now, before any folder): --task auto becomes multitask."""
+        if not self.targets:
+            if self.task == "multitask":
+                raise ConfigError("--task multitask needs --targets (e.g. --targets label_subtype,label_grade:regression,survival)")
+            if self.target_weights:
+                raise ConfigError("--target-weights weighs the targets of --targets; give --targets too")
+            return
+        from wsi_mil.tasks.multitask import parse_targets, parse_weights
+
+        if self.task not in ("auto", "multitask"):
+            raise ConfigError(f"--targets names several targets (a multi-task run); --task {self.task} is one: leave "
+                              "--task out (or --task multitask), or drop --targets")
+        if self.label or self.classes:
+            raise ConfigError("--targets names each target's column; --label and --classes are for one target")
+        parse_weights(self.target_weights, len(parse_targets(self.targets)))
+        object.__setattr__(self, "task", "multitask")
+        ignored = [flag for flag, used in (
+            ("--imbalance sampler", self.imbalance == "sampler"),
+            ("--min-minority-share", self.min_minority_share is not None),
+            ("--subgroups", bool(self.subgroups)), ("--prevalence", self.prevalence is not None)) if used]
+        if ignored:
+            raise ConfigError(f"a multi-task run has several targets: {', '.join(ignored)} act(s) on one class; leave "
+                              f"{'them' if len(ignored) > 1 else 'it'} out")
 
     def schedule_model(self) -> str | None:
         return self.model

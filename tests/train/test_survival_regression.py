@@ -170,6 +170,35 @@ def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path
     val_loss = [float(h["val_loss"]) for h in history]  # the Cox loss of the whole validation set (a bag alone has none)
     assert min(val_loss) > 0 and len(set(val_loss)) > 1
     assert "Harrell's C (95% CI)" in (tmp_path / "run" / "report.md").read_text()
+    assert test["ibs"] < test["ibs_kaplan_meier"] and test["ibs_ci"][0] < test["ibs"] < test["ibs_ci"][1]
+    assert "integrated Brier (95% CI) vs Kaplan-Meier" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_integrated_brier_score_rewards_a_risk_that_knows_time_and_not_one_that_does_not() -> None:
+    """scikit-survival's integrated Brier score of the risk's survival curves (Breslow baseline) beside
+    the Kaplan-Meier curve's: below it for a risk that drives the hazard, no better for a random one."""
+    from sksurv.metrics import brier_score
+
+    from wsi_mil.eval.survival import brier_times, integrated_brier, survival_metrics
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    t_true, c = rng.exponential(np.exp(-x)), rng.exponential(1.5, size=300)
+    t, e = np.minimum(t_true, c), (t_true < c).astype(float)
+    good = survival_metrics(t, e, x, 0.0, n_boot=50)
+    noise = survival_metrics(t, e, rng.normal(size=300), 0.0, n_boot=50)
+    assert good["ibs"] < good["ibs_kaplan_meier"] - 0.03 and noise["ibs"] > noise["ibs_kaplan_meier"]
+    assert good["ibs_kaplan_meier"] == noise["ibs_kaplan_meier"]  # (no model: the same curve for everyone)
+    grid = brier_times(t, e)
+    assert t[e > 0].min() < grid[0] < grid[-1] < t.max()
+    # the integral is the mean of scikit-survival's Brier scores over the grid (trapezoids over the time range)
+    from sksurv.linear_model.coxph import BreslowEstimator
+    from sksurv.util import Surv
+
+    y = Surv.from_arrays(e.astype(bool), t)
+    est = np.stack([f(grid) for f in BreslowEstimator().fit(x, e.astype(bool), t).get_survival_function(x)])
+    _, scores = brier_score(y, y, est, grid)
+    assert integrated_brier(t, e, x, grid)[0] == pytest.approx(np.trapezoid(scores, grid) / (grid[-1] - grid[0]), rel=1e-9)
 
 
 @pytest.mark.parametrize(("columns", "task", "message"), [

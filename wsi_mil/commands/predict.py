@@ -114,8 +114,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
     task = Task.from_dict(specs[0]["task"])
     encodings, covariate_rows = _covariate_rows(specs, manifest)
     enc = specs[0].get("encoder", {})
-    thresholds = [task.kind_obj.ensemble_threshold([s["thresholds"][c] for s in specs])
-                  for c in range(len(specs[0]["thresholds"]))]
+    thresholds = task.kind_obj.ensemble_thresholds(task, [s["thresholds"] for s in specs])
     report = PredictReport()
     for store in _stores(inputs):
         sid = store.stem
@@ -173,8 +172,9 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             "patch_extent_level0_px": extent,
             "grid_step_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
-        row.update({f"{task.kind_obj.column_prefix}{n}": round(float(probs[c]), 6) for c, n in enumerate(task.outputs)})
+        row.update({col: round(float(probs[c]), 6) for c, col in enumerate(task.kind_obj.output_columns(task))})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
+        row.update(task.kind_obj.prediction_columns(task, probs, thresholds))
         report.rows.append(row)
     if report.rows:
         write_csv(out_dir / "predictions.csv", report.rows)

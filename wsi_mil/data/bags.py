@@ -64,6 +64,9 @@ class Task:
     #: a regression's (mean, sd) of the development slides' targets: the model predicts the
     #: standardised target, reported in the target's units (recorded with the models)
     scale: tuple[float, float] | None = None
+    #: a multi-task run's targets (each a task of its own, sharing the model's aggregator) and their loss weights
+    parts: tuple[Task, ...] = ()
+    weights: tuple[float, ...] = ()
 
     @property
     def n_outputs(self) -> int:
@@ -71,7 +74,9 @@ class Task:
 
     @property
     def n_targets(self) -> int:
-        """Values per sample's target: one per output, or a survival's time and event."""
+        """Values per sample's target: one per output, a survival's time and event, or a multi-task's parts' together."""
+        if self.parts:
+            return sum(p.n_targets for p in self.parts)
         return len(self.label_columns) if self.kind == "survival" else self.n_outputs
 
     @property
@@ -96,13 +101,16 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
              "classes": list(self.classes), "values": list(self.label_values)}
+        if self.parts:
+            d |= {"parts": [p.to_dict() for p in self.parts], "weights": list(self.weights)}
         return d | ({"scale": list(self.scale)} if self.scale is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
         scale = d.get("scale")
         return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())),
-                   tuple(d.get("values", ())), (float(scale[0]), float(scale[1])) if scale else None)
+                   tuple(d.get("values", ())), (float(scale[0]), float(scale[1])) if scale else None,
+                   tuple(cls.from_dict(p) for p in d.get("parts", ())), tuple(float(w) for w in d.get("weights", ())))
 
 
 def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int = 6) -> str:
@@ -112,15 +120,20 @@ def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int 
 
 def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
                classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS,
-               allow_blank: bool = False, unit: str = "slide") -> Task:
+               allow_blank: bool = False, unit: str = "slide", targets: str | None = None,
+               target_weights: str | None = None) -> Task:
     """The task of a labelled manifest (see the module docstring), with every label value
     validated: a missing-value token (``NaN``, ``NA`` ...), a stray value in a 0/1 column,
     a value outside ``classes`` or a class with fewer than ``min_per_class`` slides is an
     error naming the slides, never a silently different task. With ``allow_blank`` (images)
     a blank cell means "not labelled" (NaN in the target, masked out of loss and metrics).
-    ``unit`` is the word the errors use (slide, image, volume)."""
+    ``unit`` is the word the errors use (slide, image, volume). ``targets`` (``--targets``) makes a
+    multi-task: each target's column checked as its own task would be, blank cells allowed (that
+    target masked for that slide), a slide without any target refused."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
+    if targets or kind == "multitask":
+        return _multitask(entries, targets, target_weights, min_per_class, unit)
     if kind == "survival":
         return _survival_task(entries, label, classes, min_per_class, allow_blank, unit)
     columns = sorted({c for e in entries for c in e.labels})
@@ -240,6 +253,35 @@ def _survival_task(entries: list[Any], label: str | None, classes: list[str] | N
     if n_events < min_per_class or known.sum() - n_events < min_per_class:
         raise ManifestError(f"{n_events} event(s) and {int(known.sum()) - n_events} censored {unit}(s): a survival "
                             f"model needs at least {min_per_class} of each to be trained and evaluated")
+    return task
+
+
+def _multitask(entries: list[Any], targets: str | None, target_weights: str | None, min_per_class: int,
+               unit: str) -> Task:
+    """The targets of ``--targets``, each checked as a task of its own (blank cells allowed)."""
+    from wsi_mil.tasks.multitask import output_names, parse_targets, parse_weights
+
+    spec = parse_targets(targets)
+    columns = sorted({c for e in entries for c in e.labels})
+    parts = []
+    for column, kind in spec:
+        if kind == "survival":
+            parts.append(_survival_task(entries, None, None, min_per_class, True, unit))
+            continue
+        if column not in columns:
+            raise ManifestError(f"--targets: {column!r} is not a label column of the manifest; it has "
+                                f"{columns or 'no label columns'} (label columns are named label or label_<name>)")
+        try:
+            parts.append(infer_task(entries, kind, column, None, min_per_class, allow_blank=True, unit=unit))
+        except (ManifestError, ConfigError) as exc:
+            raise type(exc)(f"--targets {column}: {exc}") from exc
+    task = Task("multitask", tuple(o for p in parts for o in output_names(p)),
+                tuple(c for p in parts for c in p.label_columns), parts=tuple(parts),
+                weights=parse_weights(target_weights, len(parts)))
+    none = [e.slide_id for e in entries if np.isnan(task.target(e.labels, f"{unit} {e.slide_id}")).all()]
+    if none:
+        raise ManifestError(f"{len(none)} {unit}(s) have none of the targets ({', '.join(none[:5])}); label them or "
+                            "leave them out of the manifest")
     return task
 
 

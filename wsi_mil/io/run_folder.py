@@ -34,7 +34,7 @@ RUN_OUTPUTS = frozenset({
     RUN_FILE, "models", "attention", "history", "heatmaps", "audit", "cam", "maps", "metrics.json",
     "predictions.csv", "attention.csv", "boxes.csv", "localisation.json", "predict_report.json", "report.md",
     "splits.json", "errors.csv", "gallery.png", "roc.png", "confusion.png", "training_curves.png", "reliability.png",
-    "train_config.yaml", "train.log", "predict.log"})
+    "calibration.png", "kaplan_meier.png", "targets", "train_config.yaml", "train.log", "predict.log"})
 #: files that show a folder holds a run of an earlier wsi-mil (before run.json existed)
 _LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
 #: what the data commands write in their --out: a run's folder is never one of theirs
@@ -97,7 +97,8 @@ def input_record(path: Path) -> dict[str, Any]:
 
 #: settings added after runs were made, left out of a run's identity while at their default
 #: (so a run made before them keeps its identity: its re-run resumes instead of being refused)
-LATER_SETTINGS: dict[str, Any] = {"model_options": None, "covariates": None, "fusion": "concat"}
+LATER_SETTINGS: dict[str, Any] = {"model_options": None, "covariates": None, "fusion": "concat", "targets": None,
+                                  "target_weights": None}
 
 
 def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Task kinds as objects: each kind of target (binary, multi-class, multi-label, regression,
-survival) owns its
+survival, and several of them at once: multi-task) owns its
 target encoding, output activation, loss, class weights, validation score, threshold rule,
 metrics, predicted label and report section, so that the trainer, the runner, the report
 and the audit ask the kind instead of testing its name. A new kind (survival, regression)
@@ -11,11 +11,13 @@ from wsi_mil.tasks.base import TaskKind
 from wsi_mil.tasks.binary import Binary
 from wsi_mil.tasks.multiclass import Multiclass
 from wsi_mil.tasks.multilabel import Multilabel
+from wsi_mil.tasks.multitask import Multitask
 from wsi_mil.tasks.regression import Regression
 from wsi_mil.tasks.survival import Survival
 
 #: every task kind by name (``--task auto`` picks one of these from the label columns)
-KINDS: dict[str, TaskKind] = {k.name: k for k in (Binary(), Multiclass(), Multilabel(), Regression(), Survival())}
+KINDS: dict[str, TaskKind] = {k.name: k for k in (Binary(), Multiclass(), Multilabel(), Regression(), Survival(),
+                                               Multitask())}
 
 
 def kind_of(name: str) -> TaskKind:
@@ -26,4 +28,4 @@ def kind_of(name: str) -> TaskKind:
         raise ValueError(f"unknown task kind {name!r}; one of {sorted(KINDS)}") from None
 
 
-__all__ = ["KINDS", "Binary", "Multiclass", "Multilabel", "Regression", "Survival", "TaskKind", "kind_of"]
+__all__ = ["KINDS", "Binary", "Multiclass", "Multilabel", "Multitask", "Regression", "Survival", "TaskKind", "kind_of"]

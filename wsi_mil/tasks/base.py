@@ -91,7 +91,11 @@ class TaskKind:
         """Probabilities (a regression: values in the target's units) from the model's logits."""
         return torch.sigmoid(logits.float())
 
-    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+    def weight_shape(self, task: Task) -> tuple[int, ...]:
+        """The shape of :meth:`loss_weights`."""
+        return (2, task.n_outputs)
+
+    def loss_weights(self, targets: npt.NDArray[np.float32], task: Task | None = None) -> torch.Tensor:
         """(2, C) [negative, positive] weights per output from the training targets."""
         t = np.asarray(targets, dtype=np.float64)
         pos = np.nan_to_num(np.nanmean(t, axis=0), nan=0.5)  # blank labels (NaN) do not count
@@ -190,6 +194,8 @@ class TaskKind:
     loss_over_set = False
     #: a heatmap's slide call is a positive / negative class call (its colours fade on a negative one)
     class_call = True
+    #: the options of classifiers (--threshold, --imbalance sampler / focal ...) apply
+    has_classes = True
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         """The slide's outputs as a heatmap's caption shows them."""
@@ -199,9 +205,29 @@ class TaskKind:
         """predictions.csv's truth columns of one sample (None: one ``label`` column, the predicted-label text)."""
         return None
 
-    def threshold_rule(self, rule: str) -> str:
+    def threshold_rule(self, rule: str, task: Task | None = None) -> str:
         """How the report says thresholds were chosen (``rule``: the classifiers' text)."""
         return rule
+
+    def threshold_count(self, task: Task) -> int:
+        """How many thresholds :meth:`thresholds` gives (one per output)."""
+        return task.n_outputs
+
+    def ensemble_thresholds(self, task: Task, per_fold: list[list[float]]) -> list[float]:
+        """The fold ensemble's thresholds from each fold's (:meth:`ensemble_threshold` of each)."""
+        return [self.ensemble_threshold([t[c] for t in per_fold]) for c in range(len(per_fold[0]))] if per_fold else []
+
+    def score_parts(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, float | None]:
+        """Validation scores of the task's parts (a multi-task's targets; none otherwise)."""
+        return {}
+
+    def output_columns(self, task: Task) -> list[str]:
+        """predictions.csv's column of each output."""
+        return [f"{self.column_prefix}{name}" for name in task.outputs]
+
+    def prediction_columns(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> dict[str, Any]:
+        """predictions.csv's columns of the calls beside ``prediction`` (a multi-task: one per target)."""
+        return {}
 
     def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
         """The task with what it learns from the development samples' targets (a regression's scale)."""
@@ -265,9 +291,16 @@ class NoClassKind(TaskKind):
 
     calibrated_per_output = False
     class_call = False
+    has_classes = False
 
-    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+    def weight_shape(self, task: Task) -> tuple[int, ...]:
+        return (1,)
+
+    def loss_weights(self, targets: npt.NDArray[np.float32], task: Task | None = None) -> torch.Tensor:
         return torch.ones(1)
+
+    def threshold_count(self, task: Task) -> int:
+        return 0
 
     def sample_weights(self, targets: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         return np.full(len(targets), 1.0 / max(len(targets), 1))

@@ -36,7 +36,13 @@ class Multiclass(TaskKind):
     def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=1)
 
-    def loss_weights(self, targets: npt.NDArray[np.float32]) -> torch.Tensor:
+    def weight_shape(self, task: Task) -> tuple[int, ...]:
+        return (task.n_outputs,)
+
+    def threshold_count(self, task: Task) -> int:
+        return 0
+
+    def loss_weights(self, targets: npt.NDArray[np.float32], task: Task | None = None) -> torch.Tensor:
         """(C,) class weights, inverse to each class's frequency among the labelled targets."""
         t = np.asarray(targets, dtype=np.float64)
         t = t[~np.isnan(t).any(axis=1)]

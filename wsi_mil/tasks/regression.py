@@ -39,7 +39,7 @@ class Regression(NoClassKind):
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"predicted {k} = {v:.4g}" for k, v in probability.items())
 
-    def threshold_rule(self, rule: str) -> str:
+    def threshold_rule(self, rule: str, task: Task | None = None) -> str:
         return "none (a continuous prediction; the fold ensemble predicts the mean of the folds' predictions)"
 
     def encode(self, task: Task, labels: dict[str, str], where: str) -> npt.NDArray[np.float32]:

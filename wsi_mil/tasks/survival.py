@@ -39,6 +39,13 @@ def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.2g}"
 
 
+def _ibs_text(m: dict[str, Any]) -> str:
+    v, ci = m.get("ibs"), m.get("ibs_ci")
+    if v is None:
+        return "–"
+    return f"{v:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "") + f" vs {fmt(m.get('ibs_kaplan_meier'))}"
+
+
 def _ci_text(m: dict[str, Any]) -> str:
     c, ci = m.get("c_index"), m.get("c_index_ci")
     note = f" ({m['c_index_ci_note']})" if m.get("c_index_ci_note") else ""
@@ -59,7 +66,10 @@ class Survival(NoClassKind):
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"log relative {k} = {v:.{digits}f}" for k, v in probability.items())
 
-    def threshold_rule(self, rule: str) -> str:
+    def threshold_count(self, task: Task) -> int:
+        return 1
+
+    def threshold_rule(self, rule: str, task: Task | None = None) -> str:
         return ("each fold's median validation risk splits its slides into a high- and a low-risk group; the fold "
                 "ensemble, whose risk is the mean of the folds' log risks, at the mean of the folds' medians")
 
@@ -153,20 +163,24 @@ class Survival(NoClassKind):
                  "weigh by the censoring distribution of the set itself (scikit-survival, IPCW; – where that "
                  "distribution cannot be estimated, e.g. no censored slide or times that do not differ); risk groups "
                  "split at the median validation risk; a concordance from fewer than 5 events is marked not "
-                 "informative.", "",
+                 "informative. Integrated Brier score (lower is better) over deciles 1-9 of the set's event times: "
+                 "the model's survival curves from its risk through a Breslow baseline hazard estimated on the set "
+                 "itself (a Cox risk is relative), beside the score of the set's Kaplan-Meier curve given to every "
+                 "slide (no model); a model no better than that curve has learnt nothing about time.", "",
                  "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
-                 "log-rank p (high vs low risk) |", "|---|---|---|---|---|---|---|"]
+                 "integrated Brier (95% CI) vs Kaplan-Meier | log-rank p (high vs low risk) |",
+                 "|---|---|---|---|---|---|---|---|"]
         for name, mm in report_sets(m):
             td = mm.get("td_auc") or {}
             at = "; ".join(f"{t}: {a:.3f}" for t, a in td.items())
             lines.append(f"| {name} | {mm.get('n')} | {mm.get('n_events')} | {_ci_text(mm)} | "
                          f"{fmt(mm.get('c_index_uno'))} | {fmt(mm.get('td_auc_mean'))}{f' ({at})' if at else ''} | "
-                         f"{_p(mm.get('logrank_p'))} |")
+                         f"{_ibs_text(mm)} | {_p(mm.get('logrank_p'))} |")
         return lines
 
     def summary_line(self, head: dict[str, Any]) -> str:
         return (f"  Harrell's C {_ci_text(head)}, Uno's C {fmt(head.get('c_index_uno'))}, time-dependent AUC "
-                f"{fmt(head.get('td_auc_mean'))}, log-rank p {_p(head.get('logrank_p'))}, n = {head.get('n')} "
+                f"{fmt(head.get('td_auc_mean'))}, integrated Brier {_ibs_text(head)}, log-rank p {_p(head.get('logrank_p'))}, n = {head.get('n')} "
                 f"({head.get('n_events')} events)")
 
     def what(self, task: Task) -> str:

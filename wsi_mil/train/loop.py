@@ -235,7 +235,7 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
     if fit_inputs is not None:  # input standardisation from the training instances (kept with the weights)
         fit_inputs(*(t.to(dev) for t in instance_moments(train)))
     targets = train.targets
-    loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind), s.focal_gamma, task=task).to(dev)
+    loss_fn = BagLoss(task.kind, s.imbalance, label_weights(targets, task.kind, task), s.focal_gamma, task=task).to(dev)
     eval_loss = BagLoss(task.kind, "none", task=task).to(dev)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for g in groups:
@@ -289,6 +289,7 @@ def fit(model: nn.Module, train: Any, val: Any, task: Task, s: FitSettings,
             pred = predict(model, val, task, device=s.device, amp=s.amp, loss_fn=eval_loss)
             metric = score(pred, task)
             row.update(val_loss=pred.loss, val_auc=metric)
+            row.update({f"val_score_{k}": v for k, v in task.kind_obj.score_parts(task, pred.targets, pred.probs).items()})
             # AUC first, validation loss breaks ties: once AUC saturates (small validation sets
             # reach 1.0 within a few epochs) the model keeps improving its calibration instead
             # of stopping at the first, barely trained epoch with that AUC

@@ -21,12 +21,13 @@ from torch import nn
 IMBALANCE = ("weighted", "sampler", "focal", "none")
 
 
-def label_weights(targets: npt.NDArray[np.float32], kind: str) -> torch.Tensor:
+def label_weights(targets: npt.NDArray[np.float32], kind: str, task: Any = None) -> torch.Tensor:
     """(2, C) [negative, positive] weights per output (binary / multi-label), or (C,) class
-    weights (multi-class), from the training targets (the task kind's)."""
+    weights (multi-class), from the training targets (the task kind's; a multi-task's targets'
+    side by side)."""
     from wsi_mil.tasks import kind_of
 
-    return kind_of(kind).loss_weights(targets)
+    return kind_of(kind).loss_weights(targets, task)
 
 
 def sample_weights(targets: npt.NDArray[np.float32], kind: str) -> npt.NDArray[np.float64]:

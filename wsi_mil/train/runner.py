@@ -125,7 +125,7 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
 
 #: settings added since folds were last hashed, left out while at their default (a fold trained by the
 #: previous version is found again instead of being retrained)
-_LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat"}
+_LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat", "targets": None, "target_weights": None}
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
@@ -423,7 +423,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     # fold ensemble (mean probability) at the logit-space mean of the folds' thresholds
     n_thr = len(thresholds_all[0])
     per_fold_thr = [np.concatenate([t[c] for t in pooled_t]) for c in range(n_thr)]
-    pooled_thr = [task.kind_obj.ensemble_threshold([t[c] for t in thresholds_all]) for c in range(n_thr)]
+    pooled_thr = task.kind_obj.ensemble_thresholds(task, thresholds_all)
     metrics["pooled_validation"] = evaluate(task, py, pp, per_fold_thr, config)
     calibration: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if task.kind_obj.single_positive:
@@ -475,7 +475,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["audit"] = audit
     _audit_files(out_dir, audit, by_id, pixels)
     metrics["skipped"] = skipped
-    metrics["threshold_rule"] = task.kind_obj.threshold_rule(THRESHOLD_RULE).replace("validation slides", f"validation {unit}s")
+    metrics["threshold_rule"] = task.kind_obj.threshold_rule(THRESHOLD_RULE, task).replace("validation slides", f"validation {unit}s")
     metrics["task_line"] = inputs.task_line
     metrics["seed"] = config.seed
     select = getattr(config, "select", "best")
@@ -630,10 +630,11 @@ def _rows(task: Task, bags: list[Any], pred: Any, thresholds: list[float], *, fo
         else:
             truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
             row["label"] = ";".join(truth) if isinstance(truth, list) else truth
-        for c, name in enumerate(task.outputs):
-            row[f"{task.kind_obj.column_prefix}{name}"] = round(float(probs[c]), 6)
+        for c, column in enumerate(task.kind_obj.output_columns(task)):
+            row[column] = round(float(probs[c]), 6)
         pr = _prediction(task, probs, thresholds)
         row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
+        row.update(task.kind_obj.prediction_columns(task, probs, thresholds))
         rows.append(row)
     return rows
 

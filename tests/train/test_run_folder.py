@@ -197,3 +197,24 @@ def test_data_commands_and_trainers_refuse_folders_that_are_not_theirs(musk, tmp
     assert _train(manifest, feats, slides) == 2
     assert f"{slides} holds slide files (cmu.svs ...)" in capsys.readouterr().err
     assert {p: sorted(x.name for x in p.iterdir()) for p in (run, feats, slides)} == before
+
+
+def test_every_figure_a_task_kind_draws_is_cleared_by_overwrite(tmp_path: Path) -> None:
+    """A survival run's kaplan_meier.png (and a regression's calibration.png, a multi-task's targets/) stayed
+    beside the binary run --overwrite put in their folder: one folder, two runs."""
+    import numpy as np
+
+    from wsi_mil.data.bags import Task
+    from wsi_mil.io.run_folder import clear_run
+
+    rng = np.random.default_rng(0)
+    t, e, x = rng.exponential(1, 40), (rng.random(40) < 0.6).astype(float), rng.normal(size=40)
+    surv, reg = Task("survival", ("risk",), ("label_time", "label_event")), Task("regression", ("y",), ("y",))
+    multi = Task("multitask", ("risk", "y"), ("label_time", "label_event", "y"), parts=(surv, reg), weights=(1.0, 1.0))
+    drawn = surv.kind_obj.plots(surv, tmp_path, np.c_[t, e], x[:, None], "test", [0.0])
+    drawn += reg.kind_obj.plots(reg, tmp_path, x[:, None], x[:, None] + 0.1, "test")
+    drawn += multi.kind_obj.plots(multi, tmp_path, np.c_[t, e, x], np.c_[x, x], "test", [0.0])
+    assert {"kaplan_meier.png", "calibration.png", "targets/survival/kaplan_meier.png"} <= set(drawn)
+    (tmp_path / "run.json").write_text("{}")
+    clear_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

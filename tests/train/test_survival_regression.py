@@ -263,6 +263,12 @@ def test_covariates_fused_in_the_network_are_learnt_and_kept_with_each_fold(coho
                                                                                **CFG), progress=False)
     r2_image, r2_fused = image.metrics["ensemble_test"]["r2"], fused.metrics["ensemble_test"]["r2"]
     assert r2_fused > r2_image + 0.2, (r2_image, r2_fused)
+    ablation = fused.metrics["ablation"]["variants"]  # the report's: what each input gives alone
+    assert ablation["image and covariates (the model)"]["ensemble_test"] == pytest.approx(r2_fused, abs=1e-5)
+    assert ablation["image branch alone"]["ensemble_test"] < r2_fused - 0.15  # (it cannot know the age)
+    assert 0.1 < ablation["covariates alone"]["ensemble_test"] < r2_fused  # (nor the covariates the burden)
+    assert "## What the covariates add" in (tmp_path / "fused" / "report.md").read_text()
+    assert "ablation" not in image.metrics
     spec = json.loads((tmp_path / "fused" / "models" / "fold0.json").read_text())
     enc = CovariateEncoder.from_dict(spec["covariates"])
     assert enc.columns() == ["age", "age missing", "sex=F", "sex=M", "sex missing"] and spec["fusion"] == "concat"

@@ -221,6 +221,10 @@ def cpu_threads(bags: list[Bag], requested: int | None) -> int:
 NOT_COVARIATES = {"slide_id", "path", "patient_id", "split", "mpp"}
 
 
+#: the report's ablation of a run with --covariates
+IMAGE_ALONE, COVARIATES_ALONE = "image branch alone", "covariates alone"
+
+
 class MilRoad:
     """Slides as bags of patch features through the shared run (``wsi_mil.train.runner``)."""
 
@@ -249,6 +253,33 @@ class MilRoad:
         self.encoding = CovariateEncoder.fit(list(self.covariates), [self.columns[b.slide_id] for b in train])
         for b in samples:
             b.covariates = self.encoding.encode(self.columns[b.slide_id], f"slide {b.slide_id}")
+
+    def ablations(self, model: Any, train: list[Bag], sets: dict[str, list[Bag]], task: Task,
+                  device: str) -> dict[str, dict[str, np.ndarray]]:
+        """With --covariates, the report's ablation on each set: the fused model with every slide's covariates at
+        its fold's training mean (the image branch alone: the covariates then tell nothing about a slide), and a
+        model of the covariates alone fitted on the fold's training slides (the task kind's)."""
+        if self.encoding is None:
+            return {}
+        from wsi_mil.train.loop import predict
+
+        x_train = np.stack([np.asarray(b.covariates, np.float32) for b in train])
+        mean = x_train.mean(axis=0)
+        alone = task.kind_obj.covariate_model(task, x_train, np.stack([b.target for b in train]).astype(float))
+        out: dict[str, dict[str, np.ndarray]] = {IMAGE_ALONE: {}, COVARIATES_ALONE: {}}
+        for name, bags in sets.items():
+            if not bags:
+                continue
+            kept = [b.covariates for b in bags]
+            try:
+                for b in bags:
+                    b.covariates = mean
+                out[IMAGE_ALONE][name] = predict(model, self.feeder(bags, False), task, device=device).probs
+            finally:
+                for b, c in zip(bags, kept, strict=True):
+                    b.covariates = c
+            out[COVARIATES_ALONE][name] = np.asarray(alone(np.stack([np.asarray(c, np.float32) for c in kept])), float)
+        return out
 
     def feeder(self, samples: list[Bag], train: bool) -> Any:
         from wsi_mil.train.loop import BagFeeder

@@ -99,7 +99,7 @@ class Task:
         return self.kind_obj.describe(self, entries)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
+        d: dict[str, Any] = {"kind": self.kind, "outputs": list(self.outputs), "label_columns": list(self.label_columns),
              "classes": list(self.classes), "values": list(self.label_values)}
         if self.parts:
             d |= {"parts": [p.to_dict() for p in self.parts], "weights": list(self.weights)}

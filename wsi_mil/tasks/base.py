@@ -136,6 +136,21 @@ class TaskKind:
         defined = [a for a in aucs if a is not None]
         return float(np.mean(defined)) if defined else None
 
+    def covariate_model(self, task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Any:
+        """A model of the covariates alone (the report's ablation), fitted on ``x`` (n, k) and targets ``y``: a
+        function from covariates to outputs. Here a logistic regression per output (scikit-learn) on the
+        samples where it is known (an output with one class: its frequency)."""
+        from sklearn.linear_model import LogisticRegression
+
+        fits: list[Any] = []
+        for c in range(y.shape[1]):
+            k = ~np.isnan(y[:, c])
+            yc = y[k, c].astype(int)
+            fits.append(LogisticRegression(max_iter=2000).fit(x[k], yc) if len(np.unique(yc)) == 2
+                        else float(yc.mean()) if len(yc) else 0.5)
+        return lambda z: np.stack([np.full(len(z), f) if isinstance(f, float) else f.predict_proba(z)[:, 1]
+                                   for f in fits], axis=1)
+
     # ---- evaluation
     def thresholds(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], rule: str,
                    target_sensitivity: float) -> list[float]:

@@ -61,6 +61,19 @@ class Multiclass(TaskKind):
             ce = ce * (1 - pt) ** gamma
         return (ce * rows).sum() / rows.sum().clamp(min=1)
 
+    def covariate_model(self, task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Any:
+        """A multinomial logistic regression (scikit-learn) on the labelled samples."""
+        from sklearn.linear_model import LogisticRegression
+
+        k = ~np.isnan(y).any(axis=1)
+        fit = LogisticRegression(max_iter=2000).fit(x[k], y[k].argmax(axis=1))
+
+        def predict(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            out = np.zeros((len(z), task.n_outputs))
+            out[:, fit.classes_] = fit.predict_proba(z)
+            return out
+        return predict
+
     def score(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float | None:
         """The macro one-vs-rest AUC (None unless every class is among the targets)."""
         rows = ~np.isnan(targets).any(axis=1)

@@ -129,7 +129,7 @@ def _view(m: dict[str, Any], name: str) -> dict[str, Any]:
     def part(mm: Any) -> dict[str, Any]:
         return (mm or {}).get("parts", {}).get(name) or {}
 
-    out = {k: part(m.get(k)) for k in ("ensemble_test", "pooled_validation", "ensemble_test_at_true_prevalence")}
+    out: dict[str, Any] = {k: part(m.get(k)) for k in ("ensemble_test", "pooled_validation", "ensemble_test_at_true_prevalence")}
     out["folds"] = [{"fold": f["fold"], "test": part(f.get("test")), "val": part(f.get("val"))} for f in m.get("folds", [])]
     return out
 
@@ -207,6 +207,10 @@ class Multitask(TaskKind):
         """The weighted mean of the targets' skill over chance (targets whose score is undefined left out)."""
         scores = self.score_parts(task, targets, probs)
         return _combine(task, {s.name: skill(scores[s.name], s.kind.chance) for s in slots(task)})
+
+    def covariate_model(self, task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Any:
+        fits = [(s, s.kind.covariate_model(s.task, x, np.asarray(y)[:, s.tgt])) for s in slots(task)]
+        return lambda z: np.concatenate([f(z) for _, f in fits], axis=1)
 
     def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
         parts = tuple(s.kind.fitted(s.task, np.asarray(targets)[:, s.tgt]) for s in slots(task))

@@ -85,6 +85,14 @@ class Regression(NoClassKind):
             return None
         return float(1.0 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
 
+    def covariate_model(self, task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Any:
+        """A ridge regression (scikit-learn, alpha 1) on the labelled samples, in the target's units."""
+        from sklearn.linear_model import Ridge
+
+        k = ~np.isnan(y[:, 0])
+        fit = Ridge(alpha=1.0).fit(x[k], y[k, 0])
+        return lambda z: fit.predict(z)[:, None]
+
     def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
         """The task with the development samples' mean and sd (the model's standardisation)."""
         import dataclasses

@@ -115,6 +115,15 @@ class Survival(NoClassKind):
             return None
         return harrell_c(targets[k, 0], targets[k, 1], probs[k, 0])
 
+    def covariate_model(self, task: Task, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> Any:
+        """A Cox model of the covariates alone (scikit-survival, Breslow ties, ridge penalty 0.1): its log risk."""
+        from sksurv.linear_model import CoxPHSurvivalAnalysis
+        from sksurv.util import Surv
+
+        k = ~np.isnan(y).any(axis=1)
+        fit = CoxPHSurvivalAnalysis(alpha=0.1).fit(x[k], Surv.from_arrays(y[k, 1].astype(bool), y[k, 0]))
+        return lambda z: fit.predict(z)[:, None]
+
     # ---- evaluation
     def thresholds(self, task: Task, y: npt.NDArray[Any], p: npt.NDArray[Any], rule: str,
                    target_sensitivity: float) -> list[float]:

@@ -352,6 +352,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
     test_probs, test_atts, thresholds_all = [], [], []
+    ablation: dict[str, dict[str, list[np.ndarray]]] = {}
     pooled_y, pooled_p, pooled_t, pooled_ids = [], [], [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     test_feed = road.feeder(test, False) if test else None
@@ -412,6 +413,10 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             curves[f"fold {fold.index} test"] = _known(test_pred.targets[:, 0], test_pred.probs[:, 0])
         test_probs.append(test_pred.probs)
         test_atts.append(test_pred.attention)
+        ablate = getattr(road, "ablations", None)  # (--covariates: what each input gives alone)
+        for variant, by_set in (ablate(model, train, {"val": val, "test": test}, task, device) if ablate else {}).items():
+            for split, probs in by_set.items():
+                ablation.setdefault(variant, {}).setdefault(split, []).append(probs)
     metrics: dict[str, Any] = {"task": task.to_dict(), "model": road.model_name, "encoder": road.encoder,
                                "unit": unit, "command": road.command,
                                f"n_{unit}s": len(samples), "n_patients": len({b.patient_id for b in samples}),
@@ -452,6 +457,9 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     calibration.update(task.kind_obj.calibration_lines(task, ys, ps, where))
     metrics["figures"] = task.kind_obj.plots(task, out_dir, ys, ps, where,
                                              pooled_thr if test_feed is not None else per_fold_thr)
+    if ablation:
+        metrics["ablation"] = _ablation(task, ablation, py, pp, test_feed.targets if test_feed is not None else None,
+                                        np.mean(test_probs, axis=0) if test_feed is not None else None)
     metrics["across_folds_val"] = _across(folds_out, "val")
     kind = task.kind_obj
     metrics["fold_health"] = fold_health(folds_out, kind.score_key, kind.score_name, kind.chance)
@@ -606,6 +614,35 @@ def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list
     return record
 
 
+def _ablation(task: Task, found: dict[str, dict[str, list[np.ndarray]]], py: np.ndarray, pp: np.ndarray,
+              ty: np.ndarray | None, tp: np.ndarray | None) -> dict[str, Any]:
+    """The task's score of the model and of each ablation (pooled out of fold; the fold ensemble on the test set)."""
+    score = task.kind_obj.score
+    rows = {"image and covariates (the model)": {"pooled_validation": score(task, py, pp)}}
+    if ty is not None and tp is not None:
+        rows["image and covariates (the model)"]["ensemble_test"] = score(task, ty, tp)
+    for variant, by_set in found.items():
+        rows[variant] = {"pooled_validation": score(task, py, np.concatenate(by_set["val"]))}
+        if ty is not None and by_set.get("test"):
+            rows[variant]["ensemble_test"] = score(task, ty, np.mean(by_set["test"], axis=0))
+    return {"score": task.kind_obj.score_name, "variants": rows}
+
+
+def _ablation_markdown(m: dict[str, Any]) -> list[str]:
+    a = m.get("ablation")
+    if not a:
+        return []
+    lines = ["", "## What the covariates add", "",
+             f"{a['score']} of the model, of its image branch alone (every slide's covariates set to its fold's "
+             "training mean: they then tell nothing about a slide) and of a linear model of the covariates alone "
+             "fitted on each fold's training slides (logistic, ridge or Cox by the task; the fold models averaged "
+             "on the test set as the MIL folds are).", "",
+             "| inputs | pooled out-of-fold validation | ensemble of folds, test |", "|---|---|---|"]
+    for variant, v in a["variants"].items():
+        lines.append(f"| {variant} | {_fmt(v.get('pooled_validation'))} | {_fmt(v.get('ensemble_test'))} |")
+    return lines
+
+
 def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = ~np.isnan(y)
     return y[k], p[k]
@@ -692,6 +729,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     lines += _notes_markdown(m)
     lines += _headline_markdown(task, m)
     lines += task.kind_obj.report_table(task, m)
+    lines += _ablation_markdown(m)
     for split in ("test", "val"):
         acc = m.get(f"across_folds_{split}")
         if acc:

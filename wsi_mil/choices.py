@@ -164,10 +164,13 @@ NORMALISATIONS: dict[str, str] = {
     "rank": "percentile within the slide",
     "softmax": "attention as the model weighs it",
     "raw": "log attention",
+    "contribution": "each patch's signed share of the slide's output (attention x the head on the patch's embedding; "
+                    "survival: of the log risk), symmetric about 0; models with an additive readout",
 }
 
 #: perceptually uniform colour maps (``--cmap``)
 COLOURMAPS: dict[str, str] = {name: "matplotlib's " + name for name in ("viridis", "magma", "inferno", "plasma", "cividis")}
+COLOURMAPS["coolwarm"] = "matplotlib's coolwarm: diverging, blue below 0, red above (--normalise contribution's default)"
 
 #: predict-image maps (``--cam``)
 CAM_METHODS: dict[str, str] = {

@@ -843,6 +843,9 @@ class HeatmapSettings:
             problems.append(f"--normalise must be one of {', '.join(choices.NORMALISATIONS)}")
         if self.cmap not in choices.COLOURMAPS:
             problems.append(f"--cmap must be a perceptually uniform map: {', '.join(choices.COLOURMAPS)}")
+        elif self.cmap == "coolwarm" and self.normalise != "contribution":
+            problems.append("--cmap coolwarm is diverging (signed values): it goes with --normalise contribution; "
+                            "attention takes a sequential map (viridis, magma, inferno, plasma, cividis)")
         bad = [f for f in self.formats if f not in choices.HEATMAP_FORMATS]
         if bad or not self.formats:
             problems.append(f"--formats takes some of {', '.join(choices.HEATMAP_FORMATS)} (got "

@@ -42,6 +42,36 @@ def test_contract_shapes_attention_and_padding(name: str, n_outputs: int) -> Non
     torch.testing.assert_close(out.logits[1], alone.logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.attention[1, :5], alone.attention[0], atol=1e-5, rtol=1e-5)
 
+    additive = name in {"abmil", "gated_abmil", "clam_sb", "transmil", "mean"}  # (transmil: its attention readout)
+    assert (out.contribution is not None) == additive
+    if out.contribution is not None:  # each patch's share of the logits: they add up to them, padding has none
+        assert out.contribution.shape == (2, 9, n_outputs) and (out.contribution[1, 5:] == 0).all()
+        torch.testing.assert_close(out.contribution.sum(dim=1), out.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.contribution[1, :5], alone.contribution[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_patch_contribution_is_what_removing_its_evidence_changes() -> None:
+    """abmil: a patch whose embedding moves the head up has a positive share, and the shares of a gated fusion
+    are scaled by the gate as the logits are (the covariates' own term is no patch's)."""
+    from wsi_mil.mil.fusion import CovariateFusion
+
+    torch.manual_seed(0)
+    mil = build_model("abmil", 32, 1).eval()
+    x, coords = _bag(12, seed=3)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    out = mil(x, mask, coords)
+    top = int(out.contribution[0, :, 0].argmax())
+    h = mil.embed(x)  # the share is the attention times the head on the patch's own embedding
+    torch.testing.assert_close(out.contribution[0, top, 0], out.attention[0, top] * mil.head(h[0, top])[0])
+    fused = CovariateFusion(mil, 3, 1, "gated").eval()
+    torch.nn.init.normal_(fused.gate.weight)
+    torch.nn.init.normal_(fused.covariate_head.weight)
+    cov = torch.tensor([[0.5, -1.0, 2.0]])
+    f = fused(x, mask, coords, cov)
+    gate = 2 * torch.sigmoid(fused.gate(cov))
+    torch.testing.assert_close(f.contribution.sum(dim=1), out.logits * gate, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f.logits - f.contribution.sum(dim=1), fused.covariate_head(cov), atol=1e-5, rtol=1e-5)
+
 
 @pytest.mark.parametrize("name", MODELS)
 def test_permutation_invariance(name: str) -> None:

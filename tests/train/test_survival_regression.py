@@ -138,6 +138,13 @@ def test_regression_end_to_end_in_the_targets_units(cohort, tmp_path) -> None:
     again = {r["slide_id"]: float(r["predicted_label"]) for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
     for r in preds[:5]:
         assert again[r["slide_id"]] == pytest.approx(float(r["predicted_label"]), abs=1e-4)
+    from wsi_mil.io.attention import read_contribution
+
+    mean, _ = report.task.scale  # the shares (in percent) add up to the prediction less the development mean
+    for r in preds[:5]:
+        for store in (tmp_path / "run" / "attention" / "ensemble" / f"{r['slide_id']}.h5",
+                      tmp_path / "pred" / "attention" / f"{r['slide_id']}.h5"):
+            assert float(read_contribution(store).sum()) + mean == pytest.approx(float(r["predicted_label"]), abs=1e-3)
 
 
 def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path) -> None:
@@ -170,6 +177,12 @@ def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path
     val_loss = [float(h["val_loss"]) for h in history]  # the Cox loss of the whole validation set (a bag alone has none)
     assert min(val_loss) > 0 and len(set(val_loss)) > 1
     assert "Harrell's C (95% CI)" in (tmp_path / "run" / "report.md").read_text()
+    from wsi_mil.io.attention import read_attention_attrs, read_contribution
+
+    for r in preds[:5]:  # each patch's share of the log risk (the heatmap's --normalise contribution) adds up to it
+        store = tmp_path / "run" / "attention" / "ensemble" / f"{r['slide_id']}.h5"
+        assert float(read_contribution(store).sum()) == pytest.approx(float(r["log_risk"]), abs=1e-4)
+        assert read_attention_attrs(store)["contribution_unit"] == "log relative risk"
     assert test["ibs"] < test["ibs_kaplan_meier"] and test["ibs_ci"][0] < test["ibs"] < test["ibs_ci"][1]
     assert "integrated Brier (95% CI) vs Kaplan-Meier" in (tmp_path / "run" / "report.md").read_text()
 

@@ -370,3 +370,51 @@ def test_the_gallery_is_a_small_faithful_jpeg_and_a_redraw_leaves_no_file_of_the
     run_heatmap([attention], out_dir=out, settings=HeatmapSettings(top_k=8, formats=("geojson",)),
                 slides_manifest=manifest, progress=False)
     assert sorted(p.name for p in (out / "tumour-slide").iterdir()) == ["heatmap.json", "patches.geojson"]
+
+
+def test_a_survival_heatmap_draws_each_patchs_share_of_the_risk_about_zero(attention_run, tmp_path) -> None:
+    """--normalise contribution: the store's signed shares of the log risk (red raises, blue lowers, white 0),
+    the top patches those that raise it most (the planted tumour here); a store without shares is refused by
+    name and the batch goes on."""
+    import shutil
+
+    import h5py
+
+    from wsi_mil.eval.localisation import patch_tumour_share
+    from wsi_mil.io.attention import write_attention
+    from wsi_mil.synth.slide import read_truth_mask
+
+    attention, manifest, made = attention_run
+    coords, att, path = made["tumour-slide"]
+    mask, ds = read_truth_mask(path)
+    share = patch_tumour_share(coords, EXTENT, mask, ds)
+    shares = np.where(share > 0.5, 0.05, -0.01 * att / att.max()).astype(np.float32)
+    src = tmp_path / "attention"
+    write_attention(src / "tumour-slide.h5", coords=coords, attention=att, contribution=shares[:, None],
+                    contribution_unit="log relative risk", attrs={
+                        "slide_id": "tumour-slide", "fold": "ensemble", "split": "test", "model": "abmil",
+                        "outputs": ["risk"], "probability": [float(shares.sum())], "prediction": "high risk",
+                        "task_kind": "survival", "feature_store": str(tmp_path / "missing.h5"),
+                        "patch_extent_level0_px": EXTENT})
+    shutil.copy(attention / "cmu-1.h5", src / "cmu-1.h5")  # (a store of a model without shares)
+    out = tmp_path / "heatmaps"
+    report = run_heatmap([src], out_dir=out, settings=HeatmapSettings(normalise="contribution", formats=("png", "tiff")),
+                         slides_manifest=manifest, progress=False)
+    status = {o.slide_id: o for o in report.outcomes}
+    assert status["tumour-slide"].status == "ok"
+    assert status["cmu-1"].status == "failed" and "holds no patch contributions" in status["cmu-1"].message
+    meta = json.loads((out / "tumour-slide" / "heatmap.json").read_text())
+    assert meta["colours"].startswith("coolwarm over each patch's share of the slide's risk (log relative risk)")
+    assert "symmetric about 0" in meta["colours"] and meta["overlay_opacity"] == 0.5  # (no fading: not a class call)
+    top = [p["index"] for p in meta["top_patches"]]
+    assert all(share[i] > 0.5 for i in top) and all(p["score"] == pytest.approx(0.05) for p in meta["top_patches"])
+    with h5py.File(src / "tumour-slide.h5") as f:
+        assert f["contribution"].shape == (len(coords), 1)
+    import tifffile
+
+    with tifffile.TiffFile(out / "tumour-slide" / "heatmap.tif") as tif:
+        assert "coolwarm" in tif.pages[0].description and "log relative risk" in tif.pages[0].description
+    from wsi_mil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="coolwarm is diverging"):
+        HeatmapSettings(cmap="coolwarm")

@@ -158,20 +158,22 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
     from wsi_mil.io.slide import open_slide, resolve_mpp
     from wsi_mil.io.thumbnail import read_thumbnail
     from wsi_mil.viz.raster import score_grid
-    from wsi_mil.viz.scores import call_opacity, normalise, slide_call
+    from wsi_mil.viz.scores import call_opacity, call_with, colour_map, slide_call, store_scores
 
     coords, att, attrs = read_attention(h5)
     sid = str(attrs.get("slide_id", h5.stem))
     check_finite_attention(str(h5), att, attrs.get("probability"))
+    scores = store_scores(h5, att, attrs, settings.normalise)  # (a store without contributions: said before the slide is opened)
+    cmap = colour_map(settings.normalise, settings.cmap)
     path, mpp = slide_for_attention(attrs, overrides, h5)
     extent = attention_patch_extent(attrs, h5)
-    scores = normalise(att, settings.normalise, attention_kind=str(attrs.get("attention_kind", "")))
     probability = dict(zip(attrs.get("outputs") or ["positive"], attrs.get("probability") or [], strict=False))
-    call = slide_call(attrs)
+    call = call_with(scores, slide_call(attrs))
     files: dict[str, str] = {}
     order = np.argsort(-scores.unit, kind="stable")
     top_k = [int(i) for i in order[:settings.top_k]]
     meta: dict[str, Any] = {"call": call, "overlay_opacity": call_opacity(settings.opacity, call),
+                            "colours": f"{cmap} over {scores.description}, {scores.vmin:.4g} to {scores.vmax:.4g}",
                             "top_patches": [{"index": i, "x": int(coords[i][0]), "y": int(coords[i][1]),
                                              "score": float(scores.value[i])} for i in top_k]}
     with open_slide(path) as slide:
@@ -189,7 +191,7 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
             from wsi_mil.viz.figures import overlay_png
 
             thumb, _, _ = read_thumbnail(slide, slide_mpp=mpp, pixel_um=mpp, max_side_px=THUMBNAIL_MAX_PX)
-            files["png"] = str(overlay_png(slide_dir / "overlay.png", thumb, grid, scores, cmap=settings.cmap,
+            files["png"] = str(overlay_png(slide_dir / "overlay.png", thumb, grid, scores, cmap=cmap,
                                            title=title, opacity=meta["overlay_opacity"], banner=call["text"],
                                            positive=call["positive"]))
         if "gallery" in settings.formats and len(coords):
@@ -208,10 +210,10 @@ def draw_slide(h5: Path, slide_dir: Path, settings: HeatmapSettings,
     if "tiff" in settings.formats:
         from wsi_mil.viz.tiff import write_heatmap_tiff
 
-        desc = (f"wsi-mil attention heatmap of {sid}; colours: {settings.cmap} over {scores.description}, "
+        desc = (f"wsi-mil attention heatmap of {sid}; colours: {cmap} over {scores.description}, "
                 f"{scores.vmin:.4g} to {scores.vmax:.4g}; white: no patch; {attrs.get('model', '')} fold "
                 f"{attrs.get('fold', '')}; prediction {pred}")
-        files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, cmap=settings.cmap, mpp=mpp,
+        files["tiff"] = str(write_heatmap_tiff(slide_dir / "heatmap.tif", grid, cmap=cmap, mpp=mpp,
                                                description=desc))
     if "geojson" in settings.formats:
         from wsi_mil.viz.geojson import write_patch_geojson

@@ -149,6 +149,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
                 preds.append(predict(m, [bag], task, device=device))
             probs = np.mean([p.probs[0] for p in preds], axis=0)
             att = np.mean([p.attention[0] for p in preds], axis=0)
+            share = None if any(p.contribution is None for p in preds) else \
+                np.mean([p.contribution[0] for p in preds if p.contribution is not None], axis=0)
             if not (np.isfinite(probs).all() and np.isfinite(att).all()):
                 peak = float(np.abs(bag.features).max()) if bag.features is not None and bag.features.size else 0.0
                 if peak > ABSURD_FEATURE:  # finite, but no encoder gives these: the store, not the model, is damaged
@@ -164,7 +166,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
         pred = _prediction(task, probs, thresholds)
         att_dir = out_dir / "attention"
         assert bag.coords is not None  # Bag.cache() holds them
-        write_attention(att_dir / f"{sid}.h5", coords=bag.coords, attention=att, attrs={
+        write_attention(att_dir / f"{sid}.h5", coords=bag.coords, attention=att, contribution=share,
+                        contribution_unit=task.kind_obj.contribution_unit, attrs={
             "slide_id": sid, "fold": "ensemble", "split": "predict", "model": specs[0]["model"],
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "prediction": pred,
             "task_kind": task.kind,

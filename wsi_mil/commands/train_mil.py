@@ -114,10 +114,12 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
                      thresholds: list[float], model: str) -> None:
     from wsi_mil.io.attention import write_attention
 
-    for bag, probs, att in zip(bags, pred.probs, pred.attention, strict=True):
+    shares = pred.contribution if pred.contribution is not None else [None] * len(bags)
+    for bag, probs, att, share in zip(bags, pred.probs, pred.attention, shares, strict=True):
         _, coords = bag.load()
         assert bag.store is not None  # train-mil's bags are read from feature stores (read_bags)
-        write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, attrs={
+        write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, contribution=share,
+                        contribution_unit=task.kind_obj.contribution_unit, attrs={
             "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
             "outputs": list(task.outputs), "probability": [float(v) for v in probs], "task_kind": task.kind,
             "prediction": _prediction(task, probs, thresholds), **path_record("feature_store", bag.store, out),

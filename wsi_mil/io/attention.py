@@ -17,16 +17,24 @@ import numpy.typing as npt
 
 
 def write_attention(path: Path, *, coords: npt.NDArray[np.int64], attention: npt.NDArray[np.float32],
-                    attrs: dict[str, Any]) -> Path:
+                    attrs: dict[str, Any], contribution: npt.NDArray[np.float32] | None = None,
+                    contribution_unit: str = "logit") -> Path:
+    """One slide's attention store; ``contribution`` (N, C): each patch's share of each output (models
+    with an additive readout), in ``contribution_unit``."""
     import h5py
 
     from wsi_mil.io.atomic import atomic_path
 
     check_finite_attention(path.stem, attention, attrs.get("probability"))
+    if contribution is not None:
+        check_finite_attention(path.stem, contribution, None)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
         f.create_dataset("attention", data=np.asarray(attention, dtype=np.float32))
+        if contribution is not None:
+            f.create_dataset("contribution", data=np.asarray(contribution, dtype=np.float32).reshape(len(attention), -1))
+            f.attrs["contribution_unit"] = contribution_unit
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
     return path
@@ -66,6 +74,15 @@ def out_of_fold_stores(run_dir: Path) -> dict[str, Path]:
             if h5.stem not in found and read_attention_attrs(h5).get("split") == "val":
                 found[h5.stem] = h5
     return found
+
+
+def read_contribution(path: Path) -> npt.NDArray[np.float32] | None:
+    """Each patch's share of each output (N, C), or None when the store has none (a model without an additive
+    readout, or a store written before wsi-mil kept them)."""
+    from wsi_mil.io.store import open_h5
+
+    with open_h5(path) as f:
+        return f["contribution"][...] if "contribution" in f else None
 
 
 def read_attention_attrs(path: Path) -> dict[str, Any]:

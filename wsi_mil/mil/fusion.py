@@ -36,7 +36,10 @@ class CovariateFusion(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor, covariates: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Any:
         out = self.mil(x, mask, coords, labels=labels) if labels is not None else self.mil(x, mask, coords)
-        logits = out.logits
+        logits, contribution = out.logits, out.contribution
         if self.mode == "gated":
-            logits = logits * 2 * torch.sigmoid(self.gate(covariates))
-        return dataclasses.replace(out, logits=logits + self.covariate_head(covariates))
+            gate = 2 * torch.sigmoid(self.gate(covariates))
+            logits = logits * gate
+            contribution = None if contribution is None else contribution * gate[:, None, :]
+        # (the patches' shares are the image's part of the logits; the covariates' term is not a patch's)
+        return dataclasses.replace(out, logits=logits + self.covariate_head(covariates), contribution=contribution)

@@ -15,6 +15,11 @@ The contract, shared by every model in the registry::
   score; for mean pooling uniform.
 * ``aux_loss``: a scalar added to the bag loss in training (CLAM-SB's instance
   clustering), or None.
+* ``contribution``: (B, N, C) each instance's share of the logits, for the models whose
+  readout is a linear head on an attention-weighted (or mean) embedding: head(sum a_i h_i)
+  = sum a_i head(h_i) when the weights sum to 1, so a_i head(h_i) are additive shares that
+  sum to the logits exactly (bias included); None for the others (max pooling, DSMIL, the
+  class-token readout).
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ class MILOutput:
     logits: torch.Tensor
     attention: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    contribution: torch.Tensor | None = None
+
+
+def pooled_readout(head: nn.Linear, weights: torch.Tensor, h: torch.Tensor) -> MILOutput:
+    """A linear head on the weighted sum of the instance embeddings, with each instance's share of the logits
+    (``weights`` (B, N) sum to 1 over the real instances and are 0 at padding)."""
+    logits = head(torch.einsum("bn,bnd->bd", weights, h))
+    return MILOutput(logits, weights, contribution=weights[..., None] * head(h))
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,7 +86,7 @@ class MeanPool(_InstanceHead):
                 labels: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)
         w = mask.float() / mask.float().sum(dim=1, keepdim=True).clamp(min=1)
-        return MILOutput(self.head(torch.einsum("bn,bnd->bd", w, h)), w)
+        return pooled_readout(self.head, w, h)
 
 
 class MaxPool(_InstanceHead):
@@ -170,7 +183,7 @@ class AttentionPool(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
         h, att = self.attend(x, mask)
-        return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, h)), att)
+        return pooled_readout(self.head, att, h)
 
 
 class ClamSB(AttentionPool):
@@ -202,7 +215,7 @@ class ClamSB(AttentionPool):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> MILOutput:
         h, att = self.attend(x, mask)
-        out = MILOutput(self.head(torch.einsum("bn,bnd->bd", att, h)), att)
+        out = pooled_readout(self.head, att, h)
         if labels is None or not self.training:
             return out
         present = self._class_presence(labels)
@@ -401,7 +414,7 @@ class TransMIL(nn.Module):
         # every token carries its neighbours', so scores from the mixed tokens can settle on
         # a token next to the evidence (measured: localisation AUC down to 0.03 on a slide)
         att = gated_attention(self.attn_v, self.attn_u, self.attn_w, h if self.score_from == "instance" else z, mask)
-        return MILOutput(self.head(torch.einsum("bn,bnd->bd", att, z)), att)
+        return pooled_readout(self.head, att, z)  # (shares of the context-mixed tokens)
 
 
 #: how each model of :data:`wsi_mil.choices.MIL_MODELS` is built (the names and their meaning live there)

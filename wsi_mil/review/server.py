@@ -99,8 +99,7 @@ class ReviewSlide:
         """Geometry, prediction, heatmap placement and the top patches (computed once)."""
         from wsi_mil.io.attention import read_attention
         from wsi_mil.viz.raster import colourise, score_grid
-        from wsi_mil.viz.scores import call_opacity, slide_call
-        from wsi_mil.viz.scores import normalise as norm
+        from wsi_mil.viz.scores import call_opacity, call_with, colour_map, slide_call, store_scores
 
         with self.lock:
             if self._info is not None:
@@ -108,11 +107,12 @@ class ReviewSlide:
         dz = self.deepzoom()
         w, h = dz.level_dimensions[-1]
         coords, att, attrs = read_attention(self.attention)
-        scores = norm(att, normalise, attention_kind=str(attrs.get("attention_kind", "")))
+        scores = store_scores(self.attention, att, attrs, normalise)
+        cmap = colour_map(normalise, cmap)
         from wsi_mil.data.bags import attention_patch_extent
 
         extent = attention_patch_extent(attrs, self.attention)
-        call = slide_call(attrs)
+        call = call_with(scores, slide_call(attrs))
         grid = score_grid(coords, scores.unit, extent_px=extent, slide_width_px=w, slide_height_px=h)
         rgba = colourise(grid.values, cmap, alpha=255)
         from PIL import Image

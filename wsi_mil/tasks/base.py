@@ -212,6 +212,13 @@ class TaskKind:
     #: the options of classifiers (--threshold, --imbalance sampler / focal ...) apply
     has_classes = True
 
+    #: what a patch's share of the output is measured in (its heatmap's legend)
+    contribution_unit = "logit"
+
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor:
+        """The instances' shares of the logits (N, C) in the output's units: logits for the classifiers."""
+        return shares
+
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         """The slide's outputs as a heatmap's caption shows them."""
         return ", ".join(f"p({k}) = {v:.{digits}f}" for k, v in probability.items())

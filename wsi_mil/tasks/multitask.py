@@ -164,6 +164,11 @@ class Multitask(TaskKind):
         assert task is not None  # (a multi-task's outputs are its targets')
         return torch.cat([s.kind.activation(logits[:, s.out], s.task) for s in slots(task)], dim=1)
 
+    contribution_unit = "each target's own (logit, log relative risk, or the target's units)"
+
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor:
+        return torch.cat([s.kind.contribution_units(s.task, shares[:, s.out]) for s in slots(task)], dim=1)
+
     def weight_shape(self, task: Task) -> tuple[int, ...]:
         return (sum(int(np.prod(s.kind.weight_shape(s.task))) for s in slots(task)),)
 

@@ -68,6 +68,12 @@ class Regression(NoClassKind):
         mean, sd = _scale(task) if task is not None else (0.0, 1.0)
         return logits.float() * sd + mean
 
+    contribution_unit = "the target's units (the development mean is not a patch's)"
+
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor:
+        """Shares of the standardised prediction times the target's sd: they sum to the prediction minus the mean."""
+        return shares * _scale(task)[1]
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
              gamma: float, task: Task | None = None) -> torch.Tensor:
         """Huber loss (delta 1) between the output and the standardised target, over the labelled bags."""

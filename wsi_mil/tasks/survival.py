@@ -60,6 +60,7 @@ class Survival(NoClassKind):
     why_batches = "the Cox partial likelihood ranks the bags of one batch against each other (one bag alone has no loss)"
 
     column_prefix = "log_"
+    contribution_unit = "log relative risk"
     score_name = "Harrell's C"
     score_key = "c_index"
 

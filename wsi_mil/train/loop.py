@@ -171,6 +171,9 @@ class Predictions:
     probs: np.ndarray  # (n, C)
     attention: list[np.ndarray]  # per bag, (n_instances,)
     loss: float | None = None
+    #: per bag, (n_instances, C): each instance's share of the output (models with an additive readout), in the
+    #: output's units (the task kind's); None when the model has none
+    contribution: list[np.ndarray] | None = None
 
 
 @torch.no_grad()
@@ -183,6 +186,7 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
         reuse_freed_memory()
     model.eval().to(dev)
     probs, att, losses, weights = [], [], [], []
+    shares: list[np.ndarray] | None = []
     logits_all: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     over_set = task.kind_obj.loss_over_set
@@ -193,6 +197,11 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
             out = feeder.forward(model, inputs)
         probs.append(probabilities(out.logits, task.kind, task).cpu().numpy())
         att += feeder.attention(out, inputs)
+        c = getattr(out, "contribution", None)
+        if shares is not None and c is not None and c.shape[0] == 1:
+            shares.append(task.kind_obj.contribution_units(task, c[0].float()).cpu().numpy())
+        else:
+            shares = None
         if loss_fn is not None and over_set:
             logits_all.append(out.logits.float())
             ys.append(y)
@@ -205,7 +214,7 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
         known = int((~torch.isnan(torch.cat(ys))).sum())
         loss = float(loss_fn(torch.cat(logits_all), torch.cat(ys))) if known else None
     return Predictions(list(feeder.ids), targets, np.concatenate(probs) if probs else np.zeros((0, task.n_outputs)),
-                       att, loss)
+                       att, loss, shares if shares else None)
 
 
 def score(pred: Predictions, task: Task) -> float | None:

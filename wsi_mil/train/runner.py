@@ -353,6 +353,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     histories: dict[str, list[dict[str, Any]]] = {}
     test_probs, test_atts, thresholds_all = [], [], []
     ablation: dict[str, dict[str, list[np.ndarray]]] = {}
+    test_shares: list[list[np.ndarray] | None] = []
     pooled_y, pooled_p, pooled_t, pooled_ids = [], [], [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     test_feed = road.feeder(test, False) if test else None
@@ -413,6 +414,7 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
             curves[f"fold {fold.index} test"] = _known(test_pred.targets[:, 0], test_pred.probs[:, 0])
         test_probs.append(test_pred.probs)
         test_atts.append(test_pred.attention)
+        test_shares.append(test_pred.contribution)
         ablate = getattr(road, "ablations", None)  # (--covariates: what each input gives alone)
         for variant, by_set in (ablate(model, train, {"val": val, "test": test}, task, device) if ablate else {}).items():
             for split, probs in by_set.items():
@@ -445,7 +447,10 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
                                    plan.test_sampling["minority_class"])
             metrics["ensemble_test_at_true_prevalence"] = evaluate(task, ens_y, mean_p, pooled_thr, config, weights=w)
         ens_att = [np.mean([fa[i] for fa in test_atts], axis=0) for i in range(len(test))]
-        ens = Predictions([b.slide_id for b in test], ens_y, mean_p, ens_att)
+        # (the ensemble's output is the folds' mean: so are its patches' shares of it)
+        ens_share = None if any(fs is None for fs in test_shares) else \
+            [np.mean([fs[i] for fs in test_shares if fs is not None], axis=0) for i in range(len(test))]
+        ens = Predictions([b.slide_id for b in test], ens_y, mean_p, ens_att, contribution=ens_share)
         road.after_predict(out_dir, test, ens, task, fold="ensemble", split="test", thresholds=pooled_thr)
         rows += _rows(task, test, ens, pooled_thr, fold="ensemble", split="test", unit=unit)
         if task.kind_obj.single_positive:

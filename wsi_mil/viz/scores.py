@@ -11,6 +11,10 @@ the instance score. Three normalisations, all within one slide:
   Colours span the slide's min … max.
 - ``rank`` (default): the percentile rank in [0, 1] — every slide uses the whole colour
   range, robust to a few extreme patches; what reviewers usually want.
+
+And, from the store's ``contribution`` (models with an additive readout), ``contribution``:
+each patch's signed share of the slide's output (a survival model's log risk, a classifier's
+logit, a regression's value), coloured symmetrically about 0 (:func:`signed`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-NORMALISATIONS = ("rank", "softmax", "raw")
-#: perceptually uniform colour maps (matplotlib names)
-COLOURMAPS = ("viridis", "magma", "inferno", "plasma", "cividis")
+NORMALISATIONS = ("rank", "softmax", "raw", "contribution")
+#: perceptually uniform colour maps (matplotlib names), and the diverging one of signed values
+COLOURMAPS = ("viridis", "magma", "inferno", "plasma", "cividis", "coolwarm")
+#: the colour map of signed values (patches' contributions)
+DIVERGING = "coolwarm"
 
 
 @dataclass(frozen=True)
@@ -36,16 +42,48 @@ class Scores:
     unit: npt.NDArray[np.float64]
     vmin: float
     vmax: float
+    what: str = ""  # (contribution: of which output, in which units)
 
     @property
     def description(self) -> str:
+        if self.method == "contribution":
+            return (f"each patch's share of {self.what} (attention x the head on its embedding; the shares sum to "
+                    "the slide's output), symmetric about 0: red raises it, blue lowers it")
         return {"rank": "percentile rank of attention within the slide (0 = lowest, 1 = highest)",
                 "softmax": "softmax attention (sums to 1 over the slide's patches)",
                 "raw": "attention logit, log(attention) (pre-softmax score up to a per-slide constant)"}[self.method]
 
 
+def store_scores(store: Any, attention: npt.NDArray[np.floating], attrs: dict[str, Any], method: str) -> Scores:
+    """The scores a heatmap of one attention store draws: its attention normalised by ``method``, or with
+    ``contribution`` its patches' shares of the slide's output (the called class's where there are several
+    outputs, else the first), refused by name when the store has none."""
+    if method != "contribution":
+        return normalise(attention, method, attention_kind=str(attrs.get("attention_kind", "")))
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.io.attention import read_contribution
+
+    shares = read_contribution(store)
+    if shares is None:
+        raise ConfigError(f"{store}: this attention store holds no patch contributions (its model, "
+                          f"{attrs.get('model')}, has no additive readout, or the run predates them); draw it with "
+                          "--normalise rank, softmax or raw, or re-run train-mil / predict with abmil, gated_abmil, "
+                          "clam_sb, mean or transmil (attention readout)")
+    outputs = [str(o) for o in attrs.get("outputs") or []] or ["output"]
+    col = outputs.index(str(attrs.get("prediction"))) if str(attrs.get("prediction")) in outputs[:shares.shape[1]] else 0
+    unit = attrs.get("contribution_unit") or "logit"
+    return signed(shares[:, col], f"the slide's {outputs[col] if col < len(outputs) else 'output'} ({unit})")
+
+
+def colour_map(method: str, cmap: str) -> str:
+    """The colour map drawn: contributions (signed) get the diverging one unless another was asked for."""
+    return DIVERGING if method == "contribution" and cmap == "viridis" else cmap
+
+
 def normalise(scores: npt.NDArray[np.floating], method: str, *, attention_kind: str = "") -> Scores:
     """Normalise one slide's stored instance scores (see the module docstring)."""
+    if method == "contribution":
+        raise ValueError("contribution shares are read from the store: store_scores, not normalise")
     if method not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {method!r}; choose one of {', '.join(NORMALISATIONS)}")
     s = np.asarray(scores, dtype=np.float64).ravel()
@@ -70,6 +108,15 @@ def normalise(scores: npt.NDArray[np.floating], method: str, *, attention_kind: 
     span = vmax - vmin
     unit = (value - vmin) / span if span > 0 else np.full_like(value, 0.5)
     return Scores(method, value, np.clip(unit, 0.0, 1.0), vmin, vmax)
+
+
+def signed(values: npt.NDArray[np.floating], what: str) -> Scores:
+    """Signed values coloured symmetrically about 0: unit 0.5 at 0, 0 / 1 at minus / plus the slide's largest
+    magnitude (``what``: what they are shares of, for the legend)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    top = float(np.abs(v).max()) if v.size else 0.0
+    unit = 0.5 + 0.5 * v / top if top > 0 else np.full_like(v, 0.5)
+    return Scores("contribution", v, np.clip(unit, 0.0, 1.0), -top, top, what)
 
 
 def slide_call(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +153,14 @@ def slide_call(attrs: dict[str, Any]) -> dict[str, Any]:
     else:
         text = f"call: {label} ({ptxt})"
     return {"positive": positive, "p": p, "label": label, "text": text}
+
+
+def call_with(scores: Scores, call: dict[str, Any]) -> dict[str, Any]:
+    """The slide's call as a heatmap of ``scores`` says it (contributions: what the colours are, at full
+    strength whatever the call)."""
+    if scores.method != "contribution":
+        return call
+    return {**call, "positive": None, "text": f"call: {call.get('label')}. Colours: {scores.description}"}
 
 
 def call_opacity(opacity: float, call: dict[str, Any]) -> float:

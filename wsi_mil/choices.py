@@ -35,6 +35,13 @@ TASKS: dict[str, str] = {
                  "losses, a blank cell masking that target only",
 }
 
+#: a survival target's loss (``--survival-loss``)
+SURVIVAL_LOSSES: dict[str, str] = {
+    "cox": "Cox partial likelihood over each batch of bags (Breslow ties); the output is the log relative risk",
+    "discrete": "discrete-time negative log-likelihood: a logistic hazard per time interval (--time-bins), each bag "
+                "its own likelihood; the risk is minus the expected intervals survived",
+}
+
 #: how clinical covariates join the slide embedding (``--fusion``, with ``--covariates``)
 FUSION: dict[str, str] = {
     "concat": "covariates joined to the slide embedding before the linear head (the image logits plus a linear map of them)",
@@ -194,7 +201,7 @@ SYNTH_PRESETS: dict[str, str] = {
 #: every list above by the name the docs and tests use
 ALL: dict[str, dict[str, str]] = {
     "MIL models": MIL_MODELS, "tasks": TASKS, "imbalance (loss)": IMBALANCE, "thresholds": THRESHOLDS,
-    "monitors": MONITORS, "fusion": FUSION, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
+    "monitors": MONITORS, "survival losses": SURVIVAL_LOSSES, "fusion": FUSION, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
     "store formats": STORE_FORMATS, "pixel sources": PIXEL_SOURCES, "precisions": PRECISIONS,
     "stain normalisation": STAIN_NORMS, "tile executors": EXECUTORS, "image modes": IMAGE_MODES,
     "image augmentation": IMAGE_AUGMENT, "volume modes": VOLUME_MODES, "3D architectures": VOLUME_ARCHS,

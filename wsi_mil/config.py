@@ -540,11 +540,16 @@ class TrainConfig(CommonTrainConfig):
                                      "target for that slide")
     target_weights: str | None = _opt(None, "with --targets: each target's loss weight, in the same order (default 1 "
                                             "each); model selection follows the mean skill over chance with these weights")
+    survival_loss: str = _opt("cox", "survival targets: " + described(choices.SURVIVAL_LOSSES),
+                              choices=names(choices.SURVIVAL_LOSSES))
+    time_bins: int = _opt(4, "with --survival-loss discrete: time intervals (edges at quantiles of the development "
+                             "slides' event times)")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
 
     def _checks(self) -> list[tuple[bool, str]]:
         return super()._checks() + [
             (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
+            (self.time_bins >= 2, "--time-bins must be 2 or more"),
             (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
         ]
@@ -572,9 +577,15 @@ class TrainConfig(CommonTrainConfig):
 
             kind = max((KINDS[k] for _, k in parse_targets(self.targets) if k in KINDS),
                        key=lambda k: k.min_bags_per_batch, default=kind)
+        survival = kind is not None and kind.loss_choice  # (a survival target: Cox or discrete time)
+        if self.survival_loss != "cox" and not survival:
+            raise ConfigError(f"--survival-loss {self.survival_loss} is a survival target's loss; this run has none "
+                              "(--task survival, or survival among --targets)")
+        discrete = survival and self.survival_loss == "discrete"  # (a likelihood per bag: one bag a step will do)
         if self.bags_per_batch is None:  # (resolved here: what is recorded is the value used)
-            object.__setattr__(self, "bags_per_batch", kind.bags_per_batch if kind is not None else 1)
-        if kind is not None and isinstance(self.bags_per_batch, int) and self.bags_per_batch < kind.min_bags_per_batch:
+            object.__setattr__(self, "bags_per_batch", 1 if discrete or kind is None else kind.bags_per_batch)
+        if kind is not None and not discrete and isinstance(self.bags_per_batch, int) and \
+                self.bags_per_batch < kind.min_bags_per_batch:
             raise ConfigError(f"--task {kind.name} needs --bags-per-batch {kind.min_bags_per_batch} or more: "
                               f"{kind.why_batches}")
         super().__post_init__()

@@ -361,3 +361,87 @@ def test_what_a_stranger_fed_it_is_refused_before_any_folder(cohort, tmp_path) -
     with pytest.raises(ManifestError, match="follow-up times that do not differ"):
         run({"label_time": lambda r: "0", "label_event": lambda r: r["event"]}, task="survival")
     assert not (tmp_path / "r").exists()
+
+
+def test_discrete_time_nll_is_the_person_period_logistic_likelihood_scikit_learn_maximises() -> None:
+    """A discrete-time hazard model with a logit a_k + x.b per interval, fitted by minimising discrete_nll, lands
+    on scikit-learn's unpenalised logistic regression of the person-period table (one row per slide per interval
+    it was at risk in; the outcome 1 only in the interval of a seen event; a censored slide survives its own)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from wsi_mil.tasks.survival import discrete_nll, interval_of
+
+    rng = np.random.default_rng(4)
+    n, k = 400, 4
+    x = rng.normal(size=(n, 2))
+    t_true, c = rng.exponential(np.exp(-(0.8 * x[:, 0] - 0.5 * x[:, 1]))), rng.exponential(2.0, n)
+    time, event = np.minimum(t_true, c), (t_true < c).astype(float)
+    edges = np.quantile(time[event > 0], [0.25, 0.5, 0.75])
+    j = interval_of(torch.tensor(time, dtype=torch.float32), torch.tensor(edges, dtype=torch.float32)).numpy()
+    rows, ys = [], []
+    for i in range(n):
+        for m in range(j[i] + 1):
+            rows.append(np.r_[np.eye(k)[m], x[i]])
+            ys.append(1 if (m == j[i] and event[i] > 0) else 0)
+    ref = LogisticRegression(C=np.inf, fit_intercept=False, max_iter=5000, tol=1e-10).fit(np.array(rows), ys)
+    a = torch.zeros(k, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    xt, tt, et = torch.tensor(x, dtype=torch.float32), torch.tensor(time, dtype=torch.float32), torch.tensor(event)
+    et_edges = torch.tensor(edges, dtype=torch.float32)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = discrete_nll(a[None, :] + (xt @ b)[:, None], tt, et, et_edges)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    np.testing.assert_allclose(np.r_[a.detach().numpy(), b.detach().numpy()], ref.coef_[0], atol=2e-3)
+
+
+def test_discrete_time_survival_end_to_end(cohort, tmp_path) -> None:
+    from sksurv.metrics import concordance_index_censored
+
+    from wsi_mil.commands.predict import run_predict
+
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, {"label_time": lambda r: f"{r['time']:.4f}",
+                                             "label_event": lambda r: r["event"]})
+    config = TrainConfig(task="survival", survival_loss="discrete", time_bins=4, **CFG)
+    assert config.bags_per_batch == 1  # (a likelihood per bag)
+    report = run_train(m, [feats], out_dir=tmp_path / "run", config=config, progress=False)
+    task = report.task
+    assert task.time_bins == 4 and len(task.bins) == 3 and task.n_logits == 4
+    by_id = {r["slide_id"]: r for r in rows}
+    dev = [by_id[s] for f in json.loads((tmp_path / "run" / "splits.json").read_text())["folds"] for s in f["val"]]
+    times = np.array([r["time"] for r in dev if r["event"]], float)  # the edges: quantiles of development event times
+    np.testing.assert_allclose(task.bins, np.quantile(times, [0.25, 0.5, 0.75]), rtol=1e-4)
+    preds = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["fold"] == "ensemble"]
+    risk = np.array([float(r["risk"]) for r in preds])
+    assert ((risk >= -4) & (risk <= 0)).all()  # minus the expected intervals survived
+    e = np.array([by_id[r["slide_id"]]["event"] for r in preds], bool)
+    t = np.array([by_id[r["slide_id"]]["time"] for r in preds], float)
+    c = concordance_index_censored(e, t, risk)[0]
+    assert report.metrics["ensemble_test"]["c_index"] == pytest.approx(c, abs=1e-4) and c > 0.62
+    assert "discrete-time hazards, 4 intervals" in (tmp_path / "run" / "report.md").read_text()
+    run_predict(tmp_path / "run", [feats / f"{r['slide_id']}.h5" for r in preds[:3]], out_dir=tmp_path / "pred")
+    again = {r["slide_id"]: float(r["risk"]) for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
+    for r in preds[:3]:
+        assert again[r["slide_id"]] == pytest.approx(float(r["risk"]), abs=1e-4)
+
+
+def test_survival_loss_options_are_refused_where_they_cannot_apply(cohort, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--survival-loss discrete is a survival target's loss"):
+        TrainConfig(survival_loss="discrete")
+    with pytest.raises(ConfigError, match="--time-bins must be 2 or more"):
+        TrainConfig(task="survival", survival_loss="discrete", time_bins=1)
+    assert TrainConfig(targets="label_a,survival", survival_loss="discrete").bags_per_batch == 1
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows[:60], {"label_time": lambda r: f"{r['time']:.4f}",
+                                                  "label_event": lambda r: r["event"]})
+    n_events = sum(int(r["event"]) for r in rows[:60])
+    with pytest.raises(ManifestError, match=rf"{n_events} event\(s\) for --time-bins 40: .*at most {n_events // 2}"):
+        run_train(m, [feats], out_dir=tmp_path / "run", progress=False,
+                  config=TrainConfig(task="survival", survival_loss="discrete", time_bins=40, **CFG))

@@ -155,7 +155,8 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     require_features(features_dirs)
     entries = read_manifest(manifest, require_path=False)
     task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
-                      config.min_class_slides, targets=config.targets, target_weights=config.target_weights)
+                      config.min_class_slides, targets=config.targets, target_weights=config.target_weights,
+                      time_bins=config.time_bins if config.survival_loss == "discrete" else 0)
     task_line = task.describe(entries)
     from wsi_mil.data.covariates import check_values, parse_covariates
 
@@ -348,7 +349,7 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
             inputs = prepare_inputs(manifest, features_dirs, config, progress=progress)
         else:  # already printed when the inputs were checked; the run's log file gets it too
             logger.debug("%s", inputs.task_line)
-        road = MilRoad(config, inputs.bags, inputs.task.n_outputs, inputs.columns, inputs.covariates)
+        road = MilRoad(config, inputs.bags, inputs.task.n_logits, inputs.columns, inputs.covariates)
         device = config.resolved_device()
         threads = cpu_threads(inputs.bags, config.threads)
         if device == "cpu":

@@ -67,10 +67,22 @@ class Task:
     #: a multi-task run's targets (each a task of its own, sharing the model's aggregator) and their loss weights
     parts: tuple[Task, ...] = ()
     weights: tuple[float, ...] = ()
+    #: a discrete-time survival model's number of time intervals (0: Cox) and their inner edges, fitted on
+    #: the development slides' event times (recorded with the models)
+    time_bins: int = 0
+    bins: tuple[float, ...] = ()
 
     @property
     def n_outputs(self) -> int:
         return len(self.outputs)
+
+    @property
+    def n_logits(self) -> int:
+        """The model's outputs: one per output, a hazard per time interval (discrete-time survival), or the
+        parts' together (multi-task)."""
+        if self.parts:
+            return sum(p.n_logits for p in self.parts)
+        return self.time_bins or self.n_outputs
 
     @property
     def n_targets(self) -> int:
@@ -103,6 +115,8 @@ class Task:
              "classes": list(self.classes), "values": list(self.label_values)}
         if self.parts:
             d |= {"parts": [p.to_dict() for p in self.parts], "weights": list(self.weights)}
+        if self.time_bins:
+            d |= {"time_bins": self.time_bins, "bins": list(self.bins)}
         return d | ({"scale": list(self.scale)} if self.scale is not None else {})
 
     @classmethod
@@ -110,7 +124,8 @@ class Task:
         scale = d.get("scale")
         return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())),
                    tuple(d.get("values", ())), (float(scale[0]), float(scale[1])) if scale else None,
-                   tuple(cls.from_dict(p) for p in d.get("parts", ())), tuple(float(w) for w in d.get("weights", ())))
+                   tuple(cls.from_dict(p) for p in d.get("parts", ())), tuple(float(w) for w in d.get("weights", ())),
+                   int(d.get("time_bins", 0)), tuple(float(b) for b in d.get("bins", ())))
 
 
 def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int = 6) -> str:
@@ -121,7 +136,7 @@ def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int 
 def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
                classes: list[str] | None = None, min_per_class: int = MIN_SLIDES_PER_CLASS,
                allow_blank: bool = False, unit: str = "slide", targets: str | None = None,
-               target_weights: str | None = None) -> Task:
+               target_weights: str | None = None, time_bins: int = 0) -> Task:
     """The task of a labelled manifest (see the module docstring), with every label value
     validated: a missing-value token (``NaN``, ``NA`` ...), a stray value in a 0/1 column,
     a value outside ``classes`` or a class with fewer than ``min_per_class`` slides is an
@@ -129,13 +144,14 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
     a blank cell means "not labelled" (NaN in the target, masked out of loss and metrics).
     ``unit`` is the word the errors use (slide, image, volume). ``targets`` (``--targets``) makes a
     multi-task: each target's column checked as its own task would be, blank cells allowed (that
-    target masked for that slide), a slide without any target refused."""
+    target masked for that slide), a slide without any target refused. ``time_bins`` > 0 makes a
+    survival target a discrete-time one with that many intervals."""
     if kind not in TASKS:
         raise ConfigError(f"task {kind!r}: choose one of {list(TASKS)}")
     if targets or kind == "multitask":
-        return _multitask(entries, targets, target_weights, min_per_class, unit)
+        return _multitask(entries, targets, target_weights, min_per_class, unit, time_bins)
     if kind == "survival":
-        return _survival_task(entries, label, classes, min_per_class, allow_blank, unit)
+        return _survival_task(entries, label, classes, min_per_class, allow_blank, unit, time_bins)
     columns = sorted({c for e in entries for c in e.labels})
     if label:
         if label not in columns:
@@ -224,7 +240,7 @@ def _regression_task(entries: list[Any], columns: list[str], classes: list[str] 
 
 
 def _survival_task(entries: list[Any], label: str | None, classes: list[str] | None, min_per_class: int,
-                   allow_blank: bool, unit: str) -> Task:
+                   allow_blank: bool, unit: str, time_bins: int = 0) -> Task:
     """Follow-up time and event columns, each value checked (a time < 0, an event other than 0 / 1 is named)."""
     from wsi_mil.tasks.survival import EVENT, TIME
 
@@ -235,7 +251,7 @@ def _survival_task(entries: list[Any], label: str | None, classes: list[str] | N
     if missing:
         raise ManifestError(f"--task survival needs the columns {TIME} (follow-up time) and {EVENT} (1: event, "
                             f"0: censored); the manifest lacks {missing} (it has {columns or 'no label columns'})")
-    task = Task("survival", ("risk",), (TIME, EVENT))
+    task = Task("survival", ("risk",), (TIME, EVENT), time_bins=time_bins)
     half = [e.slide_id for e in entries if bool(e.labels.get(TIME, "").strip()) != bool(e.labels.get(EVENT, "").strip())]
     if half:
         raise ManifestError(f"{len(half)} {unit}(s) have a follow-up time without an event or the reverse: "
@@ -250,6 +266,9 @@ def _survival_task(entries: list[Any], label: str | None, classes: list[str] | N
         raise ManifestError(f"every {unit}'s {TIME} is {targets[known, 0][0]:g}: follow-up times that do not differ "
                             "cannot order anyone's risk")
     n_events = int(targets[known, 1].sum())
+    if time_bins and n_events < 2 * time_bins:
+        raise ManifestError(f"{n_events} event(s) for --time-bins {time_bins}: each time interval needs events to "
+                            f"learn its hazard; use fewer intervals (at most {max(1, n_events // 2)})")
     if n_events < min_per_class or known.sum() - n_events < min_per_class:
         raise ManifestError(f"{n_events} event(s) and {int(known.sum()) - n_events} censored {unit}(s): a survival "
                             f"model needs at least {min_per_class} of each to be trained and evaluated")
@@ -257,7 +276,7 @@ def _survival_task(entries: list[Any], label: str | None, classes: list[str] | N
 
 
 def _multitask(entries: list[Any], targets: str | None, target_weights: str | None, min_per_class: int,
-               unit: str) -> Task:
+               unit: str, time_bins: int = 0) -> Task:
     """The targets of ``--targets``, each checked as a task of its own (blank cells allowed)."""
     from wsi_mil.tasks.multitask import output_names, parse_targets, parse_weights
 
@@ -266,7 +285,7 @@ def _multitask(entries: list[Any], targets: str | None, target_weights: str | No
     parts = []
     for column, kind in spec:
         if kind == "survival":
-            parts.append(_survival_task(entries, None, None, min_per_class, True, unit))
+            parts.append(_survival_task(entries, None, None, min_per_class, True, unit, time_bins))
             continue
         if column not in columns:
             raise ManifestError(f"--targets: {column!r} is not a label column of the manifest; it has "

@@ -211,12 +211,15 @@ class TaskKind:
     class_call = True
     #: the options of classifiers (--threshold, --imbalance sampler / focal ...) apply
     has_classes = True
+    #: --survival-loss chooses the loss (a survival target)
+    loss_choice = False
 
     #: what a patch's share of the output is measured in (its heatmap's legend)
     contribution_unit = "logit"
 
-    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor:
-        """The instances' shares of the logits (N, C) in the output's units: logits for the classifiers."""
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor | None:
+        """The instances' shares of the logits (N, C) in the output's units: logits for the classifiers (None:
+        the output is not a sum of shares of the logits)."""
         return shares
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:

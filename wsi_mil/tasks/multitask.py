@@ -97,6 +97,7 @@ class Slot:
     task: Task
     weight: float
     out: slice
+    logit: slice
     tgt: slice
     thr: slice
     lw: slice
@@ -107,12 +108,13 @@ class Slot:
 
 
 def slots(task: Task) -> Iterator[Slot]:
-    o = t = h = w = 0
+    o = g = t = h = w = 0
     for part, weight in zip(task.parts, task.weights or (1.0,) * len(task.parts), strict=True):
         n_w = int(np.prod(part.kind_obj.weight_shape(part)))
-        yield Slot(part_name(part), part, weight, slice(o, o + part.n_outputs), slice(t, t + part.n_targets),
-                   slice(h, h + part.kind_obj.threshold_count(part)), slice(w, w + n_w))
-        o, t, h, w = o + part.n_outputs, t + part.n_targets, h + part.kind_obj.threshold_count(part), w + n_w
+        yield Slot(part_name(part), part, weight, slice(o, o + part.n_outputs), slice(g, g + part.n_logits),
+                   slice(t, t + part.n_targets), slice(h, h + part.kind_obj.threshold_count(part)), slice(w, w + n_w))
+        o, g, t = o + part.n_outputs, g + part.n_logits, t + part.n_targets
+        h, w = h + part.kind_obj.threshold_count(part), w + n_w
 
 
 def _known(y: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
@@ -162,12 +164,13 @@ class Multitask(TaskKind):
     # ---- training
     def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
         assert task is not None  # (a multi-task's outputs are its targets')
-        return torch.cat([s.kind.activation(logits[:, s.out], s.task) for s in slots(task)], dim=1)
+        return torch.cat([s.kind.activation(logits[:, s.logit], s.task) for s in slots(task)], dim=1)
 
     contribution_unit = "each target's own (logit, log relative risk, or the target's units)"
 
-    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor:
-        return torch.cat([s.kind.contribution_units(s.task, shares[:, s.out]) for s in slots(task)], dim=1)
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor | None:
+        parts = [s.kind.contribution_units(s.task, shares[:, s.logit]) for s in slots(task)]
+        return None if any(p is None for p in parts) else torch.cat([p for p in parts if p is not None], dim=1)
 
     def weight_shape(self, task: Task) -> tuple[int, ...]:
         return (sum(int(np.prod(s.kind.weight_shape(s.task))) for s in slots(task)),)
@@ -196,7 +199,7 @@ class Multitask(TaskKind):
         total = logits.float().sum() * 0.0
         for s in slots(task):
             w = None if weights is None else weights[s.lw].reshape(s.kind.weight_shape(s.task))
-            total = total + s.weight * s.kind.loss(logits[:, s.out], y[:, s.tgt], w, mode, gamma, s.task)
+            total = total + s.weight * s.kind.loss(logits[:, s.logit], y[:, s.tgt], w, mode, gamma, s.task)
         return total
 
     def score_parts(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, float | None]:
@@ -287,7 +290,8 @@ class Multitask(TaskKind):
         return out
 
     def output_columns(self, task: Task) -> list[str]:
-        return [f"{s.kind.column_prefix}{n}" for s in slots(task) for n in output_names(s.task)]
+        return [c for s in slots(task) for c in ([f"{s.kind.column_prefix}{n}" for n in output_names(s.task)]
+                                                 if s.kind.class_call else s.kind.output_columns(s.task))]
 
     def questions(self, task: Task | None, ids: list[str], t: npt.NDArray[Any]) -> list[Question]:
         if task is None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 
 from wsi_mil.tasks.base import NoClassKind, Question, finite_number, fmt, report_sets
 
@@ -33,6 +34,32 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> tor
     if n_events == 0:
         return risk.sum() * 0.0
     return -terms.sum() / n_events
+
+
+def interval_of(time: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The time interval each time falls in (0 .. len(edges)), intervals closed on the right of their edge."""
+    return torch.bucketize(time, edges, right=True)
+
+
+def discrete_nll(logits: torch.Tensor, time: torch.Tensor, event: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The mean negative log-likelihood of a discrete-time hazard model (logistic hazard per interval, as in
+    Zadeh & Schmid 2020 and PORPOISE): an event in interval j contributes log S(j - 1) + log h(j), a slide censored
+    in interval j log S(j) (it counts as having survived its interval), with h = sigmoid(logit) and S the
+    product of (1 - h) over the intervals so far; in log space throughout."""
+    j = interval_of(time, edges)[:, None]
+    log_h = F.logsigmoid(logits)
+    log_surv = torch.cumsum(F.logsigmoid(-logits), dim=1)  # log S(k): survived intervals 0..k
+    log_surv_before = torch.cat([torch.zeros_like(log_surv[:, :1]), log_surv[:, :-1]], dim=1)
+    seen = log_surv_before.gather(1, j)[:, 0] + log_h.gather(1, j)[:, 0]
+    censored = log_surv.gather(1, j)[:, 0]
+    ll = torch.where(event > 0.5, seen, censored)
+    return -ll.mean() if len(ll) else logits.sum() * 0.0
+
+
+def discrete_risk(logits: torch.Tensor) -> torch.Tensor:
+    """A discrete-time model's risk: minus its expected number of intervals survived, -sum_k S(k) (higher:
+    earlier event), one column."""
+    return -torch.exp(torch.cumsum(F.logsigmoid(-logits.float()), dim=1)).sum(dim=1, keepdim=True)
 
 
 def _p(p: float | None) -> str:
@@ -61,11 +88,15 @@ class Survival(NoClassKind):
 
     column_prefix = "log_"
     contribution_unit = "log relative risk"
+    loss_choice = True
     score_name = "Harrell's C"
     score_key = "c_index"
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"log relative {k} = {v:.{digits}f}" for k, v in probability.items())
+
+    def output_columns(self, task: Task) -> list[str]:
+        return ["risk"] if task.time_bins else super().output_columns(task)  # (not a log: minus intervals survived)
 
     def threshold_count(self, task: Task) -> int:
         return 1
@@ -92,6 +123,9 @@ class Survival(NoClassKind):
 
     def describe(self, task: Task, entries: Sequence[Any] | None = None) -> str:
         text = f"survival task on columns {TIME!r} (follow-up) and {EVENT!r} (1: event, 0: censored)"
+        if task.time_bins:
+            text += (f", discrete time: {task.time_bins} intervals" + (f" (edges {', '.join(f'{b:.4g}' for b in task.bins)})"
+                                                                       if task.bins else ""))
         if entries is not None:
             ev = [e.labels.get(EVENT, "").strip() for e in entries]
             n = sum(bool(v) for v in ev)
@@ -100,12 +134,30 @@ class Survival(NoClassKind):
 
     # ---- training
     def activation(self, logits: torch.Tensor, task: Task | None = None) -> torch.Tensor:
+        if task is not None and task.time_bins:
+            return discrete_risk(logits)
         return logits.float()  # the log relative risk
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
              gamma: float, task: Task | None = None) -> torch.Tensor:
         known = ~torch.isnan(y).any(dim=1)
+        if task is not None and task.time_bins:
+            edges = torch.tensor(task.bins, dtype=torch.float32, device=logits.device)
+            return discrete_nll(logits.float()[known], y[known, 0], y[known, 1], edges)
         return cox_loss(logits.float()[known, 0], y[known, 0], y[known, 1])
+
+    def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
+        """A discrete-time model's interval edges: quantiles of the development slides' event times."""
+        if not task.time_bins:
+            return task
+        import dataclasses
+
+        t = targets[(~np.isnan(targets).any(axis=1)) & (targets[:, 1] > 0.5), 0]
+        edges = np.unique(np.quantile(t, np.arange(1, task.time_bins) / task.time_bins)) if len(t) else np.zeros(0)
+        return dataclasses.replace(task, bins=tuple(float(e) for e in edges), time_bins=len(edges) + 1)
+
+    def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor | None:
+        return None if task.time_bins else shares  # (a discrete model's risk is not a sum of the patches' shares)
 
     def score(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float | None:
         """Harrell's concordance index."""
@@ -169,7 +221,10 @@ class Survival(NoClassKind):
 
     # ---- report
     def report_table(self, task: Task, m: dict[str, Any]) -> list[str]:
-        lines = ["Risk: the model's log relative risk (higher: earlier event). Uno's C and the time-dependent AUC "
+        risk = ("minus the number of time intervals the model expects the slide to survive (discrete-time hazards, "
+                f"{task.time_bins} intervals, edges at {', '.join(f'{b:.4g}' for b in task.bins)}: quantiles of the "
+                "development slides' event times)" if task.time_bins else "the model's log relative risk")
+        lines = [f"Risk: {risk} (higher: earlier event). Uno's C and the time-dependent AUC "
                  "weigh by the censoring distribution of the set itself (scikit-survival, IPCW; – where that "
                  "distribution cannot be estimated, e.g. no censored slide or times that do not differ); risk groups "
                  "split at the median validation risk; a concordance from fewer than 5 events is marked not "
@@ -194,4 +249,5 @@ class Survival(NoClassKind):
                 f"({head.get('n_events')} events)")
 
     def what(self, task: Task) -> str:
-        return "risk of the event (Cox)"
+        return ("risk of the event (discrete-time hazards: minus the expected intervals survived)" if task.time_bins
+                else "risk of the event (Cox)")

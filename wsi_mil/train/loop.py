@@ -198,8 +198,9 @@ def predict(model: nn.Module, bags: Any, task: Task, *, device: str = "cpu", amp
         probs.append(probabilities(out.logits, task.kind, task).cpu().numpy())
         att += feeder.attention(out, inputs)
         c = getattr(out, "contribution", None)
-        if shares is not None and c is not None and c.shape[0] == 1:
-            shares.append(task.kind_obj.contribution_units(task, c[0].float()).cpu().numpy())
+        share = task.kind_obj.contribution_units(task, c[0].float()) if c is not None and c.shape[0] == 1 else None
+        if shares is not None and share is not None:
+            shares.append(share.cpu().numpy())
         else:
             shares = None
         if loss_fn is not None and over_set:

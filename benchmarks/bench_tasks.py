@@ -14,8 +14,12 @@ Survival, on the same held-out test slides of each seed (the run's own patient-l
 - **image + covariate (late fusion)**: a Cox model of [the MIL out-of-fold risk, age] fitted on the
   development slides' out-of-fold risks, applied to the test ensemble's risk;
 - **image + covariate (fused)**: train-mil --task survival --covariates age (concat fusion in the network);
+- **discrete time**: train-mil --task survival --survival-loss discrete (4 intervals, a logistic hazard each);
+- **multi-task**: train-mil --targets survival,label_burden:regression: the same aggregator also regresses the
+  lesion burden (a pathologist's tumour-fraction score in real life; here the generator's truth), its risk judged;
 - **oracle**: a Cox model of [the true burden, age]: what a perfect lesion detector would give.
-Figures: Harrell's C with its bootstrap interval, the time-dependent AUC at the event-time quartiles.
+Figures: Harrell's C with its bootstrap interval, the time-dependent AUC at the event-time quartiles, the
+integrated Brier score beside the Kaplan-Meier curve's (no model).
 
 Regression: train-mil --task regression against a ridge regression on each slide's mean feature
 (the usual non-MIL baseline; alpha chosen by cross-validation on the development slides), R²,
@@ -93,9 +97,10 @@ def survival_seed(seed: int, manifest: Path, feats: Path, burden: dict[str, floa
     m = work / f"survival-{seed}.csv"
     with open(m, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["slide_id", "path", "patient_id", "label_time", "label_event", "age"])
-        for r, t, e, a in zip(rows, out.time, out.event, age, strict=True):
-            w.writerow([r["slide_id"], str(manifest.parent / r["path"]), r["patient_id"], f"{t:.5f}", e, f"{a:.1f}"])
+        w.writerow(["slide_id", "path", "patient_id", "label_time", "label_event", "age", "label_burden"])
+        for r, t, e, a, bb in zip(rows, out.time, out.event, age, b, strict=True):
+            w.writerow([r["slide_id"], str(manifest.parent / r["path"]), r["patient_id"], f"{t:.5f}", e, f"{a:.1f}",
+                        f"{100 * bb:.4f}"])
     t, e = out.time, out.event
     ix = {s: i for i, s in enumerate(ids)}
     rows_out: dict[str, Any] = {}
@@ -116,7 +121,8 @@ def survival_seed(seed: int, manifest: Path, feats: Path, burden: dict[str, floa
 
         def figs(risk: np.ndarray, te: np.ndarray = te) -> dict[str, Any]:
             mm = survival_metrics(t[te], e[te], risk, None, n_boot=500, seed=seed)
-            return {k: mm.get(k) for k in ("c_index", "c_index_ci", "td_auc_mean", "c_index_uno")}
+            return {k: mm.get(k) for k in ("c_index", "c_index_ci", "td_auc_mean", "c_index_uno", "ibs",
+                                           "ibs_kaplan_meier")}
 
         image = np.array([ens[s] for s in test_ids])
         rows_out[f"image only (train-mil survival, {model})"] = figs(image)
@@ -134,6 +140,21 @@ def survival_seed(seed: int, manifest: Path, feats: Path, burden: dict[str, floa
     rows_out["image (abmil) + covariate fused in the network (--covariates age)"] = figs(fused_risk)
     assert fused.metrics["ensemble_test"]["c_index"] == rows_out[
         "image (abmil) + covariate fused in the network (--covariates age)"]["c_index"]
+    for key, name, config, column in (
+            ("discrete", "image only (train-mil survival, abmil, discrete time: 4 intervals)",
+             TrainConfig(task="survival", survival_loss="discrete", time_bins=4, seed=seed, bootstrap=500), "risk"),
+            ("multitask", "image (abmil) multi-task: survival + the burden regressed (--targets)",
+             TrainConfig(targets="survival,label_burden:regression", seed=seed, bootstrap=500), "log_risk")):
+        run = work / f"survival-run-{key}-{seed}"
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        report = run_train(m, [feats], out_dir=run, config=config, progress=False)
+        seconds.append(time.perf_counter() - t0)
+        preds = [p for p in csv.DictReader(open(run / "predictions.csv")) if p["fold"] == "ensemble"]
+        assert [p["slide_id"] for p in preds] == test_ids  # (the same held-out slides)
+        rows_out[name] = figs(np.array([float(p[column]) for p in preds]))
+        head = report.metrics["ensemble_test"]
+        assert (head.get("parts", {}).get("survival") or head)["c_index"] == rows_out[name]["c_index"]
     rows_out["covariate only (Cox of age)"] = figs(_cox(age[dev, None], t[dev], e[dev], age[te, None]))
     rows_out["oracle (Cox of true burden and age)"] = figs(_cox(np.c_[b[dev], age[dev]], t[dev], e[dev],
                                                                 np.c_[b[te], age[te]]))
@@ -193,7 +214,8 @@ def _summary(per_seed: list[dict[str, Any]], key: str) -> dict[str, str]:
 
 def _markdown_survival(res: dict[str, Any]) -> str:
     seeds = res["seeds"]
-    c, td, uno = (_summary(seeds, k) for k in ("c_index", "td_auc_mean", "c_index_uno"))
+    c, td, uno, ibs, km = (_summary(seeds, k) for k in ("c_index", "td_auc_mean", "c_index_uno", "ibs",
+                                                         "ibs_kaplan_meier"))
     lines = ["# Survival: an outcome planted in the lesions, learnt from the slides", "",
              (f"Cohort: the small-lesion benchmark's 120 generated slides of real tissue (0.5 µm/px, EfficientNet-Lite0 "
               f"features); the log hazard rises by {BURDEN_EFFECT:g} per sd of each slide's lesion burden (share of "
@@ -201,10 +223,14 @@ def _markdown_survival(res: dict[str, Any]) -> str:
               f"Every model is judged on the same held-out test slides of each seed ({seeds[0]['n_test']} slides, "
               f"{', '.join(str(s['n_events_test']) for s in seeds)} events). Median (min-max) over seeds "
               f"{', '.join(str(s['seed']) for s in seeds)}. Command: `python benchmarks/bench_tasks.py`."), "",
-             "| model | Harrell's C | Uno's C | time-dependent AUC (mean over the event-time quartiles) |",
-             "|---|---|---|---|"]
+             "| model | Harrell's C | Uno's C | time-dependent AUC (mean over the event-time quartiles) | "
+             "integrated Brier (lower is better) |",
+             "|---|---|---|---|---|"]
     for name in c:
-        lines.append(f"| {name} | {c[name]} | {uno[name]} | {td[name]} |")
+        lines.append(f"| {name} | {c[name]} | {uno[name]} | {td[name]} | {ibs.get(name, '–')} |")
+    lines += ["", f"Integrated Brier score of the test set's own Kaplan-Meier curve given to every slide (no model): "
+                  f"{next(iter(km.values()), '–')}; the models' survival curves come from their risk through a Breslow "
+                  "baseline estimated on the test set (wsi_mil/eval/survival.py)."]
     lines += ["", "Harrell's C of each seed with its 95% bootstrap interval (500 resamples of the test slides):", ""]
     for s in seeds:
         lines.append(f"- seed {s['seed']}: " + "; ".join(

@@ -542,14 +542,14 @@ class TrainConfig(CommonTrainConfig):
                                             "each); model selection follows the mean skill over chance with these weights")
     survival_loss: str = _opt("cox", "survival targets: " + described(choices.SURVIVAL_LOSSES),
                               choices=names(choices.SURVIVAL_LOSSES))
-    time_bins: int = _opt(4, "with --survival-loss discrete: time intervals (edges at quantiles of the development "
-                             "slides' event times)")
+    time_bins: int | None = _opt(None, "with --survival-loss discrete: time intervals (edges at quantiles of the "
+                                       "development slides' event times); default 4")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
 
     def _checks(self) -> list[tuple[bool, str]]:
         return super()._checks() + [
             (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
-            (self.time_bins >= 2, "--time-bins must be 2 or more"),
+            (self.time_bins is None or self.time_bins >= 2, "--time-bins must be 2 or more"),
             (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
         ]
@@ -582,6 +582,11 @@ class TrainConfig(CommonTrainConfig):
             raise ConfigError(f"--survival-loss {self.survival_loss} is a survival target's loss; this run has none "
                               "(--task survival, or survival among --targets)")
         discrete = survival and self.survival_loss == "discrete"  # (a likelihood per bag: one bag a step will do)
+        if self.time_bins is not None and self.survival_loss != "discrete":
+            raise ConfigError("--time-bins sets a discrete-time model's intervals: it goes with --survival-loss "
+                              "discrete (the Cox loss has none)")
+        if discrete and self.time_bins is None:  # (resolved here: what is recorded is the value used)
+            object.__setattr__(self, "time_bins", 4)
         if self.bags_per_batch is None:  # (resolved here: what is recorded is the value used)
             object.__setattr__(self, "bags_per_batch", 1 if discrete or kind is None else kind.bags_per_batch)
         if kind is not None and not discrete and isinstance(self.bags_per_batch, int) and \

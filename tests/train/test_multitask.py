@@ -35,8 +35,8 @@ def test_three_targets_in_one_model_each_judged_on_its_own_slides(cohort, tmp_pa
     from sksurv.metrics import concordance_index_censored
 
     feats, rows = cohort
-    m = _manifest(tmp_path / "m.csv", rows, _columns(rows))
-    config = TrainConfig(targets=TARGETS, target_weights="1,1,2", **CFG)
+    m = _manifest(tmp_path / "m.csv", rows, {**_columns(rows), "age": lambda r: f"{r['age']:.1f}"})
+    config = TrainConfig(targets=TARGETS, target_weights="1,1,2", covariates="age", **CFG)
     assert config.task == "multitask" and config.bags_per_batch == 16  # (a survival target among them)
     report = run_train(m, [feats], out_dir=tmp_path / "run", config=config, progress=False)
     task = report.task
@@ -73,13 +73,20 @@ def test_three_targets_in_one_model_each_judged_on_its_own_slides(cohort, tmp_pa
         assert heading in md
     for f in ("targets/high/roc.png", "targets/burden/calibration.png", "targets/survival/kaplan_meier.png"):
         assert (run / f).stat().st_size > 5000 and f in report.metrics["figures"]
+    ablation = report.metrics["ablation"]  # what the covariate adds, per target too (not only their mean skill)
+    assert ablation["target_scores"] == {"high": "high: AUC", "burden": "burden: R²", "survival": "survival: Harrell's C"}
+    both = ablation["variants"]["image and covariates (the model)"]["ensemble_test"]
+    assert both["targets"]["survival"] == pytest.approx(c, abs=1e-6) and both["score"] == pytest.approx(test["skill"])
+    assert set(ablation["variants"]["covariates alone"]["ensemble_test"]["targets"]) == {"high", "burden", "survival"}
+    assert "| covariates alone | ensemble of folds, test |" in md
+    assert "reliability.png" in report.metrics["figures"] and (run / "reliability.png").is_file()  # (drawn, listed)
     spec = json.loads((run / "models" / "fold0.json").read_text())
     assert len(spec["thresholds"]) == 2  # the binary target's and the survival median (the regression has none)
 
     from wsi_mil.commands.predict import run_predict  # the fold models' mean, per target, as the run gave it
 
     ids = [r["slide_id"] for r in preds[:4]]
-    run_predict(run, [feats / f"{i}.h5" for i in ids], out_dir=tmp_path / "pred")
+    run_predict(run, [feats / f"{i}.h5" for i in ids], out_dir=tmp_path / "pred", manifest=m)
     again = {r["slide_id"]: r for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
     for r in preds[:4]:
         for col in ("prob_high:1", "predicted_label_burden", "log_risk"):
@@ -114,7 +121,9 @@ def test_a_blank_target_is_masked_not_counted() -> None:
     ({"targets": "label_high"}, r"needs two targets or more"),
     ({"targets": "label_high,label_high"}, r"named twice"),
     ({"targets": "label_high,label_burden:ordinal"}, r"kind 'ordinal' is not one of"),
-    ({"targets": "label_high,label_time:survival"}, r"a survival target is written 'survival'"),
+    ({"targets": "label_high,label_burden:survival"}, r"a survival target is written 'survival'"),
+    ({"targets": "label_time:regression,survival"}, r"label_time is half of the survival outcome"),
+    ({"targets": "label_event,survival"}, r"label_event is half of the survival outcome"),
     ({"targets": TARGETS, "task": "binary"}, r"--task binary is one"),
     ({"targets": TARGETS, "label": "label_high"}, r"--label and --classes are for one target"),
     ({"targets": TARGETS, "imbalance": "sampler"}, r"--imbalance sampler act\(s\) on one class"),
@@ -154,3 +163,26 @@ def test_a_manifest_that_does_not_fit_the_targets_is_refused_before_any_folder(c
     with pytest.raises(ManifestError, match=message):
         run_train(m, [feats], out_dir=tmp_path / "run", config=TrainConfig(targets=targets, **CFG), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_target_at_chance_fails_its_fold_whatever_the_others_mean() -> None:
+    """The survival target below chance in fold 1 (C 0.42) while the binary target carries the mean skill: the
+    fold failed, said per target (it read "the folds agree")."""
+    from wsi_mil.data.bags import Task
+    from wsi_mil.train.runner import _with_parts, fold_health
+
+    binary = Task("binary", ("1",), ("label_a",), ("0", "1"), ("0", "1"))
+    surv = Task("survival", ("risk",), ("label_time", "label_event"))
+    task = Task("multitask", ("a:1", "risk"), ("label_a", "label_time", "label_event"), parts=(binary, surv),
+                weights=(1.0, 1.0))
+
+    def fold(k: int, c_test: float) -> dict[str, object]:
+        sets = {s: {"parts": {"a": {"auc": 0.9}, "survival": {"c_index": c}}, "skill": 0.8 + (c - 0.5)}
+                for s, c in (("val", 0.6), ("test", c_test))}
+        return {"fold": k, **sets}
+
+    folds = [fold(0, 0.62), fold(1, 0.42)]
+    alone = fold_health(folds, "skill", "weighted mean skill over chance", 0.0)
+    assert alone["failed"] == []  # (what the run said before)
+    health = _with_parts(alone, task.kind_obj.part_views(task, {"folds": folds}))
+    assert health["failed"] == [{"fold": 1, "why": "test survival Harrell's C 0.420"}] and health["disagree"]

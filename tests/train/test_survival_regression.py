@@ -277,9 +277,9 @@ def test_covariates_fused_in_the_network_are_learnt_and_kept_with_each_fold(coho
     r2_image, r2_fused = image.metrics["ensemble_test"]["r2"], fused.metrics["ensemble_test"]["r2"]
     assert r2_fused > r2_image + 0.2, (r2_image, r2_fused)
     ablation = fused.metrics["ablation"]["variants"]  # the report's: what each input gives alone
-    assert ablation["image and covariates (the model)"]["ensemble_test"] == pytest.approx(r2_fused, abs=1e-5)
-    assert ablation["image branch alone"]["ensemble_test"] < r2_fused - 0.15  # (it cannot know the age)
-    assert 0.1 < ablation["covariates alone"]["ensemble_test"] < r2_fused  # (nor the covariates the burden)
+    assert ablation["image and covariates (the model)"]["ensemble_test"]["score"] == pytest.approx(r2_fused, abs=1e-5)
+    assert ablation["image branch alone"]["ensemble_test"]["score"] < r2_fused - 0.15  # (it cannot know the age)
+    assert 0.1 < ablation["covariates alone"]["ensemble_test"]["score"] < r2_fused  # (nor the covariates the burden)
     assert "## What the covariates add" in (tmp_path / "fused" / "report.md").read_text()
     assert "ablation" not in image.metrics
     spec = json.loads((tmp_path / "fused" / "models" / "fold0.json").read_text())
@@ -435,6 +435,9 @@ def test_discrete_time_survival_end_to_end(cohort, tmp_path) -> None:
 def test_survival_loss_options_are_refused_where_they_cannot_apply(cohort, tmp_path) -> None:
     with pytest.raises(ConfigError, match="--survival-loss discrete is a survival target's loss"):
         TrainConfig(survival_loss="discrete")
+    with pytest.raises(ConfigError, match="--time-bins sets a discrete-time model's intervals"):
+        TrainConfig(task="survival", time_bins=3)  # (was accepted and ignored by the Cox loss)
+    assert TrainConfig(task="survival", survival_loss="discrete").time_bins == 4
     with pytest.raises(ConfigError, match="--time-bins must be 2 or more"):
         TrainConfig(task="survival", survival_loss="discrete", time_bins=1)
     assert TrainConfig(targets="label_a,survival", survival_loss="discrete").bags_per_batch == 1

@@ -156,7 +156,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     entries = read_manifest(manifest, require_path=False)
     task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
                       config.min_class_slides, targets=config.targets, target_weights=config.target_weights,
-                      time_bins=config.time_bins if config.survival_loss == "discrete" else 0)
+                      time_bins=config.time_bins or 0)
     task_line = task.describe(entries)
     from wsi_mil.data.covariates import check_values, parse_covariates
 

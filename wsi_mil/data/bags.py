@@ -167,7 +167,8 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
         tokens = {e.labels[c].strip() for e in entries if e.labels[c].strip().lower() in MISSING_TOKENS}
         if tokens:
             raise ManifestError(f"column {c!r} holds missing-value markers instead of labels: "
-                                f"{_rows_with(entries, c, tokens)}. Label these {unit}s or leave them out of the manifest")
+                                f"{_rows_with(entries, c, tokens)}. Label these {unit}s or leave them out of the manifest"
+                                + (" (or leave the cell empty: an empty cell is 'not labelled' here)" if allow_blank else ""))
     if kind == "regression":
         return _regression_task(entries, columns, classes, min_per_class, unit)
     said_multiclass = kind == "multiclass"
@@ -210,7 +211,9 @@ def infer_task(entries: list[Any], kind: str = "auto", label: str | None = None,
     small = [(name, value) for name, value in zip(task.classes, task.label_values, strict=True)
              if sum(e.labels[col].strip() == value for e in entries) < min_per_class]
     if small:
-        listing = "; ".join(f"class {name!r}: {_rows_with(entries, col, {value})}" for name, value in small)
+        listing = "; ".join(f"class {name!r}: {_rows_with(entries, col, {value})}" for name, value in small[:6])
+        if len(small) > 6:  # (a numeric column read as classes has hundreds: the point is made by a few)
+            listing += f"; ... ({len(small)} classes in all; is {col!r} a number to regress, --task regression?)"
         raise ManifestError(f"fewer than {min_per_class} {unit}s in {listing}. A class this small cannot be trained "
                             f"or evaluated; fix the labels if these are typos, or add {unit}s of the class")
     return task

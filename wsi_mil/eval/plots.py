@@ -65,12 +65,13 @@ def confusion_plot(path: Path, cm: list[list[float]], classes: list[str], title:
     return _save(fig, path)
 
 
-def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]], score: str = "AUC") -> Path:
-    """Training loss and validation loss / score (``score``: the task's, AUC by default) per epoch, one line per fold."""
-    return _save(curves_figure(histories, score), path)
+def curves_plot(path: Path, histories: dict[str, list[dict[str, Any]]], score: str = "AUC", loss_note: str = "") -> Path:
+    """Training loss and validation loss / score (``score``: the task's, AUC by default) per epoch, one line per
+    fold; ``loss_note`` under the loss panel's title."""
+    return _save(curves_figure(histories, score, loss_note), path)
 
 
-def curves_figure(histories: dict[str, list[dict[str, Any]]], score: str = "AUC") -> Any:
+def curves_figure(histories: dict[str, list[dict[str, Any]]], score: str = "AUC", loss_note: str = "") -> Any:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, hist in histories.items():
@@ -79,9 +80,13 @@ def curves_figure(histories: dict[str, list[dict[str, Any]]], score: str = "AUC"
         if any(h.get("val_loss") is not None for h in hist):
             axes[0].plot(ep, [h.get("val_loss") for h in hist], ls="--", c=line.get_color(), label=f"{name} val")
             axes[1].plot(ep, [h.get("val_auc") if h.get("val_auc") is not None else np.nan for h in hist], c=line.get_color(), label=name)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    bounded = score != "R²"  # (an AUC or a concordance is in [0, 1]; an R² can be anything below 1)
-    axes[1].set(xlabel="epoch", ylabel=score, title=f"validation {score}", ylim=(-0.02, 1.02) if bounded else None)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss" + (f"\n{loss_note}" if loss_note else ""))
+    if loss_note:
+        axes[0].title.set_fontsize(8)
+    values = [float(h["val_auc"]) for hist in histories.values() for h in hist if h.get("val_auc") is not None]
+    # (an AUC or a concordance is in [0, 1]; an R² or a skill over chance can fall below 0: never cut off)
+    low = min([0.0, *values]) if values else 0.0
+    axes[1].set(xlabel="epoch", ylabel=score, title=f"validation {score}", ylim=(min(-0.02, low - 0.02), 1.02))
     axes[0].legend(fontsize=7)
     return fig
 

@@ -246,6 +246,10 @@ class TaskKind:
         """Validation scores of the task's parts (a multi-task's targets; none otherwise)."""
         return {}
 
+    def part_views(self, task: Task, m: dict[str, Any]) -> dict[str, tuple[dict[str, Any], TaskKind]]:
+        """Each part's view of the run's metrics with its kind (a multi-task's targets; none otherwise)."""
+        return {}
+
     def output_columns(self, task: Task) -> list[str]:
         """predictions.csv's column of each output."""
         return [f"{self.column_prefix}{name}" for name in task.outputs]

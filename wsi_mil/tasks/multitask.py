@@ -47,6 +47,10 @@ def parse_targets(text: str | None) -> list[tuple[str, str]]:
             kind = SURVIVAL_TARGET if kind == "auto" else kind
         if kind not in ("auto", *allowed):
             raise ConfigError(f"--targets {item!r}: kind {kind!r} is not one of auto, {', '.join(allowed)}")
+        if column in ("label_time", "label_event"):
+            raise ConfigError(f"--targets {item!r}: {column} is half of the survival outcome (a follow-up time read "
+                              "without its censoring, or an event without its time, is a wrong target); write the "
+                              "word survival for the label_time / label_event pair")
         if (kind == SURVIVAL_TARGET) != (column == SURVIVAL_TARGET):
             raise ConfigError(f"--targets {item!r}: a survival target is written 'survival' (it reads the label_time "
                               "and label_event columns); a column names a binary, multi-class or regression target")
@@ -166,7 +170,8 @@ class Multitask(TaskKind):
         assert task is not None  # (a multi-task's outputs are its targets')
         return torch.cat([s.kind.activation(logits[:, s.logit], s.task) for s in slots(task)], dim=1)
 
-    contribution_unit = "each target's own (logit, log relative risk, or the target's units)"
+    contribution_unit = ("each target's own: a classifier's logit, a Cox model's log relative risk, a regression's "
+                         "units (adding up to its prediction less the development mean)")
 
     def contribution_units(self, task: Task, shares: torch.Tensor) -> torch.Tensor | None:
         parts = [s.kind.contribution_units(s.task, shares[:, s.logit]) for s in slots(task)]
@@ -288,6 +293,9 @@ class Multitask(TaskKind):
                 v = s.kind.predicted(s.task, t, [0.5] * s.kind.threshold_count(s.task))
                 out[s.task.label_columns[0]] = ";".join(v) if isinstance(v, list) else v
         return out
+
+    def part_views(self, task: Task, m: dict[str, Any]) -> dict[str, tuple[dict[str, Any], TaskKind]]:
+        return {s.name: (_view(m, s.name), s.kind) for s in slots(task)}
 
     def output_columns(self, task: Task) -> list[str]:
         return [c for s in slots(task) for c in ([f"{s.kind.column_prefix}{n}" for n in output_names(s.task)]

@@ -230,7 +230,7 @@ class Survival(NoClassKind):
                  "split at the median validation risk; a concordance from fewer than 5 events is marked not "
                  "informative. Integrated Brier score (lower is better) over deciles 1-9 of the set's event times: "
                  "the model's survival curves from its risk through a Breslow baseline hazard estimated on the set "
-                 "itself (a Cox risk is relative), beside the score of the set's Kaplan-Meier curve given to every "
+                 f"itself ({'the risk used as a Cox model would use it' if task.time_bins else 'a Cox risk is relative'}), beside the score of the set's Kaplan-Meier curve given to every "
                  "slide (no model); a model no better than that curve has learnt nothing about time.", "",
                  "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
                  "integrated Brier (95% CI) vs Kaplan-Meier | log-rank p (high vs low risk) |",

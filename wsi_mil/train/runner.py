@@ -74,6 +74,18 @@ def fold_health(folds: list[dict[str, Any]], key: str = "auc", name: str = "AUC"
             "score": name}
 
 
+def _with_parts(health: dict[str, Any], parts: dict[str, tuple[dict[str, Any], Any]]) -> dict[str, Any]:
+    """A multi-task run's health: a fold fails when any target's score is at or below its chance (a target that
+    failed is never hidden behind the others' mean)."""
+    failed = {f["fold"]: [f["why"]] for f in health["failed"]}
+    for name, (view, kind) in parts.items():
+        for f in fold_health(view["folds"], kind.score_key, f"{name} {kind.score_name}", kind.chance)["failed"]:
+            failed.setdefault(f["fold"], []).append(f["why"])
+    health["failed"] = [{"fold": k, "why": ", ".join(v)} for k, v in sorted(failed.items())]
+    health["disagree"] = health["disagree"] or bool(health["failed"])
+    return health
+
+
 def failed_folds_text(health: dict[str, Any]) -> str:
     """``fold 1: validation AUC 0.330; fold 3: test AUC 0.400``."""
     return "; ".join(f"fold {f['fold']}: {f['why']}" for f in health.get("failed", []))
@@ -126,7 +138,7 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
 #: settings added since folds were last hashed, left out while at their default (a fold trained by the
 #: previous version is found again instead of being retrained)
 _LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat", "targets": None, "target_weights": None,
-                        "survival_loss": "cox", "time_bins": 4}
+                        "survival_loss": "cox", "time_bins": None}
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
@@ -463,12 +475,15 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     calibration.update(task.kind_obj.calibration_lines(task, ys, ps, where))
     metrics["figures"] = task.kind_obj.plots(task, out_dir, ys, ps, where,
                                              pooled_thr if test_feed is not None else per_fold_thr)
+    if calibration and not task.kind_obj.class_call:  # (a multi-task's classifier targets: drawn below)
+        metrics["figures"].append("reliability.png")
     if ablation:
         metrics["ablation"] = _ablation(task, ablation, py, pp, test_feed.targets if test_feed is not None else None,
                                         np.mean(test_probs, axis=0) if test_feed is not None else None)
     metrics["across_folds_val"] = _across(folds_out, "val")
     kind = task.kind_obj
-    metrics["fold_health"] = fold_health(folds_out, kind.score_key, kind.score_name, kind.chance)
+    metrics["fold_health"] = _with_parts(fold_health(folds_out, kind.score_key, kind.score_name, kind.chance),
+                                         kind.part_views(task, metrics))
     metrics["headline"] = choose_headline(metrics, kind.score_key, kind.score_name)
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind_obj.single_positive:
@@ -623,15 +638,22 @@ def _shortcuts_after_per_output(record: dict[str, Any], set_name: str, ids: list
 def _ablation(task: Task, found: dict[str, dict[str, list[np.ndarray]]], py: np.ndarray, pp: np.ndarray,
               ty: np.ndarray | None, tp: np.ndarray | None) -> dict[str, Any]:
     """The task's score of the model and of each ablation (pooled out of fold; the fold ensemble on the test set)."""
-    score = task.kind_obj.score
-    rows = {"image and covariates (the model)": {"pooled_validation": score(task, py, pp)}}
-    if ty is not None and tp is not None:
-        rows["image and covariates (the model)"]["ensemble_test"] = score(task, ty, tp)
-    for variant, by_set in found.items():
-        rows[variant] = {"pooled_validation": score(task, py, np.concatenate(by_set["val"]))}
-        if ty is not None and by_set.get("test"):
-            rows[variant]["ensemble_test"] = score(task, ty, np.mean(by_set["test"], axis=0))
-    return {"score": task.kind_obj.score_name, "variants": rows}
+    kind = task.kind_obj
+
+    def figures(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+        parts = kind.score_parts(task, y, p)  # (a multi-task run: each target's score too)
+        return {"score": kind.score(task, y, p), **({"targets": parts} if parts else {})}
+
+    variants = {"image and covariates (the model)": (pp, tp), **{
+        v: (np.concatenate(by_set["val"]), np.mean(by_set["test"], axis=0) if by_set.get("test") else None)
+        for v, by_set in found.items()}}
+    rows: dict[str, Any] = {}
+    for variant, (pv, pt) in variants.items():
+        rows[variant] = {"pooled_validation": figures(py, pv)}
+        if ty is not None and pt is not None:
+            rows[variant]["ensemble_test"] = figures(ty, pt)
+    names = {p: f"{p}: {k.score_name}" for p, (_, k) in kind.part_views(task, {}).items()}
+    return {"score": kind.score_name, "variants": rows, "target_scores": names}
 
 
 def _ablation_markdown(m: dict[str, Any]) -> list[str]:
@@ -643,9 +665,13 @@ def _ablation_markdown(m: dict[str, Any]) -> list[str]:
              "training mean: they then tell nothing about a slide) and of a linear model of the covariates alone "
              "fitted on each fold's training slides (logistic, ridge or Cox by the task; the fold models averaged "
              "on the test set as the MIL folds are).", "",
-             "| inputs | pooled out-of-fold validation | ensemble of folds, test |", "|---|---|---|"]
+             "| inputs | set | " + " | ".join([a["score"], *a.get("target_scores", {}).values()]) + " |",
+             "|---|---|" + "---|" * (1 + len(a.get("target_scores", {})))]
     for variant, v in a["variants"].items():
-        lines.append(f"| {variant} | {_fmt(v.get('pooled_validation'))} | {_fmt(v.get('ensemble_test'))} |")
+        for key, set_name in (("pooled_validation", "pooled out-of-fold validation"), ("ensemble_test", "ensemble of folds, test")):
+            if v.get(key):
+                cells = [v[key]["score"], *(v[key].get("targets", {}).get(t) for t in a.get("target_scores", {}))]
+                lines.append(f"| {variant} | {set_name} | " + " | ".join(_fmt(c) for c in cells) + " |")
     return lines
 
 
@@ -709,7 +735,10 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
         classes = task.kind_obj.confusion_classes(task)
         confusion_plot(out / "confusion.png", head["confusion"], classes, SET_NAMES.get(key, key))
     if any(histories.values()):
-        curves_plot(out / "training_curves.png", histories, task.kind_obj.score_name)
+        note = ("validation loss over the whole set, training loss over batches of bags: a loss that ranks bags "
+                "against each other (Cox) grows with their number, so the two levels do not compare"
+                if task.kind_obj.loss_over_set else "")
+        curves_plot(out / "training_curves.png", histories, task.kind_obj.score_name, note)
     if calibration:
         reliability_plot(out / "reliability.png", calibration)
     write_text(out / "report.md", report_markdown(task, metrics))

@@ -29,7 +29,8 @@ TASKS: dict[str, str] = {
     "binary": "one label column with two classes",
     "multiclass": "one label column with three or more classes (one each)",
     "multilabel": "several label columns, each 0 / 1 (a slide may have several)",
-    "regression": "one numeric label column: a continuous target (Huber loss on the standardised target)",
+    "regression": "one numeric label column: a continuous target (Huber loss on the standardised target; "
+                  "--regression-loss, --no-standardise-target)",
     "survival": "label_time (follow-up) and label_event (1: event, 0: censored) columns: Cox partial likelihood",
     "multitask": "several targets at once (--targets): a head each on one shared aggregator, the weighted sum of their "
                  "losses, a blank cell masking that target only",
@@ -40,6 +41,13 @@ SURVIVAL_LOSSES: dict[str, str] = {
     "cox": "Cox partial likelihood over each batch of bags (Breslow ties); the output is the log relative risk",
     "discrete": "discrete-time negative log-likelihood: a logistic hazard per time interval (--time-bins), each bag "
                 "its own likelihood; the risk is minus the expected intervals survived",
+}
+
+#: a regression target's loss (``--regression-loss``)
+REGRESSION_LOSSES: dict[str, str] = {
+    "huber": "Huber loss (delta 1 on the standardised target): squared near the target, linear beyond, so a few "
+             "outlying labels do not dominate",
+    "mse": "mean squared error: the maximum-likelihood loss of Gaussian noise, pulled by outlying labels",
 }
 
 #: how clinical covariates join the slide embedding (``--fusion``, with ``--covariates``)
@@ -201,7 +209,7 @@ SYNTH_PRESETS: dict[str, str] = {
 #: every list above by the name the docs and tests use
 ALL: dict[str, dict[str, str]] = {
     "MIL models": MIL_MODELS, "tasks": TASKS, "imbalance (loss)": IMBALANCE, "thresholds": THRESHOLDS,
-    "monitors": MONITORS, "survival losses": SURVIVAL_LOSSES, "fusion": FUSION, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
+    "monitors": MONITORS, "survival losses": SURVIVAL_LOSSES, "regression losses": REGRESSION_LOSSES, "fusion": FUSION, "select": SELECT, "duplicates": DUPLICATES, "blank patient": BLANK_PATIENT,
     "store formats": STORE_FORMATS, "pixel sources": PIXEL_SOURCES, "precisions": PRECISIONS,
     "stain normalisation": STAIN_NORMS, "tile executors": EXECUTORS, "image modes": IMAGE_MODES,
     "image augmentation": IMAGE_AUGMENT, "volume modes": VOLUME_MODES, "3D architectures": VOLUME_ARCHS,

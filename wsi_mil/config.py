@@ -544,6 +544,11 @@ class TrainConfig(CommonTrainConfig):
                               choices=names(choices.SURVIVAL_LOSSES))
     time_bins: int | None = _opt(None, "with --survival-loss discrete: time intervals (edges at quantiles of the "
                                        "development slides' event times); default 4")
+    regression_loss: str = _opt("huber", "regression targets: " + described(choices.REGRESSION_LOSSES),
+                                choices=names(choices.REGRESSION_LOSSES))
+    standardise_target: bool = _opt(True, "regression targets: train on the target standardised by the development "
+                                          "slides' mean and sd (recorded with the models; predictions and figures "
+                                          "stay in the target's units); off: the raw values")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
 
     def _checks(self) -> list[tuple[bool, str]]:
@@ -577,10 +582,8 @@ class TrainConfig(CommonTrainConfig):
 
             kind = max((KINDS[k] for _, k in parse_targets(self.targets) if k in KINDS),
                        key=lambda k: k.min_bags_per_batch, default=kind)
+        self._refuse_unread_settings()
         survival = kind is not None and kind.loss_choice  # (a survival target: Cox or discrete time)
-        if self.survival_loss != "cox" and not survival:
-            raise ConfigError(f"--survival-loss {self.survival_loss} is a survival target's loss; this run has none "
-                              "(--task survival, or survival among --targets)")
         discrete = survival and self.survival_loss == "discrete"  # (a likelihood per bag: one bag a step will do)
         if self.time_bins is not None and self.survival_loss != "discrete":
             raise ConfigError("--time-bins sets a discrete-time model's intervals: it goes with --survival-loss "
@@ -594,6 +597,26 @@ class TrainConfig(CommonTrainConfig):
             raise ConfigError(f"--task {kind.name} needs --bags-per-batch {kind.min_bags_per_batch} or more: "
                               f"{kind.why_batches}")
         super().__post_init__()
+
+    def _refuse_unread_settings(self) -> None:
+        """A setting of one kind of target (--survival-loss, --regression-loss ...) away from its default in a
+        run with no such target is refused: it would be ignored."""
+        from wsi_mil.tasks import KINDS
+
+        kinds = [KINDS[self.task]] if self.task in KINDS else []  # (auto without --targets: a classifier)
+        if self.targets:
+            from wsi_mil.tasks.multitask import parse_targets
+
+            kinds = [KINDS[k] for _, k in parse_targets(self.targets) if k in KINDS]
+        read = {name for k in kinds for name, _ in k.own_settings}
+        for owner in sorted({type(k) for k in KINDS.values()}, key=lambda k: k.name):
+            for name, default in owner.own_settings:
+                if name not in read and getattr(self, name) != default:
+                    flag = "--" + name.replace("_", "-")
+                    shown = f"{flag} {getattr(self, name)}" if not isinstance(default, bool) else \
+                        (flag if getattr(self, name) else "--no-" + name.replace("_", "-"))
+                    raise ConfigError(f"{shown} is a {owner.name} target's setting; this run has none (--task "
+                                      f"{owner.name}, or a {owner.name} target among --targets)")
 
     def _resolve_targets(self) -> None:
         """--targets makes a multi-task run (checked now, before any folder): --task auto becomes multitask."""

@@ -8,6 +8,7 @@ scipy."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -147,6 +148,45 @@ def test_regression_end_to_end_in_the_targets_units(cohort, tmp_path) -> None:
             assert float(read_contribution(store).sum()) + mean == pytest.approx(float(r["predicted_label"]), abs=1e-3)
 
 
+def test_regression_loss_and_standardisation_are_the_runs_and_kept_with_the_models(cohort, tmp_path) -> None:
+    """--regression-loss mse --no-standardise-target: the squared error on the raw target, recorded in each
+    fold's model (predict reads it back: the same predictions), said in the report."""
+    from wsi_mil.data.bags import Task
+    from wsi_mil.tasks.regression import Regression
+
+    kind, y = Regression(), torch.tensor([[10.0], [14.0], [float("nan")]])
+    logits = torch.tensor([[0.5], [-3.0], [7.0]])
+    huber = Task("regression", ("label",), ("label",), scale=(12.0, 2.0))
+    assert float(kind.loss(logits, y, None, "weighted", 0.0, huber)) == pytest.approx((1.0 + 3.5) / 2)  # z = -1, 1: |d| 1.5, 4
+    mse = dataclasses.replace(huber, loss="mse")
+    assert float(kind.loss(logits, y, None, "weighted", 0.0, mse)) == pytest.approx((1.5 ** 2 + 4.0 ** 2) / 2)
+    raw = kind.fitted(dataclasses.replace(mse, standardise=False, scale=None), np.array([[10.0], [14.0]]))
+    assert raw.scale == (0.0, 1.0) and Task.from_dict(raw.to_dict()) == raw
+    assert float(kind.loss(logits, y, None, "weighted", 0.0, raw)) == pytest.approx((9.5 ** 2 + 17.0 ** 2) / 2)
+
+    feats, rows = cohort
+    m = _manifest(tmp_path / "m.csv", rows, {"label": lambda r: f"{r['burden']:.4f}"})
+    config = TrainConfig(task="regression", regression_loss="mse", standardise_target=False, **CFG)
+    report = run_train(m, [feats], out_dir=tmp_path / "run", config=config, progress=False)
+    assert (report.task.loss, report.task.standardise, report.task.scale) == ("mse", False, (0.0, 1.0))
+    spec = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
+    assert spec["task"]["loss"] == "mse" and spec["task"]["standardise"] is False and spec["task"]["scale"] == [0, 1]
+    assert report.metrics["ensemble_test"]["spearman"] > 0.5  # (learnt on the raw fraction too)
+    assert "trained on its raw values (--no-standardise-target), with the squared error" in \
+        (tmp_path / "run" / "report.md").read_text()
+    from wsi_mil.commands.predict import run_predict
+
+    preds = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["fold"] == "ensemble"][:3]
+    run_predict(tmp_path / "run", [feats / f"{r['slide_id']}.h5" for r in preds], out_dir=tmp_path / "pred")
+    again = {r["slide_id"]: float(r["predicted_label"]) for r in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
+    assert [again[r["slide_id"]] for r in preds] == pytest.approx([float(r["predicted_label"]) for r in preds], abs=1e-5)
+    with pytest.raises(ConfigError, match="--regression-loss mse is a regression target's setting; this run has none"):
+        TrainConfig(task="survival", regression_loss="mse")
+    with pytest.raises(ConfigError, match="--no-standardise-target is a regression target's setting"):
+        TrainConfig(standardise_target=False)  # (a classifier: it would be ignored)
+    assert TrainConfig(targets="label_a,label_b:regression", regression_loss="mse").regression_loss == "mse"
+
+
 def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path) -> None:
     from sksurv.metrics import concordance_index_censored
 
@@ -185,6 +225,9 @@ def test_survival_end_to_end_with_concordance_groups_and_curves(cohort, tmp_path
         assert read_attention_attrs(store)["contribution_unit"] == "log relative risk"
     assert test["ibs"] < test["ibs_kaplan_meier"] and test["ibs_ci"][0] < test["ibs"] < test["ibs_ci"][1]
     assert "integrated Brier (95% CI) vs Kaplan-Meier" in (tmp_path / "run" / "report.md").read_text()
+    for key in ("c_index_uno", "td_auc_mean"):  # (with intervals, in the report too)
+        assert test[f"{key}_ci"][0] <= test[key] <= test[f"{key}_ci"][1], test
+    assert "Uno's C (95% CI)" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_integrated_brier_score_rewards_a_risk_that_knows_time_and_not_one_that_does_not() -> None:
@@ -212,6 +255,44 @@ def test_integrated_brier_score_rewards_a_risk_that_knows_time_and_not_one_that_
     est = np.stack([f(grid) for f in BreslowEstimator().fit(x, e.astype(bool), t).get_survival_function(x)])
     _, scores = brier_score(y, y, est, grid)
     assert integrated_brier(t, e, x, grid)[0] == pytest.approx(np.trapezoid(scores, grid) / (grid[-1] - grid[0]), rel=1e-9)
+
+
+def test_uno_and_time_dependent_auc_have_bootstrap_intervals_from_scikit_survival() -> None:
+    """Uno's C and the mean time-dependent AUC carry percentile intervals: scikit-survival's figure on
+    each resample of the slides (the censoring weights refitted), above chance for a risk that drives
+    the hazard, about chance for noise."""
+    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    from wsi_mil.eval.survival import eval_times, survival_metrics
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    t_true, c = rng.exponential(np.exp(-x)), rng.exponential(1.5, size=200)
+    t, e = np.minimum(t_true, c), (t_true < c).astype(float)
+    good = survival_metrics(t, e, x, 0.0, n_boot=60, seed=3)
+    noise = survival_metrics(t, e, rng.normal(size=200), 0.0, n_boot=60, seed=3)
+    for m in (good, noise):
+        for key in ("c_index_uno", "td_auc_mean"):
+            lo, hi = m[f"{key}_ci"]
+            assert lo < m[key] < hi and hi - lo < 0.3, (key, m)
+    assert good["c_index_uno_ci"][0] > 0.6 and good["td_auc_mean_ci"][0] > 0.6
+    assert noise["c_index_uno_ci"][0] < 0.5 < noise["c_index_uno_ci"][1]
+    # the same resamples through scikit-survival directly give the same interval
+    draws, unos, tds = np.random.default_rng(3), [], []
+    times = eval_times(t, e)
+    for _ in range(60):
+        i = draws.integers(0, len(t), len(t))
+        y = Surv.from_arrays(e[i].astype(bool), t[i])
+        unos.append(concordance_index_ipcw(y, y, x[i])[0])
+    draws = np.random.default_rng(3)
+    for _ in range(60):
+        i = draws.integers(0, len(t), len(t))
+        y = Surv.from_arrays(e[i].astype(bool), t[i])
+        ok = [s for s in times if t[i].min() <= s < t[i].max()]
+        tds.append(cumulative_dynamic_auc(y, y, x[i], ok)[1])
+    assert good["c_index_uno_ci"] == pytest.approx((np.percentile(unos, 2.5), np.percentile(unos, 97.5)), abs=1e-9)
+    assert good["td_auc_mean_ci"] == pytest.approx((np.percentile(tds, 2.5), np.percentile(tds, 97.5)), abs=1e-9)
 
 
 @pytest.mark.parametrize(("columns", "task", "message"), [
@@ -433,7 +514,7 @@ def test_discrete_time_survival_end_to_end(cohort, tmp_path) -> None:
 
 
 def test_survival_loss_options_are_refused_where_they_cannot_apply(cohort, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="--survival-loss discrete is a survival target's loss"):
+    with pytest.raises(ConfigError, match="--survival-loss discrete is a survival target's setting; this run has none"):
         TrainConfig(survival_loss="discrete")
     with pytest.raises(ConfigError, match="--time-bins sets a discrete-time model's intervals"):
         TrainConfig(task="survival", time_bins=3)  # (was accepted and ignored by the Cox loss)

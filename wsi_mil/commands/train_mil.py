@@ -157,6 +157,7 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
     task = infer_task(entries, config.task, config.label, config.class_list() or manifest_classes(manifest),
                       config.min_class_slides, targets=config.targets, target_weights=config.target_weights,
                       time_bins=config.time_bins or 0)
+    task = task.kind_obj.configured(task, config)
     task_line = task.describe(entries)
     from wsi_mil.data.covariates import check_values, parse_covariates
 

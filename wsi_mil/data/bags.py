@@ -71,6 +71,9 @@ class Task:
     #: the development slides' event times (recorded with the models)
     time_bins: int = 0
     bins: tuple[float, ...] = ()
+    #: a regression's loss (huber, mse) and whether it trains on the standardised target (recorded with the models)
+    loss: str = "huber"
+    standardise: bool = True
 
     @property
     def n_outputs(self) -> int:
@@ -117,6 +120,8 @@ class Task:
             d |= {"parts": [p.to_dict() for p in self.parts], "weights": list(self.weights)}
         if self.time_bins:
             d |= {"time_bins": self.time_bins, "bins": list(self.bins)}
+        if self.loss != "huber" or not self.standardise:  # (left out at their defaults: older runs' files alike)
+            d |= {"loss": self.loss, "standardise": self.standardise}
         return d | ({"scale": list(self.scale)} if self.scale is not None else {})
 
     @classmethod
@@ -125,7 +130,8 @@ class Task:
         return cls(d["kind"], tuple(d["outputs"]), tuple(d["label_columns"]), tuple(d.get("classes", ())),
                    tuple(d.get("values", ())), (float(scale[0]), float(scale[1])) if scale else None,
                    tuple(cls.from_dict(p) for p in d.get("parts", ())), tuple(float(w) for w in d.get("weights", ())),
-                   int(d.get("time_bins", 0)), tuple(float(b) for b in d.get("bins", ())))
+                   int(d.get("time_bins", 0)), tuple(float(b) for b in d.get("bins", ())), str(d.get("loss", "huber")),
+                   bool(d.get("standardise", True)))
 
 
 def _rows_with(entries: list[SlideEntry], column: str, values: set[str], n: int = 6) -> str:

@@ -29,20 +29,55 @@ def harrell_c(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray
         return None
 
 
-def _harrell_ci(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], n_boot: int,
-                seed: int) -> tuple[float, float] | None:
-    if n_boot <= 0 or event.sum() < 2:
+def _boot_ci(n: int, stat: Any, n_boot: int, seed: int) -> tuple[float, float] | None:
+    """A percentile bootstrap interval of ``stat(indices)`` over ``n`` samples (a resample where the figure is
+    undefined, ``stat`` gives None, is left out; None when half of them are)."""
+    if n_boot <= 0:
         return None
     rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(time), len(time))
-        c = harrell_c(time[i], event[i], risk[i]) if event[i].any() else None
-        if c is not None:
-            stats.append(c)
+    stats = [v for v in (stat(rng.integers(0, n, n)) for _ in range(n_boot)) if v is not None]
     if len(stats) < n_boot // 2:
         return None
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def _harrell_ci(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], n_boot: int,
+                seed: int) -> tuple[float, float] | None:
+    if event.sum() < 2:
+        return None
+    return _boot_ci(len(time), lambda i: harrell_c(time[i], event[i], risk[i]) if event[i].any() else None,
+                    n_boot, seed)
+
+
+def uno_c(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any]) -> float | None:
+    """Uno's concordance (censoring weights from this set; None where they cannot be estimated)."""
+    from sksurv.metrics import concordance_index_ipcw
+
+    if not event.any():
+        return None
+    y = _surv(time, event)
+    try:
+        return float(concordance_index_ipcw(y, y, risk)[0])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def td_auc(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any],
+           times: list[float]) -> tuple[dict[str, float], float] | None:
+    """The cumulative / dynamic AUC at ``times`` and its mean (None where it cannot be estimated)."""
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    ok = [t for t in times if time.min() <= t < time.max()]
+    if not ok or not event.any():
+        return None
+    y = _surv(time, event)
+    try:
+        aucs, mean_auc = cumulative_dynamic_auc(y, y, risk, ok)
+    except (ValueError, ZeroDivisionError):
+        return None
+    if not np.isfinite(mean_auc):
+        return None
+    return {f"{t:.4g}": float(a) for t, a in zip(ok, aucs, strict=True)}, float(mean_auc)
 
 
 def eval_times(time: npt.NDArray[Any], event: npt.NDArray[Any]) -> list[float]:
@@ -90,21 +125,13 @@ def _ibs_ci(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[A
             n_boot: int, seed: int) -> tuple[float, float] | None:
     """A percentile bootstrap interval of the model's integrated Brier score (at most 200 resamples: each
     refits the baseline and the censoring weights)."""
-    n_boot = min(n_boot, 200)
-    if n_boot <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(time), len(time))
+    def stat(i: npt.NDArray[Any]) -> float | None:
         ok = (grid >= time[i].min()) & (grid < time[i].max())
-        if event[i].sum() >= 2 and ok.sum() >= 2:
-            v = integrated_brier(time[i], event[i], risk[i], grid[ok])[0]
-            if v is not None:
-                stats.append(v)
-    if len(stats) < n_boot // 2:
-        return None
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+        if event[i].sum() < 2 or ok.sum() < 2:
+            return None
+        return integrated_brier(time[i], event[i], risk[i], grid[ok])[0]
+
+    return _boot_ci(len(time), stat, min(n_boot, 200), seed)
 
 
 def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.NDArray[Any], threshold: Any,
@@ -113,7 +140,6 @@ def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.
     (1: event seen, 0: censored). Uno's concordance and the time-dependent AUC weigh by the
     censoring distribution estimated on this same set (scikit-survival's IPCW)."""
     from sksurv.compare import compare_survival
-    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
 
     time, event, risk = np.asarray(time, float), np.asarray(event, float), np.asarray(risk, float)
     out: dict[str, Any] = {"n": len(time), "n_events": int(event.sum())}
@@ -124,18 +150,17 @@ def survival_metrics(time: npt.NDArray[Any], event: npt.NDArray[Any], risk: npt.
     if event.sum() < 5:  # (a concordance of one or two events is 0 or 1 by chance)
         out["c_index_ci_note"] = f"not informative: {int(event.sum())} event(s)"
     y = _surv(time, event)
-    try:
-        out["c_index_uno"] = float(concordance_index_ipcw(y, y, risk)[0])
-    except ValueError:
-        out["c_index_uno"] = None
+    # (Uno's C and the time-dependent AUC refit the censoring weights on each resample: at most 200)
+    out["c_index_uno"] = uno_c(time, event, risk)
+    if out["c_index_uno"] is not None and event.sum() >= 2:
+        out["c_index_uno_ci"] = _boot_ci(len(time), lambda i: uno_c(time[i], event[i], risk[i]),
+                                         min(n_boot, 200), seed)
     times = eval_times(time, event)
-    if times:
-        try:
-            aucs, mean_auc = cumulative_dynamic_auc(y, y, risk, times)
-            out["td_auc"] = {f"{t:.4g}": float(a) for t, a in zip(times, aucs, strict=True)}
-            out["td_auc_mean"] = float(mean_auc)
-        except ValueError:
-            pass
+    found = td_auc(time, event, risk, times) if times else None
+    if found is not None:
+        out["td_auc"], out["td_auc_mean"] = found
+        out["td_auc_mean_ci"] = _boot_ci(len(time), lambda i: (lambda r: r[1] if r else None)(
+            td_auc(time[i], event[i], risk[i], times)), min(n_boot, 200), seed)
     grid = brier_times(time, event)
     out["ibs"], out["ibs_kaplan_meier"] = integrated_brier(time, event, risk, grid)
     if out["ibs"] is not None:

@@ -213,6 +213,9 @@ class TaskKind:
     has_classes = True
     #: --survival-loss chooses the loss (a survival target)
     loss_choice = False
+    #: train-mil settings only this kind of target reads, with their defaults (refused away from the
+    #: default in a run without such a target: they would be ignored)
+    own_settings: tuple[tuple[str, Any], ...] = ()
 
     #: what a patch's share of the output is measured in (its heatmap's legend)
     contribution_unit = "logit"
@@ -257,6 +260,10 @@ class TaskKind:
     def prediction_columns(self, task: Task, probs: npt.NDArray[Any], thresholds: Sequence[float]) -> dict[str, Any]:
         """predictions.csv's columns of the calls beside ``prediction`` (a multi-task: one per target)."""
         return {}
+
+    def configured(self, task: Task, config: Any) -> Task:
+        """The task with the run's settings of its kind (a regression's loss and standardisation)."""
+        return task
 
     def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
         """The task with what it learns from the development samples' targets (a regression's scale)."""

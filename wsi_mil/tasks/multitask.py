@@ -225,6 +225,9 @@ class Multitask(TaskKind):
         fits = [(s, s.kind.covariate_model(s.task, x, np.asarray(y)[:, s.tgt])) for s in slots(task)]
         return lambda z: np.concatenate([f(z) for _, f in fits], axis=1)
 
+    def configured(self, task: Task, config: Any) -> Task:
+        return dataclasses.replace(task, parts=tuple(s.kind.configured(s.task, config) for s in slots(task)))
+
     def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
         parts = tuple(s.kind.fitted(s.task, np.asarray(targets)[:, s.tgt]) for s in slots(task))
         return dataclasses.replace(task, parts=parts)

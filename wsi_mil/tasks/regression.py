@@ -35,6 +35,7 @@ class Regression(NoClassKind):
     score_name = "R²"
     score_key = "r2"
     chance = 0.0
+    own_settings = (("regression_loss", "huber"), ("standardise_target", True))
 
     def value_text(self, probability: dict[str, float], digits: int = 2) -> str:
         return ", ".join(f"predicted {k} = {v:.4g}" for k, v in probability.items())
@@ -76,11 +77,15 @@ class Regression(NoClassKind):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, mode: str,
              gamma: float, task: Task | None = None) -> torch.Tensor:
-        """Huber loss (delta 1) between the output and the standardised target, over the labelled bags."""
+        """Huber loss (delta 1) or the squared error (``task.loss``) between the output and the target as the
+        model predicts it (standardised, or raw with ``task.standardise`` off), over the labelled bags."""
         mean, sd = _scale(task) if task is not None else (0.0, 1.0)
         known = ~torch.isnan(y)
         z = (torch.nan_to_num(y, nan=mean) - mean) / sd
-        per = F.smooth_l1_loss(logits.float(), z, reduction="none", beta=1.0)
+        if task is not None and task.loss == "mse":
+            per = (logits.float() - z) ** 2
+        else:
+            per = F.smooth_l1_loss(logits.float(), z, reduction="none", beta=1.0)
         return (per * known).sum() / known.sum().clamp(min=1)
 
     def score(self, task: Task, targets: npt.NDArray[Any], probs: npt.NDArray[Any]) -> float | None:
@@ -99,10 +104,18 @@ class Regression(NoClassKind):
         fit = Ridge(alpha=1.0).fit(x[k], y[k, 0])
         return lambda z: fit.predict(z)[:, None]
 
-    def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
-        """The task with the development samples' mean and sd (the model's standardisation)."""
+    def configured(self, task: Task, config: Any) -> Task:
         import dataclasses
 
+        return dataclasses.replace(task, loss=config.regression_loss, standardise=config.standardise_target)
+
+    def fitted(self, task: Task, targets: npt.NDArray[Any]) -> Task:
+        """The task with the development samples' mean and sd (the model's standardisation; 0 and 1 with
+        ``task.standardise`` off: the model predicts the raw target)."""
+        import dataclasses
+
+        if not task.standardise:
+            return dataclasses.replace(task, scale=(0.0, 1.0))
         v = targets[:, 0][~np.isnan(targets[:, 0])]
         sd = float(v.std(ddof=1)) if len(v) > 1 else 1.0
         return dataclasses.replace(task, scale=(float(v.mean()), sd if sd > 0 else 1.0))
@@ -146,8 +159,11 @@ class Regression(NoClassKind):
 
     # ---- report
     def report_table(self, task: Task, m: dict[str, Any]) -> list[str]:
-        lines = [f"Target `{task.label_columns[0]}`, standardised for training by the development slides' mean "
-                 f"{_scale(task)[0]:.4g} and sd {_scale(task)[1]:.4g} (recorded with the models); figures in its units.", "",
+        how = (f"standardised for training by the development slides' mean {_scale(task)[0]:.4g} and sd "
+               f"{_scale(task)[1]:.4g} (recorded with the models)" if task.standardise else
+               "trained on its raw values (--no-standardise-target)")
+        loss = "the squared error" if task.loss == "mse" else "the Huber loss (delta 1)"
+        lines = [f"Target `{task.label_columns[0]}`, {how}, with {loss}; figures in its units.", "",
                  "| set | n | MAE | RMSE | R² (95% CI) | Pearson r (95% CI) | Spearman ρ (95% CI) |",
                  "|---|---|---|---|---|---|---|"]
         for name, mm in report_sets(m):

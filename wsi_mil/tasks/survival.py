@@ -79,6 +79,12 @@ def _ci_text(m: dict[str, Any]) -> str:
     return "–" if c is None else f"{c:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "") + note
 
 
+def _with(m: dict[str, Any], key: str) -> str:
+    """A figure with its bootstrap interval (``key``_ci), or –."""
+    v, ci = m.get(key), m.get(f"{key}_ci")
+    return "–" if v is None else f"{v:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
 class Survival(NoClassKind):
     name = "survival"
     bags_per_batch = 16
@@ -89,6 +95,7 @@ class Survival(NoClassKind):
     column_prefix = "log_"
     contribution_unit = "log relative risk"
     loss_choice = True
+    own_settings = (("survival_loss", "cox"),)
     score_name = "Harrell's C"
     score_key = "c_index"
 
@@ -231,21 +238,24 @@ class Survival(NoClassKind):
                  "informative. Integrated Brier score (lower is better) over deciles 1-9 of the set's event times: "
                  "the model's survival curves from its risk through a Breslow baseline hazard estimated on the set "
                  f"itself ({'the risk used as a Cox model would use it' if task.time_bins else 'a Cox risk is relative'}), beside the score of the set's Kaplan-Meier curve given to every "
-                 "slide (no model); a model no better than that curve has learnt nothing about time.", "",
-                 "| set | n | events | Harrell's C (95% CI) | Uno's C | time-dependent AUC (mean; at t) | "
+                 "slide (no model); a model no better than that curve has learnt nothing about time. Intervals: "
+                 "percentile bootstrap of the set's slides (Uno's C, the time-dependent AUC and the Brier score "
+                 "refit the censoring weights on each resample: at most 200 resamples).", "",
+                 "| set | n | events | Harrell's C (95% CI) | Uno's C (95% CI) | time-dependent AUC (mean, 95% CI; "
+                 "at t) | "
                  "integrated Brier (95% CI) vs Kaplan-Meier | log-rank p (high vs low risk) |",
                  "|---|---|---|---|---|---|---|---|"]
         for name, mm in report_sets(m):
             td = mm.get("td_auc") or {}
             at = "; ".join(f"{t}: {a:.3f}" for t, a in td.items())
             lines.append(f"| {name} | {mm.get('n')} | {mm.get('n_events')} | {_ci_text(mm)} | "
-                         f"{fmt(mm.get('c_index_uno'))} | {fmt(mm.get('td_auc_mean'))}{f' ({at})' if at else ''} | "
+                         f"{_with(mm, 'c_index_uno')} | {_with(mm, 'td_auc_mean')}{f'; {at}' if at else ''} | "
                          f"{_ibs_text(mm)} | {_p(mm.get('logrank_p'))} |")
         return lines
 
     def summary_line(self, head: dict[str, Any]) -> str:
-        return (f"  Harrell's C {_ci_text(head)}, Uno's C {fmt(head.get('c_index_uno'))}, time-dependent AUC "
-                f"{fmt(head.get('td_auc_mean'))}, integrated Brier {_ibs_text(head)}, log-rank p {_p(head.get('logrank_p'))}, n = {head.get('n')} "
+        return (f"  Harrell's C {_ci_text(head)}, Uno's C {_with(head, 'c_index_uno')}, time-dependent AUC "
+                f"{_with(head, 'td_auc_mean')}, integrated Brier {_ibs_text(head)}, log-rank p {_p(head.get('logrank_p'))}, n = {head.get('n')} "
                 f"({head.get('n_events')} events)")
 
     def what(self, task: Task) -> str:

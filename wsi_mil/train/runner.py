@@ -138,7 +138,8 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
 #: settings added since folds were last hashed, left out while at their default (a fold trained by the
 #: previous version is found again instead of being retrained)
 _LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat", "targets": None, "target_weights": None,
-                        "survival_loss": "cox", "time_bins": None}
+                        "survival_loss": "cox", "time_bins": None,
+                        "regression_loss": "huber", "standardise_target": True}
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:

@@ -282,7 +282,7 @@ def _read_asap(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
         if kind not in ("Polygon", "Rectangle", "Spline"):
             raise AnnotationError(f"{where}: type {kind!r} is not one ASAP draws (Polygon, Rectangle, Spline, Dot, "
                                   "PointSet)")
-        points = []
+        points: list[tuple[int, float, float]] = []
         for c in a.findall("./Coordinates/Coordinate"):
             x, y = c.get("X"), c.get("Y")
             if x is None or y is None:

@@ -51,6 +51,19 @@ class TileConfig:
     qc: bool = _opt(True, "write a QC PNG per slide (thumbnail, tissue outline, patch grid)")
     full_hash: bool = _opt(False, "record the SHA-256 of every slide file's whole content (reads every byte; by "
                                   "default a SHA-256 of the file size and 64 evenly spaced 64 KiB blocks is recorded)")
+    annotations: str | None = _opt(None, "a folder of annotation files, one per slide: <slide_id>.geojson (QuPath's GeoJSON "
+                                         "export) or <slide_id>.xml (ASAP XML, the CAMELYON layout), in level-0 pixels; each "
+                                         "patch's overlap with each class is stored beside its coordinates")
+    include: str | None = _opt(None, "annotation classes to tile inside only, comma-separated (e.g. Tumor): tissue outside "
+                                     "them is left out (with --annotations; every slide then needs its file)")
+    exclude: str | None = _opt(None, "annotation classes to leave out, comma-separated (e.g. Pen,Out of focus), with "
+                                     "--annotations; every slide then needs its file (an empty one: nothing drawn)")
+
+    def include_list(self) -> list[str]:
+        return [c.strip() for c in (self.include or "").split(",") if c.strip()]
+
+    def exclude_list(self) -> list[str]:
+        return [c.strip() for c in (self.exclude or "").split(",") if c.strip()]
 
     def __post_init__(self) -> None:
         if self.encoder is not None:
@@ -75,6 +88,10 @@ class TileConfig:
             (1 <= self.jpeg_quality <= 100, "--jpeg-quality must be in 1..100"),
             (self.format in ("h5", "zarr"), "--format must be h5 or zarr"),
             (self.chunk_patches >= 1, "--chunk-patches must be positive"),
+            (bool(self.annotations) or not (self.include or self.exclude),
+             "--include / --exclude name classes of drawn regions: give --annotations DIR with the slides' files"),
+            (not set(self.include_list()) & set(self.exclude_list()),
+             f"--include and --exclude both name {sorted(set(self.include_list()) & set(self.exclude_list()))}"),
         ]
         for ok, message in checks:
             if not ok:

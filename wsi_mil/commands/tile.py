@@ -26,6 +26,7 @@ from wsi_mil.io.store import PARTIAL, read_complete_attrs, store_path
 from wsi_mil.tiling.qc import qc_name
 from wsi_mil.tiling.tile_slide import (
     SlidePlan,
+    check_annotation_classes,
     config_fingerprint,
     open_store_writer,
     settings_change,
@@ -204,6 +205,7 @@ def run_tile(
     if executor == "threads" and scheduler:
         raise ConfigError("--executor threads runs in this process: leave out --scheduler (or use --executor processes)")
 
+    check_annotation_classes(entries, config)  # (before any folder is made)
     t_start = time.perf_counter()
     stores_dir, qc_dir = out_dir / "patches", out_dir / "qc"
     stores_dir.mkdir(parents=True, exist_ok=True)

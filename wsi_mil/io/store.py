@@ -92,6 +92,11 @@ class StoreWriter:
             coords.attrs[key] = _attr_value(value)
         self._create("tissue_fraction", np.asarray(tissue_fraction, dtype=np.float32), chunks=(max(1, min(n, 65536)),))
 
+    def write_annotation_overlap(self, overlap: npt.NDArray[np.float32]) -> None:
+        """Each patch's share covered by each annotation class (columns: the ``annotations`` attribute's classes)."""
+        n = len(overlap)
+        self._create("annotation_overlap", np.asarray(overlap, np.float32), chunks=(max(1, min(n, 65536)), max(1, overlap.shape[1])))
+
     def begin_patches(self) -> None:
         self._jpeg = self._create("patch_jpeg", np.zeros(0, dtype=np.uint8), chunks=(_JPEG_CHUNK_BYTES,), growable=True)
         self._offsets = [np.zeros(1, dtype=np.int64)]
@@ -186,6 +191,14 @@ class PatchStore:
     @property
     def tissue_fraction(self) -> npt.NDArray[np.float32]:
         return np.asarray(self._root["tissue_fraction"][...], dtype=np.float32)
+
+    def annotation_overlap(self) -> tuple[list[str], npt.NDArray[np.float32]] | None:
+        """(classes, each patch's share covered by each) of a slide tiled with --annotations; None otherwise."""
+        if "annotation_overlap" not in self._root:
+            return None
+        record = _decode(self._root.attrs.get("annotations"))
+        classes = list(record.get("classes", [])) if isinstance(record, dict) else []
+        return classes, np.asarray(self._root["annotation_overlap"][...], np.float32)
 
     @property
     def has_patches(self) -> bool:

@@ -50,17 +50,41 @@ logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
 #: Settings that do not change a store's content (so changing them keeps the cache valid).
-_NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash", "encoder"}  # (the encoder acts through --mpp)
+_NON_CONTENT_KEYS = {"qc", "chunk_patches", "full_hash", "encoder",  # (the encoder acts through --mpp)
+                     "annotations"}  # (the folder's place: its files' content is hashed instead)
 
 
 def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
     """Everything that determines a store's content (recorded in the store as ``tile_settings``)."""
-    content = {k: v for k, v in config.to_dict().items() if k not in _NON_CONTENT_KEYS}
+    content = {k: v for k, v in config.to_dict().items() if k not in _NON_CONTENT_KEYS
+               and not (k in ("include", "exclude") and v is None)}  # (stores made before them keep their settings)
     content["manifest_mpp"] = entry.mpp
     path = slide_file(entry)
     content["slide_size_bytes"] = path.stat().st_size if path.exists() else None
     content["store_format_version"] = STORE_FORMAT_VERSION
+    if config.annotations:  # (a redrawn region changes the store: its file's hash is part of the settings)
+        file = annotation_file(entry, config, required=False)
+        content["annotation_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest() if file is not None else None
     return content
+
+
+def annotation_file(entry: SlideEntry, config: TileConfig, *, required: bool = True) -> Path | None:
+    """The slide's annotation file in ``--annotations`` (``<slide_id>.geojson``, ``.json`` or ``.xml``); with
+    --include / --exclude a slide without one is an error (``required``), never tiled as if nothing were drawn."""
+    from wsi_mil.io.annotations import SUFFIXES, AnnotationError
+
+    if not config.annotations:
+        return None
+    folder = Path(config.annotations)
+    found = [folder / f"{entry.slide_id}{s}" for s in SUFFIXES if (folder / f"{entry.slide_id}{s}").is_file()]
+    if len(found) > 1:
+        raise AnnotationError(f"{entry.slide_id}: several annotation files in {folder}: "
+                              f"{', '.join(f.name for f in found)}; keep one")
+    if not found and required and (config.include or config.exclude):
+        raise AnnotationError(f"{entry.slide_id}: no annotation file in {folder} (looked for {entry.slide_id}.geojson, "
+                              ".json, .xml); --include / --exclude need one for every slide (a FeatureCollection "
+                              "with no features says nothing was drawn)")
+    return found[0] if found else None
 
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
@@ -103,6 +127,8 @@ class SlidePlan:
     tissue: TissueReport | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds: read, tissue, grid, qc, store
     qc_job: Future[tuple[Path, float]] | None = None  # the QC image being written on a helper thread
+    #: each kept patch's share covered by each annotation class (columns: root_attrs["annotations"]["classes"])
+    annotation_overlap: npt.NDArray[np.float32] | None = None
     started: float = 0.0  # perf_counter() when planning began
 
     def finish_qc(self) -> None:
@@ -169,17 +195,33 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             f"{entry.slide_id}: the slide's background is dark (median brightness of its edge "
             f"{tissue.background_value:.2f} of 1): this looks like a fluorescence or dark-field scan. wsi-mil finds "
             "tissue on brightfield slides (H&E, IHC) only; leave this slide out")
+    regions, keep_mask = None, mask
+    file = annotation_file(entry, config)
+    if file is not None:  # (drawn regions restrict the tissue the patches are counted on; the tissue figures stay)
+        from wsi_mil.io.annotations import read_annotations
+
+        regions = read_annotations(file, (int(w0), int(h0)))
+        if config.include:
+            keep_mask = keep_mask & regions.mask(config.include_list(), mask.shape, thumb_ds)
+        if config.exclude:
+            keep_mask = keep_mask & ~regions.mask(config.exclude_list(), mask.shape, thumb_ds)
     candidates = grid_coords(width_px=w0, height_px=h0, geometry=geometry)
-    fractions = tissue_fractions(mask, mask_downsample=thumb_ds, coords_px=candidates, extent_level0_px=geometry.extent_level0_px)
+    fractions = tissue_fractions(keep_mask, mask_downsample=thumb_ds, coords_px=candidates,
+                                 extent_level0_px=geometry.extent_level0_px)
     keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(candidates), dtype=bool)
     coords, kept_fraction = candidates[keep], fractions[keep]
+    overlap, annotation_record = None, None
+    if regions is not None:
+        overlap = annotation_overlap(regions, coords, geometry.extent_level0_px, (int(w0), int(h0)))
+        annotation_record = {**regions.summary(), "classes": regions.classes, "include": config.include_list(),
+                             "exclude": config.exclude_list()}
     phases["grid"] = time.perf_counter() - t
     t = time.perf_counter()
 
     qc_path = qc_job = None
     if qc_dir is not None and config.qc:
         title = f"{entry.slide_id}  {len(coords)} patches  {geometry.effective_mpp:.3f} um/px ({smpp.source} mpp)"
-        qc_png = partial(write_qc_png, qc_dir / qc_name(entry.slide_id), thumbnail=thumb, mask=mask,
+        qc_png = partial(write_qc_png, qc_dir / qc_name(entry.slide_id), thumbnail=thumb, mask=keep_mask,
                          thumb_downsample=thumb_ds, coords_px=coords, extent_level0_px=geometry.extent_level0_px,
                          title=title, canvas=canvas, pool=helper)
         if helper is not None:  # drawn and written on the helper while the store is written (SlidePlan.finish_qc)
@@ -225,6 +267,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         "jpeg_quality": config.jpeg_quality if config.save_patches else "none",
         "config_fingerprint": settings_fingerprint(settings),
         "tile_settings": settings,
+        **({"annotations": annotation_record} if annotation_record is not None else {}),
     }
     if config.full_hash:
         root_attrs["slide_sha256"] = file_sha256(path)
@@ -241,7 +284,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         slide_id=entry.slide_id, slide_path=str(path), geometry=geometry, coords_px=coords,
         tissue_fraction=kept_fraction, root_attrs=root_attrs, clam_attrs=clam_attrs,
         mpp=smpp.mpp, mpp_source=smpp.source, seconds=0.0, qc_path=qc_path, tissue=tissue, phases=phases,
-        qc_job=qc_job,
+        qc_job=qc_job, annotation_overlap=overlap,
     )
     qc_hint = f"check {qc_dir / qc_name(entry.slide_id)}" if qc_dir is not None and config.qc else "check the QC image"
     if tissue.background_not_glass:
@@ -262,6 +305,45 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
     return plan
 
 
+def annotation_overlap(regions: Any, coords: npt.NDArray[np.int64], extent: float,
+                       size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """Each patch's share covered by each class of ``regions`` ((n, classes)), on a grid of an eighth of a patch
+    (at most 16384 cells a side)."""
+    ds = max(extent / 8.0, max(size) / 16384.0)
+    shape = (int(np.ceil(size[1] / ds)), int(np.ceil(size[0] / ds)))
+    cols = [tissue_fractions(regions.mask([c], shape, (ds, ds)), mask_downsample=(ds, ds), coords_px=coords,
+                             extent_level0_px=extent) for c in regions.classes]
+    return np.stack(cols, axis=1).astype(np.float32) if cols else np.zeros((len(coords), 0), np.float32)
+
+
+def check_annotation_classes(entries: list[SlideEntry], config: TileConfig) -> None:
+    """Before any slide: the --annotations folder exists, and each class --include / --exclude names is in some
+    slide's file (a class no file has is a typo that would tile nothing, or exclude nothing)."""
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.io.annotations import AnnotationError, read_annotations
+
+    if not config.annotations:
+        return
+    if not Path(config.annotations).is_dir():
+        raise ConfigError(f"--annotations {config.annotations}: no such folder (it holds <slide_id>.geojson or .xml files)")
+    named = config.include_list() + config.exclude_list()
+    if not named:
+        return
+    found: set[str] = set()
+    for entry in entries:
+        try:
+            file = annotation_file(entry, config, required=False)
+            if file is not None:
+                found |= set(read_annotations(file, (2**40, 2**40)).classes)
+        except AnnotationError:
+            continue  # (reported with its slide, which fails alone)
+    missing = [c for c in named if c not in found]
+    if missing:
+        raise ConfigError(f"--include / --exclude {', '.join(missing)}: no slide's annotation file has "
+                          f"{'this class' if len(missing) == 1 else 'these classes'}; the files have "
+                          f"{', '.join(sorted(found)) or 'no classes'} (names as QuPath or ASAP show them, case and all)")
+
+
 def _timed(job: Callable[[], Path]) -> tuple[Path, float]:
     t = time.perf_counter()
     return job(), time.perf_counter() - t
@@ -274,6 +356,8 @@ def open_store_writer(plan: SlidePlan, *, stores_dir: Path, fmt: StoreFormat) ->
     plan.root_attrs.update(path_record("slide_path", plan.root_attrs["slide_path"], stores_dir))
     try:
         writer.write_coords(plan.coords_px, plan.tissue_fraction, plan.clam_attrs)
+        if plan.annotation_overlap is not None:
+            writer.write_annotation_overlap(plan.annotation_overlap)
         writer.set_attrs(plan.root_attrs)
     except BaseException:
         writer.abort()
@@ -294,6 +378,10 @@ def tile_slide_coords(entry: SlideEntry, config: TileConfig, stores_dir: Path, q
         if config.reject_pen and removed > 0.5:
             advice = (f"pen-mark rejection removed {100 * removed:.0f}% of the stained area as ink; if the stain "
                       "itself is blue or green (Giemsa, IHC counterstain ...), run again with --no-reject-pen")
+        elif config.include:
+            found = (plan.root_attrs.get("annotations") or {}).get("classes", [])
+            advice = (f"no tissue inside its --include {config.include} regions (its file has the classes "
+                      f"{', '.join(found) or 'none'}); check the annotations, or the QC image")
         else:
             advice = "check the QC image, or lower --min-tissue / --saturation-min for faint stains"
         plan.warnings.append(str(NoTissueError(

@@ -305,11 +305,13 @@ def _read_asap(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
 # ---- regions out
 
 def mask_features(mask: npt.NDArray[np.bool_], downsample: float, cls: str,
-                  properties: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  properties: dict[str, Any] | None = None, size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """QuPath GeoJSON annotation Features (level-0 pixels) of a binary mask whose pixel covers
     ``downsample`` level-0 pixels: one Polygon per connected piece, its holes as inner rings
     (OpenCV's two-level contours, traced through the centres of the edge pixels at twice the
-    resolution: each ring lies a quarter of a mask pixel inside the pixels' outer edges)."""
+    resolution: each ring lies a quarter of a mask pixel inside the pixels' outer edges). ``size``
+    (the slide's width, height) clips the rings to the slide: a mask whose last row or column
+    reaches past its edge (the grid rounded up) draws nothing outside it."""
     import cv2
 
     grown = cv2.resize(np.ascontiguousarray(mask, np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
@@ -321,6 +323,8 @@ def mask_features(mask: npt.NDArray[np.bool_], downsample: float, cls: str,
     def ring(c: npt.NDArray[Any]) -> list[list[float]]:
         # (a doubled pixel's index + 0.5 is its centre; halved, in mask pixels, times the downsample)
         pts = (c.reshape(-1, 2).astype(np.float64) + 0.5) / 2.0 * downsample
+        if size is not None:
+            pts = np.clip(pts, 0, size)
         out = [[round(float(x), 2), round(float(y), 2)] for x, y in pts]
         return out + out[:1]
 

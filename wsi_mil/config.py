@@ -930,6 +930,7 @@ class ReviewConfig:
     port: int = _opt(8765, "port (0: any free port)")
     normalise: str = _opt("rank", described(choices.NORMALISATIONS), choices=names(choices.NORMALISATIONS))
     cmap: str = _opt("viridis", "perceptually uniform colour map", choices=names(choices.COLOURMAPS))
+    reviewer: str | None = _opt(None, "the name recorded with each verdict and region (default: the login name)")
 
     def __post_init__(self) -> None:
         _validated(self, [(0 <= self.port <= 65535, "--port must be in 0..65535"),

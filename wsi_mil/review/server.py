@@ -10,6 +10,12 @@ build files, and for each slide of the run its tiles, heatmap, top patches and e
 Every request is looked up by name in those tables, so a path such as
 ``/static/../../etc/passwd`` matches nothing and gets 404. Served on 127.0.0.1 unless
 told otherwise.
+
+A reviewer's verdicts and drawn regions are the only writes (``wsi_mil.review.verdicts``:
+into the run's ``review/`` folder and nowhere else). A write is a POST of JSON to
+``/api/verdict/<slide>`` or ``/api/regions/<slide>`` that must carry the session's token
+(``X-Review-Token``, handed to the page by ``/api/review``, which a page of another site
+cannot read), an Origin of this server when the browser sends one, and at most 2 MB.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -150,7 +157,8 @@ class ReviewSite:
     """Everything the page may serve, fixed at start-up."""
 
     def __init__(self, inputs: list[Path], *, slides_manifest: Path | None = None, heatmaps: Path | None = None,
-                 normalise: str = "rank", cmap: str = "viridis") -> None:
+                 normalise: str = "rank", cmap: str = "viridis", review_dir: Path | None = None,
+                 reviewer: str | None = None) -> None:
         from wsi_mil.commands.heatmap import (
             HeatmapSettings,
             attention_sources,
@@ -189,6 +197,11 @@ class ReviewSite:
                                                       if len(self.problems) > 3 else "")
             raise ConfigError(f"no slide of the run can be reviewed ({len(self.problems)} slide(s)):\n  {shown}")
         self.outcomes = run_outcomes(inputs)
+        from wsi_mil.review.verdicts import ReviewStore
+
+        self.review = ReviewStore(review_dir if review_dir is not None else default_review_dir(inputs),
+                                  reviewer if reviewer is not None else _user())
+        self.token = secrets.token_urlsafe(24)  # (what a write must carry: only this server's page can read it)
         self.files = {**_file_table(STATIC_DIR, "/static/"), **_file_table(openseadragon_dir(), "/osd/")}
         self.files["/"] = STATIC_DIR / "index.html"
 
@@ -210,6 +223,25 @@ class ReviewSite:
     def close(self) -> None:
         for s in self.slides.values():
             s.close()
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # (no user name in this environment: the reviewer names themself)
+        return "reviewer"
+
+
+def default_review_dir(inputs: list[Path]) -> Path:
+    """``review/`` in the run folder of the first input (the folder with metrics.json: the input itself or the run
+    above an attention folder), else beside the first input."""
+    first = inputs[0] if inputs[0].is_dir() else inputs[0].parent
+    for cand in (first, first.parent, first.parent.parent):
+        if (cand / "metrics.json").is_file():
+            return cand / "review"
+    return first / "review"
 
 
 def run_outcomes(inputs: list[Path]) -> dict[str, dict[str, Any]]:
@@ -237,6 +269,9 @@ _DZI = re.compile(r"^/dzi/(?P<sid>[^/]+)\.dzi$")
 _TILE = re.compile(r"^/dzi/(?P<sid>[^/]+)_files/(?P<level>\d{1,3})/(?P<col>\d{1,7})_(?P<row>\d{1,7})\.jpeg$")
 _ONE = re.compile(r"^/(?P<kind>api/slide|heatmap)/(?P<sid>[^/]+?)(?:\.png)?$")
 _EXPORT = re.compile(r"^/exports/(?P<sid>[^/]+)/(?P<name>[^/]+)$")
+_REVIEW = re.compile(r"^/api/review/(?P<sid>[^/]+)$")
+_WRITE = re.compile(r"^/api/(?P<kind>verdict|regions)/(?P<sid>[^/]+)$")
+MAX_BODY = 2_000_000
 
 
 #: the page's own scripts, styles and images only; no framing by another site
@@ -298,13 +333,68 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:
+    def _host_ok(self) -> bool:
         host = (self.headers.get("Host") or "").strip().lower()
         if host not in self.hosts:
-            return self._send(b"bad request: unexpected Host header; this server answers only the names it was "
-                              b"started with (loopback, the --host address and, with --host 0.0.0.0, this machine's "
-                              b"own names and addresses): start wsi-mil review with --host set to the name or address "
-                              b"that clients use\n", "text/plain", HTTPStatus.BAD_REQUEST)
+            self._send(b"bad request: unexpected Host header; this server answers only the names it was "
+                       b"started with (loopback, the --host address and, with --host 0.0.0.0, this machine's "
+                       b"own names and addresses): start wsi-mil review with --host set to the name or address "
+                       b"that clients use\n", "text/plain", HTTPStatus.BAD_REQUEST)
+            return False
+        return True
+
+    def _refuse(self, status: int, why: str) -> None:
+        self._send(json.dumps({"error": why}).encode(), "application/json", status)
+
+    def do_POST(self) -> None:
+        """A verdict or a slide's regions (see the module docstring for what a write must carry)."""
+        from wsi_mil.review.verdicts import Conflict
+
+        if not self._host_ok():
+            return None
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() not in self.hosts:
+            return self._refuse(HTTPStatus.FORBIDDEN, "a write from another site's page")
+        if not secrets.compare_digest((self.headers.get("X-Review-Token") or "").encode(), self.site.token.encode()):
+            return self._refuse(HTTPStatus.FORBIDDEN, "no or a wrong review token (reload the page)")
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            return self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send JSON")
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            return self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a body of 0 to {MAX_BODY} bytes")
+        path = unquote(urlsplit(self.path).path)
+        m = _WRITE.match(path)
+        if m is None or m["sid"] not in self.site.slides:
+            return self._not_found()
+        slide = self.site.slides[m["sid"]]
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("a JSON object")
+            if m["kind"] == "verdict":
+                prediction = slide.attrs.get("prediction")
+                saved: Any = self.site.review.save_verdict(
+                    slide.slide_id, body, ";".join(prediction) if isinstance(prediction, list) else str(prediction or ""))
+            else:
+                w, h = slide.deepzoom().level_dimensions[-1]
+                saved = self.site.review.save_regions(slide.slide_id, body, (int(w), int(h)))
+        except Conflict as c:
+            return self._send(json.dumps({"conflict": True, "existing": c.existing}).encode(), "application/json",
+                              HTTPStatus.CONFLICT)
+        except ValueError as exc:  # (bad JSON too: json.JSONDecodeError is one)
+            return self._refuse(HTTPStatus.BAD_REQUEST, str(exc)[:500])
+        except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
+            logger.warning("%s: %s: %s", path[:200], type(exc).__name__, exc)
+            return self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, "not saved (see the server's log)")
+        logger.info("%s saved the %s of %s", self.site.review.reviewer, m["kind"], slide.slide_id)
+        return self._json({"saved": saved})
+
+    def do_GET(self) -> None:
+        if not self._host_ok():
+            return None
         path = unquote(urlsplit(self.path).path)
         site = self.site
         try:
@@ -313,6 +403,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(f.read_bytes(), _TYPES.get(f.suffix, "application/octet-stream"))
             elif path == "/api/slides":
                 self._json({"slides": site.slide_list(), "problems": site.problems})
+            elif path == "/api/review":
+                from wsi_mil.review.verdicts import REGION_CLASSES, VERDICTS
+
+                self._json({"reviewer": site.review.reviewer, "token": site.token, "verdicts": list(VERDICTS),
+                            "region_classes": list(REGION_CLASSES)})
+            elif (m := _REVIEW.match(path)) and m["sid"] in site.slides:
+                self._json({"verdict": site.review.current(m["sid"]), "regions": site.review.regions(m["sid"])})
             elif (m := _TILE.match(path)) and m["sid"] in site.slides:
                 self._tile(site.slides[m["sid"]], int(m["level"]), int(m["col"]), int(m["row"]))
             elif (m := _DZI.match(path)) and m["sid"] in site.slides:

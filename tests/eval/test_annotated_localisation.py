@@ -81,3 +81,28 @@ def test_localisation_from_drawn_regions_matches_the_masks(road) -> None:
         assert from_mask is not None and abs(value - from_mask) < 0.03, (sid, value, from_mask)
     shortcuts = json.loads((road / "run" / "metrics.json").read_text())["audit"]["shortcuts"]
     assert shortcuts["localisation"]["truth"] == {DRAWN: loc["n"]}  # (the run's own record says so)
+    fr = loc["froc"]  # every judged slide, the negatives' hot spots counted as false positives
+    assert fr["n_slides"] > loc["n"] and fr["n_lesions"] >= loc["n"] and 0 <= fr["score"] <= 1
+    values = list(fr["sensitivity_at_fp_per_slide"].values())
+    assert values == sorted(values) and 0 <= loc["dice_mean"] <= 1
+    report = (road / "run" / "report.md").read_text()
+    assert "FROC (CAMELYON16 style" in report and "drawn Tumor regions (tile --annotations)" in report
+
+
+def test_froc_and_dice_on_a_worked_example() -> None:
+    """Three slides worked by hand: a lesion found at the top score, a negative slide called 0.5 with
+    two hot spots, a slide with two lesions and a hot spot between them."""
+    from wsi_mil.eval.localisation import froc, patch_dice
+
+    row = lambda n: np.array([[100 * i, 0] for i in range(n)])  # noqa: E731 - a patch grid of one row
+    a = (row(4), np.array([0.1, 0.9, 0.5, 0.3]), np.array([0, 1, 1, 0], bool), 1.0)
+    b = (row(4), np.array([0.2, 0.1, 0.1, 0.6]), np.zeros(4, bool), 0.5)
+    c = (row(5), np.array([0.8, 0.1, 0.2, 0.1, 0.3]), np.array([1, 0, 0, 0, 1], bool), 0.8)
+    out = froc([a, b, c])
+    # detections by score: A's lesion 1.0, C's first 0.8, B's FP 0.5, C's second 0.229, C's FP 0.114, B's FP 0.1
+    assert out["n_lesions"] == 3 and out["n_slides"] == 3
+    assert out["sensitivity_at_fp_per_slide"] == pytest.approx(
+        {"0.25": 2 / 3, "0.5": 1.0, "1": 1.0, "2": 1.0, "4": 1.0, "8": 1.0})
+    assert out["score"] == pytest.approx((2 / 3 + 5) / 6)
+    assert froc([b]) is None  # (no lesion: nothing to find)
+    assert patch_dice(a[2], a[1]) == 1.0 and patch_dice(c[2], c[1]) == pytest.approx(2 / 3)

@@ -67,7 +67,7 @@ def annotated_truth(attrs: dict[str, Any], h5: Path, coords: npt.NDArray[np.int6
             return None
         with PatchStore(patch_store) as ps:
             found = ps.annotation_overlap()
-            if found is None or cls not in found[0]:
+            if found is None:
                 return None
             classes, overlap = found
             index = {(int(x), int(y)): i for i, (x, y) in enumerate(ps.coords)}
@@ -76,16 +76,19 @@ def annotated_truth(attrs: dict[str, Any], h5: Path, coords: npt.NDArray[np.int6
     rows = [index.get((int(x), int(y))) for x, y in coords]
     if any(r is None for r in rows):
         return None  # (not the tiling these features came from: never a guessed alignment)
+    if cls not in classes:  # (a slide whose file has no lesion drawn: none of its patches is one)
+        return np.zeros(len(coords), np.float32)
     return overlap[np.asarray(rows, np.int64), classes.index(cls)]
 
 
-def unseen_localisation(run_dir: Path, slides: dict[str, Path],
-                        sources: dict[str, str] | None = None) -> dict[str, float]:
+def unseen_localisation(run_dir: Path, slides: dict[str, Path], sources: dict[str, str] | None = None,
+                        slides_out: dict[str, Any] | None = None) -> dict[str, float]:
     """Localisation AUC of every slide with tumour patches that a train-mil run's models did not
     train on: each fold's validation slides, and the test set as scored by the fold ensemble.
     A slide's truth is the ``Tumor`` regions drawn on it (a patch store tiled with --annotations),
     else a generated slide's lesion mask (``slides``). Keys are ``<fold dir>/<slide_id>``; ``sources``
-    gets which truth each key was judged on."""
+    gets which truth each key was judged on; ``slides_out`` gets each judged slide's patches (coords,
+    attention, truth, slide probability) for the FROC and Dice figures (negative slides too)."""
     from wsi_mil.data.bags import attention_patch_extent
     from wsi_mil.eval.metrics import auc
     from wsi_mil.io.attention import out_of_fold_stores, read_attention, read_attention_attrs
@@ -95,11 +98,19 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path],
         coords, att, attrs = read_attention(h5)
         drawn = annotated_truth(read_attention_attrs(h5), h5, coords)
         if drawn is not None:
-            value = auc((drawn >= 0.5).astype(int), att)
+            truth = drawn >= 0.5
         elif sid in slides and slides[sid].with_name(slides[sid].stem + ".json").exists():
-            value = slide_localisation_auc(coords, att, slides[sid], attention_patch_extent(attrs, h5))
+            from wsi_mil.synth.slide import read_truth_mask
+
+            mask, ds = read_truth_mask(slides[sid])
+            truth = patch_tumour_share(coords, attention_patch_extent(attrs, h5), mask, ds) >= 0.5
         else:
             continue  # no drawn regions, not a generated slide: no ground truth
+        if slides_out is not None:
+            from wsi_mil.viz.scores import slide_call
+
+            slides_out[f"{h5.parent.name}/{sid}"] = (coords, att, truth, slide_call(attrs).get("p"))
+        value = auc(truth.astype(int), att)
         if value is not None:
             per[f"{h5.parent.name}/{sid}"] = value
             if sources is not None:
@@ -125,13 +136,104 @@ def run_localisation(run_dir: Path) -> dict[str, Any] | None:
         if path.with_name(path.stem + ".json").exists() and path.with_name(path.stem + ".tumour.png").exists():
             slides[sid] = path
     sources: dict[str, str] = {}
-    per = unseen_localisation(run_dir, slides, sources)
+    judged: dict[str, Any] = {}
+    per = unseen_localisation(run_dir, slides, sources, judged)
     if not per:
         return None
     values = list(per.values())
     truth = {k: sum(v == k for v in sources.values()) for k in (DRAWN, GENERATED) if k in sources.values()}
+    dice = {k: patch_dice(t, a) for k, (_, a, t, _) in judged.items() if t.any()}
     return {"n": len(values), "mean": float(np.mean(values)), "min": float(np.min(values)), "per_slide": per,
-            "truth": truth}
+            "truth": truth, "dice_mean": float(np.mean(list(dice.values()))) if dice else None,
+            "froc": froc(list(judged.values()))}
+
+
+#: average false positives per slide the FROC's sensitivities are read at (CAMELYON16's)
+FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def patch_dice(truth: npt.NDArray[np.bool_], attention: npt.NDArray[Any], level: float = 0.5) -> float:
+    """Dice between a slide's lesion patches and its heatmap thresholded at ``level`` of its range
+    (attention min-max scaled within the slide, as the heatmap draws it)."""
+    a = np.asarray(attention, float)
+    span = a.max() - a.min()
+    hot = (a - a.min()) / span >= level if span > 0 else np.zeros(len(a), bool)
+    denominator = hot.sum() + truth.sum()
+    return float(2 * (hot & truth).sum() / denominator) if denominator else 1.0
+
+
+def _lesions(coords: npt.NDArray[np.int64], truth: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Each patch's lesion (connected lesion patches on the patch grid, 8-neighbours; -1: not a lesion patch)."""
+    from scipy.ndimage import label
+
+    step = _grid_step(coords)
+    ij = ((coords - coords.min(axis=0)) // step).astype(np.int64)
+    grid = np.zeros(ij.max(axis=0)[::-1] + 1, bool)
+    grid[ij[truth, 1], ij[truth, 0]] = True
+    labels, _ = label(grid, structure=np.ones((3, 3)))
+    out = labels[ij[:, 1], ij[:, 0]] - 1
+    return np.where(truth, out, -1)
+
+
+def _grid_step(coords: npt.NDArray[np.int64]) -> int:
+    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)]
+    found = [int(s[s > 0].min()) for s in steps if (s > 0).any()]
+    return min(found) if found else 1
+
+
+def _peaks(coords: npt.NDArray[np.int64], score: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Patches whose score is the highest among their 8 grid neighbours (one detection per hot spot)."""
+    step = _grid_step(coords)
+    ij = ((coords - coords.min(axis=0)) // step).astype(np.int64)
+    where = {(int(i), int(j)): k for k, (i, j) in enumerate(ij)}
+    keep = np.ones(len(coords), bool)
+    for k, (i, j) in enumerate(ij):
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                n = where.get((int(i) + di, int(j) + dj))
+                if n is not None and n != k and (score[n] > score[k] or (score[n] == score[k] and n < k)):
+                    keep[k] = False
+    return keep
+
+
+def froc(judged: list[tuple[Any, Any, Any, Any]]) -> dict[str, Any] | None:
+    """CAMELYON16-style FROC over slides ``(coords, attention, lesion truth, slide probability)``:
+    each slide's detections are the local maxima of its heatmap (attention min-max scaled within
+    the slide, times the slide's positive probability, so a slide called negative adds few false
+    positives); a detection on a lesion patch finds that lesion (each lesion counted once), any
+    other is a false positive. Sensitivity (lesions found / lesions) at average false positives per
+    slide of FROC_FP_RATES, and their mean (the FROC score). None without a lesion."""
+    scores, hits, lesion_ids, n_lesions = [], [], [], 0
+    for slide_no, (coords, att, truth, p) in enumerate(judged):
+        a = np.asarray(att, float)
+        span = a.max() - a.min()
+        s = ((a - a.min()) / span if span > 0 else np.zeros(len(a))) * (1.0 if p is None else float(p))
+        lesion = _lesions(np.asarray(coords), np.asarray(truth, bool))
+        n_lesions += int(lesion.max()) + 1 if (lesion >= 0).any() else 0
+        peak = _peaks(np.asarray(coords), s)
+        scores.append(s[peak])
+        hits.append(lesion[peak] >= 0)
+        lesion_ids.append(np.where(lesion[peak] >= 0, slide_no * 1_000_000 + lesion[peak], -1))
+    if not n_lesions:
+        return None
+    score, hit, ids = np.concatenate(scores), np.concatenate(hits), np.concatenate(lesion_ids)
+    order = np.argsort(-score, kind="stable")
+    score, hit, ids = score[order], hit[order], ids[order]
+    found: set[int] = set()
+    sens, fps = [], []
+    n_fp = 0
+    for k in range(len(score)):  # (thresholds at each detection's score, from the highest)
+        if hit[k]:
+            found.add(int(ids[k]))
+        else:
+            n_fp += 1
+        if k == len(score) - 1 or score[k + 1] != score[k]:
+            sens.append(len(found) / n_lesions)
+            fps.append(n_fp / len(judged))
+    sens_a, fps_a = np.asarray(sens), np.asarray(fps)
+    at = {f"{r:g}": float(sens_a[fps_a <= r].max()) if (fps_a <= r).any() else 0.0 for r in FROC_FP_RATES}
+    return {"sensitivity_at_fp_per_slide": at, "score": float(np.mean(list(at.values()))), "n_lesions": n_lesions,
+            "n_slides": len(judged)}
 
 
 # -- weak localisation with boxes (ChestX-ray8) -------------------------------------------

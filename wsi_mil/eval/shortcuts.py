@@ -410,6 +410,15 @@ def markdown(audit: dict[str, Any]) -> list[str]:
         lines.append("")
     loc = audit.get("localisation")
     if loc:
-        lines += [(f"Localisation (attention against the lesion masks, {loc['n']} lesion slide(s) the models did not "
-                   f"train on): mean AUC {_f(loc['mean'])}, lowest {_f(loc['min'])}."), ""]
+        source = " and ".join(f"{v} slide(s): {k}" for k, v in (loc.get("truth") or {}).items()) or "lesion masks"
+        lines += [(f"Localisation (attention against the lesions, {loc['n']} lesion slide(s) the models did not "
+                   f"train on; {source}): mean patch AUC {_f(loc['mean'])}, lowest {_f(loc['min'])}"
+                   + (f"; Dice of the heatmap above half its range against the lesion patches {_f(loc['dice_mean'])}"
+                      if loc.get("dice_mean") is not None else "") + "."), ""]
+        fr = loc.get("froc")
+        if fr:
+            at = fr["sensitivity_at_fp_per_slide"]
+            lines += [(f"FROC (CAMELYON16 style: local maxima of each slide's heatmap times its probability; "
+                       f"{fr['n_lesions']} lesion(s) on {fr['n_slides']} slide(s)): score {_f(fr['score'])}; "
+                       "sensitivity at " + ", ".join(f"{k} FP/slide {_f(v)}" for k, v in at.items()) + "."), ""]
     return lines

@@ -55,7 +55,8 @@ class TileConfig:
                                          "export) or <slide_id>.xml (ASAP XML, the CAMELYON layout), in level-0 pixels; each "
                                          "patch's overlap with each class is stored beside its coordinates")
     include: str | None = _opt(None, "annotation classes to tile inside only, comma-separated (e.g. Tumor): tissue outside "
-                                     "them is left out (with --annotations; every slide then needs its file)")
+                                     "them is left out (with --annotations, or the manifest's annotations column naming "
+                                     "each slide's file; every slide then needs its file)")
     exclude: str | None = _opt(None, "annotation classes to leave out, comma-separated (e.g. Pen,Out of focus), with "
                                      "--annotations; every slide then needs its file (an empty one: nothing drawn)")
 
@@ -88,8 +89,6 @@ class TileConfig:
             (1 <= self.jpeg_quality <= 100, "--jpeg-quality must be in 1..100"),
             (self.format in ("h5", "zarr"), "--format must be h5 or zarr"),
             (self.chunk_patches >= 1, "--chunk-patches must be positive"),
-            (bool(self.annotations) or not (self.include or self.exclude),
-             "--include / --exclude name classes of drawn regions: give --annotations DIR with the slides' files"),
             (not set(self.include_list()) & set(self.exclude_list()),
              f"--include and --exclude both name {sorted(set(self.include_list()) & set(self.exclude_list()))}"),
         ]

@@ -101,10 +101,31 @@ def test_a_misspelt_class_is_refused_before_any_folder_and_a_bad_slide_fails_alo
                                           r"the files have Tumor"):
         _tile(entries, tmp_path / "out", annotations=str(notes), include="Tumour")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ConfigError, match="give --annotations DIR"):
-        TileConfig(include="Tumor")
+    with pytest.raises(ConfigError, match="give --annotations DIR with the slides' files, or an annotations column"):
+        _tile(entries, tmp_path / "out", include="Tumor")
+    assert not (tmp_path / "out").exists()
     report = _tile(entries, tmp_path / "out", annotations=str(notes), include="Tumor")
     by = {o.slide_id: o for o in report.outcomes}
     assert by["good"].status == "ok" and by["good"].n_patches > 0
     assert by["far"].status == "failed" and "far.geojson, feature 0, ring 0: the region spans" in by["far"].message
     assert by["bare"].status == "failed" and "no annotation file in" in by["bare"].message
+
+
+def test_a_manifest_column_names_each_slides_file(cmu_slide, tmp_path) -> None:
+    """The manifest's annotations column (relative to the manifest) instead of a folder; a named file that is not
+    there fails its slide."""
+    from wsi_mil.data.manifest import read_manifest
+
+    (tmp_path / "drawn").mkdir()
+    _geojson(tmp_path / "drawn" / "a.geojson", [("Tumor", TUMOUR)])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_id,path,annotations\na,{cmu_slide},drawn/a.geojson\nb,{cmu_slide},drawn/gone.geojson\n")
+    entries = read_manifest(manifest)
+    assert entries[0].meta["annotations"] == str(tmp_path / "drawn" / "a.geojson")
+    report = _tile(entries, tmp_path / "out", include="Tumor")
+    by = {o.slide_id: o for o in report.outcomes}
+    assert by["a"].status == "ok" and by["a"].n_patches > 0
+    assert by["b"].status == "failed" and "drawn/gone.geojson (the manifest's annotations column) is not there" in \
+        by["b"].message
+    with PatchStore(Path(by["a"].store)) as s:
+        assert s.attrs["annotations"]["file"] == "a.geojson" and s.annotation_overlap()[0] == ["Tumor"]

@@ -222,7 +222,7 @@ def cpu_threads(bags: list[Bag], requested: int | None) -> int:
 
 
 #: manifest columns that identify or place a slide, never a patient's clinical value
-NOT_COVARIATES = {"slide_id", "path", "patient_id", "split", "mpp"}
+NOT_COVARIATES = {"slide_id", "path", "patient_id", "split", "mpp", "annotations"}
 
 
 #: the report's ablation of a run with --covariates

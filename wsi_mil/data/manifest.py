@@ -210,6 +210,8 @@ def read_manifest(path: str | Path, *, require_path: bool = True) -> list[SlideE
             slide_path = path.parent / slide_path
         labels = {k: v for k, v in row.items() if LABEL_PATTERN.match(k)}
         meta = {k: v for k, v in row.items() if k not in labels and k not in ("slide_id", "path")}
+        if meta.get("annotations") and not Path(meta["annotations"]).is_absolute():  # (tile reads the file)
+            meta["annotations"] = str(path.parent / meta["annotations"])
         entries.append(SlideEntry(sid, slide_path, row.get("patient_id") or None, mpp, labels,
                                   (row.get("split") or "").lower() or None, meta))
     _check_duplicates(entries, where, problems)

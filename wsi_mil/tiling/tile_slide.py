@@ -62,18 +62,28 @@ def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
     path = slide_file(entry)
     content["slide_size_bytes"] = path.stat().st_size if path.exists() else None
     content["store_format_version"] = STORE_FORMAT_VERSION
-    if config.annotations:  # (a redrawn region changes the store: its file's hash is part of the settings)
+    if config.annotations or entry.meta.get("annotations"):  # (a redrawn region changes the store: its hash is kept)
         file = annotation_file(entry, config, required=False)
         content["annotation_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest() if file is not None else None
     return content
 
 
 def annotation_file(entry: SlideEntry, config: TileConfig, *, required: bool = True) -> Path | None:
-    """The slide's annotation file in ``--annotations`` (``<slide_id>.geojson``, ``.json`` or ``.xml``); with
-    --include / --exclude a slide without one is an error (``required``), never tiled as if nothing were drawn."""
+    """The slide's annotation file: the manifest's ``annotations`` column (relative to the manifest), else
+    ``<slide_id>.geojson``, ``.json`` or ``.xml`` in ``--annotations``; with --include / --exclude a slide without
+    one is an error (``required``), never tiled as if nothing were drawn."""
     from wsi_mil.io.annotations import SUFFIXES, AnnotationError
 
+    named = entry.meta.get("annotations", "").strip()
+    if named:
+        if not Path(named).is_file():
+            raise AnnotationError(f"{entry.slide_id}: its annotation file {named} (the manifest's annotations "
+                                  "column) is not there")
+        return Path(named)
     if not config.annotations:
+        if required and (config.include or config.exclude):
+            raise AnnotationError(f"{entry.slide_id}: no annotation file (the manifest's annotations column is empty "
+                                  "for it); --include / --exclude need one for every slide")
         return None
     folder = Path(config.annotations)
     found = [folder / f"{entry.slide_id}{s}" for s in SUFFIXES if (folder / f"{entry.slide_id}{s}").is_file()]
@@ -322,9 +332,13 @@ def check_annotation_classes(entries: list[SlideEntry], config: TileConfig) -> N
     from wsi_mil.errors import ConfigError
     from wsi_mil.io.annotations import AnnotationError, read_annotations
 
-    if not config.annotations:
+    column = any(e.meta.get("annotations", "").strip() for e in entries)
+    if not config.annotations and not column:
+        if config.include or config.exclude:
+            raise ConfigError("--include / --exclude name classes of drawn regions: give --annotations DIR with the "
+                              "slides' files, or an annotations column in the manifest")
         return
-    if not Path(config.annotations).is_dir():
+    if config.annotations and not Path(config.annotations).is_dir():
         raise ConfigError(f"--annotations {config.annotations}: no such folder (it holds <slide_id>.geojson or .xml files)")
     named = config.include_list() + config.exclude_list()
     if not named:

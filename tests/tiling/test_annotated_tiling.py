@@ -96,7 +96,8 @@ def test_a_misspelt_class_is_refused_before_any_folder_and_a_bad_slide_fails_alo
     notes.mkdir()
     _geojson(notes / "good.geojson", [("Tumor", TUMOUR)])
     _geojson(notes / "far.geojson", [("Tumor", [[[100, 2500], [900, 2500], [900, 3400], [100, 2500]]])])
-    entries = [SlideEntry(i, cmu_slide) for i in ("good", "far", "bare")]
+    _geojson(notes / "typo.geojson", [("Tumor", TUMOUR), ("tumor", [PEN[0]])])
+    entries = [SlideEntry(i, cmu_slide) for i in ("good", "far", "bare", "typo")]
     with pytest.raises(ConfigError, match=r"--include / --exclude Tumour: no slide's annotation file has this class; "
                                           r"the files have Tumor"):
         _tile(entries, tmp_path / "out", annotations=str(notes), include="Tumour")
@@ -109,6 +110,8 @@ def test_a_misspelt_class_is_refused_before_any_folder_and_a_bad_slide_fails_alo
     assert by["good"].status == "ok" and by["good"].n_patches > 0
     assert by["far"].status == "failed" and "far.geojson, feature 0, ring 0: the region spans" in by["far"].message
     assert by["bare"].status == "failed" and "no annotation file in" in by["bare"].message
+    # (a near-miss class in one file: its regions would silently not count)
+    assert by["typo"].status == "failed" and "typo.geojson, feature 1: class 'tumor' is not 'Tumor'" in by["typo"].message
 
 
 def test_a_manifest_column_names_each_slides_file(cmu_slide, tmp_path) -> None:

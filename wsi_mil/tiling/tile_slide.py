@@ -211,6 +211,7 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
         from wsi_mil.io.annotations import read_annotations
 
         regions = read_annotations(file, (int(w0), int(h0)))
+        check_class_names(regions, config.include_list() + config.exclude_list())
         if config.include:
             keep_mask = keep_mask & regions.mask(config.include_list(), mask.shape, thumb_ds)
         if config.exclude:
@@ -324,6 +325,24 @@ def annotation_overlap(regions: Any, coords: npt.NDArray[np.int64], extent: floa
     cols = [tissue_fractions(regions.mask([c], shape, (ds, ds)), mask_downsample=(ds, ds), coords_px=coords,
                              extent_level0_px=extent) for c in regions.classes]
     return np.stack(cols, axis=1).astype(np.float32) if cols else np.zeros((len(coords), 0), np.float32)
+
+
+def check_class_names(regions: Any, named: list[str]) -> None:
+    """A region whose class is a near miss of a class --include / --exclude names (``tumor`` for ``Tumor``,
+    ``Pen mark`` for ``Pen``) would be silently kept or left out: refused, naming the file and the feature."""
+    import difflib
+
+    from wsi_mil.io.annotations import AnnotationError
+
+    for r in regions.regions:
+        if r.cls in named:
+            continue
+        near = [n for n in named if n.lower().strip() == r.cls.lower().strip()] or \
+            difflib.get_close_matches(r.cls, named, n=1, cutoff=0.75)
+        if near:
+            raise AnnotationError(f"{r.source}: class {r.cls!r} is not {near[0]!r}, which --include / --exclude name; "
+                                  "its regions would be silently taken for another class. Fix the class in the file "
+                                  "(names are case-sensitive), or name this class too")
 
 
 def check_annotation_classes(entries: list[SlideEntry], config: TileConfig) -> None:

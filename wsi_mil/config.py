@@ -566,6 +566,8 @@ class TrainConfig(CommonTrainConfig):
                                           "slides' mean and sd (recorded with the models; predictions and figures "
                                           "stay in the target's units); off: the raw values")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
+    lesion_class: str = _opt("Tumor", "the annotation class whose drawn regions are the lesions attention is judged "
+                                      "against (slides tiled with --annotations: patch AUC, Dice, FROC in the report)")
 
     def _checks(self) -> list[tuple[bool, str]]:
         return super()._checks() + [

@@ -86,7 +86,31 @@ def test_localisation_from_drawn_regions_matches_the_masks(road) -> None:
     values = list(fr["sensitivity_at_fp_per_slide"].values())
     assert values == sorted(values) and 0 <= loc["dice_mean"] <= 1
     report = (road / "run" / "report.md").read_text()
-    assert "FROC (CAMELYON16 style" in report and "drawn Tumor regions (tile --annotations)" in report
+    assert "FROC (CAMELYON16 style" in report and "drawn lesion regions (tile --annotations), class 'Tumor'" in report
+
+
+def test_lesions_drawn_under_another_name_are_not_taken_for_none(road) -> None:
+    """--lesion-class names the lesion class; a generated slide falls back to its own mask, an annotated slide
+    whose file has other classes only is left out and said (was: judged as if nothing were drawn, or silently
+    dropped)."""
+    from wsi_mil.eval.localisation import GENERATED, run_localisation
+
+    loc = run_localisation(road / "run", "Tumour")
+    assert loc is not None and set(loc["truth"]) == {GENERATED} and loc["lesion_class"] == "Tumour"
+    metas = sorted((road / "slides").glob("*.json"))
+    try:  # (the same slides without their generator's masks: annotated slides only)
+        for m in metas:
+            m.rename(m.with_suffix(".json.away"))
+        loc = run_localisation(road / "run", "Tumour")
+        assert loc is not None and loc["n"] == 0 and loc["unjudged"]
+        assert all(v == ["Tumor"] for v in loc["unjudged"].values())
+        from wsi_mil.eval.shortcuts import markdown
+
+        text = "\n".join(markdown({"localisation": loc}))
+        assert "Localisation left out" in text and "--lesion-class" in text
+    finally:
+        for m in metas:
+            m.with_suffix(".json.away").rename(m)
 
 
 def test_froc_and_dice_on_a_worked_example() -> None:

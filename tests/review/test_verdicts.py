@@ -10,6 +10,7 @@ import csv
 import http.client
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_verdicts_and_regions_are_kept_never_silently_replaced_and_come_back_in(
     _, port = srv.server_address[:2]
     token = site.token
     ok, saved = _post(srv, "/api/verdict/cmu-1", {"verdict": "disagree", "comment": "lesion at the lower edge",
-                                                   "corrected_label": "tumour"}, token=token)
+                                                   "corrected_label": "1"}, token=token)
     assert ok == 200 and saved["saved"]["reviewer"] == "dr-a" and saved["saved"]["time"].endswith("+00:00")
     again, conflict = _post(srv, "/api/verdict/cmu-1", {"verdict": "agree"}, token=token)
     assert again == 409 and conflict["existing"]["verdict"] == "disagree"  # (the page asks before replacing)
@@ -83,8 +84,10 @@ def test_verdicts_and_regions_are_kept_never_silently_replaced_and_come_back_in(
                        ({"token": token, "host": "evil.example"}, 400),
                        ({"token": token, "ctype": "text/plain"}, 415)):
         assert _post(srv, "/api/verdict/tumour-slide", {"verdict": "agree"}, **kw)[0] == status, kw
+    site.slides["tumour-slide"].attrs["prediction"] = 0  # (a run whose classes are coded 0 / 1 calls class 0 so)
     assert _post(srv, "/api/verdict/tumour-slide", {"verdict": "agree"}, token=token,
                  origin=f"http://127.0.0.1:{port}")[0] == 200  # (the page's own origin)
+    assert site.review.current("tumour-slide")["model_prediction"] == "0"  # (was blank)
     far = {**region, "geometry": {"type": "Polygon", "coordinates": [_square(2000, 2800, 500)]}}
     status, why = _post(srv, "/api/regions/tumour-slide", {"features": [far]}, token=token)
     assert status == 400 and "outside the slide's" in why["error"]
@@ -98,17 +101,17 @@ def test_verdicts_and_regions_are_kept_never_silently_replaced_and_come_back_in(
     from wsi_mil.cli import main
 
     _, manifest, _ = attention_run
-    assert _post(srv, "/api/verdict/cmu-1", {"verdict": "disagree", "corrected_label": "tumour", "replace": True},
+    assert _post(srv, "/api/verdict/cmu-1", {"verdict": "disagree", "corrected_label": "1", "replace": True},
                  token=token)[0] == 200
     rows = list(csv.DictReader(open(manifest)))
-    assert {r["slide_id"]: r["label"] for r in rows}["cmu-1"] != "tumour"
+    assert {r["slide_id"]: r["label"] for r in rows}["cmu-1"] == "0"
     out = tmp_path / "corrected.csv"
     assert main(["review", str(folder.parent), "--review-dir", str(folder), "--apply-verdicts", str(manifest),
                  str(out)]) == 0
     fixed = {r["slide_id"]: r["label"] for r in csv.DictReader(open(out))}
-    assert fixed["cmu-1"] == "tumour" and fixed["tumour-slide"] == {r["slide_id"]: r["label"] for r in rows}["tumour-slide"]
+    assert fixed["cmu-1"] == "1" and fixed["tumour-slide"] == {r["slide_id"]: r["label"] for r in rows}["tumour-slide"]
     changes = list(csv.DictReader(open(tmp_path / "corrected.changes.csv")))
-    assert [(c["slide_id"], c["now"], c["reviewer"]) for c in changes] == [("cmu-1", "tumour", "dr-a")]
+    assert [(c["slide_id"], c["was"], c["now"], c["reviewer"]) for c in changes] == [("cmu-1", "0", "1", "dr-a")]
 
 
 def test_a_region_drawn_in_the_browser_and_a_verdict_are_saved_and_read_back(served) -> None:
@@ -171,3 +174,53 @@ def test_a_region_drawn_in_the_browser_and_a_verdict_are_saved_and_read_back(ser
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_what_a_stranger_fed_the_review_loop_is_kept_true(attention_run, tmp_path) -> None:
+    """A call of class 0 is recorded as 0 (was blank); a corrected label outside the run's classes is refused at
+    the page and at --apply-verdicts (was written into the manifest); the corrected manifest's relative paths
+    still find the slides from another folder (were copied as they were); text coordinates are refused and
+    numbers are written (text was saved); a comment that a spreadsheet would run as a formula is quoted."""
+    from wsi_mil.data.manifest import read_manifest
+    from wsi_mil.errors import ManifestError
+    from wsi_mil.review.verdicts import ReviewStore, corrected_manifest
+
+    store = ReviewStore(tmp_path / "review", "dr-b", ["normal", "tumour"])
+    row = store.save_verdict("s1", {"verdict": "agree", "comment": "=HYPERLINK(1)"}, "0")
+    assert row["model_prediction"] == "0" and row["comment"] == "'=HYPERLINK(1)"
+    with pytest.raises(ValueError, match="'banana' is not one of the run's labels"):
+        store.save_verdict("s2", {"verdict": "disagree", "corrected_label": "banana"}, "1")
+    with pytest.raises(ValueError, match="a coordinate is not a number"):
+        store.save_regions("s1", {"features": [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                                                "geometry": {"type": "Polygon",
+                                                             "coordinates": [[["1", "1"], ["5", "5"], ["9", "1"]]]}}]},
+                           (100, 100))
+    saved = store.save_regions("s1", {"features": [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                                                    "geometry": {"type": "Polygon",
+                                                                 "coordinates": [[[1, 1], [5, 5], [9, 1]]]}}]}, (100, 100))
+    assert saved[0]["geometry"]["coordinates"] == [[[1.0, 1.0], [5.0, 5.0], [9.0, 1.0], [1.0, 1.0]]]
+
+    _, manifest, _ = attention_run
+    rows = list(csv.DictReader(open(manifest)))
+    local = tmp_path / "cohort" / "manifest.csv"  # (a manifest with relative paths, as users keep them)
+    local.parent.mkdir()
+    for r in rows:
+        target = local.parent / Path(r["path"]).name
+        if not target.exists():
+            target.symlink_to(Path(r["path"]))
+    with open(local, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "path": Path(r["path"]).name} for r in rows])
+    verdicts = tmp_path / "verdicts.csv"
+    values = sorted({r["label"] for r in rows})
+    other = {r["slide_id"]: next(v for v in values if v != r["label"]) for r in rows}
+    verdicts.write_text("slide_id,reviewer,verdict,corrected_label,comment,model_prediction,time\n"
+                        f"cmu-1,dr-a,disagree,{other['cmu-1']},,,2026-12-07T10:00:00+00:00\n")
+    out = tmp_path / "elsewhere" / "corrected.csv"
+    out.parent.mkdir()
+    assert len(corrected_manifest(local, verdicts, out)) == 1
+    assert all(e.path is not None and e.path.exists() for e in read_manifest(out))  # (found from its own folder)
+    verdicts.write_text(verdicts.read_text().replace(f",{other['cmu-1']},", ",banana,"))
+    with pytest.raises(ManifestError, match="corrected its label to 'banana', which is not a value of 'label'"):
+        corrected_manifest(local, verdicts, out)

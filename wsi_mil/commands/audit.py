@@ -148,7 +148,11 @@ def _shortcuts(run: Path, preds: list[dict[str, str]], key: str, positive: str, 
     record["after"] = prediction_dependence([i for i, k in zip(ids, ok, strict=True) if k], y[ok].astype(int), p[ok],
                                             found)
     if unit == "slide":
-        loc = run_localisation(run)
+        try:  # (the class the run judged its lesions by)
+            lesion = json.loads((run / "run.json").read_text()).get("settings", {}).get("lesion_class") or "Tumor"
+        except (OSError, ValueError):
+            lesion = "Tumor"
+        loc = run_localisation(run, str(lesion))
         if loc is not None:
             record["localisation"] = loc
             record["localisation_warning"] = localisation_warning(auc(y[ok].astype(int), p[ok]), loc)

@@ -11,15 +11,18 @@ average the slides' AUCs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-#: the annotation class whose regions are the lesions localisation is judged against
+logger = logging.getLogger(__name__)
+
+#: the annotation class whose regions are the lesions localisation is judged against (train-mil --lesion-class)
 TUMOUR_CLASS = "Tumor"
-DRAWN, GENERATED = f"drawn {TUMOUR_CLASS} regions (tile --annotations)", "generated lesion masks"
+DRAWN, GENERATED = "drawn lesion regions (tile --annotations)", "generated lesion masks"
 
 
 def patch_tumour_share(coords: npt.NDArray[np.int64], extent_px: float, mask: npt.NDArray[np.bool_],
@@ -47,10 +50,12 @@ def slide_localisation_auc(coords: npt.NDArray[np.int64], attention: npt.NDArray
 
 
 def annotated_truth(attrs: dict[str, Any], h5: Path, coords: npt.NDArray[np.int64],
-                    cls: str = TUMOUR_CLASS) -> npt.NDArray[np.float32] | None:
-    """Each attention patch's share inside the ``cls`` regions a pathologist drew, from the patch store the
-    slide was tiled into with ``tile --annotations`` (matched by coordinates); None when that store has no
-    annotations, no such class, or its coordinates do not cover the attention's."""
+                    cls: str = TUMOUR_CLASS) -> tuple[npt.NDArray[np.float32] | None, list[str] | None]:
+    """(each attention patch's share inside the ``cls`` regions a pathologist drew, the file's classes), from
+    the patch store the slide was tiled into with ``tile --annotations`` (matched by coordinates). The share is
+    zeros for a file with nothing drawn (a negative slide), None for a file whose classes do not include ``cls``
+    (they are returned: lesions drawn under another name are not taken for none); (None, None) when the store
+    has no annotations or its coordinates do not cover the attention's."""
     from wsi_mil.data.bags import attention_feature_store, source_patch_store
     from wsi_mil.errors import WsiMilError
     from wsi_mil.io.features import FeatureStore
@@ -58,35 +63,40 @@ def annotated_truth(attrs: dict[str, Any], h5: Path, coords: npt.NDArray[np.int6
 
     store = attention_feature_store(attrs, h5)
     if store is None or not store.exists():
-        return None
+        return None, None
     try:
         with FeatureStore(store) as fs:
             fattrs = fs.attrs
         patch_store, _ = source_patch_store(fattrs, store)
         if patch_store is None:
-            return None
+            return None, None
         with PatchStore(patch_store) as ps:
             found = ps.annotation_overlap()
             if found is None:
-                return None
+                return None, None
             classes, overlap = found
             index = {(int(x), int(y)): i for i, (x, y) in enumerate(ps.coords)}
     except (WsiMilError, OSError, KeyError):
-        return None
+        return None, None
     rows = [index.get((int(x), int(y))) for x, y in coords]
     if any(r is None for r in rows):
-        return None  # (not the tiling these features came from: never a guessed alignment)
-    if cls not in classes:  # (a slide whose file has no lesion drawn: none of its patches is one)
-        return np.zeros(len(coords), np.float32)
-    return overlap[np.asarray(rows, np.int64), classes.index(cls)]
+        return None, None  # (not the tiling these features came from: never a guessed alignment)
+    if not classes:  # (a file with nothing drawn: none of the slide's patches is a lesion)
+        return np.zeros(len(coords), np.float32), classes
+    if cls not in classes:
+        return None, classes
+    return overlap[np.asarray(rows, np.int64), classes.index(cls)], classes
 
 
 def unseen_localisation(run_dir: Path, slides: dict[str, Path], sources: dict[str, str] | None = None,
-                        slides_out: dict[str, Any] | None = None) -> dict[str, float]:
+                        slides_out: dict[str, Any] | None = None, lesion_class: str = TUMOUR_CLASS,
+                        unjudged: dict[str, list[str]] | None = None) -> dict[str, float]:
     """Localisation AUC of every slide with tumour patches that a train-mil run's models did not
     train on: each fold's validation slides, and the test set as scored by the fold ensemble.
-    A slide's truth is the ``Tumor`` regions drawn on it (a patch store tiled with --annotations),
-    else a generated slide's lesion mask (``slides``). Keys are ``<fold dir>/<slide_id>``; ``sources``
+    A slide's truth is the ``lesion_class`` regions drawn on it (a patch store tiled with --annotations),
+    else a generated slide's lesion mask (``slides``), else nothing drawn on an annotated slide (a
+    negative); a slide whose file has other classes only is left out and listed in ``unjudged``
+    (slide -> its classes). Keys are ``<fold dir>/<slide_id>``; ``sources``
     gets which truth each key was judged on; ``slides_out`` gets each judged slide's patches (coords,
     attention, truth, slide probability) for the FROC and Dice figures (negative slides too)."""
     from wsi_mil.data.bags import attention_patch_extent
@@ -96,16 +106,21 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path], sources: dict[st
     per: dict[str, float] = {}
     for sid, h5 in out_of_fold_stores(run_dir).items():
         coords, att, attrs = read_attention(h5)
-        drawn = annotated_truth(read_attention_attrs(h5), h5, coords)
-        if drawn is not None:
+        drawn, classes = annotated_truth(read_attention_attrs(h5), h5, coords, lesion_class)
+        if drawn is not None and classes:
             truth = drawn >= 0.5
         elif sid in slides and slides[sid].with_name(slides[sid].stem + ".json").exists():
             from wsi_mil.synth.slide import read_truth_mask
 
+            drawn = None  # (a generated slide's own mask, not a file with nothing, or something else, drawn)
             mask, ds = read_truth_mask(slides[sid])
             truth = patch_tumour_share(coords, attention_patch_extent(attrs, h5), mask, ds) >= 0.5
+        elif drawn is not None:
+            truth = drawn >= 0.5  # (an annotated slide with nothing drawn: a negative)
         else:
-            continue  # no drawn regions, not a generated slide: no ground truth
+            if classes and unjudged is not None:
+                unjudged[sid] = classes
+            continue  # no lesion regions, not a generated slide: no ground truth
         if slides_out is not None:
             from wsi_mil.viz.scores import slide_call
 
@@ -118,7 +133,7 @@ def unseen_localisation(run_dir: Path, slides: dict[str, Path], sources: dict[st
     return per
 
 
-def run_localisation(run_dir: Path) -> dict[str, Any] | None:
+def run_localisation(run_dir: Path, lesion_class: str = TUMOUR_CLASS) -> dict[str, Any] | None:
     """Localisation of a train-mil run over its slides with drawn tumour regions or generated
     lesion masks (found through each attention store's feature and patch stores; slides with
     neither are left out): ``{"n", "mean", "min", "per_slide", "truth"}`` (truth: slides per
@@ -137,15 +152,22 @@ def run_localisation(run_dir: Path) -> dict[str, Any] | None:
             slides[sid] = path
     sources: dict[str, str] = {}
     judged: dict[str, Any] = {}
-    per = unseen_localisation(run_dir, slides, sources, judged)
+    unjudged: dict[str, list[str]] = {}
+    per = unseen_localisation(run_dir, slides, sources, judged, lesion_class, unjudged)
+    if unjudged:  # (lesions drawn under another name would silently count as none)
+        classes = sorted({c for v in unjudged.values() for c in v})
+        logger.warning("localisation: %d slide(s) have drawn regions but none of class %r (their classes: %s); "
+                       "they are left out: name the lesion class with train-mil --lesion-class", len(unjudged),
+                       lesion_class, ", ".join(classes))
     if not per:
-        return None
+        return {"n": 0, "unjudged": unjudged, "lesion_class": lesion_class} if unjudged else None
     values = list(per.values())
     truth = {k: sum(v == k for v in sources.values()) for k in (DRAWN, GENERATED) if k in sources.values()}
     dice = {k: patch_dice(t, a) for k, (_, a, t, _) in judged.items() if t.any()}
     return {"n": len(values), "mean": float(np.mean(values)), "min": float(np.min(values)), "per_slide": per,
             "truth": truth, "dice_mean": float(np.mean(list(dice.values()))) if dice else None,
-            "froc": froc(list(judged.values()))}
+            "froc": froc(list(judged.values())), "lesion_class": lesion_class,
+            **({"unjudged": unjudged} if unjudged else {})}
 
 
 #: average false positives per slide the FROC's sensitivities are read at (CAMELYON16's)

@@ -409,8 +409,14 @@ def markdown(audit: dict[str, Any]) -> list[str]:
                    f"({_f(r.get('p_level'))}) | {'yes' if r['warn'] else 'note' if r.get('note') else ''} |") for r in after]
         lines.append("")
     loc = audit.get("localisation")
-    if loc:
-        source = " and ".join(f"{v} slide(s): {k}" for k, v in (loc.get("truth") or {}).items()) or "lesion masks"
+    if loc and loc.get("unjudged"):
+        lines += [(f"**Localisation left out {len(loc['unjudged'])} slide(s) whose drawn regions have no class "
+                   f"{loc.get('lesion_class')!r}** (their classes: "
+                   f"{', '.join(sorted({c for v in loc['unjudged'].values() for c in v}))}): name the lesion class "
+                   "with --lesion-class."), ""]
+    if loc and loc.get("n"):
+        source = " and ".join(f"{v} slide(s): {k}" + (f", class {loc['lesion_class']!r}" if k.startswith("drawn") else "")
+                              for k, v in (loc.get("truth") or {}).items()) or "lesion masks"
         lines += [(f"Localisation (attention against the lesions, {loc['n']} lesion slide(s) the models did not "
                    f"train on; {source}): mean patch AUC {_f(loc['mean'])}, lowest {_f(loc['min'])}"
                    + (f"; Dice of the heatmap above half its range against the lesion patches {_f(loc['dice_mean'])}"

@@ -137,10 +137,10 @@ def _ring(points: Any, where: str, size: tuple[int, int]) -> npt.NDArray[np.floa
     """An (n, 2) ring, checked: a list of [x, y] pairs, at least three distinct points, on the slide."""
     if not isinstance(points, list) or not all(isinstance(p, list | tuple) and len(p) >= 2 for p in points):
         raise AnnotationError(f"{where}: a ring is a list of [x, y] pairs; found {str(points)[:80]}")
-    try:
-        ring = np.asarray([[float(p[0]), float(p[1])] for p in points], np.float64)
-    except (TypeError, ValueError):
-        raise AnnotationError(f"{where}: a coordinate is not a number ({str(points)[:80]})") from None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for p in points for v in p[:2]):
+        raise AnnotationError(f"{where}: a coordinate is not a number ({str(points)[:80]}): GeoJSON coordinates are "
+                              "numbers, not text")
+    ring = np.asarray([[float(p[0]), float(p[1])] for p in points], np.float64)
     return _checked(ring, where, size)
 
 
@@ -294,7 +294,8 @@ def _read_asap(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
             raise AnnotationError(f"{where}: no Coordinates")
         points.sort(key=lambda p: p[0])
         ring = _checked(np.asarray([[p[1], p[2]] for p in points], np.float64), where, size)
-        group = (a.get("PartOfGroup") or "").strip() or UNCLASSIFIED
+        group = (a.get("PartOfGroup") or "").strip()
+        group = UNCLASSIFIED if group in ("", "None") else group  # (ASAP writes None for an annotation in no group)
         if camelyon and group == CAMELYON_EXCLUDED_GROUP:
             out.cutouts.setdefault(TUMOUR, []).append(Region(TUMOUR, ring, (), where))
             continue

@@ -200,7 +200,7 @@ class ReviewSite:
         from wsi_mil.review.verdicts import ReviewStore
 
         self.review = ReviewStore(review_dir if review_dir is not None else default_review_dir(inputs),
-                                  reviewer if reviewer is not None else _user())
+                                  reviewer if reviewer is not None else _user(), run_label_values(inputs))
         self.token = secrets.token_urlsafe(24)  # (what a write must carry: only this server's page can read it)
         self.files = {**_file_table(STATIC_DIR, "/static/"), **_file_table(openseadragon_dir(), "/osd/")}
         self.files["/"] = STATIC_DIR / "index.html"
@@ -242,6 +242,18 @@ def default_review_dir(inputs: list[Path]) -> Path:
         if (cand / "metrics.json").is_file():
             return cand / "review"
     return first / "review"
+
+
+def run_label_values(inputs: list[Path]) -> list[str] | None:
+    """The label values of the run's task (its metrics.json), the only corrected labels a verdict may give;
+    None when the run does not say (a predict folder)."""
+    folder = default_review_dir(inputs).parent
+    try:
+        task = json.loads((folder / "metrics.json").read_text()).get("task") or {}
+    except (OSError, ValueError):
+        return None
+    values = task.get("values") or task.get("classes")
+    return [str(v) for v in values] if values and not task.get("parts") else None
 
 
 def run_outcomes(inputs: list[Path]) -> dict[str, dict[str, Any]]:
@@ -375,9 +387,10 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("a JSON object")
             if m["kind"] == "verdict":
-                prediction = slide.attrs.get("prediction")
+                prediction = slide.attrs.get("prediction")  # (class 0 is a call: never read as "no call")
                 saved: Any = self.site.review.save_verdict(
-                    slide.slide_id, body, ";".join(prediction) if isinstance(prediction, list) else str(prediction or ""))
+                    slide.slide_id, body, ";".join(map(str, prediction)) if isinstance(prediction, list)
+                    else "" if prediction is None else str(prediction))
             else:
                 w, h = slide.deepzoom().level_dimensions[-1]
                 saved = self.site.review.save_regions(slide.slide_id, body, (int(w), int(h)))

@@ -45,10 +45,11 @@ def _now() -> str:
 class ReviewStore:
     """The review folder of one run."""
 
-    def __init__(self, folder: Path, reviewer: str) -> None:
+    def __init__(self, folder: Path, reviewer: str, label_values: list[str] | None = None) -> None:
         if not reviewer.strip() or any(c in reviewer for c in "\r\n,"):
             raise ConfigError(f"--reviewer {reviewer!r}: give a name (no commas or line breaks)")
         self.folder, self.reviewer = folder, reviewer.strip()
+        self.label_values = label_values  # (a corrected label must be one of the run's; None: the run does not say)
         self.lock = threading.Lock()
 
     @property
@@ -78,8 +79,14 @@ class ReviewStore:
             raise ValueError(f"comment: text of at most {MAX_COMMENT} characters")
         if not isinstance(label, str) or len(label) > 100 or any(c in label for c in "\r\n"):
             raise ValueError("corrected_label: one line of text")
+        if label.strip() and self.label_values is not None and label.strip() not in self.label_values:
+            raise ValueError(f"corrected_label {label.strip()!r} is not one of the run's labels "
+                             f"({', '.join(self.label_values)})")
+        comment = comment.strip()
+        if comment[:1] in ("=", "+", "-", "@"):  # (a spreadsheet would run it as a formula)
+            comment = "'" + comment
         row = {"slide_id": slide_id, "reviewer": self.reviewer, "verdict": verdict, "corrected_label": label.strip(),
-               "comment": comment.strip(), "model_prediction": model_prediction, "time": _now()}
+               "comment": comment, "model_prediction": model_prediction, "time": _now()}
         from wsi_mil.io.atomic import write_text
 
         with self.lock:
@@ -104,7 +111,7 @@ class ReviewStore:
         features = body.get("features")
         if not isinstance(features, list) or len(features) > 500:
             raise ValueError("features: a list of at most 500 GeoJSON Features")
-        stamped = []
+        stamped: list[dict[str, Any]] = []
         for i, f in enumerate(features):
             if not isinstance(f, dict) or not isinstance(f.get("geometry"), dict) or \
                     f["geometry"].get("type") != "Polygon":
@@ -115,11 +122,14 @@ class ReviewStore:
             stamped.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": f["geometry"].get("coordinates")},
                             "properties": {"objectType": "annotation", "classification": {"name": cls},
                                            "reviewer": self.reviewer, "time": _now()}})
-        try:  # (the reader's checks: rings of three points or more, on the slide)
-            _read_geojson(Path(f"{slide_id}.geojson"), json.dumps({"type": "FeatureCollection", "features": stamped}).encode(),
-                          size)
+        try:  # (the reader's checks: numbers, rings of three points or more, on the slide)
+            read = _read_geojson(Path(f"{slide_id}.geojson"),
+                                 json.dumps({"type": "FeatureCollection", "features": stamped}).encode(), size)
         except AnnotationError as exc:
             raise ValueError(str(exc)) from None
+        for f, r in zip(stamped, read.regions, strict=True):  # (what was checked is what is written)
+            f["geometry"]["coordinates"] = [[[float(x), float(y)] for x, y in ring] + [[float(ring[0][0]), float(ring[0][1])]]
+                                            for ring in (r.exterior, *r.holes)]
         with self.lock:
             if self.regions_file(slide_id).exists() and body.get("replace") is not True:
                 raise Conflict(self.regions(slide_id))
@@ -152,6 +162,13 @@ def corrected_manifest(manifest: Path, verdicts_csv: Path, out: Path, column: st
                                 f"{corrections[sid]['corrected_label']!r}, {v['reviewer']}: {v['corrected_label']!r}); "
                                 "settle it in the review page first")
         corrections[sid] = v
+    known = sorted({r[column] for r in rows if r[column].strip()})
+    strange = [(sid, v) for sid, v in corrections.items() if v["corrected_label"] not in known]
+    if strange:
+        sid, v = strange[0]
+        raise ManifestError(f"slide {sid}: {v['reviewer']} corrected its label to {v['corrected_label']!r}, which is "
+                            f"not a value of {column!r} in {manifest.name} ({', '.join(known)}); a new class is not "
+                            "made by a correction: fix the verdict in the review page")
     ids = {r["slide_id"] for r in rows}
     unknown = sorted(set(corrections) - ids)
     if unknown:
@@ -163,6 +180,12 @@ def corrected_manifest(manifest: Path, verdicts_csv: Path, out: Path, column: st
             changes.append({"slide_id": r["slide_id"], "column": column, "was": r[column], "now": c["corrected_label"],
                             "reviewer": c["reviewer"], "time": c["time"], "comment": c["comment"]})
             r[column] = c["corrected_label"]
+    import os
+
+    for r in rows:  # (a path relative to the manifest, made relative to OUT: the copy finds the same files)
+        for key in ("path", "annotations"):
+            if r.get(key) and not Path(r[key]).is_absolute():
+                r[key] = os.path.relpath((manifest.parent / r[key]).resolve(), out.parent.resolve())
     write_csv(out, rows)  # type: ignore[arg-type]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["slide_id", "column", "was", "now", "reviewer", "time", "comment"],

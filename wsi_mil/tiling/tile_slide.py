@@ -205,21 +205,34 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             f"{entry.slide_id}: the slide's background is dark (median brightness of its edge "
             f"{tissue.background_value:.2f} of 1): this looks like a fluorescence or dark-field scan. wsi-mil finds "
             "tissue on brightfield slides (H&E, IHC) only; leave this slide out")
-    regions, keep_mask = None, mask
+    regions, keep_mask, region_warning = None, mask, None
     file = annotation_file(entry, config)
-    if file is not None:  # (drawn regions restrict the tissue the patches are counted on; the tissue figures stay)
+    if file is not None:  # (drawn regions restrict which patches are kept; the tissue figures stay the slide's)
         from wsi_mil.io.annotations import read_annotations
 
         regions = read_annotations(file, (int(w0), int(h0)))
         check_class_names(regions, config.include_list() + config.exclude_list())
-        if config.include:
+        if config.include:  # (the QC image outlines the tissue inside the included regions)
             keep_mask = keep_mask & regions.mask(config.include_list(), mask.shape, thumb_ds)
         if config.exclude:
             keep_mask = keep_mask & ~regions.mask(config.exclude_list(), mask.shape, thumb_ds)
+        region_warning = drawn_off_tissue(entry.slide_id, file, regions, mask, thumb_ds)
     candidates = grid_coords(width_px=w0, height_px=h0, geometry=geometry)
-    fractions = tissue_fractions(keep_mask, mask_downsample=thumb_ds, coords_px=candidates,
+    fractions = tissue_fractions(mask, mask_downsample=thumb_ds, coords_px=candidates,
                                  extent_level0_px=geometry.extent_level0_px)
     keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(candidates), dtype=bool)
+    if regions is not None and (config.include or config.exclude):
+        # (the regions' share of each patch on a grid of an eighth of a patch: the tissue mask's cells can be as
+        # large as a patch, and a patch kept must be --min-tissue inside the included regions by its own overlap)
+        need, idx = max(config.min_tissue, 1e-6), np.flatnonzero(keep)
+        size = (int(w0), int(h0))
+        if config.include:
+            inside = region_share(regions, config.include_list(), candidates[idx], geometry.extent_level0_px, size)
+            keep[idx[inside < need]] = False
+        if config.exclude:
+            idx = np.flatnonzero(keep)
+            outside = 1 - region_share(regions, config.exclude_list(), candidates[idx], geometry.extent_level0_px, size)
+            keep[idx[outside < need]] = False
     coords, kept_fraction = candidates[keep], fractions[keep]
     overlap, annotation_record = None, None
     if regions is not None:
@@ -312,19 +325,43 @@ def plan_slide(entry: SlideEntry, config: TileConfig, *, qc_dir: Path | None, po
             f"on a real slide (glass or background may be taken for tissue); {qc_hint}")
     for note in tissue.notes:
         logger.info("%s: %s", entry.slide_id, note)
+    if region_warning:
+        plan.warnings.append(region_warning)
     plan.started = t0
     return plan
 
 
-def annotation_overlap(regions: Any, coords: npt.NDArray[np.int64], extent: float,
-                       size: tuple[int, int]) -> npt.NDArray[np.float32]:
-    """Each patch's share covered by each class of ``regions`` ((n, classes)), on a grid of an eighth of a patch
-    (at most 16384 cells a side)."""
+def region_share(regions: Any, classes: list[str], coords: npt.NDArray[np.int64], extent: float,
+                 size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """Each patch's share covered by the union of ``classes``' regions, on a grid of an eighth of a patch (at most
+    16384 cells a side)."""
     ds = max(extent / 8.0, max(size) / 16384.0)
     shape = (int(np.ceil(size[1] / ds)), int(np.ceil(size[0] / ds)))
-    cols = [tissue_fractions(regions.mask([c], shape, (ds, ds)), mask_downsample=(ds, ds), coords_px=coords,
-                             extent_level0_px=extent) for c in regions.classes]
+    return tissue_fractions(regions.mask(classes, shape, (ds, ds)), mask_downsample=(ds, ds), coords_px=coords,
+                            extent_level0_px=extent)
+
+
+def annotation_overlap(regions: Any, coords: npt.NDArray[np.int64], extent: float,
+                       size: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """Each patch's share covered by each class of ``regions`` ((n, classes))."""
+    cols = [region_share(regions, [c], coords, extent, size) for c in regions.classes]
     return np.stack(cols, axis=1).astype(np.float32) if cols else np.zeros((len(coords), 0), np.float32)
+
+
+def drawn_off_tissue(slide_id: str, file: Path, regions: Any, tissue: npt.NDArray[np.bool_],
+                     downsample: tuple[float, float]) -> str | None:
+    """A warning when the regions drawn on a slide cover almost no tissue (under 10 % of their area): a file drawn on
+    another slide, or at another level or scale, can still fall inside this slide's borders."""
+    if not regions.regions:
+        return None
+    drawn = regions.mask(regions.classes, tissue.shape, downsample)
+    if drawn.sum() < 4:
+        return None
+    share = float((drawn & tissue).sum() / drawn.sum())
+    if share >= 0.1:
+        return None
+    return (f"{slide_id}: the regions of {file.name} cover almost no tissue ({100 * share:.0f}% of their area is "
+            "tissue): were they drawn on another slide, or at another level or scale? Check them on the QC image")
 
 
 def check_class_names(regions: Any, named: list[str]) -> None:
@@ -352,6 +389,9 @@ def check_annotation_classes(entries: list[SlideEntry], config: TileConfig) -> N
     from wsi_mil.io.annotations import AnnotationError, read_annotations
 
     column = any(e.meta.get("annotations", "").strip() for e in entries)
+    if config.annotations and column:
+        raise ConfigError(f"two sources of annotation files: the manifest's annotations column and --annotations "
+                          f"{config.annotations}; use one (the column names each slide's file)")
     if not config.annotations and not column:
         if config.include or config.exclude:
             raise ConfigError("--include / --exclude name classes of drawn regions: give --annotations DIR with the "
@@ -363,18 +403,20 @@ def check_annotation_classes(entries: list[SlideEntry], config: TileConfig) -> N
     if not named:
         return
     found: set[str] = set()
+    unread: list[str] = []
     for entry in entries:
         try:
             file = annotation_file(entry, config, required=False)
             if file is not None:
                 found |= set(read_annotations(file, (2**40, 2**40)).classes)
-        except AnnotationError:
-            continue  # (reported with its slide, which fails alone)
+        except AnnotationError as exc:
+            unread.append(str(exc))  # (reported with its slide, which fails alone)
     missing = [c for c in named if c not in found]
     if missing:
         raise ConfigError(f"--include / --exclude {', '.join(missing)}: no slide's annotation file has "
-                          f"{'this class' if len(missing) == 1 else 'these classes'}; the files have "
-                          f"{', '.join(sorted(found)) or 'no classes'} (names as QuPath or ASAP show them, case and all)")
+                          f"{'this class' if len(missing) == 1 else 'these classes'}; the files read have "
+                          f"{', '.join(sorted(found)) or 'no classes'} (names as QuPath or ASAP show them, case and all)"
+                          + (f". {len(unread)} slide(s) have no readable file, e.g. {unread[0]}" if unread else ""))
 
 
 def _timed(job: Callable[[], Path]) -> tuple[Path, float]:

@@ -132,7 +132,7 @@ TRAINING_REVISION = 4  # 3: thresholds between two validation scores (logit midp
 
 #: settings that change how a run is carried out, not what a fold's model is
 _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache",
-             "duplicates", "label_sources", "subgroups", "prevalence")
+             "duplicates", "label_sources", "subgroups", "prevalence", "lesion_class")
 
 
 #: settings added since folds were last hashed, left out while at their default (a fold trained by the
@@ -494,7 +494,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
         else:
             ev = ("pooled out-of-fold validation", pooled_ids, py[:, 0], pp[:, 0], per_fold_thr[0])
         audit["evaluation"] = _evaluation_audit(ev, by_id, inputs.columns, config, out_dir)
-        audit["shortcuts"] = _shortcuts_after(dict(audit.get("shortcuts") or {}), ev, checked.nuisances, out_dir, unit)
+        audit["shortcuts"] = _shortcuts_after(dict(audit.get("shortcuts") or {}), ev, checked.nuisances, out_dir, unit,
+                                              getattr(config, "lesion_class", "Tumor"))
     else:
         audit["evaluation_note"] = "subgroups, operating points and the error gallery are computed for binary tasks"
         on_test = bool(test) and headline_set(metrics) == "ensemble_test"
@@ -557,7 +558,7 @@ def _finished(out_dir: Path, road: Road, config: Any, plan: Any, task: Task, ski
 
 
 def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[str, Any], out_dir: Path,
-                     unit: str) -> dict[str, Any]:
+                     unit: str, lesion_class: str = "Tumor") -> dict[str, Any]:
     """The shortcut checks after training, on the headline's set (``ev``): predictions
     against every nuisance, and, for slides with lesion masks, localisation; each warning
     logged."""
@@ -572,7 +573,7 @@ def _shortcuts_after(record: dict[str, Any], ev: tuple[Any, ...], found: dict[st
     record["set"] = name
     record["after"] = prediction_dependence([i for i, k in zip(ids, ok, strict=True) if k], y[ok], p[ok], found)
     if unit == "slide":
-        loc = run_localisation(out_dir)
+        loc = run_localisation(out_dir, lesion_class)
         if loc is not None:
             record["localisation"] = loc
             record["localisation_warning"] = localisation_warning(auc(y[ok], p[ok]), loc)

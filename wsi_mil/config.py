@@ -566,6 +566,10 @@ class TrainConfig(CommonTrainConfig):
                                           "slides' mean and sd (recorded with the models; predictions and figures "
                                           "stay in the target's units); off: the raw values")
     cache_bags: bool = _opt(True, "hold all bags in memory (reads each store once)")
+    folds_by: str | None = _opt(None, "a manifest column of centres (site, scanner ...): folds never split one; "
+                                      "leave-one-out when there are at most --folds of them, else grouped k-fold "
+                                      "stratified on the label; needs --test-fraction 0 (every centre is held out "
+                                      "once: the pooled out-of-fold figure is the site-held-out one)")
     lesion_class: str = _opt("Tumor", "the annotation class whose drawn regions are the lesions attention is judged "
                                       "against (slides tiled with --annotations: patch AUC, Dice, FROC in the report)")
 
@@ -573,6 +577,11 @@ class TrainConfig(CommonTrainConfig):
         return super()._checks() + [
             (self.bags_per_batch >= 1, "--bags-per-batch must be positive"),
             (self.time_bins is None or self.time_bins >= 2, "--time-bins must be 2 or more"),
+            (not self.folds_by or self.test_fraction == 0,
+             f"--folds-by {self.folds_by} holds out every centre once: there is no separate test set; add "
+             "--test-fraction 0 (or leave --folds-by out)"),
+            (not self.folds_by or self.min_minority_share is None, "--min-minority-share samples a test set; "
+             "--folds-by has none"),
             (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
         ]

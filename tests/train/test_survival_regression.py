@@ -27,11 +27,15 @@ CFG = {"folds": 2, "test_fraction": 0.25, "epochs": 12, "lr": 1e-3, "bootstrap":
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, list[dict[str, object]]]:
+    return outcome_cohort(tmp_path_factory.mktemp("outcomes"))
+
+
+def outcome_cohort(root: Path) -> tuple[Path, list[dict[str, object]]]:
+    """The Fox and Elephant bags as feature stores in ``root``, each with a planted burden, outcome and age."""
     import h5py
 
     from wsi_mil.data.mil_import import import_classic
 
-    root = tmp_path_factory.mktemp("outcomes")
     feats = root / "features"
     feats.mkdir()
     for name in ("fox", "elephant"):

@@ -35,17 +35,24 @@ class SplitPlan:
     test: list[str]
     source: str  # "generated" or "manifest"
     test_sampling: dict[str, Any] = field(default_factory=dict)
+    #: --folds-by: the protocol, the column and each fold's held-out centres
+    centres: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "test": self.test, "test_sampling": self.test_sampling,
-                "folds": [{"index": f.index, "train": f.train, "val": f.val} for f in self.folds]}
+                "folds": [{"index": f.index, "train": f.train, "val": f.val} for f in self.folds],
+                **({"centres": self.centres} if self.centres else {})}
+
+
+def _stratum_keys(bags: list[Bag]) -> list[str]:
+    return [getattr(b, "stratum", None) or ("".join(str(int(v > 0.5)) for v in b.target) if b.label_index < 0
+                                            else str(b.label_index)) for b in bags]
 
 
 def _strata(bags: list[Bag]) -> np.ndarray:
     """One stratum per bag: the one its task kind gave it (a survival's event, a regression's quartile),
     else its class (binary / multi-class) or label combination (multi-label)."""
-    keys = [getattr(b, "stratum", None) or ("".join(str(int(v > 0.5)) for v in b.target) if b.label_index < 0
-                                            else str(b.label_index)) for b in bags]
+    keys = _stratum_keys(bags)
     uniq = {k: i for i, k in enumerate(sorted(set(keys)))}
     return np.asarray([uniq[k] for k in keys])
 
@@ -139,6 +146,62 @@ def make_plan(bags: list[Bag], *, folds: int = 5, test_fraction: float = 0.2, se
     out = [Fold(k, [dev[i].slide_id for i in tr], [dev[i].slide_id for i in va]) for k, (tr, va) in enumerate(splits)]
     check_patients({"test": test, "development": dev})
     return SplitPlan(out, [b.slide_id for b in test], "generated", sampling)
+
+
+def plan_by_centre(bags: list[Bag], centres: dict[str, str], column: str, *, folds: int = 5, seed: int = 0,
+                   min_slides: int = 5, class_names: list[str] | None = None) -> SplitPlan:
+    """Folds that never split a centre (``train-mil --folds-by COLUMN``): leave-one-centre-out when there are at most
+    ``folds`` centres, else centre-grouped k-fold stratified on the label. No separate test set: every centre is
+    held out once, and the pooled out-of-fold figure is the site-held-out one. Refused by name: a slide without a
+    centre, a patient in two centres, one centre only, and a held-out set (a centre, or a fold of centres) with
+    fewer than ``min_slides`` slides or one class (stratum) only: its AUC would not exist."""
+    blank = [b.slide_id for b in bags if not str(centres.get(b.slide_id, "")).strip()]
+    if blank:
+        raise ManifestError(f"--folds-by {column}: {len(blank)} slide(s) have no {column} value "
+                            f"({', '.join(blank[:5])}); give every slide its centre")
+    where: dict[str, set[str]] = defaultdict(set)
+    for b in bags:
+        where[b.patient_id].add(centres[b.slide_id])
+    across = {p: sorted(s) for p, s in where.items() if len(s) > 1}
+    if across:
+        listing = "; ".join(f"{p} in {'/'.join(s)}" for p, s in sorted(across.items())[:5])
+        raise ManifestError(f"--folds-by {column}: {len(across)} patient(s) have slides in several centres ({listing}): "
+                            "a patient's slides must stay in one fold; fix the column")
+    names = sorted({centres[b.slide_id] for b in bags})
+    if len(names) < 2:
+        raise ConfigError(f"--folds-by {column}: every slide is in {names[0]!r}: one centre cannot be held out "
+                          "against the others")
+    keys = np.asarray(_stratum_keys(bags))
+    groups = np.asarray([centres[b.slide_id] for b in bags])
+    if len(names) <= max(folds, 2):
+        protocol = f"leave-one-{column}-out ({len(names)} {column}s)"
+        held = [np.flatnonzero(groups == c) for c in names]
+    else:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        protocol = f"{column}-grouped {folds}-fold ({len(names)} {column}s, stratified on the label)"
+        sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        held = [va for _, va in sgkf.split(np.zeros(len(bags)), _strata(bags), groups)]
+    problems = []
+    for idx in held:
+        label = ", ".join(sorted(set(groups[idx].tolist())))
+        counts = {k: int((keys[idx] == k).sum()) for k in sorted(set(keys[idx].tolist()))}
+        if len(idx) < min_slides:
+            problems.append(f"{label}: {len(idx)} slide(s)")
+        elif len(counts) < 2:
+            only = next(iter(counts))
+            named = class_names[int(only)] if class_names and only.isdigit() and int(only) < len(class_names) else only
+            problems.append(f"{label}: every slide of one class ({named})")
+    if problems:
+        raise ConfigError(f"--folds-by {column}: a held-out set cannot be judged: {'; '.join(problems)} (at least "
+                          f"{min_slides} slides and two classes each). Merge small {column}s in the manifest, or hold "
+                          "out by another column")
+    out = []
+    for k, idx in enumerate(held):
+        inside = set(idx.tolist())
+        out.append(Fold(k, [b.slide_id for i, b in enumerate(bags) if i not in inside], [bags[i].slide_id for i in idx]))
+    return SplitPlan(out, [], f"by {column}", centres={"protocol": protocol, "column": column,
+                                                       "held_out": [sorted(set(groups[idx].tolist())) for idx in held]})
 
 
 def plan_from_user_split(bags: list[Bag], *, seed: int = 0) -> SplitPlan:

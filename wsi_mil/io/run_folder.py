@@ -99,7 +99,8 @@ def input_record(path: Path) -> dict[str, Any]:
 #: (so a run made before them keeps its identity: its re-run resumes instead of being refused)
 LATER_SETTINGS: dict[str, Any] = {"model_options": None, "covariates": None, "fusion": "concat", "targets": None,
                                   "target_weights": None, "survival_loss": "cox", "time_bins": None,
-                                  "regression_loss": "huber", "standardise_target": True, "lesion_class": "Tumor"}
+                                  "regression_loss": "huber", "standardise_target": True, "lesion_class": "Tumor",
+                                  "folds_by": None}
 
 
 def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:

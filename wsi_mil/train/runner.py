@@ -139,7 +139,7 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
 #: previous version is found again instead of being retrained)
 _LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat", "targets": None, "target_weights": None,
                         "survival_loss": "cox", "time_bins": None,
-                        "regression_loss": "huber", "standardise_target": True}
+                        "regression_loss": "huber", "standardise_target": True, "folds_by": None}
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
@@ -246,7 +246,7 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
         if task is not None and samples else None
     for s, stratum in zip(samples, strata or [], strict=False):
         s.stratum = stratum
-    plan = make_split_plan(samples, user_split, config)
+    plan = make_split_plan(samples, user_split, config, columns, list(task.classes) if task is not None else None)
     audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
     audit["shortcuts"], nz = shortcuts_before_training(samples, columns, task)
     return CheckedRun(audit, plan, nz)
@@ -322,9 +322,25 @@ def tensor_pixels(images: Any, samples: list[Any]) -> Any:
     return lambda sid: images[row[sid], 0].float().numpy()
 
 
-def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any) -> Any:
-    from wsi_mil.data.splits import make_plan, plan_from_user_split
+def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any,
+                    columns: dict[str, dict[str, str]] | None = None, class_names: list[str] | None = None) -> Any:
+    from wsi_mil.data.splits import make_plan, plan_by_centre, plan_from_user_split
 
+    column = getattr(config, "folds_by", None)
+    if column:
+        from wsi_mil.errors import ConfigError
+
+        if user_split:
+            raise ConfigError(f"--folds-by {column} makes the folds; the manifest's split column makes its own: "
+                              "use one (drop the split column, or --folds-by)")
+        columns = columns or {}
+        if not any(column in c for c in columns.values()):
+            found = sorted({k for c in columns.values() for k in c})
+            raise ConfigError(f"--folds-by {column}: the manifest has no {column!r} column (it has "
+                              f"{', '.join(found) or 'no other columns'})")
+        return plan_by_centre(samples, {s.slide_id: columns.get(s.slide_id, {}).get(column, "") for s in samples},
+                              column, folds=config.folds, seed=config.seed, min_slides=config.min_class_slides,
+                              class_names=class_names)
     if user_split:
         return plan_from_user_split(samples, seed=config.seed)
     return make_plan(samples, folds=config.folds, test_fraction=config.test_fraction, seed=config.seed,
@@ -486,6 +502,11 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     metrics["fold_health"] = _with_parts(fold_health(folds_out, kind.score_key, kind.score_name, kind.chance),
                                          kind.part_views(task, metrics))
     metrics["headline"] = choose_headline(metrics, kind.score_key, kind.score_name)
+    if plan.centres:  # (each centre held out once: the pooled out-of-fold figure is the site-held-out one)
+        metrics["by_centre"] = _by_centre(task, plan.centres, pooled_ids, py, pp, per_fold_thr, inputs.columns, config)
+        metrics["headline"]["why"] = (f"{plan.centres['protocol']}: every {plan.centres['column']} is held out once "
+                                      "and judged by models that never saw it; the pooled out-of-fold figure is the "
+                                      f"{plan.centres['column']}-held-out one")
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind_obj.single_positive:
         ev: tuple[Any, ...]
@@ -658,6 +679,46 @@ def _ablation(task: Task, found: dict[str, dict[str, list[np.ndarray]]], py: np.
     return {"score": kind.score_name, "variants": rows, "target_scores": names}
 
 
+def _by_centre(task: Task, centres: dict[str, Any], pooled_ids: list[tuple[str, str]], py: np.ndarray,
+               pp: np.ndarray, thresholds: list[np.ndarray], columns: dict[str, dict[str, str]],
+               config: Any) -> dict[str, Any]:
+    """Each held-out centre's figures (its slides, out of fold) with intervals, and their spread."""
+    kind = task.kind_obj
+    column = centres["column"]
+    of = np.asarray([columns.get(sid, {}).get(column, "") for sid, _ in pooled_ids])
+    per = {}
+    for c in sorted(set(of.tolist())):
+        m = of == c
+        per[c] = evaluate(task, py[m], pp[m], [t[m] for t in thresholds], config)
+    scores = [float(v[kind.score_key]) for v in per.values() if v.get(kind.score_key) is not None]
+    spread = ({"min": min(scores), "max": max(scores), "median": float(np.median(scores)),
+               "sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0} if scores else {})
+    return {"column": column, "protocol": centres["protocol"], "score": kind.score_name, "score_key": kind.score_key,
+            "centres": per, "spread": spread}
+
+
+def _by_centre_markdown(m: dict[str, Any]) -> list[str]:
+    b = m.get("by_centre")
+    if not b:
+        return []
+    key = b["score_key"]
+    lines = ["", f"## Held-out {b['column']}s", "",
+             (f"Protocol: {b['protocol']}. Each {b['column']} judged by the fold model that never saw it (95% "
+              "bootstrap intervals of its own slides)."), "",
+             f"| {b['column']} | n | {b['score']} (95% CI) |", "|---|---|---|"]
+    for c, v in b["centres"].items():
+        ci = v.get(f"{key}_ci95") or v.get(f"{key}_ci")  # (an AUC's interval, or a C's / an R²'s)
+        value = v.get(key)
+        text = "–" if value is None else f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+        lines.append(f"| {c} | {v.get('n')} | {text} |")
+    s = b.get("spread")
+    if s:
+        lines += ["", (f"Spread across {b['column']}s: {s['min']:.3f} to {s['max']:.3f} (median {s['median']:.3f}, "
+                       f"sd {s['sd']:.3f}). The random-fold figure of the same cohort (train-mil without --folds-by) "
+                       "beside it shows how much a model learns its centres.")]
+    return lines
+
+
 def _ablation_markdown(m: dict[str, Any]) -> list[str]:
     a = m.get("ablation")
     if not a:
@@ -766,6 +827,7 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     lines += _notes_markdown(m)
     lines += _headline_markdown(task, m)
     lines += task.kind_obj.report_table(task, m)
+    lines += _by_centre_markdown(m)
     lines += _ablation_markdown(m)
     for split in ("test", "val"):
         acc = m.get(f"across_folds_{split}")

@@ -582,6 +582,8 @@ class TrainConfig(CommonTrainConfig):
              "--test-fraction 0 (or leave --folds-by out)"),
             (not self.folds_by or self.min_minority_share is None, "--min-minority-share samples a test set; "
              "--folds-by has none"),
+            (not self.folds_by or self.folds >= 2, f"--folds-by {self.folds_by} holds out each centre (or group of "
+             "centres) once: --folds is the most groups, 2 or more"),
             (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
         ]

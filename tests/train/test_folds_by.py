@@ -61,6 +61,8 @@ def test_leave_one_site_out_never_splits_a_site_and_judges_each_on_its_own(cohor
     assert report.metrics["headline"]["why"].startswith("leave-one-site-out (4 sites): every site is held out once")
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Held-out sites" in md and "| site-A |" in md and "Spread across sites" in md
+    assert "Splits: leave-one-site-out (4 sites) made by wsi-mil" in md  # (said "stratified patient-level splits")
+    assert "chosen on its held-out site itself: the figures lean optimistic" in md  # (--select best)
 
 
 def test_many_sites_are_grouped_into_k_folds(cohort, tmp_path) -> None:
@@ -81,12 +83,16 @@ def test_what_cannot_be_judged_by_site_is_refused(cohort, tmp_path) -> None:
     columns = _columns(rows)
     with pytest.raises(ConfigError, match="add --test-fraction 0"):
         TrainConfig(folds_by="site")
+    with pytest.raises(ConfigError, match="--folds is the most groups, 2 or more"):
+        TrainConfig(folds_by="site", **{**CFG, "folds": 1})  # (was a raw scikit-learn error, or ignored)
     one_class = {**columns, "site": lambda r: "site-X" if columns["label"](r) == 1 and _site(r) == "site-A"
                  else _site(r)}  # (site-X: positives only)
     cases = [
-        (one_class, r"a held-out set cannot be judged: .*site-X: every slide of one class \(1\) \(at least 5 slides"),
+        (one_class, r"a held-out set cannot be judged: .*site-X: every slide of one kind \(1\) \(at least 5 slides"),
         ({**columns, "site": lambda r: "" if r["slide_id"].endswith("7") else _site(r)},
          r"slide\(s\) have no site value"),
+        ({**columns, "site": lambda r: "NA" if r["slide_id"].endswith("3") else _site(r)},
+         r"slide\(s\) have no site value \(.*='NA'"),  # (NA is no centre: was a centre of its own)
         ({**columns, "site": lambda r: "site-A"}, r"every slide is in 'site-A'"),
         (columns, None),
     ]

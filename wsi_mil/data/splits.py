@@ -155,10 +155,13 @@ def plan_by_centre(bags: list[Bag], centres: dict[str, str], column: str, *, fol
     held out once, and the pooled out-of-fold figure is the site-held-out one. Refused by name: a slide without a
     centre, a patient in two centres, one centre only, and a held-out set (a centre, or a fold of centres) with
     fewer than ``min_slides`` slides or one class (stratum) only: its AUC would not exist."""
-    blank = [b.slide_id for b in bags if not str(centres.get(b.slide_id, "")).strip()]
-    if blank:
-        raise ManifestError(f"--folds-by {column}: {len(blank)} slide(s) have no {column} value "
-                            f"({', '.join(blank[:5])}); give every slide its centre")
+    from wsi_mil.data.bags import MISSING_TOKENS
+
+    blank = [b.slide_id for b in bags if str(centres.get(b.slide_id, "")).strip().lower() in {"", *MISSING_TOKENS}]
+    if blank:  # (NA, None, unknown ... are no centre: never a centre of their own)
+        listing = ", ".join(f"{s}={centres.get(s, '')!r}" for s in blank[:5])
+        raise ManifestError(f"--folds-by {column}: {len(blank)} slide(s) have no {column} value ({listing}); give "
+                            "every slide its centre")
     where: dict[str, set[str]] = defaultdict(set)
     for b in bags:
         where[b.patient_id].add(centres[b.slide_id])
@@ -191,11 +194,12 @@ def plan_by_centre(bags: list[Bag], centres: dict[str, str], column: str, *, fol
         elif len(counts) < 2:
             only = next(iter(counts))
             named = class_names[int(only)] if class_names and only.isdigit() and int(only) < len(class_names) else only
-            problems.append(f"{label}: every slide of one class ({named})")
+            problems.append(f"{label}: every slide of one kind ({named})")
     if problems:
+        fewer = (f", use fewer --folds (larger groups of {column}s)" if len(names) > max(folds, 2) else "")
         raise ConfigError(f"--folds-by {column}: a held-out set cannot be judged: {'; '.join(problems)} (at least "
-                          f"{min_slides} slides and two classes each). Merge small {column}s in the manifest, or hold "
-                          "out by another column")
+                          f"{min_slides} slides and two kinds each: classes, events and censored slides, or target "
+                          f"quartiles). Merge small {column}s in the manifest{fewer}, or hold out by another column")
     out = []
     for k, idx in enumerate(held):
         inside = set(idx.tolist())

@@ -335,7 +335,7 @@ def make_split_plan(samples: list[Any], user_split: dict[str, str], config: Any,
                               "use one (drop the split column, or --folds-by)")
         columns = columns or {}
         if not any(column in c for c in columns.values()):
-            found = sorted({k for c in columns.values() for k in c})
+            found = sorted({k for c in columns.values() for k, v in c.items() if str(v).strip()})
             raise ConfigError(f"--folds-by {column}: the manifest has no {column!r} column (it has "
                               f"{', '.join(found) or 'no other columns'})")
         return plan_by_centre(samples, {s.slide_id: columns.get(s.slide_id, {}).get(column, "") for s in samples},
@@ -453,7 +453,8 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
                                "unit": unit, "command": road.command,
                                f"n_{unit}s": len(samples), "n_patients": len({b.patient_id for b in samples}),
                                "splits": {"source": plan.source, "folds": len(plan.folds), "test": len(test),
-                                          "test_sampling": plan.test_sampling},
+                                          "test_sampling": plan.test_sampling,
+                                          **({"centres": plan.centres} if plan.centres else {})},
                                "folds": folds_out, **inputs.notes}
     py, pp = np.concatenate(pooled_y), np.concatenate(pooled_p)
     # out-of-fold predictions are judged at the threshold of the fold that made them; the
@@ -505,8 +506,12 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     if plan.centres:  # (each centre held out once: the pooled out-of-fold figure is the site-held-out one)
         metrics["by_centre"] = _by_centre(task, plan.centres, pooled_ids, py, pp, per_fold_thr, inputs.columns, config)
         metrics["headline"]["why"] = (f"{plan.centres['protocol']}: every {plan.centres['column']} is held out once "
-                                      "and judged by models that never saw it; the pooled out-of-fold figure is the "
+                                      "and scored by a model trained without it; the pooled out-of-fold figure is the "
                                       f"{plan.centres['column']}-held-out one")
+        if config.select == "best":  # (the held-out centre is also each fold's validation set)
+            metrics["by_centre"]["note"] = (
+                f"each fold's epoch (--select best) and decision threshold were chosen on its held-out "
+                f"{plan.centres['column']} itself: the figures lean optimistic (--select swa trains a fixed schedule)")
     # the audit looks at the headline's set: the test ensemble, or the pooled out-of-fold validation
     if task.kind_obj.single_positive:
         ev: tuple[Any, ...]
@@ -703,14 +708,17 @@ def _by_centre_markdown(m: dict[str, Any]) -> list[str]:
         return []
     key = b["score_key"]
     lines = ["", f"## Held-out {b['column']}s", "",
-             (f"Protocol: {b['protocol']}. Each {b['column']} judged by the fold model that never saw it (95% "
-              "bootstrap intervals of its own slides)."), "",
-             f"| {b['column']} | n | {b['score']} (95% CI) |", "|---|---|---|"]
+             (f"Protocol: {b['protocol']}. Each {b['column']} scored by the fold model trained without it (95% "
+              "bootstrap intervals of its own slides)."
+              + (f" **Note: {b['note']}.**" if b.get("note") else "")), "",
+             f"| {b['column']} | n | positives or events | {b['score']} (95% CI) |", "|---|---|---|---|"]
     for c, v in b["centres"].items():
         ci = v.get(f"{key}_ci95") or v.get(f"{key}_ci")  # (an AUC's interval, or a C's / an R²'s)
         value = v.get(key)
-        text = "–" if value is None else f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
-        lines.append(f"| {c} | {v.get('n')} | {text} |")
+        note = v.get(f"{key}_ci_note") or v.get("c_index_ci_note")
+        text = "–" if value is None else f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "") + \
+            (f" ({note})" if note else "")
+        lines.append(f"| {c} | {v.get('n')} | {v.get('n_positive', v.get('n_events', '–'))} | {text} |")
     s = b.get("spread")
     if s:
         lines += ["", (f"Spread across {b['column']}s: {s['min']:.3f} to {s['max']:.3f} (median {s['median']:.3f}, "
@@ -810,6 +818,7 @@ def _write_outputs(out: Path, task: Task, metrics: dict[str, Any], rows: list[di
 def report_markdown(task: Task, m: dict[str, Any]) -> str:
     s = m["splits"]
     how = ("the manifest's split column" if s["source"] == "manifest"
+           else f"{s['centres']['protocol']} made by wsi-mil (seed {m.get('seed', 0)})" if s.get("centres")
            else f"stratified patient-level splits made by wsi-mil (seed {m.get('seed', 0)})")
     unit = m.get("unit", "slide")
     test = f"a held-out test set of {s['test']} {unit}s" if s["test"] else "no held-out test set"

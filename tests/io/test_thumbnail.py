@@ -53,3 +53,43 @@ def _check_whole_factor_thumbnail(slide: object, pixel_um: float, factor: int) -
     w0 = slide.dimensions[0]
     assert abs(ds[0] - plan.level_downsample * f) / ds[0] < 0.01 and abs(um - 0.499 * ds[0]) < 1e-9
     assert plan.read_width * plan.level_downsample <= w0
+
+
+def test_a_failed_band_waits_for_the_others_before_the_slide_can_be_closed() -> None:
+    """One band's read fails while the others are still reading: read_thumbnail raises only once every band has
+    finished (it raised at once, and plan_slide closed the OpenSlide handle under the running bands: the process
+    aborted on a slide corrupted in place)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pytest
+    from PIL import Image
+
+    running, finished_after_raise = [0], []
+    lock, raised = threading.Lock(), threading.Event()
+
+    class Slide(SimpleNamespace):
+        def read_region(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+            with lock:
+                running[0] += 1
+            try:
+                if loc[1] == 0:
+                    raise OSError("corrupt JPEG data")  # (the first band fails at once)
+                time.sleep(0.3)
+                if raised.is_set():
+                    finished_after_raise.append(loc[1])
+                return Image.new("RGBA", size, (255, 255, 255, 255))
+            finally:
+                with lock:
+                    running[0] -= 1
+
+    slide = Slide(**vars(_pyramid(4096, (1.0,))))
+    with ThreadPoolExecutor(4) as pool:
+        with pytest.raises(OSError, match="corrupt JPEG data"):
+            try:
+                read_thumbnail(slide, slide_mpp=0.5, pixel_um=16.0, pool=pool, whole_factor=True)
+            finally:
+                raised.set()
+                assert running[0] == 0  # (no band still reading when the error reaches the caller)
+    assert not finished_after_raise

@@ -119,7 +119,18 @@ def read_thumbnail(
             on_band(out[ty0:ty1], ty0)
 
     starts = range(0, th, thumb_rows_per_band)
-    list(pool.map(band, starts) if pool is not None else map(band, starts))
+    if pool is None:
+        for y in starts:
+            band(y)
+    else:
+        from concurrent.futures import wait
+
+        futures = [pool.submit(band, y) for y in starts]
+        # every band is done before the first error is raised: the caller then closes the slide, and a band still
+        # reading a closed OpenSlide handle aborts the process (seen on a slide corrupted in place)
+        wait(futures)
+        for f in futures:
+            f.result()
     # level-0 pixels per thumbnail pixel: the part of the slide read, over the thumbnail's size
     ds = (w0 * plan.read_width / lw / tw, h0 * plan.read_height / lh / th)
     return out, ds, float(slide_mpp * ds[0])

@@ -129,8 +129,8 @@ def read_thumbnail(
         # every band is done before the first error is raised: the caller then closes the slide, and a band still
         # reading a closed OpenSlide handle aborts the process (seen on a slide corrupted in place)
         wait(futures)
-        for f in futures:
-            f.result()
+        for job in futures:
+            job.result()
     # level-0 pixels per thumbnail pixel: the part of the slide read, over the thumbnail's size
     ds = (w0 * plan.read_width / lw / tw, h0 * plan.read_height / lh / th)
     return out, ds, float(slide_mpp * ds[0])

@@ -188,8 +188,7 @@ def _lesions(coords: npt.NDArray[np.int64], truth: npt.NDArray[np.bool_]) -> npt
     """Each patch's lesion (connected lesion patches on the patch grid, 8-neighbours; -1: not a lesion patch)."""
     from scipy.ndimage import label
 
-    step = _grid_step(coords)
-    ij = ((coords - coords.min(axis=0)) // step).astype(np.int64)
+    ij = _grid_index(coords)
     grid = np.zeros(ij.max(axis=0)[::-1] + 1, bool)
     grid[ij[truth, 1], ij[truth, 0]] = True
     labels, _ = label(grid, structure=np.ones((3, 3)))
@@ -197,16 +196,16 @@ def _lesions(coords: npt.NDArray[np.int64], truth: npt.NDArray[np.bool_]) -> npt
     return np.where(truth, out, -1)
 
 
-def _grid_step(coords: npt.NDArray[np.int64]) -> int:
+def _grid_index(coords: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Each patch's (column, row) on the patch grid (the step: the smallest gap between coordinates)."""
     steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)]
     found = [int(s[s > 0].min()) for s in steps if (s > 0).any()]
-    return min(found) if found else 1
+    return ((coords - coords.min(axis=0)) // (min(found) if found else 1)).astype(np.int64)
 
 
 def _peaks(coords: npt.NDArray[np.int64], score: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
     """Patches whose score is the highest among their 8 grid neighbours (one detection per hot spot)."""
-    step = _grid_step(coords)
-    ij = ((coords - coords.min(axis=0)) // step).astype(np.int64)
+    ij = _grid_index(coords)
     where = {(int(i), int(j)): k for k, (i, j) in enumerate(ij)}
     keep = np.ones(len(coords), bool)
     for k, (i, j) in enumerate(ij):

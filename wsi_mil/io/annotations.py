@@ -70,18 +70,17 @@ class Annotations:
     skipped: dict[str, int] = field(default_factory=dict)  # what was left out, by kind
     #: regions cut out of a class (CAMELYON's ``_2``: normal tissue inside a tumour outline), by class
     cutouts: dict[str, list[Region]] = field(default_factory=dict)
+    #: SHA-256 of the bytes the regions were read from (recorded as provenance)
+    digest: str = ""
 
     @property
     def classes(self) -> list[str]:
         return sorted({r.cls for r in self.regions})
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
-
     def summary(self) -> dict[str, Any]:
         """What provenance records: the file, its hash, its classes and region counts."""
         counts = {c: sum(r.cls == c for r in self.regions) for c in self.classes}
-        return {"file": self.path.name, "sha256": self.sha256(), "regions": counts,
+        return {"file": self.path.name, "sha256": self.digest, "regions": counts,
                 **({"left_out": dict(self.skipped)} if self.skipped else {})}
 
     def mask(self, classes: list[str] | tuple[str, ...], shape: tuple[int, int],
@@ -173,14 +172,15 @@ def read_annotations(path: str | Path, size: tuple[int, int]) -> Annotations:
     if path.suffix.lower() == ".xml" or head == b"<":
         return _read_asap(path, data, size)
     if head in (b"{", b"["):
-        return _read_geojson(path, data, size)
+        return read_geojson(path, data, size)
     raise AnnotationError(f"{path}: neither GeoJSON (QuPath's export) nor ASAP XML; export the annotations from "
                           "QuPath as GeoJSON (File > Export objects as GeoJSON) or save them from ASAP")
 
 
 # ---- QuPath GeoJSON
 
-def _read_geojson(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
+def read_geojson(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
+    """The regions of GeoJSON ``data`` (``path`` names it in messages; see the module docstring)."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -197,7 +197,7 @@ def _read_geojson(path: Path, data: bytes, size: tuple[int, int]) -> Annotations
         features = [{"type": "Feature", "geometry": doc, "properties": {}}]
     else:
         raise AnnotationError(f"{path}: no GeoJSON features (a FeatureCollection, a list of Features or a Feature)")
-    out = Annotations(path, [])
+    out = Annotations(path, [], digest=hashlib.sha256(data).hexdigest())
     for i, f in enumerate(features):
         where = f"{path.name}, feature {i}"
         if not isinstance(f, dict) or f.get("type") != "Feature":
@@ -267,7 +267,7 @@ def _read_asap(path: Path, data: bytes, size: tuple[int, int]) -> Annotations:
         raise AnnotationError(f"{path}: not valid XML ({exc})") from None
     if root.tag != "ASAP_Annotations":
         raise AnnotationError(f"{path}: an XML file whose root is <{root.tag}>, not ASAP's <ASAP_Annotations>")
-    out = Annotations(path, [])
+    out = Annotations(path, [], digest=hashlib.sha256(data).hexdigest())
     items = root.findall("./Annotations/Annotation")
     groups = {(a.get("PartOfGroup") or "").strip() for a in items}
     numbered = {*CAMELYON_TUMOUR_GROUPS, CAMELYON_EXCLUDED_GROUP}

@@ -106,7 +106,7 @@ class ReviewStore:
 
     def save_regions(self, slide_id: str, body: dict[str, Any], size: tuple[int, int]) -> list[dict[str, Any]]:
         """Check the drawn regions (each a Polygon of a REGION_CLASSES class, on the slide) and write them."""
-        from wsi_mil.io.annotations import AnnotationError, _read_geojson, write_geojson
+        from wsi_mil.io.annotations import AnnotationError, read_geojson, write_geojson
 
         features = body.get("features")
         if not isinstance(features, list) or len(features) > 500:
@@ -123,7 +123,7 @@ class ReviewStore:
                             "properties": {"objectType": "annotation", "classification": {"name": cls},
                                            "reviewer": self.reviewer, "time": _now()}})
         try:  # (the reader's checks: numbers, rings of three points or more, on the slide)
-            read = _read_geojson(Path(f"{slide_id}.geojson"),
+            read = read_geojson(Path(f"{slide_id}.geojson"),
                                  json.dumps({"type": "FeatureCollection", "features": stamped}).encode(), size)
         except AnnotationError as exc:
             raise ValueError(str(exc)) from None

@@ -64,7 +64,7 @@ def content_settings(config: TileConfig, entry: SlideEntry) -> dict[str, Any]:
     content["store_format_version"] = STORE_FORMAT_VERSION
     if config.annotations or entry.meta.get("annotations"):  # (a redrawn region changes the store: its hash is kept)
         file = annotation_file(entry, config, required=False)
-        content["annotation_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest() if file is not None else None
+        content["annotation_sha256"] = file_sha256(file) if file is not None else None
     return content
 
 

@@ -965,6 +965,24 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of ``wsi-mil evaluate``."""
+
+    subgroups: str | None = _opt(None, "manifest columns, comma-separated, for subgroup figures (e.g. site,scanner,sex)")
+    prevalence: float | None = _opt(None, "deployment prevalence for PPV / NPV (e.g. 0.02)")
+    bootstrap: int = _opt(1000, "bootstrap resamples for the AUC and subgroup intervals (calibration and the shift "
+                                "check use at most 200)")
+    seed: int = _opt(0, "seed of the bootstrap and of the shift check's folds")
+    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.prevalence is None or 0 < self.prevalence < 1, "--prevalence must be in (0, 1)"),
+                          (self.bootstrap >= 1, "--bootstrap must be positive"),
+                          (0 <= self.seed < 2**32, "--seed must be a whole number in [0, 2**32)"),
+                          (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu, cuda or cuda:N")])
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Settings of ``wsi-mil synth``."""
 
@@ -1015,7 +1033,7 @@ def recipe_sections() -> dict[str, type]:
     return {"tile": TileConfig, "extract_features": ExtractConfig, "train_mil": TrainConfig,
             "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig, "predict": PredictConfig,
             "predict_image": PredictImageConfig, "predict_volume": PredictVolumeConfig, "heatmap": HeatmapSettings,
-            "review": ReviewConfig, "audit": AuditConfig, "synth": SynthConfig, "demo": DemoConfig}
+            "review": ReviewConfig, "audit": AuditConfig, "evaluate": EvaluateConfig, "synth": SynthConfig, "demo": DemoConfig}
 
 
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],

@@ -16,6 +16,7 @@ from wsi_mil import __version__
 from wsi_mil.cli import (
     audit,
     demo,
+    evaluate,
     extract_features,
     heatmap,
     predict,
@@ -34,8 +35,8 @@ from wsi_mil.cli.common import setup_logging as _setup_logging  # (tests reset t
 __all__ = ["EXIT_OK", "EXIT_SLIDES_FAILED", "EXIT_USAGE", "VERBS", "_setup_logging", "build_parser", "entry", "main"]
 
 #: the sub-commands, in the order ``wsi-mil --help`` lists them
-VERBS = (tile, extract_features, train_mil, train_image, train_volume, predict_volume, predict_image, predict, heatmap,
-         audit, review, synth, demo)
+VERBS = (tile, extract_features, train_mil, train_image, train_volume, predict_volume, predict_image, predict, evaluate,
+         heatmap, audit, review, synth, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

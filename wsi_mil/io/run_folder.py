@@ -34,7 +34,8 @@ RUN_OUTPUTS = frozenset({
     RUN_FILE, "models", "attention", "history", "heatmaps", "audit", "cam", "maps", "metrics.json",
     "predictions.csv", "attention.csv", "boxes.csv", "localisation.json", "predict_report.json", "report.md",
     "splits.json", "errors.csv", "gallery.png", "roc.png", "confusion.png", "training_curves.png", "reliability.png",
-    "calibration.png", "kaplan_meier.png", "targets", "train_config.yaml", "train.log", "predict.log"})
+    "calibration.png", "kaplan_meier.png", "targets", "train_config.yaml", "train.log", "predict.log",
+    "evaluation.json", "evaluate.log"})
 #: files that show a folder holds a run of an earlier wsi-mil (before run.json existed)
 _LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
 #: what the data commands write in their --out: a run's folder is never one of theirs

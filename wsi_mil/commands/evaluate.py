@@ -1,0 +1,385 @@
+"""`wsi-mil evaluate`: a trained run on an external cohort, with its labels.
+
+The fold ensemble predicts every slide of the new manifest (as ``predict`` does: the same
+checks of encoder, resolution and transforms, ``attention/`` kept for heatmaps), then the
+predictions are judged against the manifest's labels: the task's own metrics with
+intervals beside the development figure, calibration (:mod:`wsi_mil.eval.external`), the
+development threshold against one chosen again, subgroups, operating points and every
+error (binary tasks), and a shift check between the development cohort (the run's
+recorded manifest and features) and this one. A slide the run was developed on is
+refused: it is not external.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wsi_mil.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    result: dict[str, Any] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Cohort:
+    """The development cohort as the run recorded it (what the shift check compares with)."""
+
+    manifest: Path | None = None
+    stores: dict[str, Path] = field(default_factory=dict)  # slide id -> feature store
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+
+def development_cohort(run_dir: Path, features: list[Path] | None) -> _Cohort:
+    """The run's development slides, their stores and store attributes, from its run.json
+    (``features``: other folders when the stores moved); a note says why when they cannot
+    be found (the shift and overlap checks are then left out, said in the report)."""
+    from wsi_mil.data.bags import feature_store_attrs, find_feature_store
+    from wsi_mil.data.manifest import read_manifest
+    from wsi_mil.io.run_folder import read_run
+
+    made = read_run(run_dir) or {}
+    inputs = made.get("inputs") or {}
+    manifest = Path((inputs.get("manifest") or {}).get("path", "")) if inputs.get("manifest") else None
+    dirs = [Path(d) for d in (features or inputs.get("features") or [])]
+    if manifest is None or not manifest.is_file():
+        return _Cohort(note=f"the run's development manifest ({manifest or 'not recorded'}) is not found; the shift "
+                            "check and the check that no slide is a development slide were left out")
+    entries = read_manifest(manifest, require_path=False)
+    cohort = _Cohort(manifest=manifest)
+    for e in entries:
+        store = next((s for d in dirs if (s := find_feature_store(d, e.slide_id))), None)
+        attrs = feature_store_attrs(store) if store is not None else None
+        if store is not None and attrs is not None:
+            cohort.stores[e.slide_id], cohort.attrs[e.slide_id] = store, attrs
+        cohort.patients[e.slide_id] = e.patient_id or e.slide_id
+    if not cohort.stores:
+        cohort.note = (f"none of the development slides' feature stores were found in {', '.join(map(str, dirs)) or '-'} "
+                       "(moved?); give --development-features; the shift check was left out")
+    return cohort
+
+
+def _not_external(bags: list[Any], dev: _Cohort) -> None:
+    """A slide of the development cohort (the same slide file, or the same store) is refused."""
+    prints = {str(a.get("slide_fingerprint")): sid for sid, a in dev.attrs.items() if a.get("slide_fingerprint")}
+    stores = {p.resolve(): sid for sid, p in dev.stores.items()}
+    same = []
+    for b in bags:
+        fp = str((b.meta or {}).get("slide_fingerprint") or "")
+        if fp and fp in prints:
+            same.append(f"{b.slide_id} (the slide file of development slide {prints[fp]})")
+        elif b.store is not None and Path(b.store).resolve() in stores:
+            same.append(f"{b.slide_id} (the development feature store {b.store})")
+    if same:
+        raise ConfigError(f"{len(same)} slide(s) of this manifest were in the run's development cohort: "
+                          f"{'; '.join(same[:6])}{' ...' if len(same) > 6 else ''}. An external evaluation must be "
+                          "on slides the model never saw; remove them from the manifest")
+
+
+def _mean_embeddings(stores: list[Path]) -> npt.NDArray[np.float32]:
+    from wsi_mil.io.features import FeatureStore
+
+    out = []
+    for s in stores:
+        with FeatureStore(s) as fs:
+            f = np.asarray(fs.features, dtype=np.float32)
+        out.append(f.mean(axis=0) if len(f) else np.full(f.shape[1], np.nan, np.float32))
+    return np.asarray(out)
+
+
+def _development_sample(dev: _Cohort, seed: int) -> tuple[list[str], npt.NDArray[np.float32]]:
+    """The development slides the shift check compares with (a seeded sample of
+    :data:`~wsi_mil.eval.external.MAX_DEVELOPMENT` beyond that) and their mean embeddings."""
+    from wsi_mil.eval.external import MAX_DEVELOPMENT
+
+    ids = sorted(dev.stores)
+    if len(ids) > MAX_DEVELOPMENT:
+        ids = sorted(np.random.default_rng(seed).choice(ids, MAX_DEVELOPMENT, replace=False).tolist())
+    return ids, _mean_embeddings([dev.stores[i] for i in ids]) if ids else np.zeros((0, 0), np.float32)
+
+
+def _no_copies(ext_ids: list[str], ext_emb: npt.NDArray[np.float32], dev_ids: list[str],
+               dev_emb: npt.NDArray[np.float32]) -> None:
+    """A store whose features are those of a development slide (a copied store, or the same
+    slide under another id) is refused: its slide is not external."""
+    seen = {np.ascontiguousarray(v).tobytes(): i for i, v in zip(dev_ids, dev_emb, strict=True)}
+    same = [f"{i} (the features of development slide {seen[key]})" for i, v in zip(ext_ids, ext_emb, strict=True)
+            if (key := np.ascontiguousarray(v).tobytes()) in seen]
+    if same:
+        raise ConfigError(f"{len(same)} slide(s) of this manifest hold exactly the features of slides the run was "
+                          f"developed on: {'; '.join(same[:6])}{' ...' if len(same) > 6 else ''}. An external "
+                          "evaluation must be on slides the model never saw; remove them from the manifest")
+
+
+def _development_predictions(run_dir: Path, set_name: str, columns: list[str]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]] | None:
+    """The run's own predictions of its headline set (labels, outputs) for the reliability plot."""
+    import csv
+
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if "test" in set_name:  # the ensemble's test predictions (each fold's own when the ensemble's are not written)
+        rows = [r for r in rows if r.get("split") == "test" and r.get("fold") == "ensemble"] or \
+            [r for r in rows if r.get("split") == "test"]
+    else:
+        rows = [r for r in rows if r.get("split") == "val"]
+    try:
+        p = np.asarray([[float(r[c]) for c in columns] for r in rows], dtype=float)
+    except (KeyError, ValueError):
+        return None
+    return np.asarray([r.get("label", "") for r in rows], dtype=object), p
+
+
+def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir: Path, subgroups: str | None = None,
+                 n_boot: int = 1000, seed: int = 0, device: str = "cpu", development_features: list[Path] | None = None,
+                 prevalence: float | None = None) -> Evaluation:
+    from wsi_mil.commands.predict import load_run, run_predict
+    from wsi_mil.data.bags import Task, bags_from_manifest
+    from wsi_mil.data.manifest import entry_columns, read_manifest
+    from wsi_mil.eval.audit_run import prediction_audit
+    from wsi_mil.eval.external import calibration_fit, calibration_warnings, shift_check, threshold_transfer
+    from wsi_mil.io.atomic import write_csv, write_json
+    from wsi_mil.train.runner import sample_facts
+
+    _models, specs = load_run(run_dir)
+    task = Task.from_dict(specs[0]["task"])
+    kind = task.kind_obj
+    entries = read_manifest(manifest, require_path=False)
+    unlabelled = [e.slide_id for e in entries if np.isnan(task.target(e.labels, f"slide {e.slide_id}")).all()]
+    if unlabelled:
+        raise ConfigError(f"{len(unlabelled)} slide(s) of {manifest} have no label in {', '.join(task.label_columns)} "
+                          f"({', '.join(unlabelled[:6])}{' ...' if len(unlabelled) > 6 else ''}); evaluate judges "
+                          "labelled slides only: label them, or use `wsi-mil predict` for unlabelled ones")
+    dev = development_cohort(run_dir, development_features)
+    bags, missing = bags_from_manifest(entries, features, task)
+    _not_external(bags, dev)
+    if not bags:
+        raise ConfigError(f"no slide of {manifest} has a feature store in {', '.join(map(str, features))} "
+                          f"({missing[0]['reason'] if missing else 'empty manifest'})")
+    ext_ids = [b.slide_id for b in bags]
+    ext_emb = _mean_embeddings([b.store for b in bags if b.store is not None])
+    dev_ids, dev_emb = _development_sample(dev, seed)
+    _no_copies(ext_ids, ext_emb, dev_ids, dev_emb)
+    report = run_predict(run_dir, [b.store for b in bags if b.store is not None], out_dir=out_dir, device=device,
+                         manifest=manifest)
+    failed = missing + [{"slide_id": f["slide_id"], "reason": f["error"]} for f in report.failed]
+    by_id = {b.slide_id: b for b in bags}
+    rows = [r for r in report.rows if r["slide_id"] in by_id]
+    if not rows:
+        raise ConfigError(f"no slide could be predicted ({failed[0]['reason'] if failed else '?'})")
+    ids = [r["slide_id"] for r in rows]
+    cols = kind.output_columns(task)
+    y = np.stack([by_id[i].target for i in ids]).astype(float)
+    p = np.asarray([[float(r[c]) for c in cols] for r in rows], dtype=float)
+    thresholds = kind.ensemble_thresholds(task, [s["thresholds"] for s in specs])
+    config = SimpleNamespace(bootstrap=n_boot, seed=seed)
+    result: dict[str, Any] = {
+        "run": str(run_dir), "manifest": str(manifest), "features": [str(f) for f in features],
+        "task": task.to_dict(), "n": len(ids), "n_positive": int(np.nansum(y[:, 0])) if kind.has_classes else None,
+        "n_failed": len(failed), "failed": failed, "thresholds": thresholds,
+        "metrics": kind.evaluate(task, y, p, thresholds, config),
+        "development": _development_figure(run_dir), "notes": [], "warnings": []}
+    patients = [by_id[i].patient_id for i in ids]
+    shared = sorted(set(patients) & set(dev.patients.values()))
+    if shared:
+        result["warnings"].append(f"{len(shared)} patient id(s) of this cohort are also in the development cohort "
+                                  f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): if they are the same "
+                                  "people this is not an external cohort")
+    if kind.calibrated_per_output and kind.has_classes:
+        result["calibration"], result["threshold_transfer"] = {}, {}
+        rule = "sensitivity" if "sensitivity" in str(result["development"].get("threshold_rule", "")).split(" ")[:1] else "youden"
+        for c, name in enumerate(task.outputs):
+            ok, yc = kind.one_vs_rest(y, c)
+            if len(set(yc.tolist())) < 2:
+                result["notes"].append(f"{name}: one class only in this cohort; no calibration slope or threshold choice")
+            result["calibration"][name] = cal = calibration_fit(yc, p[ok, c], n_boot=min(n_boot, 200), seed=seed)
+            result["warnings"] += [f"{name}: {w}" if task.n_outputs > 1 else w for w in calibration_warnings(cal)]
+            result["threshold_transfer"][name] = threshold_transfer(yc, p[ok, c], float(thresholds[c]), rule=rule)
+    else:
+        result["notes"].append(f"calibration and threshold transfer are judged per probability output; a {task.kind} "
+                               "task's own calibration figures are in the metrics")
+    columns = entry_columns(entries)
+    if kind.single_positive:
+        post = prediction_audit(ids, patients, y[:, 0], p[:, 0], thresholds[0], set_name="external cohort",
+                                columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot, seed=seed,
+                                links=[f"attention/{i}.h5" for i in ids])
+        result["audit"] = post
+    elif subgroups:
+        result["notes"].append(f"--subgroups: subgroup figures are computed for binary tasks; this run is {task.kind}")
+    # the shift check
+    if dev.stores:
+        from wsi_mil.data.bags import Bag
+
+        if len(dev_ids) < len(dev.stores):
+            result["notes"].append(f"the shift check compares with a seeded sample of {len(dev_ids)} development slides")
+        dev_bags = [Bag(i, dev.patients.get(i, i), np.zeros(1, np.float32), dev.stores[i], meta=dev.attrs[i])
+                    for i in dev_ids]
+        row_of = {i: k for k, i in enumerate(ext_ids)}
+        shift = shift_check(dev_emb, ext_emb[[row_of[i] for i in ids]], sample_facts(dev_bags),
+                            sample_facts([by_id[i] for i in ids]), seed=seed, n_boot=min(n_boot, 200))
+        result["shift"] = shift
+        result["warnings"] += shift["warnings"]
+        result["notes"] += shift["notes"]
+    else:
+        result["shift"] = None
+        result["notes"].append(dev.note or "the development cohort could not be read; no shift check")
+    # files
+    truth = {i: kind.truth_columns(task, by_id[i].target) for i in ids}
+    out_rows = []
+    for r, i in zip(rows, ids, strict=True):
+        t = truth[i]
+        row = {"slide_id": i, "patient_id": by_id[i].patient_id,
+               **(t if t is not None else {"label": _label_text(task, by_id[i].target)})}
+        row.update({k: v for k, v in r.items() if k != "slide_id"})
+        out_rows.append(row)
+    write_csv(out_dir / "predictions.csv", out_rows)
+    _plots(out_dir, task, y, p, run_dir, result)
+    write_json(out_dir / "evaluation.json", result)
+    from wsi_mil.io.atomic import write_text
+
+    write_text(out_dir / "report.md", "\n".join(evaluation_markdown(result)) + "\n")
+    if result.get("audit"):
+        from wsi_mil.eval.audit_run import write_audit_files
+
+        write_audit_files(out_dir, {"evaluation": result["audit"]})
+    return Evaluation(result, failed)
+
+
+def _label_text(task: Any, target: npt.NDArray[Any]) -> str:
+    if task.kind_obj.has_classes and task.classes and len(target) == 1:
+        return str(task.classes[int(target[0] > 0.5)])
+    return ";".join(f"{v:g}" for v in np.asarray(target, float))
+
+
+def _development_figure(run_dir: Path) -> dict[str, Any]:
+    """The run's headline figure (the set it was computed on and why) and threshold rule."""
+    import json
+
+    try:
+        m = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {"note": "the run's metrics.json could not be read"}
+    head = m.get("headline") or {}
+    figure = m.get(head.get("set", ""), {}) if isinstance(head, dict) else {}
+    return {"set": head.get("set"), "why": head.get("why"), "metrics": figure if isinstance(figure, dict) else {},
+            "threshold_rule": m.get("threshold_rule", ""), "splits": (m.get("splits") or {}).get("protocol")}
+
+
+def _plots(out_dir: Path, task: Any, y: npt.NDArray[Any], p: npt.NDArray[Any], run_dir: Path,
+           result: dict[str, Any]) -> None:
+    """reliability.png: this cohort beside the development set (binary and multi-label outputs)."""
+    from wsi_mil.eval.plots import reliability_plot
+
+    kind = task.kind_obj
+    if not (kind.calibrated_per_output and kind.has_classes):
+        return
+    sets: dict[str, tuple[Any, Any]] = {}
+    dev = _development_predictions(run_dir, str(result["development"].get("set") or ""), kind.output_columns(task))
+    for c, name in enumerate(task.outputs):
+        ok, yc = kind.one_vs_rest(y, c)
+        suffix = f" {name}" if task.n_outputs > 1 else ""
+        sets[f"external{suffix} (n = {len(yc)})"] = (yc, p[ok, c])
+        if dev is not None and task.n_outputs == 1 and len(dev[0]):
+            yd = np.asarray([str(v) == str(task.classes[1]) for v in dev[0]], dtype=int)
+            sets[f"development, {result['development'].get('set')} (n = {len(yd)})"] = (yd, dev[1][:, 0])
+    try:
+        reliability_plot(out_dir / "reliability.png", sets)
+        result["figures"] = ["reliability.png"]
+    except Exception as exc:  # noqa: BLE001 - a plot must not lose the evaluation
+        logger.warning("could not draw reliability.png (%s)", exc)
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _ci(c: Any, fmt: str = ".2f") -> str:
+    return "" if not c else f" ({format(c[0], fmt)} to {format(c[1], fmt)})"
+
+
+def evaluation_markdown(r: dict[str, Any]) -> list[str]:
+    from wsi_mil.data.bags import Task
+    from wsi_mil.eval.audit_run import audit_markdown
+
+    task = Task.from_dict(r["task"])
+    kind = task.kind_obj
+    dev = r["development"]
+    lines = ["# External evaluation", "", f"Run: `{r['run']}`; cohort: `{r['manifest']}` ({r['n']} slides judged"
+             + (f", {r['n_positive']} positive" if r.get("n_positive") is not None else "")
+             + (f"; {r['n_failed']} could not be predicted, listed below" if r["n_failed"] else "") + ").", "",
+             "Predictions are the fold ensemble's (the mean of the folds' probabilities at the mean of their "
+             "thresholds in logit space), as `wsi-mil predict` makes them.", ""]
+    if r["warnings"]:
+        lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
+    lines += ["## Discrimination", "", "| cohort | figure |", "|---|---|"]
+    dm = dev.get("metrics") or {}
+    if dm:
+        lines.append(f"| development ({dev.get('set')}: {dev.get('why') or ''}) | {kind.summary_line(dm).strip()} |")
+    lines.append(f"| **this cohort** | {kind.summary_line(r['metrics']).strip()} |")
+    lines.append("")
+    key = kind.score_key
+    if dm.get(key) is not None and r["metrics"].get(key) is not None:
+        lines += [f"Change from development to this cohort: {r['metrics'][key] - dm[key]:+.3f} ({kind.score_name}).", ""]
+    for name, cal in (r.get("calibration") or {}).items():
+        title = f" of {name}" if task.n_outputs > 1 else ""
+        lines += [f"## Calibration{title}", "",
+                  f"- observed rate {cal['observed_rate']:.3f}, mean predicted probability {cal['mean_predicted']:.3f}: "
+                  f"calibration-in-the-large {cal['calibration_in_the_large']:+.3f} (observed / expected "
+                  f"{_num(cal['observed_expected_ratio'], '.2f')})",
+                  f"- calibration intercept (slope fixed at 1): {_num(cal['calibration_intercept'], '+.2f')}"
+                  f"{_ci(cal.get('calibration_intercept_ci95'), '+.2f')} (0: the average risk is right)",
+                  f"- calibration slope: {_num(cal['calibration_slope'], '.2f')}{_ci(cal.get('calibration_slope_ci95'))}"
+                  " (1: ideal; below 1 the probabilities are too extreme, above 1 too timid)"
+                  + (f"; {cal['slope_note']}" if cal.get("slope_note") else ""),
+                  f"- intervals: bootstrap over slides, {cal.get('bootstrap', 0)} resamples", ""]
+    if r.get("figures"):
+        lines += ["![reliability: this cohort beside the development set](reliability.png)", ""]
+    for name, tt in (r.get("threshold_transfer") or {}).items():
+        title = f" of {name}" if task.n_outputs > 1 else ""
+        lines += [f"## Threshold transfer{title}", "",
+                  "| threshold | value | sensitivity (95% CI) | specificity (95% CI) | PPV | NPV |", "|---|---:|---|---|---:|---:|"]
+        for row in tt["rows"]:
+            lines.append(f"| {row['threshold_source']} | {row['threshold']:.3f} | {_num(row['sensitivity'])}"
+                         f"{_ci(row['sensitivity_ci95'])} | {_num(row['specificity'])}{_ci(row['specificity_ci95'])} "
+                         f"| {_num(row['ppv'])} | {_num(row['npv'])} |")
+        lines += ["", "The second row is chosen and judged on the same slides: it shows what a local re-choice could "
+                      "recover, not what the model achieves.", ""]
+    shift = r.get("shift")
+    lines += ["## Shift between the development cohort and this one", ""]
+    if shift:
+        dc = shift.get("domain_classifier") or {}
+        if dc.get("auc") is not None:
+            note = f"; 95% CI {dc['auc_ci_note']}" if dc.get("auc_ci_note") else _ci(dc.get("auc_ci95"), ".3f")
+            lines += [f"Domain classifier (development {dc['n_development']} vs this cohort {dc['n_external']}): AUC "
+                      f"**{dc['auc']:.3f}**{note} (0.5: the cohorts look alike to the encoder; 1.0: told apart "
+                      f"perfectly). {dc['method']}.", ""]
+        if shift["facts"]:
+            lines += ["| fact | development median (IQR) | this cohort median (IQR) | standardised mean difference | "
+                      "Mann-Whitney p |", "|---|---|---|---:|---:|"]
+            for f in shift["facts"]:
+                lines.append(f"| {f['fact']} | {f['development_median']:.4g} ({f['development_iqr'][0]:.4g}–"
+                             f"{f['development_iqr'][1]:.4g}) | {f['external_median']:.4g} ({f['external_iqr'][0]:.4g}–"
+                             f"{f['external_iqr'][1]:.4g}) | {_num(f['smd'], '+.2f')} | {f['p_mann_whitney']:.2g} |")
+            lines.append("")
+    if r["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    if r.get("audit"):
+        lines += audit_markdown({"evaluation": r["audit"]})[2:]
+    if r["failed"]:
+        lines += ["## Not evaluated", ""] + [f"- {f['slide_id']}: {f['reason']}" for f in r["failed"]] + [""]
+    return lines

@@ -41,7 +41,8 @@ def test_conflicting_options_exit_2(tmp_path, cmu_slide) -> None:
 
 
 COMMANDS = ["tile", "extract-features", "train-mil", "predict", "heatmap", "review", "synth", "demo", "train-image",
-            "predict-image", "train-volume", "predict-volume", "evaluate"]
+            "predict-image", "train-volume", "predict-volume", "evaluate",
+            "import-features"]
 
 
 def test_list_flags_work_alone() -> None:

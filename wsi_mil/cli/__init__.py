@@ -19,6 +19,7 @@ from wsi_mil.cli import (
     evaluate,
     extract_features,
     heatmap,
+    import_features,
     predict,
     predict_image,
     predict_volume,
@@ -35,7 +36,7 @@ from wsi_mil.cli.common import setup_logging as _setup_logging  # (tests reset t
 __all__ = ["EXIT_OK", "EXIT_SLIDES_FAILED", "EXIT_USAGE", "VERBS", "_setup_logging", "build_parser", "entry", "main"]
 
 #: the sub-commands, in the order ``wsi-mil --help`` lists them
-VERBS = (tile, extract_features, train_mil, train_image, train_volume, predict_volume, predict_image, predict, evaluate,
+VERBS = (tile, extract_features, import_features, train_mil, train_image, train_volume, predict_volume, predict_image, predict, evaluate,
          heatmap, audit, review, synth, demo)
 
 

@@ -40,7 +40,7 @@ RUN_OUTPUTS = frozenset({
 _LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
 #: what the data commands write in their --out: a run's folder is never one of theirs
 _DATA_MARKS = {"run_report.json": "tile", "tile.log": "tile", "features_report.json": "extract-features",
-               "extract.log": "extract-features"}
+               "extract.log": "extract-features", "import_report.json": "import-features"}
 
 
 #: slide files: a folder holding them is the user's slides, never a command's --out

@@ -36,6 +36,7 @@ UPWARD: dict[tuple[str, str], str] = {
     ("config.py", "encoders"): "tile --encoder: --mpp defaults to the encoder's training resolution (its recipe)",
     ("config.py", "tasks"): "train-mil's --bags-per-batch default and minimum are the task kind's (survival: 16, at least 4)",
     ("config.py", "synth"): "synth's settings are checked by the generator's own checks (one message for code and flags)",
+    ("data/patient_bags.py", "tiling"): "a patient bag's tissue colour is the mean of its slides' (the tiler's stain names)",
     ("data/bags.py", "tiling"): "old feature stores without the patch geometry get it from their patch store",
     ("eval/localisation.py", "commands"): "localisation finds each attention store's slide as heatmap does",
     ("tasks/base.py", "eval"): "a task kind's metrics and thresholds are the evaluation layer's functions",

@@ -570,6 +570,11 @@ class TrainConfig(CommonTrainConfig):
                                       "leave-one-out when there are at most --folds of them, else grouped k-fold "
                                       "stratified on the label; needs --test-fraction 0 (every centre is held out "
                                       "once: the pooled out-of-fold figure is the site-held-out one)")
+    bag: str = _opt("slide", "what one bag is: slide (one bag per slide) or patient (all slides of a patient in one "
+                             "bag with the patient's label; their slide labels must agree; predictions per patient, "
+                             "attention kept per slide)", choices=("slide", "patient"))
+    patient_max_instances: int | None = _opt(65536, "with --bag patient: a patient bag holding more patches keeps a "
+                                                    "seeded sample of this many (recorded in the report); none: all")
     lesion_class: str = _opt("Tumor", "the annotation class whose drawn regions are the lesions attention is judged "
                                       "against (slides tiled with --annotations: patch AUC, Dice, FROC in the report)")
 
@@ -586,6 +591,8 @@ class TrainConfig(CommonTrainConfig):
              "centres) once: --folds is the most groups, 2 or more"),
             (self.hidden >= 1, "--hidden must be positive"),
             (self.max_instances is None or self.max_instances >= 1, "--max-instances must be positive"),
+            (self.patient_max_instances is None or self.patient_max_instances >= 1,
+             "--patient-max-instances must be positive"),
         ]
 
     def __post_init__(self) -> None:

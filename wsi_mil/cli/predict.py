@@ -53,5 +53,6 @@ def run(args: argparse.Namespace) -> int:
     claim_output(args, predict_record(args, {}, list(args.inputs) + ([manifest] if manifest else [])))
     setup_logging(args.verbose, args.out / "predict.log")
     report = run_predict(args.run, args.inputs, out_dir=args.out, device=settings.device, manifest=manifest)
-    print(f"{len(report.rows)} slide(s) predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
+    unit = "patient(s)" if report.rows and "patient_id" in report.rows[0] else "slide(s)"
+    print(f"{len(report.rows)} {unit} predicted, {len(report.failed)} failed; predictions: {args.out / 'predictions.csv'}")
     return EXIT_OK if not report.failed else EXIT_SLIDES_FAILED

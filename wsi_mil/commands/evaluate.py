@@ -158,6 +158,10 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
 
     _models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
+    if specs[0].get("bag") == "patient":
+        raise ConfigError(f"{run_dir} was trained on patient bags (--bag patient); evaluate judges slide-bag runs "
+                          "only so far: use `wsi-mil predict RUN FEATURES --manifest M` (one row per patient) and "
+                          "judge its predictions.csv")
     kind = task.kind_obj
     entries = read_manifest(manifest, require_path=False)
     unlabelled = [e.slide_id for e in entries if np.isnan(task.target(e.labels, f"slide {e.slide_id}")).all()]

@@ -112,6 +112,8 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
 
     models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
+    if specs[0].get("bag") == "patient":
+        return _predict_patients(run_dir, inputs, models, specs, task, out_dir=out_dir, device=device, manifest=manifest)
     encodings, covariate_rows = _covariate_rows(specs, manifest)
     enc = specs[0].get("encoder", {})
     thresholds = task.kind_obj.ensemble_thresholds(task, [s["thresholds"] for s in specs])
@@ -183,4 +185,84 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
         write_csv(out_dir / "predictions.csv", report.rows)
     write_json(out_dir / "predict_report.json", {"run": str(run_dir), "n_models": len(models), "thresholds": thresholds,
                                                  "task": task.to_dict(), "predicted": len(report.rows), "failed": report.failed})
+    return report
+
+
+def _predict_patients(run_dir: Path, inputs: list[Path], models: list[Any], specs: list[dict[str, Any]], task: Task, *,
+                      out_dir: Path, device: str, manifest: Path | None) -> PredictReport:
+    """A run trained with ``--bag patient``: the slides of each patient (``--manifest``'s
+    patient_id) joined into one bag as in training, one row per patient, attention per slide."""
+    from types import SimpleNamespace
+
+    from wsi_mil.data.manifest import read_manifest
+    from wsi_mil.data.patient_bags import patient_bags
+    from wsi_mil.io.store import PatchStore
+    from wsi_mil.train.loop import predict
+
+    if specs[0].get("covariates"):
+        raise ConfigError("a run trained with --bag patient and --covariates cannot be predicted yet; predict is "
+                          "per patient there and needs the covariates per patient")
+    if manifest is None:
+        raise ConfigError("this run was trained on patient bags (--bag patient): give --manifest with slide_id and "
+                          "patient_id for the slides to predict (each patient's slides are joined into one bag)")
+    patient_of = {e.slide_id: (e.patient_id or "") for e in read_manifest(manifest, require_path=False)}
+    enc = specs[0].get("encoder", {})
+    thresholds = task.kind_obj.ensemble_thresholds(task, [s["thresholds"] for s in specs])
+    report = PredictReport()
+    slides: list[Bag] = []
+    for store in _stores(inputs):
+        sid = store.stem
+        try:
+            if not patient_of.get(sid):
+                raise ConfigError(f"no patient_id for {sid} in --manifest {manifest}: a patient-bag run joins the "
+                                  "slides of each patient")
+            with PatchStore(store) as opened:
+                attrs = opened.attrs
+            if attrs.get("complete") is not True or attrs.get("encoder") is None:
+                raise ConfigError(f"{store} is incomplete or not a feature store")
+            if enc.get("weights_sha256") and attrs.get("weights_sha256") != enc["weights_sha256"]:
+                raise ConfigError(f"encoder mismatch: the store was made with {attrs.get('encoder')}, the model was "
+                                  f"trained on {enc.get('encoder')}; re-extract with the training encoder")
+            check_resolution(attrs, enc, store)
+            extent, step = patch_geometry(attrs, store)
+            bag = Bag(sid, patient_of[sid], np.zeros(task.n_targets, np.float32), store, step_px=step,
+                      extent_px=extent, meta=attrs).cache()
+            if bag.features is not None and not len(bag.features):
+                raise StoreError(f"{store} holds no patches; there is nothing to predict from")
+            slides.append(bag)
+        except Exception as exc:  # noqa: BLE001 - one bad store must not stop the batch
+            logger.error("%s: %s", sid, exc)
+            report.failed.append({"slide_id": sid, "store": str(store), "error": f"{type(exc).__name__}: {exc}"})
+    bags = patient_bags(slides, task, max_instances=specs[0].get("patient_max_instances"),
+                        seed=int(specs[0].get("seed", 0))) if slides else []
+    from wsi_mil.commands.train_mil import _prediction, _write_attention
+
+    for bag in bags:
+        preds = [predict(m, [bag], task, device=device) for m in models]
+        probs = np.mean([p.probs[0] for p in preds], axis=0)
+        att = np.mean([p.attention[0] for p in preds], axis=0)
+        if not (np.isfinite(probs).all() and np.isfinite(att).all()):
+            for s in bag.meta["slides"]:
+                report.failed.append({"slide_id": s["slide_id"], "store": s["store"],
+                                      "error": f"StoreError: the models gave a non-finite output for patient {bag.slide_id}"})
+            continue
+        share = None if any(p.contribution is None for p in preds) else \
+            np.mean([p.contribution[0] for p in preds if p.contribution is not None], axis=0)
+        single = SimpleNamespace(probs=[probs], attention=[att], contribution=[share] if share is not None else None)
+        _write_attention(out_dir / "attention", [bag], single, task, fold="ensemble", split="predict",
+                         thresholds=thresholds, model=specs[0]["model"])
+        pred = _prediction(task, probs, thresholds)
+        row: dict[str, Any] = {"patient_id": bag.slide_id,
+                               "slides": ";".join(s["slide_id"] for s in bag.meta["slides"])}
+        row.update({col: round(float(probs[c]), 6) for c, col in enumerate(task.kind_obj.output_columns(task))})
+        row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
+        row.update(task.kind_obj.prediction_columns(task, probs, thresholds))
+        if bag.meta.get("sampled"):
+            row["patches_sampled"] = f"{bag.meta['sampled']['kept']} of {bag.meta['sampled']['of']}"
+        report.rows.append(row)
+    if report.rows:
+        write_csv(out_dir / "predictions.csv", report.rows)
+    write_json(out_dir / "predict_report.json", {"run": str(run_dir), "n_models": len(models), "thresholds": thresholds,
+                                                 "task": task.to_dict(), "unit": "patient",
+                                                 "predicted": len(report.rows), "failed": report.failed})
     return report

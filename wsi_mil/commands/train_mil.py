@@ -115,17 +115,25 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
     from wsi_mil.io.attention import write_attention
 
     shares = pred.contribution if pred.contribution is not None else [None] * len(bags)
+    kind = "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score"
     for bag, probs, att, share in zip(bags, pred.probs, pred.attention, shares, strict=True):
         _, coords = bag.load()
         assert bag.store is not None  # train-mil's bags are read from feature stores (read_bags)
-        write_attention(out / f"{bag.slide_id}.h5", coords=coords, attention=att, contribution=share,
-                        contribution_unit=task.kind_obj.contribution_unit, attrs={
-            "slide_id": bag.slide_id, "fold": fold, "split": split, "model": model,
-            "outputs": list(task.outputs), "probability": [float(v) for v in probs], "task_kind": task.kind,
-            "prediction": _prediction(task, probs, thresholds), **path_record("feature_store", bag.store, out),
-            "patch_extent_level0_px": bag.extent_px, "grid_step_level0_px": bag.step_px,
-            "attention_kind": "normalised attention (sums to 1)" if model not in ("max", "mean") else model + " score",
-        })
+        common = {"fold": fold, "split": split, "model": model, "outputs": list(task.outputs),
+                  "probability": [float(v) for v in probs], "task_kind": task.kind,
+                  "prediction": _prediction(task, probs, thresholds)}
+        # a patient bag: each slide's rows in its own store, so heatmaps stay per slide
+        parts = bag.meta.get("slides") or [{"slide_id": bag.slide_id, "store": str(bag.store), "start": 0,
+                                            "end": len(coords), "extent_px": bag.extent_px, "step_px": bag.step_px}]
+        for s in parts:
+            rows = slice(int(s["start"]), int(s["end"]))
+            extra = {"patient_bag": bag.slide_id, "attention_kind": kind + " over the patient's slides"} \
+                if bag.meta.get("slides") else {"attention_kind": kind}
+            write_attention(out / f"{s['slide_id']}.h5", coords=coords[rows], attention=att[rows],
+                            contribution=None if share is None else share[rows],
+                            contribution_unit=task.kind_obj.contribution_unit, attrs={
+                "slide_id": s["slide_id"], **common, **path_record("feature_store", Path(s["store"]), out),
+                "patch_extent_level0_px": float(s["extent_px"]), "grid_step_level0_px": float(s["step_px"]), **extra})
 
 
 @dataclass
@@ -187,14 +195,29 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
         raise ManifestError(f"only {len(bags)} slide(s) have usable feature stores; training needs at least 4 "
                             f"({len(skipped)} left out, listed above)")
     columns = entry_columns(entries)
+    notes: dict[str, Any] = {"blank_patients": blank} if blank else {}
+    if config.bag == "patient":  # one bag per patient: labels agreeing, columns joined, the sample recorded
+        from wsi_mil.data.patient_bags import patient_bags, patient_columns
+
+        n_slides = len(bags)
+        bags = patient_bags(bags, task, max_instances=config.patient_max_instances, seed=config.seed)
+        columns = patient_columns(bags, columns)
+        user_split = {b.slide_id: b.split for b in bags if b.split}
+        sampled = {b.slide_id: b.meta["sampled"] for b in bags if b.meta.get("sampled")}
+        notes["patient_bags"] = {"slides": n_slides, "patients": len(bags),
+                                 "max_slides_per_patient": max(len(b.meta["slides"]) for b in bags),
+                                 "sampled": sampled, "cap": config.patient_max_instances}
+        logger.info("--bag patient: %d slide(s) joined into %d patient bag(s)%s", n_slides, len(bags),
+                    f"; {len(sampled)} bag(s) sampled to {config.patient_max_instances} patches" if sampled else "")
+        if len(bags) < 4:
+            raise ManifestError(f"--bag patient: only {len(bags)} patient(s); training needs at least 4")
     # every check that can refuse the run (duplicates across the splits, --subgroups ...) before its folder exists
     checked = checks_before_training(bags, None, columns, user_split, config, "slide", task=task)
     from wsi_mil.io.run_folder import input_record
 
     sources = {"manifest": input_record(manifest), "features": [str(Path(d).resolve()) for d in features_dirs],
                "stores": stores_digest(bags)}
-    return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked,
-                       {"blank_patients": blank} if blank else {}, sources, covariates)
+    return TrainInputs(task, task_line, bags, skipped, user_split, columns, checked, notes, sources, covariates)
 
 
 def stores_digest(bags: list[Bag]) -> str:
@@ -243,6 +266,8 @@ class MilRoad:
     def __init__(self, config: TrainConfig, bags: list[Bag], n_outputs: int,
                  columns: dict[str, dict[str, str]] | None = None, covariates: list[str] | None = None) -> None:
         self.config, self.n_outputs = config, n_outputs
+        if config.bag == "patient":
+            self.unit = "patient"
         self.encoder = encoder_of(bags)
         self.dim = int(bags[0].load()[0].shape[1])
         self.model_name = config.model + (f" + covariates ({config.fusion})" if covariates else "")
@@ -308,6 +333,9 @@ class MilRoad:
                 "model_args": self.config.model_args()}
         if self.encoding is not None:
             spec |= {"covariates": self.encoding.to_dict(), "fusion": self.config.fusion}
+        if self.config.bag == "patient":  # predict joins a patient's slides the same way
+            spec |= {"bag": "patient", "patient_max_instances": self.config.patient_max_instances,
+                     "seed": self.config.seed}
         return spec
 
     def save(self, stem: Path, model: Any, spec: dict[str, Any]) -> None:

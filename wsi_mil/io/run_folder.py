@@ -101,7 +101,7 @@ def input_record(path: Path) -> dict[str, Any]:
 LATER_SETTINGS: dict[str, Any] = {"model_options": None, "covariates": None, "fusion": "concat", "targets": None,
                                   "target_weights": None, "survival_loss": "cox", "time_bins": None,
                                   "regression_loss": "huber", "standardise_target": True, "lesion_class": "Tumor",
-                                  "folds_by": None}
+                                  "folds_by": None, "bag": "slide", "patient_max_instances": 65536}
 
 
 def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:

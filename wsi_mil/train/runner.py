@@ -139,7 +139,8 @@ _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "m
 #: previous version is found again instead of being retrained)
 _LATER_FOLD_SETTINGS = {"covariates": None, "fusion": "concat", "targets": None, "target_weights": None,
                         "survival_loss": "cox", "time_bins": None,
-                        "regression_loss": "huber", "standardise_target": True, "folds_by": None}
+                        "regression_loss": "huber", "standardise_target": True, "folds_by": None,
+                        "bag": "slide", "patient_max_instances": 65536}
 
 
 def _settings_hash(config: Any, fold: Any, dim: int, extra: dict[str, Any] | None = None) -> str:
@@ -823,7 +824,13 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
     unit = m.get("unit", "slide")
     test = f"a held-out test set of {s['test']} {unit}s" if s["test"] else "no held-out test set"
     lines = [f"# {m.get('command', 'train-mil')} report: {m['model']} ({task.kind}: {', '.join(task.outputs)})", "",
-             f"{m[f'n_{unit}s']} {unit}s of {m['n_patients']} patients; encoder `{m['encoder'].get('encoder')}`.", "",
+             (f"{m[f'n_{unit}s']} patient bags (`--bag patient`: {m['patient_bags']['slides']} slides, at most "
+              f"{m['patient_bags']['max_slides_per_patient']} per patient, each patient's slides in one bag with its "
+              "label; attention written per slide)" + (
+                  f"; {len(m['patient_bags']['sampled'])} bag(s) over {m['patient_bags']['cap']} patches keep a seeded "
+                  "sample of that many (metrics.json patient_bags.sampled)" if m['patient_bags']['sampled'] else "")
+              if m.get("patient_bags") else f"{m[f'n_{unit}s']} {unit}s of {m['n_patients']} patients")
+             + f"; encoder `{m['encoder'].get('encoder')}`.", "",
              f"Task: {m.get('task_line', task.kind)}.", "",
              f"Splits: {how}; {s['folds']} cross-validation fold(s) and {test}; no patient is in two sets"
              + (f" ({m['blank_patients']['n_blank']} {unit}(s) without a patient_id each counted as its own patient: "

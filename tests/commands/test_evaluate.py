@@ -52,7 +52,7 @@ def trained(tmp_path_factory) -> dict:
                  "--no-progress", "-q"])
     assert code == 0
     return {"n_shared": len(rows) - len(groups), "root": root, "feats": feats, "dev": dev_m, "ext": ext_m, "same": same, "scanner": scanner,
-            "ext_rows": ext, "label": label}
+            "ext_rows": ext, "dev_rows": dev, "label": label}
 
 
 def _predictions(out: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -91,7 +91,7 @@ def test_external_figures_are_the_references_own(trained, capsys) -> None:
     assert (dom["n_development"], dom["n_external"]) == (195, 205) and n_shared == 47 and dom["auc"] < 0.7
     assert not [w for w in ev["warnings"] if "told apart" in w]
     md = (out / "report.md").read_text()
-    for heading in ("## Discrimination", "## Calibration", "## Threshold transfer", "## Shift between",
+    for heading in ("## Performance", "## Calibration", "## Threshold transfer", "## Shift between",
                     "### Subgroups by `site`", "| development (pooled_validation"):
         assert heading in md
     assert (out / "reliability.png").stat().st_size > 5000 and len(list((out / "attention").glob("*.h5"))) == ev["n"]
@@ -121,7 +121,7 @@ def test_development_slides_unlabelled_slides_and_missing_stores(trained, tmp_pa
     code = main(["evaluate", run, str(mixed), "--features", str(trained["feats"]), "--out", str(tmp_path / "a"),
                  "--no-progress", "-q"])
     err = capsys.readouterr().err
-    assert code == 2 and f"{dev_rows[0]['slide_id']} (the development feature store" in err
+    assert code == 2 and f"{dev_rows[0]['slide_id']} (a slide id of the development manifest" in err
     assert not (tmp_path / "a").exists()
     # ... and its store copied under a new name among the external ones: refused by its content
     copies = tmp_path / "copies"
@@ -157,3 +157,63 @@ def test_development_slides_unlabelled_slides_and_missing_stores(trained, tmp_pa
     ev = json.loads((tmp_path / "d" / "evaluation.json").read_text())
     assert ev["n"] == 39 and [f["slide_id"] for f in ev["failed"]] == [ext[5]["slide_id"]]
     assert f"- {ext[5]['slide_id']}: no feature store" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_fixes_from_a_strangers_trial(trained, tmp_path, capsys) -> None:
+    """Development stores moved: their ids are still refused; a copied store with its rows reversed is
+    refused; stores with every row doubled (the same mean, summed in another order) show no shift; a
+    run trained with --threshold sensitivity re-chooses by its own rule; a misspelt --subgroups column
+    is refused before anything is written."""
+    run, label, ext = str(trained["root"] / "run"), trained["label"], trained["ext_rows"]
+    dev_rows = trained["dev_rows"]
+    # development ids with the development stores gone from where the run recorded them
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(dev_rows[0]["path"], moved / f"{dev_rows[0]['slide_id']}.h5")
+    code = main(["evaluate", run, str(_manifest(tmp_path / "ids.csv", [*ext[:10], dev_rows[0]], label)),
+                 "--features", str(moved), "--features", str(trained["same"]), "--development-features",
+                 str(tmp_path / "nowhere_else"), "--out", str(tmp_path / "a"), "--no-progress", "-q"])
+    assert code == 2 and "--development-features" in capsys.readouterr().err and "no such folder"
+    code = main(["evaluate", run, str(_manifest(tmp_path / "ids.csv", [*ext[:10], dev_rows[0]], label)),
+                 "--features", str(moved), "--features", str(trained["same"]), "--development-features", str(moved),
+                 "--out", str(tmp_path / "a"), "--no-progress", "-q"])
+    assert code == 2 and f"{dev_rows[0]['slide_id']} (a slide id of the development manifest" in capsys.readouterr().err
+    # a development store copied under a new name with its rows reversed
+    rev = tmp_path / "rev"
+    shutil.copytree(trained["same"], rev)
+    with h5py.File(dev_rows[1]["path"], "r") as src, h5py.File(rev / "flipped-1.h5", "w") as f:
+        for k in ("features", "coords", "patch_index"):
+            f.create_dataset(k, data=src[k][:][::-1])
+        f.attrs.update(dict(src.attrs))
+    flipped = {**ext[0], "slide_id": "flipped-1", "patient_id": "someone-else"}
+    code = main(["evaluate", run, str(_manifest(tmp_path / "rev.csv", [*ext[:10], flipped], label)),
+                 "--features", str(rev), "--out", str(tmp_path / "b"), "--no-progress", "-q"])
+    assert code == 2 and f"flipped-1 (the features of development slide {dev_rows[1]['slide_id']})" in \
+        capsys.readouterr().err
+    # every row doubled: the same slides, no shift
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    for r in ext:
+        with h5py.File(trained["same"] / f"{r['slide_id']}.h5", "r") as src, \
+                h5py.File(doubled / f"{r['slide_id']}.h5", "w") as f:
+            for k in ("features", "coords", "patch_index"):
+                f.create_dataset(k, data=np.concatenate([src[k][:], src[k][:]]))
+            f.attrs.update(dict(src.attrs))
+    out = tmp_path / "c"
+    assert main(["evaluate", run, str(trained["ext"]), "--features", str(doubled), "--out", str(out),
+                 "--bootstrap", "50", "--no-progress", "-q"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["shift"]["domain_classifier"]["auc"] < 0.65
+    # a misspelt subgroup column: refused before any folder
+    code = main(["evaluate", run, str(trained["ext"]), "--features", str(trained["same"]), "--out",
+                 str(tmp_path / "d"), "--subgroups", "site,nosuchcol", "--no-progress", "-q"])
+    assert code == 2 and "nosuchcol" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    # the run's own threshold rule
+    sens = tmp_path / "run_sens"
+    assert main(["train-mil", str(trained["dev"]), "--features", str(trained["feats"]), "--out", str(sens),
+                 "--folds", "2", "--test-fraction", "0", "--epochs", "2", "--bootstrap", "20", "--duplicates",
+                 "allow", "--threshold", "sensitivity", "--target-sensitivity", "0.95", "--no-progress", "-q"]) == 0
+    assert main(["evaluate", str(sens), str(trained["ext"]), "--features", str(trained["same"]), "--out",
+                 str(tmp_path / "e"), "--bootstrap", "50", "--no-progress", "-q"]) == 0
+    rows = json.loads((tmp_path / "e" / "evaluation.json").read_text())["threshold_transfer"]["1"]["rows"]
+    assert rows[1]["threshold_source"] == "chosen again on this cohort (sensitivity >= 0.95; optimistic)"
+    assert rows[1]["sensitivity"] >= 0.95

@@ -51,6 +51,9 @@ def development_cohort(run_dir: Path, features: list[Path] | None) -> _Cohort:
     from wsi_mil.data.manifest import read_manifest
     from wsi_mil.io.run_folder import read_run
 
+    missing = [str(d) for d in features or [] if not Path(d).is_dir()]
+    if missing:
+        raise ConfigError(f"--development-features {', '.join(missing)}: no such folder")
     made = read_run(run_dir) or {}
     inputs = made.get("inputs") or {}
     manifest = Path((inputs.get("manifest") or {}).get("path", "")) if inputs.get("manifest") else None
@@ -73,13 +76,17 @@ def development_cohort(run_dir: Path, features: list[Path] | None) -> _Cohort:
 
 
 def _not_external(bags: list[Any], dev: _Cohort) -> None:
-    """A slide of the development cohort (the same slide file, or the same store) is refused."""
+    """A slide of the development cohort (its id in the development manifest, the same
+    slide file or the same store) is refused."""
     prints = {str(a.get("slide_fingerprint")): sid for sid, a in dev.attrs.items() if a.get("slide_fingerprint")}
     stores = {p.resolve(): sid for sid, p in dev.stores.items()}
     same = []
     for b in bags:
         fp = str((b.meta or {}).get("slide_fingerprint") or "")
-        if fp and fp in prints:
+        if b.slide_id in dev.patients:
+            same.append(f"{b.slide_id} (a slide id of the development manifest {dev.manifest}; if it is another "
+                        "slide, give it another id)")
+        elif fp and fp in prints:
             same.append(f"{b.slide_id} (the slide file of development slide {prints[fp]})")
         elif b.store is not None and Path(b.store).resolve() in stores:
             same.append(f"{b.slide_id} (the development feature store {b.store})")
@@ -89,18 +96,18 @@ def _not_external(bags: list[Any], dev: _Cohort) -> None:
                           "on slides the model never saw; remove them from the manifest")
 
 
-def _mean_embeddings(stores: list[Path]) -> npt.NDArray[np.float32]:
+def _mean_embeddings(stores: list[Path]) -> npt.NDArray[np.float64]:
     from wsi_mil.io.features import FeatureStore
 
     out = []
     for s in stores:
         with FeatureStore(s) as fs:
-            f = np.asarray(fs.features, dtype=np.float32)
-        out.append(f.mean(axis=0) if len(f) else np.full(f.shape[1], np.nan, np.float32))
+            f = np.asarray(fs.features, dtype=np.float64)
+        out.append(f.mean(axis=0) if len(f) else np.full(f.shape[1], np.nan))
     return np.asarray(out)
 
 
-def _development_sample(dev: _Cohort, seed: int) -> tuple[list[str], npt.NDArray[np.float32]]:
+def _development_sample(dev: _Cohort, seed: int) -> tuple[list[str], npt.NDArray[np.float64]]:
     """The development slides the shift check compares with (a seeded sample of
     :data:`~wsi_mil.eval.external.MAX_DEVELOPMENT` beyond that) and their mean embeddings."""
     from wsi_mil.eval.external import MAX_DEVELOPMENT
@@ -108,16 +115,19 @@ def _development_sample(dev: _Cohort, seed: int) -> tuple[list[str], npt.NDArray
     ids = sorted(dev.stores)
     if len(ids) > MAX_DEVELOPMENT:
         ids = sorted(np.random.default_rng(seed).choice(ids, MAX_DEVELOPMENT, replace=False).tolist())
-    return ids, _mean_embeddings([dev.stores[i] for i in ids]) if ids else np.zeros((0, 0), np.float32)
+    return ids, _mean_embeddings([dev.stores[i] for i in ids]) if ids else np.zeros((0, 0))
 
 
-def _no_copies(ext_ids: list[str], ext_emb: npt.NDArray[np.float32], dev_ids: list[str],
-               dev_emb: npt.NDArray[np.float32]) -> None:
+def _no_copies(ext_ids: list[str], ext_emb: npt.NDArray[np.float64], dev_ids: list[str],
+               dev_emb: npt.NDArray[np.float64]) -> None:
     """A store whose features are those of a development slide (a copied store, or the same
     slide under another id) is refused: its slide is not external."""
-    seen = {np.ascontiguousarray(v).tobytes(): i for i, v in zip(dev_ids, dev_emb, strict=True)}
-    same = [f"{i} (the features of development slide {seen[key]})" for i, v in zip(ext_ids, ext_emb, strict=True)
-            if (key := np.ascontiguousarray(v).tobytes()) in seen]
+    def key(v: npt.NDArray[Any]) -> bytes:  # the mean to 6 significant digits: the same rows in any order
+        return np.ascontiguousarray(np.asarray([float(f"{x:.6g}") for x in v])).tobytes()
+
+    seen = {key(v): i for i, v in zip(dev_ids, dev_emb, strict=True)}
+    same = [f"{i} (the features of development slide {seen[k]})" for i, v in zip(ext_ids, ext_emb, strict=True)
+            if (k := key(v)) in seen]
     if same:
         raise ConfigError(f"{len(same)} slide(s) of this manifest hold exactly the features of slides the run was "
                           f"developed on: {'; '.join(same[:6])}{' ...' if len(same) > 6 else ''}. An external "
@@ -164,6 +174,18 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
                           "judge its predictions.csv")
     kind = task.kind_obj
     entries = read_manifest(manifest, require_path=False)
+    held = {k for e in entries for k in e.labels} | {k for e in entries for k in e.meta}
+    absent = [c for c in task.label_columns if c not in held]
+    if absent:
+        raise ConfigError(f"{manifest} has no column {', '.join(map(repr, absent))}, the run's label column(s); its "
+                          f"columns: {', '.join(sorted(held)) or 'none besides slide_id / path / patient_id'}")
+    columns = entry_columns(entries)
+    if subgroups:  # refused now, before anything is predicted or written
+        if not kind.single_positive:
+            raise ConfigError(f"--subgroups: subgroup figures are computed for binary runs; this run is {task.kind}")
+        from wsi_mil.eval.audit_run import subgroup_columns
+
+        subgroup_columns([e.slide_id for e in entries], columns, subgroups)
     unlabelled = [e.slide_id for e in entries if np.isnan(task.target(e.labels, f"slide {e.slide_id}")).all()]
     if unlabelled:
         raise ConfigError(f"{len(unlabelled)} slide(s) of {manifest} have no label in {', '.join(task.label_columns)} "
@@ -194,7 +216,7 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
     config = SimpleNamespace(bootstrap=n_boot, seed=seed)
     result: dict[str, Any] = {
         "run": str(run_dir), "manifest": str(manifest), "features": [str(f) for f in features],
-        "task": task.to_dict(), "n": len(ids), "n_positive": int(np.nansum(y[:, 0])) if kind.has_classes else None,
+        "task": task.to_dict(), "n": len(ids), "n_positive": int(np.nansum(y[:, 0])) if kind.single_positive else None,
         "n_failed": len(failed), "failed": failed, "thresholds": thresholds,
         "metrics": kind.evaluate(task, y, p, thresholds, config),
         "development": _development_figure(run_dir), "notes": [], "warnings": []}
@@ -206,25 +228,26 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
                                   "people this is not an external cohort")
     if kind.calibrated_per_output and kind.has_classes:
         result["calibration"], result["threshold_transfer"] = {}, {}
-        rule = "sensitivity" if "sensitivity" in str(result["development"].get("threshold_rule", "")).split(" ")[:1] else "youden"
+        from wsi_mil.io.run_folder import read_run
+
+        rule = str(specs[0].get("threshold_method") or "youden")  # the run's own rule and target
+        target = float(((read_run(run_dir) or {}).get("settings") or {}).get("target_sensitivity") or 0.9)
         for c, name in enumerate(task.outputs):
             ok, yc = kind.one_vs_rest(y, c)
             if len(set(yc.tolist())) < 2:
                 result["notes"].append(f"{name}: one class only in this cohort; no calibration slope or threshold choice")
             result["calibration"][name] = cal = calibration_fit(yc, p[ok, c], n_boot=min(n_boot, 200), seed=seed)
             result["warnings"] += [f"{name}: {w}" if task.n_outputs > 1 else w for w in calibration_warnings(cal)]
-            result["threshold_transfer"][name] = threshold_transfer(yc, p[ok, c], float(thresholds[c]), rule=rule)
+            result["threshold_transfer"][name] = threshold_transfer(yc, p[ok, c], float(thresholds[c]), rule=rule,
+                                                                    target_sensitivity=target)
     else:
-        result["notes"].append(f"calibration and threshold transfer are judged per probability output; a {task.kind} "
-                               "task's own calibration figures are in the metrics")
-    columns = entry_columns(entries)
+        result["notes"].append(f"calibration and threshold transfer are computed for binary and multi-label outputs; "
+                               f"not for a {task.kind} run")
     if kind.single_positive:
         post = prediction_audit(ids, patients, y[:, 0], p[:, 0], thresholds[0], set_name="external cohort",
                                 columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot, seed=seed,
                                 links=[f"attention/{i}.h5" for i in ids])
         result["audit"] = post
-    elif subgroups:
-        result["notes"].append(f"--subgroups: subgroup figures are computed for binary tasks; this run is {task.kind}")
     # the shift check
     if dev.stores:
         from wsi_mil.data.bags import Bag
@@ -241,7 +264,8 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
         result["notes"] += shift["notes"]
     else:
         result["shift"] = None
-        result["notes"].append(dev.note or "the development cohort could not be read; no shift check")
+        result["warnings"].append((dev.note or "the development cohort could not be read; no shift check")
+                                  + "; slides were checked against the development manifest's ids only")
     # files
     truth = {i: kind.truth_columns(task, by_id[i].target) for i in ids}
     out_rows = []
@@ -265,8 +289,11 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
 
 
 def _label_text(task: Any, target: npt.NDArray[Any]) -> str:
-    if task.kind_obj.has_classes and task.classes and len(target) == 1:
-        return str(task.classes[int(target[0] > 0.5)])
+    t = np.asarray(target, float)
+    if task.kind_obj.has_classes and task.classes and len(t) == 1:
+        return str(task.classes[int(t[0] > 0.5)])
+    if task.kind_obj.argmax_call and task.classes and len(t) == len(task.classes) and abs(t.sum() - 1) < 1e-6:
+        return str(task.classes[int(np.argmax(t))])  # a multi-class one-hot target: its class
     return ";".join(f"{v:g}" for v in np.asarray(target, float))
 
 
@@ -326,11 +353,13 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
     lines = ["# External evaluation", "", f"Run: `{r['run']}`; cohort: `{r['manifest']}` ({r['n']} slides judged"
              + (f", {r['n_positive']} positive" if r.get("n_positive") is not None else "")
              + (f"; {r['n_failed']} could not be predicted, listed below" if r["n_failed"] else "") + ").", "",
-             "Predictions are the fold ensemble's (the mean of the folds' probabilities at the mean of their "
-             "thresholds in logit space), as `wsi-mil predict` makes them.", ""]
+             ("Predictions are the fold ensemble's (the mean of the folds' probabilities at the mean of their "
+              "thresholds in logit space), as `wsi-mil predict` makes them." if kind.calibrated_per_output and
+              kind.has_classes else "Predictions are the fold ensemble's (the mean of the folds' outputs), as "
+              "`wsi-mil predict` makes them."), ""]
     if r["warnings"]:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
-    lines += ["## Discrimination", "", "| cohort | figure |", "|---|---|"]
+    lines += ["## Performance", "", "| cohort | figure |", "|---|---|"]
     dm = dev.get("metrics") or {}
     if dm:
         lines.append(f"| development ({dev.get('set')}: {dev.get('why') or ''}) | {kind.summary_line(dm).strip()} |")
@@ -356,13 +385,15 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
     for name, tt in (r.get("threshold_transfer") or {}).items():
         title = f" of {name}" if task.n_outputs > 1 else ""
         lines += [f"## Threshold transfer{title}", "",
-                  "| threshold | value | sensitivity (95% CI) | specificity (95% CI) | PPV | NPV |", "|---|---:|---|---|---:|---:|"]
+                  f"| threshold | value | sensitivity (95% CI) | specificity (95% CI) | PPV at this cohort's prevalence "
+                  f"({r['calibration'][name]['observed_rate']:.2f}) | NPV |", "|---|---:|---|---|---:|---:|"]
         for row in tt["rows"]:
             lines.append(f"| {row['threshold_source']} | {row['threshold']:.3f} | {_num(row['sensitivity'])}"
                          f"{_ci(row['sensitivity_ci95'])} | {_num(row['specificity'])}{_ci(row['specificity_ci95'])} "
                          f"| {_num(row['ppv'])} | {_num(row['npv'])} |")
-        lines += ["", "The second row is chosen and judged on the same slides: it shows what a local re-choice could "
-                      "recover, not what the model achieves.", ""]
+        lines += ["", "Sensitivity and specificity with Wilson intervals; PPV and NPV depend on the prevalence (see "
+                      "the operating points for --prevalence). A second row is chosen and judged on the same slides: "
+                      "it shows what a local re-choice could recover, not what the model achieves.", ""]
     shift = r.get("shift")
     lines += ["## Shift between the development cohort and this one", ""]
     if shift:

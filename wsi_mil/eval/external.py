@@ -126,7 +126,7 @@ def calibration_warnings(cal: dict[str, Any]) -> list[str]:
     """What a reader should not miss in :func:`calibration_fit`'s result."""
     out = []
     slope, ci = cal.get("calibration_slope"), cal.get("calibration_slope_ci95")
-    if slope is not None and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1] and not (ci and ci[0] <= 1 <= ci[1]):
+    if slope is not None and ci and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1] and not ci[0] <= 1 <= ci[1]:
         out.append(f"calibration slope {slope:.2f}: the probabilities are too {'extreme' if slope < 1 else 'timid'} "
                    "on this cohort; recalibrate on local cases before using them as risks")
     a, aci = cal.get("calibration_intercept"), cal.get("calibration_intercept_ci95")
@@ -145,10 +145,13 @@ def threshold_transfer(y: npt.ArrayLike, p: npt.ArrayLike, internal: float, *, r
     from wsi_mil.eval.metrics import choose_threshold
 
     ya, pa = np.asarray(y).astype(int), np.asarray(p, dtype=float)
-    local = choose_threshold(ya, pa, rule, target_sensitivity)
+    choices = [("development threshold, as trained", internal)]
+    if len(set(ya.tolist())) == 2:  # (one class: nothing to choose a threshold on)
+        rule_text = rule if rule != "sensitivity" else f"sensitivity >= {target_sensitivity:g}"
+        choices.append((f"chosen again on this cohort ({rule_text}; optimistic)",
+                        choose_threshold(ya, pa, rule, target_sensitivity)))
     rows = []
-    for name, thr in (("development threshold, as trained", internal),
-                      (f"chosen again on this cohort ({rule}; optimistic)", local)):
+    for name, thr in choices:
         pred = pa >= thr
         tp, fp = int((pred & (ya == 1)).sum()), int((pred & (ya == 0)).sum())
         tn, fn = int((~pred & (ya == 0)).sum()), int((~pred & (ya == 1)).sum())
@@ -183,6 +186,12 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
 
     x = np.concatenate([development, external]).astype(np.float64)
     d = np.concatenate([np.zeros(len(development), int), np.ones(len(external), int)])
+    # dimensions constant across both cohorts (up to float rounding) carry nothing; standardised they would
+    # blow rounding noise (a mean summed in another order) up into a "shift"
+    spread = x.std(axis=0)
+    x = x[:, spread > 1e-6 * (np.abs(x).mean(axis=0) + 1e-12)]
+    if not x.shape[1]:
+        return {"auc": None, "note": "every embedding dimension is constant across the two cohorts"}
     folds = min(5, len(development), len(external))
     if folds < 2:
         return {"auc": None, "note": "too few samples in a cohort for a domain classifier (fewer than 2)"}

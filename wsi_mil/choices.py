@@ -204,6 +204,10 @@ SYNTH_PRESETS: dict[str, str] = {
             "chance), 150-400 µm",
     "easy": "one mirror-tiled source and larger tumours in their own colours (a pipeline check that MIL solves "
             "perfectly)",
+    "multicentre": "four centres, each with its own stain, scanner resolution (0.5 or 0.25 µm/px, same physical size) "
+                   "and normal tissue sources, classes spread evenly; site and scanner_mpp columns; 200-500 µm lesions",
+    "multicentre-confounded": "multicentre with centre-B holding 70 % of the positives and 10 % of the negatives (a "
+                              "confound site-held-out validation must expose)",
 }
 
 #: every list above by the name the docs and tests use

@@ -570,6 +570,10 @@ class TrainConfig(CommonTrainConfig):
                                       "leave-one-out when there are at most --folds of them, else grouped k-fold "
                                       "stratified on the label; needs --test-fraction 0 (every centre is held out "
                                       "once: the pooled out-of-fold figure is the site-held-out one)")
+    random_comparison: bool = _opt(True, "with --folds-by: also train random patient-level folds of the same cohort "
+                                         "(RUN/random_folds/, as many folds) and show their figure beside the "
+                                         "site-held-out one, so the optimism gap is in the report (doubles the "
+                                         "training time; off: --no-random-comparison)")
     bag: str = _opt("slide", "what one bag is: slide (one bag per slide) or patient (all slides of a patient in one "
                              "bag with the patient's label; their slide labels must agree; predictions per patient, "
                              "attention kept per slide)", choices=("slide", "patient"))

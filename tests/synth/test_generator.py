@@ -158,3 +158,31 @@ def test_synth_rerun_says_up_to_date_and_tqdm_disable_hides_the_bar(tmp_path) ->
         assert "generating slides" not in res.stderr and "slide/s" not in res.stderr and "written" not in res.stdout
     assert "2 slide(s) generated, 0 already up to date" in runs[0].stderr
     assert "0 slide(s) generated, 2 already up to date" in runs[1].stderr
+
+
+def test_multicentre_presets_give_each_centre_its_stain_scanner_and_sources(tmp_path) -> None:
+    """Four centres, each with its own stain, scanner resolution (its slides keep their physical size:
+    twice the pixels at 0.25 µm/px, which OpenSlide reads from the file) and normal sources; the
+    confounded preset puts 70 % of the positives and 10 % of the negatives in centre-B."""
+    from wsi_mil.synth.cohort import CENTRES, make_cohort
+    from wsi_mil.synth.mosaic import NORMAL_SOURCES
+
+    source_name = {i: s.split("/")[-1].rsplit(".", 1)[0] for i, (s, _) in enumerate(NORMAL_SOURCES)}
+    manifest = make_cohort(tmp_path / "mc", n_slides=20, preset="multicentre-confounded", size_px=768, seed=3)
+    rows = list(csv.DictReader(open(manifest)))
+    pos = [r for r in rows if r["label"] == "1"]
+    neg = [r for r in rows if r["label"] == "0"]
+    assert sum(r["site"] == "centre-B" for r in pos) == 7 and sum(r["site"] == "centre-B" for r in neg) == 1
+    for r in rows:
+        centre = CENTRES[r["site"]]
+        meta = json.loads((manifest.parent / r["path"]).with_suffix(".json").read_text())
+        assert set(meta["sources"]["normal_sources"]) <= {source_name[i] for i in centre["sources"]}
+        assert tuple(meta["spec"]["stain_gain"]) == tuple(centre["stain_gain"])
+        with openslide.OpenSlide(str(manifest.parent / r["path"])) as s:
+            mpp = float(s.properties[openslide.PROPERTY_NAME_MPP_X])
+            assert abs(mpp - 0.5 * centre["mpp_factor"]) < 1e-6 and float(r["scanner_mpp"]) == mpp
+            assert s.dimensions[0] == round(768 / centre["mpp_factor"])
+    even = list(csv.DictReader(open(make_cohort(tmp_path / "even", n_slides=16, preset="multicentre", size_px=768,
+                                                seed=4))))
+    for c in CENTRES:  # no confound: each centre holds 2 of the 8 slides of each class
+        assert [sum(r["site"] == c and r["label"] == lab for r in even) for lab in ("0", "1")] == [2, 2]

@@ -63,14 +63,25 @@ def test_leave_one_site_out_never_splits_a_site_and_judges_each_on_its_own(cohor
     assert "## Held-out sites" in md and "| site-A |" in md and "Spread across sites" in md
     assert "Splits: leave-one-site-out (4 sites) made by wsi-mil" in md  # (said "stratified patient-level splits")
     assert "chosen on its held-out site itself: the figures lean optimistic" in md  # (--select best)
+    # the random-fold figure of the same cohort beside it (trained in random_folds/, judged the same way)
+    rand = report.metrics["random_folds"]
+    sub = json.loads((tmp_path / "run" / "random_folds" / "splits.json").read_text())
+    assert "centres" not in sub and len(sub["folds"]) == 5
+    rp = [p for p in csv.DictReader(open(tmp_path / "run" / "random_folds" / "predictions.csv")) if p["split"] == "val"]
+    assert rand["auc"] == pytest.approx(roc_auc_score([int(p["label"]) for p in rp],
+                                                      [float(p[next(k for k in p if k.startswith("prob_"))]) for p in rp]))
+    assert f"| random patient-level 5-fold (random_folds/) | {rand['auc']:.3f}" in md
+    assert f"Optimism of random folds: {rand['auc'] - report.metrics['pooled_validation']['auc']:+.3f}" in md
 
 
 def test_many_sites_are_grouped_into_k_folds(cohort, tmp_path) -> None:
     feats, rows = cohort
     many = {r["slide_id"]: f"c{i % 12:02d}" for i, r in enumerate(rows)}
     m = _manifest(tmp_path / "m.csv", rows, {**_columns(rows), "centre": lambda r: many[r["slide_id"]]})
-    config = TrainConfig(folds_by="centre", **{**CFG, "folds": 3, "epochs": 2})
+    config = TrainConfig(folds_by="centre", random_comparison=False, **{**CFG, "folds": 3, "epochs": 2})
     run_train(m, [feats], out_dir=tmp_path / "run", config=config, progress=False)
+    assert not (tmp_path / "run" / "random_folds").exists()
+    assert "(--no-random-comparison)" in (tmp_path / "run" / "report.md").read_text()
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert splits["centres"]["protocol"] == "centre-grouped 3-fold (12 centres, stratified on the label)"
     assert sorted(c for held in splits["centres"]["held_out"] for c in held) == sorted(set(many.values()))

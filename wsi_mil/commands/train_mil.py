@@ -384,12 +384,38 @@ def run_train(manifest: Path, features_dirs: list[Path], *, out_dir: Path, confi
         if device == "cpu":
             torch.set_num_threads(threads)
             logger.info("training on %d CPU thread(s)%s", threads, "" if config.threads else " (--threads to change)")
-        cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
-                      {"threads": threads if device == "cpu" else None, **inputs.notes}, inputs.columns,
-                      inputs.checked, inputs.sources)
+        notes = {"threads": threads if device == "cpu" else None, **inputs.notes}
+        if config.folds_by and config.random_comparison:  # the random-fold figure beside the site-held-out one
+            notes["random_folds"] = _random_comparison(road, inputs, config, out_dir, notes, progress)
+        cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split, notes,
+                      inputs.columns, inputs.checked, inputs.sources)
         return run_cv(road, cv, config, out_dir, progress=progress)
     finally:
         torch.set_num_threads(saved)
+
+
+def _random_comparison(road: MilRoad, inputs: TrainInputs, config: TrainConfig, out_dir: Path,
+                       notes: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Random patient-level folds of the same cohort and settings (as many folds), trained in
+    ``out_dir/random_folds`` (resumable as any run), and their pooled out-of-fold figure."""
+    import dataclasses
+
+    logger.info("--folds-by %s: training random patient-level folds of the same cohort for comparison "
+                "(random_folds/; --no-random-comparison skips it)", config.folds_by)
+    from wsi_mil.train.runner import make_split_plan
+
+    plain = dataclasses.replace(config, folds_by=None)
+    sub = out_dir / "random_folds"
+    sub.mkdir(parents=True, exist_ok=True)
+    plan = make_split_plan(inputs.bags, inputs.user_split, plain, inputs.columns, list(inputs.task.classes))
+    assert inputs.checked is not None  # (prepare_inputs ran the checks)
+    checked = dataclasses.replace(inputs.checked, plan=plan)
+    cv = CvInputs(inputs.task, inputs.task_line, inputs.bags, inputs.skipped, inputs.user_split,
+                  {**notes, "random_comparison_of": str(out_dir)}, inputs.columns, checked, inputs.sources)
+    report = run_cv(road, cv, plain, sub, progress=progress)
+    pooled = dict(report.metrics.get("pooled_validation") or {})
+    return {**{k: v for k, v in pooled.items() if not isinstance(v, (list, dict)) or k.endswith("_ci95")},
+            "protocol": f"random patient-level {config.folds}-fold", "folder": "random_folds"}
 
 
 def require_features(features_dirs: list[Path]) -> None:

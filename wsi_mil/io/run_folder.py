@@ -35,7 +35,7 @@ RUN_OUTPUTS = frozenset({
     "predictions.csv", "attention.csv", "boxes.csv", "localisation.json", "predict_report.json", "report.md",
     "splits.json", "errors.csv", "gallery.png", "roc.png", "confusion.png", "training_curves.png", "reliability.png",
     "calibration.png", "kaplan_meier.png", "targets", "train_config.yaml", "train.log", "predict.log",
-    "evaluation.json", "evaluate.log"})
+    "evaluation.json", "evaluate.log", "random_folds"})
 #: files that show a folder holds a run of an earlier wsi-mil (before run.json existed)
 _LEGACY_MARKS = ("models", "metrics.json", "predictions.csv", "attention")
 #: what the data commands write in their --out: a run's folder is never one of theirs
@@ -101,7 +101,8 @@ def input_record(path: Path) -> dict[str, Any]:
 LATER_SETTINGS: dict[str, Any] = {"model_options": None, "covariates": None, "fusion": "concat", "targets": None,
                                   "target_weights": None, "survival_loss": "cox", "time_bins": None,
                                   "regression_loss": "huber", "standardise_target": True, "lesion_class": "Tumor",
-                                  "folds_by": None, "bag": "slide", "patient_max_instances": 65536}
+                                  "folds_by": None, "bag": "slide", "patient_max_instances": 65536,
+                                  "random_comparison": True}
 
 
 def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:

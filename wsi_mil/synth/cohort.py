@@ -1,6 +1,6 @@
 """A labelled cohort of generated slides in one call, with a manifest CSV.
 
-Four presets:
+Six presets:
 
 * ``hard`` (the default): normal tissue is a mosaic of several real sources, the stain
   varies per slide, the tumour is colour-matched to each slide and regions go down to
@@ -16,6 +16,11 @@ Four presets:
 * ``confounded``: ``balanced`` with a nuisance planted on purpose: a ``site`` column whose
   site-B (its own stain) holds 80 % of the positive and 20 % of the negative slides; for
   testing the shortcut checks (``wsi_mil.eval.shortcuts``).
+* ``multicentre``: four centres (:data:`CENTRES`), each with its own stain, scanner
+  resolution (0.5 or 0.25 µm/px at the default --mpp, the same physical size) and normal
+  tissue sources, the classes spread evenly over them; lesions of 200-500 µm.
+* ``multicentre-confounded``: the same centres, centre-B holding 70 % of the positive and
+  10 % of the negative slides (a confound site-held-out validation must expose).
 
 Each cohort's README.md tabulates the classes against sources and sites.
 """
@@ -53,6 +58,40 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "confound": {"column": "site", "level": "site-B", "other": "site-A", "positive_share": 0.8,
                                 "negative_share": 0.2, "stain_gain": (1.2, 1.1, 0.85)}},
 }
+
+#: the centres of the ``multicentre`` presets: each its own stain, scanner resolution (level-0 µm/px as a
+#: factor of the cohort's --mpp; the slide keeps its physical size) and normal tissue sources (indices into
+#: the pool, overlapping between centres). The ``site`` column names the centre, ``scanner_mpp`` its resolution.
+CENTRES: dict[str, dict[str, Any]] = {
+    "centre-A": {"stain_gain": (1.0, 1.0, 1.0), "mpp_factor": 1.0, "sources": (0, 1, 2)},
+    "centre-B": {"stain_gain": (1.18, 1.06, 0.86), "mpp_factor": 0.5, "sources": (2, 3, 4)},
+    "centre-C": {"stain_gain": (0.88, 0.96, 1.12), "mpp_factor": 1.0, "sources": (4, 5, 6)},
+    "centre-D": {"stain_gain": (1.08, 0.9, 1.04), "mpp_factor": 0.5, "sources": (0, 5, 6)},
+}
+_MULTI = {"style": "hard", "tumour_size_um": (200.0, 500.0), "tumour_regions": (1, 2), "assign": "centres"}
+PRESETS["multicentre"] = {**_MULTI, "centres": CENTRES}
+PRESETS["multicentre-confounded"] = {**_MULTI, "centres": CENTRES,
+                                     "centre_confound": {"level": "centre-B", "positive_share": 0.7,
+                                                         "negative_share": 0.1}}
+
+
+def centre_assignment(preset: dict[str, Any], positive: np.ndarray, rng: np.random.Generator) -> dict[int, str]:
+    """Slide index -> centre. Without a confound the centres take turns within each class (each
+    holds as many positives as the others, +-1); with one, its centre holds ``positive_share`` of
+    the positive and ``negative_share`` of the negative slides, the others share the rest in turn."""
+    names = list(preset["centres"])
+    confound = preset.get("centre_confound")
+    out: dict[int, str] = {}
+    for cls in (True, False):
+        members = [int(i) for i in rng.permutation(np.flatnonzero(positive == cls))]
+        if confound:
+            k = int(round((confound["positive_share"] if cls else confound["negative_share"]) * len(members)))
+            out.update(dict.fromkeys(members[:k], confound["level"]))
+            others = [n for n in names if n != confound["level"]]
+            out.update({i: others[j % len(others)] for j, i in enumerate(members[k:])})
+        else:
+            out.update({i: names[j % len(names)] for j, i in enumerate(members)})
+    return out
 
 
 def cohort_settings(preset: str, *, n_slides: int, positive_fraction: float, size_px: int | tuple[int, int], mpp: float,
@@ -128,6 +167,7 @@ def make_cohort(
     if style == "hard" and pool is None:
         pool = default_pool()
     sources = _balanced_sources(PRESETS[preset], positive, rng, len(pool.normal) if pool is not None else 0)
+    centre_of = centre_assignment(PRESETS[preset], positive, rng) if PRESETS[preset].get("centres") else {}
     confound = PRESETS[preset].get("confound")
     if confound:  # a site whose stain comes with the label, on purpose
         sites = {confound["other"]: (1.0, 1.0, 1.0), confound["level"]: tuple(confound["stain_gain"])}
@@ -140,13 +180,22 @@ def make_cohort(
     kept = 0
     for i in tqdm(range(n_slides), desc="generating slides", unit="slide", disable=not progress):
         slide_id = f"synth-{seed:03d}-{i:04d}"
-        spec = SlideSpec(
-            width_px=width, height_px=height, mpp=mpp, seed=seed * 100_003 + i,
-            tumour_regions=int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0,
-            tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
-            stain_gain=tuple(sites[site_of[i]]) if sites else (1.0, 1.0, 1.0),  # type: ignore[arg-type]
-            normal_sources=sources.get(i),
-        )
+        centre = PRESETS[preset]["centres"][centre_of[i]] if centre_of else None
+        regions = int(rng.integers(tumour_regions[0], tumour_regions[1] + 1)) if positive[i] else 0
+        if centre is not None:  # the centre's stain, scanner resolution (same physical size) and tissue sources
+            f = float(centre["mpp_factor"])
+            spec = SlideSpec(
+                width_px=int(round(width / f)), height_px=int(round(height / f)), mpp=mpp * f, seed=seed * 100_003 + i,
+                tumour_regions=regions, tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
+                stain_gain=tuple(centre["stain_gain"]),  # type: ignore[arg-type]
+                normal_sources=tuple(sorted(int(v) for v in rng.choice(centre["sources"], 2, replace=False))))
+        else:
+            spec = SlideSpec(
+                width_px=width, height_px=height, mpp=mpp, seed=seed * 100_003 + i,
+                tumour_regions=regions, tumour_size_um=tumour_size_um, style=style,  # type: ignore[arg-type]
+                stain_gain=tuple(sites[site_of[i]]) if sites else (1.0, 1.0, 1.0),  # type: ignore[arg-type]
+                normal_sources=sources.get(i),
+            )
         path = out_dir / f"{slide_id}.tiff"
         if _up_to_date(path, spec):
             kept += 1
@@ -156,6 +205,8 @@ def make_cohort(
                                "label": int(positive[i])}
         if sites:
             row["site"] = site_of[i]
+        if centre is not None:
+            row["site"], row["scanner_mpp"] = centre_of[i], spec.mpp
         rows.append(row)
     manifest = write_manifest(out_dir / "manifest.csv", rows)
     logger.info("%d slide(s) generated, %d already up to date (same spec)", n_slides - kept, kept)
@@ -210,10 +261,16 @@ def cohort_readme(out_dir: Path, rows: list[dict[str, Any]], *, preset: str, see
     p = PRESETS[preset]
     lines = [f"# Generated cohort: preset `{preset}`, seed {seed}", "",
              f"{len(rows)} slides, {n[1]} with tumour ({p['tumour_regions'][0]}-{p['tumour_regions'][1]} region(s)); "
-             f"normal sources {'balanced across the classes (each shown by as many slides of each class)' if p.get('assign') == 'balanced' else 'drawn per slide, independently of the label'}; stain drawn per slide"
+             f"normal sources {'balanced across the classes (each shown by as many slides of each class)' if p.get('assign') == 'balanced' else 'drawn per slide from its centre' + chr(39) + 's sources' if p.get('assign') == 'centres' else 'drawn per slide, independently of the label'}; stain drawn per slide"
              + (f"; **confounded on purpose**: {p['confound']['level']} (its own stain) holds "
                 f"{p['confound']['positive_share']:.0%} of the positive and {p['confound']['negative_share']:.0%} of "
-                "the negative slides" if p.get("confound") else "") + ".", "",
+                "the negative slides" if p.get("confound") else "")
+             + (f"; {len(p['centres'])} centres, each with its own stain, scanner resolution and normal tissue "
+                "sources (site, scanner_mpp columns)" if p.get("centres") else "")
+             + (f"; **confounded on purpose**: {p['centre_confound']['level']} holds "
+                f"{p['centre_confound']['positive_share']:.0%} of the positive and "
+                f"{p['centre_confound']['negative_share']:.0%} of the negative slides" if p.get("centre_confound")
+                else "") + ".", "",
              "Slides per class holding each source or site (a slide holds 2-3 normal sources):", "",
              "| kind | value | negative | positive |", "|---|---|---:|---:|"]
     for kind, c in counts.items():

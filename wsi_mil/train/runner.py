@@ -132,7 +132,7 @@ TRAINING_REVISION = 4  # 3: thresholds between two validation scores (logit midp
 
 #: settings that change how a run is carried out, not what a fold's model is
 _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache",
-             "duplicates", "label_sources", "subgroups", "prevalence", "lesion_class")
+             "duplicates", "label_sources", "subgroups", "prevalence", "lesion_class", "random_comparison")
 
 
 #: settings added since folds were last hashed, left out while at their default (a fold trained by the
@@ -723,8 +723,24 @@ def _by_centre_markdown(m: dict[str, Any]) -> list[str]:
     s = b.get("spread")
     if s:
         lines += ["", (f"Spread across {b['column']}s: {s['min']:.3f} to {s['max']:.3f} (median {s['median']:.3f}, "
-                       f"sd {s['sd']:.3f}). The random-fold figure of the same cohort (train-mil without --folds-by) "
-                       "beside it shows how much a model learns its centres.")]
+                       f"sd {s['sd']:.3f}).")]
+    r = m.get("random_folds")
+    pooled = (m.get("pooled_validation") or {}).get(key)
+    if r and r.get(key) is not None and pooled is not None:
+        ci = r.get(f"{key}_ci95")
+        lines += ["", f"| protocol, same cohort and settings | pooled out-of-fold {b['score']} (95% CI) |", "|---|---|",
+                  f"| {b['protocol']} | {pooled:.3f}"
+                  + (f" ({m['pooled_validation'][f'{key}_ci95'][0]:.3f}–{m['pooled_validation'][f'{key}_ci95'][1]:.3f})"
+                     if m["pooled_validation"].get(f"{key}_ci95") else "") + " |",
+                  f"| {r['protocol']} (random_folds/) | {r[key]:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+                  + " |", "",
+                  f"Optimism of random folds: {r[key] - pooled:+.3f} ({b['score']}): "
+                  + ("the random-fold figure is higher, as it is when a model partly learns its centres; the "
+                     "site-held-out figure is the one to expect at a new centre." if r[key] - pooled > 0.02 else
+                     "the two protocols agree within 0.02 here.")]
+    elif not r:
+        lines += ["", "The random-fold figure of the same cohort is not in this run (--no-random-comparison): train "
+                      "without --folds-by to compare."]
     return lines
 
 

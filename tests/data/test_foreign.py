@@ -154,3 +154,49 @@ def test_trident_encoder_from_the_file_or_its_folder_and_a_contradiction_refused
     assert main(["import-features", str(folder), "--out", str(tmp_path / "c"), "--encoder", "conch_v15",
                  "--no-progress", "-q"]) == 2
     assert "says the features were made by 'uni_v1', but --encoder says 'conch_v15'" in capsys.readouterr().err
+
+
+def test_clam_features_of_a_real_slide_are_predicted_and_drawn_on_it(cmu_slide, tmp_path) -> None:
+    """The real CMU slide tiled by wsi-mil for its coordinates; CLAM-layout files made from them by h5py
+    (features with a planted signal, no attributes, int32 coords) for 10 slide ids that are all this
+    slide; imported, trained, predicted, and the heatmap drawn on the slide at the imported patch size."""
+    from wsi_mil.commands.tile import run_tile
+    from wsi_mil.config import TileConfig
+    from wsi_mil.data.manifest import SlideEntry
+
+    run_tile([SlideEntry("cmu", cmu_slide)], out_dir=tmp_path / "tiles", config=TileConfig(), workers=1, progress=False)
+    with h5py.File(tmp_path / "tiles" / "patches" / "cmu.h5", "r") as f:
+        coords = f["coords"][:]
+        size = float(f.attrs["extent_level0_px"])
+    h5s = tmp_path / "h5_files"
+    h5s.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        x = rng.normal(size=(len(coords), 32)).astype(np.float32)
+        if i % 2:
+            x[: len(x) // 4, :4] += 2.0  # the "lesion": a quarter of the patches
+        with h5py.File(h5s / f"cmu{i}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=coords.astype(np.int32))
+        rows.append([f"cmu{i}", str(cmu_slide), f"p{i}", i % 2])
+    assert main(["import-features", str(h5s), "--out", str(tmp_path / "imp"), "--encoder", "toy-32",
+                 "--patch-size-level0", str(size), "--mpp", "0.5", "--no-progress", "-q"]) == 0
+    m = tmp_path / "m.csv"
+    with open(m, "w", newline="") as fh:
+        csv.writer(fh).writerows([["slide_id", "path", "patient_id", "label"], *rows])
+    assert main(["train-mil", str(m), "--features", str(tmp_path / "imp" / "features"), "--out", str(tmp_path / "run"),
+                 "--folds", "2", "--test-fraction", "0", "--epochs", "2", "--bootstrap", "10", "--duplicates", "allow",
+                 "--no-progress", "-q"]) == 0
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "imp" / "features" / "cmu1.h5"), "--out",
+                 str(tmp_path / "pred"), "--no-progress", "-q"]) == 0
+    assert main(["heatmap", str(tmp_path / "pred"), "--out", str(tmp_path / "hm"), "--no-progress", "-q"]) == 1
+    assert main(["heatmap", str(tmp_path / "pred"), "--slides", str(m), "--out", str(tmp_path / "hm"),
+                 "--formats", "png", "geojson", "--no-progress", "-q"]) == 0
+    drawn = json.loads((tmp_path / "hm" / "cmu1" / "heatmap.json").read_text())
+    assert (tmp_path / "hm" / "cmu1" / "overlay.png").stat().st_size > 1000
+    features = json.loads((tmp_path / "hm" / "cmu1" / "patches.geojson").read_text())["features"]
+    xs = sorted({round(pt[0]) for f in features for pt in f["geometry"]["coordinates"][0]})
+    assert min(np.diff(xs)) >= size - 1  # squares of the imported patch size, on the slide's own grid
+    top = drawn["top_patches"][0]
+    assert [top["x"], top["y"]] in coords.tolist()  # the slide's own patch positions

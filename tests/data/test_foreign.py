@@ -111,6 +111,12 @@ def test_clam_features_train_exactly_as_the_same_bags_imported_natively(bags, tm
                      "--duplicates", "allow", "--no-progress", "-q"]) == 0
         runs[name] = json.loads((tmp_path / f"run_{name}" / "metrics.json").read_text())["pooled_validation"]
     assert runs["clam"]["auc"] == pytest.approx(runs["native"]["auc"], abs=1e-9) and runs["clam"]["n"] == len(bags)
+    from sklearn.metrics import roc_auc_score
+
+    val = [r for r in csv.DictReader(open(tmp_path / "run_clam" / "predictions.csv")) if r["split"] == "val"]
+    # probabilities written in full: the AUC recomputed from the file is the report's, not one moved by rounding ties
+    assert roc_auc_score([int(r["label"]) for r in val], [float(r["prob_1"]) for r in val]) == \
+        pytest.approx(runs["clam"]["auc"], abs=1e-12)
     # predict reads them too, and the run's encoder is checked against the store's
     assert main(["predict", str(tmp_path / "run_clam"), str(out / "features"), "--out", str(tmp_path / "pred"),
                  "--no-progress", "-q"]) == 0
@@ -200,3 +206,77 @@ def test_clam_features_of_a_real_slide_are_predicted_and_drawn_on_it(cmu_slide, 
     assert min(np.diff(xs)) >= size - 1  # squares of the imported patch size, on the slide's own grid
     top = drawn["top_patches"][0]
     assert [top["x"], top["y"]] in coords.tolist()  # the slide's own patch positions
+
+
+def test_fixes_from_a_strangers_trial_of_the_import(bags, tmp_path, capsys) -> None:
+    """Refused before any store is written: mixed encoders, a file without an encoder among named ones,
+    features of two widths, a file whose recorded encoder --encoder or its folder contradicts; per file: a
+    patch file with the y column reversed, coordinates that are not whole pixels, a file of 0 rows; a
+    re-run with another --mpp imports again; an encoder recorded as a one-element array is read as text."""
+    def trident(folder: Path, name: str, b, encoder, dim: int | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with h5py.File(folder / f"{name}.h5", "w") as f:
+            x = b.features[:, :dim] if dim else b.features
+            d = f.create_dataset("features", data=x.astype(np.float32))
+            if encoder is not None:
+                d.attrs["encoder"] = encoder
+            c = f.create_dataset("coords", data=_grid(len(x)))
+            c.attrs.update({"patch_size": 256, "patch_size_level0": STEP, "overlap": 0})
+
+    def refused(folder: Path, text: str, *extra: str) -> None:
+        out = tmp_path / f"out_{folder.name}"
+        assert main(["import-features", str(folder), "--out", str(out), *extra, "--no-progress", "-q"]) == 2
+        assert text in capsys.readouterr().err
+        assert not list(out.glob("features/*.h5"))  # nothing written
+
+    mixed = tmp_path / "mixed"
+    trident(mixed, "a", bags[0], "uni_v1")
+    trident(mixed, "b", bags[1], "conch_v15")
+    refused(mixed, "made by different encoders (conch_v15, uni_v1)")
+    noname = tmp_path / "noname"
+    trident(noname, "a", bags[0], "uni_v1")
+    trident(noname, "b", bags[1], None)
+    refused(noname, "does not say which encoder made its features")
+    widths = tmp_path / "widths"
+    trident(widths, "a", bags[0], "uni_v1")
+    trident(widths, "b", bags[1], "uni_v1")
+    trident(widths, "c", bags[2], "uni_v1", dim=32)
+    refused(widths, "features of different widths (32, 708: c.h5)")
+    contra = tmp_path / "features_uni_v1"
+    trident(contra, "a", bags[0], "conch_v15")
+    refused(contra, "the file says its features were made by 'conch_v15', its folder 'features_uni_v1' says 'uni_v1'")
+    named = tmp_path / "named"
+    trident(named, "a", bags[0], "conch_v15")
+    refused(named, "its file attribute says the features were made by 'conch_v15', but --encoder says 'uni_v1'",
+            "--encoder", "uni_v1")
+    # per file
+    h5s, patches = _clam(tmp_path / "clam", bags[:5])
+    with h5py.File(patches / f"{bags[0].slide_id}.h5", "r+") as f:  # two rows' y swapped: each column holds the
+        c = f["coords"][:]                                            # same values, the patches are others
+        c[0, 1], c[-1, 1] = c[-1, 1], c[0, 1]
+        f["coords"][...] = c
+    with h5py.File(h5s / f"{bags[1].slide_id}.h5", "r+") as f:
+        c = f["coords"][:].astype(np.float64) + 0.5
+        del f["coords"]
+        f.create_dataset("coords", data=c)
+    with h5py.File(h5s / f"{bags[2].slide_id}.h5", "w") as f:
+        f.create_dataset("features", data=np.zeros((0, 708), np.float32))
+        f.create_dataset("coords", data=np.zeros((0, 2), np.int32))
+    with h5py.File(h5s / f"{bags[3].slide_id}.h5", "r+") as f:
+        f["features"].attrs["encoder"] = np.array([b"ucsb-708"])
+    out = tmp_path / "per_file"
+    args = ["import-features", str(h5s), "--out", str(out), "--clam-patches", str(patches), "--encoder", "ucsb-708",
+            "--mpp", "0.5", "--no-progress", "-q"]
+    assert main(args) == 1
+    failed = {f["slide_id"]: f["error"] for f in json.loads((out / "import_report.json").read_text())["failed"]}
+    assert "are not those of the patch file" in failed[bags[0].slide_id]
+    assert "not whole pixels" in failed[bags[1].slide_id]
+    assert "holds no patches (0 rows)" in failed[bags[2].slide_id]
+    assert set(failed) == {bags[0].slide_id, bags[1].slide_id, bags[2].slide_id}
+    with h5py.File(out / "features" / f"{bags[3].slide_id}.h5", "r") as f:
+        assert f.attrs["encoder"] == "ucsb-708" and f.attrs["encoder_source"] == "file attribute"
+    assert main([*args[:-4], "--mpp", "0.25", "--no-progress", "-q"]) == 1  # other settings: imported again
+    report = json.loads((out / "import_report.json").read_text())
+    assert not report["kept"] and len(report["imported"]) == 2
+    with h5py.File(out / "features" / f"{bags[4].slide_id}.h5", "r") as f:
+        assert f.attrs["effective_mpp"] == 0.25

@@ -68,6 +68,9 @@ def test_domain_classifier_tells_a_rescaled_half_apart_but_not_two_halves_of_one
     shifted = domain_classifier(first, second * gain, n_boot=100)
     assert halves["auc"] < 0.65 and halves["auc_ci95"][0] < 0.5 < halves["auc_ci95"][1], halves
     assert shifted["auc"] > 0.8 and shifted["auc_ci95"][0] > halves["auc_ci95"][1], (shifted, halves)
+    with_empty = np.vstack([first, np.full((1, first.shape[1]), np.nan)])  # a store of no patches: a NaN mean
+    left = domain_classifier(with_empty, second * gain, n_boot=50)
+    assert left["n_left_out"] == 1 and left["auc"] == pytest.approx(shifted["auc"], abs=0.05)  # (was: no figure)
     warned = shift_check(first, second * gain, {}, {}, n_boot=50)
     assert warned["warnings"] and "told apart from the development cohort" in warned["warnings"][0]
     assert not shift_check(first, second, {}, {}, n_boot=50)["warnings"]

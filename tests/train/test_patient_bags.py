@@ -120,3 +120,31 @@ def test_disagreeing_labels_of_one_patient_are_refused_by_name(cohort, tmp_path,
     code = main(["train-mil", str(m), "--features", str(feats), "--out", str(tmp_path / "cli"), "--bag", "patient",
                  "--test-fraction", "0", "--no-progress", "-q"])
     assert code == 2 and "carry different labels" in capsys.readouterr().err
+
+
+def test_fixes_from_a_strangers_trial_of_patient_bags(cohort, tmp_path, capsys) -> None:
+    """A patient with slides in two sites cannot be held out by --folds-by (was a pseudo-site 'mixed' whose
+    slides leaked into the other folds); a slide none of whose patches is in its patient's sample gets no
+    attention store instead of a crash; predict says which of a patient's slides were not in its bag."""
+    feats, rows = cohort
+    two = [dict(r, site="AB"[int(r["patient_id"][1:]) % 2]) for r in rows]  # each patient at one site ...
+    two[1]["site"] = "C"  # ... but P00: one slide at A, one at C
+    m = _write(tmp_path / "two.csv", two)
+    with pytest.raises(ManifestError, match=r"1 patient\(s\) have slides in several sites \(P00: elephant-\d+ in A, "
+                                            r"elephant-\d+ in C\)"):
+        run_train(m, [feats], out_dir=tmp_path / "site", progress=False,
+                  config=TrainConfig(bag="patient", folds_by="site", random_comparison=False, **CFG))
+    # a sample so small that one slide of a patient keeps nothing
+    m = _write(tmp_path / "m.csv", rows)
+    run_train(m, [feats], out_dir=tmp_path / "tiny", progress=False,
+              config=TrainConfig(bag="patient", patient_max_instances=2, **{**CFG, "epochs": 1}))
+    metrics = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert metrics["pooled_validation"]["n"] == 45
+    written = {p.stem for p in (tmp_path / "tiny" / "attention").glob("fold*/*.h5")}
+    assert 45 <= len(written) < 90  # every patient's kept slides, none of the emptied ones
+    # predict from some of a patient's slides: said in its row
+    stores = [r["path"] for r in rows if r["slide_id"] != rows[0]["slide_id"]]
+    assert main(["predict", str(tmp_path / "tiny"), *stores, "--manifest", str(m), "--out", str(tmp_path / "pred"),
+                 "--no-progress", "-q"]) == 0
+    got = {g["patient_id"]: g for g in csv.DictReader(open(tmp_path / "pred" / "predictions.csv"))}
+    assert got["P00"]["slides_missing"] == rows[0]["slide_id"] and got["P01"]["slides_missing"] == ""

@@ -177,7 +177,7 @@ def run_predict(run_dir: Path, inputs: list[Path], *, out_dir: Path, device: str
             "patch_extent_level0_px": extent,
             "grid_step_level0_px": step})
         row: dict[str, Any] = {"slide_id": sid}
-        row.update({col: round(float(probs[c]), 6) for c, col in enumerate(task.kind_obj.output_columns(task))})
+        row.update({col: float(probs[c]) for c, col in enumerate(task.kind_obj.output_columns(task))})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
         row.update(task.kind_obj.prediction_columns(task, probs, thresholds))
         report.rows.append(row)
@@ -206,6 +206,9 @@ def _predict_patients(run_dir: Path, inputs: list[Path], models: list[Any], spec
         raise ConfigError("this run was trained on patient bags (--bag patient): give --manifest with slide_id and "
                           "patient_id for the slides to predict (each patient's slides are joined into one bag)")
     patient_of = {e.slide_id: (e.patient_id or "") for e in read_manifest(manifest, require_path=False)}
+    slides_of: dict[str, list[str]] = {}
+    for sid, pid in patient_of.items():
+        slides_of.setdefault(pid, []).append(sid)
     enc = specs[0].get("encoder", {})
     thresholds = task.kind_obj.ensemble_thresholds(task, [s["thresholds"] for s in specs])
     report = PredictReport()
@@ -254,9 +257,16 @@ def _predict_patients(run_dir: Path, inputs: list[Path], models: list[Any], spec
         pred = _prediction(task, probs, thresholds)
         row: dict[str, Any] = {"patient_id": bag.slide_id,
                                "slides": ";".join(s["slide_id"] for s in bag.meta["slides"])}
-        row.update({col: round(float(probs[c]), 6) for c, col in enumerate(task.kind_obj.output_columns(task))})
+        row.update({col: float(probs[c]) for c, col in enumerate(task.kind_obj.output_columns(task))})
         row["prediction"] = ";".join(pred) if isinstance(pred, list) else pred
         row.update(task.kind_obj.prediction_columns(task, probs, thresholds))
+        row["patches_sampled"] = ""
+        used = {s["slide_id"] for s in bag.meta["slides"]}
+        unused = [sid for sid in slides_of.get(bag.slide_id, []) if sid not in used]
+        row["slides_missing"] = ";".join(unused)  # the manifest's slides of this patient not in its bag
+        if unused:
+            logger.warning("patient %s predicted from %d of its %d slide(s) (%s not given or failed)", bag.slide_id,
+                           len(used), len(used) + len(unused), ", ".join(unused))
         if bag.meta.get("sampled"):
             row["patches_sampled"] = f"{bag.meta['sampled']['kept']} of {bag.meta['sampled']['of']}"
         report.rows.append(row)

@@ -170,7 +170,7 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
             truth = _prediction(task, t, [0.5] * task.n_outputs)
             row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, name in enumerate(task.outputs):
-            row[f"prob_{name}"] = round(float(probs[i, c]), 6)
+            row[f"prob_{name}"] = float(probs[i, c])
         pr = _prediction(task, probs[i], thresholds)
         row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
         rows.append(row)

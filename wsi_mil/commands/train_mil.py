@@ -126,6 +126,10 @@ def _write_attention(out: Path, bags: list[Bag], pred: Any, task: Task, *, fold:
         parts = bag.meta.get("slides") or [{"slide_id": bag.slide_id, "store": str(bag.store), "start": 0,
                                             "end": len(coords), "extent_px": bag.extent_px, "step_px": bag.step_px}]
         for s in parts:
+            if int(s["end"]) <= int(s["start"]):  # every patch of this slide fell out of the patient's sample
+                logger.warning("%s: none of its patches is in patient %s's sampled bag (--patient-max-instances); "
+                               "no attention store for it", s["slide_id"], bag.slide_id)
+                continue
             rows = slice(int(s["start"]), int(s["end"]))
             extra = {"patient_bag": bag.slide_id, "attention_kind": kind + " over the patient's slides"} \
                 if bag.meta.get("slides") else {"attention_kind": kind}
@@ -201,7 +205,17 @@ def prepare_inputs(manifest: Path, features_dirs: list[Path], config: TrainConfi
 
         n_slides = len(bags)
         bags = patient_bags(bags, task, max_instances=config.patient_max_instances, seed=config.seed)
+        by_slide = columns
         columns = patient_columns(bags, columns)
+        if config.folds_by:  # a patient bag holds one centre's slides, or its centre could not be held out
+            mixed = [b for b in bags if columns[b.slide_id].get(config.folds_by) == "mixed"]
+            if mixed:
+                listing = "; ".join(f"{b.slide_id}: " + ", ".join(f"{s['slide_id']} in {by_slide.get(s['slide_id'], {}).get(config.folds_by)}"
+                                                                 for s in b.meta["slides"]) for b in mixed[:4])
+                raise ManifestError(f"--bag patient --folds-by {config.folds_by}: {len(mixed)} patient(s) have slides in "
+                                    f"several {config.folds_by}s ({listing}{' ...' if len(mixed) > 4 else ''}); a "
+                                    f"patient bag in two {config.folds_by}s cannot be held out with either. Correct "
+                                    f"the {config.folds_by} column, or train one bag per slide")
         user_split = {b.slide_id: b.split for b in bags if b.split}
         sampled = {b.slide_id: b.meta["sampled"] for b in bags if b.meta.get("sampled")}
         notes["patient_bags"] = {"slides": n_slides, "patients": len(bags),

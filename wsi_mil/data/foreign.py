@@ -49,28 +49,74 @@ class Foreign:
     attrs: dict[str, Any]
 
 
+def _value(v: Any) -> Any:
+    """An HDF5 attribute as Python: bytes decoded, a one-element array as its element."""
+    if isinstance(v, np.ndarray) and v.size == 1:
+        v = v.reshape(-1)[0]
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _attrs(obj: Any) -> dict[str, Any]:
-    out = {}
-    for k, v in obj.attrs.items():
-        v = v.decode() if isinstance(v, bytes) else v
-        out[k] = v.item() if isinstance(v, np.generic) else v
-    return out
+    return {k: _value(v) for k, v in obj.attrs.items()}
 
 
-def detect_format(path: Path) -> str:
-    """``trident`` when the coordinates carry TRIDENT's attributes, ``clam`` when the file
-    holds ``features`` and ``coords`` and nothing else says more; else an error."""
+@dataclass
+class Survey:
+    """What a foreign file says before its features are read: format, encoder, shape."""
+
+    path: Path
+    fmt: str
+    encoder: str
+    encoder_source: str
+    n: int
+    dim: int
+
+
+def resolve_encoder(path: Path, fmt: str, fattrs: dict[str, Any], given: str | None) -> tuple[str, str]:
+    """(encoder, where it came from). A name the file records is authoritative: TRIDENT's
+    folder name or ``--encoder`` that contradicts it is refused, and so is ``--encoder``
+    against the folder name when the file records none."""
+    attr = fattrs.get("encoder")
+    attr = str(attr) if attr not in (None, "None", "") else None
+    m = _TRIDENT_DIR.match(path.parent.name)
+    folder = m.group("encoder") if m else None
+    if attr and folder and attr != folder:
+        raise ConfigError(f"{path}: the file says its features were made by {attr!r}, its folder "
+                          f"{path.parent.name!r} says {folder!r}; which one is right cannot be told: fix one of them")
+    for where, value in (("file attribute", attr), ("folder name", folder)):
+        if value:
+            if given and given != value:
+                raise ConfigError(f"{path}: its {where} says the features were made by {value!r}, but --encoder says "
+                                  f"{given!r}; give the encoder that made them")
+            return value, where
+    if given:
+        return given, "named by the user"
+    raise ConfigError(f"{path}: a {fmt.upper()} feature file does not say which encoder made its features; "
+                      "give --encoder NAME (the model you extracted with, e.g. the --model_name of CLAM's "
+                      "extract_features_fp.py): a model is only valid on features of its own encoder")
+
+
+def survey(path: Path, fmt: str, encoder: str | None) -> Survey:
+    """Format, encoder and shape of a file, its features not read (checked across a folder
+    before anything is written)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         if "features" not in f or "coords" not in f:
             raise StoreError(f"{path}: no 'features' and 'coords' datasets (found {sorted(f)}); not a CLAM or "
                              "TRIDENT feature file")
-        if "patch_size_level0" in f["coords"].attrs:
-            return "trident"
         if f.attrs.get("created_by") is not None:
             raise StoreError(f"{path} is a wsi-mil store already; give its folder to train-mil as it is")
-    return "clam"
+        kind = fmt if fmt != "auto" else ("trident" if "patch_size_level0" in f["coords"].attrs else "clam")
+        shape = f["features"].shape
+        fattrs = _attrs(f["features"])
+    shape = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
+    if len(shape) != 2:
+        raise StoreError(f"{path}: features of shape {shape}; expected (N, D)")
+    enc, source = resolve_encoder(path, kind, fattrs, encoder)
+    return Survey(path, kind, enc, source, int(shape[0]), int(shape[1]))
 
 
 def grid_step(coords: npt.NDArray[np.int64]) -> float | None:
@@ -111,28 +157,21 @@ def read_foreign(path: Path, fmt: str, *, encoder: str | None = None, patch_size
     if len(features) != len(coords):
         raise StoreError(f"{path}: {len(features)} feature rows but {len(coords)} coordinates; the file is damaged "
                          "or its rows do not belong together")
+    if not len(features):
+        raise StoreError(f"{path} holds no patches (0 rows); there is nothing to train or predict from: leave the "
+                         "slide out or extract it again")
+    if not np.issubdtype(coords.dtype, np.integer):
+        whole = np.isfinite(coords).all() and np.array_equal(coords, np.round(coords))
+        if not whole:
+            raise StoreError(f"{path}: coordinates that are not whole pixels (e.g. {coords.reshape(-1)[0]!r}); CLAM and "
+                             "TRIDENT write integer level-0 corners: this file was made otherwise")
     features = features.astype(np.float32)
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise StoreError(f"{path}: {int(bad.sum())} of {len(features)} feature rows are not finite (NaN or inf); "
                          "extract this slide again with the tool that made it")
     coords = coords.astype(np.int64)
-    # the encoder: the file's, then TRIDENT's folder name, then the user's (a disagreement is refused)
-    named = {"file attribute": str(fattrs["encoder"]) if fattrs.get("encoder") not in (None, "None", "") else None,
-             "folder name": m.group("encoder") if (m := _TRIDENT_DIR.match(path.parent.name)) else None}
-    found = {k: v for k, v in named.items() if v}
-    if encoder and found and encoder not in found.values():
-        where, value = next(iter(found.items()))
-        raise ConfigError(f"{path}: its {where} says the features were made by {value!r}, but --encoder says "
-                          f"{encoder!r}; give the encoder that made them")
-    if encoder:
-        enc, source = encoder, "named by the user"
-    elif found:
-        source, enc = next(iter(found.items()))
-    else:
-        raise ConfigError(f"{path}: a {fmt.upper()} feature file does not say which encoder made its features; "
-                          "give --encoder NAME (the model you extracted with, e.g. the --model_name of CLAM's "
-                          "extract_features_fp.py): a model is only valid on features of its own encoder")
+    enc, source = resolve_encoder(path, fmt, fattrs, encoder)
     size, geometry = _patch_size(path, fmt, cattrs, patch_size_level0, clam_patches)
     step = grid_step(coords)
     given_by_user = geometry == "--patch-size-level0"
@@ -141,6 +180,10 @@ def read_foreign(path: Path, fmt: str, *, encoder: str | None = None, patch_size
         expected = size - overlap * (size / float(cattrs.get("patch_size") or size)) if fmt == "trident" else size
         # overlapping patches (a grid finer than the patch) are taken only when the user states the size
         if not (abs(step - expected) <= max(1.0, 0.02 * expected) or (step < expected and given_by_user)):
+            if fmt == "trident":
+                raise StoreError(f"{path}: the coordinates lie on a {step:g} px grid, but the file records "
+                                 f"{size:g} px patches (patch_size_level0) with an overlap of {overlap:g} px, which "
+                                 f"makes a {expected:g} px grid; its attributes do not describe its coordinates")
             raise StoreError(f"{path}: the coordinates lie on a {step:g} px grid, but the patches are {size:g} level-0 "
                              f"px ({geometry}); the patch size is wrong (a patch file or --patch-size-level0 of "
                              "another resolution?). If the patches really overlap, state their size with "
@@ -176,7 +219,7 @@ def _patch_size(path: Path, fmt: str, cattrs: dict[str, Any], given: float | Non
         size = float(pattrs["patch_size"]) * float(down[0])
         with h5py.File(path, "r") as f:
             mine = np.asarray(f["coords"][:], dtype=np.int64)
-        if len(theirs) != len(mine) or not np.array_equal(np.sort(theirs, axis=0), np.sort(mine, axis=0)):
+        if len(theirs) != len(mine) or not np.array_equal(theirs[np.lexsort(theirs.T)], mine[np.lexsort(mine.T)]):
             raise StoreError(f"{path}: its coordinates are not those of the patch file {patch_file} "
                              f"({len(mine)} against {len(theirs)}); the two files are of different slides or runs")
         return size, (f"{patch_file.name}: patch_size {pattrs['patch_size']} at level {pattrs.get('patch_level', 0)}, "
@@ -186,7 +229,8 @@ def _patch_size(path: Path, fmt: str, cattrs: dict[str, Any], given: float | Non
     return None, "not recorded"
 
 
-def write_store(foreign: Foreign, source: Path, out_dir: Path, fmt: str, mpp: float | None = None) -> Path:
+def write_store(foreign: Foreign, source: Path, out_dir: Path, fmt: str, mpp: float | None = None,
+                settings: str = "") -> Path:
     """The wsi-mil feature store of one foreign file (atomic)."""
     import h5py
 
@@ -209,7 +253,7 @@ def write_store(foreign: Foreign, source: Path, out_dir: Path, fmt: str, mpp: fl
             "extent_level0_px": float(foreign.patch_level0_px), "step_level0_px": float(step),
             "geometry_source": foreign.geometry_source, "slide_id": foreign.slide_id,
             "n_features": int(len(foreign.features)), "dim": int(foreign.features.shape[1]),
-            "coords_sha256": coords_sha256(foreign.coords)}
+            "coords_sha256": coords_sha256(foreign.coords), "import_settings": settings}
         if mpp is not None:
             attrs["effective_mpp"] = float(mpp)
         for k in ("target_magnification", "level0_magnification", "overlap"):

@@ -184,7 +184,12 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
 
     from wsi_mil.eval.metrics import auc, auc_interval_note, bootstrap_auc_ci
 
-    x = np.concatenate([development, external]).astype(np.float64)
+    # a sample without an embedding (a store of no patches: its mean is NaN) is left out, said in the result
+    development, external = np.asarray(development, np.float64), np.asarray(external, np.float64)
+    dev_ok, ext_ok = np.isfinite(development).all(axis=1), np.isfinite(external).all(axis=1)
+    left_out = int((~dev_ok).sum() + (~ext_ok).sum())
+    development, external = development[dev_ok], external[ext_ok]
+    x = np.concatenate([development, external])
     d = np.concatenate([np.zeros(len(development), int), np.ones(len(external), int)])
     # dimensions constant across both cohorts (up to float rounding) carry nothing; standardised they would
     # blow rounding noise (a mean summed in another order) up into a "shift"
@@ -193,7 +198,7 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
     if not x.shape[1]:
         return {"auc": None, "note": "every embedding dimension is constant across the two cohorts"}
     folds = min(5, len(development), len(external))
-    if folds < 2:
+    if folds < 2 or not len(x):
         return {"auc": None, "note": "too few samples in a cohort for a domain classifier (fewer than 2)"}
     n_comp = max(1, min(32, x.shape[1], int(len(x) * (folds - 1) / folds) - 1))
     model = make_pipeline(StandardScaler(), PCA(n_components=n_comp, random_state=seed),
@@ -204,8 +209,10 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
     ci = bootstrap_auc_ci(d, prob, n_boot=n_boot, seed=seed) if n_boot else None
     return {"auc": a, "auc_ci95": ci, "auc_ci_note": auc_interval_note(d, prob, ci, auc_value=a) if n_boot else None,
             "n_development": int(len(development)), "n_external": int(len(external)), "folds": folds,
+            "n_left_out": left_out,
             "method": f"mean patch embedding per sample, standardised, PCA to {n_comp} components, logistic "
-                      f"regression (L2, C = 0.1), {folds}-fold out-of-fold probabilities"}
+                      f"regression (L2, C = 0.1), {folds}-fold out-of-fold probabilities"
+                      + (f"; {left_out} sample(s) without patches left out" if left_out else "")}
 
 
 def fact_shifts(development: dict[str, dict[str, Any]], external: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

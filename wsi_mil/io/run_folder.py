@@ -117,7 +117,10 @@ def identity(command: str, settings: dict[str, Any], inputs: dict[str, Any]) -> 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     a, b = old.get("settings", {}), new["settings"]
-    parts += [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    def value(d: dict[str, Any], k: str) -> Any:  # a later setting left out of the record is at its default
+        return d.get(k, LATER_SETTINGS.get(k))
+
+    parts += [f"{k} {value(a, k)!r} -> {value(b, k)!r}" for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)]
     ai, bi = old.get("inputs", {}), new["inputs"]
     parts += [f"input {k} changed" for k in sorted(set(ai) | set(bi)) if ai.get(k) != bi.get(k)]
     return "; ".join(parts[:8]) + (" ..." if len(parts) > 8 else "") if parts else "another run"

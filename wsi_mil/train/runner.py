@@ -376,8 +376,9 @@ def run_cv(road: Road, inputs: CvInputs, config: Any, out_dir: Path, *, progress
     device = config.resolved_device()
     test = [by_id[s] for s in plan.test]
     unit = road.unit
-    logger.info("task %s (%s); %d %ss, %d patients; %d fold(s); test set %d %ss; device %s",
-                task.kind, ", ".join(task.outputs), len(samples), unit, len({b.patient_id for b in samples}),
+    logger.info("task %s (%s); %s; %d fold(s); test set %d %ss; device %s", task.kind, ", ".join(task.outputs),
+                f"{len(samples)} patients" if unit == "patient" else
+                f"{len(samples)} {unit}s, {len({b.patient_id for b in samples})} patients",
                 len(plan.folds), len(test), unit, device)
     folds_out: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -788,7 +789,7 @@ def _rows(task: Task, bags: list[Any], pred: Any, thresholds: list[float], *, fo
             truth: Any = _prediction(task, bag.target, [0.5] * task.n_outputs)
             row["label"] = ";".join(truth) if isinstance(truth, list) else truth
         for c, column in enumerate(task.kind_obj.output_columns(task)):
-            row[column] = round(float(probs[c]), 6)
+            row[column] = float(probs[c])  # full precision: a recomputed AUC must not meet ties rounding made
         pr = _prediction(task, probs, thresholds)
         row["prediction"] = ";".join(pr) if isinstance(pr, list) else pr
         row.update(task.kind_obj.prediction_columns(task, probs, thresholds))

@@ -217,3 +217,94 @@ def test_fixes_from_a_strangers_trial(trained, tmp_path, capsys) -> None:
     rows = json.loads((tmp_path / "e" / "evaluation.json").read_text())["threshold_transfer"]["1"]["rows"]
     assert rows[1]["threshold_source"] == "chosen again on this cohort (sensitivity >= 0.95; optimistic)"
     assert rows[1]["sensitivity"] >= 0.95
+
+
+NIH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr" / "nih1000"
+
+
+def _nih(path: Path, rows: list[dict], root: Path = NIH) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "patient_id", "label", "sex"])
+        for r in rows:
+            w.writerow([str(root / r["path"]), r["patient_id"], int("1_abnormal" in r["path"]), r["sex"]])
+    return path
+
+
+def test_the_image_road_on_real_radiographs(tmp_path, capsys) -> None:
+    """train-image on the NIH sample's train / valid folders, evaluated on its test folder (which shares
+    patients with them: warned, counted), then on the test films as a brighter "second machine" (a gamma
+    of 0.7 written to new PNGs: told apart, the intensity named); a development film is refused."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    if not NIH.exists():
+        pytest.skip("NIH sample not found")
+    rows = list(csv.DictReader(open(NIH / "labels.csv")))
+    dev = [r for r in rows if r["split"] in ("train", "valid")]
+    ext = [r for r in rows if r["split"] == "test"]
+    run = tmp_path / "run"
+    assert main(["train-image", str(_nih(tmp_path / "dev.csv", dev)), "--out", str(run), "--mode", "linear",
+                 "--image-size", "64", "--folds", "2", "--test-fraction", "0", "--epochs", "2", "--bootstrap", "20",
+                 "--no-progress", "-q"]) == 0
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run), str(_nih(tmp_path / "ext.csv", ext)), "--out", str(out), "--subgroups", "sex",
+                 "--bootstrap", "100", "--no-progress", "-q"]) == 0
+    ev = json.loads((out / "evaluation.json").read_text())
+    pred = list(csv.DictReader(open(out / "predictions.csv")))
+    y = [int(r["label"]) for r in pred]
+    assert ev["unit"] == "image" and ev["n"] == len(ext) == len(pred)
+    assert ev["metrics"]["auc"] == pytest.approx(roc_auc_score(y, [float(r["prob_1"]) for r in pred]), abs=1e-9)
+    shared_patients = {r["patient_id"] for r in ext} & {r["patient_id"] for r in dev}
+    assert any(w.startswith(f"{len(shared_patients)} patient id(s) of this cohort are also in the development")
+               for w in ev["warnings"])
+    same_machine = ev["shift"]["domain_classifier"]["auc"]
+    assert "### Subgroups by `sex`" in (out / "report.md").read_text()
+    # the same films, brighter
+    bright = tmp_path / "bright"
+    for r in ext:
+        target = bright / r["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        a = np.asarray(Image.open(NIH / r["path"]).convert("L"), dtype=np.float64) / 255.0
+        Image.fromarray(np.round(255 * a ** 0.7).astype(np.uint8)).save(target)
+    out2 = tmp_path / "ev_bright"
+    assert main(["evaluate", str(run), str(_nih(tmp_path / "bright.csv", ext, bright)), "--out", str(out2),
+                 "--bootstrap", "100", "--no-progress", "-q"]) == 0
+    ev2 = json.loads((out2 / "evaluation.json").read_text())
+    assert ev2["shift"]["domain_classifier"]["auc"] > max(0.8, same_machine + 0.1)
+    assert ev2["shift"]["largest"] == "intensity mean" and ev2["shift"]["facts"][0]["smd"] > 0.8
+    capsys.readouterr()
+    # a development film among the external ones
+    assert main(["evaluate", str(run), str(_nih(tmp_path / "mixed.csv", [*ext[:20], dev[0]])), "--out",
+                 str(tmp_path / "mixed"), "--no-progress", "-q"]) == 2
+    assert "were in the run's development cohort" in capsys.readouterr().err
+
+
+def test_the_volume_road_on_real_ct_shapes(tmp_path) -> None:
+    """train-volume on 3D volumes (real adrenal shapes with planted lesions), evaluated on volumes it
+    never saw: the figures are scikit-learn's on the written predictions, the shift check runs."""
+    from sklearn.metrics import roc_auc_score
+
+    from tests.volumes.test_train_volume import _cohort
+
+    manifest, _, _ = _cohort(tmp_path, 100)
+    rows = list(csv.DictReader(open(manifest)))
+    for name, part in (("dev.csv", rows[:60]), ("ext.csv", rows[60:])):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+    run = tmp_path / "run"
+    assert main(["train-volume", str(tmp_path / "dev.csv"), "--out", str(run), "--mode", "cnn", "--arch",
+                 "resnet18_3d", "--width", "8", "--volume-size", "28", "--window=-1000,400", "--folds", "2",
+                 "--test-fraction", "0", "--epochs", "4", "--lr", "3e-3", "--batch-size", "16", "--bootstrap", "20",
+                 "--no-progress", "-q"]) == 0
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run), str(tmp_path / "ext.csv"), "--out", str(out), "--bootstrap", "100",
+                 "--no-progress", "-q"]) == 0
+    ev = json.loads((out / "evaluation.json").read_text())
+    pred = list(csv.DictReader(open(out / "predictions.csv")))
+    y = [int(r["label"] == "lesion") for r in pred]
+    assert ev["unit"] == "volume" and ev["n"] == 40
+    assert ev["metrics"]["auc"] == pytest.approx(roc_auc_score(y, [float(r["prob_lesion"]) for r in pred]), abs=1e-9)
+    assert ev["shift"]["domain_classifier"]["n_development"] == 60 and ev["shift"]["facts"]

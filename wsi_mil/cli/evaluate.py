@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
         "evaluate", help="judge a trained run on an external, labelled cohort: discrimination, calibration, "
                          "threshold transfer, subgroups and a shift check",
         description="Predict every slide of MANIFEST with the fold ensemble of a train-mil run (the checks of "
-                    "predict: same encoder, resolution and transforms) and judge the predictions against the "
+                    "predict: same encoder, resolution and transforms; a train-image or train-volume run: every image "
+                    "or volume, as predict-image / predict-volume do) and judge the predictions against the "
                     "manifest's labels: the task's metrics with intervals beside the run's development figure, "
                     "calibration (calibration-in-the-large, intercept, slope, reliability plot), the development "
                     "threshold's sensitivity / specificity beside one chosen again on this cohort, subgroups "
@@ -43,10 +44,13 @@ def add_parser(sub: Any) -> None:
                     "predicted (listed), 2 bad options or inputs.",
         formatter_class=DefaultsFormatter,
     )
-    ev.add_argument("run", type=Path, help="output folder of train-mil")
-    ev.add_argument("manifest", type=Path, help="manifest CSV of the external cohort with the run's label column(s)")
-    ev.add_argument("--features", type=Path, action="append", required=True,
-                    help="features/ folder of the cohort's slides (extract-features with the run's encoder; repeatable)")
+    ev.add_argument("run", type=Path, help="output folder of train-mil, train-image or train-volume")
+    ev.add_argument("manifest", type=Path, help="the external cohort with the run's label column(s): a slide manifest "
+                                                "CSV (train-mil), an image or volume manifest CSV or MedMNIST .npz "
+                                                "(train-image, train-volume)")
+    ev.add_argument("--features", type=Path, action="append", default=None,
+                    help="features/ folder of the cohort's slides (extract-features with the run's encoder; "
+                         "repeatable; train-mil runs only)")
     ev.add_argument("--development-features", type=Path, action="append", default=None,
                     help="features/ folder of the run's development slides, when they moved since training "
                          "(default: the folders the run recorded; repeatable)")
@@ -63,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args, EvaluateConfig, "evaluate")
     claim_output(args, predict_record(args, {"subgroups": settings.subgroups, "prevalence": settings.prevalence,
                                              "bootstrap": settings.bootstrap, "seed": settings.seed},
-                                      [args.manifest, *args.features]))
+                                      [args.manifest, *(args.features or [])]))
     setup_logging(args.verbose, args.out / "evaluate.log")
-    ev = run_evaluate(args.run, args.manifest, list(args.features), out_dir=args.out, subgroups=settings.subgroups,
+    ev = run_evaluate(args.run, args.manifest, list(args.features or []), out_dir=args.out, subgroups=settings.subgroups,
                       n_boot=settings.bootstrap, seed=settings.seed, device=settings.device,
                       development_features=args.development_features, prevalence=settings.prevalence)
     r = ev.result
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     kind = Task.from_dict(r["task"]).kind_obj
     dev = (r.get("development") or {}).get("metrics") or {}
-    print(f"external evaluation of {args.run} on {r['n']} slide(s)" + (f" ({len(ev.failed)} not predicted)" if ev.failed else ""))
+    print(f"external evaluation of {args.run} on {r['n']} {r.get('unit', 'slide')}(s)"
+          + (f" ({len(ev.failed)} not predicted)" if ev.failed else ""))
     print(f"  this cohort:{kind.summary_line(r['metrics'])}")
     if dev:
         print(f"  development ({r['development'].get('set')}):{kind.summary_line(dev)}")

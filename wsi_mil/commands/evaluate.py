@@ -161,10 +161,16 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
     from wsi_mil.commands.predict import load_run, run_predict
     from wsi_mil.data.bags import Task, bags_from_manifest
     from wsi_mil.data.manifest import entry_columns, read_manifest
-    from wsi_mil.eval.audit_run import prediction_audit
-    from wsi_mil.eval.external import calibration_fit, calibration_warnings, shift_check, threshold_transfer
-    from wsi_mil.io.atomic import write_csv, write_json
+    from wsi_mil.io.atomic import write_csv
+    from wsi_mil.io.run_folder import read_run
     from wsi_mil.train.runner import sample_facts
+
+    if (read_run(run_dir) or {}).get("command") in ("train-image", "train-volume"):
+        return _evaluate_pictures(run_dir, manifest, out_dir=out_dir, subgroups=subgroups, n_boot=n_boot, seed=seed,
+                                  prevalence=prevalence)
+    if not features:
+        raise ConfigError("--features: give the features/ folder of the cohort's slides (extract-features with the "
+                          "run's encoder)")
 
     _models, specs = load_run(run_dir)
     task = Task.from_dict(specs[0]["task"])
@@ -213,24 +219,64 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
     y = np.stack([by_id[i].target for i in ids]).astype(float)
     p = np.asarray([[float(r[c]) for c in cols] for r in rows], dtype=float)
     thresholds = kind.ensemble_thresholds(task, [s["thresholds"] for s in specs])
+    patients = [by_id[i].patient_id for i in ids]
+    shift_in: dict[str, Any] = {"note": None, "sample_note": None}
+    if dev.stores:
+        from wsi_mil.data.bags import Bag
+
+        if len(dev_ids) < len(dev.stores):
+            shift_in["sample_note"] = f"the shift check compares with a seeded sample of {len(dev_ids)} development slides"
+        dev_bags = [Bag(i, dev.patients.get(i, i), np.zeros(1, np.float32), dev.stores[i], meta=dev.attrs[i])
+                    for i in dev_ids]
+        row_of = {i: k for k, i in enumerate(ext_ids)}
+        shift_in.update(dev_emb=dev_emb, ext_emb=ext_emb[[row_of[i] for i in ids]], dev_facts=sample_facts(dev_bags),
+                        ext_facts=sample_facts([by_id[i] for i in ids]))
+    else:
+        shift_in["note"] = ((dev.note or "the development cohort could not be read; no shift check")
+                            + "; slides were checked against the development manifest's ids only")
+    truth = {i: kind.truth_columns(task, by_id[i].target) for i in ids}
+    out_rows = []
+    for r, i in zip(rows, ids, strict=True):
+        t = truth[i]
+        row = {"slide_id": i, "patient_id": by_id[i].patient_id,
+               **(t if t is not None else {"label": _label_text(task, by_id[i].target)})}
+        row.update({k: v for k, v in r.items() if k != "slide_id"})
+        out_rows.append(row)
+    write_csv(out_dir / "predictions.csv", out_rows)
+    return _judge(run_dir, manifest, task, specs[0], ids, patients, y, p, thresholds, failed=failed, out_dir=out_dir,
+                  columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot, seed=seed,
+                  shift_in=shift_in, dev_patients=set(dev.patients.values()), links=[f"attention/{i}.h5" for i in ids],
+                  extra={"features": [str(f) for f in features]})
+
+
+def _judge(run_dir: Path, manifest: Path, task: Any, spec: dict[str, Any], ids: list[str], patients: list[str],
+           y: npt.NDArray[Any], p: npt.NDArray[Any], thresholds: list[Any], *, failed: list[dict[str, str]],
+           out_dir: Path, columns: dict[str, dict[str, str]], subgroups: str | None, prevalence: float | None,
+           n_boot: int, seed: int, shift_in: dict[str, Any], dev_patients: set[str], links: list[str | None],
+           extra: dict[str, Any], unit: str = "slide") -> Evaluation:
+    """Every road's predictions judged against their labels (metrics, calibration, threshold
+    transfer, subgroups, the shift check) and the report written."""
+    from wsi_mil.eval.audit_run import prediction_audit
+    from wsi_mil.eval.external import calibration_fit, calibration_warnings, shift_check, threshold_transfer
+    from wsi_mil.io.atomic import write_json, write_text
+    from wsi_mil.io.run_folder import read_run
+
+    kind = task.kind_obj
     config = SimpleNamespace(bootstrap=n_boot, seed=seed)
     result: dict[str, Any] = {
-        "run": str(run_dir), "manifest": str(manifest), "features": [str(f) for f in features],
+        "run": str(run_dir), "manifest": str(manifest), **extra, "unit": unit,
         "task": task.to_dict(), "n": len(ids), "n_positive": int(np.nansum(y[:, 0])) if kind.single_positive else None,
         "n_failed": len(failed), "failed": failed, "thresholds": thresholds,
         "metrics": kind.evaluate(task, y, p, thresholds, config),
         "development": _development_figure(run_dir), "notes": [], "warnings": []}
-    patients = [by_id[i].patient_id for i in ids]
-    shared = sorted(set(patients) & set(dev.patients.values()))
+    shared = sorted(set(patients) & dev_patients)
     if shared:
         result["warnings"].append(f"{len(shared)} patient id(s) of this cohort are also in the development cohort "
                                   f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): if they are the same "
                                   "people this is not an external cohort")
     if kind.calibrated_per_output and kind.has_classes:
         result["calibration"], result["threshold_transfer"] = {}, {}
-        from wsi_mil.io.run_folder import read_run
-
-        rule = str(specs[0].get("threshold_method") or "youden")  # the run's own rule and target
+        rule = str(spec.get("threshold_method") or "youden")  # the run's own rule and target
         target = float(((read_run(run_dir) or {}).get("settings") or {}).get("target_sensitivity") or 0.9)
         for c, name in enumerate(task.outputs):
             ok, yc = kind.one_vs_rest(y, c)
@@ -244,48 +290,166 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
         result["notes"].append(f"calibration and threshold transfer are computed for binary and multi-label outputs; "
                                f"not for a {task.kind} run")
     if kind.single_positive:
-        post = prediction_audit(ids, patients, y[:, 0], p[:, 0], thresholds[0], set_name="external cohort",
-                                columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot, seed=seed,
-                                links=[f"attention/{i}.h5" for i in ids])
-        result["audit"] = post
-    # the shift check
-    if dev.stores:
-        from wsi_mil.data.bags import Bag
-
-        if len(dev_ids) < len(dev.stores):
-            result["notes"].append(f"the shift check compares with a seeded sample of {len(dev_ids)} development slides")
-        dev_bags = [Bag(i, dev.patients.get(i, i), np.zeros(1, np.float32), dev.stores[i], meta=dev.attrs[i])
-                    for i in dev_ids]
-        row_of = {i: k for k, i in enumerate(ext_ids)}
-        shift = shift_check(dev_emb, ext_emb[[row_of[i] for i in ids]], sample_facts(dev_bags),
-                            sample_facts([by_id[i] for i in ids]), seed=seed, n_boot=min(n_boot, 200))
+        result["audit"] = prediction_audit(ids, patients, y[:, 0], p[:, 0], thresholds[0], set_name="external cohort",
+                                           columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot,
+                                           seed=seed, links=links)
+    if shift_in.get("note"):
+        result["shift"] = None
+        result["warnings"].append(shift_in["note"])
+    else:
+        if shift_in.get("sample_note"):
+            result["notes"].append(shift_in["sample_note"])
+        shift = shift_check(shift_in["dev_emb"], shift_in["ext_emb"], shift_in["dev_facts"], shift_in["ext_facts"],
+                            seed=seed, n_boot=min(n_boot, 200))
+        if shift_in.get("method"):
+            (shift.get("domain_classifier") or {})["method"] = shift_in["method"]
         result["shift"] = shift
         result["warnings"] += shift["warnings"]
         result["notes"] += shift["notes"]
-    else:
-        result["shift"] = None
-        result["warnings"].append((dev.note or "the development cohort could not be read; no shift check")
-                                  + "; slides were checked against the development manifest's ids only")
-    # files
-    truth = {i: kind.truth_columns(task, by_id[i].target) for i in ids}
-    out_rows = []
-    for r, i in zip(rows, ids, strict=True):
-        t = truth[i]
-        row = {"slide_id": i, "patient_id": by_id[i].patient_id,
-               **(t if t is not None else {"label": _label_text(task, by_id[i].target)})}
-        row.update({k: v for k, v in r.items() if k != "slide_id"})
-        out_rows.append(row)
-    write_csv(out_dir / "predictions.csv", out_rows)
     _plots(out_dir, task, y, p, run_dir, result)
     write_json(out_dir / "evaluation.json", result)
-    from wsi_mil.io.atomic import write_text
-
     write_text(out_dir / "report.md", "\n".join(evaluation_markdown(result)) + "\n")
     if result.get("audit"):
         from wsi_mil.eval.audit_run import write_audit_files
 
         write_audit_files(out_dir, {"evaluation": result["audit"]})
     return Evaluation(result, failed)
+
+
+def _picture_embeddings(road: str, spec: dict[str, Any], entries: list[Any]) -> tuple[
+        npt.NDArray[np.float64], dict[str, dict[str, Any]], list[str]]:
+    """What the shift check compares for images and volumes: each picture as the network is
+    given it (windowed, resized; a volume prepared), reduced to 32 x 32 pixels (8 x 8 x 8
+    voxels), and its intensity mean and sd; the ids of the unreadable ones."""
+    import torch
+    import torch.nn.functional as F
+
+    emb, facts, bad = [], {}, []
+    if road == "train-image":
+        from wsi_mil.commands.train_image import load_pixels
+
+        window = tuple(float(v) for v in spec["window"].split(",")) if spec.get("window") else None
+        px, problems = load_pixels(entries, 32, window=window, use_voi=spec.get("use_voi", True))  # type: ignore[arg-type]
+        bad = [b["slide_id"] for b in problems]
+        for e, a in zip(entries, px.float(), strict=True):
+            if e.slide_id in bad:
+                continue
+            emb.append(a.reshape(-1).numpy().astype(np.float64))
+            facts[e.slide_id] = {"intensity mean": float(a.mean()), "intensity sd": float(a.std())}
+    else:
+        from wsi_mil.commands.train_volume import prep_of
+        from wsi_mil.data.volumes import VolumeReadError, load_volume, prepare_volume
+
+        prep = prep_of(spec)
+        for e in entries:
+            try:
+                x, _ = prepare_volume(load_volume(e), prep)
+            except VolumeReadError:
+                bad.append(e.slide_id)
+                continue
+            t = torch.from_numpy(np.asarray(x, np.float32))[None, None]
+            emb.append(F.adaptive_avg_pool3d(t, 8).reshape(-1).numpy().astype(np.float64))
+            facts[e.slide_id] = {"intensity mean": float(t.mean()), "intensity sd": float(t.std())}
+    return np.asarray(emb), facts, bad
+
+
+def _evaluate_pictures(run_dir: Path, source: Path, *, out_dir: Path, subgroups: str | None, n_boot: int, seed: int,
+                       prevalence: float | None) -> Evaluation:
+    """A train-image or train-volume run on a labelled external cohort (a manifest CSV or a
+    MedMNIST .npz): predicted as predict-image / predict-volume do, judged as slides are."""
+    import csv
+
+    from wsi_mil.commands.predict_image import image_entries, load_run, reference_target
+    from wsi_mil.data.bags import Task
+    from wsi_mil.data.manifest import entry_columns
+    from wsi_mil.io.run_folder import read_run
+
+    made = read_run(run_dir) or {}
+    road = str(made.get("command"))
+    unit = "image" if road == "train-image" else "volume"
+    if road == "train-volume":
+        from wsi_mil.commands.predict_volume import _entries
+        from wsi_mil.commands.train_volume import load_volume_model
+
+        _models, spec, thresholds = load_run(run_dir, load_volume_model, "train-volume")
+        task = Task.from_dict(spec["task"])
+        entries, dev_entries_of = _entries(source, task), lambda src: _entries(src, task)
+    else:
+        _models, spec, thresholds = load_run(run_dir)
+        task = Task.from_dict(spec["task"])
+        entries, dev_entries_of = image_entries(source, task), lambda src: image_entries(src, task)
+    kind = task.kind_obj
+    targets = {e.slide_id: reference_target(task, e, unit) for e in entries}
+    unlabelled = [i for i, t in targets.items() if t is None or np.isnan(t).all()]
+    if unlabelled:
+        raise ConfigError(f"{len(unlabelled)} {unit}(s) of {source} have no label in {', '.join(task.label_columns)} "
+                          f"({', '.join(unlabelled[:6])}{' ...' if len(unlabelled) > 6 else ''}); evaluate judges "
+                          f"labelled {unit}s only: label them, or use `wsi-mil predict-{unit}` for unlabelled ones")
+    columns = entry_columns(entries)
+    if subgroups:
+        if not kind.single_positive:
+            raise ConfigError(f"--subgroups: subgroup figures are computed for binary runs; this run is {task.kind}")
+        from wsi_mil.eval.audit_run import subgroup_columns
+
+        subgroup_columns([e.slide_id for e in entries], columns, subgroups)
+    # the development cohort: the source the run recorded
+    dev_source = Path(((made.get("inputs") or {}).get("source") or {}).get("path", ""))
+    dev_entries = dev_entries_of(dev_source) if dev_source.exists() and str(dev_source) not in ("", ".") else []
+    same = [e.slide_id for e in entries if e.slide_id in {d.slide_id for d in dev_entries}
+            or (e.path is not None and e.path in {d.path for d in dev_entries if d.path is not None})]
+    if same and dev_source.resolve() != source.resolve():
+        raise ConfigError(f"{len(same)} {unit}(s) of {source} were in the run's development cohort ({dev_source}): "
+                          f"{', '.join(same[:6])}{' ...' if len(same) > 6 else ''}; an external evaluation must be on "
+                          f"{unit}s the model never saw: remove them")
+    if same:
+        raise ConfigError(f"{source} is the run's own development source; give an external cohort")
+    ext_emb, ext_facts, ext_bad = _picture_embeddings(road, spec, entries)
+    rng = np.random.default_rng(seed)
+    sample = dev_entries if len(dev_entries) <= 2000 else [dev_entries[i] for i in
+                                                           sorted(rng.choice(len(dev_entries), 2000, replace=False))]
+    dev_emb, dev_facts, _ = _picture_embeddings(road, spec, sample) if sample else (None, {}, [])
+    if dev_emb is not None and len(dev_emb) and len(ext_emb):
+        ext_keys = {np.round(v, 6).tobytes(): i for i, v in zip([e.slide_id for e in entries
+                                                                  if e.slide_id not in ext_bad], ext_emb, strict=True)}
+        copies = [f"{ext_keys[k]} (the pixels of development {unit} {d.slide_id})"
+                  for d, v in zip([d for d in sample if d.slide_id in dev_facts], dev_emb, strict=True)
+                  if (k := np.round(v, 6).tobytes()) in ext_keys]
+        if copies:
+            raise ConfigError(f"{len(copies)} {unit}(s) of {source} hold the pixels of development {unit}s: "
+                              f"{'; '.join(copies[:6])}; an external evaluation must be on {unit}s the model never saw")
+    if road == "train-volume":
+        from wsi_mil.commands.predict_volume import run_predict_volume
+
+        rep = run_predict_volume(run_dir, source, out_dir=out_dir, progress=False)
+    else:
+        from wsi_mil.commands.predict_image import run_predict_image
+
+        rep = run_predict_image(run_dir, source, out_dir=out_dir, progress=False)
+    failed = [{"slide_id": f["slide_id"], "reason": f["reason"]} for f in rep.failed]
+    with open(out_dir / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    id_col = f"{unit}_id"
+    ids = [r[id_col] for r in rows]
+    y = np.stack([targets[i] for i in ids]).astype(float)  # type: ignore[misc]
+    p = np.asarray([[float(r[f"prob_{o}"]) for o in task.outputs] for r in rows], dtype=float)
+    patients = [str(next(e.patient_id for e in entries if e.slide_id == i) or i) for i in ids]
+    row_of = {i: k for k, i in enumerate(e.slide_id for e in entries if e.slide_id not in ext_bad)}
+    shift_in: dict[str, Any] = {"note": None, "sample_note": None}
+    if dev_emb is not None and len(dev_emb):
+        shift_in.update(dev_emb=dev_emb, ext_emb=ext_emb[[row_of[i] for i in ids]], dev_facts=dev_facts,
+                        ext_facts={i: ext_facts[i] for i in ids},
+                        method=f"each {unit} as the network is given it, reduced to "
+                               f"{'32 x 32 pixels' if unit == 'image' else '8 x 8 x 8 voxels'}, standardised, PCA, "
+                               "logistic regression, out-of-fold")
+        if len(sample) < len(dev_entries):
+            shift_in["sample_note"] = f"the shift check compares with a seeded sample of {len(sample)} development {unit}s"
+    else:
+        shift_in["note"] = (f"the run's development source ({dev_source}) is not found; the shift check and the check "
+                            f"that no {unit} is a development {unit} were left out")
+    return _judge(run_dir, source, task, spec, ids, patients, y, p, list(thresholds), failed=failed, out_dir=out_dir,
+                  columns=columns, subgroups=subgroups, prevalence=prevalence, n_boot=n_boot, seed=seed,
+                  shift_in=shift_in, dev_patients={str(d.patient_id) for d in dev_entries if d.patient_id},
+                  links=[None] * len(ids), extra={}, unit=unit)
 
 
 def _label_text(task: Any, target: npt.NDArray[Any]) -> str:
@@ -350,13 +514,15 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
     task = Task.from_dict(r["task"])
     kind = task.kind_obj
     dev = r["development"]
-    lines = ["# External evaluation", "", f"Run: `{r['run']}`; cohort: `{r['manifest']}` ({r['n']} slides judged"
+    unit = r.get("unit", "slide")
+    lines = ["# External evaluation", "", f"Run: `{r['run']}`; cohort: `{r['manifest']}` ({r['n']} {unit}s judged"
              + (f", {r['n_positive']} positive" if r.get("n_positive") is not None else "")
              + (f"; {r['n_failed']} could not be predicted, listed below" if r["n_failed"] else "") + ").", "",
              ("Predictions are the fold ensemble's (the mean of the folds' probabilities at the mean of their "
               "thresholds in logit space), as `wsi-mil predict` makes them." if kind.calibrated_per_output and
               kind.has_classes else "Predictions are the fold ensemble's (the mean of the folds' outputs), as "
               "`wsi-mil predict` makes them."), ""]
+    lines[-2] = lines[-2].replace("`wsi-mil predict`", "`wsi-mil predict`" if unit == "slide" else f"`wsi-mil predict-{unit}`")
     if r["warnings"]:
         lines += ["## Warnings", ""] + [f"- **{w}**" for w in r["warnings"]] + [""]
     lines += ["## Performance", "", "| cohort | figure |", "|---|---|"]
@@ -379,7 +545,7 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
                   f"- calibration slope: {_num(cal['calibration_slope'], '.2f')}{_ci(cal.get('calibration_slope_ci95'))}"
                   " (1: ideal; below 1 the probabilities are too extreme, above 1 too timid)"
                   + (f"; {cal['slope_note']}" if cal.get("slope_note") else ""),
-                  f"- intervals: bootstrap over slides, {cal.get('bootstrap', 0)} resamples", ""]
+                  f"- intervals: bootstrap over {unit}s, {cal.get('bootstrap', 0)} resamples", ""]
     if r.get("figures"):
         lines += ["![reliability: this cohort beside the development set](reliability.png)", ""]
     for name, tt in (r.get("threshold_transfer") or {}).items():
@@ -392,7 +558,7 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
                          f"{_ci(row['sensitivity_ci95'])} | {_num(row['specificity'])}{_ci(row['specificity_ci95'])} "
                          f"| {_num(row['ppv'])} | {_num(row['npv'])} |")
         lines += ["", "Sensitivity and specificity with Wilson intervals; PPV and NPV depend on the prevalence (see "
-                      "the operating points for --prevalence). A second row is chosen and judged on the same slides: "
+                      "the operating points for --prevalence). A second row is chosen and judged on the same cases: "
                       "it shows what a local re-choice could recover, not what the model achieves.", ""]
     shift = r.get("shift")
     lines += ["## Shift between the development cohort and this one", ""]
@@ -414,7 +580,7 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
     if r["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     if r.get("audit"):
-        lines += audit_markdown({"evaluation": r["audit"]})[2:]
+        lines += audit_markdown({"evaluation": r["audit"]}, unit)[2:]
     if r["failed"]:
         lines += ["## Not evaluated", ""] + [f"- {f['slide_id']}: {f['reason']}" for f in r["failed"]] + [""]
     return lines

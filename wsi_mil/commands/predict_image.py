@@ -106,13 +106,32 @@ def read_boxes(path: Path) -> dict[str, dict[str, list[dict[str, float]]]]:
     return out
 
 
+def image_entries(source: Path, task: Any) -> list[Any]:
+    """The images of ``source`` (a manifest CSV with the task's label columns when it has them,
+    a MedMNIST .npz, a folder or one file)."""
+    from wsi_mil.data.images import read_image_manifest
+
+    if source.suffix.lower() == ".npz":
+        from wsi_mil.data.images import npz_entries
+
+        return npz_entries(source)
+    if source.suffix.lower() == ".csv":
+        return read_image_manifest(source, labels=list(task.label_columns), labels_optional=True)[0]
+    from wsi_mil.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageEntry, unique_file_ids
+
+    files = sorted(p for p in (source.rglob("*") if source.is_dir() else [source])
+                   if p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{source}: no images (PNG, JPEG, TIFF, DICOM), manifest CSV or .npz")
+    return [ImageEntry(i, p, None, {}, None, {}) for i, p in zip(unique_file_ids(files), files, strict=True)]
+
+
 def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | None = None, cam_threshold: float = 0.5,
                       boxes: Path | None = None, batch_size: int = 64, progress: bool = True) -> ImagePredictReport:
     from tqdm import tqdm
 
     from wsi_mil.commands.train_image import load_pixels
     from wsi_mil.data.bags import Task
-    from wsi_mil.data.images import read_image_manifest
     from wsi_mil.io.atomic import write_csv, write_json
     from wsi_mil.train.loop import probabilities
     from wsi_mil.train.runner import _prediction
@@ -123,20 +142,7 @@ def run_predict_image(run_dir: Path, source: Path, *, out_dir: Path, cam: str | 
     # CENTRE,WIDTH as the training run recorded it (checked then: two numbers)
     window = cast("tuple[float, float] | None",
                   tuple(float(v) for v in spec["window"].split(",")) if spec.get("window") else None)
-    if source.suffix.lower() == ".npz":
-        from wsi_mil.data.images import npz_entries
-
-        entries = npz_entries(source)
-    elif source.suffix.lower() == ".csv":
-        entries, _ = read_image_manifest(source, labels=list(task.label_columns), labels_optional=True)
-    else:
-        from wsi_mil.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, ImageEntry, unique_file_ids
-
-        files = sorted(p for p in (source.rglob("*") if source.is_dir() else [source])
-                       if p.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES)
-        if not files:
-            raise ConfigError(f"{source}: no images (PNG, JPEG, TIFF, DICOM), manifest CSV or .npz")
-        entries = [ImageEntry(i, p, None, {}, None, {}) for i, p in zip(unique_file_ids(files), files, strict=True)]
+    entries = image_entries(source, task)
     images, bad = load_pixels(entries, size, window=window, use_voi=spec.get("use_voi", True), progress=progress)
     ok = [i for i, e in enumerate(entries) if e.slide_id not in {b["slide_id"] for b in bad}]
     for b in bad:

@@ -52,7 +52,10 @@ def prep(name: str, preset: str, n_slides: int, seed: int) -> Path:
     t0 = time.perf_counter()
     manifest = make_cohort(root / "slides", n_slides=n_slides, preset=preset, size_px=SIZE, seed=seed,
                            tumour_size_um=LESIONS_UM, progress=True)
-    run_tile(read_manifest(manifest), out_dir=root / "tiles", config=TileConfig(), workers=2, progress=True)
+    tiled = run_tile(read_manifest(manifest), out_dir=root / "tiles", config=TileConfig(), workers=2, progress=True)
+    if not tiled.ok:  # (a regenerated cohort refuses the old stores: start its tiles again)
+        raise SystemExit(f"{tiled.n_failed} slide(s) of {name} failed to tile (see above); remove {root / 'tiles'} "
+                         "if the cohort was regenerated")
     run_extract([root / "tiles"], out_dir=root / "tiles", config=ExtractConfig(), progress=True)
     (root / "prep_seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
     return manifest

@@ -72,6 +72,15 @@ def test_leave_one_site_out_never_splits_a_site_and_judges_each_on_its_own(cohor
                                                       [float(p[next(k for k in p if k.startswith("prob_"))]) for p in rp]))
     assert f"| random patient-level 5-fold (random_folds/) | {rand['auc']:.3f}" in md
     assert f"Optimism of random folds: {rand['auc'] - report.metrics['pooled_validation']['auc']:+.3f}" in md
+    from wsi_mil.eval.shortcuts import warnings_of
+    from wsi_mil.train.runner import summary_text
+
+    assert (f"  protocol: leave-one-site-out (4 sites); random folds of the same cohort: AUC {rand['auc']:.3f}"
+            in summary_text(report))  # (the terminal summary did not say which protocol made the figure)
+    row = {"nuisance": "site", "auc": 0.9, "test": "chi-square", "p": 0.001, "warn": True, "kind": "categorical",
+           "table": {"A": {"positive": 9, "negative": 1}, "B": {"positive": 1, "negative": 9}}}
+    assert "hold it out (e.g. --folds-by site)" in warnings_of({"before": [row]})[0]
+    assert "This run holds each site out (--folds-by site)" in warnings_of({"before": [row], "held_out": "site"})[0]
 
 
 def test_many_sites_are_grouped_into_k_folds(cohort, tmp_path) -> None:

@@ -325,9 +325,12 @@ def warnings_of(audit: dict[str, Any]) -> list[str]:
             label = f"label {r['label']!r}" if r.get("label") else "the label"
             sep = (f"it alone separates class {r['class']} from the others at AUC" if r.get("class") else
                    "it alone separates the classes at AUC")
+            held = audit.get("held_out")
+            advice = (f"This run holds each {held} out (--folds-by {held}): its held-out figures cannot lean on it"
+                      if held == r["nuisance"] else "Balance it, or hold it out (e.g. --folds-by site)")
             lines.append(f"{label} is associated with {r['nuisance']!r} ({sep} {r['auc']:.2f}, {r['test']} p = "
                          f"{r['p']:.2g}; {_what(r)}): a model can learn {r['nuisance']} instead of the disease. "
-                         "Balance it, or hold it out (e.g. folds by site)")
+                         + advice)
     for r in audit.get("after", []):
         if r["warn"]:
             parts = []

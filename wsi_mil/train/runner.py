@@ -249,7 +249,8 @@ def checks_before_training(samples: list[Any], pixels: Any, columns: dict[str, d
         s.stratum = stratum
     plan = make_split_plan(samples, user_split, config, columns, list(task.classes) if task is not None else None)
     audit["duplicates"]["leaks"] = check_leaks(found, plan, config.duplicates, unit)
-    audit["shortcuts"], nz = shortcuts_before_training(samples, columns, task)
+    audit["shortcuts"], nz = shortcuts_before_training(samples, columns, task,
+                                                       held_out=getattr(config, "folds_by", None))
     return CheckedRun(audit, plan, nz)
 
 
@@ -279,8 +280,8 @@ def sample_facts(samples: list[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, str]], task: Task | None = None
-                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, str]], task: Task | None = None,
+                              held_out: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every nuisance the inputs carry against the label, each warning logged now, before
     training: binary and multi-class tasks against the class, multi-label tasks against
     each label (one-vs-rest, blanks left out). Returns (the audit's "shortcuts" record, the
@@ -302,8 +303,11 @@ def shortcuts_before_training(samples: list[Any], columns: dict[str, dict[str, s
     for label, ids, y, names in questions:
         rows = label_association(ids, y, found, class_names=names)
         before += [{**r, "label": label} if label else r for r in rows]
-    log_findings({"before": before}, logger)
-    return {"before": before, "checked": sorted(found), "task": kind}, found
+    record: dict[str, Any] = {"before": before, "checked": sorted(found), "task": kind}
+    if held_out:  # --folds-by: that column's association is what the held-out figures are free of
+        record["held_out"] = held_out
+    log_findings({"before": before, "held_out": held_out}, logger)
+    return record, found
 
 
 def _labelled(kind: str, ids: list[str], targets: Any, task: Task | None
@@ -957,6 +961,13 @@ def summary_text(report: TrainReport) -> str:
     lines = [f"{report.metrics.get('task_line') or f'task {t.kind} ({what})'}",
              f"{report.metrics[f'n_{unit}s']} {unit}s; {where}:"]
     lines.append(t.kind_obj.summary_line(head))
+    centres = (report.metrics.get("splits") or {}).get("centres")
+    if centres:  # the protocol the figure comes from, and the random-fold figure beside it
+        key = t.kind_obj.score_key
+        rand = (report.metrics.get("random_folds") or {}).get(key)
+        lines.append(f"  protocol: {centres['protocol']}" + (
+            f"; random folds of the same cohort: {t.kind_obj.score_name} {rand:.3f} ({rand - head[key]:+.3f})"
+            if rand is not None and head.get(key) is not None else ""))
     health = report.metrics.get("fold_health") or {}
     if health.get("failed"):
         lines.append(f"  WARNING: {len(health['failed'])} of {health['n_folds']} folds failed ({failed_folds_text(health)})")

@@ -531,6 +531,10 @@ def evaluation_markdown(r: dict[str, Any]) -> list[str]:
         lines.append(f"| development ({dev.get('set')}: {dev.get('why') or ''}) | {kind.summary_line(dm).strip()} |")
     lines.append(f"| **this cohort** | {kind.summary_line(r['metrics']).strip()} |")
     lines.append("")
+    if kind.has_classes:
+        from wsi_mil.eval.metrics import AUC_CI_METHOD
+
+        lines += [f"AUC intervals (95%): {AUC_CI_METHOD}.", ""]
     key = kind.score_key
     if dm.get(key) is not None and r["metrics"].get(key) is not None:
         lines += [f"Change from development to this cohort: {r['metrics'][key] - dm[key]:+.3f} ({kind.score_name}).", ""]

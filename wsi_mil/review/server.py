@@ -1,7 +1,7 @@
 """`wsi-mil review`: a local web page to review a run's attention next to the tissue.
 
-The slide is shown in OpenSeadragon (installed from the npm registry into
-``wsi_mil/review/web/node_modules``; no CDN) from Deep Zoom tiles that OpenSlide cuts
+The slide is shown in OpenSeadragon (its release build shipped in ``wsi_mil/review/vendor``,
+copied from the npm registry's package pinned in ``wsi_mil/review/web``; no CDN) from Deep Zoom tiles that OpenSlide cuts
 from the slide's pyramid levels — never its label or macro image. The heatmap is a
 small RGBA image of the score grid, laid over the slide at its level-0 position.
 
@@ -52,14 +52,18 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 
 
 def openseadragon_dir() -> Path:
-    """OpenSeadragon's build folder from the npm install (or ``$WSI_MIL_OPENSEADRAGON_DIR``)."""
+    """OpenSeadragon's release build: ``$WSI_MIL_OPENSEADRAGON_DIR`` when set, else the copy
+    shipped in the package (``wsi_mil/review/vendor``, what a wheel holds), else the npm
+    install of a checkout."""
     env = os.environ.get(OSD_DIR_ENV)
-    d = Path(env) if env else HERE / "web" / "node_modules" / "openseadragon" / "build" / "openseadragon"
-    if not (d / "openseadragon.min.js").exists():
-        raise ConfigError(f"OpenSeadragon is not installed ({d} has no openseadragon.min.js). Install the review "
-                          "page's front-end packages from the npm registry: npm ci --prefix wsi_mil/review/web "
-                          f"(or point {OSD_DIR_ENV} at an OpenSeadragon build folder).")
-    return d
+    candidates = [Path(env)] if env else [HERE / "vendor" / "openseadragon",
+                                          HERE / "web" / "node_modules" / "openseadragon" / "build" / "openseadragon"]
+    for d in candidates:
+        if (d / "openseadragon.min.js").exists():
+            return d
+    raise ConfigError(f"OpenSeadragon is not installed ({candidates[0]} has no openseadragon.min.js). The package "
+                      "ships it in wsi_mil/review/vendor: reinstall wsi-mil; in a checkout, npm ci --prefix "
+                      f"wsi_mil/review/web installs it (or point {OSD_DIR_ENV} at an OpenSeadragon build folder).")
 
 
 def _file_table(root: Path, prefix: str) -> dict[str, Path]:

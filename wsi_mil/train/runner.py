@@ -857,6 +857,10 @@ def report_markdown(task: Task, m: dict[str, Any]) -> str:
              + (f" ({m['blank_patients']['n_blank']} {unit}(s) without a patient_id each counted as its own patient: "
                 "two of one patient could still be)" if m.get("blank_patients") else "") + ".", "",
              f"Decision threshold: {m.get('threshold_rule', '')}.", ""]
+    if task.kind_obj.has_classes:
+        from wsi_mil.eval.metrics import AUC_CI_METHOD
+
+        lines += [f"AUC intervals (95%): {AUC_CI_METHOD} (--bootstrap resamples).", ""]
     if s.get("test_sampling"):
         t = s["test_sampling"]
         lines += [(f"Test set enriched: minority-class share {t['sampled_share']:.2f} (true {t['true_share']:.2f}); "

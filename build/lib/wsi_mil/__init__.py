@@ -1,0 +1,3 @@
+"""wsi-mil: weakly supervised whole-slide MIL."""
+
+__version__ = "0.1.0"

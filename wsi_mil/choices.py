@@ -210,6 +210,21 @@ SYNTH_PRESETS: dict[str, str] = {
                               "confound site-held-out validation must expose)",
 }
 
+#: what one bag of train-mil is (``--bag``)
+BAGS: dict[str, str] = {
+    "slide": "one bag per slide, with the slide's label",
+    "patient": "all slides of a patient in one bag, with the patient's label (slide labels must agree); attention "
+               "written back per slide",
+}
+
+#: layouts of other tools' feature files (``import-features --format``)
+FOREIGN_FORMATS: dict[str, str] = {
+    "auto": "TRIDENT when the coordinates carry patch_size_level0, else CLAM",
+    "clam": "CLAM's h5_files/<slide>.h5: features and coords, no attributes (the encoder and patch size are given)",
+    "trident": "TRIDENT's features_<encoder>/<slide>.h5: coords with patch_size_level0, the encoder in the file or "
+               "its folder's name",
+}
+
 #: every list above by the name the docs and tests use
 ALL: dict[str, dict[str, str]] = {
     "MIL models": MIL_MODELS, "tasks": TASKS, "imbalance (loss)": IMBALANCE, "thresholds": THRESHOLDS,
@@ -219,7 +234,7 @@ ALL: dict[str, dict[str, str]] = {
     "image augmentation": IMAGE_AUGMENT, "volume modes": VOLUME_MODES, "3D architectures": VOLUME_ARCHS,
     "volume intensity": INTENSITY, "volume augmentation": VOLUME_AUGMENT, "heatmap formats": HEATMAP_FORMATS,
     "attention normalisation": NORMALISATIONS, "colour maps": COLOURMAPS, "predict-image maps": CAM_METHODS,
-    "synth presets": SYNTH_PRESETS,
+    "synth presets": SYNTH_PRESETS, "bags": BAGS, "foreign feature formats": FOREIGN_FORMATS,
 }
 
 

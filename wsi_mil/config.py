@@ -574,9 +574,8 @@ class TrainConfig(CommonTrainConfig):
                                          "(RUN/random_folds/, as many folds) and show their figure beside the "
                                          "site-held-out one, so the optimism gap is in the report (doubles the "
                                          "training time; off: --no-random-comparison)")
-    bag: str = _opt("slide", "what one bag is: slide (one bag per slide) or patient (all slides of a patient in one "
-                             "bag with the patient's label; their slide labels must agree; predictions per patient, "
-                             "attention kept per slide)", choices=("slide", "patient"))
+    bag: str = _opt("slide", "what one bag is: " + described(choices.BAGS) + "; predictions per patient",
+                    choices=names(choices.BAGS))
     patient_max_instances: int | None = _opt(65536, "with --bag patient: a patient bag holding more patches keeps a "
                                                     "seeded sample of this many (recorded in the report); none: all")
     lesion_class: str = _opt("Tumor", "the annotation class whose drawn regions are the lesions attention is judged "
@@ -994,6 +993,26 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ImportFeaturesConfig:
+    """Settings of ``wsi-mil import-features``."""
+
+    format: str = _opt("auto", "layout of the files: " + described(choices.FOREIGN_FORMATS),
+                       choices=names(choices.FOREIGN_FORMATS))
+    encoder: str | None = _opt(None, "the encoder that made the features (required when the files do not say it: "
+                                     "CLAM); refused when it contradicts what a file records")
+    clam_patches: str | None = _opt(None, "CLAM's patches/ folder: each slide's patch size and level are read from it "
+                                          "(CLAM's feature files do not carry them)")
+    patch_size_level0: float | None = _opt(None, "patch side in level-0 pixels, when no patch file gives it")
+    mpp: float | None = _opt(None, "µm per pixel the patches were read at (recorded; predict then checks new slides "
+                                   "against it)")
+
+    def __post_init__(self) -> None:
+        _validated(self, [(self.patch_size_level0 is None or self.patch_size_level0 > 0,
+                           "--patch-size-level0 must be positive"),
+                          (self.mpp is None or self.mpp > 0, "--mpp must be positive")])
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Settings of ``wsi-mil synth``."""
 
@@ -1044,7 +1063,8 @@ def recipe_sections() -> dict[str, type]:
     return {"tile": TileConfig, "extract_features": ExtractConfig, "train_mil": TrainConfig,
             "train_image": ImageTrainConfig, "train_volume": VolumeTrainConfig, "predict": PredictConfig,
             "predict_image": PredictImageConfig, "predict_volume": PredictVolumeConfig, "heatmap": HeatmapSettings,
-            "review": ReviewConfig, "audit": AuditConfig, "evaluate": EvaluateConfig, "synth": SynthConfig, "demo": DemoConfig}
+            "review": ReviewConfig, "audit": AuditConfig, "evaluate": EvaluateConfig,
+            "import_features": ImportFeaturesConfig, "synth": SynthConfig, "demo": DemoConfig}
 
 
 def write_settings(path: Path, command: str, inputs: list[Any], section: str, settings: dict[str, Any],

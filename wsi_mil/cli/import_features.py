@@ -6,9 +6,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cli.common import EXIT_OK, EXIT_SLIDES_FAILED, DefaultsFormatter, add_output_options, setup_logging
+from wsi_mil.cli.common import (
+    EXIT_OK,
+    EXIT_SLIDES_FAILED,
+    DefaultsFormatter,
+    add_output_options,
+    add_settings,
+    settings_of,
+    setup_logging,
+)
+from wsi_mil.config import ImportFeaturesConfig
 
 NAME = "import-features"
+#: the settings this command takes (its flags, recipe section, help and checks come from them)
+SETTINGS = (ImportFeaturesConfig, "import_features")
 
 
 def add_parser(sub: Any) -> None:
@@ -27,32 +38,18 @@ def add_parser(sub: Any) -> None:
     )
     im.add_argument("source", type=Path, help="folder of feature h5 files (CLAM: h5_files/; TRIDENT: features_<encoder>/)")
     im.add_argument("--out", required=True, type=Path, help="output folder (stores go to OUT/features/)")
-    im.add_argument("--format", choices=("auto", "clam", "trident"), default="auto",
-                    help="layout of the files (auto: TRIDENT when the coords carry patch_size_level0, else CLAM)")
-    im.add_argument("--encoder", default=None,
-                    help="the encoder that made the features (required when the files do not say it: CLAM); "
-                         "refused when it contradicts what a file records")
-    im.add_argument("--clam-patches", type=Path, default=None,
-                    help="CLAM's patches/ folder: each slide's patch size and level are read from it (CLAM's "
-                         "feature files do not carry them)")
-    im.add_argument("--patch-size-level0", type=float, default=None,
-                    help="patch side in level-0 pixels, when no patch file gives it")
-    im.add_argument("--mpp", type=float, default=None,
-                    help="µm per pixel the patches were read at (recorded; predict then checks new slides against it)")
     add_output_options(im)
+    add_settings(im, ImportFeaturesConfig, "import_features")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_mil.commands.import_features import run_import
-    from wsi_mil.errors import ConfigError
 
     setup_logging(args.verbose)
-    if args.patch_size_level0 is not None and args.patch_size_level0 <= 0:
-        raise ConfigError("--patch-size-level0 must be positive")
-    if args.mpp is not None and args.mpp <= 0:
-        raise ConfigError("--mpp must be positive")
-    report = run_import(args.source, args.out, fmt=args.format, encoder=args.encoder,
-                        patch_size_level0=args.patch_size_level0, clam_patches=args.clam_patches, mpp=args.mpp,
+    settings = settings_of(args, ImportFeaturesConfig, "import_features")
+    report = run_import(args.source, args.out, fmt=settings.format, encoder=settings.encoder,
+                        patch_size_level0=settings.patch_size_level0,
+                        clam_patches=Path(settings.clam_patches) if settings.clam_patches else None, mpp=settings.mpp,
                         progress=not args.no_progress)
     print(f"{len(report['imported'])} imported, {len(report['kept'])} already imported, {len(report['failed'])} failed; "
           f"encoder {report['encoder']}; stores: {args.out / 'features'}")

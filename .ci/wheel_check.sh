@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 work=$(mktemp -d /tmp/wsi-wheel.XXXXXX)
 trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
-.venv/bin/pip wheel -q --no-deps -w "$work/dist" .
+# built from a copy of the tracked files, so setuptools' build/ and egg-info never land in the checkout
+git archive --format=tar HEAD | (mkdir -p "$work/src" && tar -x -C "$work/src")
+[ -z "$(git status --porcelain --untracked-files=no)" ] || echo "note: the wheel is built from HEAD; uncommitted changes are not in it"
+.venv/bin/pip wheel -q --no-deps -w "$work/dist" "$work/src"
 wheel=$(ls "$work"/dist/wsi_mil-*.whl)
 python3 - "$wheel" <<'PY'
 import sys, zipfile

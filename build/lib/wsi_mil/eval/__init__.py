@@ -1,1 +1,0 @@
-"""Metrics, decision thresholds, reports and plots."""

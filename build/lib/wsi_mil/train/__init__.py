@@ -1,1 +1,0 @@
-"""The training loop, losses, samplers and weights-only checkpoints."""

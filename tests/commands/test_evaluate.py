@@ -308,3 +308,68 @@ def test_the_volume_road_on_real_ct_shapes(tmp_path) -> None:
     assert ev["unit"] == "volume" and ev["n"] == 40
     assert ev["metrics"]["auc"] == pytest.approx(roc_auc_score(y, [float(r["prob_lesion"]) for r in pred]), abs=1e-9)
     assert ev["shift"]["domain_classifier"]["n_development"] == 60 and ev["shift"]["facts"]
+    # the same NIfTI volumes said to be of 2 mm voxels: the spacing is named (was: a report identical to the 1 mm one)
+    import nibabel as nib
+
+    two = tmp_path / "two_mm"
+    two.mkdir()
+    kept = []
+    for r in rows[60:]:
+        if r["path"].endswith(".nii.gz"):
+            img = nib.load(tmp_path / r["path"])
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine @ np.diag([2.0, 2.0, 2.0, 1.0])),
+                     two / Path(r["path"]).name)
+            kept.append({**r, "path": str(two / Path(r["path"]).name)})
+    with open(tmp_path / "two.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+    assert main(["evaluate", str(run), str(tmp_path / "two.csv"), "--out", str(tmp_path / "ev2"), "--bootstrap",
+                 "50", "--no-progress", "-q"]) == 0
+    ev2 = json.loads((tmp_path / "ev2" / "evaluation.json").read_text())
+    assert ev2["shift"]["largest"].startswith("voxel spacing mm")
+    assert any(w.startswith("voxel spacing mm") and "shifted" in w for w in ev2["warnings"])
+
+
+def test_fixes_from_a_strangers_trial_of_the_image_road(tmp_path, capsys) -> None:
+    """MedMNIST .npz cohorts: ids are positions in the file, so an external npz whose test_00000 is another
+    film than the development npz's test_00000 is accepted (was refused by id), and one holding a
+    development film is refused by its pixels, every copy named (two copies of one film: both); empty
+    splits in an npz are skipped (was a crash)."""
+    from sklearn.metrics import roc_auc_score
+
+    with np.load(shared_npz()) as z:
+        y = z["train_labels"].ravel()
+        order = np.concatenate([np.flatnonzero(y == 0)[:200], np.flatnonzero(y == 1)[:200]])
+        order = order[np.random.default_rng(0).permutation(len(order))]  # both classes in every slice below
+        imgs, labels = z["train_images"][order], z["train_labels"][order]
+    empty_x, empty_y = np.zeros((0, *imgs.shape[1:]), imgs.dtype), np.zeros((0, 1), labels.dtype)
+    np.savez(tmp_path / "dev.npz", train_images=imgs[:160], train_labels=labels[:160], test_images=imgs[160:200],
+             test_labels=labels[160:200])
+    np.savez(tmp_path / "ext.npz", train_images=empty_x, train_labels=empty_y, test_images=imgs[300:400],
+             test_labels=labels[300:400])
+    run = tmp_path / "run"
+    assert main(["train-image", str(tmp_path / "dev.npz"), "--out", str(run), "--mode", "linear", "--image-size", "28",
+                 "--folds", "2", "--test-fraction", "0", "--epochs", "2", "--bootstrap", "20", "--no-progress",
+                 "-q"]) == 0
+    assert main(["evaluate", str(run), str(tmp_path / "ext.npz"), "--out", str(tmp_path / "ev"), "--bootstrap", "50",
+                 "--no-progress", "-q"]) == 0  # test_00000 here is not the development's test_00000
+    pred = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert ev["n"] == 100 and ev["metrics"]["auc"] == pytest.approx(
+        roc_auc_score([int(r["label"]) for r in pred], [float(r["prob_1"]) for r in pred]), abs=1e-9)
+    copies = np.concatenate([imgs[300:310], imgs[5:6], imgs[5:6]])  # one development film, twice
+    np.savez(tmp_path / "copies.npz", test_images=copies, test_labels=np.concatenate([labels[300:310], labels[5:6],
+                                                                                       labels[5:6]]))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), str(tmp_path / "copies.npz"), "--out", str(tmp_path / "c"), "--no-progress",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "2 image(s)" in err and "test_00010 (the pixels of development image train_00005)" in err
+    assert "test_00011 (the pixels of development image train_00005)" in err
+
+
+def shared_npz() -> Path:
+    from tests.conftest import shared
+
+    return shared("cxr", "pneumoniamnist.npz")

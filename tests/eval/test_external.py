@@ -44,6 +44,9 @@ def test_well_calibrated_predictions_give_no_warning_and_separated_ones_no_slope
     cal = calibration_fit(y, p, n_boot=100, seed=0)
     assert cal["calibration_slope_ci95"][0] <= 1.0 <= cal["calibration_slope_ci95"][1]
     assert calibration_warnings(cal) == []
+    rev, pr = _miscalibrated(1500, 0.0, -1.0, seed=2)  # the ranking reversed: not "too extreme"
+    warned = calibration_warnings(calibration_fit(rev, pr, n_boot=100, seed=0))
+    assert "the ranking is reversed" in warned[0] and not any("too extreme" in w for w in warned)
     sep = calibration_fit([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8], n_boot=50)
     assert sep["calibration_slope"] is None and "perfectly separated" in sep["slope_note"]
     assert sep["calibration_intercept"] is not None  # the average risk is still judged

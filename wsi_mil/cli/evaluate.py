@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
                     "cohort (a domain classifier on the slide embeddings; stain, tissue area, patch count and "
                     "scanner resolution compared), warning about the largest shift. Slides the run was developed on "
                     "are refused. Writes report.md, evaluation.json, predictions.csv, reliability.png, errors.csv "
-                    "and attention/ (for heatmap). Exit status: 0 all evaluated, 1 some slides could not be "
+                    "(binary runs) and attention/ (slides: for heatmap). Exit status: 0 all evaluated, 1 some slides could not be "
                     "predicted (listed), 2 bad options or inputs.",
         formatter_class=DefaultsFormatter,
     )

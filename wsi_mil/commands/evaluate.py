@@ -230,7 +230,8 @@ def run_evaluate(run_dir: Path, manifest: Path, features: list[Path], *, out_dir
                     for i in dev_ids]
         row_of = {i: k for k, i in enumerate(ext_ids)}
         shift_in.update(dev_emb=dev_emb, ext_emb=ext_emb[[row_of[i] for i in ids]], dev_facts=sample_facts(dev_bags),
-                        ext_facts=sample_facts([by_id[i] for i in ids]))
+                        ext_facts=sample_facts([by_id[i] for i in ids]),
+                        groups=[f"p:{dev.patients.get(i, i)}" for i in dev_ids] + [f"p:{q}" for q in patients])
     else:
         shift_in["note"] = ((dev.note or "the development cohort could not be read; no shift check")
                             + "; slides were checked against the development manifest's ids only")
@@ -300,7 +301,7 @@ def _judge(run_dir: Path, manifest: Path, task: Any, spec: dict[str, Any], ids: 
         if shift_in.get("sample_note"):
             result["notes"].append(shift_in["sample_note"])
         shift = shift_check(shift_in["dev_emb"], shift_in["ext_emb"], shift_in["dev_facts"], shift_in["ext_facts"],
-                            seed=seed, n_boot=min(n_boot, 200))
+                            seed=seed, n_boot=min(n_boot, 200), groups=shift_in.get("groups"))
         if shift_in.get("method"):
             (shift.get("domain_classifier") or {})["method"] = shift_in["method"]
         result["shift"] = shift
@@ -343,13 +344,16 @@ def _picture_embeddings(road: str, spec: dict[str, Any], entries: list[Any]) -> 
         prep = prep_of(spec)
         for e in entries:
             try:
-                x, _ = prepare_volume(load_volume(e), prep)
+                vol = load_volume(e)
+                x, _ = prepare_volume(vol, prep)
             except VolumeReadError:
                 bad.append(e.slide_id)
                 continue
             t = torch.from_numpy(np.asarray(x, np.float32))[None, None]
             emb.append(F.adaptive_avg_pool3d(t, 8).reshape(-1).numpy().astype(np.float64))
-            facts[e.slide_id] = {"intensity mean": float(t.mean()), "intensity sd": float(t.std())}
+            facts[e.slide_id] = {"intensity mean": float(t.mean()), "intensity sd": float(t.std()),
+                                 "voxel spacing mm (largest)": float(max(vol.spacing)),
+                                 "voxel spacing mm (smallest)": float(min(vol.spacing))}
     return np.asarray(emb), facts, bad
 
 
@@ -395,8 +399,11 @@ def _evaluate_pictures(run_dir: Path, source: Path, *, out_dir: Path, subgroups:
     # the development cohort: the source the run recorded
     dev_source = Path(((made.get("inputs") or {}).get("source") or {}).get("path", ""))
     dev_entries = dev_entries_of(dev_source) if dev_source.exists() and str(dev_source) not in ("", ".") else []
-    same = [e.slide_id for e in entries if e.slide_id in {d.slide_id for d in dev_entries}
-            or (e.path is not None and e.path in {d.path for d in dev_entries if d.path is not None})]
+    # an id of the development source is refused only when it names a file (an .npz's ids are positions in it:
+    # the pixel check below judges those)
+    dev_ids_named = {d.slide_id for d in dev_entries if d.path is not None}
+    same = [e.slide_id for e in entries if e.path is not None and (e.slide_id in dev_ids_named
+            or e.path in {d.path for d in dev_entries if d.path is not None})]
     if same and dev_source.resolve() != source.resolve():
         raise ConfigError(f"{len(same)} {unit}(s) of {source} were in the run's development cohort ({dev_source}): "
                           f"{', '.join(same[:6])}{' ...' if len(same) > 6 else ''}; an external evaluation must be on "
@@ -404,19 +411,27 @@ def _evaluate_pictures(run_dir: Path, source: Path, *, out_dir: Path, subgroups:
     if same:
         raise ConfigError(f"{source} is the run's own development source; give an external cohort")
     ext_emb, ext_facts, ext_bad = _picture_embeddings(road, spec, entries)
+    # every development picture (up to 20,000, a seeded sample beyond) for the copy check; 2,000 of them for the
+    # domain classifier
     rng = np.random.default_rng(seed)
-    sample = dev_entries if len(dev_entries) <= 2000 else [dev_entries[i] for i in
-                                                           sorted(rng.choice(len(dev_entries), 2000, replace=False))]
-    dev_emb, dev_facts, _ = _picture_embeddings(road, spec, sample) if sample else (None, {}, [])
-    if dev_emb is not None and len(dev_emb) and len(ext_emb):
-        ext_keys = {np.round(v, 6).tobytes(): i for i, v in zip([e.slide_id for e in entries
-                                                                  if e.slide_id not in ext_bad], ext_emb, strict=True)}
-        copies = [f"{ext_keys[k]} (the pixels of development {unit} {d.slide_id})"
-                  for d, v in zip([d for d in sample if d.slide_id in dev_facts], dev_emb, strict=True)
-                  if (k := np.round(v, 6).tobytes()) in ext_keys]
+    checked = dev_entries if len(dev_entries) <= 20000 else [dev_entries[i] for i in
+                                                             sorted(rng.choice(len(dev_entries), 20000, replace=False))]
+    all_emb, all_facts, _ = _picture_embeddings(road, spec, checked) if checked else (None, {}, [])
+    read = [d for d in checked if d.slide_id in all_facts]
+    if all_emb is not None and len(all_emb) and len(ext_emb):
+        ext_keys: dict[bytes, list[str]] = {}
+        for i, v in zip([e.slide_id for e in entries if e.slide_id not in ext_bad], ext_emb, strict=True):
+            ext_keys.setdefault(np.round(v, 6).tobytes(), []).append(i)
+        copies = [f"{i} (the pixels of development {unit} {d.slide_id})"
+                  for d, v in zip(read, all_emb, strict=True) for i in ext_keys.get(np.round(v, 6).tobytes(), [])]
         if copies:
             raise ConfigError(f"{len(copies)} {unit}(s) of {source} hold the pixels of development {unit}s: "
-                              f"{'; '.join(copies[:6])}; an external evaluation must be on {unit}s the model never saw")
+                              f"{'; '.join(copies[:6])}{' ...' if len(copies) > 6 else ''}; an external evaluation "
+                              f"must be on {unit}s the model never saw")
+    keep = list(range(len(read))) if len(read) <= 2000 else sorted(rng.choice(len(read), 2000, replace=False).tolist())
+    sample = [read[k] for k in keep]
+    dev_emb = all_emb[keep] if all_emb is not None and len(read) else None
+    dev_facts = {d.slide_id: all_facts[d.slide_id] for d in sample}
     if road == "train-volume":
         from wsi_mil.commands.predict_volume import run_predict_volume
 
@@ -436,12 +451,14 @@ def _evaluate_pictures(run_dir: Path, source: Path, *, out_dir: Path, subgroups:
     row_of = {i: k for k, i in enumerate(e.slide_id for e in entries if e.slide_id not in ext_bad)}
     shift_in: dict[str, Any] = {"note": None, "sample_note": None}
     if dev_emb is not None and len(dev_emb):
+        patient_of = {e.slide_id: str(e.patient_id or e.slide_id) for e in [*entries, *sample]}
         shift_in.update(dev_emb=dev_emb, ext_emb=ext_emb[[row_of[i] for i in ids]], dev_facts=dev_facts,
                         ext_facts={i: ext_facts[i] for i in ids},
+                        groups=[f"p:{patient_of[d.slide_id]}" for d in sample] + [f"p:{patient_of[i]}" for i in ids],
                         method=f"each {unit} as the network is given it, reduced to "
                                f"{'32 x 32 pixels' if unit == 'image' else '8 x 8 x 8 voxels'}, standardised, PCA, "
                                "logistic regression, out-of-fold")
-        if len(sample) < len(dev_entries):
+        if len(sample) < len(read):
             shift_in["sample_note"] = f"the shift check compares with a seeded sample of {len(sample)} development {unit}s"
     else:
         shift_in["note"] = (f"the run's development source ({dev_source}) is not found; the shift check and the check "

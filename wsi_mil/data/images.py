@@ -393,6 +393,8 @@ def medmnist_entries(path: str | Path, prepare: Callable[[str, np.ndarray], np.n
     for split in splits:
         if f"{split}_labels" not in data.files:
             raise ManifestError(f"{path}: {split}_images has no {split}_labels")
+        if not len(data[f"{split}_images"]):  # an empty split (a file holding only some of them) adds nothing
+            continue
         arrays, labels = prepare(split, data[f"{split}_images"]), np.asarray(data[f"{split}_labels"])
         labels = labels.reshape(len(arrays), -1) if len(arrays) and labels.size % len(arrays) == 0 else labels.reshape(len(labels), -1)
         if len(labels) != len(arrays):

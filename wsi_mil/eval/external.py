@@ -126,7 +126,10 @@ def calibration_warnings(cal: dict[str, Any]) -> list[str]:
     """What a reader should not miss in :func:`calibration_fit`'s result."""
     out = []
     slope, ci = cal.get("calibration_slope"), cal.get("calibration_slope_ci95")
-    if slope is not None and ci and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1] and not ci[0] <= 1 <= ci[1]:
+    if slope is not None and ci and slope < 0 and ci[1] < 0:
+        out.append(f"calibration slope {slope:.2f}: higher probabilities go with fewer positives on this cohort (the "
+                   "ranking is reversed); the model does not transfer")
+    elif slope is not None and ci and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1] and not ci[0] <= 1 <= ci[1]:
         out.append(f"calibration slope {slope:.2f}: the probabilities are too {'extreme' if slope < 1 else 'timid'} "
                    "on this cohort; recalibrate on local cases before using them as risks")
     a, aci = cal.get("calibration_intercept"), cal.get("calibration_intercept_ci95")
@@ -172,7 +175,7 @@ def _smd(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float | None
 
 
 def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any], *, seed: int = 0,
-                      n_boot: int = 200) -> dict[str, Any]:
+                      n_boot: int = 200, groups: list[str] | None = None) -> dict[str, Any]:
     """How well the two cohorts are told apart from their embeddings: standardised, reduced
     by PCA to at most 32 components (fitted within each fold), an L2 logistic regression,
     out-of-fold probabilities over 5 stratified folds, their AUC with a bootstrap interval."""
@@ -189,6 +192,8 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
     dev_ok, ext_ok = np.isfinite(development).all(axis=1), np.isfinite(external).all(axis=1)
     left_out = int((~dev_ok).sum() + (~ext_ok).sum())
     development, external = development[dev_ok], external[ext_ok]
+    if groups is not None:  # (one per row of development then external)
+        groups = [g for g, ok in zip(groups, np.r_[dev_ok, ext_ok], strict=True) if ok]
     x = np.concatenate([development, external])
     d = np.concatenate([np.zeros(len(development), int), np.ones(len(external), int)])
     # dimensions constant across both cohorts (up to float rounding) carry nothing; standardised they would
@@ -203,8 +208,16 @@ def domain_classifier(development: npt.NDArray[Any], external: npt.NDArray[Any],
     n_comp = max(1, min(32, x.shape[1], int(len(x) * (folds - 1) / folds) - 1))
     model = make_pipeline(StandardScaler(), PCA(n_components=n_comp, random_state=seed),
                           LogisticRegression(C=0.1, max_iter=2000))
-    prob = cross_val_predict(model, x, d, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                             method="predict_proba")[:, 1]
+    # a patient's pictures on one side of each fold (follow-up films of one person look alike: split across the
+    # folds they would make the cohorts look easier to tell apart than they are)
+    if groups is not None and len(set(groups)) < len(groups):
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        cv: Any = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        prob = cross_val_predict(model, x, d, cv=cv, groups=groups, method="predict_proba")[:, 1]
+    else:
+        prob = cross_val_predict(model, x, d, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                 method="predict_proba")[:, 1]
     a = auc(d, prob)
     ci = bootstrap_auc_ci(d, prob, n_boot=n_boot, seed=seed) if n_boot else None
     return {"auc": a, "auc_ci95": ci, "auc_ci_note": auc_interval_note(d, prob, ci, auc_value=a) if n_boot else None,
@@ -239,12 +252,13 @@ def fact_shifts(development: dict[str, dict[str, Any]], external: dict[str, dict
 
 def shift_check(dev_embeddings: npt.NDArray[Any] | None, ext_embeddings: npt.NDArray[Any] | None,
                 dev_facts: dict[str, dict[str, Any]], ext_facts: dict[str, dict[str, Any]], *,
-                seed: int = 0, n_boot: int = 200) -> dict[str, Any]:
+                seed: int = 0, n_boot: int = 200, groups: list[str] | None = None) -> dict[str, Any]:
     """The domain classifier and the facts' shifts, with the warnings they call for (the
     largest shift named)."""
     out: dict[str, Any] = {"facts": fact_shifts(dev_facts, ext_facts), "warnings": [], "notes": []}
     if dev_embeddings is not None and ext_embeddings is not None and len(dev_embeddings) and len(ext_embeddings):
-        out["domain_classifier"] = domain_classifier(dev_embeddings, ext_embeddings, seed=seed, n_boot=n_boot)
+        out["domain_classifier"] = domain_classifier(dev_embeddings, ext_embeddings, seed=seed, n_boot=n_boot,
+                                                     groups=groups)
     dom = (out.get("domain_classifier") or {}).get("auc")
     facts = [r for r in out["facts"] if r["smd"] is not None]
     top = facts[0] if facts else None

@@ -16,7 +16,8 @@ MIL_MODELS: dict[str, str] = {
     "abmil": "attention MIL (Ilse et al. 2018)",
     "gated_abmil": "gated attention MIL (Ilse et al. 2018)",
     "clam_sb": "CLAM-SB style: gated attention + instance clustering loss",
-    "transmil": "TransMIL style: transformer, position convolved on the patch grid",
+    "transmil": "TransMIL (Shao et al. 2021): transformer, position convolved on the patch grid, class-token readout "
+                "(readout=attention: gated-attention pooling of the tokens instead)",
     "mean": "mean-pooling baseline",
     "max": "max-pooling baseline: instance classifier, smooth maximum (log-sum-exp, r = 5)",
     "dsmil": "DSMIL style: max-instance stream + attention to the critical instance (Li et al. 2021)",

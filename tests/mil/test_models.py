@@ -42,7 +42,7 @@ def test_contract_shapes_attention_and_padding(name: str, n_outputs: int) -> Non
     torch.testing.assert_close(out.logits[1], alone.logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.attention[1, :5], alone.attention[0], atol=1e-5, rtol=1e-5)
 
-    additive = name in {"abmil", "gated_abmil", "clam_sb", "transmil", "mean"}  # (transmil: its attention readout)
+    additive = name in {"abmil", "gated_abmil", "clam_sb", "mean"}  # (transmil reads out its class token)
     assert (out.contribution is not None) == additive
     if out.contribution is not None:  # each patch's share of the logits: they add up to them, padding has none
         assert out.contribution.shape == (2, 9, n_outputs) and (out.contribution[1, 5:] == 0).all()
@@ -177,3 +177,42 @@ def test_dsmil_finds_one_witness_in_fifty_from_bag_labels() -> None:
     pos = y[:, 0] == 1
     on_witness = (out.attention[pos].argmax(dim=1) == witness[pos]).float().mean()
     assert on_witness > 0.8
+
+
+def test_transmil_reads_out_its_class_token_as_the_paper_does_and_keeps_the_variant_by_setting() -> None:
+    """The default is the paper's readout: the logits are the head on the class token alone (changing the
+    class token's parameter changes them; there is no attention-pooling branch), its attention over the
+    instances is the score; readout=attention is the pooled variant, additive per patch."""
+    torch.manual_seed(0)
+    model = build_model("transmil", 32, 1).eval()
+    assert model.readout == "cls" and not hasattr(model, "attn_v")
+    x, c = _bag(12)
+    m = torch.ones(1, 12, dtype=torch.bool)
+    out = model(x, m, c)
+    assert out.contribution is None
+    torch.testing.assert_close(out.attention.sum(dim=1), torch.ones(1))
+    with torch.no_grad():
+        model.cls.add_(torch.randn_like(model.cls))  # (not a constant: layer norm removes one)
+    assert not torch.allclose(model(x, m, c).logits, out.logits)
+    variant = build_model("transmil", 32, 1, readout="attention").eval()
+    v = variant(x, m, c)
+    assert v.contribution is not None
+    torch.testing.assert_close(v.contribution.sum(dim=1), v.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_transmil_saved_before_the_class_token_default_loads_as_it_was_trained(tmp_path) -> None:
+    """A spec records only the options the user gave: one written before training revision 5 with no readout
+    was trained with the attention readout, and is rebuilt so (its weights fit); a new one is the paper's."""
+    from wsi_mil.train.checkpoint import load_model, save_model
+
+    torch.manual_seed(0)
+    old = build_model("transmil", 16, 1, readout="attention")
+    base = {"model": "transmil", "in_dim": 16, "n_outputs": 1, "model_args": {"hidden": 256, "dropout": 0.25}}
+    save_model(tmp_path / "old", old, {**base, "training_revision": 4})
+    loaded, _ = load_model(tmp_path / "old")
+    assert loaded.readout == "attention"
+    x, c = _bag(9, d=16)
+    m = torch.ones(1, 9, dtype=torch.bool)
+    torch.testing.assert_close(loaded(x, m, c).logits, old.eval()(x, m, c).logits)
+    save_model(tmp_path / "new", build_model("transmil", 16, 1), {**base, "training_revision": 5})
+    assert load_model(tmp_path / "new")[0].readout == "cls"

@@ -360,20 +360,25 @@ class GridConv(nn.Module):
 
 
 class TransMIL(nn.Module):
-    """TransMIL-style: projected instances, a class token and transformer blocks, with the
-    position encoding convolved on the patch grid after the first block (``GridConv``).
+    """TransMIL (Shao et al., NeurIPS 2021): projected instances, a class token and
+    transformer blocks, with the position encoding convolved on the patch grid after the
+    first block (``GridConv``, the role of the paper's PPEG).
 
-    ``readout="attention"`` (default): the bag is gated-attention pooling of the
-    contextualised instance tokens, and that attention is the instance score, so the
-    heatmap is exactly what made the prediction; the scores come from each instance's own
-    embedding (``score_from="instance"``) or from the contextualised token (``"context"``). ``readout="cls"``: the class token is
-    classified and its last-block attention is the score (the original; on small cohorts
-    that attention need not follow the evidence). ``pos``: ``"grid"`` (default),
-    ``"sincos"`` (absolute 2D sinusoidal coordinates added to the tokens) or ``"none"``.
+    ``readout="cls"`` (default, the paper's): the class token is classified and its
+    last-block attention over the instances is the score (on small cohorts that attention
+    need not follow the evidence). ``readout="attention"`` (a variant, by setting): the bag
+    is gated-attention pooling of the contextualised instance tokens, and that attention is
+    the instance score, so the heatmap is exactly what made the prediction; the scores come
+    from each instance's own embedding (``score_from="instance"``) or from the
+    contextualised token (``"context"``). ``pos``: ``"grid"`` (default), ``"sincos"``
+    (absolute 2D sinusoidal coordinates added to the tokens) or ``"none"``. Not the paper's:
+    exact softmax attention (the paper approximates it with Nyström attention), 4 heads at
+    the width ``--hidden`` (256; the paper: 8 heads at 512), the grid convolution on the
+    patches' own coordinates (the paper's PPEG reshapes the sequence into a square).
     """
 
     def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, heads: int = 4, layers: int = 2,
-                 dropout: float = 0.25, attn_dropout: float = 0.1, pos: str = "grid", readout: str = "attention",
+                 dropout: float = 0.25, attn_dropout: float = 0.1, pos: str = "grid", readout: str = "cls",
                  attn_dim: int = 128, score_from: str = "instance") -> None:
         super().__init__()
         for name, value, allowed in (("pos", pos, ("grid", "sincos", "none")), ("readout", readout, ("attention", "cls")),

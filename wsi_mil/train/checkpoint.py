@@ -40,6 +40,8 @@ def load_model(path_stem: Path) -> tuple[nn.Module, dict[str, Any]]:
         args = dict(spec.get("model_args", {}))
         if spec["model"] == "max" and "smooth" not in args and spec.get("training_revision", 0) < 4:
             args["smooth"] = 0.0  # trained before max pooling became a smooth maximum: the hard maximum
+        if spec["model"] == "transmil" and "readout" not in args and spec.get("training_revision", 0) < 5:
+            args["readout"] = "attention"  # trained when the attention readout was transmil's default
         model = build_model(spec["model"], spec["in_dim"], spec["n_outputs"], **args)
         if spec.get("covariates"):  # fused with clinical covariates (wsi_mil.mil.fusion)
             from wsi_mil.data.covariates import CovariateEncoder

@@ -127,8 +127,9 @@ def headline_set(metrics: dict[str, Any]) -> str:
 #: bumped whenever training itself changes what a fold's model is, so that a resumed run
 #: retrains folds made by older code instead of mixing them in (2: validation loss breaks
 #: AUC ties in model selection)
-TRAINING_REVISION = 4  # 3: thresholds between two validation scores (logit midpoint), not on one;
-# 4: max pooling is a smooth maximum, TransMIL convolves position on the patch grid
+TRAINING_REVISION = 5  # 3: thresholds between two validation scores (logit midpoint), not on one;
+# 4: max pooling is a smooth maximum, TransMIL convolves position on the patch grid;
+# 5: TransMIL reads out its class token by default, as the paper does
 
 #: settings that change how a run is carried out, not what a fold's model is
 _RUN_ONLY = ("allow_missing", "threads", "cache_bags", "device", "bootstrap", "min_class_slides", "feature_cache",

@@ -271,8 +271,11 @@ def test_the_image_road_on_real_radiographs(tmp_path, capsys) -> None:
     assert main(["evaluate", str(run), str(_nih(tmp_path / "bright.csv", ext, bright)), "--out", str(out2),
                  "--bootstrap", "100", "--no-progress", "-q"]) == 0
     ev2 = json.loads((out2 / "evaluation.json").read_text())
-    assert ev2["shift"]["domain_classifier"]["auc"] > max(0.8, same_machine + 0.1)
+    # (with a patient's films on one side of the classifier's folds: 0.75 here, against 0.58 for the same machine;
+    # the intensity's own shift is the warning)
+    assert ev2["shift"]["domain_classifier"]["auc"] > max(0.65, same_machine + 0.1)
     assert ev2["shift"]["largest"] == "intensity mean" and ev2["shift"]["facts"][0]["smd"] > 0.8
+    assert any(w.startswith("intensity mean shifted") for w in ev2["warnings"])
     capsys.readouterr()
     # a development film among the external ones
     assert main(["evaluate", str(run), str(_nih(tmp_path / "mixed.csv", [*ext[:20], dev[0]])), "--out",

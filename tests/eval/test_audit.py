@@ -237,3 +237,60 @@ def test_duplicated_patches_inside_a_slide_are_flagged() -> None:
     pairs, within = slide_pairs(ids, ids, lambda i: feats[i])
     assert pairs == []
     assert set(within) == {ids[5]} and within[ids[5]]["n_patches_duplicated"] == 12  # 6 originals + 6 copies
+
+
+def test_patient_level_intervals_come_from_scipy_and_agree_with_the_loop_they_replace() -> None:
+    """The patient-level bootstrap resamples patients with scipy.stats.bootstrap, every resample's
+    AUC / sensitivity / specificity computed at once from case weights. On real out-of-fold
+    predictions (the Elephant bags' AUC from a logistic regression on bag means; bags grouped two or
+    three to a patient) its intervals agree with the Python loop over scikit-learn it replaces within
+    Monte Carlo error, in a fraction of the time; the weighted AUC is scikit-learn's, value for value."""
+    import time
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    from wsi_mil.eval.audit import patient_bootstrap
+    from wsi_mil.eval.metrics import clustered_interval, weighted_auc
+
+    with np.load(shared("mil") / "elephant.npz") as z:
+        x, bag, labels = z["X"], z["bag_id"], dict(zip(z["bag_ids"], z["bag_label"], strict=True))
+    ids = np.unique(bag)
+    means = np.stack([x[bag == b].mean(axis=0) for b in ids])
+    y = np.asarray([int(labels[b]) for b in ids])
+    p = cross_val_predict(LogisticRegression(C=0.05, max_iter=3000), means, y, cv=5, method="predict_proba")[:, 1]
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(80), 3)[rng.permutation(240)][: len(y)].astype(str)  # 2-3 bags per patient
+    thr = np.full(len(y), 0.5)
+    n_boot = 2000
+    t0 = time.perf_counter()
+    new = patient_bootstrap(y, p, thr, patients, n_boot=n_boot, seed=0)
+    fast = time.perf_counter() - t0
+    # the loop it replaces (percentile intervals over patient resamples)
+    uniq, inverse = np.unique(patients, return_inverse=True)
+    rows = [np.flatnonzero(inverse == k) for k in range(len(uniq))]
+    stats: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
+    t0 = time.perf_counter()
+    for _ in range(n_boot):
+        idx = np.concatenate([rows[k] for k in rng.integers(0, len(uniq), len(uniq))])
+        yy, pp = y[idx], p[idx]
+        stats["auc"].append(roc_auc_score(yy, pp))
+        stats["sensitivity"].append(float((pp[yy == 1] >= 0.5).mean()))
+        stats["specificity"].append(float((pp[yy == 0] < 0.5).mean()))
+    slow = time.perf_counter() - t0
+    for key, values in stats.items():
+        old = np.quantile(values, [0.025, 0.975])
+        assert new[key] is not None and abs(new[key][0] - old[0]) < 0.03 and abs(new[key][1] - old[1]) < 0.03, (key, new, old)
+    assert new["auc"][0] < roc_auc_score(y, p) < new["auc"][1]
+    assert fast < slow / 5, (fast, slow)
+    # weighted AUC (ties half) against scikit-learn's sample weights
+    w = rng.integers(0, 4, (5, len(y))).astype(float)
+    pr = np.round(p, 1)  # many ties
+    for row in w:
+        assert weighted_auc(row[None], y, pr)[0] == pytest.approx(roc_auc_score(y, pr, sample_weight=row))
+    assert np.isnan(weighted_auc(np.where(y == 1, 1.0, 0.0)[None], y, p)[0])  # no negative drawn: undefined
+    # a statistic undefined on most resamples has no interval; one of every resample's same value is percentile
+    few = np.array(["a", "b", "c", "d", "e"] * 2)
+    assert clustered_interval(lambda w: np.where(w[:, 0] > 0, 1.0, np.nan), few, n_boot=200) == (None, None)
+    assert clustered_interval(lambda w: np.ones(len(w)), few, n_boot=200) == ((1.0, 1.0), "percentile")

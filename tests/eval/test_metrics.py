@@ -119,7 +119,7 @@ def test_auc_intervals_are_scipys_bca_and_agree_with_the_percentile_loop_they_re
     from sklearn.model_selection import cross_val_predict
 
     from tests.conftest import shared
-    from wsi_mil.eval.metrics import _auc_of, auc_interval
+    from wsi_mil.eval.metrics import _auc_of, auc_interval, bootstrap_rng
 
     with np.load(shared("mil") / "elephant.npz") as z:
         x, bag, labels = z["X"], z["bag_id"], dict(zip(z["bag_ids"], z["bag_label"], strict=True))
@@ -146,6 +146,6 @@ def test_auc_intervals_are_scipys_bca_and_agree_with_the_percentile_loop_they_re
     pos, neg = np.array([[0.9, 0.5, 0.5]]), np.array([[0.5, 0.1]])
     assert _auc_of(pos, neg)[0] == pytest.approx(roc_auc_score([1, 1, 1, 0, 0], [0.9, 0.5, 0.5, 0.5, 0.1]))
     res = bootstrap((p[y == 1], p[y == 0]), _auc_of, n_resamples=500, vectorized=True, paired=False,
-                    rng=np.random.default_rng(0), method="BCa")
+                    method="BCa", **bootstrap_rng(0))
     assert tuple(res.confidence_interval) == pytest.approx(auc_interval(y, p, n_boot=500, seed=0)[0])
     assert auc_interval([1, 1, 1, 0, 0, 0], [0.9, 0.8, 0.7, 0.1, 0.2, 0.3], n_boot=200) == ((1.0, 1.0), "percentile")

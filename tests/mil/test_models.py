@@ -216,3 +216,102 @@ def test_a_transmil_saved_before_the_class_token_default_loads_as_it_was_trained
     torch.testing.assert_close(loaded(x, m, c).logits, old.eval()(x, m, c).logits)
     save_model(tmp_path / "new", build_model("transmil", 16, 1), {**base, "training_revision": 5})
     assert load_model(tmp_path / "new")[0].readout == "cls"
+
+
+def _hand_embedding(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    lin = model.embed[0]
+    return torch.relu(x @ lin.weight.T + lin.bias)
+
+
+@pytest.mark.parametrize("name", ["abmil", "gated_abmil", "clam_sb"])
+def test_attention_mil_is_ilse_et_al_equations_computed_by_hand(name: str) -> None:
+    """Published contract of attention MIL (Ilse, Tomczak and Welling 2018, eqs. 8-9): a_k =
+    softmax_k(w^T tanh(V h_k)) (gated: w^T (tanh(V h_k) * sigm(U h_k))), z = sum_k a_k h_k, the
+    classifier on z; written out from the weights, not through the module's helpers."""
+    torch.manual_seed(0)
+    model = build_model(name, 32, 1).eval()
+    x, c = _bag(12)
+    out = model(x, torch.ones(1, 12, dtype=torch.bool), c)
+    h = _hand_embedding(model, x[0])
+    a = torch.tanh(h @ model.attn_v.weight.T + model.attn_v.bias)
+    if name != "abmil":  # clam_sb attends with the gate, as CLAM's authors' default
+        a = a * torch.sigmoid(h @ model.attn_u.weight.T + model.attn_u.bias)
+    a = torch.softmax((a @ model.attn_w.weight.T + model.attn_w.bias)[:, 0], dim=0)
+    z = (a[:, None] * h).sum(dim=0)
+    torch.testing.assert_close(out.attention[0], a)
+    torch.testing.assert_close(out.logits[0], z @ model.head.weight.T + model.head.bias)
+
+
+@pytest.mark.parametrize(("n_outputs", "label", "multiclass"), [(1, 1.0, False), (1, 0.0, False), (3, 2, True)])
+def test_clam_instance_loss_samples_as_the_authors_do(n_outputs: int, label: float, multiclass: bool) -> None:
+    """CLAM-SB's instance clustering (Lu et al. 2021, the authors' inst_eval / inst_eval_out): the k
+    most attended instances of a bag are positives and the k least attended negatives for the
+    classifier of the bag's class (binary: a negative bag trains the negative class's classifier);
+    with subtyping (multi-class) the k most attended are negatives for every other class's
+    classifier, the losses averaged over the classifiers; the total is bag_weight x bag loss +
+    (1 - bag_weight) x instance loss, which the trainer's unweighted bag loss meets as
+    (1 - bag_weight) / bag_weight x instance loss."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model("clam_sb", 32, n_outputs, dropout=0.0, k_sample=3, multiclass=multiclass).train()
+    x, c = _bag(20)
+    labels = torch.tensor([[label]]) if n_outputs == 1 else F.one_hot(torch.tensor([int(label)]), n_outputs).float()
+    out = model(x, torch.ones(1, 20, dtype=torch.bool), c, labels=labels)
+    a = out.attention[0].detach()
+    top, bottom = torch.topk(a, 3).indices, torch.topk(-a, 3).indices
+    h = _hand_embedding(model, x[0])
+    cls = int(label)
+    losses = []
+    for k, head in enumerate(model.instance_heads):
+        if k == cls:
+            losses.append(F.cross_entropy(head(h[torch.cat([top, bottom])]), torch.tensor([1, 1, 1, 0, 0, 0])))
+        elif multiclass:
+            losses.append(F.cross_entropy(head(h[top]), torch.zeros(3, dtype=torch.long)))
+    assert len(losses) == (n_outputs if multiclass else 1)
+    expected = (1 - model.bag_weight) / model.bag_weight * torch.stack(losses).mean()
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+def test_dsmil_two_streams_are_the_authors_equations_computed_by_hand() -> None:
+    """DSMIL (Li, Li and Eliceiri 2021): the instance stream's classifier picks the critical
+    instance m = argmax_k W_0 h_k; the bag stream's attention is softmax_k(<q_k, q_m> / sqrt(|q|))
+    with q = tanh(W_q h), the bag embedding sum_k a_k v_k, its logit by the 1-D convolution over
+    the embedding; the prediction averages the two streams' logits (the maximum and the bag's)."""
+    torch.manual_seed(0)
+    model = build_model("dsmil", 32, 1).eval()
+    x, c = _bag(15)
+    out = model(x, torch.ones(1, 15, dtype=torch.bool), c)
+    h = _hand_embedding(model, x[0])
+    inst = (h @ model.instance.weight.T + model.instance.bias)[:, 0]
+    m = int(inst.argmax())
+    q = torch.tanh(h @ model.query[0].weight.T + model.query[0].bias)
+    a = torch.softmax(q @ q[m] / q.shape[1] ** 0.5, dim=0)
+    v = h @ model.value[1].weight.T + model.value[1].bias
+    b = (a[:, None] * v).sum(dim=0)
+    bag_logit = (model.head.weight[0, 0] * b).sum() + model.head.bias[0]
+    torch.testing.assert_close(out.attention[0], a)
+    torch.testing.assert_close(out.logits[0, 0], 0.5 * (bag_logit + inst[m]))
+    # in training the bag stream's logit is the loss's and the maximum's is the auxiliary loss
+    train = model.train()
+    model.value[0].p = 0.0
+    model.embed[2].p = 0.0
+    tr = train(x, torch.ones(1, 15, dtype=torch.bool), c, labels=torch.ones(1, 1))
+    torch.testing.assert_close(tr.logits[0, 0], bag_logit)
+    torch.testing.assert_close(tr.aux_loss, model.instance_weight * torch.nn.functional.softplus(-inst[m]))
+
+
+def test_pooling_baselines_are_their_formulas() -> None:
+    """mean: the classifier on the mean embedding; max: log-sum-exp of the instance logits with
+    sharpness r, minus log n, over r (the hard maximum at r = 0)."""
+    torch.manual_seed(0)
+    x, c = _bag(10)
+    m = torch.ones(1, 10, dtype=torch.bool)
+    mean = build_model("mean", 32, 1).eval()
+    h = _hand_embedding(mean, x[0])
+    torch.testing.assert_close(mean(x, m, c).logits[0], h.mean(dim=0) @ mean.head.weight.T + mean.head.bias)
+    for smooth in (5.0, 0.0):
+        mx = build_model("max", 32, 1, smooth=smooth).eval()
+        s = (_hand_embedding(mx, x[0]) @ mx.head.weight.T + mx.head.bias)[:, 0]
+        want = s.max() if smooth == 0 else (torch.logsumexp(smooth * s, dim=0) - torch.log(torch.tensor(10.0))) / smooth
+        torch.testing.assert_close(mx(x, m, c).logits[0, 0], want)

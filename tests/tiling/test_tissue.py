@@ -64,6 +64,17 @@ def test_mask_on_real_slide_thumbnail_excludes_glass(cmu_slide) -> None:
     assert np.median(glass) > 200 and np.median(thumb[mask].mean(axis=-1)) < 200
 
 
+def _remove_at_most(mask, size: int):
+    """scikit-image's removal of objects of at most ``size`` pixels (``max_size`` from 0.26; before,
+    ``min_size`` kept objects of at least that many)."""
+    from skimage import morphology
+
+    try:
+        return morphology.remove_small_objects(mask, max_size=size)
+    except TypeError:
+        return morphology.remove_small_objects(mask, min_size=size + 1)
+
+
 def test_fast_primitives_equal_scikit_image() -> None:
     """The tiler's own Otsu, disk closing, small-object removal, hole filling (OpenCV's
     labelling, on one thread or two) and outline give exactly what the scikit-image
@@ -101,9 +112,9 @@ def test_fast_primitives_equal_scikit_image() -> None:
             assert np.array_equal(binary_closing_disk(m, radius), morphology.closing(m, morphology.disk(radius)))
         assert np.array_equal(inner_boundary(m), find_boundaries(m, mode="inner"))
         for size in (1, 4, 30, 400):
-            expected = morphology.remove_small_objects(m, max_size=size)
+            expected = _remove_at_most(m, size)
             holes = clear_border(measure.label(~m, connectivity=1))  # background pieces off the edge
-            expected_holes = (holes > 0) & ~(morphology.remove_small_objects(holes, max_size=size) > 0)
+            expected_holes = (holes > 0) & ~(_remove_at_most(holes, size) > 0)
             for threads in (1, 2):  # OpenCV labels in stripes on several threads and joins them
                 use_threads(threads)
                 assert np.array_equal(_drop_small(m, max_px=size), expected), (p, size, threads)
@@ -164,7 +175,11 @@ def test_component_areas_16_bit_labels_and_their_fallbacks_are_exact() -> None:
     lab, n = ndimage.label(m)
     assert 100 < n < 65_535
     labels, areas = _component_areas(m, exact_to=1000)
-    assert labels.dtype == np.uint16 and sorted(areas[1:]) == sorted(np.bincount(lab.ravel())[1:])
+    import cv2
+
+    from wsi_mil.tiling.tissue import _raises_on_16_bit_overflow
+
+    assert labels.dtype == (np.uint16 if _raises_on_16_bit_overflow(cv2.__version__) else np.int32) and sorted(areas[1:]) == sorted(np.bincount(lab.ravel())[1:])
     assert areas[0] == np.count_nonzero(~m)
     dots = np.zeros((600, 600), dtype=bool)
     dots[::2, ::2] = True  # 90,000 single pixels: too many for 16-bit labels
@@ -272,3 +287,21 @@ def test_stain_statistics_see_a_sites_stain_and_read_a_subsample_faithfully(cmu_
     sampled = tissue.stain_statistics(thumb, mask)
     assert sampled["tissue_b"] == pytest.approx(base["tissue_b"], abs=0.5)
     assert sampled["stain_eosin"] == pytest.approx(base["stain_eosin"], rel=0.05)
+
+
+def test_an_opencv_that_wraps_16_bit_labels_takes_the_32_bit_labelling(monkeypatch) -> None:
+    """OpenCV before 4.13 (the declared bound is 4.10) wraps 16-bit provisional labels silently
+    instead of raising: with it, a mask of many pieces takes the 32-bit labelling and its areas
+    are scipy's (the 16-bit path would have merged them into a few wrong pieces)."""
+    import cv2
+    from scipy import ndimage
+
+    from wsi_mil.tiling import tissue
+
+    assert not tissue._raises_on_16_bit_overflow("4.12.0") and not tissue._raises_on_16_bit_overflow("4.10.0-dev")
+    assert tissue._raises_on_16_bit_overflow("4.13.0") and tissue._raises_on_16_bit_overflow("5.0.0")
+    m = np.random.default_rng(11).random((1500, 1300)) < 0.58
+    lab, _ = ndimage.label(m)
+    monkeypatch.setattr(cv2, "__version__", "4.12.0")
+    labels, areas = tissue._component_areas(m, exact_to=10)
+    assert labels.dtype == np.int32 and sorted(areas[1:]) == sorted(np.bincount(lab.ravel())[1:])

@@ -97,29 +97,26 @@ def _rates(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArra
 
 def patient_bootstrap(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArray[np.float64],
                       patients: npt.NDArray[Any], *, n_boot: int, seed: int) -> dict[str, tuple[float, float] | None]:
-    """95 % percentile CIs of AUC, sensitivity and specificity resampling *patients* (each
-    drawn patient brings all of their cases), for sets where patients have several cases:
-    their cases are not independent, and a per-case interval would be too narrow."""
-    from sklearn.metrics import roc_auc_score
+    """95 % CIs of AUC, sensitivity and specificity resampling *patients* (each drawn patient
+    brings all of their cases), for sets where patients have several cases: their cases are not
+    independent, and a per-case interval would be too narrow. scipy.stats.bootstrap over
+    patients, every resample's figures computed at once from case weights
+    (:func:`wsi_mil.eval.metrics.clustered_interval`: BCa where defined, else percentile)."""
+    from wsi_mil.eval.metrics import clustered_interval, weighted_auc
 
-    ids, inverse = np.unique(patients, return_inverse=True)
-    rows = [np.flatnonzero(inverse == k) for k in range(len(ids))]
-    rng = np.random.default_rng(seed)
-    stats: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(n_boot if len(ids) >= 4 else 0):
-        idx = np.concatenate([rows[k] for k in rng.integers(0, len(ids), len(ids))])
-        yy, pp, tt = y[idx], p[idx], thr[idx]
-        pos, neg = yy == 1, yy == 0
-        if pos.any() and neg.any():
-            stats["auc"].append(float(roc_auc_score(yy, pp)))
-        if pos.any():
-            stats["sensitivity"].append(float((pp[pos] >= tt[pos]).mean()))
-        if neg.any():
-            stats["specificity"].append(float((pp[neg] < tt[neg]).mean()))
-    out: dict[str, tuple[float, float] | None] = {}
-    for k, v in stats.items():
-        out[k] = tuple(float(x) for x in np.quantile(v, [0.025, 0.975])) if len(v) >= 0.9 * n_boot and v else None  # type: ignore[assignment]
-    return out
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    pos, hit = (y == 1).astype(float), (p >= thr).astype(float)
+
+    def rate(num: npt.NDArray[np.float64], den: npt.NDArray[np.float64]) -> Any:
+        def of(w: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+            d = (w * den).sum(axis=-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(d > 0, (w * num).sum(axis=-1) / np.where(d > 0, d, 1), np.nan)
+        return of
+
+    stats = {"auc": lambda w: weighted_auc(w, y, p), "sensitivity": rate(pos * hit, pos),
+             "specificity": rate((1 - pos) * (1 - hit), 1 - pos)}
+    return {k: clustered_interval(f, patients, n_boot=n_boot, seed=seed)[0] for k, f in stats.items()}
 
 
 def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.ArrayLike,
@@ -156,7 +153,8 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
                  "n_negative": n_neg, "auc": a, "auc_ci95": ci,
                  "auc_ci_note": auc_interval_note(yk, pk, ci, auc_value=a) if a is not None else None,
                  **_rates(yk, pk, thr[k]),
-                 "ci_method": ("patient-level bootstrap (patients have several cases)" if clustered else
+                 "ci_method": ("patient-level bootstrap (scipy.stats.bootstrap over patients: BCa, percentile where BCa is "
+                               "undefined; patients have several cases)" if clustered else
                                "stratified bootstrap (AUC), Wilson (sensitivity, specificity)")}
             if clustered:
                 g["sensitivity_ci95"], g["specificity_ci95"] = boot["sensitivity"], boot["specificity"]

@@ -69,11 +69,82 @@ def auc_interval(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, seed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (a degenerate BCa warns; it is then the percentile interval)
             res = bootstrap((pos, neg), _auc_of, n_resamples=n_boot, vectorized=True, paired=False, axis=-1,
-                            confidence_level=level, method=method, batch=batch, rng=np.random.default_rng(seed))
+                            confidence_level=level, method=method, batch=batch, **bootstrap_rng(seed))
         lo, hi = (float(v) for v in res.confidence_interval)
         if np.isfinite(lo) and np.isfinite(hi):
             return (lo, hi), method
     return None, None
+
+
+def bootstrap_rng(seed: int) -> dict[str, Any]:
+    """scipy.stats.bootstrap's generator argument: ``rng`` from scipy 1.15, ``random_state`` before."""
+    import inspect
+
+    from scipy.stats import bootstrap
+
+    key = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
+    return {key: np.random.default_rng(seed)}
+
+
+def weighted_auc(w: npt.NDArray[np.float64], y: npt.NDArray[np.int64], p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The AUC of scores ``p`` against labels ``y`` with case weights ``w`` (one row per resample:
+    how many times each case was drawn; ties count half), NaN where a row weighs no case of a class."""
+    order = np.argsort(p, kind="stable")
+    ps, ys, ws = p[order], y[order], w[..., order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # groups of tied scores
+    wp = np.add.reduceat(ws * (ys == 1), starts, axis=-1)
+    wn = np.add.reduceat(ws * (ys == 0), starts, axis=-1)
+    below = np.cumsum(wn, axis=-1) - wn  # negative weight strictly below each group
+    num = (wp * (below + 0.5 * wn)).sum(axis=-1)
+    den = wp.sum(axis=-1) * wn.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+#: how intervals are made where patients have several cases (said in reports beside them)
+CLUSTERED_CI_METHOD = ("patient-level BCa bootstrap (scipy.stats.bootstrap over patients, each drawn patient bringing "
+                       "all of their cases); percentile where BCa is undefined")
+
+
+def clustered_interval(statistic: Any, clusters: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95, min_defined: float = 0.9) -> tuple[tuple[float, float] | None, str | None]:
+    """(interval, method) of a statistic of cases grouped in clusters (a patient's slides or films):
+    scipy.stats.bootstrap resamples the *clusters* and ``statistic(w)`` gets, for a whole batch of
+    resamples at once, the case weights ``w`` (one row per resample: how many times each case's
+    cluster was drawn) and returns one value per row, NaN where the figure is undefined (a resample
+    of one class). BCa where every resample has a value; otherwise the percentile interval of the
+    resamples that have one, when at least ``min_defined`` of them do; else (None, None)."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    _, inverse = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
+    k = int(inverse.max()) + 1 if len(inverse) else 0
+    if k < 4 or n_boot <= 0:
+        return None, None
+
+    def of_clusters(drawn: npt.NDArray[np.int64], axis: int = -1) -> npt.NDArray[np.float64]:
+        drawn = np.moveaxis(np.asarray(drawn, dtype=np.int64), axis, -1)
+        flat = drawn.reshape(-1, drawn.shape[-1])
+        rows = np.arange(len(flat))[:, None] * k
+        counts = np.bincount((flat + rows).ravel(), minlength=len(flat) * k).reshape(len(flat), k)
+        return np.asarray(statistic(counts[:, inverse].astype(np.float64)), dtype=np.float64).reshape(drawn.shape[:-1])
+
+    batch = max(1, int(2e7 // max(len(inverse), k)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (an undefined BCa warns; the percentile interval follows)
+        res = bootstrap((np.arange(k),), of_clusters, n_resamples=n_boot, vectorized=True, axis=-1,
+                        confidence_level=level, method="BCa", batch=batch, **bootstrap_rng(seed))
+    lo, hi = (float(v) for v in res.confidence_interval)
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    if np.isfinite(dist).all() and np.isfinite(lo) and np.isfinite(hi) and np.ptp(dist) > 0:
+        return (lo, hi), "BCa"
+    finite = dist[np.isfinite(dist)]
+    if len(finite) < min_defined * n_boot or not len(finite):
+        return None, None
+    alpha = (1 - level) / 2
+    q = np.quantile(finite, [alpha, 1 - alpha])
+    return (float(q[0]), float(q[1])), "percentile"
 
 
 def bootstrap_auc_ci(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0,

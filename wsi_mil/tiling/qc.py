@@ -149,8 +149,11 @@ def write_qc_png(
     canvas[:_BANNER_PX] = np.asarray(banner)[..., None]
     # OpenCV's PNG writer without row filters: about the size of Pillow's at compress_level 1 in half the time
     # (two halves deflated at once with Python's zlib and joined took as long: its deflate is ~1.4x slower)
-    ok, png = cv2.imencode(".png", canvas,
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
+    # (OpenCV before 4.11 has no filter setting: its default filters, a little slower)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    ok, png = cv2.imencode(".png", canvas, params)
     if not ok:  # pragma: no cover - encoding a plain uint8 image does not fail
         raise RuntimeError(f"could not encode the QC image {path}")
     with atomic_path(path) as tmp:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The package as a user installs it: a wheel built from this tree, installed into a fresh
 # virtual environment with the pinned constraints (no editable install, no checkout on the
-# path, no npm), then `wsi-mil --help`, `python -m wsi_mil --help`, a small demo and the
-# review page's first requests (the page and OpenSeadragon) from that environment.
+# path, no npm), then `wsi-mil --help`, `python -m wsi_mil --help`, every verb's --help, a small
+# demo, predict / heatmap / audit on its run and the review page's first requests (the page and
+# OpenSeadragon) from that environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -33,6 +34,16 @@ venv/bin/python -m wsi_mil --help >/dev/null
 venv/bin/wsi-mil demo --out demo --n-slides 10 --size 2048 --no-progress -q > demo.log
 run_dir=$(sed -n 's/^review: *[^ ]* review \([^ ]*\) .*/\1/p' demo.log | head -1)
 [ -d "$run_dir" ] || { cat demo.log; echo "the demo did not say which run to review" >&2; exit 1; }
+# every verb answers --help; predict, heatmap and audit run on the demo's run from the wheel
+for verb in $(venv/bin/python -c "from wsi_mil.cli import VERBS; print(' '.join(v.NAME for v in VERBS))"); do
+    venv/bin/wsi-mil "$verb" --help >/dev/null
+done
+venv/bin/wsi-mil predict "$run_dir" demo/tiles/features --out predicted --no-progress -q
+[ -s predicted/predictions.csv ]
+venv/bin/wsi-mil heatmap "$run_dir" --out drawn --formats png geojson --no-progress -q
+ls drawn/*/overlay.png >/dev/null
+venv/bin/wsi-mil audit "$run_dir" --manifest demo/demo_manifest.csv --out audited --no-progress -q
+[ -s audited/report.md ]
 port=18765
 venv/bin/wsi-mil review "$run_dir" --port "$port" > review.log 2>&1 &
 server=$!

@@ -23,7 +23,8 @@ NOT_IMPORTED = {
 }
 #: lower bounds the code needs, and why
 #: (found by .ci/lowest_bounds.sh, which installs the lowest allowed versions and runs a smoke subset)
-NEEDS = {"zarr": ("3", "Group.create_array"), "pydicom": ("3.0.1", "pydicom.pixels; 3.0.0 downloads its examples on import"),
+NEEDS = {"zarr": ("3.0.8", "Group.create_array; the oldest 3.0 the index offers"),
+         "matplotlib": ("3.8.4", "the first 3.8 that allows numpy 2"), "pydicom": ("3.0.1", "pydicom.pixels; 3.0.0 downloads its examples on import"),
          "numpy": ("2", "np.bitwise_count"), "h5py": ("3.11", "the first built for numpy 2"),
          "scikit-image": ("0.23", "the first built for numpy 2"),
          "opencv-python-headless": ("4.10.0.84", "the first built for numpy 2"),

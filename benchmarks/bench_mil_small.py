@@ -170,7 +170,8 @@ def markdown(res: dict) -> str:
               "AUC at or below 0.5. Shortcut warnings: what the run's report says (wsi_mil.eval.shortcuts); a note on "
               "the tissue colour: the predictions (or the label) follow a colour statistic of the thumbnails, which "
               "a stain or the lesions' own colour can cause (reported, not warned). Epochs kept: the best validation "
-              "epoch per fold, or the epochs whose weights were averaged (a fixed schedule)."), "",
+              "epoch per fold, or the epochs whose weights were averaged (a fixed schedule). `transmil`: its class-token "
+              "readout (the default since training revision 5, as the paper)."), "",
               "Commands (rows of models a later command names are replaced by it): "
               + "; ".join(f"`{c}`" for c in res.get("commands", [])) + "."]
     return "\n".join(lines) + "\n"

@@ -68,3 +68,20 @@ def big_slide(tmp_path_factory: pytest.TempPathFactory, textures) -> Path:
     write_slide(path, SlideSpec(12288, 9216, seed=11, tumour_regions=1, tumour_size_um=(800, 1000)),
                 normal=textures[0], tumour=textures[1])
     return path
+
+
+@pytest.fixture(scope="session")
+def elephant_predictions():
+    """Real out-of-fold predictions: (labels, probabilities) of the 200 Elephant bags from a
+    logistic regression on bag-mean features, 5-fold cross-validated."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    with np.load(shared("mil") / "elephant.npz") as z:
+        x, bag, labels = z["X"], z["bag_id"], dict(zip(z["bag_ids"], z["bag_label"], strict=True))
+    ids = np.unique(bag)
+    means = np.stack([x[bag == b].mean(axis=0) for b in ids])
+    y = np.asarray([int(labels[b]) for b in ids])
+    p = cross_val_predict(LogisticRegression(C=0.05, max_iter=3000), means, y, cv=5, method="predict_proba")[:, 1]
+    return y, p

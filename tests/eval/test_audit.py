@@ -239,7 +239,7 @@ def test_duplicated_patches_inside_a_slide_are_flagged() -> None:
     assert set(within) == {ids[5]} and within[ids[5]]["n_patches_duplicated"] == 12  # 6 originals + 6 copies
 
 
-def test_patient_level_intervals_come_from_scipy_and_agree_with_the_loop_they_replace() -> None:
+def test_patient_level_intervals_come_from_scipy_and_agree_with_the_loop_they_replace(elephant_predictions) -> None:
     """The patient-level bootstrap resamples patients with scipy.stats.bootstrap, every resample's
     AUC / sensitivity / specificity computed at once from case weights. On real out-of-fold
     predictions (the Elephant bags' AUC from a logistic regression on bag means; bags grouped two or
@@ -247,19 +247,12 @@ def test_patient_level_intervals_come_from_scipy_and_agree_with_the_loop_they_re
     Monte Carlo error, in a fraction of the time; the weighted AUC is scikit-learn's, value for value."""
     import time
 
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import cross_val_predict
 
     from wsi_mil.eval.audit import patient_bootstrap
     from wsi_mil.eval.metrics import clustered_interval, weighted_auc
 
-    with np.load(shared("mil") / "elephant.npz") as z:
-        x, bag, labels = z["X"], z["bag_id"], dict(zip(z["bag_ids"], z["bag_label"], strict=True))
-    ids = np.unique(bag)
-    means = np.stack([x[bag == b].mean(axis=0) for b in ids])
-    y = np.asarray([int(labels[b]) for b in ids])
-    p = cross_val_predict(LogisticRegression(C=0.05, max_iter=3000), means, y, cv=5, method="predict_proba")[:, 1]
+    y, p = elephant_predictions
     rng = np.random.default_rng(0)
     patients = np.repeat(np.arange(80), 3)[rng.permutation(240)][: len(y)].astype(str)  # 2-3 bags per patient
     thr = np.full(len(y), 0.5)

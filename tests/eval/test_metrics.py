@@ -106,7 +106,7 @@ def test_plots_keep_auc_axes_in_range_and_perfect_curves_visible() -> None:
     _plt().close(fig)
 
 
-def test_auc_intervals_are_scipys_bca_and_agree_with_the_percentile_loop_they_replace() -> None:
+def test_auc_intervals_are_scipys_bca_and_agree_with_the_percentile_loop_they_replace(elephant_predictions) -> None:
     """Intervals come from scipy.stats.bootstrap (BCa, the AUC of every resample at once) on real
     out-of-fold predictions (the Elephant bags' AUC from a logistic regression on bag means), within
     Monte Carlo error of the percentile loop over scikit-learn AUCs used before, in a fraction of the
@@ -114,19 +114,11 @@ def test_auc_intervals_are_scipys_bca_and_agree_with_the_percentile_loop_they_re
     import time
 
     from scipy.stats import bootstrap
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import cross_val_predict
 
-    from tests.conftest import shared
     from wsi_mil.eval.metrics import _auc_of, auc_interval, bootstrap_rng
 
-    with np.load(shared("mil") / "elephant.npz") as z:
-        x, bag, labels = z["X"], z["bag_id"], dict(zip(z["bag_ids"], z["bag_label"], strict=True))
-    ids = np.unique(bag)
-    means = np.stack([x[bag == b].mean(axis=0) for b in ids])
-    y = np.asarray([int(labels[b]) for b in ids])
-    p = cross_val_predict(LogisticRegression(C=0.05, max_iter=3000), means, y, cv=5, method="predict_proba")[:, 1]
+    y, p = elephant_predictions
     sub = np.r_[np.flatnonzero(y == 1)[:20], np.flatnonzero(y == 0)[:20]]  # 40 cases: where BCa moves the interval
     for yy, pp in ((y, p), (y[sub], p[sub])):
         t0 = time.perf_counter()

@@ -287,3 +287,40 @@ def test_patient_level_intervals_come_from_scipy_and_agree_with_the_loop_they_re
     few = np.array(["a", "b", "c", "d", "e"] * 2)
     assert clustered_interval(lambda w: np.where(w[:, 0] > 0, 1.0, np.nan), few, n_boot=200) == (None, None)
     assert clustered_interval(lambda w: np.ones(len(w)), few, n_boot=200) == ((1.0, 1.0), "percentile")
+
+
+def test_patient_level_intervals_refuse_what_would_give_a_silent_number() -> None:
+    """From a stranger's trial: a NaN score or threshold, labels other than 0 / 1 and a patient
+    list of another length are refused (a NaN ranked as the highest score and gave an interval);
+    ids 1 and "1" are two patients, as the subgroup's patient count says; too few resamples give no
+    interval; the subgroup's ci_method says which method each interval took, or why none ran."""
+    from wsi_mil.eval.audit import patient_intervals
+    from wsi_mil.eval.metrics import auc_interval, clustered_interval, weighted_auc
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1, 0, 1, 1, 0], 10)
+    p = np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1)
+    patients = np.repeat(np.arange(20), 3)
+    thr = np.full(60, 0.5)
+    for bad in ({"p": np.where(np.arange(60) == 3, np.nan, p)}, {"thr": np.where(np.arange(60) == 3, np.nan, thr)},
+                {"y": np.where(np.arange(60) == 3, 2, y)}, {"patients": patients[:-1]}):
+        args = {"y": y, "p": p, "thr": thr, "patients": patients, **bad}
+        with pytest.raises(ValueError):
+            patient_intervals(args["y"], args["p"], args["thr"], args["patients"], n_boot=200, seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        weighted_auc(np.ones((1, 4)), np.array([0, 1, 0, 1]), np.array([0.1, np.nan, 0.3, 0.4]))
+    mixed = np.array([i if i < 10 else str(i - 10) for i in patients], dtype=object)  # 1 and "1": two patients
+    seen = []
+    clustered_interval(lambda w: seen.append(w) or w.sum(axis=-1), mixed, n_boot=50)
+    w = seen[0]  # each resample's case weights: patient 1's cases and patient "1"'s are drawn apart
+    one, text_one = [i for i, v in enumerate(mixed.tolist()) if v == 1 and not isinstance(v, str)], \
+        [i for i, v in enumerate(mixed.tolist()) if v == "1"]
+    assert (w[:, one] == w[:, one[:1]]).all() and (w[:, one[0]] != w[:, text_one[0]]).any()
+    assert clustered_interval(lambda w: w.sum(axis=-1), patients, n_boot=1) == (None, None)
+    assert auc_interval(y, p, n_boot=0) == (None, None)
+    groups = subgroup_report(y, p, 0.5, {"site": ["A"] * 48 + ["B"] * 12}, n_boot=200,
+                             patients=[str(v) for v in np.r_[patients[:48], np.repeat([16, 17, 18], 4)]])["site"]["groups"]
+    a, b = groups
+    assert a["ci_method"].startswith("patient-level bootstrap (scipy") and "auc BCa" in a["ci_method"]
+    assert b["n_patients"] == 3 and b["ci_method"].startswith("patient-level bootstrap not run: 3 patient(s)")
+    assert b["auc_ci95"] is None

@@ -95,16 +95,24 @@ def _rates(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArra
             "specificity": tn / (tn + fp) if tn + fp else None, "specificity_ci95": wilson_ci(tn, tn + fp)}
 
 
-def patient_bootstrap(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArray[np.float64],
-                      patients: npt.NDArray[Any], *, n_boot: int, seed: int) -> dict[str, tuple[float, float] | None]:
+def patient_intervals(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArray[np.float64],
+                      patients: npt.NDArray[Any], *, n_boot: int,
+                      seed: int) -> dict[str, tuple[tuple[float, float] | None, str | None]]:
     """95 % CIs of AUC, sensitivity and specificity resampling *patients* (each drawn patient
     brings all of their cases), for sets where patients have several cases: their cases are not
     independent, and a per-case interval would be too narrow. scipy.stats.bootstrap over
     patients, every resample's figures computed at once from case weights
-    (:func:`wsi_mil.eval.metrics.clustered_interval`: BCa where defined, else percentile)."""
+    (:func:`wsi_mil.eval.metrics.clustered_interval`). Each figure: (interval, "BCa" or
+    "percentile"), or (None, None) with fewer than 4 patients or too few resamples defined."""
     from wsi_mil.eval.metrics import clustered_interval, weighted_auc
 
-    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    y, p, thr = np.asarray(y), np.asarray(p, dtype=float), np.asarray(thr, dtype=float)
+    if not (len(y) == len(p) == len(thr) == len(patients)):
+        raise ValueError(f"patient_intervals: {len(y)} labels, {len(p)} scores, {len(thr)} thresholds and "
+                         f"{len(patients)} patients: one of each per case")
+    if not (np.isfinite(p).all() and np.isfinite(thr).all()) or not np.isin(y, (0, 1)).all():
+        raise ValueError("patient_intervals: labels must be 0 / 1 and scores and thresholds finite")
+    y = y.astype(int)
     pos, hit = (y == 1).astype(float), (p >= thr).astype(float)
 
     def rate(num: npt.NDArray[np.float64], den: npt.NDArray[np.float64]) -> Any:
@@ -116,7 +124,20 @@ def patient_bootstrap(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr:
 
     stats = {"auc": lambda w: weighted_auc(w, y, p), "sensitivity": rate(pos * hit, pos),
              "specificity": rate((1 - pos) * (1 - hit), 1 - pos)}
-    return {k: clustered_interval(f, patients, n_boot=n_boot, seed=seed)[0] for k, f in stats.items()}
+    return {k: clustered_interval(f, patients, n_boot=n_boot, seed=seed) for k, f in stats.items()}
+
+
+def patient_bootstrap(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr: npt.NDArray[np.float64],
+                      patients: npt.NDArray[Any], *, n_boot: int, seed: int) -> dict[str, tuple[float, float] | None]:
+    """The intervals of :func:`patient_intervals` without their methods."""
+    return {k: v[0] for k, v in patient_intervals(y, p, thr, patients, n_boot=n_boot, seed=seed).items()}
+
+
+def _patient_ci_method(methods: dict[str, str | None], n_patients: int) -> str:
+    if n_patients < 4:
+        return f"patient-level bootstrap not run: {n_patients} patient(s), fewer than 4 (patients have several cases)"
+    said = ", ".join(f"{k} {m}" for k, m in methods.items() if m) or "none defined"
+    return ("patient-level bootstrap (scipy.stats.bootstrap over patients; patients have several cases): " + said)
 
 
 def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.ArrayLike,
@@ -145,7 +166,8 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
             a = auc(yk, pk)
             clustered = len(set(pat[k])) < int(k.sum())  # some patient has several cases here
             if clustered:
-                boot = patient_bootstrap(yk, pk, thr[k], pat[k], n_boot=n_boot, seed=seed)
+                found = patient_intervals(yk, pk, thr[k], pat[k], n_boot=n_boot, seed=seed)
+                boot = {key: v[0] for key, v in found.items()}
                 ci = boot["auc"] if a is not None else None
             else:
                 ci = bootstrap_auc_ci(yk, pk, n_boot=n_boot, seed=seed) if a is not None else None
@@ -153,9 +175,8 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
                  "n_negative": n_neg, "auc": a, "auc_ci95": ci,
                  "auc_ci_note": auc_interval_note(yk, pk, ci, auc_value=a) if a is not None else None,
                  **_rates(yk, pk, thr[k]),
-                 "ci_method": ("patient-level bootstrap (scipy.stats.bootstrap over patients: BCa, percentile where BCa is "
-                               "undefined; patients have several cases)" if clustered else
-                               "stratified bootstrap (AUC), Wilson (sensitivity, specificity)")}
+                 "ci_method": (_patient_ci_method({key: v[1] for key, v in found.items()}, len(set(pat[k])))
+                               if clustered else "stratified bootstrap (AUC), Wilson (sensitivity, specificity)")}
             if clustered:
                 g["sensitivity_ci95"], g["specificity_ci95"] = boot["sensitivity"], boot["specificity"]
             pos_pat, neg_pat = len(set(pat[k][yk == 1])), len(set(pat[k][yk == 0]))

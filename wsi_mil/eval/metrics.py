@@ -62,7 +62,7 @@ def auc_interval(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, seed
 
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
     pos, neg = p[y == 1], p[y == 0]
-    if len(pos) < 2 or len(neg) < 2:
+    if len(pos) < 2 or len(neg) < 2 or n_boot < 2:
         return None, None
     batch = max(1, int(2e7 // (len(pos) + len(neg))))  # resamples per vectorised call (memory)
     for method in ("BCa", "percentile"):
@@ -89,6 +89,8 @@ def bootstrap_rng(seed: int) -> dict[str, Any]:
 def weighted_auc(w: npt.NDArray[np.float64], y: npt.NDArray[np.int64], p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """The AUC of scores ``p`` against labels ``y`` with case weights ``w`` (one row per resample:
     how many times each case was drawn; ties count half), NaN where a row weighs no case of a class."""
+    if not np.isfinite(p).all():
+        raise ValueError("weighted_auc: the scores hold NaN or infinite values")
     order = np.argsort(p, kind="stable")
     ps, ys, ws = p[order], y[order], w[..., order]
     starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # groups of tied scores
@@ -118,9 +120,11 @@ def clustered_interval(statistic: Any, clusters: npt.ArrayLike, *, n_boot: int =
 
     from scipy.stats import bootstrap
 
-    _, inverse = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
-    k = int(inverse.max()) + 1 if len(inverse) else 0
-    if k < 4 or n_boot <= 0:
+    index: dict[Any, int] = {}  # one cluster per distinct id, as set() counts them (1 and "1" are two)
+    inverse = np.asarray([index.setdefault(c, len(index)) for c in np.asarray(clusters, dtype=object).tolist()],
+                         dtype=np.int64)
+    k = len(index)
+    if k < 4 or n_boot < 2:
         return None, None
 
     def of_clusters(drawn: npt.NDArray[np.int64], axis: int = -1) -> npt.NDArray[np.float64]:

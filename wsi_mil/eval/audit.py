@@ -110,8 +110,8 @@ def patient_intervals(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], thr:
     if not (len(y) == len(p) == len(thr) == len(patients)):
         raise ValueError(f"patient_intervals: {len(y)} labels, {len(p)} scores, {len(thr)} thresholds and "
                          f"{len(patients)} patients: one of each per case")
-    if not (np.isfinite(p).all() and np.isfinite(thr).all()) or not np.isin(y, (0, 1)).all():
-        raise ValueError("patient_intervals: labels must be 0 / 1 and scores and thresholds finite")
+    if not np.isfinite(p).all() or np.isnan(thr).any() or not np.isin(y, (0, 1)).all():
+        raise ValueError("patient_intervals: labels must be 0 / 1, scores finite and thresholds numbers (not NaN)")
     y = y.astype(int)
     pos, hit = (y == 1).astype(float), (p >= thr).astype(float)
 

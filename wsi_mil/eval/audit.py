@@ -167,8 +167,7 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
             clustered = len(set(pat[k])) < int(k.sum())  # some patient has several cases here
             if clustered:
                 found = patient_intervals(yk, pk, thr[k], pat[k], n_boot=n_boot, seed=seed)
-                boot = {key: v[0] for key, v in found.items()}
-                ci = boot["auc"] if a is not None else None
+                ci = found["auc"][0] if a is not None else None
             else:
                 ci = bootstrap_auc_ci(yk, pk, n_boot=n_boot, seed=seed) if a is not None else None
             g = {"group": name, "n": int(k.sum()), "n_patients": len(set(pat[k])), "n_positive": n_pos,
@@ -178,7 +177,7 @@ def subgroup_report(y: npt.ArrayLike, p: npt.ArrayLike, threshold: float | npt.A
                  "ci_method": (_patient_ci_method({key: v[1] for key, v in found.items()}, len(set(pat[k])))
                                if clustered else "stratified bootstrap (AUC), Wilson (sensitivity, specificity)")}
             if clustered:
-                g["sensitivity_ci95"], g["specificity_ci95"] = boot["sensitivity"], boot["specificity"]
+                g["sensitivity_ci95"], g["specificity_ci95"] = found["sensitivity"][0], found["specificity"][0]
             pos_pat, neg_pat = len(set(pat[k][yk == 1])), len(set(pat[k][yk == 0]))
             if min(n_pos, n_neg) < SMALL_GROUP:
                 g["warning"] = (f"too small to say anything: {n_pos} positive and {n_neg} negative "

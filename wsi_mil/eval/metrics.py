@@ -12,6 +12,7 @@ per-class sensitivity / specificity / PPV / F1. Multi-label: binary metrics per 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -76,14 +77,18 @@ def auc_interval(y: npt.ArrayLike, p: npt.ArrayLike, *, n_boot: int = 1000, seed
     return None, None
 
 
-def bootstrap_rng(seed: int) -> dict[str, Any]:
-    """scipy.stats.bootstrap's generator argument: ``rng`` from scipy 1.15, ``random_state`` before."""
+@functools.cache
+def _bootstrap_rng_key() -> str:
     import inspect
 
     from scipy.stats import bootstrap
 
-    key = "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
-    return {key: np.random.default_rng(seed)}
+    return "rng" if "rng" in inspect.signature(bootstrap).parameters else "random_state"
+
+
+def bootstrap_rng(seed: int) -> dict[str, Any]:
+    """scipy.stats.bootstrap's generator argument: ``rng`` from scipy 1.15, ``random_state`` before."""
+    return {_bootstrap_rng_key(): np.random.default_rng(seed)}
 
 
 def weighted_auc(w: npt.NDArray[np.float64], y: npt.NDArray[np.int64], p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -101,11 +106,6 @@ def weighted_auc(w: npt.NDArray[np.float64], y: npt.NDArray[np.int64], p: npt.ND
     den = wp.sum(axis=-1) * wn.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-
-
-#: how intervals are made where patients have several cases (said in reports beside them)
-CLUSTERED_CI_METHOD = ("patient-level BCa bootstrap (scipy.stats.bootstrap over patients, each drawn patient bringing "
-                       "all of their cases); percentile where BCa is undefined")
 
 
 def clustered_interval(statistic: Any, clusters: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0,

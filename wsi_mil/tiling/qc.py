@@ -149,7 +149,7 @@ def write_qc_png(
     canvas[:_BANNER_PX] = np.asarray(banner)[..., None]
     # OpenCV's PNG writer without row filters: about the size of Pillow's at compress_level 1 in half the time
     # (two halves deflated at once with Python's zlib and joined took as long: its deflate is ~1.4x slower)
-    # (OpenCV before 4.11 has no filter setting: its default filters, a little slower)
+    # (OpenCV before 4.12 has no filter setting: its default filters, a little slower)
     params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
     if hasattr(cv2, "IMWRITE_PNG_FILTER"):
         params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]

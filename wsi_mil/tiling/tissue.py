@@ -30,7 +30,7 @@ import sys
 import threading
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -464,6 +464,7 @@ def use_threads(n: int) -> None:
 _EXACT_FLOAT32 = 1 << 24  # float32 holds every whole number up to here
 
 
+@cache
 def _raises_on_16_bit_overflow(version: str) -> bool:
     """Whether this OpenCV refuses a labelling that overflows 16-bit labels (4.13 and later).
     Before 4.13 its provisional labels wrap silently: a mask of 62,742 pieces came back as
